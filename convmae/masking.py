@@ -1,0 +1,84 @@
+"""Block-wise masking: one random mask on the stage-3 grid, shared by all three stages.
+
+Paper: ConvMAE (Gao et al., 2022) Sec. 3.2 "Block-wise masking with masked convolutions": the
+mask is drawn on the 14x14 stage-3 grid and upsampled (x2, x4) to the stage-2 and stage-1
+maps, so a masked stage-3 token hides whole 2x2 / 4x4 blocks of the earlier stages.
+FastConvMAE (Gao et al., 2022) Sec. 3.1 "Complementary masking": one shuffle split into
+1 / (1 - mask_ratio) disjoint keep-sets that together cover the image.
+Official code: `random_masking` and the `mask_for_patch1/2` lines of `forward_encoder` in
+Alpha-VL/ConvMAE `models_convmae.py`; `random_masking` / `masks_splitting` in Alpha-VL/FastConvMAE
+`models_fastconvmae.py`. As in MAE, masking sorts noise: small noise is kept, large is removed.
+
+Shape legend: B batch, L stage-3 tokens (grid**2), Lk kept tokens, K keep-sets, C channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import repeat
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must lie strictly between 0 and 1, got {mask_ratio}")
+
+
+def kept_length(num_tokens: int, mask_ratio: float) -> int:
+    """How many tokens stay visible: `int(L * (1 - mask_ratio))`, as the official code rounds."""
+    check_mask_ratio(mask_ratio)
+    len_keep = int(num_tokens * (1 - mask_ratio))
+    if len_keep < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} keeps no token out of {num_tokens}")
+    return len_keep
+
+
+def random_masking(noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE masking from per-token noise (B, L).
+
+    Returns ids_keep (B, Lk), the tokens to keep in shuffled order; mask (B, L) in the original
+    order, 1 = removed, 0 = kept; ids_restore (B, L), which undoes the shuffle.
+    """
+    B, L = noise.shape
+    len_keep = kept_length(L, mask_ratio)
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(B, L, device=noise.device)
+    mask[:, :len_keep] = 0  # in shuffled order
+    mask = torch.gather(mask, 1, ids_restore)  # back to the original order
+    return ids_shuffle[:, :len_keep], mask, ids_restore
+
+
+def complementary_masking(
+    noise: torch.Tensor, mask_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FastConvMAE masking: K = 1 / (1 - mask_ratio) disjoint keep-sets from one shuffle.
+
+    Set k keeps the shuffled tokens [k * Lk, (k + 1) * Lk). Returns ids_keep (K, B, Lk),
+    masks (K, B, L) with 1 = removed from set k, and ids_restore (B, L).
+    """
+    B, L = noise.shape
+    len_keep = kept_length(L, mask_ratio)
+    if L % len_keep:
+        raise ValueError(
+            f"complementary masking needs keep-sets that tile the {L} tokens, but mask_ratio {mask_ratio} "
+            f"keeps {len_keep}; use a ratio with 1 / (1 - ratio) a whole number (0.5, 0.75, ...) "
+            f"that divides the grid"
+        )
+    K = L // len_keep
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle.view(B, K, len_keep).transpose(0, 1)  # (K, B, Lk)
+    keep_set = torch.div(ids_restore, len_keep, rounding_mode="floor")  # (B, L): the set that keeps it
+    sets = torch.arange(K, device=noise.device)[:, None, None]  # (K, 1, 1)
+    masks = (keep_set[None] != sets).float()  # (K, B, L)
+    return ids_keep, masks, ids_restore
+
+
+def upsample_mask(mask: torch.Tensor, grid_size: int, scale: int) -> torch.Tensor:
+    """(..., L) stage-3 mask -> (..., 1, g * s, g * s): each token becomes an s x s block (nearest)."""
+    return repeat(mask, "... (h w) -> ... 1 (h s1) (w s2)", h=grid_size, w=grid_size, s1=scale, s2=scale)
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x (B, L, C), ids (B, Lk) -> (B, Lk, C)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
