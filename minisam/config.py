@@ -1,0 +1,99 @@
+"""SAM configuration: one frozen dataclass and the presets of the three released image encoders.
+
+The variants differ only in the image encoder's width, depth, heads and which blocks attend
+globally (Kirillov et al., "Segment Anything", 2023, section 3 and appendix A; the official
+`build_sam.py`). The prompt encoder and mask decoder are the same for all of them.
+The official registry's "default" is vit_h; it is not a key here, ask for "vit_h".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamConfig:
+    """Every number that decides a SAM model's shapes and arithmetic.
+
+    Args:
+        image_size: side of the square, padded input image (1024 for the released models).
+            Other multiples of `patch_size` work; see `minisam.load_sam(..., image_size=...)`.
+        patch_size: ViT patch size; the image embedding is `image_size // patch_size` a side.
+        encoder_embed_dim, encoder_depth, encoder_num_heads: the ViT's width, blocks and heads.
+        encoder_global_attn_indexes: blocks that attend over the whole image; the others attend
+            within `window_size`² windows.
+        window_size: side of the attention windows, in patches.
+        mlp_ratio: ViT MLP hidden width over `encoder_embed_dim`.
+        use_rel_pos: add decomposed relative positions to the encoder's attention logits.
+        prompt_embed_dim: channels of the image embedding, the prompts and the mask decoder.
+        mask_in_chans: hidden channels of the prompt encoder's mask downscaling convs.
+        decoder_depth, decoder_num_heads, decoder_mlp_dim: the two-way transformer.
+        attention_downsample_rate: the cross-attentions project to `prompt_embed_dim // rate`.
+        num_multimask_outputs: masks returned when `multimask_output=True` (one more is predicted).
+        iou_head_depth, iou_head_hidden_dim: the IoU prediction MLP.
+        use_sdpa: compute attention with `F.scaled_dot_product_attention` (True) or with the
+            plain softmax(q k^T / sqrt(d)) v math (False); both give the same numbers up to rounding.
+    """
+
+    image_size: int = 1024
+    patch_size: int = 16
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    encoder_global_attn_indexes: tuple[int, ...] = (2, 5, 8, 11)
+    window_size: int = 14
+    mlp_ratio: float = 4.0
+    use_rel_pos: bool = True
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_num_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    attention_downsample_rate: int = 2
+    num_multimask_outputs: int = 3
+    iou_head_depth: int = 3
+    iou_head_hidden_dim: int = 256
+    use_sdpa: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes))
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.encoder_embed_dim % self.encoder_num_heads:
+            raise ValueError(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by {self.encoder_num_heads} heads")
+        bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
+        if bad:
+            raise ValueError(f"global attention indexes {bad} are outside the {self.encoder_depth} encoder blocks")
+
+    @property
+    def image_embedding_size(self) -> int:
+        """Side of the image embedding grid (64 for 1024-pixel inputs)."""
+        return self.image_size // self.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["encoder_global_attn_indexes"] = list(self.encoder_global_attn_indexes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SamConfig:
+        """Build from `to_dict()` output; an unknown field is an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SamConfig fields: {unknown}")
+        return cls(**d)
+
+
+CONFIGS: dict[str, SamConfig] = {
+    # The three released models (official build_sam.py; checkpoints sam_vit_{b,l,h}_*.pth).
+    "vit_b": SamConfig(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=(2, 5, 8, 11)),
+    "vit_l": SamConfig(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)),
+    "vit_h": SamConfig(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)),
+    # NOT an official model: a tiny encoder for fast tests (no released checkpoint has it).
+    "vit_t": SamConfig(image_size=160, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,)),
+}
+
+OFFICIAL_VARIANTS = ("vit_b", "vit_l", "vit_h")

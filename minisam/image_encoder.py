@@ -1,0 +1,236 @@
+"""SAM's image encoder: a plain ViT with windowed and global attention, then a conv neck.
+
+Paper: Kirillov et al., "Segment Anything" (2023), section 3 and appendix A ("Image encoder");
+the backbone is ViTDet (Li et al., "Exploring Plain Vision Transformer Backbones for Object
+Detection", 2022): most blocks attend inside 14x14 windows, a few evenly spaced blocks attend
+globally, and every attention adds decomposed relative positions (MViTv2, Li et al. 2022, eq. 4).
+Mirrors the official `segment_anything/modeling/image_encoder.py`; attribute names are the
+checkpoint keys (`patch_embed.proj`, `pos_embed`, `blocks.{i}.{norm1,attn.{qkv,proj,rel_pos_h,
+rel_pos_w},norm2,mlp.{lin1,lin2}}`, `neck.{0,1,2,3}`).
+
+Legend: B batch, H/W token grid, C channels, h heads, d head dim, N = H*W tokens,
+w window side, n windows per image.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from minisam.common import LayerNorm2d, MLPBlock
+
+
+class ImageEncoderViT(nn.Module):
+    """ViT-{B,L,H} image encoder: (B, 3, S, S) normalised pixels -> (B, out_chans, S/16, S/16)."""
+
+    def __init__(
+        self,
+        img_size: int,
+        patch_size: int,
+        embed_dim: int,
+        depth: int,
+        num_heads: int,
+        global_attn_indexes: tuple[int, ...],
+        window_size: int,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        use_rel_pos: bool = True,
+        use_sdpa: bool = True,
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        grid = img_size // patch_size
+        self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
+        # Absolute positions for the whole grid, learned (the official code always uses them).
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+        self.blocks = nn.ModuleList(
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                use_rel_pos=use_rel_pos,
+                window_size=0 if i in global_attn_indexes else window_size,
+                input_size=grid,
+                use_sdpa=use_sdpa,
+            )
+            for i in range(depth)
+        )
+        # Neck: 1x1 conv to 256 channels, LayerNorm, 3x3 conv, LayerNorm (paper appendix A).
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # (B, H, W, C)
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.neck(x.permute(0, 3, 1, 2))  # (B, C, H, W) -> (B, 256, H, W)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch_size x patch_size patches -> embed_dim, channels last."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; window attention when window_size > 0, else global."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        use_rel_pos: bool,
+        window_size: int,
+        input_size: int,
+        use_sdpa: bool,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        # Relative-position tables cover the grid the attention sees: a window, or the whole image.
+        attn_size = window_size if window_size > 0 else input_size
+        self.attn = Attention(dim, num_heads, use_rel_pos, attn_size, use_sdpa)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), nn.GELU)
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        shortcut = x
+        x = self.norm1(x)
+        if self.window_size > 0:
+            x, padded_hw = window_partition(x, self.window_size)  # (B*n, w, w, C)
+            x = self.attn(x)
+            x = window_unpartition(x, self.window_size, padded_hw, (H, W))  # (B, H, W, C)
+        else:
+            x = self.attn(x)
+        x = shortcut + x
+        return x + self.mlp(self.norm2(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative positions."""
+
+    def __init__(self, dim: int, num_heads: int, use_rel_pos: bool, input_size: int, use_sdpa: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.use_sdpa = use_sdpa
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            # One embedding per relative offset -(size-1) .. size-1, per axis (MViTv2 eq. 4).
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(B, H * W, 3, h, -1).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
+        q, k, v = qkv.reshape(3, B * h, H * W, -1).unbind(0)  # each (B*h, N, d)
+
+        if self.use_sdpa:
+            bias = None
+            if self.use_rel_pos:
+                rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+                bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(B, h, H * W, H * W)
+            q, k, v = (t.reshape(B, h, H * W, -1) for t in (q, k, v))  # (B, h, N, d)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*h, N, N)
+            if self.use_rel_pos:
+                rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+                attn = attn.view(B * h, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+                attn = attn.view(B * h, H * W, H * W)
+            x = attn.softmax(dim=-1) @ v  # (B*h, N, d)
+        x = x.reshape(B, h, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)  # (B, H, W, C)
+        return self.proj(x)
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B*n, w, w, C), zero-padding H and W up to multiples of w first."""
+    B, H, W, C = x.shape
+    pad_h = (window_size - H % window_size) % window_size
+    pad_w = (window_size - W % window_size) % window_size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
+    windows = rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) wh ww c", wh=window_size, ww=window_size)
+    return windows, (H + pad_h, W + pad_w)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, padded_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
+    """(B*n, w, w, C) -> (B, H, W, C), dropping the padding `window_partition` added."""
+    Hp, Wp = padded_hw
+    H, W = hw
+    x = rearrange(windows, "(b nh nw) wh ww c -> b (nh wh) (nw ww) c", nh=Hp // window_size, nw=Wp // window_size)
+    return x[:, :H, :W, :].contiguous()  # (B, H, W, C)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """The (q_size, k_size, d) embeddings of every query-key offset along one axis.
+
+    A table trained for another size is linearly interpolated to 2*max(q, k) - 1 rows first,
+    as the official code does (`minisam.load_sam(..., image_size=...)` does it once at load).
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_rel_dist:
+        rel_pos = resize_rel_pos(rel_pos, max_rel_dist)
+    # Offsets scaled to the longer side when q and k differ (MViTv2); here they never do.
+    q_coords = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)  # (q, k), 0..2k-2
+    return rel_pos[relative_coords.long().to(rel_pos.device)]  # (q, k, d)
+
+
+def decomposed_rel_pos(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, q_size: tuple[int, int], k_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MViTv2 eq. 4: the attention bias of query (y, x) to key (y', x') is q . R_h[y-y'] + q . R_w[x-x'].
+
+    Returns the two factors, rel_h (B*h, qH, qW, kH) and rel_w (B*h, qH, qW, kW); the full bias is
+    rel_h[..., :, None] + rel_w[..., None, :].
+    """
+    q_h, q_w = q_size
+    k_h, k_w = k_size
+    Rh = get_rel_pos(q_h, k_h, rel_pos_h)  # (qH, kH, d)
+    Rw = get_rel_pos(q_w, k_w, rel_pos_w)  # (qW, kW, d)
+    B, _, d = q.shape
+    r_q = q.reshape(B, q_h, q_w, d)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)  # (B*h, qH, qW, kH)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)  # (B*h, qH, qW, kW)
+    return rel_h, rel_w
+
+
+def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Linear interpolation of an (L, d) relative-position table to (length, d), as the official get_rel_pos."""
+    resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=length, mode="linear")
+    return resized.reshape(-1, length).permute(1, 0)  # (length, d)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """Bicubic resampling of a (1, H, W, C) absolute position embedding to (1, grid, grid, C).
+
+    Not in the official code (its encoder only runs at the size it was built for); this is the
+    usual ViT recipe (timm's resample_abs_pos_embed: bicubic, align_corners=False, antialiased).
+    """
+    if pos_embed.shape[1:3] == (grid, grid):
+        return pos_embed
+    x = pos_embed.permute(0, 3, 1, 2).float()  # (1, C, H, W)
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", align_corners=False, antialias=True)
+    return x.permute(0, 2, 3, 1).to(pos_embed.dtype)  # (1, grid, grid, C)

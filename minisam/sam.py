@@ -1,0 +1,216 @@
+"""The assembled Segment Anything model, its pre/post-processing, and loading converted weights.
+
+Paper: Kirillov et al., "Segment Anything" (2023), section 3 (figure 4): a heavy image encoder run
+once per image, then a light prompt encoder + mask decoder run per prompt. Mirrors the official
+`segment_anything/modeling/sam.py` and `build_sam.py`; the attribute paths are the official
+checkpoint keys, so a converted official checkpoint loads with a strict `load_state_dict`.
+
+Legend: B images or prompts, C channels, S image_size, H/W image embedding grid (S/16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minisam.config import SamConfig
+from minisam.image_encoder import ImageEncoderViT, resize_pos_embed, resize_rel_pos
+from minisam.mask_decoder import MaskDecoder
+from minisam.prompt_encoder import PromptEncoder
+from minisam.two_way_transformer import TwoWayTransformer
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean and std in 0-255 RGB
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    """Segment Anything: image encoder, prompt encoder and mask decoder with the official interfaces.
+
+    Stages a reader (or a training loop) can call on their own:
+    `encode_image` (pixels -> image embeddings), `encode_prompts` (points/boxes/masks -> sparse and
+    dense embeddings), `decode_masks` (embeddings -> low-res mask logits and IoU predictions).
+    `forward` is the official batched end-to-end call.
+
+    Args:
+        config: a `SamConfig`, e.g. `minisam.CONFIGS["vit_b"]`.
+    """
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(self, config: SamConfig) -> None:
+        super().__init__()
+        self.config = config
+        grid = config.image_size // config.patch_size
+        self.image_encoder = ImageEncoderViT(
+            img_size=config.image_size,
+            patch_size=config.patch_size,
+            embed_dim=config.encoder_embed_dim,
+            depth=config.encoder_depth,
+            num_heads=config.encoder_num_heads,
+            global_attn_indexes=config.encoder_global_attn_indexes,
+            window_size=config.window_size,
+            mlp_ratio=config.mlp_ratio,
+            out_chans=config.prompt_embed_dim,
+            use_rel_pos=config.use_rel_pos,
+            use_sdpa=config.use_sdpa,
+        )
+        self.prompt_encoder = PromptEncoder(
+            embed_dim=config.prompt_embed_dim,
+            image_embedding_size=grid,
+            input_image_size=config.image_size,
+            mask_in_chans=config.mask_in_chans,
+        )
+        self.mask_decoder = MaskDecoder(
+            transformer_dim=config.prompt_embed_dim,
+            transformer=TwoWayTransformer(
+                depth=config.decoder_depth,
+                embedding_dim=config.prompt_embed_dim,
+                num_heads=config.decoder_num_heads,
+                mlp_dim=config.decoder_mlp_dim,
+                attention_downsample_rate=config.attention_downsample_rate,
+                use_sdpa=config.use_sdpa,
+            ),
+            num_multimask_outputs=config.num_multimask_outputs,
+            iou_head_depth=config.iou_head_depth,
+            iou_head_hidden_dim=config.iou_head_hidden_dim,
+        )
+        # Not in checkpoints (persistent=False), as in the official model.
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ---- pre- and post-processing -------------------------------------------------------------
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise (…, 3, h, w) 0-255 RGB pixels and zero-pad bottom/right to (S, S)."""
+        x = (x - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.image_encoder.img_size - w, 0, self.image_encoder.img_size - h))
+
+    def postprocess_masks(
+        self, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]
+    ) -> torch.Tensor:
+        """(B, M, 4H, 4W) low-res logits -> (B, M, *original_size) logits.
+
+        Bilinear up to the padded input (S, S), crop away the padding (`input_size` is the resized
+        image's (h, w)), bilinear to the original (H, W); as the official model.
+        """
+        S = self.image_encoder.img_size
+        masks = F.interpolate(masks, (S, S), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+
+    # ---- stages -------------------------------------------------------------------------------
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, h, w) 0-255 RGB pixels, long side already resized to S -> (B, C, H, W) embeddings.
+
+        Normalises and pads with `preprocess`, then runs the image encoder.
+        """
+        return self.image_encoder(self.preprocess(images))
+
+    def encode_prompts(
+        self,
+        points: tuple[torch.Tensor, torch.Tensor] | None = None,
+        boxes: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse (B, N, C) and dense (B, C, H, W) prompt embeddings; see `PromptEncoder.forward`."""
+        return self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+
+    def decode_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        sparse_embeddings: torch.Tensor,
+        dense_embeddings: torch.Tensor,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res mask logits (B, 3 or 1, 4H, 4W) and IoU predictions (B, 3 or 1).
+
+        `image_embeddings` is (1, C, H, W) shared by all B prompts, or (B, C, H, W) one per prompt.
+        """
+        return self.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse_embeddings,
+            dense_prompt_embeddings=dense_embeddings,
+            multimask_output=multimask_output,
+        )
+
+    @torch.no_grad()
+    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
+        """The official end-to-end call (under `no_grad`, as the official one; train with the stages).
+
+        Args:
+            batched_input: one dict per image: "image" (3, h, w) 0-255, resized so the long side is S;
+                "original_size" (H, W); optional "point_coords" (B, N, 2) with "point_labels" (B, N),
+                "boxes" (B, 4), "mask_inputs" (B, 1, 4H, 4W), all in the resized frame.
+            multimask_output: three masks per prompt (True) or one.
+
+        Returns:
+            one dict per image: "masks" (B, M, H, W) bool at the original size, "iou_predictions"
+            (B, M), "low_res_logits" (B, M, 4H, 4W).
+        """
+        image_embeddings = self.image_encoder(torch.stack([self.preprocess(x["image"]) for x in batched_input]))
+        outputs = []
+        for record, embedding in zip(batched_input, image_embeddings):
+            points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
+            sparse, dense = self.encode_prompts(points, record.get("boxes"), record.get("mask_inputs"))
+            low_res, iou = self.decode_masks(embedding.unsqueeze(0), sparse, dense, multimask_output)
+            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
+            outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res})
+        return outputs
+
+
+def resize_for_image_size(tensors: dict[str, torch.Tensor], config: SamConfig, image_size: int) -> dict[str, torch.Tensor]:
+    """Adapt a checkpoint's position tensors from `config.image_size` to `image_size`.
+
+    `pos_embed` (1, G, G, C) is resampled bicubically to the new grid g = image_size / patch_size;
+    the global-attention blocks' `rel_pos_h/w` (2G - 1, d) are linearly interpolated to (2g - 1, d),
+    exactly what the official `get_rel_pos` would do on every forward pass. Windowed blocks'
+    tables depend on the window only and are kept. Returns a new dict; the input is untouched.
+    """
+    grid = image_size // config.patch_size
+    out = dict(tensors)
+    out["image_encoder.pos_embed"] = resize_pos_embed(tensors["image_encoder.pos_embed"], grid)
+    if config.use_rel_pos:
+        for i in config.encoder_global_attn_indexes:
+            for axis in ("h", "w"):
+                key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
+                if tensors[key].shape[0] != 2 * grid - 1:
+                    out[key] = resize_rel_pos(tensors[key], 2 * grid - 1)
+    return out
+
+
+def load_sam(path: str | os.PathLike, image_size: int | None = None, use_sdpa: bool | None = None) -> Sam:
+    """A `Sam` with the weights of a converted `.safetensors` file (`python -m weights_convert sam`).
+
+    Args:
+        path: the converted file; its metadata holds the `SamConfig`.
+        image_size: run at another input size than the checkpoint's (a multiple of 16, e.g. 512):
+            the absolute position embedding is resized once here (bicubic) and the global blocks'
+            relative-position tables interpolated (linear, as the official `get_rel_pos`); masks are
+            then (image_size / 4)² low-res logits. Expect some quality loss far from the trained size.
+        use_sdpa: override the attention path stored in the file (`SamConfig.use_sdpa`).
+    """
+    from weights_convert.checkpoint import load_strict, read_converted
+
+    config_dict, tensors = read_converted(path, "sam")
+    config = SamConfig.from_dict(config_dict)
+    if image_size is not None and image_size != config.image_size:
+        tensors = resize_for_image_size(tensors, config, image_size)
+        config = dataclasses.replace(config, image_size=image_size)
+    if use_sdpa is not None:
+        config = dataclasses.replace(config, use_sdpa=use_sdpa)
+    model = Sam(config)
+    load_strict(model, tensors, what=str(path))
+    return model.eval()
