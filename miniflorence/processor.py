@@ -1,0 +1,157 @@
+"""Florence-2's processor: image preprocessing, task prompts, and the way back to results.
+
+Mirrors `Florence2Processor` in transformers' `models/florence2/processing_florence2.py`
+and its image processor (`CLIPImageProcessor` configured by Florence-2's
+`preprocessor_config.json`), which port Microsoft's `processing_florence2.py`.
+Florence-2 (Xiao et al. 2023, sec. 3) turns every task into a text prompt: the task token
+(`<OD>`) is replaced by a fixed question, and the image is a 768x768 square.
+
+Preprocessing, step by step (transformers' PIL path, which gives the same bits):
+  1. to RGB; an alpha channel (RGBA, LA, palette with transparency) is composited onto white;
+  2. resize straight to 768x768 with PIL bicubic, on the uint8 image (no aspect ratio, no crop);
+  3. x / 255 in float64, then float32;
+  4. (x - mean) / std in float32, ImageNet mean and std.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .postprocess import TASK_OUTPUT_KINDS, post_process
+from .tokenizer import Tokenizer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SIZE = 768
+
+# Task token -> the prompt the model was trained with. `{input}` marks the tasks that need text
+# (a phrase, a caption, or a region written as four `<loc_k>` tokens).
+TASK_PROMPTS: dict[str, str] = {
+    "<OCR>": "What is the text in the image?",
+    "<OCR_WITH_REGION>": "What is the text in the image, with regions?",
+    "<CAPTION>": "What does the image describe?",
+    "<DETAILED_CAPTION>": "Describe in detail what is shown in the image.",
+    "<MORE_DETAILED_CAPTION>": "Describe with a paragraph what is shown in the image.",
+    "<OD>": "Locate the objects with category name in the image.",
+    "<DENSE_REGION_CAPTION>": "Locate the objects in the image, with their descriptions.",
+    "<REGION_PROPOSAL>": "Locate the region proposals in the image.",
+    "<CAPTION_TO_PHRASE_GROUNDING>": "Locate the phrases in the caption: {input}",
+    "<REFERRING_EXPRESSION_SEGMENTATION>": "Locate {input} in the image with mask",
+    "<REGION_TO_SEGMENTATION>": "What is the polygon mask of region {input}",
+    "<OPEN_VOCABULARY_DETECTION>": "Locate {input} in the image.",
+    "<REGION_TO_CATEGORY>": "What is the region {input}?",
+    "<REGION_TO_DESCRIPTION>": "What does the region {input} describe?",
+    "<REGION_TO_OCR>": "What text is in the region {input}?",
+}
+assert TASK_PROMPTS.keys() == TASK_OUTPUT_KINDS.keys()
+
+
+def task_prompt(task: str, text: str | None = None) -> str:
+    """The prompt for `task`, with `text` (stripped, as transformers does) in place of `{input}`.
+
+    A task without `{input}` refuses text, as the official processor does; a task with it
+    needs non-empty text (the official one would silently prompt with nothing)."""
+    if task not in TASK_PROMPTS:
+        raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_PROMPTS)}")
+    template = TASK_PROMPTS[task]
+    if "{input}" not in template:
+        if text:
+            raise ValueError(f"task {task} takes no text input, got {text!r}")
+        return template
+    if text is None or not isinstance(text, str) or not text.strip():
+        raise ValueError(f"task {task} needs a non-empty text input ({template!r}), got {text!r}")
+    return template.format(input=text.strip())
+
+
+def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """A PIL RGB image; transparency is composited onto white (transformers' `convert_to_rgb`)."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise TypeError(f"a numpy image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
+        return Image.fromarray(image, mode="RGB")
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess_image(
+    image: Image.Image | np.ndarray,
+    size: int = IMAGE_SIZE,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+) -> torch.Tensor:
+    """One image -> (3, size, size) float32, normalised (the four steps in the file header)."""
+    resized = to_rgb(image).resize((size, size), resample=Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    x = (x.double() * (1 / 255)).float()  # rescale in float64, store float32, as transformers
+    mean_ = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_ = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - mean_) / std_  # (3, H, W)
+
+
+class Processor:
+    """Turns (task, image, text) into model inputs, and generated text into results.
+
+    Args:
+        tokenizer: the Florence-2 `Tokenizer`.
+        image_size: the square side images are resized to (768 for the released models).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, image_size: int = IMAGE_SIZE) -> None:
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+
+    def preprocess(self, images: Image.Image | np.ndarray | list) -> torch.Tensor:
+        """Image(s) -> pixel_values (B, 3, S, S) float32."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("no images given")
+        return torch.stack([preprocess_image(im, self.image_size) for im in images])  # (B, 3, S, S)
+
+    def __call__(
+        self,
+        task: str | list[str],
+        image: Image.Image | np.ndarray | list,
+        text: str | None | list[str | None] = None,
+    ) -> dict[str, torch.Tensor]:
+        """Model inputs for one or several (task, image, text) triples.
+
+        Args:
+            task: a task token from TASK_PROMPTS, or one per image.
+            image: a PIL image (any mode; converted to RGB) or uint8 (H, W, 3) array, or a list.
+            text: the `{input}` of tasks that take one (a phrase, a caption, `<loc_..>` x4), or
+                one per image.
+
+        Returns:
+            {"pixel_values": (B, 3, S, S) float32, "input_ids": (B, T) int64 `<s> prompt </s>`
+            right-padded with `<pad>` (id 1), "attention_mask": (B, T) int64, 0 on padding}.
+        """
+        images = list(image) if isinstance(image, (list, tuple)) else [image]
+        B = len(images)
+        tasks = list(task) if isinstance(task, (list, tuple)) else [task] * B
+        texts = list(text) if isinstance(text, (list, tuple)) else [text] * B
+        if not (len(tasks) == len(texts) == B):
+            raise ValueError(f"got {B} images, {len(tasks)} tasks and {len(texts)} texts")
+        prompts = [task_prompt(t, x) for t, x in zip(tasks, texts)]
+        return {"pixel_values": self.preprocess(images), **self.tokenizer(prompts)}
+
+    def post_process(
+        self, task: str, generated: str | list[int] | torch.Tensor, image_size: tuple[float, float]
+    ) -> dict:
+        """The official result dict `{task: answer}` for one generation.
+
+        Args:
+            task: the task token the prompt was made from.
+            generated: the decoded text with special tokens kept (`batch_decode(ids,
+                skip_special_tokens=False)`, e.g. "</s><s>car<loc_52>...</s>"), or the ids.
+            image_size: (width, height) of the original image.
+        """
+        if not isinstance(generated, str):
+            generated = self.tokenizer.decode(generated, skip_special_tokens=False)
+        return post_process(task, generated, image_size)

@@ -1,0 +1,311 @@
+"""Florence-2's tokenizer: BART's byte-level BPE plus Florence-2's 1,024 added tokens.
+
+Mirrors what `transformers.BartTokenizer.from_pretrained(...)` does on the Florence-2 files
+(in transformers 5.x that is the Rust `tokenizers` pipeline: AddedVocabulary split,
+ByteLevel pre-tokenizer, BPE model, RobertaProcessing, ByteLevel decoder), and GPT-2's
+`encoder.py` (openai/gpt-2), where byte-level BPE comes from (Radford et al. 2019, sec. 2.2).
+
+The pipeline, in the order `encode` runs it:
+  1. added tokens (`<s>`, `<od>`, `<loc_17>`, ...) are cut out of the raw text first, the
+     longest match at the leftmost position, exactly like HF's Aho-Corasick matcher;
+  2. the text between them is split by GPT-2's pattern (words, numbers, punctuation runs,
+     whitespace runs, English contractions);
+  3. each piece becomes UTF-8 bytes, each byte a printable "byte character", and BPE merges
+     adjacent symbols in merge-rank order until no ranked pair is left;
+  4. `<s>` ... `</s>` go around the result (BART's single-sequence template).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    """A token matched verbatim before BPE. `lstrip` swallows whitespace to its left
+    (BART's `<mask>`), `rstrip` to its right; `special` tokens go with skip_special_tokens."""
+
+    content: str
+    id: int
+    lstrip: bool = False
+    rstrip: bool = False
+    special: bool = True
+
+
+# --- bytes <-> printable characters (GPT-2 encoder.py, `bytes_to_unicode`) ---------------
+
+
+@lru_cache(maxsize=None)
+def bytes_to_unicode() -> dict[int, str]:
+    """Map the 256 byte values to printable characters, so BPE never sees whitespace or
+    control characters: printable Latin-1 bytes map to themselves, the other 68 bytes to
+    U+0100 onwards, in byte order (so a space, byte 32, becomes 'Ġ' = U+0120)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+# --- GPT-2 pre-tokenisation without the `regex` module --------------------------------
+# The pattern is  's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# Python's `re` has no \p{..}, and its \s differs from Oniguruma's (HF's regex engine):
+# Python counts U+001C..U+001F as whitespace, Oniguruma does not. So the three classes are
+# spelled out from `unicodedata`: L = categories L*, N = categories N*, S = Oniguruma's \s,
+# i.e. U+0009..U+000D, U+0085 and categories Zs, Zl, Zp (the Unicode White_Space set).
+
+# Nothing beyond plane 3 is a letter or a number (planes 4-13 are unassigned, 14 holds tags
+# and variation selectors, 15-16 private use), so the scan stops there.
+_LAST_SCANNED = 0x3FFFF
+
+
+def _class_ranges(accept: callable) -> str:
+    """A `re` character-class body ('a-zà-ö...') for the code points `accept` admits."""
+    parts, start = [], None
+    for cp in range(_LAST_SCANNED + 2):
+        inside = cp <= _LAST_SCANNED and accept(chr(cp))
+        if inside and start is None:
+            start = cp
+        elif not inside and start is not None:
+            first, last = re.escape(chr(start)), re.escape(chr(cp - 1))
+            parts.append(first if start == cp - 1 else f"{first}-{last}")
+            start = None
+    return "".join(parts)
+
+
+def _is_space(ch: str) -> bool:
+    return "\t" <= ch <= "\r" or ch == "\x85" or unicodedata.category(ch) in ("Zs", "Zl", "Zp")
+
+
+@lru_cache(maxsize=None)
+def gpt2_pattern() -> re.Pattern:
+    """GPT-2's pre-tokenisation pattern, compiled once (the class scan takes ~0.1 s)."""
+    L = _class_ranges(lambda ch: unicodedata.category(ch)[0] == "L")
+    N = _class_ranges(lambda ch: unicodedata.category(ch)[0] == "N")
+    S = _class_ranges(_is_space)
+    return re.compile(
+        rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+"
+    )
+
+
+# --- the tokenizer ----------------------------------------------------------------------
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer with HF `BartTokenizer` behaviour (identical ids).
+
+    Args:
+        vocab: token string -> id (`vocab.json`).
+        merges: BPE merges in rank order, each a pair of symbols (`merges.txt`).
+        added_tokens: tokens matched verbatim before BPE (specials and Florence-2's 1,024).
+    """
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], added_tokens: list[AddedToken]) -> None:
+        self.encoder = dict(vocab)
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.added = {tok.content: tok for tok in added_tokens}
+        for tok in added_tokens:  # an added token wins over a vocab entry with its id
+            self.encoder[tok.content] = tok.id
+        self.decoder = {i: t for t, i in self.encoder.items()}
+        self.byte_encoder = bytes_to_unicode()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        # Python's `re` tries alternatives left to right, so longest-first = leftmost-longest.
+        contents = sorted(self.added, key=len, reverse=True)
+        self.added_pattern = re.compile("|".join(map(re.escape, contents))) if contents else None
+        self.cache: dict[str, list[int]] = {}
+        for name in (BOS, PAD, EOS, UNK):
+            if name not in self.encoder:
+                raise ValueError(f"the vocabulary has no {name!r} token")
+        self.bos_token_id, self.pad_token_id = self.encoder[BOS], self.encoder[PAD]
+        self.eos_token_id, self.unk_token_id = self.encoder[EOS], self.encoder[UNK]
+
+    # -- loading --------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "Tokenizer":
+        """Load `vocab.json` + `merges.txt` + `added_tokens.json` (whitespace flags from
+        `tokenizer_config.json` when present), or a single `tokenizer.json`."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+        if (path / "tokenizer.json").is_file():
+            return cls.from_tokenizer_json(path / "tokenizer.json")
+        for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+            if not (path / name).is_file():
+                raise FileNotFoundError(
+                    f"{path} has no {name}: a Florence-2 tokenizer needs vocab.json, merges.txt "
+                    "and added_tokens.json (or a single tokenizer.json)"
+                )
+        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+        lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
+        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        flags = {}  # content -> its entry in tokenizer_config's `added_tokens_decoder`
+        if (path / "tokenizer_config.json").is_file():
+            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+            flags = {v["content"]: v for v in config.get("added_tokens_decoder", {}).values()}
+        # BART's special tokens; `<mask>` swallows the space before it (BartTokenizer's default).
+        extra = json.loads((path / "added_tokens.json").read_text(encoding="utf-8"))
+        ids = {**vocab, **extra}
+        defaults = {name: {"lstrip": name == MASK} for name in (BOS, PAD, EOS, UNK, MASK) if name in vocab}
+        defaults.update({name: {} for name in extra})
+        tokens = []
+        for content, default in defaults.items():
+            entry = flags.get(content, default)
+            tokens.append(AddedToken(content, ids[content], entry.get("lstrip", False),
+                                     entry.get("rstrip", False), entry.get("special", True)))
+        return cls(vocab, merges, tokens)
+
+    @classmethod
+    def from_tokenizer_json(cls, file: str | Path) -> "Tokenizer":
+        """Load an HF `tokenizer.json` (BPE model, ByteLevel pre-tokenizer)."""
+        spec = json.loads(Path(file).read_text(encoding="utf-8"))
+        model = spec["model"]
+        if model.get("type") != "BPE":
+            raise ValueError(f"{file}: expected a BPE model, got {model.get('type')!r}")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        tokens = [AddedToken(t["content"], t["id"], t.get("lstrip", False), t.get("rstrip", False),
+                             t.get("special", False)) for t in spec.get("added_tokens", [])]
+        return cls(model["vocab"], merges, tokens)
+
+    # -- sizes and lookups ----------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """All tokens, added ones included (51,289 for Florence-2; HF calls this `len(tok)`)."""
+        return len(self.decoder)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
+        """Token strings -> ids; an unknown token gives the `<unk>` id, as in HF."""
+        if isinstance(tokens, str):
+            return self.encoder.get(tokens, self.unk_token_id)
+        return [self.encoder.get(t, self.unk_token_id) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
+        """Ids -> token strings (byte characters, e.g. 'Ġcar'); an unknown id is an error."""
+        if isinstance(ids, int):
+            return self.decoder[ids]
+        return [self.decoder[int(i)] for i in ids]
+
+    # -- encoding -------------------------------------------------------------------------
+
+    def split_added_tokens(self, text: str) -> list[str | AddedToken]:
+        """Cut the added tokens out of `text`: plain-text pieces stay strings."""
+        if self.added_pattern is None:
+            return [text] if text else []
+        pieces: list[str | AddedToken] = []
+        start = 0  # end of the last piece taken
+        for match in self.added_pattern.finditer(text):
+            token = self.added[match.group()]
+            left, right = match.start(), match.end()
+            if token.lstrip:  # swallow whitespace on the left, but not into the last token
+                while left > start and _is_space(text[left - 1]):
+                    left -= 1
+            if token.rstrip:
+                while right < len(text) and _is_space(text[right]):
+                    right += 1
+            if left > start:
+                pieces.append(text[start:left])
+            pieces.append(token)
+            start = right
+        if start < len(text):
+            pieces.append(text[start:])
+        return pieces
+
+    def bpe(self, word: str) -> list[int]:
+        """Merge the byte characters of one pre-token, lowest merge rank first."""
+        if word in self.cache:
+            return self.cache[word]
+        symbols = list(word)
+        while len(symbols) > 1:
+            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+            best = min(pairs, key=lambda p: self.ranks.get(p, sys.maxsize))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(symbols):  # merge every occurrence, left to right
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        ids = [self.encoder[s] for s in symbols]
+        if len(self.cache) < 100_000:
+            self.cache[word] = ids
+        return ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Text -> token ids, `[<s>] + ids + [</s>]` when `add_special_tokens` (BART)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = [self.bos_token_id] if add_special_tokens else []
+        for piece in self.split_added_tokens(text):
+            if isinstance(piece, AddedToken):
+                ids.append(piece.id)
+                continue
+            for word in gpt2_pattern().findall(piece):
+                ids.extend(self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8"))))
+        if add_special_tokens:
+            ids.append(self.eos_token_id)
+        return ids
+
+    def __call__(self, texts: str | list[str], add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+        """A batch, right-padded with `<pad>` (id 1): {"input_ids", "attention_mask"} as
+        int64 tensors of shape (B, T), the mask 1 on real tokens and 0 on padding."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise ValueError("no texts to encode")
+        rows = [self.encode(t, add_special_tokens) for t in texts]
+        T = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+        for b, row in enumerate(rows):
+            input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[b, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # -- decoding -------------------------------------------------------------------------
+
+    def token_bytes(self, token: str) -> bytes:
+        """The bytes a token stands for (the ByteLevel decoder's rule: map every character
+        back through the byte table, or, if one has no byte, take the UTF-8 of the text)."""
+        try:
+            return bytes(self.byte_decoder[c] for c in token)
+        except KeyError:
+            return token.encode("utf-8")
+
+    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Token ids -> text. Special tokens appear verbatim unless skipped; invalid UTF-8
+        becomes U+FFFD. No "clean-up" of spaces before punctuation (transformers 5 skips it
+        for BPE tokenizers even though the Florence-2 config asks for it)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        unknown = [i for i in ids if int(i) not in self.decoder]
+        if unknown:
+            raise ValueError(f"token ids {unknown[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        tokens = [self.decoder[int(i)] for i in ids]
+        if skip_special_tokens:
+            tokens = [t for t in tokens if not (t in self.added and self.added[t].special)]
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+        """`decode` for each row."""
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
