@@ -1,0 +1,201 @@
+"""ConvMAE / FastConvMAE / ConvViT checkpoints -> convmae `.safetensors`.
+
+    python -m weights_convert convmae convmae_base.pth convmae_base.safetensors
+    python -m weights_convert convmae fastconvmae.pth fast.safetensors --model fastconvmae
+    python -m weights_convert convmae finetuned.pth convvit_base.safetensors
+
+Source layouts (each `{'model': state_dict}` or a bare state_dict; a DDP `module.` prefix is dropped):
+- official pretraining (Alpha-VL/ConvMAE `MaskedAutoencoderConvViT`, Alpha-VL/FastConvMAE
+  `MaskedAutoencoderViT`; 313 keys for base): the convmae module paths are the official keys,
+  so tensors are taken as they are. The two share every key: `--model` says which one to build
+  (default convmae);
+- released encoder-only pretraining checkpoints: the same without `mask_token`, `decoder_*` and
+  (usually) `stage{1,2}_output_decode`; written as a `convmae_encoder` file, with what is absent
+  reported. Such a file starts a ConvViT fine-tune (`convmae.load_convvit`), not a pretraining run;
+- official fine-tuned ConvViT (`models_convvit.ConvViT`: `head`, and `fc_norm` with global pooling
+  or `norm` without; 207 keys for base);
+- EasyCV (alibaba/EasyCV `MAE` with `FastConvMAEViT` / `FastConvMAENeck`): `encoder.*` and `decoder.*`
+  prefixes around the same names; FastConvMAE unless `--model` says otherwise.
+
+Shapes give every size except the attention head counts, which are not visible in the weights:
+`--num-heads` (default 12) and `--decoder-num-heads` (default 16) are the base model's. The loss
+setting is not in the weights either: `--no-norm-pix-loss` for models trained on raw pixels.
+Nothing is written unless every tensor fits the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from weights_convert.checkpoint import CheckpointError, check_tensors, read_official, save_converted
+
+# Source prefix -> our prefix, per layout (data, not code: the names below the prefix are shared).
+LAYOUT_PREFIXES: dict[str, dict[str, str]] = {
+    "official": {"": ""},
+    "easycv": {"encoder.": "", "decoder.": ""},
+}
+# Present in a full pretraining checkpoint, left out of the released encoder-only ones.
+DECODER_PREFIXES = ("mask_token", "decoder_")
+FUSION_PREFIXES = ("stage1_output_decode.", "stage2_output_decode.")
+PRETRAIN_MODELS = ("convmae", "fastconvmae")
+# What an encoder-only file may lack, named for the report.
+PRETRAIN_PARTS = (
+    ("mask_token", "mask_token"),
+    ("decoder_* (the MAE decoder)", "decoder_"),
+    ("stage1_output_decode.*", "stage1_output_decode."),
+    ("stage2_output_decode.*", "stage2_output_decode."),
+)
+
+
+def strip_wrappers(tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Tensor]]:
+    """(layout name, tensors under our names)."""
+    if tensors and all(k.startswith("module.") for k in tensors):
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    layout = "easycv" if any(k.startswith("encoder.patch_embed1.") for k in tensors) else "official"
+    renamed = {}
+    for key, value in tensors.items():
+        for old, new in LAYOUT_PREFIXES[layout].items():
+            if key.startswith(old):
+                renamed[new + key[len(old):]] = value
+                break
+        else:
+            raise CheckpointError(f"unexpected key {key!r} in an {layout} ConvMAE checkpoint")
+    return layout, renamed
+
+
+def count_blocks(tensors: dict[str, torch.Tensor], prefix: str) -> int:
+    indexes = {int(m.group(1)) for k in tensors if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+    return max(indexes) + 1 if indexes else 0
+
+
+def infer_config(tensors: dict[str, torch.Tensor], num_heads: int, decoder_num_heads: int, norm_pix_loss: bool):
+    """A `ConvMAEConfig` with every size the shapes reveal."""
+    from convmae.config import ConvMAEConfig
+
+    needed = ["patch_embed1.proj.weight", "patch_embed2.proj.weight", "patch_embed3.proj.weight", "pos_embed"]
+    missing = [k for k in needed if k not in tensors]
+    if missing:
+        sample = ", ".join(sorted(tensors)[:5])
+        raise CheckpointError(
+            f"not a ConvMAE checkpoint: {', '.join(missing)} missing (its keys begin: {sample}, ...)"
+        )
+    convs = [tensors[f"patch_embed{i}.proj.weight"] for i in (1, 2, 3)]  # (C_out, C_in, p, p)
+    embed_dim = tuple(int(w.shape[0]) for w in convs)
+    patch_size = tuple(int(w.shape[-1]) for w in convs)
+    depth = tuple(count_blocks(tensors, f"blocks{i}") for i in (1, 2, 3))
+    mlp_ratio = tuple(
+        tensors[f"blocks{i}.0.mlp.fc1.weight"].shape[0] / embed_dim[i - 1] if depth[i - 1] else 4.0 for i in (1, 2, 3)
+    )
+    grid = math.isqrt(tensors["pos_embed"].shape[1])
+    values = dict(
+        img_size=grid * math.prod(patch_size),
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        in_chans=int(convs[0].shape[1]),
+        decoder_num_heads=decoder_num_heads,
+        norm_pix_loss=norm_pix_loss,
+    )
+    if "decoder_embed.weight" in tensors:
+        values.update(
+            decoder_embed_dim=int(tensors["decoder_embed.weight"].shape[0]),
+            decoder_depth=count_blocks(tensors, "decoder_blocks"),
+        )
+    if "head.weight" in tensors or "fc_norm.weight" in tensors:
+        values.update(
+            num_classes=int(tensors["head.weight"].shape[0]) if "head.weight" in tensors else 0,
+            global_pool="fc_norm.weight" in tensors,
+        )
+    try:
+        return ConvMAEConfig(**values)
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's sizes make no valid ConvMAE config: {e}") from e
+
+
+def expected_shapes(kind: str, config, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the model `kind` (built on the meta device: no memory, no time)."""
+    from convmae.load import MODELS
+
+    with torch.device("meta"):
+        model = MODELS["convmae" if kind == "convmae_encoder" else kind](config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if kind == "convmae_encoder":
+        shapes = {k: s for k, s in shapes.items() if not k.startswith(DECODER_PREFIXES)}
+        if not any(k.startswith(FUSION_PREFIXES) for k in tensors):
+            shapes = {k: s for k, s in shapes.items() if not k.startswith(FUSION_PREFIXES)}
+    return shapes
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    model: str | None = None,
+    num_heads: int = 12,
+    decoder_num_heads: int = 16,
+    norm_pix_loss: bool = True,
+) -> dict:
+    """Convert `src` and write `dst`. Returns {"model", "config", "absent", "layout"} for reporting."""
+    layout, tensors = strip_wrappers(read_official(src))
+    config = infer_config(tensors, num_heads, decoder_num_heads, norm_pix_loss)
+    if "head.weight" in tensors or "fc_norm.weight" in tensors:
+        kind = "convvit"
+        if model not in (None, "convvit"):
+            raise CheckpointError(f"{src}: is a fine-tuned ConvViT checkpoint, it cannot be used as {model!r}")
+    elif "decoder_embed.weight" in tensors or "mask_token" in tensors:
+        kind = model or ("fastconvmae" if layout == "easycv" else "convmae")
+        if kind not in PRETRAIN_MODELS:
+            raise CheckpointError(f"{src}: is a pretraining checkpoint; --model must be one of {PRETRAIN_MODELS}")
+    else:
+        kind = "convmae_encoder"
+        if model not in (None, "convmae_encoder"):
+            raise CheckpointError(
+                f"{src}: holds only the encoder (no mask_token, decoder_*): a {model!r} model needs the decoder; "
+                f"convert without --model to get an encoder file for fine-tuning"
+            )
+    shapes = expected_shapes(kind, config, tensors)
+    check_tensors(shapes, tensors, f"{src} as {kind}")
+    absent = [name for name, prefix in PRETRAIN_PARTS if not any(k.startswith(prefix) for k in tensors)]
+    if kind != "convmae_encoder":
+        absent = []
+    save_converted(dst, tensors, "convmae", {**config.to_dict(), "model": kind})
+    return {"model": kind, "config": config, "absent": absent, "layout": layout}
+
+
+def run(args: argparse.Namespace) -> None:
+    report = convert(
+        args.src, args.dst, args.model, args.num_heads, args.decoder_num_heads, not args.no_norm_pix_loss
+    )
+    print(f"wrote {args.dst}: {report['model']} from the {report['layout']} layout, config {report['config']}")
+    if report["absent"]:
+        print(
+            f"absent from the source: {', '.join(report['absent'])}. The file holds the encoder only; "
+            f"fine-tune from it with convmae.load_convvit(path)"
+        )
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "convmae",
+        help="ConvMAE / FastConvMAE / ConvViT checkpoint -> .safetensors",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", help="official .pth (pretrain, encoder-only, fine-tune) or EasyCV checkpoint")
+    parser.add_argument("dst", help="output .safetensors")
+    parser.add_argument(
+        "--model",
+        choices=("convmae", "fastconvmae", "convvit", "convmae_encoder"),
+        default=None,
+        help="the model to build from a pretraining checkpoint (default: convmae; fastconvmae for EasyCV)",
+    )
+    parser.add_argument("--num-heads", type=int, default=12, help="stage-3 attention heads (not in the weights)")
+    parser.add_argument("--decoder-num-heads", type=int, default=16, help="decoder attention heads (not in the weights)")
+    parser.add_argument("--no-norm-pix-loss", action="store_true", help="the model was trained on raw pixels")
+    parser.set_defaults(func=run)
