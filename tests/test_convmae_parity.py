@@ -1,0 +1,131 @@
+"""ConvMAE family against the official implementations' outputs (tests/fixtures/convmae, see PROVENANCE.md).
+
+Each fixture's official state_dict goes through `python -m weights_convert convmae` as an official
+`{'model': ...}` checkpoint, is loaded with `convmae.load_convmae`, and is run on the stored
+images with the stored masking noise. Tolerances (REFERENCE / DESIGN): max abs 1e-5, loss 1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import convmae
+from tests.conftest import FIXTURES
+from weights_convert.__main__ import main as convert_main
+
+FIXTURE_DIR = FIXTURES / "convmae"
+TOL, LOSS_TOL = 1e-5, 1e-6
+
+
+def read_fixture(name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    path = FIXTURE_DIR / f"{name}.safetensors"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def convert_fixture(name: str, tmp_path: Path, *extra: str) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """Write the fixture's official state_dict as a .pth, convert it, return (metadata, tensors, converted)."""
+    meta, tensors = read_fixture(name)
+    official = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    src, dst = tmp_path / f"{name}.pth", tmp_path / f"{name}.safetensors"
+    torch.save({"model": official, "epoch": 0}, src)
+    args = ["convmae", str(src), str(dst), "--num-heads", meta["num_heads"]]
+    args += ["--decoder-num-heads", meta["decoder_num_heads"], *extra]
+    if meta.get("norm_pix_loss") == "false":
+        args.append("--no-norm-pix-loss")
+    assert convert_main(args) == 0
+    return meta, tensors, dst
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check_config(meta: dict, config: convmae.ConvMAEConfig) -> None:
+    assert list(config.embed_dim) == json.loads(meta["embed_dim"])
+    assert list(config.depth) == json.loads(meta["depth"])
+    assert list(config.mlp_ratio) == json.loads(meta["mlp_ratio"])
+    assert config.num_heads == int(meta["num_heads"])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["math", "sdpa"])
+@pytest.mark.parametrize("name", ["convmae_small_normpix0", "convmae_small_normpix1"])
+def test_convmae_matches_official(name: str, fused: bool, tmp_path: Path) -> None:
+    meta, t, path = convert_fixture(name, tmp_path)
+    model = convmae.load_convmae(path)
+    assert type(model) is convmae.ConvMAE
+    check_config(meta, model.config)
+    assert model.config.norm_pix_loss == (meta["norm_pix_loss"] == "true")
+    assert model.config.decoder_depth == int(meta["decoder_depth"])
+    convmae.set_fused_attention(model, fused)
+    imgs, noise, ratio = t["input.imgs"], t["input.noise"], float(meta["mask_ratio"])
+    with torch.no_grad():
+        latent, mask, ids_restore = model.forward_encoder(imgs, ratio, noise)
+        pred = model.forward_decoder(latent, ids_restore)
+        loss = model.forward_loss(imgs, pred, mask)
+        loss_all, pred_all, mask_all = model(imgs, ratio, noise)
+    assert torch.equal(ids_restore, t["output.ids_restore"])
+    assert torch.equal(mask, t["output.mask"])
+    assert max_diff(latent, t["output.latent"]) <= TOL
+    assert max_diff(pred, t["output.pred"]) <= TOL
+    assert max_diff(loss.reshape(1), t["output.loss"]) <= LOSS_TOL
+    # forward is the three stages in a row
+    assert torch.equal(loss_all, loss) and torch.equal(pred_all, pred) and torch.equal(mask_all, mask)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["math", "sdpa"])
+def test_fastconvmae_matches_official(fused: bool, tmp_path: Path) -> None:
+    meta, t, path = convert_fixture("fastconvmae_small", tmp_path, "--model", "fastconvmae")
+    model = convmae.load_convmae(path)
+    assert type(model) is convmae.FastConvMAE
+    check_config(meta, model.config)
+    assert model.config.decoder_depth == int(meta["decoder_depth"]) == 8  # what the official code built
+    convmae.set_fused_attention(model, fused)
+    with torch.no_grad():
+        loss, pred, mask = model(t["input.imgs"], float(meta["mask_ratio"]), t["input.noise"])
+    assert torch.equal(mask, t["output.mask"])
+    assert max_diff(pred, t["output.pred"]) <= TOL
+    assert max_diff(loss.reshape(1), t["output.loss"]) <= LOSS_TOL
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["math", "sdpa"])
+def test_convvit_matches_official(fused: bool, tmp_path: Path) -> None:
+    meta, t, path = convert_fixture("convvit_small", tmp_path)
+    model = convmae.load_convmae(path)
+    assert type(model) is convmae.ConvViT
+    check_config(meta, model.config)
+    assert model.config.num_classes == int(meta["classes"])
+    assert model.config.global_pool == (meta["global_pool"] == "true")
+    convmae.set_fused_attention(model, fused)
+    with torch.no_grad():
+        logits = model(t["input.imgs"])
+    assert max_diff(logits, t["output.logits"]) <= TOL
+    # load_convvit reads the same file strictly
+    again = convmae.load_convvit(path)
+    convmae.set_fused_attention(again, fused)
+    with torch.no_grad():
+        assert torch.equal(again(t["input.imgs"]), logits)
+
+
+def test_fresh_positions_equal_the_official_sincos() -> None:
+    """Our sin-cos table (float64, column index first) equals the one the official init stored."""
+    meta, t = read_fixture("convmae_small_normpix0")
+    config = convmae.ConvMAEConfig(
+        embed_dim=json.loads(meta["embed_dim"]),
+        depth=json.loads(meta["depth"]),
+        num_heads=4,
+        decoder_embed_dim=int(meta["decoder_embed_dim"]),
+        decoder_depth=1,
+        decoder_num_heads=4,
+    )
+    model = convmae.ConvMAE(config)
+    assert torch.equal(model.pos_embed.data, t["model.pos_embed"])
+    assert torch.equal(model.decoder_pos_embed.data, t["model.decoder_pos_embed"])
