@@ -152,6 +152,6 @@ class Processor:
                 skip_special_tokens=False)`, e.g. "</s><s>car<loc_52>...</s>"), or the ids.
             image_size: (width, height) of the original image.
         """
-        if not isinstance(generated, str):
+        if isinstance(generated, (list, tuple, torch.Tensor)):
             generated = self.tokenizer.decode(generated, skip_special_tokens=False)
         return post_process(task, generated, image_size)
