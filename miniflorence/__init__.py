@@ -1,5 +1,8 @@
 """miniflorence: Florence-2 (DaViT vision tower + BART-style encoder-decoder) in plain PyTorch."""
 
 from miniflorence.config import CONFIGS, Florence2Config, tiny_config
+from miniflorence.model import Florence2, load_florence2
+from miniflorence.processor import Processor
+from miniflorence.tokenizer import Tokenizer
 
-__all__ = ["CONFIGS", "Florence2Config", "tiny_config"]
+__all__ = ["CONFIGS", "Florence2", "Florence2Config", "Processor", "Tokenizer", "load_florence2", "tiny_config"]

@@ -1,0 +1,266 @@
+"""DaViT, the vision tower of Florence-2: convolutional patch embeddings and dual attention.
+
+Paper: Ding et al., "DaViT: Dual Attention Vision Transformers" (ECCV 2022), §3.1 (spatial window
+attention), §3.2 (channel group attention), §3.3 (the dual block, each attention preceded by a
+depthwise-convolution position encoding); used as the image encoder in Florence-2 (Xiao et al.
+2023, §4.1). Mirrors the `DaViT`, `ConvEmbed`, `SpatialBlock`, `ChannelBlock`, `WindowAttention`
+and `ChannelAttention` classes of the original remote code `modeling_florence2.py`
+(microsoft/Florence-2-base). Attribute paths equal the original checkpoint keys
+(`convs.{i}.proj`, `blocks.{s}.{j}.spatial_block.window_attn.fn.qkv`, ...), hence the `fn`,
+`dw` and `net` levels: they are the wrappers the checkpoint was saved with.
+
+Between blocks the features travel as tokens with their grid size, as in the original:
+    x: (B, N, C) with N = H * W, size = (H, W)
+Legend: B batch, N tokens, C channels, H/W grid height/width, h heads, g channel groups,
+d channels per head or group, w window side, nW number of windows (over the batch).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+Size = tuple[int, int]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drop the whole residual branch of a sample."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+
+class Residual(nn.Module):
+    """x + drop_path(fn(norm(x), size)); `norm` is None for the convolutional position encodings.
+
+    The original calls this wrapper `PreNorm`; its attribute names (`norm`, `fn`) are in the
+    checkpoint keys.
+    """
+
+    def __init__(self, norm: nn.Module | None, fn: nn.Module, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.norm = norm
+        self.fn = fn
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        y = self.norm(x) if self.norm is not None else x
+        return x + self.drop_path(self.fn(y, size))
+
+
+class DepthwiseConv(nn.Module):
+    """3x3 depthwise convolution on the token grid: DaViT's convolutional position encoding (§3.3)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        H, W = size
+        x = rearrange(x, "b (h w) c -> b c h w", h=H, w=W)  # (B, C, H, W)
+        return rearrange(self.dw(x), "b c h w -> b (h w) c")  # (B, N, C)
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear, stored as `net.fc1` / `net.fc2` like the original."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        return self.net(x)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, use_sdpa: bool) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the last two dims: the fused kernel or the written-out math."""
+    if use_sdpa:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    attn = (q * scale) @ k.transpose(-2, -1)  # (..., Lq, Lk)
+    return attn.softmax(dim=-1) @ v  # (..., Lq, d)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside non-overlapping w x w windows (no shift), DaViT §3.1.
+
+    The grid is zero-padded at the bottom/right to a multiple of the window; padded positions
+    take part in the attention (as in the original) and are cut off afterwards.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, use_sdpa: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.scale = (dim // num_heads) ** -0.5
+        self.use_sdpa = use_sdpa
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = size
+        w = self.window_size
+        x = x.view(B, H, W, C)
+        pad_b, pad_r = (w - H % w) % w, (w - W % w) % w
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
+        Hp, Wp = H + pad_b, W + pad_r
+        windows = rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=w, ww=w)  # (nW, w*w, C)
+        qkv = rearrange(self.qkv(windows), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
+        out = attend(qkv[0], qkv[1], qkv[2], self.scale, self.use_sdpa)  # (nW, h, w*w, d)
+        out = self.proj(rearrange(out, "n h t d -> n t (h d)"))  # (nW, w*w, C)
+        x = rearrange(out, "(b nh nw) (wh ww) c -> b (nh wh) (nw ww) c", b=B, nh=Hp // w, wh=w)  # (B, Hp, Wp, C)
+        return x[:, :H, :W, :].reshape(B, N, C)
+
+
+class ChannelAttention(nn.Module):
+    """Channel group attention, DaViT §3.2: channels attend to channels within each of g groups.
+
+    Each channel is a "token" whose feature vector spans all N spatial positions, so the
+    softmax scale is N^-0.5 (the number of spatial tokens), not the group width.
+    """
+
+    def __init__(self, dim: int, groups: int, use_sdpa: bool) -> None:
+        super().__init__()
+        self.groups = groups
+        self.use_sdpa = use_sdpa
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        B, N, C = x.shape
+        # channels become the sequence axis: (3, B, g, d, N)
+        qkv = rearrange(self.qkv(x), "b n (three g d) -> three b g d n", three=3, g=self.groups)
+        out = attend(qkv[0], qkv[1], qkv[2], N ** -0.5, self.use_sdpa)  # (B, g, d, N)
+        return self.proj(rearrange(out, "b g d n -> b n (g d)"))  # (B, N, C)
+
+
+class SpatialBlock(nn.Module):
+    """conv position encoding, window attention, conv position encoding, MLP (each residual)."""
+
+    def __init__(self, dim: int, num_heads: int, window_size: int, mlp_ratio: float,
+                 drop_path: float, eps: float, use_sdpa: bool) -> None:
+        super().__init__()
+        self.conv1 = Residual(None, DepthwiseConv(dim))
+        self.window_attn = Residual(nn.LayerNorm(dim, eps=eps), WindowAttention(dim, num_heads, window_size, use_sdpa), drop_path)
+        self.conv2 = Residual(None, DepthwiseConv(dim))
+        self.ffn = Residual(nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio)), drop_path)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        x = self.window_attn(self.conv1(x, size), size)
+        return self.ffn(self.conv2(x, size), size)
+
+
+class ChannelBlock(nn.Module):
+    """conv position encoding, channel group attention, conv position encoding, MLP (each residual)."""
+
+    def __init__(self, dim: int, groups: int, mlp_ratio: float, drop_path: float, eps: float, use_sdpa: bool) -> None:
+        super().__init__()
+        self.conv1 = Residual(None, DepthwiseConv(dim))
+        self.channel_attn = Residual(nn.LayerNorm(dim, eps=eps), ChannelAttention(dim, groups, use_sdpa), drop_path)
+        self.conv2 = Residual(None, DepthwiseConv(dim))
+        self.ffn = Residual(nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio)), drop_path)
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        x = self.channel_attn(self.conv1(x, size), size)
+        return self.ffn(self.conv2(x, size), size)
+
+
+class DualBlock(nn.Module):
+    """One depth unit of a stage: a spatial block, then a channel block (DaViT Fig. 3)."""
+
+    def __init__(self, spatial_block: SpatialBlock, channel_block: ChannelBlock) -> None:
+        super().__init__()
+        self.spatial_block = spatial_block
+        self.channel_block = channel_block
+
+    def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        return self.channel_block(self.spatial_block(x, size), size)
+
+
+class ConvEmbed(nn.Module):
+    """Overlapping conv patch embedding that opens each stage (and downsamples by its stride).
+
+    Stage 0 normalises after the conv (`pre_norm=False`, norm over the output width); stages 1-3
+    normalise the incoming tokens before it (norm over the input width).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, patch_size: int, stride: int, padding: int,
+                 pre_norm: bool, eps: float) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=patch_size, stride=stride, padding=padding)
+        self.norm = nn.LayerNorm(in_dim if pre_norm else out_dim, eps=eps)
+
+    def forward(self, x: torch.Tensor, size: Size) -> tuple[torch.Tensor, Size]:
+        """x: the image (B, 3, H, W) for stage 0, else tokens (B, N, C_in); returns (B, N', C_out)."""
+        if x.dim() == 3:
+            if self.pre_norm:
+                x = self.norm(x)
+            x = rearrange(x, "b (h w) c -> b c h w", h=size[0], w=size[1])  # (B, C_in, H, W)
+        x = self.proj(x)  # (B, C_out, H', W')
+        size = (x.shape[2], x.shape[3])
+        x = rearrange(x, "b c h w -> b (h w) c")  # (B, N', C_out)
+        if not self.pre_norm:
+            x = self.norm(x)
+        return x, size
+
+
+class DaViT(nn.Module):
+    """The four-stage DaViT backbone without its classification head (as Florence-2 uses it).
+
+    Args:
+        dims, depths, heads, channel_groups: per-stage widths, block counts, window-attention
+            heads and channel-attention groups.
+        window_size: side of the attention windows.
+        patch_sizes, patch_strides, patch_paddings, patch_prenorm: the per-stage conv embeddings.
+        mlp_ratio: MLP hidden width / block width.
+        drop_path_rate: stochastic depth of the last block; it grows linearly from 0 over all
+            2 * sum(depths) spatial and channel blocks.
+        eps: LayerNorm epsilon.
+        use_sdpa: fused attention kernel instead of the written-out softmax.
+    """
+
+    def __init__(self, dims: tuple[int, ...], depths: tuple[int, ...], heads: tuple[int, ...],
+                 channel_groups: tuple[int, ...], window_size: int, patch_sizes: tuple[int, ...],
+                 patch_strides: tuple[int, ...], patch_paddings: tuple[int, ...],
+                 patch_prenorm: tuple[bool, ...], mlp_ratio: float, drop_path_rate: float,
+                 eps: float = 1e-5, use_sdpa: bool = True, in_chans: int = 3) -> None:
+        super().__init__()
+        rates = torch.linspace(0, drop_path_rate, 2 * sum(depths), device="cpu").tolist()
+        self.convs = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        first = 0  # index of the stage's first (spatial) block in `rates`
+        for i, dim in enumerate(dims):
+            in_dim = in_chans if i == 0 else dims[i - 1]
+            self.convs.append(ConvEmbed(in_dim, dim, patch_sizes[i], patch_strides[i], patch_paddings[i],
+                                        patch_prenorm[i], eps))
+            self.blocks.append(nn.ModuleList(
+                DualBlock(
+                    SpatialBlock(dim, heads[i], window_size, mlp_ratio, rates[first + 2 * j], eps, use_sdpa),
+                    ChannelBlock(dim, channel_groups[i], mlp_ratio, rates[first + 2 * j + 1], eps, use_sdpa),
+                )
+                for j in range(depths[i])
+            ))
+            first += 2 * depths[i]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, H/32, W/32, C_last) channels-last feature grid."""
+        B = pixel_values.shape[0]
+        x, size = pixel_values, (pixel_values.shape[2], pixel_values.shape[3])
+        for conv, stage in zip(self.convs, self.blocks):
+            x, size = conv(x, size)
+            for block in stage:
+                x = block(x, size)
+        return x.view(B, size[0], size[1], -1)  # (B, H', W', C)

@@ -1,0 +1,182 @@
+"""Florence-2: DaViT image tokens + prompt tokens -> BART-style encoder-decoder -> text.
+
+Paper: Xiao et al., "Florence-2: Advancing a Unified Representation for a Variety of Vision
+Tasks" (2023), §4.1 (Fig. 2): the image encoder's visual token embeddings, projected to the
+language width, are concatenated with the prompt's text embeddings and read by a standard
+transformer encoder-decoder that writes the answer (captions, `<loc_*>` boxes, polygons, ...).
+Mirrors `Florence2ForConditionalGeneration` of the original remote code `modeling_florence2.py`
+(microsoft/Florence-2-base): `_encode_image`, `_merge_input_ids_with_image_features`, `forward`
+and `generate`. Attribute paths equal the original checkpoint keys.
+
+Legend: B batch, I image tokens (577 at 768x768), T prompt tokens, t decoder tokens,
+C DaViT width, D language width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from miniflorence.config import Florence2Config
+from miniflorence.davit import DaViT
+from miniflorence.language_model import Florence2LanguageModel
+from miniflorence.projector import CosineTemporalEmbedding, LearnedPositionEmbedding2D, project_image_features
+
+# The token table is one Parameter used four times; converted files store it once, under SHARED_KEY.
+SHARED_KEY = "language_model.model.shared.weight"
+TIED_KEYS = (
+    "language_model.model.encoder.embed_tokens.weight",
+    "language_model.model.decoder.embed_tokens.weight",
+    "language_model.lm_head.weight",
+)
+
+
+class Florence2(nn.Module):
+    """The whole model. Stages a reader can call on their own: `encode_image`, `encode`, then
+    `language_model.decode` (what `forward` and `generate` do).
+
+    Args:
+        config: every size; see `Florence2Config`. Only this class reads it.
+    """
+
+    def __init__(self, config: Florence2Config) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        self.vision_tower = DaViT(
+            c.dims, c.depths, c.heads, c.channel_groups, c.window_size, c.patch_sizes, c.patch_strides,
+            c.patch_paddings, c.patch_prenorm, c.mlp_ratio, c.drop_path_rate, c.layer_norm_eps, c.use_sdpa,
+        )
+        self.image_projection = nn.Parameter(torch.empty(c.image_dim, c.projection_dim))  # (C, D), used as x @ W
+        nn.init.trunc_normal_(self.image_projection, std=0.02)
+        self.image_proj_norm = nn.LayerNorm(c.projection_dim, eps=c.layer_norm_eps)
+        self.image_pos_embed = LearnedPositionEmbedding2D(c.image_dim, c.image_pos_embed_size)
+        self.visual_temporal_embed = CosineTemporalEmbedding(c.image_dim, c.max_temporal_embeddings)
+        self.language_model = Florence2LanguageModel(
+            c.vocab_size, c.d_model, c.encoder_layers, c.decoder_layers, c.encoder_heads, c.decoder_heads,
+            c.encoder_ffn_dim, c.decoder_ffn_dim, c.max_position_embeddings, c.pad_token_id,
+            c.layer_norm_eps, c.dropout, c.attention_dropout, c.activation_dropout, c.use_sdpa,
+        )
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels (H, W multiples of 32) -> image tokens (B, 1 + HW/1024, D)."""
+        grid = self.vision_tower(pixel_values)  # (B, H/32, W/32, C)
+        return project_image_features(grid, self.image_pos_embed, self.visual_temporal_embed,
+                                      self.image_projection, self.image_proj_norm)  # (B, I, D)
+
+    def encode(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the language encoder over [image tokens, prompt tokens].
+
+        Args:
+            pixel_values: (B, 3, H, W) normalised images.
+            input_ids: (B, T) prompt ids `<s> ... </s>` (no image placeholders: the I image
+                tokens are prepended here), right-padded with pad_token_id in a batch.
+            attention_mask: (B, T) 1 = prompt token, 0 = padding. None reproduces the original
+                exactly: it attends to every position, padding included (the original builds an
+                all-ones mask and so ignores padding - a known bug that changes batched results).
+                When given, padded prompt tokens are masked out of the encoder's self-attention
+                and of the decoder's cross-attention; image tokens are always attended.
+
+        Returns:
+            encoder_hidden_states (B, I + T, D) and encoder_attention_mask (B, I + T), or None
+            (= attend to all) when `attention_mask` is None.
+        """
+        image_tokens = self.encode_image(pixel_values)  # (B, I, D)
+        prompt = self.language_model.embed_tokens(input_ids)  # (B, T, D)
+        inputs_embeds = torch.cat([image_tokens, prompt.to(image_tokens.dtype)], dim=1)  # (B, I + T, D)
+        mask = None
+        if attention_mask is not None:
+            image_mask = attention_mask.new_ones(image_tokens.shape[:2])  # (B, I)
+            mask = torch.cat([image_mask, attention_mask], dim=1)  # (B, I + T)
+        return self.language_model.encode(inputs_embeds, mask), mask
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        decoder_input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced pass -> logits (B, t, V) for every decoder position.
+
+        Args:
+            pixel_values, input_ids, attention_mask: as in `encode`.
+            decoder_input_ids: (B, t) decoder inputs, starting with decoder_start_token_id (2).
+        """
+        encoder_hidden_states, encoder_mask = self.encode(pixel_values, input_ids, attention_mask)
+        logits, _ = self.language_model.decode(decoder_input_ids, encoder_hidden_states, encoder_mask)
+        return logits  # (B, t, V)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 1024,
+        num_beams: int = 3,
+        no_repeat_ngram_size: int = 3,
+        early_stopping: bool = True,
+        length_penalty: float = 1.0,
+    ) -> torch.Tensor:
+        """Greedy (num_beams=1) or beam search with the official defaults -> (B, S) token ids that
+        start with the decoder start token, like the official `generate`.
+
+        Args:
+            pixel_values, input_ids, attention_mask: as in `encode`.
+            max_new_tokens, num_beams, no_repeat_ngram_size, early_stopping, length_penalty:
+                decoding settings (see `miniflorence.generation.GenerationOptions`); forced
+                BOS/EOS and the special ids come from the config.
+        """
+        from miniflorence.generation import GenerationOptions, generate
+
+        c = self.config
+        options = GenerationOptions(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
+            early_stopping=early_stopping, length_penalty=length_penalty,
+            forced_bos_token_id=c.bos_token_id, forced_eos_token_id=c.eos_token_id,
+            decoder_start_token_id=c.decoder_start_token_id, eos_token_id=c.eos_token_id,
+            pad_token_id=c.pad_token_id,
+        )
+        return generate(self, pixel_values, input_ids, attention_mask, options)
+
+
+def load_florence2(path: str | os.PathLike, device: str | torch.device = "cpu", use_sdpa: bool | None = None) -> Florence2:
+    """Build the model a converted `.safetensors` file describes and load it strictly, in eval mode.
+
+    Args:
+        path: a file written by `python -m weights_convert florence2 SRC DST`.
+        device: where to put the model.
+        use_sdpa: override the attention implementation stored in the file's config.
+    """
+    from weights_convert.checkpoint import CheckpointError, load_strict, read_converted
+
+    config_dict, tensors = read_converted(path, "florence2")
+    try:
+        config = Florence2Config.from_dict(config_dict)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config does not describe a Florence-2 model: {e}") from e
+    if use_sdpa is not None:
+        config = config.replace(use_sdpa=use_sdpa)
+    tensors = expand_tied(tensors, str(path))
+    model = Florence2(config)
+    load_strict(model, tensors, f"{path}")
+    return model.to(device).eval()
+
+
+def expand_tied(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Add the three aliases of the token table (stored once) so that a strict load sees every key."""
+    from weights_convert.checkpoint import CheckpointError
+
+    if SHARED_KEY not in tensors:
+        raise CheckpointError(f"{what} does not fit: 1 missing: {SHARED_KEY}")
+    out = dict(tensors)
+    for key in TIED_KEYS:
+        if key in out and not torch.equal(out[key], out[SHARED_KEY]):
+            raise CheckpointError(f"{what}: {key} differs from {SHARED_KEY}, but the model ties them")
+        out[key] = out[SHARED_KEY]
+    return out
