@@ -57,14 +57,14 @@ def complementary_masking(
     masks (K, B, L) with 1 = removed from set k, and ids_restore (B, L).
     """
     B, L = noise.shape
-    len_keep = kept_length(L, mask_ratio)
-    if L % len_keep:
+    check_mask_ratio(mask_ratio)
+    K = round(1 / (1 - mask_ratio))
+    if abs(K * (1 - mask_ratio) - 1) > 1e-6 or L % K:
         raise ValueError(
-            f"complementary masking needs keep-sets that tile the {L} tokens, but mask_ratio {mask_ratio} "
-            f"keeps {len_keep}; use a ratio with 1 / (1 - ratio) a whole number (0.5, 0.75, ...) "
-            f"that divides the grid"
+            f"complementary masking needs keep-sets that tile the {L} tokens: 1 / (1 - mask_ratio) must be a "
+            f"whole number of views that divides {L}, got mask_ratio {mask_ratio} (0.75 gives 4 views, 0.5 gives 2)"
         )
-    K = L // len_keep
+    len_keep = L // K  # = int(L * (1 - mask_ratio)) wherever the official split works
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle.view(B, K, len_keep).transpose(0, 1)  # (K, B, Lk)
