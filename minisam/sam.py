@@ -211,6 +211,10 @@ def load_sam(path: str | os.PathLike, image_size: int | None = None, use_sdpa: b
         config = dataclasses.replace(config, image_size=image_size)
     if use_sdpa is not None:
         config = dataclasses.replace(config, use_sdpa=use_sdpa)
-    model = Sam(config)
+    with torch.device("meta"):  # no random init of weights that are overwritten anyway (seconds for vit_h)
+        model = Sam(config)
+    model.to_empty(device="cpu")
+    model.pixel_mean.copy_(torch.tensor(PIXEL_MEAN).view(-1, 1, 1))  # the buffers not in checkpoints
+    model.pixel_std.copy_(torch.tensor(PIXEL_STD).view(-1, 1, 1))
     load_strict(model, tensors, what=str(path))
     return model.eval()

@@ -88,35 +88,39 @@ def official_sam(variant: str, image_size: int = 1024, seed: int = 0):
 
     enc = OFFICIAL_ENCODERS[variant]
     grid = image_size // 16
-    model = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=enc["depth"],
-            embed_dim=enc["embed_dim"],
-            img_size=image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            num_heads=enc["num_heads"],
-            patch_size=16,
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=enc["global_attn_indexes"],
-            window_size=14,
-            out_chans=256,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size), mask_in_chans=16
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
+    with torch.device("meta"):  # skip the official random init: every tensor is filled below
+        model = Sam(
+            image_encoder=ImageEncoderViT(
+                depth=enc["depth"],
+                embed_dim=enc["embed_dim"],
+                img_size=image_size,
+                mlp_ratio=4,
+                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                num_heads=enc["num_heads"],
+                patch_size=16,
+                qkv_bias=True,
+                use_rel_pos=True,
+                global_attn_indexes=enc["global_attn_indexes"],
+                window_size=14,
+                out_chans=256,
+            ),
+            prompt_encoder=PromptEncoder(
+                embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size), mask_in_chans=16
+            ),
+            mask_decoder=MaskDecoder(
+                num_multimask_outputs=3,
+                transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                transformer_dim=256,
+                iou_head_depth=3,
+                iou_head_hidden_dim=256,
+            ),
+            pixel_mean=[123.675, 116.28, 103.53],
+            pixel_std=[58.395, 57.12, 57.375],
+        )
     del sa
+    model.to_empty(device="cpu")
+    model.pixel_mean.copy_(torch.tensor([123.675, 116.28, 103.53]).view(-1, 1, 1))  # not in the state_dict
+    model.pixel_std.copy_(torch.tensor([58.395, 57.12, 57.375]).view(-1, 1, 1))
     fill_random(model, seed)
     return model.eval()
 
@@ -127,6 +131,7 @@ def to_minisam(official_model: torch.nn.Module, tmp_path: Path, image_size: int 
     from weights_convert.__main__ import main
 
     tmp_path = Path(tmp_path)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     src, dst = tmp_path / "official.pth", tmp_path / "minisam.safetensors"
     torch.save(official_model.state_dict(), src)
     assert main(["sam", str(src), str(dst)]) == 0
