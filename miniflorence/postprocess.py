@@ -14,8 +14,12 @@ What Florence-2 generates, per kind of task (after `</s><s>` and before `</s>`):
   polygons         "<loc_..><loc_..>...<sep><loc_..>..." or "label<poly><loc_..>...</poly>"
 
 Coordinates: bin k on an axis of `size` pixels comes back as (k + 0.5) * size / 1000, computed
-in float32 and then truncated to an integer, as transformers does (`.int()`). Microsoft's
-original code keeps the float instead; that is the one numeric difference between the two.
+in float32 and then truncated to an integer, as transformers does (`.int()`).
+
+`original=True` reproduces Microsoft's remote code instead, which transformers' port changed in
+four places: coordinates stay float32 values (33.599998474121094, not 33); pure text keeps its
+surrounding whitespace; OCR removes only `<s>`, so the first label reads '</s>TEXT', and labels
+keep their spaces; and the polygon label skips a leading 'loc_k>' rather than '<loc_k>'.
 """
 
 from __future__ import annotations
@@ -72,27 +76,30 @@ POLY_INSTANCE = r"<poly>(.*?)</poly>"  # one object's polygons
 POLYGON = r"((?:<loc_\d+>)+)(?:<sep>|$)"  # one polygon: a run of locations ended by <sep>
 
 
-def dequantize(bins: list[int] | list[list[int]], image_size: tuple[float, float]) -> torch.Tensor:
+def dequantize(bins: list[int] | list[list[int]], image_size: tuple[float, float], as_int: bool = True) -> torch.Tensor:
     """Bin indices -> pixel coordinates, the bin centre: (k + 0.5) * size / 1000.
 
     `bins` is (N, 4) boxes `x1 y1 x2 y2` or (N, 2) points `x y`; `image_size` is
-    (width, height). float32 arithmetic, then truncation to int32, exactly as transformers."""
+    (width, height). float32 arithmetic, then truncation to int32 as transformers does
+    (`as_int`), or the float32 values as Microsoft's original code returns them."""
     width, height = image_size
     bins = torch.tensor(bins)  # int64, or float32 when empty
     per_bin = torch.tensor([width / NUM_BINS, height / NUM_BINS] * (bins.shape[-1] // 2))  # (2,) or (4,)
-    return ((bins + 0.5) * per_bin).int()  # (N, 2|4)
+    coords = (bins + 0.5) * per_bin  # (N, 2|4) float32
+    return coords.int() if as_int else coords
 
 
 def strip_sequence_tokens(text: str) -> str:
     return text.replace("<s>", "").replace("</s>", "").replace("<pad>", "")
 
 
-def parse_ocr(text: str, image_size: tuple[float, float]) -> list[dict]:
+def parse_ocr(text: str, image_size: tuple[float, float], original: bool = False) -> list[dict]:
     """'TEXT<loc>x8 ...' -> [{"quad_box": [x1, y1, ..., x4, y4], "text": TEXT}, ...]."""
+    text = text.replace("<s>", "") if original else strip_sequence_tokens(text)
     instances = []
-    for content, *quad in re.findall(OCR_LINE, strip_sequence_tokens(text)):
-        points = dequantize([int(k) for k in quad], image_size).reshape(-1, 2)  # (4, 2)
-        instances.append({"quad_box": points.flatten().tolist(), "text": content.strip()})
+    for content, *quad in re.findall(OCR_LINE, text):
+        points = dequantize([int(k) for k in quad], image_size, as_int=not original).reshape(-1, 2)  # (4, 2)
+        instances.append({"quad_box": points.flatten().tolist(), "text": content if original else content.strip()})
     return instances
 
 
@@ -112,24 +119,26 @@ def parse_boxes(text: str, image_size: tuple[float, float], allow_empty_phrase: 
     return found
 
 
-def _box_instances(found: list[list], image_size: tuple[float, float]) -> list[dict]:
+def _box_instances(found: list[list], image_size: tuple[float, float], as_int: bool) -> list[dict]:
     return [
         {"bbox": box, "cat_name": phrase.encode("ascii", "ignore").decode("ascii")}
         for phrase, bins in found
-        for box in dequantize(bins, image_size).tolist()
+        for box in dequantize(bins, image_size, as_int).tolist()
     ]
 
 
-def parse_phrase_grounding(text: str, image_size: tuple[float, float]) -> list[dict]:
+def parse_phrase_grounding(text: str, image_size: tuple[float, float], as_int: bool = True) -> list[dict]:
     """Like `parse_boxes`, minus phrases on the black list (checked before the ASCII filter)."""
     return [
-        {"bbox": dequantize(bins, image_size).tolist(), "cat_name": phrase.encode("ascii", "ignore").decode("ascii")}
+        {"bbox": dequantize(bins, image_size, as_int).tolist(), "cat_name": phrase.encode("ascii", "ignore").decode("ascii")}
         for phrase, bins in parse_boxes(text, image_size)
         if phrase not in BANNED_GROUNDING_PHRASES
     ]
 
 
-def parse_polygons(text: str, image_size: tuple[float, float], allow_empty_phrase: bool = False) -> list[dict]:
+def parse_polygons(
+    text: str, image_size: tuple[float, float], allow_empty_phrase: bool = False, original: bool = False
+) -> list[dict]:
     """'label<poly><loc>...<sep><loc>...</poly>' or bare '<loc>...<sep><loc>...' ->
     [{"cat_name": label, "polygons": [[x1, y1, x2, y2, ...], ...]}, ...].
 
@@ -138,8 +147,9 @@ def parse_polygons(text: str, image_size: tuple[float, float], allow_empty_phras
     text = strip_sequence_tokens(text)
     instances = []
     for phrase_text in re.findall(POLYGONS_ONLY if allow_empty_phrase else PHRASE_WITH_POLYGONS, text):
-        # The official code drops one leading location before reading the label.
-        label_text = re.sub(r"^<loc_\d+>", "", phrase_text, count=1)
+        # transformers drops one leading location before reading the label (the original
+        # code's pattern lacks the '<', so it almost never matches).
+        label_text = re.sub(r"^loc_\d+>" if original else r"^<loc_\d+>", "", phrase_text, count=1)
         if not label_text and not allow_empty_phrase:
             continue
         match = re.search(POLY_PHRASE_TEXT, label_text)
@@ -155,20 +165,22 @@ def parse_polygons(text: str, image_size: tuple[float, float], allow_empty_phras
             for run in re.finditer(POLYGON, group):
                 bins = [int(k) for k in re.findall(LOC, run.group(1))]
                 bins = bins[: len(bins) // 2 * 2]  # pairs only
-                points = dequantize(bins, image_size).reshape(-1, 2)  # (P, 2)
+                points = dequantize(bins, image_size, as_int=not original).reshape(-1, 2)  # (P, 2)
                 polygons.append(points.flatten().tolist())
             if polygons:
                 instances.append({"cat_name": phrase, "polygons": polygons})
     return instances
 
 
-def post_process(task: str, text: str, image_size: tuple[float, float]) -> dict:
+def post_process(task: str, text: str, image_size: tuple[float, float], original: bool = False) -> dict:
     """Parse the decoded generation of `task` into the official result dict `{task: answer}`.
 
     Args:
         task: a task token such as "<OD>" (see TASK_OUTPUT_KINDS).
         text: the decoded generation, special tokens kept (e.g. "</s><s>car<loc_52>...</s>").
         image_size: (width, height) of the original image, for the coordinates.
+        original: reproduce Microsoft's original code (float coordinates, ...; see the header)
+            instead of transformers' port.
     """
     if task not in TASK_OUTPUT_KINDS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_OUTPUT_KINDS)}")
@@ -176,29 +188,31 @@ def post_process(task: str, text: str, image_size: tuple[float, float]) -> dict:
         raise TypeError(f"generated text must be a str, got {type(text).__name__}")
     if len(image_size) != 2 or not all(isinstance(s, (int, float)) and s > 0 for s in image_size):
         raise ValueError(f"image_size must be (width, height) with positive sides, got {image_size!r}")
-    kind = TASK_OUTPUT_KINDS[task]
+    kind, as_int = TASK_OUTPUT_KINDS[task], not original
     if kind == "pure_text":
-        answer = text.replace("<s>", "").replace("</s>", "").strip()  # <pad> stays, as upstream
+        answer = text.replace("<s>", "").replace("</s>", "")  # <pad> stays, as upstream
+        answer = answer if original else answer.strip()
     elif kind in ("description_with_bboxes", "bboxes"):
-        instances = _box_instances(parse_boxes(text, image_size, allow_empty_phrase=kind == "bboxes"), image_size)
+        found = parse_boxes(text, image_size, allow_empty_phrase=kind == "bboxes")
+        instances = _box_instances(found, image_size, as_int)
         answer = {"bboxes": [i["bbox"] for i in instances], "labels": [i["cat_name"] for i in instances]}
     elif kind == "ocr":
-        instances = parse_ocr(text, image_size)
+        instances = parse_ocr(text, image_size, original)
         answer = {"quad_boxes": [i["quad_box"] for i in instances], "labels": [i["text"] for i in instances]}
     elif kind == "phrase_grounding":
-        instances = parse_phrase_grounding(text, image_size)
+        instances = parse_phrase_grounding(text, image_size, as_int)
         answer = {
             "bboxes": [box for i in instances for box in i["bbox"]],
             "labels": [i["cat_name"] for i in instances for _ in i["bbox"]],
         }
     elif kind == "polygons":
-        instances = parse_polygons(text, image_size, allow_empty_phrase=True)
+        instances = parse_polygons(text, image_size, allow_empty_phrase=True, original=original)
         answer = {"polygons": [i["polygons"] for i in instances], "labels": [i["cat_name"] for i in instances]}
     else:  # description_with_bboxes_or_polygons: polygons when the model wrote any
         if "<poly>" in text:
-            polygons, boxes = parse_polygons(text, image_size), []
+            polygons, boxes = parse_polygons(text, image_size, original=original), []
         else:
-            polygons, boxes = [], _box_instances(parse_boxes(text, image_size), image_size)
+            polygons, boxes = [], _box_instances(parse_boxes(text, image_size), image_size, as_int)
         answer = {
             "bboxes": [i["bbox"] for i in boxes],
             "bboxes_labels": [i["cat_name"] for i in boxes],

@@ -142,7 +142,11 @@ class Processor:
         return {"pixel_values": self.preprocess(images), **self.tokenizer(prompts)}
 
     def post_process(
-        self, task: str, generated: str | list[int] | torch.Tensor, image_size: tuple[float, float]
+        self,
+        task: str,
+        generated: str | list[int] | torch.Tensor,
+        image_size: tuple[float, float],
+        original: bool = False,
     ) -> dict:
         """The official result dict `{task: answer}` for one generation.
 
@@ -151,7 +155,9 @@ class Processor:
             generated: the decoded text with special tokens kept (`batch_decode(ids,
                 skip_special_tokens=False)`, e.g. "</s><s>car<loc_52>...</s>"), or the ids.
             image_size: (width, height) of the original image.
+            original: Microsoft's original post-processing (float coordinates, ...) instead
+                of transformers' (integer coordinates); see postprocess.py.
         """
         if isinstance(generated, (list, tuple, torch.Tensor)):
             generated = self.tokenizer.decode(generated, skip_special_tokens=False)
-        return post_process(task, generated, image_size)
+        return post_process(task, generated, image_size, original)

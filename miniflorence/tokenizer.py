@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
+# transformers' `clean_up_tokenization`, applied in this order.
+CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+            (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 
 
 @dataclass(frozen=True)
@@ -292,10 +295,13 @@ class Tokenizer:
         except KeyError:
             return token.encode("utf-8")
 
-    def decode(self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+    def decode(
+        self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+    ) -> str:
         """Token ids -> text. Special tokens appear verbatim unless skipped; invalid UTF-8
-        becomes U+FFFD. No "clean-up" of spaces before punctuation (transformers 5 skips it
-        for BPE tokenizers even though the Florence-2 config asks for it)."""
+        becomes U+FFFD. `clean_up_tokenization_spaces` removes the space before . ? ! , and
+        English contractions: transformers 4.x did this (the Florence-2 config asks for it),
+        transformers 5.x skips it for BPE tokenizers, so the default is off."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         unknown = [i for i in ids if int(i) not in self.decoder]
@@ -304,8 +310,15 @@ class Tokenizer:
         tokens = [self.decoder[int(i)] for i in ids]
         if skip_special_tokens:
             tokens = [t for t in tokens if not (t in self.added and self.added[t].special)]
-        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+        text = b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+        if clean_up_tokenization_spaces:
+            for before, after in CLEAN_UP:
+                text = text.replace(before, after)
+        return text
 
-    def batch_decode(self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(
+        self, sequences: list[list[int]] | torch.Tensor, skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool = False,
+    ) -> list[str]:
         """`decode` for each row."""
-        return [self.decode(ids, skip_special_tokens) for ids in sequences]
+        return [self.decode(ids, skip_special_tokens, clean_up_tokenization_spaces) for ids in sequences]

@@ -9,7 +9,10 @@ on well-formed, malformed and random generations; pixel values on real images of
 
 from __future__ import annotations
 
+import gzip
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,6 +187,26 @@ def test_post_process_from_ids_and_coordinates(processor: Processor) -> None:
     assert result == {"<OD>": {"bboxes": [[33, 161, 598, 372]], "labels": ["car"]}}
     assert dequantize([[0, 0, 999, 999]], (1000, 1000)).tolist() == [[0, 0, 999, 999]]
     assert processor.post_process("<CAPTION>", "</s><s>A car.</s>", (1, 1)) == {"<CAPTION>": "A car."}
+
+
+def test_original_post_processing_matches_microsoft_code(processor: Processor) -> None:
+    """`original=True` against outputs of Microsoft's remote code (tests/reference script)."""
+    fixture = Path(__file__).parent / "fixtures" / "florence2" / "original_postprocess.json.gz"
+    with gzip.open(fixture, "rt", encoding="utf-8") as f:
+        cases = json.load(f)["cases"]
+    assert len(cases) == 216
+    for case in cases:
+        for task, expected in case["results"].items():
+            ours = processor.post_process(task, case["text"], tuple(case["image_size"]), original=True)
+            assert ours == {task: expected}, (task, case)
+    # the visible differences from transformers: float coordinates and the OCR '</s>' prefix
+    text = "</s><s>CVS" + QUAD + "</s>"
+    assert processor.post_process("<OCR_WITH_REGION>", text, (640, 480), original=True)["<OCR_WITH_REGION>"] == {
+        "quad_boxes": [[64.31999969482422, 96.23999786376953, 192.3199920654297, 96.23999786376953,
+                        192.3199920654297, 125.04000091552734, 64.31999969482422, 125.04000091552734]],
+        "labels": ["</s>CVS"]}
+    assert processor.post_process("<OD>", "</s><s>car" + BOX + "</s>", (640, 480), original=True)["<OD>"] == {
+        "bboxes": [[33.599998474121094, 161.0399932861328, 598.0800170898438, 372.239990234375]], "labels": ["car"]}
 
 
 # --- bad input -------------------------------------------------------------------------------

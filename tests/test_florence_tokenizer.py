@@ -164,6 +164,21 @@ def test_batch_encoding_pads_right(tok: Tokenizer, hf) -> None:
     assert tok.batch_decode(batch["input_ids"][:1]) == ["<s>What does the image describe?</s>"]
 
 
+def test_clean_up_tokenization_spaces_like_transformers(tok: Tokenizer, hf) -> None:
+    """The clean-up transformers 4.x applied (Florence-2's config asks for it; 5.x skips it for BPE)."""
+    text = "Hello , world ! Isn 't it ? yes . I 'm , we 're , they 've , it 's ' quoted ' ."
+    ids = hf(text)["input_ids"]
+    hf.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    try:
+        expected = hf.decode(ids, clean_up_tokenization_spaces=True)
+    finally:
+        hf.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = False
+    assert expected != hf.decode(ids)
+    assert tok.decode(ids, clean_up_tokenization_spaces=True) == expected
+    assert tok.batch_decode([ids], clean_up_tokenization_spaces=True) == [expected]
+    assert tok.decode(ids, skip_special_tokens=True) == text  # off by default, as transformers 5
+
+
 def test_tokenizer_json_gives_the_same_ids(tok: Tokenizer, hf, tmp_path) -> None:
     hf.backend_tokenizer.save(str(tmp_path / "tokenizer.json"))
     from_json = Tokenizer.from_dir(tmp_path)
