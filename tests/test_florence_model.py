@@ -1,0 +1,161 @@
+"""Florence-2 model parity with transformers' native Florence-2 (which reproduces the original
+remote code), seeded random weights, CPU fp32; plus parameter counts and config handling.
+
+Checked: DaViT features, projected image tokens, encoder states and logits (max abs <= 1e-4),
+a batch of 2 prompts of different lengths with and without the attention mask, both attention
+implementations, on a tiny config and on the full-width base config at 192x192.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from florence_utils import native_input_ids, native_model
+from miniflorence import CONFIGS, Florence2, Florence2Config, tiny_config
+from miniflorence.model import expand_tied
+from weights_convert.checkpoint import load_strict
+from weights_convert.florence2 import convert_tensors
+
+TOL = 1e-4
+VOCAB = 51289
+
+
+def ours_from_native(native, config: Florence2Config) -> Florence2:
+    _, tensors = convert_tensors(native.state_dict(), config)
+    model = Florence2(config).eval()
+    load_strict(model, expand_tied(tensors, "converted native model"))
+    return model
+
+
+def batch(image_size: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Two images; prompts `<s> ... </s>` of 9 and 7 tokens, the second right-padded with <pad>."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, 50265, (2, 9), generator=g)
+    prompt[:, 0] = 0
+    prompt[0, 8] = 2
+    prompt[1, 6], prompt[1, 7:] = 2, 1
+    decoder = torch.randint(3, VOCAB, (2, 6), generator=g)
+    decoder[:, 0] = 2
+    return {
+        "pixel_values": torch.randn(2, 3, image_size, image_size, generator=g),
+        "input_ids": prompt,
+        "attention_mask": (prompt != 1).long(),
+        "decoder_input_ids": decoder,
+    }
+
+
+def compare(native, ours: Florence2, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Max abs differences of every stage, with and without the prompt attention mask."""
+    x, prompt, dec = inputs["pixel_values"], inputs["input_ids"], inputs["decoder_input_ids"]
+    errors = {}
+    with torch.no_grad():
+        theirs_grid = native.model.vision_tower(x).last_hidden_state.permute(0, 2, 3, 1)  # (B, H, W, C)
+        errors["vision features"] = (ours.vision_tower(x) - theirs_grid).abs().max().item()
+        theirs_tokens = native.model.get_image_features(x).pooler_output
+        tokens = ours.encode_image(x)
+        errors["image tokens"] = (tokens - theirs_tokens).abs().max().item()
+        I = tokens.shape[1]
+        for name, mask in (("no mask", None), ("mask", inputs["attention_mask"])):
+            native_mask = None if mask is None else torch.cat([torch.ones(2, I, dtype=mask.dtype), mask], dim=1)
+            out = native(input_ids=native_input_ids(prompt, I), pixel_values=x, attention_mask=native_mask,
+                         decoder_input_ids=dec)
+            states, _ = ours.encode(x, prompt, mask)
+            errors[f"encoder states, {name}"] = (states - out.encoder_last_hidden_state).abs().max().item()
+            logits = ours(x, prompt, dec, mask)
+            assert logits.shape == (2, dec.shape[1], VOCAB)
+            errors[f"logits, {name}"] = (logits - out.logits[..., :VOCAB]).abs().max().item()
+    return errors
+
+
+@pytest.fixture(scope="module")
+def tiny_pair():
+    pytest.importorskip("transformers")
+    config = tiny_config()
+    native = native_model(config, seed=0)
+    return native, ours_from_native(native, config), config
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_tiny_matches_native(tiny_pair, use_sdpa: bool) -> None:
+    native, ours, config = tiny_pair
+    for m in ours.modules():  # the flag is read at call time by every attention module
+        if hasattr(m, "use_sdpa"):
+            m.use_sdpa = use_sdpa
+    errors = compare(native, ours, batch(96))  # 96 = 24/12/6/3 grids: windows of 4, padded 6 and 3
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_sdpa_and_plain_attention_agree(tiny_pair) -> None:
+    _, ours, config = tiny_pair
+    plain = Florence2(config.replace(use_sdpa=False)).eval()
+    plain.load_state_dict(ours.state_dict())
+    fused = Florence2(config.replace(use_sdpa=True)).eval()
+    fused.load_state_dict(ours.state_dict())
+    inputs = batch(96, seed=3)
+    args = (inputs["pixel_values"], inputs["input_ids"], inputs["decoder_input_ids"], inputs["attention_mask"])
+    with torch.no_grad():
+        assert (plain(*args) - fused(*args)).abs().max().item() <= TOL
+
+
+def test_attention_mask_semantics(tiny_pair) -> None:
+    """None attends to padding (the original's behaviour); a mask makes padding irrelevant."""
+    _, ours, _ = tiny_pair
+    inputs = batch(96)
+    x, prompt, dec, mask = (inputs[k] for k in ("pixel_values", "input_ids", "decoder_input_ids", "attention_mask"))
+    other_pad = prompt.clone()
+    other_pad[1, 7:] = 4  # different junk where sample 1 is padded
+    with torch.no_grad():
+        masked = ours(x, prompt, dec, mask)
+        assert torch.allclose(masked, ours(x, other_pad, dec, mask), atol=1e-6)
+        assert not torch.allclose(ours(x, prompt, dec), ours(x, other_pad, dec), atol=1e-3)
+        assert torch.allclose(masked[0], ours(x, prompt, dec)[0], atol=1e-6)  # no padding in sample 0
+        states, encoder_mask = ours.encode(x, prompt, mask)
+    assert encoder_mask.shape == states.shape[:2] and encoder_mask[:, : states.shape[1] - 9].all()
+    assert ours.encode(x, prompt)[1] is None
+
+
+def test_base_matches_native_at_192() -> None:
+    """Full widths and depths of Florence-2-base; 192x192 input (grids 48/24/12/6, 37 image tokens)."""
+    pytest.importorskip("transformers")
+    config = CONFIGS["base"]
+    native = native_model(config, seed=0)
+    ours = ours_from_native(native, config.replace(use_sdpa=False))
+    errors = compare(native, ours, batch(192))
+    assert max(errors.values()) <= TOL, errors
+
+
+def test_base_parameter_counts() -> None:
+    with torch.device("meta"):
+        model = Florence2(CONFIGS["base"])
+
+    def count(*modules_or_params) -> int:
+        return sum(p.numel() for m in modules_or_params
+                   for p in (m.parameters() if isinstance(m, torch.nn.Module) else [m]))
+
+    assert count(model) == 231_414_016  # 231.41M
+    assert round(count(model.vision_tower) / 1e6, 1) == 90.4
+    projector = count(model.image_projection, model.image_proj_norm, model.image_pos_embed)
+    assert round(projector / 1e6, 2) == 0.84
+    assert round(count(model.language_model) / 1e6, 1) == 140.2
+    assert model.config.num_image_tokens == 577
+
+
+def test_config_round_trip_and_errors() -> None:
+    for config in (*CONFIGS.values(), tiny_config()):
+        assert Florence2Config.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="num_heads"):
+        Florence2Config.from_dict({**CONFIGS["base"].to_dict(), "num_heads": 12})
+    with pytest.raises(ValueError, match="divisible"):
+        Florence2Config(dims=(128, 256, 512, 1000))
+    with pytest.raises(ValueError, match="entries"):
+        Florence2Config(depths=(1, 1, 9))
+    assert CONFIGS["large"].dims == (256, 512, 1024, 2048) and CONFIGS["large"].d_model == 1024
+
+
+def test_image_grid_sizes() -> None:
+    """768 -> 24x24 grid -> 577 tokens; non-square inputs work too (both sides multiples of 32)."""
+    model = Florence2(tiny_config()).eval()
+    with torch.no_grad():
+        assert model.encode_image(torch.randn(1, 3, 768, 768)).shape == (1, 577, 32)
+        assert model.encode_image(torch.randn(1, 3, 64, 128)).shape == (1, 1 + 2 * 4, 32)
