@@ -91,8 +91,8 @@ class PromptEncoder(nn.Module):
             dense (B, C, H, W): the embedded mask or the broadcast "no mask" vector.
         """
         B = _batch_size(points, boxes, masks)
-        device = self.point_embeddings[0].weight.device
-        sparse = torch.empty((B, 0, self.embed_dim), device=device)
+        weight = self.point_embeddings[0].weight
+        sparse = torch.empty((B, 0, self.embed_dim), device=weight.device, dtype=weight.dtype)
         if points is not None:
             coords, labels = points
             sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=boxes is None)], dim=1)
@@ -133,13 +133,13 @@ class PositionEmbeddingRandom(nn.Module):
     def forward(self, size: tuple[int, int]) -> torch.Tensor:
         """Encoding of the centre of every cell of an H x W grid: (2F, H, W)."""
         h, w = size
-        device = self.positional_encoding_gaussian_matrix.device
-        y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h  # cell centres in [0, 1]
-        x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+        G = self.positional_encoding_gaussian_matrix
+        y = (torch.arange(h, device=G.device, dtype=G.dtype) + 0.5) / h  # cell centres in [0, 1]
+        x = (torch.arange(w, device=G.device, dtype=G.dtype) + 0.5) / w
         grid = torch.stack(torch.broadcast_tensors(x[None, :], y[:, None]), dim=-1)  # (H, W, 2) as (x, y)
         return self._pe_encoding(grid).permute(2, 0, 1)  # (2F, H, W)
 
     def forward_with_coords(self, coords_input: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Encoding of (B, N, 2) pixel coordinates (x, y) in an image of size (H, W): (B, N, 2F)."""
         coords = torch.stack([coords_input[..., 0] / image_size[1], coords_input[..., 1] / image_size[0]], dim=-1)
-        return self._pe_encoding(coords.to(torch.float))
+        return self._pe_encoding(coords.to(self.positional_encoding_gaussian_matrix.dtype))

@@ -92,7 +92,7 @@ class Sam(nn.Module):
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise (…, 3, h, w) 0-255 RGB pixels and zero-pad bottom/right to (S, S)."""
-        x = (x - self.pixel_mean) / self.pixel_std
+        x = (x - self.pixel_mean.float()) / self.pixel_std.float()
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.image_encoder.img_size - w, 0, self.image_encoder.img_size - h))
 
@@ -114,9 +114,11 @@ class Sam(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, h, w) 0-255 RGB pixels, long side already resized to S -> (B, C, H, W) embeddings.
 
-        Normalises and pads with `preprocess`, then runs the image encoder.
+        Normalises and pads with `preprocess` (in float32), then runs the image encoder in the
+        dtype of its weights.
         """
-        return self.image_encoder(self.preprocess(images))
+        x = self.preprocess(images.float())
+        return self.image_encoder(x.to(self.image_encoder.patch_embed.proj.weight.dtype))
 
     def encode_prompts(
         self,

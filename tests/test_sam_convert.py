@@ -158,3 +158,10 @@ def test_error_unexpected_tensor(tiny_state, tmp_path):
 def test_load_sam_refuses_an_unconverted_checkpoint(tiny_state, tmp_path):
     with pytest.raises(CheckpointError, match="convert official checkpoints first"):
         minisam.load_sam(save_pth(tiny_state, tmp_path / "sam_vit_t.pth"))
+
+
+def test_standard_pixel_statistics_are_tolerated(tiny_state, tmp_path):
+    mean, std = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1), torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    config, tensors = convert(save_pth({**tiny_state, "pixel_mean": mean, "pixel_std": std}, tmp_path / "a.pth"))
+    assert "pixel_mean" not in tensors and len(tensors) == len(tiny_state)
+    expect_error({**tiny_state, "pixel_mean": mean / 255}, tmp_path, r"pixel_mean is \[0\.48")

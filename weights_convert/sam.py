@@ -134,6 +134,7 @@ def convert(src: str | Path, variant: str | None = None, image_size: int | None 
     layout = _detect_layout(tensors, src)
     config = infer_config(tensors, layout, variant, src)
     expected = expected_shapes(config)
+    tensors = _drop_pixel_statistics(tensors, src)
     if layout == "hf":
         duplicate, twin = HF_DUPLICATE
         if duplicate in tensors and twin in tensors:
@@ -153,6 +154,19 @@ def convert(src: str | Path, variant: str | None = None, image_size: int | None 
         tensors = resize_for_image_size(tensors, config, image_size)
         config = dataclasses.replace(config, image_size=image_size)
     return config, tensors
+
+
+def _drop_pixel_statistics(tensors: dict[str, torch.Tensor], src: str) -> dict[str, torch.Tensor]:
+    """Some re-saved checkpoints carry `pixel_mean`/`pixel_std` (not parameters, not in the official
+    files). The standard values are dropped; anything else would be silently ignored, so it is an error."""
+    from minisam.sam import PIXEL_MEAN, PIXEL_STD
+
+    for key, standard in (("pixel_mean", PIXEL_MEAN), ("pixel_std", PIXEL_STD)):
+        if key in tensors:
+            if not torch.allclose(tensors[key].flatten().float(), torch.tensor(standard)):
+                raise CheckpointError(f"{src}: {key} is {tensors[key].flatten().tolist()}, minisam uses {list(standard)}")
+            tensors = {k: v for k, v in tensors.items() if k != key}
+    return tensors
 
 
 def _variant_name(config) -> str:

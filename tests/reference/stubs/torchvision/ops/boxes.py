@@ -47,7 +47,9 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     return torch.tensor(keep, dtype=torch.int64)
 
 
-def _batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold):
+def _batched_nms_coordinate_trick(
+    boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     max_coordinate = boxes.max()
@@ -56,7 +58,7 @@ def _batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold):
     return nms(boxes_for_nms, scores, iou_threshold).to(boxes.device)
 
 
-def _batched_nms_vanilla(boxes, scores, idxs, iou_threshold):
+def _batched_nms_vanilla(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
     for class_id in torch.unique(idxs):
         curr_indices = torch.where(idxs == class_id)[0]
