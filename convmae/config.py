@@ -66,7 +66,8 @@ class ConvMAEConfig:
             raise ValueError(f"embed_dim[2]={self.embed_dim[2]} is not divisible by num_heads={self.num_heads}")
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ValueError(
-                f"decoder_embed_dim={self.decoder_embed_dim} is not divisible by decoder_num_heads={self.decoder_num_heads}"
+                f"decoder_embed_dim={self.decoder_embed_dim} is not divisible by "
+                f"decoder_num_heads={self.decoder_num_heads}"
             )
 
     @property

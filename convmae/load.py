@@ -89,7 +89,8 @@ def load_convvit(
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     fresh = {k for k in expected if k.startswith(("head.", "fc_norm."))}
     encoder = {k: tensors[k] for k in expected if k not in fresh and k in tensors}
-    check_tensors({k: s for k, s in expected.items() if k not in fresh}, encoder, f"{path} ({kind}) as a ConvViT encoder")
+    needed = {k: s for k, s in expected.items() if k not in fresh}
+    check_tensors(needed, encoder, f"{path} ({kind}) as a ConvViT encoder")
     model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k in fresh}, **encoder}, strict=True)
     if isinstance(model.head, nn.Linear):
         nn.init.trunc_normal_(model.head.weight, std=2e-5)  # as main_finetune.py

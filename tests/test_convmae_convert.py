@@ -62,7 +62,8 @@ def test_encoder_only_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) 
     absent = "mask_token, decoder_* (the MAE decoder), stage1_output_decode.*, stage2_output_decode.*"
     assert f"absent from the source: {absent}" in out
 
-    with pytest.raises(CheckpointError, match=r"holds only a ConvMAE encoder.*\(mask_token, decoder_\*, stage1/2_output"):
+    lacks = r"holds only a ConvMAE encoder.*\(mask_token, decoder_\*, stage1/2_output"
+    with pytest.raises(CheckpointError, match=lacks):
         convmae.load_convmae(path)
     code, _ = convert(tmp_path, encoder, "--model", "convmae", name="again")
     assert code == 1

@@ -196,6 +196,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the model to build from a pretraining checkpoint (default: convmae; fastconvmae for EasyCV)",
     )
     parser.add_argument("--num-heads", type=int, default=12, help="stage-3 attention heads (not in the weights)")
-    parser.add_argument("--decoder-num-heads", type=int, default=16, help="decoder attention heads (not in the weights)")
+    parser.add_argument(
+        "--decoder-num-heads", type=int, default=16, help="decoder attention heads (not in the weights)"
+    )
     parser.add_argument("--no-norm-pix-loss", action="store_true", help="the model was trained on raw pixels")
     parser.set_defaults(func=run)
