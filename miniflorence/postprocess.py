@@ -89,6 +89,15 @@ def dequantize(bins: list[int] | list[list[int]], image_size: tuple[float, float
     return coords.int() if as_int else coords
 
 
+def quantize(coords: list[float] | list[list[float]], image_size: tuple[float, float]) -> torch.Tensor:
+    """Pixel coordinates -> bin indices, the inverse of `dequantize`: floor(x / (size / 1000)),
+    clamped to 0..999. (N, 4) boxes or (N, 2) points; what training targets are written with."""
+    width, height = image_size
+    coords = torch.tensor(coords, dtype=torch.float32)
+    per_bin = torch.tensor([width / NUM_BINS, height / NUM_BINS] * (coords.shape[-1] // 2))  # (2,) or (4,)
+    return (coords / per_bin).floor().clamp(0, NUM_BINS - 1).int()  # (N, 2|4)
+
+
 def strip_sequence_tokens(text: str) -> str:
     return text.replace("<s>", "").replace("</s>", "").replace("<pad>", "")
 
@@ -103,11 +112,11 @@ def parse_ocr(text: str, image_size: tuple[float, float], original: bool = False
     return instances
 
 
-def parse_boxes(text: str, image_size: tuple[float, float], allow_empty_phrase: bool = False) -> list[list]:
-    """-> [(phrase, [[x1, y1, x2, y2], ...]), ...]: each label with the boxes that follow it.
+def parse_boxes(text: str, allow_empty_phrase: bool = False) -> list[list]:
+    """-> [[phrase, [[k_x1, k_y1, k_x2, k_y2], ...]], ...]: each label with the bins that follow.
 
     Every run of >= 4 locations gives floor(n / 4) boxes; a label must precede the run unless
-    `allow_empty_phrase`. The label is ASCII-only (the official code drops other characters)."""
+    `allow_empty_phrase`."""
     text = strip_sequence_tokens(text)
     found = []
     for phrase_text in re.findall(BOXES_ONLY if allow_empty_phrase else PHRASE_WITH_BOXES, text):
@@ -120,6 +129,7 @@ def parse_boxes(text: str, image_size: tuple[float, float], allow_empty_phrase: 
 
 
 def _box_instances(found: list[list], image_size: tuple[float, float], as_int: bool) -> list[dict]:
+    """One instance per box; labels lose their non-ASCII characters, as upstream."""
     return [
         {"bbox": box, "cat_name": phrase.encode("ascii", "ignore").decode("ascii")}
         for phrase, bins in found
@@ -131,7 +141,7 @@ def parse_phrase_grounding(text: str, image_size: tuple[float, float], as_int: b
     """Like `parse_boxes`, minus phrases on the black list (checked before the ASCII filter)."""
     return [
         {"bbox": dequantize(bins, image_size, as_int).tolist(), "cat_name": phrase.encode("ascii", "ignore").decode("ascii")}
-        for phrase, bins in parse_boxes(text, image_size)
+        for phrase, bins in parse_boxes(text)
         if phrase not in BANNED_GROUNDING_PHRASES
     ]
 
@@ -193,7 +203,7 @@ def post_process(task: str, text: str, image_size: tuple[float, float], original
         answer = text.replace("<s>", "").replace("</s>", "")  # <pad> stays, as upstream
         answer = answer if original else answer.strip()
     elif kind in ("description_with_bboxes", "bboxes"):
-        found = parse_boxes(text, image_size, allow_empty_phrase=kind == "bboxes")
+        found = parse_boxes(text, allow_empty_phrase=kind == "bboxes")
         instances = _box_instances(found, image_size, as_int)
         answer = {"bboxes": [i["bbox"] for i in instances], "labels": [i["cat_name"] for i in instances]}
     elif kind == "ocr":
@@ -212,7 +222,7 @@ def post_process(task: str, text: str, image_size: tuple[float, float], original
         if "<poly>" in text:
             polygons, boxes = parse_polygons(text, image_size, original=original), []
         else:
-            polygons, boxes = [], _box_instances(parse_boxes(text, image_size), image_size, as_int)
+            polygons, boxes = [], _box_instances(parse_boxes(text), image_size, as_int)
         answer = {
             "bboxes": [i["bbox"] for i in boxes],
             "bboxes_labels": [i["cat_name"] for i in boxes],

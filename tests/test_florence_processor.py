@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import shared_path
-from miniflorence.postprocess import BANNED_GROUNDING_PHRASES, TASK_OUTPUT_KINDS, dequantize
+from miniflorence.postprocess import BANNED_GROUNDING_PHRASES, TASK_OUTPUT_KINDS, dequantize, quantize
 from miniflorence.processor import TASK_PROMPTS, Processor, preprocess_image, task_prompt
 from miniflorence.tokenizer import Tokenizer
 
@@ -207,6 +207,19 @@ def test_original_post_processing_matches_microsoft_code(processor: Processor) -
         "labels": ["</s>CVS"]}
     assert processor.post_process("<OD>", "</s><s>car" + BOX + "</s>", (640, 480), original=True)["<OD>"] == {
         "bboxes": [[33.599998474121094, 161.0399932861328, 598.0800170898438, 372.239990234375]], "labels": ["car"]}
+
+
+def test_quantize_like_transformers(reference) -> None:
+    rng = random.Random(2)
+    for _ in range(500):
+        size = (rng.choice([640, 333, 1, 4032, 517.5]), rng.choice([480, 517, 1, 3024]))
+        n = rng.choice([2, 4])
+        coords = [[rng.uniform(-10, size[i % 2] * 1.1) for i in range(n)] for _ in range(3)]
+        expected = reference.post_processor.quantize(torch.tensor(coords), size)
+        assert torch.equal(quantize(coords, size), expected), (coords, size)
+    bins = quantize([[0.0, 0.0, 639.9, 479.9]], (640, 480))
+    assert bins.tolist() == [[0, 0, 999, 999]]
+    assert dequantize(bins.tolist(), (640, 480)).tolist() == [[0, 0, 639, 479]]
 
 
 # --- bad input -------------------------------------------------------------------------------
