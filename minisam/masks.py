@@ -25,8 +25,11 @@ def calculate_stability_score(mask_logits: torch.Tensor, mask_threshold: float, 
     The stricter mask lies inside the looser one, so the IoU is the ratio of their areas.
     (..., H, W) logits -> (...) float32; an empty loose mask gives NaN, as in the official code.
     """
-    inner = (mask_logits > mask_threshold + offset).flatten(-2).sum(-1)  # (...,) pixels
-    outer = (mask_logits > mask_threshold - offset).flatten(-2).sum(-1)  # (...,) pixels
+    # Count per row in int16 (a row holds < 2^15 pixels), then rows in int32: exact, and much
+    # faster than summing booleans into int64.
+    row_dtype = torch.int16 if mask_logits.shape[-1] < 2**15 else torch.int64
+    inner = (mask_logits > mask_threshold + offset).sum(-1, dtype=row_dtype).sum(-1, dtype=torch.int64)  # (...,)
+    outer = (mask_logits > mask_threshold - offset).sum(-1, dtype=row_dtype).sum(-1, dtype=torch.int64)  # (...,)
     return inner / outer
 
 
@@ -71,9 +74,10 @@ def mask_to_rle(masks: torch.Tensor) -> list[RLE]:
     b, h, w = masks.shape
     flat = masks.permute(0, 2, 1).flatten(1)  # (B, W*H) column-major
     changes = (flat[:, 1:] != flat[:, :-1]).nonzero()  # (K, 2) rows of (mask, pixel before the change)
+    per_mask = torch.bincount(changes[:, 0], minlength=b).tolist()  # nonzero() lists mask 0's first
     rles = []
-    for i in range(b):
-        starts = changes[changes[:, 0] == i, 1] + 1  # first pixel of every run after the first
+    for i, before_change in enumerate(torch.split(changes[:, 1], per_mask)):
+        starts = before_change + 1  # first pixel of every run after the first
         edges = torch.cat([starts.new_zeros(1), starts, starts.new_full((1,), h * w)])
         counts = [] if not bool(flat[i, 0]) else [0]
         counts.extend((edges[1:] - edges[:-1]).tolist())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from minisam import amg, masks
-from tests.conftest import import_official_sam
+from conftest import import_official_sam
 
 
 @pytest.fixture(scope="module")

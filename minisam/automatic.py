@@ -1,0 +1,256 @@
+"""Segment everything: prompt SAM with a grid of points, keep the good masks, drop duplicates.
+
+Kirillov et al., "Segment Anything", 2023, section 4 ("fully automatic stage") and appendix B:
+a regular grid of foreground points, optionally repeated on overlapping zoomed-in crops; every
+point gives three masks; masks are kept when their predicted IoU and their stability are high
+and their box does not touch an inner crop edge; box NMS removes duplicates within each crop and
+then between crops (preferring smaller crops); small holes and islands may be cleaned up.
+Mirrors the official `segment_anything/automatic_mask_generator.py`, step for step and in the
+same order, so it returns the same records. Differences: `min_mask_region_area > 0` works without
+OpenCV (minisam.masks.connected_components), `output_mode="coco_rle"` without pycocotools, and
+the predicted-IoU filter runs on the low-res logits, before they are upscaled (same result, less
+work: upscaling treats every mask on its own).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from minisam import amg, masks
+from minisam.predictor import SamPredictor, prepare_image
+from minisam.sam import Sam
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+class MaskData:
+    """Per-mask fields kept side by side (tensors, arrays or lists of equal length).
+
+    `filter(keep)` selects the same masks in every field; `cat(other)` appends another batch.
+    """
+
+    def __init__(self, **fields: torch.Tensor | np.ndarray | list) -> None:
+        self.fields = dict(fields)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor | np.ndarray | list) -> None:
+        self.fields[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self.fields[key]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.fields.values()))) if self.fields else 0
+
+    def filter(self, keep: torch.Tensor) -> None:
+        """Keep the masks selected by a boolean mask or an index tensor, in that order."""
+        index = torch.arange(len(keep))[keep.cpu()] if keep.dtype == torch.bool else keep.cpu()
+        for key, value in self.fields.items():
+            if isinstance(value, torch.Tensor):
+                self.fields[key] = value[index.to(value.device)]
+            elif isinstance(value, np.ndarray):
+                self.fields[key] = value[index.numpy()]
+            else:
+                self.fields[key] = [value[i] for i in index.tolist()]
+
+    def cat(self, other: MaskData) -> None:
+        for key, value in other.fields.items():
+            mine = self.fields.get(key)
+            if mine is None:
+                self.fields[key] = value
+            elif isinstance(value, torch.Tensor):
+                self.fields[key] = torch.cat([mine, value])
+            elif isinstance(value, np.ndarray):
+                self.fields[key] = np.concatenate([mine, value])
+            else:
+                self.fields[key] = mine + value
+
+
+class AutomaticMaskGenerator:
+    """Masks for everything in an image, as a list of records (the official defaults, made for vit_h).
+
+    Args:
+        model: a `minisam.Sam`.
+        points_per_side: grid points along each side (points_per_side² prompts); None to give
+            `point_grids` instead.
+        points_per_batch: prompts decoded together (memory versus speed).
+        pred_iou_thresh: keep masks whose predicted IoU is above this.
+        stability_score_thresh: keep masks whose stability score is at least this.
+        stability_score_offset: the logit shift used for the stability score.
+        box_nms_thresh: box IoU above which a mask duplicates a better one in the same crop.
+        crop_n_layers: extra layers of crops; layer i has (2^i)² crops.
+        crop_nms_thresh: box IoU for duplicates between crops (the smaller crop wins).
+        crop_overlap_ratio: crop overlap as a fraction of the short image side (first layer).
+        crop_n_points_downscale_factor: layer i uses points_per_side / factor^i points a side.
+        point_grids: one (P, 2) array of points in [0, 1]² per layer, instead of points_per_side.
+        min_mask_region_area: fill holes and remove islands smaller than this many pixels (0: off).
+        output_mode: "binary_mask" (HxW bool arrays), "uncompressed_rle" or "coco_rle".
+    """
+
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: int | None = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: list[np.ndarray] | None = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ) -> None:
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("give exactly one of points_per_side and point_grids")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
+        if crop_n_layers < 0 or points_per_batch < 1:
+            raise ValueError("crop_n_layers must be >= 0 and points_per_batch >= 1")
+        if points_per_side is not None:
+            self.point_grids = amg.build_all_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
+        else:
+            self.point_grids = list(point_grids)
+        if len(self.point_grids) < crop_n_layers + 1:
+            raise ValueError(f"point_grids has {len(self.point_grids)} grids, crop_n_layers={crop_n_layers} needs {crop_n_layers + 1}")
+        if any(len(grid) == 0 for grid in self.point_grids):
+            raise ValueError("a crop layer has no points: raise points_per_side or lower crop_n_points_downscale_factor")
+        self.predictor = SamPredictor(model)
+        self.points_per_batch = points_per_batch
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.stability_score_offset = stability_score_offset
+        self.box_nms_thresh = box_nms_thresh
+        self.crop_n_layers = crop_n_layers
+        self.crop_nms_thresh = crop_nms_thresh
+        self.crop_overlap_ratio = crop_overlap_ratio
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+
+    @torch.no_grad()
+    def generate(self, image: Any) -> list[dict[str, Any]]:
+        """All masks of an image (HxWx3 uint8; other forms as `minisam.predictor.prepare_image`).
+
+        Returns:
+            one record per mask: "segmentation" (HxW bool array, or an RLE dict), "area" (pixels),
+            "bbox" (XYWH), "predicted_iou", "point_coords" ([[x, y]], the prompt),
+            "stability_score", "crop_box" (XYWH).
+        """
+        image = prepare_image(image)
+        data = self._generate_masks(image)
+        if self.min_mask_region_area > 0:
+            data = self.postprocess_small_regions(data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
+        if self.output_mode == "coco_rle":
+            segmentations = [masks.coco_encode_rle(rle) for rle in data["rles"]]
+        elif self.output_mode == "binary_mask":
+            segmentations = [masks.rle_to_mask(rle) for rle in data["rles"]]
+        else:
+            segmentations = data["rles"]
+        return [
+            {
+                "segmentation": segmentations[i],
+                "area": masks.area_from_rle(data["rles"][i]),
+                "bbox": masks.box_xyxy_to_xywh(data["boxes"][i]).tolist(),
+                "predicted_iou": data["iou_preds"][i].item(),
+                "point_coords": [data["points"][i].tolist()],
+                "stability_score": data["stability_score"][i].item(),
+                "crop_box": masks.box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
+            }
+            for i in range(len(segmentations))
+        ]
+
+    def _generate_masks(self, image: np.ndarray) -> MaskData:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = amg.generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        data = MaskData()
+        for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
+            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
+        if len(crop_boxes) > 1:
+            # Duplicates between crops: the mask from the smaller crop wins (score 1 / crop area).
+            scores = 1 / amg.box_area(data["crop_boxes"])
+            keep = amg.batched_nms(data["boxes"].float(), scores, torch.zeros(len(data["boxes"])), self.crop_nms_thresh)
+            data.filter(keep)
+        return data
+
+    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer_idx: int, orig_size: tuple[int, ...]) -> MaskData:
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = crop.shape[:2]
+        self.predictor.set_image(crop)
+        points_scale = np.array(crop_size)[None, ::-1]  # (1, 2) as (w, h)
+        points = self.point_grids[layer_idx] * points_scale  # (P, 2) pixels in the crop
+        data = MaskData()
+        for (batch,) in amg.batch_iterator(self.points_per_batch, points):
+            data.cat(self._process_batch(batch, crop_size, crop_box, orig_size))
+        self.predictor.reset_image()
+        # Duplicates within the crop: the higher predicted IoU wins.
+        keep = amg.batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["boxes"])), self.box_nms_thresh)
+        data.filter(keep)
+        data["boxes"] = amg.uncrop_boxes_xyxy(data["boxes"], crop_box)
+        data["points"] = amg.uncrop_points(data["points"], crop_box)
+        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64).repeat(len(data["rles"]), 1)  # (M, 4)
+        return data
+
+    def _process_batch(self, points: np.ndarray, crop_size: tuple[int, ...], crop_box: list[int], orig_size: tuple[int, ...]) -> MaskData:
+        orig_h, orig_w = orig_size
+        predictor, model = self.predictor, self.predictor.model
+        # One foreground point per prompt, three masks each. The points stay float64, as in the official code.
+        in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=predictor.device)  # (P, 2)
+        in_labels = torch.ones(len(in_points), dtype=torch.int, device=predictor.device)
+        low_res, iou_preds = predictor.predict_low_res(in_points[:, None, :], in_labels[:, None], multimask_output=True)
+        P, C = iou_preds.shape
+        data = MaskData(
+            low_res=low_res.flatten(0, 1),  # (P*C, 256, 256)
+            iou_preds=iou_preds.flatten(0, 1),  # (P*C,)
+            points=torch.as_tensor(points.repeat(C, axis=0)),  # (P*C, 2), each point once per mask
+        )
+        if self.pred_iou_thresh > 0.0:
+            data.filter(data["iou_preds"] > self.pred_iou_thresh)
+        # Upscale the survivors' logits to the crop's pixels: (M, h, w).
+        data["masks"] = model.postprocess_masks(data["low_res"][:, None], predictor.input_size, predictor.original_size)[:, 0]
+        del data["low_res"]
+        data["stability_score"] = masks.calculate_stability_score(data["masks"], model.mask_threshold, self.stability_score_offset)
+        if self.stability_score_thresh > 0.0:
+            data.filter(data["stability_score"] >= self.stability_score_thresh)
+        data["masks"] = data["masks"] > model.mask_threshold
+        data["boxes"] = masks.batched_mask_to_box(data["masks"])  # (M, 4) in the crop
+        # Masks touching an inner crop edge are probably cut off by the crop.
+        near_edge = amg.is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
+        if near_edge.any():
+            data.filter(~near_edge)
+        data["rles"] = masks.mask_to_rle(amg.uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
+        del data["masks"]
+        return data
+
+    @staticmethod
+    def postprocess_small_regions(data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
+        """Fill small holes and remove small islands, then rerun box NMS (edits `data` in place).
+
+        Changed masks score 0 and unchanged ones 1, so NMS prefers masks that needed no repair.
+        """
+        if len(data["rles"]) == 0:
+            return data
+        new_masks, scores = [], []
+        for rle in data["rles"]:
+            mask = masks.rle_to_mask(rle)
+            mask, holes_changed = masks.remove_small_regions(mask, min_area, mode="holes")
+            mask, islands_changed = masks.remove_small_regions(mask, min_area, mode="islands")
+            new_masks.append(torch.as_tensor(mask))
+            scores.append(0.0 if holes_changed or islands_changed else 1.0)
+        stacked = torch.stack(new_masks)  # (M, H, W)
+        boxes = masks.batched_mask_to_box(stacked)
+        keep = amg.batched_nms(boxes.float(), torch.as_tensor(scores), torch.zeros(len(boxes)), nms_thresh)
+        for i in keep.tolist():
+            if scores[i] == 0.0:  # re-encode only the kept masks that changed
+                data["rles"][i] = masks.mask_to_rle(stacked[i][None])[0]
+                data["boxes"][i] = boxes[i]
+        data.filter(keep)
+        return data

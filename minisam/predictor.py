@@ -1,0 +1,275 @@
+"""Promptable segmentation of one image: embed it once, then answer many prompts cheaply.
+
+Kirillov et al., "Segment Anything", 2023, section 3 ("the image encoder runs once per image ...
+the prompt encoder and mask decoder run in ~50 ms in a web browser"). Mirrors the official
+`segment_anything/predictor.py`: the same steps, the same numbers, the same return values.
+
+What this predictor adds to the official one is input checking, each decision documented:
+- images: HxW or HxWx1 grayscale is repeated to RGB; HxWx4 drops its alpha channel; uint16 is
+  scaled to uint8 with rounding (x / 257); float, bool and other integer images are refused, because
+  their range (0-1 or 0-255?) cannot be guessed; an empty image, or one so thin that its short side
+  would shrink to zero pixels, is refused; a 1x1 image works. PIL images are accepted too.
+- prompts: coordinates must be finite; shapes are checked and a wrong one is a ValueError that
+  names the argument; labels must be 1 (foreground), 0 (background) or -1 (ignored). Points outside
+  the image are allowed, as in the official code (SAM's positional encoding extends past the edges).
+- `predict()` with no prompt at all is refused (the official model would return an unprompted
+  guess); `predict_torch()` keeps the official behaviour and accepts it.
+
+Legend: B prompts, N points per prompt, C masks per prompt, H x W the original image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from minisam.sam import Sam
+from minisam.transforms import ResizeLongestSide
+
+POINT_LABELS = (-1, 0, 1)  # ignored, background, foreground
+
+
+def prepare_image(image: Any) -> np.ndarray:
+    """Check an image and bring it to HxWx3 uint8 (see the module docstring for the rules)."""
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"image must be HxW, HxWx1, HxWx3 or HxWx4, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    if image.dtype == np.uint16:
+        image = ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)  # 65535 -> 255, rounded
+    elif image.dtype != np.uint8:
+        raise ValueError(
+            f"image must be uint8 (or uint16), got {image.dtype}; convert it yourself, e.g. "
+            "(image * 255).round().astype(np.uint8) for floats in [0, 1]"
+        )
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)  # grayscale -> RGB
+    return np.ascontiguousarray(image[:, :, :3])  # RGBA -> RGB
+
+
+def _finite_array(value: Any, name: str, shape: tuple[int | None, ...]) -> np.ndarray:
+    """`value` as a float64 array of the given shape (None: any length), all finite."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be numeric: {error}") from None
+    if array.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, array.shape)):
+        want = "x".join("N" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return array
+
+
+def _check_tensor(value: torch.Tensor, name: str, shape: tuple[int | None, ...]) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, value.shape)):
+        want = "x".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+
+
+def _check_labels(labels: torch.Tensor | np.ndarray, name: str) -> None:
+    values = np.unique(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels))
+    if not np.isin(values, POINT_LABELS).all():
+        raise ValueError(f"{name} must be 1 (foreground), 0 (background) or -1 (ignored), got {values.tolist()}")
+
+
+class SamPredictor:
+    """Embed an image once with `set_image`, then `predict` masks for any number of prompts.
+
+    Args:
+        model: a `minisam.Sam`; the predictor uses its image size, pixel format and device.
+    """
+
+    def __init__(self, model: Sam) -> None:
+        self.model = model
+        self.transform = ResizeLongestSide(model.config.image_size)
+        self.reset_image()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        """Forget the current image and its embedding."""
+        self.is_image_set = False
+        self.features: torch.Tensor | None = None
+        self.original_size: tuple[int, int] | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    def set_image(self, image: Any, image_format: str = "RGB") -> None:
+        """Resize, normalise and embed an image (HxWx3 uint8; see `prepare_image` for other forms).
+
+        Args:
+            image: the picture, pixel values 0-255.
+            image_format: "RGB" or "BGR" (e.g. from OpenCV); flipped when it is not the model's.
+        """
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        image = prepare_image(image)
+        if image_format != self.model.image_format:
+            image = np.ascontiguousarray(image[..., ::-1])
+        h, w = image.shape[:2]
+        if min(self.transform.get_preprocess_shape(h, w, self.transform.target_length)) == 0:
+            raise ValueError(f"a {h}x{w} image is too thin: its short side would be resized to 0 pixels")
+        resized = self.transform.apply_image(image)  # (h', w', 3), long side = image_size
+        pixels = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]  # (1, 3, h', w')
+        self.set_torch_image(pixels, (h, w))
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: tuple[int, ...]) -> None:
+        """Embed an image already resized with `ResizeLongestSide`: (1, 3, h', w'), 0-255 values.
+
+        Args:
+            transformed_image: the resized image; its long side must equal the model's image size.
+            original_image_size: (H, W) of the image before resizing; masks come back at this size.
+        """
+        size = self.model.config.image_size
+        if transformed_image.ndim != 4 or transformed_image.shape[:2] != (1, 3) or max(transformed_image.shape[2:]) != size:
+            raise ValueError(f"transformed_image must be 1x3xHxW with long side {size}, got {tuple(transformed_image.shape)}")
+        self.reset_image()
+        self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
+        self.input_size = (int(transformed_image.shape[2]), int(transformed_image.shape[3]))
+        self.features = self.model.encode_image(transformed_image)  # normalise, pad, encode: (1, 256, 64, 64)
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image's embedding, (1, C, h, w) (1x256x64x64 for the released models)."""
+        if not self.is_image_set or self.features is None:
+            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
+        return self.features
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for one prompt, in the original image's pixel coordinates.
+
+        Args:
+            point_coords: (N, 2) points as (x, y) pixels, with `point_labels` (N,) of 1/0/-1.
+            box: 4 numbers (x0, y0, x1, y1) in pixels. For several boxes use `predict_torch`.
+            mask_input: (1, 256, 256) logits, e.g. the best of a previous call's `low_res_logits`.
+            multimask_output: three candidate masks (True) or one (False).
+            return_logits: return the mask logits instead of the masks thresholded at 0.
+
+        Returns:
+            masks (C, H, W) bool (or float logits), scores (C,) predicted IoUs,
+            low_res_logits (C, 256, 256) to feed back as `mask_input`.
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        if point_coords is None and point_labels is not None:
+            raise ValueError("point_labels was given without point_coords")
+        if point_coords is None and box is None and mask_input is None:
+            raise ValueError("no prompt: give point_coords with point_labels, a box, or a mask_input")
+        coords_torch = labels_torch = box_torch = mask_torch = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be supplied if point_coords is supplied")
+            coords = _finite_array(point_coords, "point_coords", (None, 2))
+            labels = np.asarray(point_labels)
+            if labels.shape != (len(coords),):
+                raise ValueError(f"point_labels must have shape ({len(coords)},) to match point_coords, got {labels.shape}")
+            _check_labels(labels, "point_labels")
+            coords = self.transform.apply_coords(coords, self.original_size)  # into the resized frame
+            coords_torch = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]  # (1, N, 2)
+            labels_torch = torch.as_tensor(labels, dtype=torch.int, device=self.device)[None]  # (1, N)
+        if box is not None:
+            box = _finite_array(box, "box", (4,)) if np.ndim(box) == 1 else _finite_array(box, "box", (1, 4))[0]
+            box = self.transform.apply_boxes(box, self.original_size)  # (1, 4)
+            box_torch = torch.as_tensor(box, dtype=torch.float, device=self.device)  # (1, 4)
+        if mask_input is not None:
+            side = self.model.prompt_encoder.mask_input_size
+            mask = _finite_array(mask_input, "mask_input", (1, *side))
+            mask_torch = torch.as_tensor(mask, dtype=torch.float, device=self.device)[None]  # (1, 1, 256, 256)
+        masks, scores, low_res = self.predict_torch(coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits)
+        return masks[0].cpu().numpy(), scores[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masks for a batch of B prompts on the current image, all in one decoder call.
+
+        Prompts are already in the resized frame: map pixels with `self.transform.apply_coords_torch`
+        / `apply_boxes_torch` first.
+
+        Args:
+            point_coords: (B, N, 2) or None, with `point_labels` (B, N).
+            boxes: (B, 4) XYXY or None; e.g. 64 boxes -> 64 masks (or 64 x 3).
+            mask_input: (B, 1, 256, 256) logits or None.
+            multimask_output, return_logits: as in `predict`.
+
+        Returns:
+            masks (B, C, H, W), iou_predictions (B, C), low_res_logits (B, C, 256, 256).
+        """
+        low_res, iou_predictions = self.predict_low_res(point_coords, point_labels, boxes, mask_input, multimask_output)
+        masks = self.model.postprocess_masks(low_res, self.input_size, self.original_size)  # (B, C, H, W)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou_predictions, low_res
+
+    @torch.no_grad()
+    def predict_low_res(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt encoder and mask decoder only: (B, C, 256, 256) logits and (B, C) IoU scores."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        self._check_prompts(point_coords, point_labels, boxes, mask_input)
+        points = (point_coords, point_labels) if point_coords is not None else None
+        sparse, dense = self.model.encode_prompts(points=points, boxes=boxes, masks=mask_input)
+        return self.model.decode_masks(self.features, sparse, dense, multimask_output)
+
+    def _check_prompts(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        mask_input: torch.Tensor | None,
+    ) -> None:
+        batch_sizes = {}
+        if point_coords is not None:
+            _check_tensor(point_coords, "point_coords", (None, None, 2))
+            if point_labels is None:
+                raise ValueError("point_labels must be supplied if point_coords is supplied")
+            _check_tensor(point_labels, "point_labels", tuple(point_coords.shape[:2]))
+            _check_labels(point_labels, "point_labels")
+            batch_sizes["point_coords"] = point_coords.shape[0]
+        elif point_labels is not None:
+            raise ValueError("point_labels was given without point_coords")
+        if boxes is not None:
+            if boxes.ndim == 3:  # (B, 1, 4): one box per prompt, the official predict's own layout
+                _check_tensor(boxes, "boxes", (None, 1, 4))
+            else:
+                _check_tensor(boxes, "boxes", (None, 4))
+            batch_sizes["boxes"] = boxes.shape[0]
+        if mask_input is not None:
+            _check_tensor(mask_input, "mask_input", (None, 1, *self.model.prompt_encoder.mask_input_size))
+            batch_sizes["mask_input"] = mask_input.shape[0]
+        if len(set(batch_sizes.values())) > 1:
+            raise ValueError(f"prompts disagree on the batch size: {batch_sizes}")
