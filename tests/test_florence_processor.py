@@ -109,7 +109,8 @@ def images_of_every_mode() -> list[Image.Image]:
     palette_transparent = car.convert("P")
     palette_transparent.info["transparency"] = 0
     return [car, gray, rgba, Image.fromarray(soft), car.convert("P"), palette_transparent, car.convert("LA"),
-            car.convert("1"), car.convert("CMYK"), car.resize((31, 977))]
+            car.convert("1"), car.convert("CMYK"), car.convert("PA"), car.convert("F"), car.resize((31, 977)),
+            Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 21).astype(np.uint16))]  # 16-bit gray
 
 
 def test_pixel_values_identical_to_transformers(reference) -> None:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from miniflorence.processor import TASK_PROMPTS
-from miniflorence.tokenizer import Tokenizer, _is_space
+from miniflorence.tokenizer import Tokenizer, _is_space, gpt2_pattern
 from conftest import shared_path
 
 TOKENIZER_DIR = ("assets", "tokenizer", "florence2")
@@ -106,6 +106,16 @@ def test_identical_ids_on_random_text(tok: Tokenizer, hf) -> None:
         ids = hf(text)["input_ids"]
         assert tok.encode(text) == ids, repr(text)
         assert tok.decode(ids) == hf.decode(ids), repr(text)
+
+
+def test_pre_tokenizer_splits_like_hf(tok: Tokenizer, hf) -> None:
+    """GPT-2's pattern written with `re` + unicodedata classes cuts text exactly where HF's does."""
+    rng = random.Random(3)
+    texts = hard_corpus(tok) + [random_text(rng, ["x"]) for _ in range(2000)]
+    split = hf.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    for text in texts:
+        ours = ["".join(tok.byte_encoder[b] for b in w.encode("utf-8")) for w in gpt2_pattern().findall(text)]
+        assert ours == [piece for piece, _ in split(text)], repr(text)
 
 
 def test_decode_arbitrary_ids_like_hf(tok: Tokenizer, hf) -> None:
