@@ -19,6 +19,7 @@ from convmae.config import ConvMAEConfig
 from convmae.convvit import ConvViT
 from convmae.fast import FastConvMAE
 from convmae.model import ConvMAE
+from convmae.pos_embed import resize_pos_embed
 from weights_convert.checkpoint import CheckpointError, check_tensors, load_strict, read_converted
 
 MODELS: dict[str, type[nn.Module]] = {"convmae": ConvMAE, "fastconvmae": FastConvMAE, "convvit": ConvViT}
@@ -61,6 +62,7 @@ def load_convvit(
     num_classes: int | None = None,
     global_pool: bool | None = None,
     drop_path_rate: float | None = None,
+    img_size: int | None = None,
 ) -> ConvViT:
     """A ConvViT from a converted file, in eval mode.
 
@@ -70,13 +72,22 @@ def load_convvit(
     tensor (patch embeddings, the three stages, the sin-cos `pos_embed`, which becomes learnable)
     must be present; the head is drawn from N(0, 2e-5) and `fc_norm` starts at identity; the
     decoder, mask token, fusion convolutions and (with global pooling) the encoder `norm` stay behind.
+    `img_size` builds the model for another input size, resizing `pos_embed` bicubically as the
+    official detection backbone does (e.g. 224 -> 1024); the other tensors do not depend on it.
     """
     kind, config, tensors = read_convmae_file(path)
     overrides = {
         k: v
-        for k, v in (("num_classes", num_classes), ("global_pool", global_pool), ("drop_path_rate", drop_path_rate))
+        for k, v in (
+            ("num_classes", num_classes),
+            ("global_pool", global_pool),
+            ("drop_path_rate", drop_path_rate),
+            ("img_size", img_size),
+        )
         if v is not None
     }
+    if img_size is not None and "pos_embed" in tensors:
+        tensors["pos_embed"] = resize_pos_embed(tensors["pos_embed"], replace(config, img_size=img_size).grid_size)
     if kind == "convvit":
         for name in ("num_classes", "global_pool"):
             if name in overrides and overrides[name] != getattr(config, name):

@@ -1,4 +1,4 @@
-"""Fixed 2D sine-cosine position embeddings for the stage-3 grid (no class token).
+"""2D sine-cosine position embeddings for the stage-3 grid (no class token), and their resizing.
 
 Paper: ConvMAE (Gao et al., 2022) Sec. 3.1 follows MAE (He et al., 2022) Sec. 3 "MAE encoder":
 fixed sin-cos embeddings added to the stage-3 tokens and to the decoder tokens.
@@ -10,7 +10,11 @@ its first half encodes the column index and its second half the row index; we ke
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -32,3 +36,17 @@ def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
     first = sincos_1d(dim // 2, cols.flatten())  # official order: column index first
     second = sincos_1d(dim // 2, rows.flatten())
     return torch.cat([first, second], dim=1).float()  # (g * g, dim)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """(1, g * g, C) -> (1, grid_size**2, C), bicubic, for inputs of another size.
+
+    As `resize_pos_embed` in the official detection backbone (`DET/models/convmae.py`), which
+    takes the 224-px ConvViT to 1024-px images: bicubic, align_corners=False, no class token.
+    """
+    old = math.isqrt(pos_embed.shape[1])
+    if old == grid_size:
+        return pos_embed
+    grid = rearrange(pos_embed, "1 (h w) c -> 1 c h w", h=old)
+    grid = F.interpolate(grid, size=(grid_size, grid_size), mode="bicubic", align_corners=False)
+    return rearrange(grid, "1 c h w -> 1 (h w) c")

@@ -139,3 +139,18 @@ def test_unconverted_official_file_is_refused(tmp_path: Path) -> None:
     torch.save({"model": state}, tmp_path / "official.pth")
     with pytest.raises(CheckpointError, match="expected a converted .safetensors file"):
         convmae.load_convmae(tmp_path / "official.pth")
+
+
+def test_convvit_at_another_image_size(tmp_path: Path) -> None:
+    """`img_size` resizes the position table bicubically (the official detection backbone's rule)."""
+    t, state = official("convvit_small")
+    _, path = convert(tmp_path, state)
+    same = convmae.load_convvit(path, img_size=224)
+    assert torch.equal(same.pos_embed, state["pos_embed"])
+    big = convmae.load_convvit(path, img_size=320)
+    grid = state["pos_embed"].reshape(1, 14, 14, 96).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(20, 20), mode="bicubic", align_corners=False)
+    assert torch.equal(big.pos_embed.data, expected.permute(0, 2, 3, 1).reshape(1, 400, 96))
+    assert torch.equal(big.head.weight, state["head.weight"])
+    with torch.no_grad():
+        assert big(torch.randn(1, 3, 320, 320)).shape == (1, 10)
