@@ -1,0 +1,312 @@
+"""What every training script here shares, in one small module, model-agnostic.
+
+- settings: a dataclass of settings with `--field value` command-line overrides;
+- seeding and RNG states (saved as tensors, so checkpoints load with `weights_only=True`);
+- distributed set-up/teardown for `torchrun` (gloo on CPU, nccl on GPU) and rank-0 helpers;
+- logging (rank 0 only, tqdm-safe) and tqdm progress bars;
+- atomic checkpoint files (temporary file + rename): a crash never leaves half a checkpoint;
+- the learning-rate schedule (linear warmup, then cosine or linear decay);
+- a guard that stops the run on a NaN/inf loss;
+- loss/metric curves drawn with PIL (matplotlib is not a dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import types
+import typing
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+S = TypeVar("S")
+
+# ----------------------------------------------------------------------------- settings
+
+
+def parse_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
+    """Build the dataclass `cls` from its defaults and `--field value` overrides.
+
+    Booleans take `--field` / `--no-field`; `str | None` fields accept the string "none".
+    An unknown option is an error (argparse prints the valid ones).
+    """
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().split("\n")[0])
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        flag = "--" + field.name.replace("_", "-")
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            def convert(text: str, base: type = base, optional: bool = optional) -> Any:
+                return None if optional and text.lower() == "none" else base(text)
+
+            parser.add_argument(flag, type=convert, default=field.default, metavar=base.__name__.upper())
+    parsed = parser.parse_args(list(argv) if argv is not None else None)
+    return cls(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls)})
+
+
+# ----------------------------------------------------------------------------- seeds and RNG
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states of Python, NumPy and torch, as tensors and plain containers."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": torch.tensor(py_state, dtype=torch.int64),
+        "python_meta": [py_version, py_gauss],
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_meta": [np_name, int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py_version, py_gauss = state["python_meta"]
+    random.setstate((py_version, tuple(state["python"].tolist()), py_gauss))
+    np_name, np_pos, np_has_gauss, np_gauss = state["numpy_meta"]
+    np.random.set_state((np_name, state["numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    """Where this process stands: rank 0 of 1 when not started by torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the process group when started by `torchrun` (it sets RANK/WORLD_SIZE/LOCAL_RANK).
+
+    `device` "auto" picks CUDA when available, else CPU; the backend follows the device
+    (nccl for CUDA, gloo for CPU).
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def teardown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (no-op without a process group)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def log(message: str) -> None:
+    """Print on rank 0 only, with the time; goes through tqdm so progress bars stay intact."""
+    if _rank() == 0:
+        tqdm.write(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stdout)
+        sys.stdout.flush()
+
+
+def progress(iterable: Iterable, total: int | None = None, desc: str = "", enabled: bool = True) -> Iterable:
+    """A tqdm progress bar on rank 0 (and only when `enabled`); the bare iterable elsewhere."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled or _rank() != 0)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one JSON line (metrics history a reader can load with any tool)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """`torch.save` to a temporary file in the same folder, flush it to disk, then rename.
+
+    `os.replace` is atomic, so the file under `path` is always a complete checkpoint: the one
+    before this call or this one. `state` must hold only tensors and plain containers, so
+    that `load_checkpoint` can read it with `weights_only=True`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (tensors only: `weights_only=True`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- schedule and guard
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the base learning rate: linear warmup from 0, then cosine or linear decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress_ = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress_ = min(max(progress_, 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress_))
+    if schedule == "linear":
+        return 1.0 - progress_
+    raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', not {schedule!r}")
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR over `lr_factor`; its state_dict holds only the step count (plain data)."""
+    lr_factor(0, total_steps, warmup_steps, schedule)  # fail early on a misspelt schedule
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, warmup_steps, schedule)
+
+    assert isinstance(factor, types.FunctionType)  # so LambdaLR does not try to save it
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops and the last good checkpoint stays."""
+
+
+def check_finite(loss: torch.Tensor, step: int, device: torch.device, last_good: str) -> None:
+    """Stop every rank when the loss is NaN/inf on any of them, with a message that says what to do."""
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if any_rank(bad, device):
+        raise NonFiniteLossError(
+            f"the loss is {loss.item()} at step {step}; stopping. The last good checkpoint is kept "
+            f"({last_good}); lower the learning rate, turn on gradient clipping or check the data, "
+            "then continue with --resume."
+        )
+
+
+# ----------------------------------------------------------------------------- curves
+
+_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+
+
+def _tick(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def save_curves(
+    path: str | os.PathLike, panels: dict[str, dict[str, Sequence[tuple[float, float]]]], xlabel: str = "step"
+) -> None:
+    """Draw one panel per entry of `panels` (title -> {series name -> [(x, y), ...]}) side by side."""
+    pw, ph, m = 420, 300, 50  # panel size and margin, pixels
+    image = Image.new("RGB", (pw * max(1, len(panels)), ph), "white")
+    draw = ImageDraw.Draw(image)
+    for k, (title, series) in enumerate(panels.items()):
+        x0, y0, x1, y1 = k * pw + m, 30, (k + 1) * pw - 15, ph - 40  # plot area
+        draw.text((k * pw + m, 8), title, fill="black")
+        draw.rectangle((x0, y0, x1, y1), outline="black")
+        draw.text(((x0 + x1) // 2 - 10, ph - 18), xlabel, fill="black")
+        points = [p for s in series.values() for p in s if math.isfinite(p[1])]
+        if not points:
+            continue
+        xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
+        ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
+        xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1e-6)
+
+        def to_px(x: float, y: float) -> tuple[float, float]:
+            return (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
+
+        for frac in (0.0, 0.5, 1.0):  # y ticks and x ticks
+            yv, xv = ymin + frac * (ymax - ymin), xmin + frac * (xmax - xmin)
+            _, py = to_px(xmin, yv)
+            draw.text((k * pw + 4, py - 6), _tick(yv), fill="black")
+            px, _ = to_px(xv, ymin)
+            draw.text((px - 8, y1 + 4), _tick(xv), fill="black")
+        for j, (name, pts) in enumerate(series.items()):
+            colour = _COLOURS[j % len(_COLOURS)]
+            xy = [to_px(x, y) for x, y in pts if math.isfinite(y)]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for px, py in xy if len(xy) <= 60 else []:
+                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+            draw.text((x1 - 110, y0 + 6 + 14 * j), name, fill=colour)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)

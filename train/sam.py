@@ -1,0 +1,382 @@
+"""Fine-tune SAM's mask decoder on your own segmentation data: `python -m train.sam --data DIR`.
+
+The recipe of the SAM paper (Kirillov et al., 2023, appendix A, "Training algorithm") and of the
+popular fine-tuning tutorials: the heavy image encoder and the prompt encoder stay frozen, prompts
+are simulated from the ground-truth masks (boxes with jitter, points), and only the light mask
+decoder learns, with Dice + BCE (or Dice + focal) on the masks and MSE on the predicted IoU.
+
+- Frozen encoder => each image embedding is computed once and cached (memory or disk); epochs
+  after the first never run the image encoder. With `--unfreeze-blocks K` the last K encoder
+  blocks and the neck train too (from epoch `--unfreeze-epoch`: progressive unfreezing) and the
+  cache holds the output of the frozen blocks before them.
+- Points give three masks (`multimask`): train the one with the highest predicted IoU ("best"),
+  the average of the three ("mean") or the lowest loss ("min", the paper's choice).
+- AdamW, linear warmup + cosine/linear decay, gradient accumulation, gradient clipping, bf16
+  autocast on GPU; validation loss + mean IoU each epoch; the best model (by val IoU) written as a
+  converted `.safetensors` that `minisam.load_sam` reads; `last.pt` for `--resume`.
+- `torchrun --nproc_per_node=N -m train.sam ...` runs the same loop with DDP.
+
+Legend: B samples, M masks per prompt, S input side, s = S/4 low-res mask side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import minisam
+from train import common
+from train.data import PromptSettings, SegmentationDataset, Skipped, index_objects, load_records, split_objects
+from train.losses import mask_iou, segmentation_loss
+from weights_convert.checkpoint import save_converted
+
+
+@dataclass
+class Settings:
+    """Fine-tune SAM's mask decoder."""
+
+    data: str = ""  # comma-separated folders (images/ + masks/) and .npz files
+    out: str = "runs/sam"
+    checkpoint: str | None = None  # a converted SAM .safetensors; None: random weights of `model`
+    model: str = "vit_b"  # minisam.CONFIGS preset used without a checkpoint
+    image_size: int = 0  # 0: the model's own
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 4  # per process
+    accum_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # cosine, linear, constant
+    clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
+    loss: str = "dice_bce"  # dice_bce, dice_focal, bce
+    iou_loss_weight: float = 1.0
+    multimask: str = "auto"  # off, best, mean, min; auto: best for point-only prompts, else off
+    prompt: str = "box"  # box, points, both
+    n_positive: int = 1
+    n_negative: int = 0
+    erode_radius: int = 0
+    min_distance: float = 0.0
+    box_shift: int = 5
+    val_fraction: float = 0.2
+    augment: bool = False  # flip + colour jitter; needs --cache off (augmented images change embeddings)
+    cache: str = "memory"  # memory, disk, off
+    unfreeze_blocks: int = 0
+    unfreeze_epoch: int = 0
+    bf16: bool = True  # autocast on CUDA only
+    device: str = "auto"
+    workers: int = 0
+    save_every: int = 0  # optimizer steps between last.pt writes; 0: once per epoch
+    stop_after: int = 0  # stop after this many optimizer steps (as if interrupted); 0: never
+    resume: bool = False  # continue from OUT/last.pt
+    val_before: bool = True  # validate the starting model (the "before" IoU)
+    progress: bool = True
+
+
+def build_model(s: Settings) -> minisam.Sam:
+    """The model to fine-tune: a converted checkpoint, or seeded random weights."""
+    size = s.image_size or None
+    if s.checkpoint:
+        return minisam.load_sam(s.checkpoint, image_size=size)
+    config = minisam.CONFIGS[s.model]
+    if size:
+        config = dataclasses.replace(config, image_size=size)
+    torch.manual_seed(s.seed)
+    return minisam.Sam(config)
+
+
+class PromptedDecoder(nn.Module):
+    """Cached features + prompts -> low-res masks (B, M, s, s) and IoU predictions (B, M).
+
+    The trainable computation in one module, so that DDP can wrap it: the unfrozen encoder
+    blocks and neck (when `n_cached < depth`), the frozen prompt encoder, the mask decoder.
+    """
+
+    def __init__(self, sam: minisam.Sam, n_cached: int) -> None:
+        super().__init__()
+        self.sam, self.n_cached = sam, n_cached
+
+    def forward(self, features: torch.Tensor, prompt: dict[str, torch.Tensor], multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings = encoder_suffix(self.sam.image_encoder, features, self.n_cached)  # (B, 256, H, W)
+        points = (prompt["point_coords"], prompt["point_labels"]) if "point_coords" in prompt else None
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=prompt.get("box"), masks=None)
+        pe = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, H, W)
+        return self.sam.mask_decoder(embeddings, pe, sparse, dense, multimask_output=multimask)
+
+
+def encoder_prefix(encoder: nn.Module, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+    """The frozen part: the whole encoder when all blocks are frozen, else patches + first blocks."""
+    if n_cached == len(encoder.blocks):
+        return encoder(x)  # (B, 256, H, W)
+    x = encoder.patch_embed(x) + encoder.pos_embed  # (B, H, W, C)
+    for block in encoder.blocks[:n_cached]:
+        x = block(x)
+    return x
+
+
+def encoder_suffix(encoder: nn.Module, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+    if n_cached == len(encoder.blocks):
+        return x
+    for block in encoder.blocks[n_cached:]:
+        x = block(x)
+    return encoder.neck(x.permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, 256, H, W)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; nothing on CPU (runs stay exact and comparable there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
+
+
+def image_features(
+    sam: minisam.Sam, dataset: SegmentationDataset, records: list[int], n_cached: int,
+    cache: dict[int, torch.Tensor] | None, cache_dir: Path | None, bf16: bool,
+) -> torch.Tensor:
+    """Frozen-encoder features of the given images, stacked; each computed at most once when cached."""
+    out = []
+    for r in records:
+        path = cache_dir / f"{r}-{dataset.records[r].name}.pt" if cache_dir else None
+        if cache is not None and r in cache:
+            f = cache[r]
+        elif path is not None and path.exists():
+            f = torch.load(path, map_location=sam.device, weights_only=True)
+        else:
+            x = sam.preprocess(dataset.load_image(r).to(sam.device))[None]  # (1, 3, S, S)
+            with torch.no_grad(), autocast(sam.device, bf16):
+                f = encoder_prefix(sam.image_encoder, x, n_cached)[0].float()
+            if path is not None:
+                common.save_checkpoint(path, f.cpu())
+        if cache is not None:
+            cache[r] = f
+        out.append(f)
+    return torch.stack(out)
+
+
+def batch_features(
+    sam: minisam.Sam, dataset: SegmentationDataset, batch: dict[str, torch.Tensor], n_cached: int,
+    cache: dict | None, cache_dir: Path | None, bf16: bool,
+) -> torch.Tensor:
+    """Cached features, or (cache off) the frozen encoder run on this batch's (augmented) images."""
+    if "image" not in batch:
+        return image_features(sam, dataset, batch["record"].tolist(), n_cached, cache, cache_dir, bf16)
+    images = [sam.preprocess(im[:, :h, :w]) for im, (h, w) in zip(batch["image"], batch["size"].tolist())]
+    with torch.no_grad(), autocast(sam.device, bf16):
+        return encoder_prefix(sam.image_encoder, torch.stack(images), n_cached).float()
+
+
+def forward_loss(
+    step_module: nn.Module, features: torch.Tensor, batch: dict[str, torch.Tensor], s: Settings, multimask: str, S: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean loss over the batch, per-sample losses (B,) and IoUs (B,) of the mask a user would get."""
+    prompt = {k: batch[k] for k in ("point_coords", "point_labels", "box") if k in batch}
+    with autocast(features.device, s.bf16):
+        low_res, iou_pred = step_module(features, prompt, multimask != "off")  # (B, M, s, s), (B, M)
+    B, M = iou_pred.shape
+    logits = F.interpolate(low_res.float(), (S, S), mode="bilinear", align_corners=False)  # (B, M, S, S)
+    h, w = batch["size"][:, 0], batch["size"][:, 1]
+    pixels = torch.arange(S, device=logits.device)
+    valid = (pixels[None, :, None] < h[:, None, None]) & (pixels[None, None, :] < w[:, None, None])  # (B, S, S)
+    target = batch["mask"][:, None].expand(B, M, S, S).flatten(0, 1)  # (B*M, S, S)
+    valid = valid[:, None].expand(B, M, S, S).flatten(0, 1)
+    per_mask = segmentation_loss(logits.flatten(0, 1), target, valid, s.loss).view(B, M)
+    true_iou = mask_iou(logits.flatten(0, 1).detach(), target, valid).view(B, M)
+    iou_loss = F.mse_loss(iou_pred.float(), true_iou, reduction="none").mean(1)  # (B,) the IoU head, every mask
+    chosen = iou_pred.detach().argmax(1)  # the top-scored mask, as the predictor returns it first
+    if multimask == "mean":
+        mask_loss = per_mask.mean(1)
+    elif multimask == "min":
+        mask_loss = per_mask.min(1).values
+    else:  # "best", or a single mask
+        mask_loss = per_mask.gather(1, chosen[:, None])[:, 0]
+    per_sample = mask_loss + s.iou_loss_weight * iou_loss
+    return per_sample.mean(), per_sample.detach(), true_iou.gather(1, chosen[:, None])[:, 0]
+
+
+@torch.no_grad()
+def evaluate(
+    sam: minisam.Sam, step_module: nn.Module, dataset: SegmentationDataset, s: Settings, multimask: str,
+    n_cached: int, cache: dict | None, cache_dir: Path | None,
+) -> tuple[float, float]:
+    """Validation loss and mean IoU (fixed prompts, no box jitter)."""
+    losses, ious = [], []
+    for start in range(0, len(dataset), s.batch_size):
+        items = [dataset[i] for i in range(start, min(start + s.batch_size, len(dataset)))]
+        batch = {k: torch.stack([it[k] for it in items]).to(sam.device) for k in items[0]}
+        features = batch_features(sam, dataset, batch, n_cached, cache, cache_dir, s.bf16)
+        _, loss, iou = forward_loss(step_module, features, batch, s, multimask, sam.config.image_size)
+        losses.append(loss)
+        ious.append(iou)
+    return torch.cat(losses).mean().item(), torch.cat(ious).mean().item()
+
+
+def train(s: Settings, d: common.Dist) -> dict:
+    """The whole run; returns the history and the IoU before/after. See the module docstring."""
+    out = Path(s.out)
+    last_path = out / "last.pt"
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
+    common.seed_everything(s.seed)
+
+    # ---- data: every (image, object) pair is a sample; bad input is skipped and counted
+    skipped = Skipped()
+    sam = build_model(s).to(d.device).eval()
+    S = sam.config.image_size
+    records = load_records([p for p in s.data.split(",") if p], skipped)
+    objects = index_objects(records, S, skipped)
+    if len(objects) < 2:
+        raise ValueError(f"{s.data!r}: fewer than 2 usable objects ({len(objects)}); {skipped.summary()}")
+    train_objects, val_objects = split_objects(objects, s.val_fraction, s.seed)
+    use_cache = s.cache != "off"
+    prompts = PromptSettings(s.prompt, s.n_positive, s.n_negative, s.erode_radius, s.min_distance, s.box_shift)
+    train_set = SegmentationDataset(records, train_objects, S, prompts, s.seed, True, not use_cache, s.augment)
+    val_set = SegmentationDataset(records, val_objects, S, prompts, s.seed, False, not use_cache)
+    common.log(f"{len(records)} images, {len(train_set)} train / {len(val_set)} val objects; skipped: {skipped.summary()}")
+    if s.augment and use_cache:
+        common.log("augmentation is off: cached embeddings are of the original images (use --cache off)")
+    multimask = s.multimask if s.multimask != "auto" else ("best" if s.prompt == "points" else "off")
+
+    # ---- what trains: the mask decoder, plus the last K encoder blocks and the neck
+    depth = len(sam.image_encoder.blocks)
+    n_cached = depth - s.unfreeze_blocks
+    unfreezable = tuple(f"image_encoder.blocks.{i}." for i in range(n_cached, depth))
+    unfreezable += ("image_encoder.neck.",) if s.unfreeze_blocks else ()
+    named = dict(sam.named_parameters())
+    names = [n for n in named if n.startswith("mask_decoder.") or n.startswith(unfreezable)]
+    params = [named[n] for n in names]
+    sam.requires_grad_(False)
+    step_module = PromptedDecoder(sam, n_cached)
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    per_step = s.batch_size * d.world_size * s.accum_steps  # samples per optimizer step, all ranks
+    steps_per_epoch = len(train_set) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training samples cannot fill one step of {per_step}; lower --batch-size")
+    total_steps = steps_per_epoch * s.epochs
+    scheduler = common.make_scheduler(optimizer, total_steps, s.warmup_steps, s.schedule)
+    cache: dict | None = {} if use_cache else None
+    cache_dir = None
+    if s.cache == "disk":
+        key = json.dumps([s.checkpoint or f"random {s.model} seed {s.seed}", sam.config.to_dict(), n_cached])
+        cache_dir = out / "cache" / hashlib.sha1(key.encode()).hexdigest()[:12]
+        cache_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- start or resume
+    step, start_epoch, start_micro, best_iou = 0, 0, 0, -1.0
+    history: dict[str, list] = {"train_loss": [], "train_iou": [], "val_loss": [], "val_iou": []}
+    if s.resume:
+        state = common.load_checkpoint(last_path)
+        if sorted(state["trainable"]) != sorted(names):
+            raise ValueError(f"{last_path}: trains other parameters than these settings (changed --unfreeze-blocks?)")
+        for n in names:
+            named[n].data.copy_(state["trainable"][n])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, start_epoch, start_micro = state["step"], state["epoch"], state["micro"]
+        best_iou, history = state["best_iou"], state["history"]
+        common.set_rng_state(state["rng"])
+        common.log(f"resumed from {last_path} at step {step} (epoch {start_epoch}, batch {start_micro})")
+    elif s.val_before and d.is_main:
+        val_loss, val_iou = evaluate(sam, step_module, val_set, s, multimask, n_cached, cache, cache_dir)
+        history["val_loss"].append([0, val_loss])
+        history["val_iou"].append([0, val_iou])
+        common.log(f"before training: val loss {val_loss:.4f}, val IoU {val_iou:.4f}")
+        best_iou = val_iou  # the starting model is the best so far: best.safetensors always exists
+        save_converted(out / "best.safetensors", sam.state_dict(), "sam", sam.config.to_dict())
+
+    def snapshot(epoch: int, micro: int) -> dict:
+        return {
+            "trainable": {n: named[n].detach().cpu() for n in names}, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "micro": micro,
+            "best_iou": best_iou, "history": history, "rng": common.rng_state(), "settings": dataclasses.asdict(s),
+        }
+
+    stopped = False
+    for epoch in range(start_epoch, s.epochs):
+        # Progressive unfreezing: the encoder blocks join at `unfreeze_epoch`; DDP is re-wrapped
+        # because it registers the parameters that require gradients when it is built.
+        for n, p in zip(names, params):
+            p.requires_grad_(n.startswith("mask_decoder.") or epoch >= s.unfreeze_epoch)
+        model = step_module
+        if d.enabled:
+            model = DistributedDataParallel(step_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
+        # The same permutation on every rank; rank r takes every W-th sample, so the ranks'
+        # batches together are exactly the single-process batch of size B * W.
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(s.seed + epoch))
+        mine = order[: steps_per_epoch * per_step][d.rank :: d.world_size].tolist()
+        batches = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
+        train_set.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers)
+        bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        for micro, batch in enumerate(bar, start=start_micro):
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            features = batch_features(sam, train_set, batch, n_cached, cache, cache_dir, s.bf16)
+            sync = (micro + 1) % s.accum_steps == 0
+            with model.no_sync() if d.enabled and not sync else contextlib.nullcontext():
+                loss, _, iou = forward_loss(model, features, batch, s, multimask, S)
+                common.check_finite(loss, step, d.device, str(last_path) if last_path.exists() else "none written yet")
+                (loss / s.accum_steps).backward()
+            if not sync:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history["train_loss"].append([step, loss.item()])
+            history["train_iou"].append([step, iou.mean().item()])
+            if d.is_main:
+                bar.set_postfix(loss=f"{loss.item():.4f}", iou=f"{iou.mean().item():.3f}")
+                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": loss.item(), "iou": iou.mean().item(),
+                                                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()})
+            if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
+                if d.is_main:
+                    common.save_checkpoint(last_path, snapshot(epoch, micro + 1))
+                if step == s.stop_after:
+                    stopped = True
+                    break
+        if stopped:
+            common.log(f"stopped after step {step} as asked (--stop-after); continue with --resume")
+            break
+        start_micro = 0
+
+        # ---- validation (rank 0), the best model in the converted format, last.pt, curves
+        if d.is_main:
+            val_loss, val_iou = evaluate(sam, step_module, val_set, s, multimask, n_cached, cache, cache_dir)
+            history["val_loss"].append([step, val_loss])
+            history["val_iou"].append([step, val_iou])
+            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "val_loss": val_loss, "val_iou": val_iou})
+            common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, val loss {val_loss:.4f}, val IoU {val_iou:.4f}")
+            if val_iou > best_iou:
+                best_iou = val_iou
+                save_converted(out / "best.safetensors", sam.state_dict(), "sam", sam.config.to_dict())
+                common.log(f"new best val IoU {best_iou:.4f}: wrote {out / 'best.safetensors'}")
+            common.save_checkpoint(last_path, snapshot(epoch + 1, 0))
+            common.save_curves(out / "curves.png", {
+                "loss": {"train": history["train_loss"], "val": history["val_loss"]},
+                "IoU": {"train": history["train_iou"], "val": history["val_iou"]},
+            })
+        common.barrier()
+    return {"history": history, "best_iou": best_iou, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    s = common.parse_settings(Settings, argv)
+    d = common.setup_distributed(s.device)
+    try:
+        return train(s, d)
+    except common.NonFiniteLossError as e:
+        raise SystemExit(f"error: {e}") from e
+    finally:
+        common.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
