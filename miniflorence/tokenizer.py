@@ -21,10 +21,11 @@ import json
 import re
 import sys
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
+from itertools import pairwise
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -49,7 +50,7 @@ class AddedToken:
 # --- bytes <-> printable characters (GPT-2 encoder.py, `bytes_to_unicode`) ---------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def bytes_to_unicode() -> dict[int, str]:
     """Map the 256 byte values to printable characters, so BPE never sees whitespace or
     control characters: printable Latin-1 bytes map to themselves, the other 68 bytes to
@@ -98,7 +99,7 @@ def _is_space(ch: str) -> bool:
     return "\t" <= ch <= "\r" or ch == "\x85" or unicodedata.category(ch) in ("Zs", "Zl", "Zp")
 
 
-@lru_cache(maxsize=None)
+@cache
 def gpt2_pattern() -> re.Pattern:
     """GPT-2's pre-tokenisation pattern, compiled once (scanning the classes takes ~0.3 s)."""
     L = _class_ranges(lambda ch: unicodedata.category(ch)[0] == "L")
@@ -143,7 +144,7 @@ class Tokenizer:
     # -- loading --------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "Tokenizer":
+    def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load `vocab.json` + `merges.txt` + `added_tokens.json` (whitespace flags from
         `tokenizer_config.json` when present), or a single `tokenizer.json`."""
         path = Path(path)
@@ -177,7 +178,7 @@ class Tokenizer:
         return cls(vocab, merges, tokens)
 
     @classmethod
-    def from_tokenizer_json(cls, file: str | Path) -> "Tokenizer":
+    def from_tokenizer_json(cls, file: str | Path) -> Tokenizer:
         """Load an HF `tokenizer.json` (BPE model, ByteLevel pre-tokenizer)."""
         spec = json.loads(Path(file).read_text(encoding="utf-8"))
         model = spec["model"]
@@ -241,7 +242,7 @@ class Tokenizer:
             return self.cache[word]
         symbols = list(word)
         while len(symbols) > 1:
-            pairs = {(a, b) for a, b in zip(symbols, symbols[1:])}
+            pairs = set(pairwise(symbols))
             best = min(pairs, key=lambda p: self.ranks.get(p, sys.maxsize))
             if best not in self.ranks:
                 break

@@ -17,11 +17,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_path
 from PIL import Image
 
-from conftest import shared_path
-from miniflorence.postprocess import BANNED_GROUNDING_PHRASES, TASK_OUTPUT_KINDS, dequantize, quantize
-from miniflorence.processor import TASK_PROMPTS, Processor, preprocess_image, task_prompt
+from miniflorence.postprocess import (
+    BANNED_GROUNDING_PHRASES,
+    TASK_OUTPUT_KINDS,
+    dequantize,
+    quantize,
+)
+from miniflorence.processor import (
+    TASK_PROMPTS,
+    Processor,
+    preprocess_image,
+    task_prompt,
+)
 from miniflorence.tokenizer import Tokenizer
 
 TOKENIZER_DIR = ("assets", "tokenizer", "florence2")
@@ -150,7 +160,7 @@ GENERATED = [
     f"</s><s>{L(1)}{L(2)}{L(3)}{L(4)}{L(5)}<sep>{L(6)}{L(7)}{L(8)}{L(9)}</s>",
     f"</s><s>car<poly>{L(1)}{L(2)}{L(3)}{L(4)}{L(5)}{L(6)}</poly>door<poly>{L(7)}{L(8)}{L(9)}{L(10)}<sep>{L(11)}</poly></s>",
     f"</s><s>car<poly>{L(1)}{L(2)}{L(3)}</poly><poly>{L(4)}{L(5)}{L(6)}{L(7)}</poly></s>",
-    f"</s><s><poly></poly><sep><sep><sep></s>", f"{L(1)}<sep><sep><sep>", f"</s><s>{L(5)}</s>",
+    "</s><s><poly></poly><sep><sep><sep></s>", f"{L(1)}<sep><sep><sep>", f"</s><s>{L(5)}</s>",
     f"</s><s>a green car{L(1)}{L(2)}<poly>{L(3)}{L(4)}{L(5)}{L(6)}</poly></s>", f"car<poly>{L(1)}{L(2)}{L(3)}{L(4)}",
     f"</s><s>{L(7)}car<poly>{L(1)}{L(2)}{L(3)}{L(4)}</poly>",
 ]

@@ -13,12 +13,12 @@ import unicodedata
 
 import pytest
 import torch
+from conftest import shared_path
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from miniflorence.processor import TASK_PROMPTS
 from miniflorence.tokenizer import Tokenizer, _is_space, gpt2_pattern
-from conftest import shared_path
 
 TOKENIZER_DIR = ("assets", "tokenizer", "florence2")
 

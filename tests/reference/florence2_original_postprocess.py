@@ -23,7 +23,7 @@ from types import SimpleNamespace
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS.parent)]
 
-from test_florence_processor import GENERATED, random_generation  # noqa: E402  (the shared corpus)
+from test_florence_processor import GENERATED, random_generation
 
 # One task per output kind (the original processor's tasks_answer_post_processing_type).
 TASK_KINDS = {
