@@ -11,6 +11,10 @@ Preprocessing, step by step (transformers' PIL path, which gives the same bits):
   2. resize straight to 768x768 with PIL bicubic, on the uint8 image (no aspect ratio, no crop);
   3. x / 255 in float64, then float32;
   4. (x - mean) / std in float32, ImageNet mean and std.
+
+Where Microsoft's original processor (run with transformers 4.x) differs: step 1 there is a
+plain `convert("RGB")`, which drops alpha instead of compositing onto white, and the text of
+`{input}` tasks is not stripped. Post-processing differences: see postprocess.py.
 """
 
 from __future__ import annotations
