@@ -102,6 +102,9 @@ def preprocess_image(
 class Processor:
     """Turns (task, image, text) into model inputs, and generated text into results.
 
+    Prompts outside the task table (a fine-tuning prompt such as "<DocVQA>" + question) go
+    through `processor.tokenizer(prompts)` and `processor.preprocess(images)` directly.
+
     Args:
         tokenizer: the Florence-2 `Tokenizer`.
         image_size: the square side images are resized to (768 for the released models).
