@@ -2,7 +2,9 @@
 
 from miniflorence.config import CONFIGS, Florence2Config, tiny_config
 from miniflorence.model import Florence2, load_florence2
-from miniflorence.processor import Processor
+from miniflorence.processor import TASK_PROMPTS, Processor
 from miniflorence.tokenizer import Tokenizer
 
-__all__ = ["CONFIGS", "Florence2", "Florence2Config", "Processor", "Tokenizer", "load_florence2", "tiny_config"]
+__all__ = [
+    "CONFIGS", "TASK_PROMPTS", "Florence2", "Florence2Config", "Processor", "Tokenizer", "load_florence2", "tiny_config",
+]
