@@ -115,6 +115,8 @@ class AutomaticMaskGenerator:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
         if crop_n_layers < 0 or points_per_batch < 1:
             raise ValueError("crop_n_layers must be >= 0 and points_per_batch >= 1")
+        if points_per_side is not None and int(points_per_side / crop_n_points_downscale_factor**crop_n_layers) < 1:
+            raise ValueError("the last crop layer has no points: raise points_per_side or lower crop_n_points_downscale_factor")
         if points_per_side is not None:
             self.point_grids = amg.build_all_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
         else:
