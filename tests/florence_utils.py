@@ -7,6 +7,7 @@ Only tests import this module; transformers is imported lazily (callers guard it
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from miniflorence.config import Florence2Config
@@ -86,3 +87,13 @@ def native_input_ids(prompt_ids: torch.Tensor, num_image_tokens: int) -> torch.T
     """Native models read `<image>` x num_image_tokens before the prompt: (B, T) -> (B, I + T)."""
     image = torch.full((prompt_ids.shape[0], num_image_tokens), IMAGE_TOKEN_ID, dtype=prompt_ids.dtype)
     return torch.cat([image, prompt_ids], dim=1)
+
+
+@pytest.fixture(scope="module", autouse=False)
+def one_thread():
+    """Run a test module on one intra-op thread: on a small shared CPU, two OpenMP threads that
+    wait on each other make these small models ~50x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from florence_utils import native_input_ids, native_model
+from florence_utils import native_input_ids, native_model, one_thread
 from miniflorence import CONFIGS, Florence2, Florence2Config, tiny_config
 from miniflorence.model import expand_tied
 from weights_convert.checkpoint import load_strict
 from weights_convert.florence2 import convert_tensors
 
 TOL = 1e-4
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 51289
 
 
