@@ -180,6 +180,8 @@ class SamPredictor:
             if point_labels is None:
                 raise ValueError("point_labels must be supplied if point_coords is supplied")
             coords = _finite_array(point_coords, "point_coords", (None, 2))
+            if len(coords) == 0:
+                raise ValueError("point_coords holds no point; pass None instead")
             labels = np.asarray(point_labels)
             if labels.shape != (len(coords),):
                 raise ValueError(f"point_labels must have shape ({len(coords)},) to match point_coords, got {labels.shape}")
