@@ -32,7 +32,7 @@ from miniflorence.processor import (
     preprocess_image,
     task_prompt,
 )
-from miniflorence.tokenizer import Tokenizer
+from miniflorence.tokenizer import AddedToken, Tokenizer, bytes_to_unicode
 
 TOKENIZER_DIR = ("assets", "tokenizer", "florence2")
 
@@ -40,6 +40,17 @@ TOKENIZER_DIR = ("assets", "tokenizer", "florence2")
 @pytest.fixture(scope="module")
 def processor() -> Processor:
     return Processor(Tokenizer.from_dir(shared_path(*TOKENIZER_DIR)))
+
+
+@pytest.fixture(scope="module")
+def tiny_processor() -> Processor:
+    """A Processor over a merge-free byte-level vocabulary: no shared files needed."""
+    vocab = {name: i for i, name in enumerate(["<s>", "<pad>", "</s>", "<unk>"])}
+    for ch in bytes_to_unicode().values():
+        vocab[ch] = len(vocab)
+    added = [AddedToken(name, vocab[name]) for name in ["<s>", "<pad>", "</s>", "<unk>"]]
+    added += [AddedToken(f"<loc_{k}>", len(vocab) + k) for k in range(1000)]
+    return Processor(Tokenizer(vocab, [], added))
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +143,10 @@ def test_pixel_values_identical_to_transformers(reference) -> None:
         assert torch.equal(ours, theirs), image.mode  # in fact bit for bit
 
 
-def test_numpy_images_and_modes(processor: Processor) -> None:
-    car = Image.open(shared_path("assets", "images", "florence", "car.jpg"))
+def test_numpy_images_and_modes(tiny_processor: Processor) -> None:
+    processor = tiny_processor
+    ramp = np.arange(40 * 30 * 3, dtype=np.int64).reshape(30, 40, 3) % 251
+    car = Image.fromarray(ramp.astype(np.uint8))
     assert torch.equal(processor.preprocess(np.asarray(car)), processor.preprocess(car))
     gray = processor.preprocess(car.convert("L"))
     assert gray.shape == (1, 3, 768, 768)  # grayscale is repeated to three channels
@@ -191,7 +204,8 @@ def test_post_process_random_generations(processor: Processor, reference) -> Non
                 text=text, task=task, image_size=size), (task, text, size)
 
 
-def test_post_process_from_ids_and_coordinates(processor: Processor) -> None:
+def test_post_process_from_ids_and_coordinates(tiny_processor: Processor) -> None:
+    processor = tiny_processor
     ids = [2, 0] + processor.tokenizer.encode("car" + BOX, add_special_tokens=False) + [2]
     result = processor.post_process("<OD>", torch.tensor(ids), (640, 480))
     # bin k -> (k + 0.5) * size / 1000, truncated: x1 = 52.5 * 0.64 = 33.6 -> 33
@@ -200,8 +214,9 @@ def test_post_process_from_ids_and_coordinates(processor: Processor) -> None:
     assert processor.post_process("<CAPTION>", "</s><s>A car.</s>", (1, 1)) == {"<CAPTION>": "A car."}
 
 
-def test_original_post_processing_matches_microsoft_code(processor: Processor) -> None:
+def test_original_post_processing_matches_microsoft_code(tiny_processor: Processor) -> None:
     """`original=True` against outputs of Microsoft's remote code (tests/reference script)."""
+    processor = tiny_processor
     fixture = Path(__file__).parent / "fixtures" / "florence2" / "original_postprocess.json.gz"
     with gzip.open(fixture, "rt", encoding="utf-8") as f:
         cases = json.load(f)["cases"]
@@ -235,7 +250,8 @@ def test_quantize_like_transformers(reference) -> None:
 
 # --- bad input -------------------------------------------------------------------------------
 
-def test_bad_inputs_are_clear_errors(processor: Processor) -> None:
+def test_bad_inputs_are_clear_errors(tiny_processor: Processor) -> None:
+    processor = tiny_processor
     image = Image.new("RGB", (8, 8))
     with pytest.raises(TypeError, match="PIL image"):
         processor("<OD>", "car.jpg")

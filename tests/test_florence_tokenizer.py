@@ -59,6 +59,18 @@ def hard_corpus(tok: Tokenizer) -> list[str]:
     return corpus
 
 
+def test_bpe_merges_lowest_rank_first() -> None:
+    """A toy vocabulary, checked by hand: the ranked pair merges first, every occurrence, left to right."""
+    symbols = ["<s>", "<pad>", "</s>", "<unk>", "a", "b", "c", "ab", "bc", "abc", "aa"]
+    vocab = {s: i for i, s in enumerate(symbols)}
+    toy = Tokenizer(vocab, [("b", "c"), ("a", "b"), ("a", "bc"), ("a", "a")], [])
+    assert toy.encode("abc", add_special_tokens=False) == [vocab["abc"]]  # b+c (rank 0), then a+bc
+    assert toy.encode("ab", add_special_tokens=False) == [vocab["ab"]]
+    assert toy.encode("aaa", add_special_tokens=False) == [vocab["aa"], vocab["a"]]  # left to right
+    assert toy.encode("cab") == [0, vocab["c"], vocab["ab"], 2]
+    assert toy.decode(toy.encode("cab")) == "<s>cab</s>" and toy.vocab_size == len(symbols)
+
+
 def test_real_files_load(tok: Tokenizer) -> None:
     assert tok.vocab_size == len(tok) == 51289
     assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 3)
