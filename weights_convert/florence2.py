@@ -1,6 +1,6 @@
 """Florence-2 checkpoints -> our `.safetensors` (and back to the original layout).
 
-`python -m weights_convert florence2 SRC DST [--variant base|large] [--to-original]`
+`python -m weights_convert florence2 SRC DST [--variant base|large | --config C.json] [--to-original]`
 
 Two source layouts are understood (the layout is recognised from the key names):
 - original: microsoft/Florence-2-{base,large}[-ft] `pytorch_model.bin` / `model.safetensors` of
@@ -17,6 +17,7 @@ that names it. `--to-original` turns one of our files back into the original key
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -165,6 +166,11 @@ def run(args: argparse.Namespace) -> None:
         print(f"wrote {len(original)} tensors in the original layout to {dst}")
         return
     config = CONFIGS[args.variant] if args.variant else None
+    if args.config:
+        try:
+            config = Florence2Config.from_dict(json.loads(Path(args.config).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{args.config}: not a Florence2Config JSON: {e}") from e
     config, tensors = convert_tensors(read_official(args.src), config)
     save_converted(args.dst, tensors, FAMILY, config.to_dict())
     variant = next((n for n, c in CONFIGS.items() if c == config), "custom")
@@ -175,6 +181,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("florence2", help="Florence-2 (original or transformers-native layout)")
     p.add_argument("src", help="official checkpoint (.bin/.pth/.safetensors), or ours with --to-original")
     p.add_argument("dst", help="output .safetensors (with --to-original: .safetensors, .bin or .pth)")
-    p.add_argument("--variant", choices=sorted(CONFIGS), help="model size (default: inferred from the shapes)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--variant", choices=sorted(CONFIGS), help="model size (default: inferred from the shapes)")
+    size.add_argument("--config", help="a JSON file of Florence2Config fields, for models that are no preset")
     p.add_argument("--to-original", action="store_true", help="convert one of our files back to the original layout")
     p.set_defaults(func=run)
