@@ -165,6 +165,8 @@ class Processor:
             original: Microsoft's original post-processing (float coordinates, ...) instead
                 of transformers' (integer coordinates); see postprocess.py.
         """
+        if isinstance(generated, torch.Tensor) and generated.dim() != 1:
+            raise ValueError(f"post_process takes one sequence of ids, got shape {tuple(generated.shape)}")
         if isinstance(generated, (list, tuple, torch.Tensor)):
             generated = self.tokenizer.decode(generated, skip_special_tokens=False)
         return post_process(task, generated, image_size, original)

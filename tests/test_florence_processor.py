@@ -277,3 +277,5 @@ def test_bad_inputs_are_clear_errors(tiny_processor: Processor) -> None:
         processor.post_process("<OD>", "</s><s>car</s>", (0, 8))
     with pytest.raises(TypeError, match="str"):
         processor.post_process("<OD>", 3.5, (8, 8))
+    with pytest.raises(ValueError, match="one sequence"):
+        processor.post_process("<OD>", torch.zeros(2, 5, dtype=torch.long), (8, 8))
