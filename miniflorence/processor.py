@@ -105,6 +105,12 @@ class Processor:
     Prompts outside the task table (a fine-tuning prompt such as "<DocVQA>" + question) go
     through `processor.tokenizer(prompts)` and `processor.preprocess(images)` directly.
 
+    Example:
+        processor = Processor(Tokenizer.from_dir("florence2_tokenizer/"))
+        inputs = processor("<OD>", image)  # pixel_values, input_ids, attention_mask
+        ids = model.generate(**inputs)  # (1, S), starting </s><s>
+        processor.post_process("<OD>", ids[0], image.size)  # {"<OD>": {"bboxes": ..., "labels": ...}}
+
     Args:
         tokenizer: the Florence-2 `Tokenizer`.
         image_size: the square side images are resized to (768 for the released models).
