@@ -1,0 +1,163 @@
+"""Speed of SAM's two halves, minisam against the official `segment_anything`, same weights, same run.
+
+    python bench/sam.py --variant vit_b --image-size 1024 --batch 1 --repeats 5
+    python bench/sam.py --variant vit_b --image-size 256 --repeats 3          # a quick CPU run
+    python bench/sam.py --variant vit_h --batch 8 --bf16                      # on a GPU
+
+Encoder: `image_encoder` on a (batch, 3, S, S) normalised image. Decoder: prompt encoder + mask
+decoder for `--boxes` box prompts on one image embedding, in one call (what a predictor does for
+many boxes). Random weights (the official init, copied into the official model so both compute
+the same thing); the outputs are compared too. The official package is optional: without it only
+minisam is timed. It imports torchvision; when that does not load, the test stand-in under
+tests/reference/stubs is used (the encoder and decoder never call it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minisam import CONFIGS, Sam  # noqa: E402
+from minisam.config import SamConfig  # noqa: E402
+
+
+def import_official():
+    """`segment_anything`, with the torchvision stand-in if needed, or None."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        sys.modules.pop("torchvision", None)
+        sys.path.insert(0, str(ROOT / "tests" / "reference" / "stubs"))
+    try:
+        import segment_anything
+    except Exception as error:  # not installed, or it does not import here
+        print(f"official segment_anything unavailable ({error}); timing minisam only")
+        return None
+    return segment_anything
+
+
+def official_model(sa, config: SamConfig) -> torch.nn.Module:
+    """The official Sam built from its classes with `config`'s numbers (build_sam.py hard-codes 1024)."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+
+    grid = config.image_size // config.patch_size
+    return sa.modeling.Sam(
+        image_encoder=ImageEncoderViT(
+            img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.encoder_embed_dim,
+            depth=config.encoder_depth, num_heads=config.encoder_num_heads, mlp_ratio=config.mlp_ratio,
+            out_chans=config.prompt_embed_dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            use_rel_pos=config.use_rel_pos, window_size=config.window_size,
+            global_attn_indexes=list(config.encoder_global_attn_indexes),
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=config.prompt_embed_dim, image_embedding_size=(grid, grid),
+            input_image_size=(config.image_size, config.image_size), mask_in_chans=config.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=config.num_multimask_outputs,
+            transformer=TwoWayTransformer(
+                depth=config.decoder_depth, embedding_dim=config.prompt_embed_dim,
+                mlp_dim=config.decoder_mlp_dim, num_heads=config.decoder_num_heads,
+            ),
+            transformer_dim=config.prompt_embed_dim,
+            iou_head_depth=config.iou_head_depth,
+            iou_head_hidden_dim=config.iou_head_hidden_dim,
+        ),
+    )
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
+    """Median wall time in ms of `fn()` over `repeats` runs after one warm-up, and its last output."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), out
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="vit_b", choices=sorted(CONFIGS))
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1, help="images per encoder call")
+    parser.add_argument("--boxes", type=int, default=64, help="box prompts per decoder call")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA only)")
+    parser.add_argument("--plain-attention", action="store_true", help="minisam's plain-math attention instead of SDPA")
+    parser.add_argument("--no-official", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.bf16 and device.type != "cuda":
+        parser.error("--bf16 needs a CUDA device")
+    config = dataclasses.replace(CONFIGS[args.variant], image_size=args.image_size, use_sdpa=not args.plain_attention)
+    torch.manual_seed(0)
+    ours = Sam(config).eval().to(device)
+    with torch.no_grad():  # the official init leaves these at zero; make them count
+        ours.image_encoder.pos_embed.normal_(0, 0.02)
+    models = {"minisam": ours}
+    sa = None if args.no_official else import_official()
+    if sa is not None:
+        official = official_model(sa, config)
+        official.load_state_dict(ours.state_dict())  # the attribute paths are the official keys
+        models["official"] = official.eval().to(device)
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
+    corners = torch.rand(args.boxes, 2, 2, generator=g).sort(dim=1).values * args.image_size  # x0 <= x1, y0 <= y1
+    boxes = corners.permute(0, 2, 1).reshape(-1, 4).to(device)  # (boxes, 4) as x0, y0, x1, y1
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    print(f"{args.variant} at {args.image_size}px, encoder batch {args.batch}, {args.boxes} boxes, "
+          f"{device} {'bf16 autocast' if args.bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads, median of {args.repeats}")
+
+    results: dict[str, dict[str, float]] = {}
+    outputs: dict[str, tuple] = {}
+    for name, model in models.items():
+        with torch.no_grad(), autocast:
+            encoder_ms, embedding = timed(lambda m=model: m.image_encoder(images), args.repeats, device)
+            one = embedding[:1]
+
+            def decode(m=model, one=one):
+                sparse, dense = m.prompt_encoder(points=None, boxes=boxes, masks=None)
+                return m.mask_decoder(one, m.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
+
+            decoder_ms, (low_res, iou) = timed(decode, args.repeats, device)
+        results[name] = {"encoder": encoder_ms, "decoder": decoder_ms}
+        outputs[name] = (embedding, low_res, iou)
+
+    print(f"{'stage':<10}{'minisam ms':>12}" + (f"{'official ms':>13}{'official/minisam':>18}" if "official" in results else ""))
+    for stage in ("encoder", "decoder"):
+        row = f"{stage:<10}{results['minisam'][stage]:>12.1f}"
+        if "official" in results:
+            row += f"{results['official'][stage]:>13.1f}{results['official'][stage] / results['minisam'][stage]:>18.2f}"
+        print(row)
+    if "official" in outputs:
+        (e1, l1, i1), (e2, l2, i2) = outputs["minisam"], outputs["official"]
+        print(f"max |minisam - official|: embedding {max_diff(e1, e2):.2e}, low-res logits {max_diff(l1, l2):.2e}, IoU {max_diff(i1, i2):.2e}")
+
+
+if __name__ == "__main__":
+    main()
