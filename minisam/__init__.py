@@ -14,3 +14,7 @@ from minisam.transforms import ResizeLongestSide
 __all__ = ["CONFIGS", "OFFICIAL_VARIANTS", "SamConfig", "Sam", "load_sam", "ResizeLongestSide"]
 
 # Predictor and automatic mask generator (minisam/predictor.py, minisam/automatic.py):
+from minisam.automatic import AutomaticMaskGenerator  # noqa: E402
+from minisam.predictor import SamPredictor  # noqa: E402
+
+__all__ += ["SamPredictor", "AutomaticMaskGenerator"]
