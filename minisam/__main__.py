@@ -45,10 +45,16 @@ def parse_numbers(text: str, counts: tuple[int, ...], what: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minisam", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="[CHECKPOINT] IMAGE", help="converted checkpoint, then the image")
-    parser.add_argument("--random-weights", metavar="VARIANT", choices=sorted(CONFIGS), help="no checkpoint: a randomly initialised model (smoke tests only; masks are meaningless)")
+    parser.add_argument(
+        "--random-weights", metavar="VARIANT", choices=sorted(CONFIGS),
+        help="no checkpoint: a randomly initialised model (smoke tests only; masks are meaningless)",
+    )
     parser.add_argument("--image-size", type=int, help="model input size (default: the checkpoint's or the variant's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
-    parser.add_argument("--point", action="append", default=[], type=lambda t: parse_numbers(t, (2, 3), "--point"), metavar="X,Y[,LABEL]", help="a point in pixels; label 1 (default) foreground, 0 background")
+    parser.add_argument(
+        "--point", action="append", default=[], type=lambda t: parse_numbers(t, (2, 3), "--point"),
+        metavar="X,Y[,LABEL]", help="a point in pixels; label 1 (default) foreground, 0 background",
+    )
     parser.add_argument("--box", type=lambda t: parse_numbers(t, (4,), "--box"), metavar="X0,Y0,X1,Y1", help="a box in pixels")
     parser.add_argument("--multimask", action="store_true", help="three candidate masks instead of one")
     parser.add_argument("--auto", action="store_true", help="segment everything with the automatic mask generator")

@@ -13,9 +13,8 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import shared_path
+from PIL import Image
 from sam_utils import official_sam, segment_anything, to_minisam
 from test_sam_masks import scipy_cv2_stand_in
 

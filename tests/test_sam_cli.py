@@ -13,9 +13,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT, shared_path
+from PIL import Image
 
 from minisam import CONFIGS, Sam, load_sam
 from minisam.__main__ import main
@@ -77,7 +76,8 @@ def test_auto_writes_overlay_and_records(checkpoint, image_path, tmp_path) -> No
     settings = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
     assert main([str(checkpoint), str(image_path), "--auto", *settings, "--out", str(out)]) == 0
     records = json.loads((tmp_path / "auto.json").read_text())
-    expected = AutomaticMaskGenerator(load_sam(checkpoint), points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0).generate(np.array(Image.open(image_path).convert("RGB")))
+    generator = AutomaticMaskGenerator(load_sam(checkpoint), points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0)
+    expected = generator.generate(np.array(Image.open(image_path).convert("RGB")))
     assert len(records) == len(expected) > 0
     for record, reference in zip(records, expected):
         np.testing.assert_array_equal(rle_to_mask(coco_decode_rle(record["segmentation"])), reference["segmentation"])

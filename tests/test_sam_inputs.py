@@ -10,9 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import shared_path
+from PIL import Image
 from sam_utils import official_sam, segment_anything, to_minisam
 
 from minisam.predictor import SamPredictor, prepare_image

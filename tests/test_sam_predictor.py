@@ -12,9 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import shared_path
+from PIL import Image
 from sam_utils import official_sam, segment_anything, to_minisam
 
 from minisam.predictor import SamPredictor
@@ -99,7 +98,10 @@ def test_predict_torch_batched_boxes(tiny_pair) -> None:
     boxes = ours.transform.apply_boxes_torch(boxes, image.shape[:2])
     points = ours.transform.apply_coords_torch(torch.rand(16, 3, 2, generator=g) * torch.tensor([w, h]), image.shape[:2])
     labels = torch.randint(0, 2, (16, 3), generator=g)
-    for kwargs in (dict(point_coords=None, point_labels=None, boxes=boxes), dict(point_coords=points, point_labels=labels, boxes=boxes, multimask_output=False)):
+    for kwargs in (
+        dict(point_coords=None, point_labels=None, boxes=boxes),
+        dict(point_coords=points, point_labels=labels, boxes=boxes, multimask_output=False),
+    ):
         their_masks, their_iou, their_low = official.predict_torch(**kwargs)
         our_masks, our_iou, our_low = ours.predict_torch(**kwargs)
         assert our_masks.shape == their_masks.shape

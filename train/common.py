@@ -160,6 +160,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The average of `t` over all ranks (for logging global numbers; no-op in one process)."""
+    if not dist.is_initialized():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 

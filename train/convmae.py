@@ -1,0 +1,308 @@
+"""Pretrain ConvMAE or FastConvMAE on a folder of images: `python -m train.convmae --data DIR`.
+
+The recipe of Alpha-VL/ConvMAE `main_pretrain.py` + `engine_pretrain.py` (itself MAE's, He et
+al. 2022, appendix A.1), with the fixes users ask for:
+- data: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + ImageNet normalisation
+  (`train.image_folder`); labels are ignored;
+- AdamW, betas (0.9, 0.95), weight decay 0.05 except on biases and 1-D parameters (norms);
+  lr = base_lr x effective batch / 256; per-iteration linear warmup then half-cycle cosine;
+- loss: MSE on normalised pixels (norm-pix) of the removed patches;
+- bf16 autocast on GPU with the decoder optionally kept in fp32 (the official fp16 runs hit NaN
+  losses); a NaN/inf loss stops the run and keeps the last good checkpoint;
+- every epoch: the reconstruction loss of a fixed set of images with fixed masks, and a picture
+  `recon_EEE.png` of original / masked / reconstruction / reconstruction + visible patches;
+  `convmae.safetensors` (loadable by `convmae.load_convmae`, fine-tunable by `train.convvit`),
+  `last.pt` for `--resume`, `curves.png`, `metrics.jsonl`.
+- `torchrun --nproc_per_node=N -m train.convmae ...` runs the same loop with DDP. Masking noise
+  and crops come from generators seeded per sample, so N processes train exactly like one.
+
+Legend: B images, L stage-3 tokens, P pixels per patch (16 * 16 * 3), g grid side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import convmae
+from train import common
+from train.data import Skipped
+from train.image_folder import ImageFolderDataset, denormalize, list_images, sample_generator
+from weights_convert.checkpoint import save_converted
+
+
+@dataclass
+class Settings:
+    """Pretrain ConvMAE / FastConvMAE on an image folder."""
+
+    data: str = ""  # comma-separated image folders (class sub-folders allowed; labels unused)
+    val_data: str = ""  # images for the fixed reconstruction check; "": the first training images
+    out: str = "runs/convmae"
+    model: str = "convmae_base"  # a convmae.CONFIGS name, or a .json file of ConvMAEConfig fields
+    checkpoint: str | None = None  # a converted ConvMAE/FastConvMAE file to start from
+    fast: bool = False  # FastConvMAE (complementary masks) instead of ConvMAE
+    img_size: int = 0  # 0: the config's
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    seed: int = 0
+    epochs: int = 400
+    batch_size: int = 64  # per process
+    accum_steps: int = 1
+    blr: float = 1.5e-4  # base learning rate: lr = blr * batch_size * accum_steps * world_size / 256
+    lr: float | None = None  # absolute learning rate (overrides blr)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 40.0
+    clip_grad: float = 0.0  # max gradient norm; 0: off (the official recipe does not clip)
+    bf16: bool = True  # autocast on CUDA only (CPU runs stay fp32 and exact)
+    fp32_decoder: bool = True  # keep the decoder out of autocast
+    min_side: int = -1  # skip images whose shorter side is below this; -1: the input size; 0: keep all
+    eval_images: int = 8  # fixed images for the reconstruction loss and the picture
+    device: str = "auto"
+    workers: int = 0
+    save_every: int = 0  # optimizer steps between last.pt writes; 0: once per epoch
+    stop_after: int = 0  # stop after this many optimizer steps (as if interrupted); 0: never
+    resume: bool = False  # continue from OUT/last.pt
+    progress: bool = True
+
+
+def build_model(s: Settings) -> convmae.ConvMAE:
+    """ConvMAE or FastConvMAE from a converted file, or a fresh one from a preset / JSON config."""
+    if s.checkpoint:
+        loaded = convmae.load_convmae(s.checkpoint)
+        if not isinstance(loaded, convmae.ConvMAE):
+            raise ValueError(f"{s.checkpoint}: holds a {type(loaded).__name__}, not a pretraining model")
+        model = (convmae.FastConvMAE if s.fast else convmae.ConvMAE)(loaded.config)  # same tensors, either masking
+        model.load_state_dict(loaded.state_dict())
+        return model
+    if s.model.endswith(".json"):
+        config = convmae.ConvMAEConfig.from_dict(json.loads(Path(s.model).read_text()))
+    elif s.model in convmae.CONFIGS:
+        config = convmae.CONFIGS[s.model]
+    else:
+        raise ValueError(f"--model {s.model!r}: neither a .json config nor one of {sorted(convmae.CONFIGS)}")
+    config = dataclasses.replace(config, norm_pix_loss=s.norm_pix_loss, **({"img_size": s.img_size} if s.img_size else {}))
+    torch.manual_seed(s.seed)
+    return (convmae.FastConvMAE if s.fast else convmae.ConvMAE)(config)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights with decay; biases and 1-D parameters (norms) without (timm's `add_weight_decay`)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue  # the fixed sin-cos position embeddings
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; nothing on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
+
+
+class PretrainStep(nn.Module):
+    """images, noise -> (loss, pred, mask): the staged forward in one module, so that DDP can wrap it.
+
+    The encoder runs under bf16 autocast (on CUDA); the decoder and the loss in fp32 when
+    `fp32_decoder` (the MAE decoder is where the official fp16 runs overflowed).
+    """
+
+    def __init__(self, model: convmae.ConvMAE, bf16: bool, fp32_decoder: bool) -> None:
+        super().__init__()
+        self.model, self.bf16, self.fp32_decoder = model, bf16, fp32_decoder
+
+    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with autocast(imgs.device, self.bf16):
+            latent, mask, ids_restore = self.model.forward_encoder(imgs, mask_ratio, noise)
+        if self.fp32_decoder:
+            latent = latent.float()
+        with autocast(imgs.device, self.bf16 and not self.fp32_decoder):
+            pred = self.model.forward_decoder(latent, ids_restore)  # (B, L, P), or (K * B, L, P) for FastConvMAE
+        return self.model.forward_loss(imgs, pred.float(), mask), pred, mask
+
+
+def masking_noise(indexes: list[int], seed: int, epoch: int, length: int) -> torch.Tensor:
+    """(B, L) uniform noise, one generator per sample: the masks do not depend on the batching."""
+    return torch.stack([torch.rand(length, generator=sample_generator(seed + 1, epoch, i)) for i in indexes])
+
+
+@torch.no_grad()
+def reconstruct(model: convmae.ConvMAE, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> tuple[float, torch.Tensor]:
+    """Loss on fixed images and masks, and a picture tensor (B, 4, 3, H, W) in 0..1:
+    original, masked, reconstruction, reconstruction with the visible patches pasted back."""
+    was_training = model.training
+    model.eval()
+    loss, pred, mask = model(imgs, mask_ratio, noise)
+    model.train(was_training)
+    B = imgs.shape[0]
+    pred, mask = pred[:B], mask[:B]  # FastConvMAE: view 0
+    target = model.patchify(imgs)  # (B, L, P)
+    if model.config.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    removed = mask[..., None]  # (B, L, 1), 1 = removed
+    masked = model.unpatchify(target * (1 - removed) + removed * -10.0)  # removed patches shown dark
+    recon = model.unpatchify(pred)
+    pasted = model.unpatchify(target * (1 - removed) + pred * removed)
+    rows = torch.stack([imgs, masked, recon, pasted], dim=1)  # (B, 4, 3, H, W)
+    return loss.item(), denormalize(rows)
+
+
+def save_picture(rows: torch.Tensor, path: Path) -> None:
+    """(B, 4, 3, H, W) in 0..1 -> a PNG grid, one image per row."""
+    B, n, _, H, W = rows.shape
+    grid = (rows.permute(0, 3, 1, 4, 2).reshape(B * H, n * W, 3) * 255).round().byte()  # (B*H, n*W, 3)
+    Image.fromarray(grid.cpu().numpy()).save(path)
+
+
+def train(s: Settings, d: common.Dist) -> dict:
+    """The whole run; returns the history and the fixed-set reconstruction loss before/after."""
+    out = Path(s.out)
+    last_path = out / "last.pt"
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
+    common.seed_everything(s.seed)
+
+    # ---- model and data; unreadable or too-small images are skipped and counted
+    model = build_model(s).to(d.device).train()
+    c = model.config
+    skipped = Skipped()
+    min_side = c.img_size if s.min_side < 0 else s.min_side
+    items, _ = list_images([p for p in s.data.split(",") if p], skipped, min_side)
+    eval_items = list_images(s.val_data.split(","), skipped, min_side)[0] if s.val_data else items
+    train_set = ImageFolderDataset(items, c.img_size, train=True, scale=(0.2, 1.0), seed=s.seed)
+    eval_set = ImageFolderDataset(eval_items[: s.eval_images], c.img_size, train=False)
+    common.log(f"{type(model).__name__} {c.img_size}px, {len(train_set)} training images; skipped: {skipped.summary()}")
+    fixed = torch.stack([eval_set[i]["image"] for i in range(len(eval_set))]).to(d.device)
+    fixed_noise = masking_noise(list(range(len(eval_set))), s.seed + 7, 0, c.num_patches).to(d.device)
+
+    # ---- optimiser and schedule (lr scaled by the effective batch, as in main_pretrain.py)
+    per_step = s.batch_size * d.world_size * s.accum_steps  # images per optimizer step, all ranks
+    steps_per_epoch = len(train_set) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} images cannot fill one step of {per_step}; lower --batch-size")
+    lr = s.lr if s.lr is not None else s.blr * per_step / 256
+    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=lr, betas=(0.9, 0.95))
+    total_steps = steps_per_epoch * s.epochs
+    scheduler = common.make_scheduler(optimizer, total_steps, round(s.warmup_epochs * steps_per_epoch), "cosine")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    step_module = PretrainStep(model, s.bf16, s.fp32_decoder)
+    ddp = step_module
+    if d.enabled:
+        ddp = DistributedDataParallel(step_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    common.log(f"lr {lr:.3g} (effective batch {per_step}), {steps_per_epoch} steps per epoch, {total_steps} in all")
+
+    # ---- start or resume
+    step, start_epoch, start_micro = 0, 0, 0
+    history: dict[str, list] = {"train_loss": [], "lr": [], "recon_loss": []}
+    if s.resume:
+        state = common.load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, start_epoch, start_micro, history = state["step"], state["epoch"], state["micro"], state["history"]
+        common.set_rng_state(state["rng"])
+        common.log(f"resumed from {last_path} at step {step} (epoch {start_epoch}, batch {start_micro})")
+    elif d.is_main:
+        loss0, rows = reconstruct(model, fixed, fixed_noise, s.mask_ratio)
+        history["recon_loss"].append([0, loss0])
+        save_picture(rows, out / "recon_000.png")
+        common.log(f"before training: reconstruction loss {loss0:.4f} on {len(eval_set)} fixed images")
+
+    def snapshot(epoch: int, micro: int) -> dict:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "epoch": epoch, "micro": micro, "history": history, "rng": common.rng_state(),
+            "settings": dataclasses.asdict(s),
+        }
+
+    stopped = False
+    for epoch in range(start_epoch, s.epochs):
+        # One permutation for all ranks; rank r takes every W-th image, so the ranks' batches
+        # together are exactly the single-process batch of size B * W.
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(s.seed + epoch))
+        mine = order[: steps_per_epoch * per_step][d.rank :: d.world_size].tolist()
+        batches = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
+        train_set.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers)
+        bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        for micro, batch in enumerate(bar, start=start_micro):
+            imgs = batch["image"].to(d.device)  # (B, 3, H, W)
+            noise = masking_noise(batch["index"].tolist(), s.seed, epoch, c.num_patches).to(d.device)  # (B, L)
+            sync = (micro + 1) % s.accum_steps == 0
+            with ddp.no_sync() if d.enabled and not sync else contextlib.nullcontext():
+                loss, _, _ = ddp(imgs, noise, s.mask_ratio)
+                common.check_finite(loss, step, d.device, str(last_path) if last_path.exists() else "none written yet")
+                (loss / s.accum_steps).backward()
+            if not sync:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else float("inf"))
+            used_lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = loss.item()
+            if d.enabled:  # the mean over ranks = the loss of the whole batch (equal masked counts per image)
+                t = loss.detach().clone()
+                torch.distributed.all_reduce(t)
+                loss_value = t.item() / d.world_size
+            history["train_loss"].append([step, loss_value])
+            history["lr"].append([step, used_lr])
+            if d.is_main:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": loss_value,
+                                                            "lr": used_lr, "grad_norm": grad_norm.item()})
+            if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
+                if d.is_main:
+                    common.save_checkpoint(last_path, snapshot(epoch, micro + 1))
+                if step == s.stop_after:
+                    stopped = True
+                    break
+        if stopped:
+            common.log(f"stopped after step {step} as asked (--stop-after); continue with --resume")
+            break
+        start_micro = 0
+
+        # ---- end of epoch (rank 0): fixed-set reconstruction, picture, exported model, last.pt, curves
+        if d.is_main:
+            recon, rows = reconstruct(model, fixed, fixed_noise, s.mask_ratio)
+            history["recon_loss"].append([step, recon])
+            save_picture(rows, out / f"recon_{epoch + 1:03d}.png")
+            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "recon_loss": recon})
+            common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, reconstruction loss {recon:.4f}")
+            kind = "fastconvmae" if isinstance(model, convmae.FastConvMAE) else "convmae"
+            save_converted(out / "convmae.safetensors", model.state_dict(), "convmae", {**c.to_dict(), "model": kind})
+            common.save_checkpoint(last_path, snapshot(epoch + 1, 0))
+            common.save_curves(out / "curves.png", {
+                "loss": {"train": history["train_loss"], "fixed set": history["recon_loss"]},
+                "learning rate": {"lr": history["lr"]},
+            })
+        common.barrier()
+    recon = history["recon_loss"]
+    return {"history": history, "step": step, "stopped": stopped, "skipped": dict(skipped),
+            "recon_before": recon[0][1] if recon else float("nan"), "recon_after": recon[-1][1] if recon else float("nan")}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    s = common.parse_settings(Settings, argv)
+    d = common.setup_distributed(s.device)
+    try:
+        return train(s, d)
+    except common.NonFiniteLossError as e:
+        raise SystemExit(f"error: {e}") from e
+    finally:
+        common.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()

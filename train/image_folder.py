@@ -1,0 +1,183 @@
+"""Image folders and the augmentations of MAE-style pretraining and fine-tuning, in PIL + torch.
+
+Layout: `ROOT/CLASS/**/NAME.{jpg,png,...}` (ImageNet's `train/` and `val/` folders), or images
+directly under ROOT (one class, enough for pretraining). Several roots may be given; classes
+are the sorted union of their first-level folder names.
+
+Bad input never crashes a run: a file that PIL cannot open (not an image, truncated header,
+zero bytes) or an image smaller than `min_side` pixels on its shorter side is skipped and
+counted in a `train.data.Skipped`; a folder with no usable image is refused with the counts.
+
+The transforms are torchvision's, written out (Alpha-VL/ConvMAE `main_pretrain.py` and
+`util/datasets.py` build them from torchvision): `RandomResizedCrop` (area scale 0.2-1 for
+pretraining, 0.08-1 for fine-tuning, aspect ratio 3/4-4/3, bicubic), horizontal flip with
+probability 0.5, `ToTensor`, ImageNet normalisation; evaluation resizes the shorter side to
+size / 0.875 (bicubic) and takes the centre crop.
+
+Every random draw of sample `index` in epoch `epoch` comes from a generator seeded by
+(seed, epoch, index), so one process and N `torchrun` processes see the same pixels, and a
+resumed run sees what the uninterrupted one saw.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from train.data import IMAGE_SUFFIXES, Skipped
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: str
+    label: int
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one sample's random draws (augmentation, masking noise)."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2**63))
+
+
+def list_images(roots: list[str], skipped: Skipped, min_side: int = 0) -> tuple[list[ImageItem], list[str]]:
+    """Every usable image under `roots` with its class index, and the class names.
+
+    Each file's header is read (no decoding of the pixels: fast on large folders).
+    """
+    files: list[tuple[Path, str]] = []
+    for root in roots:
+        root_path = Path(root)
+        if not root_path.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder")
+        for path in sorted(p for p in root_path.rglob("*") if p.is_file()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            rel = path.relative_to(root_path).parts
+            files.append((path, rel[0] if len(rel) > 1 else ""))
+    classes = sorted({c for _, c in files})
+    items = []
+    for path, cls in files:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:  # PIL raises several kinds (UnidentifiedImageError, OSError, ...)
+            skipped.add("unreadable image", f"{path.name} ({type(e).__name__})")
+            continue
+        if min(w, h) < min_side:
+            skipped.add(f"image smaller than {min_side} px", f"{path.name} {w}x{h}")
+            continue
+        items.append(ImageItem(str(path), classes.index(cls)))
+    if not items:
+        raise ValueError(f"{','.join(roots)}: no usable image; {skipped.summary()}")
+    return items, classes
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:
+        raise ValueError(f"{path}: cannot decode the image ({e}); remove it and restart") from e
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], g: torch.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision's `RandomResizedCrop.get_params`: a box (left, top, right, bottom) covering a
+    random fraction `scale` of the area with a log-uniform aspect ratio; 10 tries, then the
+    centre crop with the ratio clamped."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(3, generator=g).tolist()
+        target_area = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+        aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float, x / 255 then ImageNet mean/std (ToTensor + Normalize)."""
+    x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+    x = x.permute(2, 0, 1).float() / 255  # (3, H, W)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) normalised -> 0..1 (for pictures)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def train_transform(
+    image: Image.Image, size: int, scale: tuple[float, float], g: torch.Generator, flip: bool = True
+) -> torch.Tensor:
+    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip + ToTensor + Normalize."""
+    box = random_resized_crop_box(image.width, image.height, scale, (3 / 4, 4 / 3), g)
+    crop = image.resize((size, size), Image.BICUBIC, box=box)
+    if flip and float(torch.rand(1, generator=g)) < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_normalized_tensor(crop)
+
+
+def eval_transform(image: Image.Image, size: int, crop_pct: float = 0.875) -> torch.Tensor:
+    """Resize the shorter side to size / crop_pct (bicubic), centre crop size x size, normalise."""
+    short = int(size / crop_pct)
+    w, h = image.size
+    new_w, new_h = (short, max(short, round(h * short / w))) if w <= h else (max(short, round(w * short / h)), short)
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return to_normalized_tensor(image.crop((left, top, left + size, top + size)))
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """(image, label, index) samples; random crops and flips for training, centre crops otherwise.
+
+    Args:
+        items: from `list_images`.
+        size: side of the square output.
+        train: augment (True) or evaluate (False).
+        scale: RandomResizedCrop area range.
+        seed: with the epoch and the index, fixes every random draw.
+    """
+
+    def __init__(self, items: list[ImageItem], size: int, train: bool, scale: tuple[float, float] = (0.2, 1.0), seed: int = 0) -> None:
+        self.items, self.size, self.train, self.scale, self.seed = items, size, train, scale, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.items[index]
+        image = load_rgb(item.path)
+        if self.train:
+            x = train_transform(image, self.size, self.scale, sample_generator(self.seed, self.epoch, index))
+        else:
+            x = eval_transform(image, self.size)
+        return {"image": x, "label": torch.tensor(item.label), "index": torch.tensor(index)}
