@@ -285,3 +285,50 @@ def test_pre_and_postprocess_match_official(name, tiny):
     masks = ours.postprocess_masks(*args)
     assert masks.shape == (2, 3, *image.shape[:2])
     assert torch.equal(masks, official.postprocess_masks(*args))
+
+
+# ---- the torchvision stand-in the official code runs on (tests/reference/stubs) ------------------
+
+
+def greedy_nms(boxes: np.ndarray, scores: torch.Tensor, threshold: float) -> list[int]:
+    """torchvision's CPU NMS kernel, box by box in float32."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1) * (y2 - y1)
+    suppressed, keep = set(), []
+    order = scores.sort(0, descending=True)[1].tolist()
+    for n, i in enumerate(order):
+        if i in suppressed:
+            continue
+        keep.append(i)
+        for j in order[n + 1 :]:
+            w = max(np.float32(0), min(x2[i], x2[j]) - max(x1[i], x1[j]))
+            h = max(np.float32(0), min(y2[i], y2[j]) - max(y1[i], y1[j]))
+            if j not in suppressed and w * h / (areas[i] + areas[j] - w * h) > threshold:
+                suppressed.add(j)
+    return keep
+
+
+@pytest.mark.parametrize("n", [60, 1100])  # coordinate-offset path, then per-category path (> 4000 numbers)
+def test_torchvision_stand_in_batched_nms(n):
+    sa = segment_anything()
+    batched_nms = sa.automatic_mask_generator.batched_nms
+    g = torch.Generator().manual_seed(n)
+    corners = torch.rand(n, 2, generator=g) * 300
+    boxes = torch.cat([corners, corners + torch.rand(n, 2, generator=g) * 60 + 1], dim=1)
+    scores, categories = torch.rand(n, generator=g), torch.randint(0, 3, (n,), generator=g)
+    expected = []
+    for c in range(3):
+        members = torch.where(categories == c)[0]
+        expected += members[greedy_nms(boxes[members].numpy(), scores[members], 0.7)].tolist()
+    expected.sort(key=lambda i: -scores[i].item())
+    assert batched_nms(boxes, scores, categories, 0.7).tolist() == expected
+
+
+def test_torchvision_stand_in_resize():
+    from PIL import Image
+
+    sa = segment_anything()
+    resize, to_pil_image = sa.utils.transforms.resize, sa.utils.transforms.to_pil_image
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    assert np.array_equal(np.array(resize(to_pil_image(image), (20, 29))), np.array(Image.fromarray(image).resize((29, 20), Image.BILINEAR)))
+    assert np.array_equal(np.array(resize(to_pil_image(image), (37, 53))), image)
