@@ -19,6 +19,16 @@ from conftest import shared_path
 from florence_utils import seeded_fill
 from miniflorence.language_model import Attention, Florence2LanguageModel
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared CPU: one thread avoids thread-synchronisation stalls (100x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # (vocab, d_model, layers, heads, ffn, max positions): tiny, and Florence-2-base's language model
 WIDTHS = {
     "tiny": (300, 32, 2, 4, 64, 64),
