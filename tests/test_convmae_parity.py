@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 import convmae
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, shared_path
 from weights_convert.__main__ import main as convert_main
 
 FIXTURE_DIR = FIXTURES / "convmae"
@@ -129,3 +129,12 @@ def test_fresh_positions_equal_the_official_sincos() -> None:
     model = convmae.ConvMAE(config)
     assert torch.equal(model.pos_embed.data, t["model.pos_embed"])
     assert torch.equal(model.decoder_pos_embed.data, t["model.decoder_pos_embed"])
+
+
+@pytest.mark.parametrize(
+    "name", ["convmae_small_normpix0", "convmae_small_normpix1", "fastconvmae_small", "convvit_small"]
+)
+def test_fixture_copies_equal_the_shared_ones(name: str) -> None:
+    """The committed fixtures are byte-for-byte the ones in ../shared/fixtures/convmae (PROVENANCE.md)."""
+    shared = shared_path("fixtures", "convmae", f"{name}.safetensors")
+    assert (FIXTURE_DIR / f"{name}.safetensors").read_bytes() == shared.read_bytes()
