@@ -147,6 +147,24 @@ def test_sdpa_and_plain_attention_agree(tiny, tmp_path):
     assert (iou_fused - iou_plain).abs().max() <= 1e-5
 
 
+def test_sdpa_and_plain_attention_gradients_agree(tiny, tmp_path):
+    """Training runs the fused path; its gradients (rel_pos tables included) equal the plain math's."""
+    official, _ = tiny
+    grads = []
+    for use_sdpa in (True, False):
+        model = to_minisam(official, tmp_path / str(use_sdpa), use_sdpa=use_sdpa)
+        image = torch.randint(0, 256, (2, 3, 160, 160), generator=torch.Generator().manual_seed(10)).float()
+        sparse, dense = model.encode_prompts(boxes=torch.tensor([[1.0, 2.0, 90.0, 100.0], [20.0, 30.0, 150.0, 140.0]]))
+        masks, iou = model.decode_masks(model.encode_image(image), sparse, dense)
+        (masks.square().mean() + iou.sum()).backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    fused, plain = grads
+    used = [k for k, g in plain.items() if g is not None]  # box prompts leave the point embeddings unused
+    assert used == [k for k, g in fused.items() if g is not None] and "image_encoder.blocks.1.attn.rel_pos_h" in used
+    for key in used:
+        assert (fused[key] - plain[key]).abs().max() <= 1e-4 * plain[key].abs().max() + 1e-7, key
+
+
 @torch.no_grad()
 def test_plain_attention_is_bit_exact(tiny, tmp_path):
     """With use_sdpa=False every operation is the official one, in the same order."""
