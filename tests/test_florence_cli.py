@@ -1,0 +1,76 @@
+"""`python -m miniflorence`: the whole pipeline (processor -> model -> generate -> post-process ->
+drawing) on random tiny weights and on a converted checkpoint, plus its error paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, shared_path
+from florence_utils import one_thread
+from miniflorence import tiny_config
+from miniflorence.__main__ import draw_results, main, random_model
+from weights_convert.checkpoint import save_converted
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TOKENIZER = ("assets", "tokenizer", "florence2")
+CAR = ("assets", "images", "florence", "car.jpg")
+
+
+def test_random_tiny_end_to_end(tmp_path, capsys) -> None:
+    out = tmp_path / "od.png"
+    code = main(["--random-weights", "tiny", str(shared_path(*TOKENIZER)), str(shared_path(*CAR)),
+                 "--task", "<OD>", "--max-new-tokens", "12", "--num-beams", "2", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "RANDOM weights" in captured.err
+    result = json.loads(captured.out)
+    assert set(result) == {"<OD>"} and set(result["<OD>"]) == {"bboxes", "labels"}
+    assert Image.open(out).size == Image.open(shared_path(*CAR)).size
+
+
+def test_converted_checkpoint_and_non_rgb_image(tmp_path, capsys) -> None:
+    model = random_model("tiny")
+    tensors = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    save_converted(tmp_path / "tiny.safetensors", tensors, "florence2", tiny_config().to_dict())
+    Image.open(shared_path(*CAR)).convert("LA").save(tmp_path / "gray.png")  # grey + alpha
+    code = main([str(tmp_path / "tiny.safetensors"), str(shared_path(*TOKENIZER)), str(tmp_path / "gray.png"),
+                 "--task", "<CAPTION>", "--max-new-tokens", "8", "--num-beams", "1"])
+    assert code == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["<CAPTION>"], str)
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
+    save_converted(tmp_path / "sam.safetensors", {"x": torch.zeros(1)}, "sam", {})
+    code = main([str(tmp_path / "sam.safetensors"), str(shared_path(*TOKENIZER)), str(shared_path(*CAR))])
+    assert code == 1
+    assert "is a 'sam' checkpoint, not 'florence2'" in capsys.readouterr().err
+
+
+def test_wrong_number_of_paths() -> None:
+    with pytest.raises(SystemExit):
+        main(["--random-weights", "tiny", "a", "b", "c"])
+
+
+def test_drawing_boxes_quads_and_polygons() -> None:
+    image = Image.new("RGB", (100, 80), "black")
+    answers = [
+        {"bboxes": [[10, 10, 50, 40]], "labels": ["car"]},
+        {"quad_boxes": [[5, 5, 60, 5, 60, 20, 5, 20]], "labels": ["TEXT"]},
+        {"polygons": [[[10, 10, 90, 10, 50, 70]]], "labels": [""]},
+        {"bboxes": [], "bboxes_labels": [], "polygons": [[[1, 1, 30, 1, 30, 30, 5]]], "polygons_labels": ["x"]},
+    ]
+    for answer in answers:
+        drawn = draw_results(image, answer)
+        assert drawn.size == image.size and drawn.getbbox() is not None  # something was drawn
+    assert draw_results(image, "a caption").getbbox() is None
+
+
+def test_module_runs_as_a_program() -> None:
+    done = subprocess.run([sys.executable, "-m", "miniflorence", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "--random-weights" in done.stdout
