@@ -18,7 +18,6 @@ Random weights (the official init leaves pos_embed and rel_pos at zero, which wo
 from __future__ import annotations
 
 import math
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -37,20 +36,8 @@ TEST_IMAGE_SIZE = {"vit_t": 160}
 
 
 def segment_anything():
-    """The official package (skip when absent), without leaving the torchvision stand-in importable.
-
-    segment_anything binds the few torchvision functions it uses at import time; after that the
-    stand-in is taken off `sys.path` and out of `sys.modules`, so that libraries probing for a real
-    torchvision (transformers does) do not find it.
-    """
-    sa = import_official_sam()
-    stubs = str(Path(__file__).resolve().parent / "reference" / "stubs")
-    if stubs in sys.path:
-        sys.path.remove(stubs)
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        if getattr(sys.modules[name], "__file__", "") and stubs in sys.modules[name].__file__:
-            del sys.modules[name]
-    return sa
+    """The official package (skip when absent); see `conftest.import_official_sam`."""
+    return import_official_sam()
 
 
 def random_value(key: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
