@@ -8,7 +8,7 @@ Two levels:
 
 Random weights rarely emit EOS, so an EOS bias is added on both sides (BART: `final_logits_bias`;
 native Florence-2, which has no such bias: a constant feature of the last decoder LayerNorm, see
-`bias_native_logits`) so that early stopping and finished-beam handling are exercised.
+`steer_native`) so that early stopping and finished-beam handling are exercised.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from miniflorence.generation import GenerationOptions, ban_repeated_ngrams, beam_search, generate, greedy_search
-from test_florence_language_model import build_pair
+from test_florence_language_model import tiny_pair
 
 EOS, PAD, START = 2, 1, 2
 
@@ -43,7 +43,7 @@ def hf_kwargs(options: GenerationOptions) -> dict:
 @pytest.fixture(scope="module")
 def biased_pair():
     """Tiny BART + ours with the same seeded weights and an EOS bias in final_logits_bias."""
-    reference, ours = build_pair("tiny", seed=7)
+    reference, ours = tiny_pair(seed=7)
     with torch.no_grad():
         reference.final_logits_bias[0, EOS] = 0.15  # some rows end early, some run to the limit
         ours.final_logits_bias[0, EOS] = 0.15
@@ -150,3 +150,118 @@ def test_generate_entry_point(biased_pair) -> None:
         full_mask = torch.cat([torch.ones(2, 4, dtype=torch.long), mask], dim=1)
         expected = reference.generate(inputs_embeds=embeds, attention_mask=full_mask, **hf_kwargs(options))
     assert torch.equal(got, expected)
+
+
+# --- the whole model against transformers' native Florence-2 -------------------------------------
+
+VOCAB = 51289  # ours; the native table has padding rows up to 51328 (`<image>` = 51289 among them)
+NATIVE_EOS_BIAS = {"no bias": 0.0, "EOS bias": 3.0}  # tiny: rows run to the limit / end at various steps
+
+
+def steer_native(native) -> float:
+    """Make the last decoder LayerNorm output a constant 1 in feature 0 (weight 0, bias 1), so that
+    column 0 of the tied token table acts as a logit bias: -1e4 for the native padding rows (our
+    51289-row table has none, so they must neither win nor weigh in the softmax). Returns the EOS
+    row's original value in that column; `set_eos_bias` adds to it. Done before conversion, so our
+    model gets the same weights."""
+    lm = native.model.language_model
+    with torch.no_grad():
+        norm = lm.decoder.layers[-1].final_layer_norm
+        norm.weight[0], norm.bias[0] = 0.0, 1.0
+        lm.shared.weight[VOCAB:] = 0.0
+        lm.shared.weight[VOCAB:, 0] = -1.0e4
+    assert native.lm_head.weight is lm.shared.weight  # the output projection is the same table
+    return lm.shared.weight[EOS, 0].item()
+
+
+def set_eos_bias(native, ours, base: float, bias: float) -> None:
+    with torch.no_grad():
+        native.model.language_model.shared.weight[EOS, 0] = base + bias
+        ours.language_model.model.shared.weight[EOS, 0] = base + bias
+
+
+def native_pair(config, seed: int):
+    """transformers' native model with seeded (steered) weights, and ours converted from it."""
+    pytest.importorskip("transformers")
+    from florence_utils import native_model
+    from miniflorence.model import Florence2, expand_tied
+    from weights_convert.checkpoint import load_strict
+    from weights_convert.florence2 import convert_tensors
+
+    native = native_model(config, seed=seed)
+    base = steer_native(native)
+    _, tensors = convert_tensors(native.state_dict(), config)
+    ours = Florence2(config).eval()
+    load_strict(ours, expand_tied(tensors, "converted native Florence-2"))
+    return native, ours, base
+
+
+def image_prompts(image_size: int, count: int, seed: int = 11):
+    """Batches of 2 images + prompts `<s> ... </s>`; the second prompt shorter and right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        prompt = torch.randint(3, 50265, (2, 9), generator=g)
+        prompt[:, 0], prompt[0, 8] = 0, EOS
+        prompt[1, 4 + i % 4], prompt[1, 5 + i % 4:] = EOS, PAD
+        out.append((torch.randn(2, 3, image_size, image_size, generator=g), prompt))
+    return out
+
+
+def compare_with_native(native, ours, pixel_values, prompt, options, with_mask: bool = True) -> torch.Tensor:
+    """Our `generate` and the native one on the same inputs; asserts identical ids, returns ours."""
+    from florence_utils import native_input_ids
+
+    mask = (prompt != PAD).long() if with_mask else None
+    got = generate(ours, pixel_values, prompt, mask, options)
+    image_tokens = ours.encode_image(pixel_values[:1]).shape[1]
+    kwargs = {}
+    if with_mask:
+        kwargs["attention_mask"] = torch.cat([torch.ones(prompt.shape[0], image_tokens, dtype=torch.long), mask], 1)
+    with torch.no_grad():
+        expected = native.generate(input_ids=native_input_ids(prompt, image_tokens), pixel_values=pixel_values,
+                                   **kwargs, **hf_kwargs(options))
+    assert torch.equal(got, expected), f"{got.tolist()} != {expected.tolist()}"
+    return got
+
+
+@pytest.fixture(scope="module")
+def tiny_native_pair():
+    from miniflorence import tiny_config
+
+    return native_pair(tiny_config(image_size=96), seed=3)
+
+
+@pytest.mark.parametrize("bias_name", list(NATIVE_EOS_BIAS))
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_matches_native_florence2_tiny(tiny_native_pair, num_beams: int, bias_name: str) -> None:
+    native, ours, base = tiny_native_pair
+    set_eos_bias(native, ours, base, NATIVE_EOS_BIAS[bias_name])
+    options = GenerationOptions(max_new_tokens=24, num_beams=num_beams)
+    lengths = []
+    for pixel_values, prompt in image_prompts(96, 3):
+        got = compare_with_native(native, ours, pixel_values, prompt, options)
+        lengths += [row[1:].index(EOS) + 1 for row in got.tolist()]
+    # one prompt alone, unpadded, without a mask (the original's all-ones encoder mask)
+    compare_with_native(native, ours, pixel_values[:1], prompt[:1], options, with_mask=False)
+    if NATIVE_EOS_BIAS[bias_name] > 0:
+        assert max(lengths) < options.max_new_tokens, lengths  # every row stopped at its own EOS
+    else:
+        assert min(lengths) == options.max_new_tokens, lengths  # every row got the forced EOS
+
+
+@pytest.fixture(scope="module")
+def base_native_pair():
+    from miniflorence import CONFIGS
+
+    return native_pair(CONFIGS["base"].replace(image_size=64), seed=0)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_matches_native_florence2_base(base_native_pair, num_beams: int) -> None:
+    """The full-width base model (image 64x64: 5 image tokens) with few new tokens."""
+    native, ours, _ = base_native_pair
+    options = GenerationOptions(max_new_tokens=8, num_beams=num_beams)
+    pixel_values, prompt = image_prompts(64, 1)[0]
+    compare_with_native(native, ours, pixel_values, prompt, options)
+

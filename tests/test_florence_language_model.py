@@ -37,12 +37,14 @@ WIDTHS = {
 
 
 @functools.cache
-def build_pair(width: str, seed: int = 0) -> tuple[torch.nn.Module, Florence2LanguageModel]:
-    """transformers' BART (eager attention) with seeded weights, and ours loaded from its state dict.
+def tiny_pair(seed: int = 0) -> tuple[torch.nn.Module, Florence2LanguageModel]:
+    """`build_pair("tiny", seed)`, built once per seed and shared by the tests of both Florence-2
+    language-model modules (tests that switch our attention path use `attention_path`)."""
+    return build_pair("tiny", seed)
 
-    Built once per width (the base width takes a while on a small CPU); tests that switch our
-    attention path use `attention_path`, which restores it.
-    """
+
+def build_pair(width: str, seed: int = 0) -> tuple[torch.nn.Module, Florence2LanguageModel]:
+    """transformers' BART (eager attention) with seeded weights, and ours loaded from its state dict."""
     transformers = pytest.importorskip("transformers")
     vocab, dim, layers, heads, ffn, positions = WIDTHS[width]
     config = transformers.BartConfig(
@@ -89,7 +91,7 @@ def inputs(vocab: int, dim: int, seed: int = 1) -> tuple[torch.Tensor, torch.Ten
 
 @pytest.mark.parametrize("width", ["tiny", "base"])
 def test_matches_transformers_bart(width: str) -> None:
-    reference, ours = build_pair(width)
+    reference, ours = build_pair(width) if width == "base" else tiny_pair()
     embeds, mask, decoder_ids = inputs(WIDTHS[width][0], WIDTHS[width][1])
     with torch.no_grad():
         expected = reference(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids)
@@ -103,7 +105,7 @@ def test_matches_transformers_bart(width: str) -> None:
 
 
 def test_sdpa_equals_math() -> None:
-    _, ours = build_pair("tiny")
+    _, ours = tiny_pair()
     embeds, mask, decoder_ids = inputs(300, 32)
     outputs = {}
     with torch.no_grad():
@@ -116,7 +118,7 @@ def test_sdpa_equals_math() -> None:
 
 @pytest.mark.parametrize("use_sdpa", [False, True])
 def test_cached_decoding_equals_full_forward(use_sdpa: bool) -> None:
-    _, ours = build_pair("tiny")
+    _, ours = tiny_pair()
     embeds, mask, decoder_ids = inputs(300, 32)
     with torch.no_grad(), attention_path(ours, use_sdpa):
         encoded = ours.encode(embeds, mask)
@@ -135,7 +137,7 @@ def test_cached_decoding_equals_full_forward(use_sdpa: bool) -> None:
 
 
 def test_cross_attention_keys_values_computed_once() -> None:
-    _, ours = build_pair("tiny")
+    _, ours = tiny_pair()
     embeds, mask, decoder_ids = inputs(300, 32)
     with torch.no_grad():
         encoded = ours.encode(embeds, mask)
@@ -147,7 +149,7 @@ def test_cross_attention_keys_values_computed_once() -> None:
 
 
 def test_cache_reorder_follows_beams() -> None:
-    _, ours = build_pair("tiny")
+    _, ours = tiny_pair()
     embeds, mask, decoder_ids = inputs(300, 32)
     with torch.no_grad():
         # two "beams" of the same sample: row 0 and row 1 of sample 0
@@ -163,7 +165,7 @@ def test_cache_reorder_follows_beams() -> None:
 
 def test_padding_is_ignored() -> None:
     """Right padding: the real tokens' encoder states and the logits equal those without the padding."""
-    _, ours = build_pair("tiny")
+    _, ours = tiny_pair()
     embeds, mask, decoder_ids = inputs(300, 32)
     with torch.no_grad():
         padded = ours.encode(embeds[1:], mask[1:])
