@@ -51,7 +51,8 @@ class GenerationOptions:
         num_beams: 1 = greedy search, more = beam search.
         do_sample: must stay False (sampling is not implemented).
         no_repeat_ngram_size: no n-gram of this size occurs twice in a sequence (0 = off).
-        early_stopping: True = a sample is done once num_beams hypotheses have finished.
+        early_stopping: True = a sample is done once num_beams hypotheses have finished; False =
+            transformers' heuristic (its third value, "never", is not implemented).
         length_penalty: finished scores are divided by generated_length ** length_penalty.
         forced_bos_token_id: token forced as the first generated token (None = off).
         forced_eos_token_id: token forced at the last position (None = off).
@@ -208,7 +209,7 @@ def beam_search(language_model: Florence2LanguageModel, encoder_hidden_states: T
 
         # d. candidates that ended among the K best join the finished hypotheses if they beat them
         just_finished = ended & top_k_slots  # (B, C)
-        new_scores = cand_scores / (cur_len + 1 - 1) ** lp  # generated length = cur_len
+        new_scores = cand_scores / cur_len**lp  # cur_len tokens generated (the start token not counted)
         samples_full = is_finished.all(dim=-1, keepdim=True) & options.early_stopping  # (B, 1)
         new_scores = new_scores + samples_full.float() * NEG
         new_scores = new_scores + (~can_improve).float() * NEG
@@ -224,6 +225,9 @@ def beam_search(language_model: Florence2LanguageModel, encoder_hidden_states: T
         # e. next step: move the cached keys/values with their beams, then test whether to stop
         cache.reorder(source_rows.flatten())
         cur_len += 1
+        # transformers' heuristic (decisive with early_stopping=False): once all K hypotheses of a
+        # sample are finished, it stops if its best running beam, normalised at the current length,
+        # cannot beat the worst of them
         best_running = running_scores[:, :1] / (cur_len - 1) ** lp  # (B, 1)
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, NEG)  # (B, K)
         can_improve &= (best_running > worst_finished).any(dim=-1, keepdim=True)

@@ -16,12 +16,12 @@ reproduces. Facts that decide parity:
 Attribute paths equal the original checkpoint's `language_model.*` keys.
 
 Legend: B batch, T encoder tokens, t new decoder tokens, S decoder tokens seen so far (cache + new),
-N key/value tokens, D model width, h heads, d head width (D = h * d), V vocabulary.
+N key/value tokens, D model width, h heads, d head width (D = h * d), M feed-forward width,
+V vocabulary.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -117,7 +117,7 @@ class EncoderLayer(nn.Module):
 
     def feed_forward(self, x: Tensor) -> Tensor:
         """fc2(dropout(GELU(fc1(x)))), then dropout."""
-        x = F.dropout(F.gelu(self.fc1(x)), p=self.activation_dropout, training=self.training)  # (B, T, F)
+        x = F.dropout(F.gelu(self.fc1(x)), p=self.activation_dropout, training=self.training)  # (B, T, M)
         return F.dropout(self.fc2(x), p=self.dropout, training=self.training)  # (B, T, D)
 
     def forward(self, x: Tensor, mask: Tensor | None) -> Tensor:
