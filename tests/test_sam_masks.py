@@ -204,3 +204,12 @@ def test_remove_small_regions(official_amg, monkeypatch, mode: str) -> None:
             np.testing.assert_array_equal(ours, theirs)
     with pytest.raises(ValueError, match="mode"):
         masks.remove_small_regions(m[0], 10, "specks")
+
+
+def test_nms_compares_iou_in_double_like_torchvision() -> None:
+    """torchvision's C++ kernel tests `float_iou > double_threshold`: an IoU of exactly 3/10 in
+    float32 (0.30000001) exceeds 0.3, so the second box goes (a float32 comparison would keep it)."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 1.0], [7.0, 0.0, 10.0, 1.0]])  # intersection 3, union 10
+    scores = torch.tensor([0.9, 0.8])
+    assert amg.nms(boxes, scores, 0.3).tolist() == [0]
+    assert amg.nms(boxes, scores, 0.31).tolist() == [0, 1]
