@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from miniflorence import CONFIGS, Florence2, tiny_config  # noqa: E402
-from miniflorence.model import expand_tied  # noqa: E402
-from weights_convert.checkpoint import load_strict  # noqa: E402
-from weights_convert.florence2 import convert_tensors  # noqa: E402
+from miniflorence import CONFIGS, Florence2, tiny_config
+from miniflorence.model import expand_tied
+from weights_convert.checkpoint import load_strict
+from weights_convert.florence2 import convert_tensors
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:

@@ -115,7 +115,7 @@ class WindowAttention(nn.Module):
         x = x.view(B, H, W, C)
         pad_b, pad_r = (w - H % w) % w, (w - W % w) % w
         x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
-        Hp, Wp = H + pad_b, W + pad_r
+        Hp = H + pad_b
         windows = rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=w, ww=w)  # (nW, w*w, C)
         qkv = rearrange(self.qkv(windows), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
         out = attend(qkv[0], qkv[1], qkv[2], self.scale, self.use_sdpa)  # (nW, h, w*w, d)
@@ -139,7 +139,7 @@ class ChannelAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
-        B, N, C = x.shape
+        N = x.shape[1]
         # channels become the sequence axis: (3, B, g, d, N)
         qkv = rearrange(self.qkv(x), "b n (three g d) -> three b g d n", three=3, g=self.groups)
         out = attend(qkv[0], qkv[1], qkv[2], N ** -0.5, self.use_sdpa)  # (B, g, d, N)

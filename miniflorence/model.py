@@ -22,7 +22,11 @@ from torch import nn
 from miniflorence.config import Florence2Config
 from miniflorence.davit import DaViT
 from miniflorence.language_model import Florence2LanguageModel
-from miniflorence.projector import CosineTemporalEmbedding, LearnedPositionEmbedding2D, project_image_features
+from miniflorence.projector import (
+    CosineTemporalEmbedding,
+    LearnedPositionEmbedding2D,
+    project_image_features,
+)
 
 # The token table is one Parameter used four times; converted files store it once, under SHARED_KEY.
 SHARED_KEY = "language_model.model.shared.weight"

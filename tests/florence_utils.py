@@ -7,7 +7,9 @@ Only tests import this module; transformers is imported lazily (callers guard it
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from miniflorence.config import Florence2Config
@@ -44,7 +46,9 @@ def native_config(config: Florence2Config, attn_implementation: str = "eager"):
     """transformers' Florence2Config describing the same network as ours."""
     from transformers import BartConfig
     from transformers import Florence2Config as HFConfig
-    from transformers.models.florence2.configuration_florence2 import Florence2VisionConfig
+    from transformers.models.florence2.configuration_florence2 import (
+        Florence2VisionConfig,
+    )
 
     vision = Florence2VisionConfig(
         embed_dim=list(config.dims), depths=list(config.depths), num_heads=list(config.heads),
@@ -89,11 +93,13 @@ def native_input_ids(prompt_ids: torch.Tensor, num_image_tokens: int) -> torch.T
     return torch.cat([image, prompt_ids], dim=1)
 
 
-@pytest.fixture(scope="module", autouse=False)
-def one_thread():
-    """Run a test module on one intra-op thread: on a small shared CPU, two OpenMP threads that
-    wait on each other make these small models ~50x slower. Restored afterwards."""
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run on one intra-op thread: on a small shared CPU, two OpenMP threads that wait on each
+    other make these small models ~50x slower. The previous setting is restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -7,16 +7,25 @@ import json
 
 import pytest
 import torch
+from florence_utils import NATIVE_VOCAB, native_model, seeded_fill, single_thread
 from safetensors.torch import save_file
 
-from florence_utils import NATIVE_VOCAB, native_model, one_thread, seeded_fill
-from miniflorence import CONFIGS, Florence2, load_florence2, tiny_config
+from miniflorence import CONFIGS, load_florence2, tiny_config
 from miniflorence.model import SHARED_KEY, TIED_KEYS
 from weights_convert.__main__ import main as convert_main
 from weights_convert.checkpoint import CheckpointError, read_converted, save_converted
-from weights_convert.florence2 import NATIVE_RENAMES, convert_tensors, expected_shapes, rename_native
+from weights_convert.florence2 import (
+    NATIVE_RENAMES,
+    convert_tensors,
+    expected_shapes,
+    rename_native,
+)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 def original_state(config=None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -64,7 +73,7 @@ def test_native_layout_matches_original_layout(tmp_path) -> None:
     native = native_model(tiny_config(), seed=2)
     state = native.state_dict()
     assert state["model.language_model.shared.weight"].shape[0] == NATIVE_VOCAB
-    config, ours = convert_tensors(dict(state), tiny_config())
+    _, ours = convert_tensors(dict(state), tiny_config())
     assert torch.equal(ours["image_projection"], state["model.multi_modal_projector.image_projection.weight"].t())
     assert torch.equal(ours[SHARED_KEY], state["lm_head.weight"][:51289])
     assert torch.equal(ours["language_model.final_logits_bias"], torch.zeros(1, 51289))

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from florence_utils import native_input_ids, native_model, single_thread
 
-from florence_utils import native_input_ids, native_model, one_thread
 from miniflorence import CONFIGS, Florence2, Florence2Config, tiny_config
 from miniflorence.model import expand_tied
 from weights_convert.checkpoint import load_strict
 from weights_convert.florence2 import convert_tensors
 
 TOL = 1e-4
-pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 51289
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 def ours_from_native(native, config: Florence2Config) -> Florence2:
@@ -79,7 +84,7 @@ def tiny_pair():
 
 @pytest.mark.parametrize("use_sdpa", [False, True])
 def test_tiny_matches_native(tiny_pair, use_sdpa: bool) -> None:
-    native, ours, config = tiny_pair
+    native, ours, _ = tiny_pair
     for m in ours.modules():  # the flag is read at call time by every attention module
         if hasattr(m, "use_sdpa"):
             m.use_sdpa = use_sdpa

@@ -7,16 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from florence_utils import one_thread, seeded_fill
 from conftest import shared_path
+from florence_utils import seeded_fill, single_thread
+
 from miniflorence import CONFIGS, Florence2
 from miniflorence.davit import DaViT
 from miniflorence.model import TIED_KEYS, expand_tied
 from weights_convert.checkpoint import load_strict
 from weights_convert.florence2 import convert_tensors, expected_shapes
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 FOLDER = ("assets", "weights", "florence2-base-partial")
 LANGUAGE_KEYS = (
     "language_model.model.encoder.embed_positions.weight",
@@ -26,6 +25,12 @@ LANGUAGE_KEYS = (
     "language_model.model.encoder.layers.0.self_attn.out_proj.weight",
     "language_model.model.encoder.layers.0.self_attn.out_proj.bias",
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
 
 
 def real_tensors() -> dict[str, torch.Tensor]:

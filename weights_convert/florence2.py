@@ -57,9 +57,9 @@ BIAS_KEY = "language_model.final_logits_bias"
 
 def detect_layout(tensors: dict[str, torch.Tensor]) -> str:
     """'original' or 'native', or a CheckpointError when the keys belong to no Florence-2 layout."""
-    if any(k.startswith("model.vision_tower.") or k.startswith("model.language_model.") for k in tensors):
+    if any(k.startswith(("model.vision_tower.", "model.language_model.")) for k in tensors):
         return "native"
-    if any(k.startswith("vision_tower.") or k.startswith("language_model.model.") for k in tensors):
+    if any(k.startswith(("vision_tower.", "language_model.model.")) for k in tensors):
         return "original"
     sample = ", ".join(sorted(tensors)[:5])
     raise CheckpointError(
@@ -117,7 +117,7 @@ def expected_shapes(config: Florence2Config) -> dict[str, tuple[int, ...]]:
 def infer_config(tensors: dict[str, torch.Tensor]) -> Florence2Config:
     """The preset whose tensor shapes equal these (shapes decide; heads/window come with the preset)."""
     got = {k: tuple(v.shape) for k, v in tensors.items()}
-    for name, config in CONFIGS.items():
+    for config in CONFIGS.values():
         shapes = expected_shapes(config)
         shapes = {k: s for k, s in shapes.items() if k not in TIED_KEYS}
         if shapes == got:
