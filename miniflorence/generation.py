@@ -239,6 +239,7 @@ def beam_search(language_model: Florence2LanguageModel, encoder_hidden_states: T
     return finished[:, 0, : 1 + int(finished_lengths[:, 0].max())]
 
 
+@torch.no_grad()
 def generate(model: EncoderDecoderModel, pixel_values: Tensor, input_ids: Tensor,
              attention_mask: Tensor | None = None, options: GenerationOptions = GenerationOptions()) -> Tensor:
     """Encode image + prompt once, then decode -> (B, S) token ids starting with the decoder start token.
