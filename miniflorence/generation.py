@@ -12,7 +12,9 @@ against transformers 5.23: `generation/utils.py` `_sample` and `_beam_search` wi
 ForcedEOSToken processors, applied in that order). Only deterministic decoding is implemented:
 `do_sample=True` is refused.
 
-Beam search as transformers >= 4.50 runs it (it differs from the older BeamSearchScorer):
+Beam search as transformers >= 4.50 runs it, a vectorised rewrite of the older BeamSearchScorer
+that the original remote code ran with (reading the 4.3x code, the hypotheses, their scores and the
+stopping rule are the same for the official settings; only the new one was run here):
 - per sample, the 2 * num_beams best continuations over all beams are kept as candidates
   (2 = one more than the number of EOS ids, so that num_beams candidates survive even if the best
   num_beams all end);
@@ -24,8 +26,8 @@ Beam search as transformers >= 4.50 runs it (it differs from the older BeamSearc
 - the result is the best finished hypothesis of each sample, padded with pad_token_id to the
   longest one.
 
-Legend: B samples, K beams, L = max_length = 1 + max_new_tokens (decoder start token included),
-V vocabulary, C = 2K candidates.
+Legend: B samples, K beams, N = B or B*K rows, S tokens so far (decoder start token included),
+L = max_length = 1 + max_new_tokens, V vocabulary, C = 2K candidates.
 """
 
 from __future__ import annotations
