@@ -205,3 +205,19 @@ def test_real_base_tensors_load_by_name() -> None:
     ours.load_state_dict({**state, **real})
     rows = ours.model.encoder.embed_positions(0, 3)
     torch.testing.assert_close(rows, real["model.encoder.embed_positions.weight"][2:5], rtol=0, atol=0)
+
+
+def test_training_step_reaches_every_parameter() -> None:
+    """Train mode (dropout on): one loss, gradients in every parameter; the tied table gets both the
+    input-embedding and the output-projection gradient, in one Parameter."""
+    vocab, dim, layers, heads, ffn, positions = WIDTHS["tiny"]
+    torch.manual_seed(0)
+    ours = Florence2LanguageModel(vocab, dim, layers, layers, heads, heads, ffn, ffn, positions,
+                                  dropout=0.1, attention_dropout=0.1, activation_dropout=0.1).train()
+    embeds, mask, decoder_ids = inputs(vocab, dim)
+    logits = ours(embeds, decoder_ids[:, :-1], mask)  # (2, 4, V)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), decoder_ids[:, 1:].flatten())
+    loss.backward()
+    missing = [name for name, p in ours.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    assert ours(embeds, decoder_ids, mask).sub(ours(embeds, decoder_ids, mask)).abs().max() > 0  # dropout is on
