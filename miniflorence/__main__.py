@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         except CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-    processor = Processor(Tokenizer.from_dir(tokenizer_dir))
+    processor = Processor(Tokenizer.from_dir(tokenizer_dir), image_size=model.config.image_size)
     image = Image.open(image_path)
     inputs = processor(args.task, image, args.text)
     ids = model.generate(inputs["pixel_values"].to(args.device), inputs["input_ids"].to(args.device),

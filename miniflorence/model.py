@@ -65,8 +65,11 @@ class Florence2(nn.Module):
         )
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) normalised pixels (H, W multiples of 32) -> image tokens (B, 1 + HW/1024, D)."""
-        grid = self.vision_tower(pixel_values)  # (B, H/32, W/32, C)
+        """(B, 3, H, W) normalised pixels (H, W multiples of 32) -> image tokens (B, 1 + HW/1024, D).
+
+        The pixels are cast to the model's dtype, so float32 processor output feeds a bf16 model.
+        """
+        grid = self.vision_tower(pixel_values.to(self.image_projection.dtype))  # (B, H/32, W/32, C)
         return project_image_features(grid, self.image_pos_embed, self.visual_temporal_embed,
                                       self.image_projection, self.image_proj_norm)  # (B, I, D)
 

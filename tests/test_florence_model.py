@@ -165,3 +165,16 @@ def test_image_grid_sizes() -> None:
     with torch.no_grad():
         assert model.encode_image(torch.randn(1, 3, 768, 768)).shape == (1, 577, 32)
         assert model.encode_image(torch.randn(1, 3, 64, 128)).shape == (1, 1 + 2 * 4, 32)
+
+
+def test_stochastic_depth_schedule_and_dtype() -> None:
+    """Drop-path rates grow linearly over all 2 * sum(depths) blocks (spatial, channel, ...);
+    float32 pixels feed a bf16 model."""
+    model = Florence2(CONFIGS["base"].replace(encoder_layers=1, decoder_layers=1, vocab_size=64))
+    rates = [half.window_attn.drop_path.p if name == "spatial_block" else half.channel_attn.drop_path.p
+             for stage in model.vision_tower.blocks for block in stage
+             for name, half in block.named_children()]
+    assert rates == pytest.approx(torch.linspace(0, 0.1, 24).tolist())
+    tiny = Florence2(tiny_config()).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        assert tiny.encode_image(torch.randn(1, 3, 64, 64)).dtype == torch.bfloat16
