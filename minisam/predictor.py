@@ -160,7 +160,7 @@ class SamPredictor:
 
         Args:
             point_coords: (N, 2) points as (x, y) pixels, with `point_labels` (N,) of 1/0/-1.
-            box: 4 numbers (x0, y0, x1, y1) in pixels. For several boxes use `predict_torch`.
+            box: 4 numbers (x0, y0, x1, y1) in pixels. For several boxes use `predict_boxes`.
             mask_input: (1, 256, 256) logits, e.g. the best of a previous call's `low_res_logits`.
             multimask_output: three candidate masks (True) or one (False).
             return_logits: return the mask logits instead of the masks thresholded at 0.
@@ -199,6 +199,27 @@ class SamPredictor:
             mask_torch = torch.as_tensor(mask, dtype=torch.float, device=self.device)[None]  # (1, 1, 256, 256)
         masks, scores, low_res = self.predict_torch(coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits)
         return masks[0].cpu().numpy(), scores[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    def predict_boxes(
+        self, boxes: np.ndarray, multimask_output: bool = False, return_logits: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for K boxes in one decoder call: `predict_torch` with numpy in and out (not official).
+
+        Args:
+            boxes: (K, 4) boxes (x0, y0, x1, y1) in the original image's pixels.
+            multimask_output, return_logits: as in `predict`.
+
+        Returns:
+            masks (K, C, H, W), scores (K, C), low_res_logits (K, C, 256, 256).
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        boxes = _finite_array(boxes, "boxes", (None, 4))
+        if len(boxes) == 0:
+            raise ValueError("boxes holds no box")
+        boxes_torch = torch.as_tensor(self.transform.apply_boxes(boxes, self.original_size), dtype=torch.float, device=self.device)
+        masks, scores, low_res = self.predict_torch(None, None, boxes_torch, None, multimask_output, return_logits)
+        return masks.cpu().numpy(), scores.cpu().numpy(), low_res.cpu().numpy()
 
     @torch.no_grad()
     def predict_torch(

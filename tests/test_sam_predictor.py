@@ -110,6 +110,26 @@ def test_predict_torch_batched_boxes(tiny_pair) -> None:
         torch.testing.assert_close(our_low, their_low, rtol=0, atol=1e-4 * max(1.0, their_low.abs().max().item()))
 
 
+def test_predict_boxes_is_predict_torch_in_numpy(tiny_pair) -> None:
+    official, ours = tiny_pair
+    image = load_image("dogs")
+    official.set_image(image)
+    ours.set_image(image)
+    boxes = np.array([[10, 20, 300, 400], [500, 100, 1000, 590], [0, 0, 1071, 602]])
+    their_masks, their_iou, their_low = official.predict_torch(
+        None, None, torch.as_tensor(official.transform.apply_boxes(boxes, image.shape[:2]), dtype=torch.float), multimask_output=False
+    )
+    masks, scores, low = ours.predict_boxes(boxes)
+    assert masks.shape == (3, 1, *image.shape[:2]) and scores.shape == (3, 1) and low.shape == (3, 1, 40, 40)
+    np.testing.assert_array_equal(masks, their_masks.numpy())
+    np.testing.assert_allclose(scores, their_iou.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(low, their_low.numpy(), rtol=0, atol=1e-4 * max(1.0, float(np.abs(low).max())))
+    with pytest.raises(ValueError, match="boxes"):
+        ours.predict_boxes(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="boxes"):
+        ours.predict_boxes(np.zeros((0, 4)))
+
+
 def test_full_width_vit_b(tmp_path) -> None:
     """vit_b's real width and depth (768 x 12 blocks, 12 heads) at a reduced input size."""
     sa = segment_anything()
