@@ -2,12 +2,13 @@
 
     python -m minisam sam_vit_b.safetensors photo.jpg --point 500,375 --box 425,600,700,875 --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --point 500,375 --point 600,300,0 --multimask --out mask.png
+    python -m minisam sam_vit_b.safetensors photo.jpg --box 10,10,90,90 --box 50,20,200,150 --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --auto --out everything.png
     python -m minisam --random-weights vit_t photo.jpg --point 10,10 --out mask.png   # smoke test only
 
 With prompts it writes the mask(s) as black-and-white PNGs (`mask.png`, or `mask_0.png`...
-`mask_2.png` with --multimask) and `mask_overlay.png`, the best mask painted over the image with
-the prompts drawn. With --auto it writes a colour overlay of every mask and, beside it, a JSON
+`mask_2.png` with --multimask; one file per box with several --box) and `mask_overlay.png`, the
+best mask (or every box's mask) painted over the image with the prompts drawn. With --auto it writes a colour overlay of every mask and, beside it, a JSON
 list of the generator's records with each segmentation as a COCO run-length string.
 The checkpoint is a converted `.safetensors` (`python -m weights_convert sam ...`).
 """
@@ -55,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--point", action="append", default=[], type=lambda t: parse_numbers(t, (2, 3), "--point"),
         metavar="X,Y[,LABEL]", help="a point in pixels; label 1 (default) foreground, 0 background",
     )
-    parser.add_argument("--box", type=lambda t: parse_numbers(t, (4,), "--box"), metavar="X0,Y0,X1,Y1", help="a box in pixels")
+    parser.add_argument(
+        "--box", action="append", default=[], type=lambda t: parse_numbers(t, (4,), "--box"), metavar="X0,Y0,X1,Y1",
+        help="a box in pixels; repeat it for one mask per box (all decoded in one call)",
+    )
     parser.add_argument("--multimask", action="store_true", help="three candidate masks instead of one")
     parser.add_argument("--auto", action="store_true", help="segment everything with the automatic mask generator")
     parser.add_argument("--points-per-side", type=int, default=32)
@@ -96,32 +100,43 @@ def save_mask(mask: np.ndarray, path: Path) -> None:
 
 
 def run_prompts(model: Sam, image: np.ndarray, args: argparse.Namespace) -> None:
-    if not args.point and args.box is None:
+    boxes = np.array(args.box) if args.box else None  # (K, 4)
+    if not args.point and boxes is None:
         raise ValueError("give --point and/or --box, or --auto")
+    if boxes is not None and len(boxes) > 1 and args.point:
+        raise ValueError("several --box take no --point: each box gets its own mask")
     predictor = SamPredictor(model)
     predictor.set_image(image)
     coords = np.array([p[:2] for p in args.point]) if args.point else None
     labels = np.array([int(p[2]) if len(p) == 3 else 1 for p in args.point]) if args.point else None
-    box = np.array(args.box) if args.box is not None else None
-    masks, scores, _ = predictor.predict(coords, labels, box, multimask_output=args.multimask)
+    if boxes is not None and len(boxes) > 1:
+        masks, scores, _ = predictor.predict_boxes(boxes, multimask_output=args.multimask)  # (K, C, H, W), (K, C)
+        best = scores.argmax(axis=1)  # with --multimask, the best of each box's three
+        masks, scores = masks[np.arange(len(boxes)), best], scores[np.arange(len(boxes)), best]  # (K, H, W), (K,)
+        shown = list(range(len(boxes)))
+    else:
+        masks, scores, _ = predictor.predict(coords, labels, None if boxes is None else boxes[0], multimask_output=args.multimask)
+        shown = [int(np.argmax(scores))]
     out = args.out.with_suffix(".png")
     paths = [out] if len(masks) == 1 else [out.with_name(f"{out.stem}_{i}.png") for i in range(len(masks))]
     for mask, score, path in zip(masks, scores, paths):
         save_mask(mask, path)
         print(f"{path}: predicted IoU {score:.4f}, {int(mask.sum())} pixels")
-    best = int(np.argmax(scores))
     overlay = image.copy()
-    paint(overlay, masks[best], MASK_COLOUR)
+    colours = [MASK_COLOUR, *np.random.default_rng(0).integers(0, 256, size=(len(shown), 3))]
+    for i, colour in zip(shown, colours):
+        paint(overlay, masks[i], colour)
     picture = Image.fromarray(overlay)
     draw = ImageDraw.Draw(picture)
+    size = max(image.shape[:2])
     for (x, y), label in zip(coords if coords is not None else [], labels if labels is not None else []):
-        r = max(3, max(image.shape[:2]) // 150)
+        r = max(3, size // 150)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 200, 0) if label == 1 else (220, 0, 0), outline=(255, 255, 255))
-    if box is not None:
-        draw.rectangle(box.tolist(), outline=(0, 200, 0), width=max(2, max(image.shape[:2]) // 400))
+    for box in boxes if boxes is not None else []:
+        draw.rectangle(box.tolist(), outline=(0, 200, 0), width=max(2, size // 400))
     overlay_path = out.with_name(f"{out.stem}_overlay.png")
     picture.save(overlay_path)
-    print(f"{overlay_path}: mask {best} over the image")
+    print(f"{overlay_path}: mask{'s' if len(shown) > 1 else ''} {', '.join(map(str, shown))} over the image")
 
 
 def run_auto(model: Sam, image: np.ndarray, args: argparse.Namespace) -> None:
@@ -152,7 +167,7 @@ def run_auto(model: Sam, image: np.ndarray, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.auto and (args.point or args.box is not None):
+    if args.auto and (args.point or args.box):
         parser.error("--auto takes no --point or --box")
     try:
         model, image_path = build_model(args, parser)

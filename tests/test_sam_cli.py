@@ -71,6 +71,18 @@ def test_multimask_with_random_weights(image_path, tmp_path, capsys) -> None:
     assert (tmp_path / "m_overlay.png").exists()
 
 
+def test_several_boxes(checkpoint, image_path, tmp_path) -> None:
+    out = tmp_path / "boxes.png"
+    assert main([str(checkpoint), str(image_path), "--box", "5,5,60,50", "--box", "70,20,140,95", "--multimask", "--out", str(out)]) == 0
+    predictor = SamPredictor(load_sam(checkpoint))
+    predictor.set_image(np.array(Image.open(image_path).convert("RGB")))
+    masks, scores, _ = predictor.predict_boxes(np.array([[5, 5, 60, 50], [70, 20, 140, 95]]), multimask_output=True)
+    for i in range(2):
+        np.testing.assert_array_equal(read_mask(tmp_path / f"boxes_{i}.png"), masks[i, scores[i].argmax()])
+    assert (tmp_path / "boxes_overlay.png").exists()
+    assert main([str(checkpoint), str(image_path), "--box", "5,5,60,50", "--box", "1,1,9,9", "--point", "3,3", "--out", str(out)]) == 1
+
+
 def test_auto_writes_overlay_and_records(checkpoint, image_path, tmp_path) -> None:
     out = tmp_path / "auto.png"
     settings = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
