@@ -67,9 +67,10 @@ def real_stage0() -> tuple[DaViT, torch.Tensor, torch.Tensor]:
 
 @pytest.mark.xfail(strict=True, reason=(
     "the fixture disagrees with BOTH our DaViT and transformers' native Florence-2 on the same real "
-    "weights by max 0.054 / mean 0.0036 (output scale 3; they agree with each other to <1e-5, and our "
-    "fp32 equals an fp64 run to 1e-5); fp16/bf16 compute, TF32, tanh-GELU, other LayerNorm eps, window "
-    "sizes and channel-attention scales do not explain it - see the next test and the H5 report"))
+    "weights: max 0.054, mean 0.0036 (output scale 3), while ours = native to <1e-5 and our fp32 = an "
+    "fp64 run to 1e-5. The difference is noise-like (~1% relative before the LayerNorm, uncorrelated "
+    "with every branch of the blocks), as reduced-precision (bf16-like) arithmetic makes; tanh-GELU, "
+    "other eps, window sizes, channel scales, TF32, train-mode drop path do not explain it"))
 def test_davit_stage0_reproduces_the_official_output() -> None:
     tower, pixels, expected = real_stage0()
     err = (stage0(tower, pixels) - expected).abs().max().item()
