@@ -158,3 +158,11 @@ def test_truncated_and_missing_files(tmp_path) -> None:
         load_florence2(tmp_path / "absent.safetensors")
     with pytest.raises(CheckpointError, match="convert"):
         load_florence2(tmp_path / "full.bin")
+
+
+def test_half_precision_checkpoint_converts_to_float32() -> None:
+    """The released checkpoints are float16; converted tensors are float32 with the same values."""
+    state = {k: v.half() for k, v in original_state().items()}
+    _, tensors = convert_tensors(state, tiny_config())
+    assert all(v.dtype == torch.float32 for v in tensors.values())
+    assert torch.equal(tensors["image_projection"], state["image_projection"].float())
