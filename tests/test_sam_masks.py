@@ -14,14 +14,14 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import import_official_sam
+from sam_utils import segment_anything
 
 from minisam import amg, masks
 
 
 @pytest.fixture(scope="module")
 def official_amg():
-    import_official_sam()
+    segment_anything()  # imports it with the torchvision stand-in, then takes the stand-in away again
     from segment_anything.utils import amg as official
 
     return official
