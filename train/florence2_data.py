@@ -66,7 +66,7 @@ def parse_line(line: str, task_prefix: str) -> tuple[str, str, tuple[str, ...]]:
         if not isinstance(question, str):
             raise ValueError("missing field: question")
         answers = [answer] if isinstance(answer, str) else answer
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
             raise ValueError("missing field: answer")
         prompt = task_prefix + question
     elif "prefix" in record or "suffix" in record:
@@ -76,7 +76,7 @@ def parse_line(line: str, task_prefix: str) -> tuple[str, str, tuple[str, ...]]:
         prompt, answers = prompt_text(prefix), [suffix]
     else:
         raise ValueError("missing fields: need question + answer or prefix + suffix")
-    if not answers[0].strip():
+    if not answers or not answers[0].strip():
         raise ValueError("empty answer")
     return record["image"], prompt, tuple(answers)
 

@@ -1,0 +1,324 @@
+"""Fine-tune Florence-2 on (image, question, answer) data: `python -m train.florence2 --data train.jsonl`.
+
+The recipe of the public DocVQA fine-tuning tutorial for Florence-2-base-ft (the anchor in
+REFERENCE.md: prompt "<DocVQA>" + question, AdamW at lr 1e-6 with a linear schedule, vision
+tower frozen, batch 6, Levenshtein similarity 0 -> 57 after 7 epochs), with one bug fixed:
+the tutorial computes the loss on the padded label positions too; here they are ignored, so a
+batch's loss does not depend on how long its other answers are.
+
+- Data: a JSONL of `{image, question, answer}` or `{image, prefix, suffix}` (any task, e.g.
+  `<OD>` with `<loc_*>` tokens); bad lines are skipped and counted (`train.florence2_data`).
+- Loss: teacher-forced cross-entropy over the answer tokens `<s> answer </s>`, summed over the
+  real tokens of the whole batch (all ranks) and divided by their number.
+- `--freeze-vision` (default) keeps the DaViT tower fixed (and in eval mode: no drop path);
+  its parameters are not given to the optimizer, so they stay bit-identical.
+- Evaluation each epoch: beam-3 generation, then Levenshtein similarity (the tutorial's
+  number), ANLS (threshold 0.5) and exact match (`train.levenshtein`); the best model by ANLS is
+  written as a converted `.safetensors` that `miniflorence.load_florence2` reads.
+- `last.pt` (model, optimizer, scheduler, step, RNG) for `--resume`, a NaN/inf guard, tqdm,
+  `curves.png`, `metrics.jsonl`; `torchrun --nproc_per_node=N -m train.florence2 ...` runs DDP.
+
+Legend: B batch, T prompt tokens, t answer tokens, V vocabulary, S image side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import miniflorence
+from miniflorence.model import TIED_KEYS
+from train import common
+from train.data import Skipped
+from train.florence2_data import DocDataset, collate, load_examples
+from train.levenshtein import anls, exact_match, similarity
+from weights_convert.checkpoint import save_converted
+
+REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizer" / "florence2"
+
+
+@dataclass
+class Settings:
+    """Fine-tune Florence-2 on a JSONL of image questions and answers."""
+
+    data: str = ""  # training JSONL
+    val_data: str = ""  # evaluation JSONL; "": hold out --val-fraction of the training lines
+    val_fraction: float = 0.1
+    out: str = "runs/florence2"
+    tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads (the real one sits in ../shared)
+    checkpoint: str | None = None  # a converted Florence-2 .safetensors; None: random weights of `model`
+    model: str = "tiny"  # without a checkpoint: "tiny", a miniflorence.CONFIGS name, or a .json of config fields
+    image_size: int = 0  # without a checkpoint: the input side (a multiple of 32); 0: the config's
+    task_prefix: str = "<DocVQA>"  # put before each question (not before `prefix` records)
+    max_answer_tokens: int = 64  # longer answers are skipped and counted
+    seed: int = 0
+    epochs: int = 7
+    batch_size: int = 6  # per process
+    accum_steps: int = 1
+    lr: float = 1e-6
+    weight_decay: float = 0.01  # torch's AdamW default, as the tutorial
+    warmup_steps: int = 0
+    schedule: str = "linear"  # linear, cosine, constant
+    clip_grad: float = 1.0  # max gradient norm; 0: off
+    freeze_vision: bool = True
+    dropout: float | None = None  # override the language model's dropout probabilities (e.g. 0)
+    num_beams: int = 3
+    max_new_tokens: int = 64
+    eval_limit: int = 0  # evaluate at most this many examples; 0: all
+    anls_threshold: float = 0.5
+    bf16: bool = True  # autocast on CUDA only
+    device: str = "auto"
+    workers: int = 0
+    save_every: int = 0  # optimizer steps between last.pt writes; 0: once per epoch
+    stop_after: int = 0  # stop after this many optimizer steps (as if interrupted); 0: never
+    resume: bool = False  # continue from OUT/last.pt
+    val_before: bool = True  # evaluate the starting model (the "before" numbers)
+    progress: bool = True
+
+
+def build_model(s: Settings, vocab_size: int) -> miniflorence.Florence2:
+    """A converted checkpoint, or seeded random weights sized for the tokenizer."""
+    if s.checkpoint:
+        model = miniflorence.load_florence2(s.checkpoint)
+        if vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab_size} tokens, the model {model.config.vocab_size}")
+        config = model.config
+    elif s.model == "tiny" or s.model in miniflorence.CONFIGS:
+        model, config = None, miniflorence.tiny_config() if s.model == "tiny" else miniflorence.CONFIGS[s.model]
+    elif s.model.endswith(".json"):
+        model, config = None, miniflorence.Florence2Config.from_dict(json.loads(Path(s.model).read_text()))
+    else:
+        raise ValueError(f"--model {s.model!r}: 'tiny', one of {sorted(miniflorence.CONFIGS)} or a .json config")
+    if model is None:
+        config = config.replace(vocab_size=vocab_size, **({"image_size": s.image_size} if s.image_size else {}))
+    if s.dropout is not None:
+        config = config.replace(dropout=s.dropout, attention_dropout=s.dropout, activation_dropout=s.dropout)
+    torch.manual_seed(s.seed)
+    fresh = miniflorence.Florence2(config)
+    if model is not None:
+        fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, pad_id: int, n_tokens: int) -> torch.Tensor:
+    """Sum of the token losses over the non-pad label positions, divided by `n_tokens`.
+
+    logits (B, t, V), labels (B, t). Padded positions contribute nothing (`ignore_index`);
+    `n_tokens` is the number of real tokens in the whole batch, across processes.
+    """
+    targets = labels.masked_fill(labels == pad_id, -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum") / n_tokens
+
+
+def global_token_count(labels: torch.Tensor, pad_id: int, device: torch.device) -> int:
+    """Real (non-pad) label tokens in this micro-batch, summed over every process."""
+    n = torch.tensor([float((labels != pad_id).sum())], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n)
+    return max(1, int(n.item()))
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: miniflorence.Florence2, dataset: DocDataset, s: Settings, tokenizer: miniflorence.Tokenizer,
+             device: torch.device) -> dict[str, float]:
+    """Loss (teacher forced), then generation scored by similarity, ANLS and exact match."""
+    was_training = model.training
+    model.eval()
+    n = len(dataset) if not s.eval_limit else min(s.eval_limit, len(dataset))
+    pad_id, start_id = model.config.pad_token_id, model.config.decoder_start_token_id
+    loss_sum, tokens, scores, predictions = 0.0, 0, {"similarity": 0.0, "anls": 0.0, "exact": 0.0}, []
+    for first in range(0, n, s.batch_size):
+        batch = collate([dataset[i] for i in range(first, min(first + s.batch_size, n))], pad_id, start_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, s.bf16):
+            logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])
+            count = int((batch["labels"] != pad_id).sum())
+            loss_sum += masked_cross_entropy(logits, batch["labels"], pad_id, 1).item()
+            tokens += count
+            generated = model.generate(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                       max_new_tokens=s.max_new_tokens, num_beams=s.num_beams)
+        for row, index in zip(generated.tolist(), batch["index"].tolist()):
+            answers = dataset.examples[index].answers
+            text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            scores["similarity"] += max(similarity(text, a) for a in answers)
+            scores["anls"] += anls(text, answers, s.anls_threshold)
+            scores["exact"] += exact_match(text, answers)
+            predictions.append({"prediction": text, "answers": list(answers)})
+    model.train(was_training)
+    if s.freeze_vision:
+        model.vision_tower.eval()
+    return {"loss": loss_sum / max(1, tokens), **{k: v / n for k, v in scores.items()}, "examples": predictions}
+
+
+def export(model: miniflorence.Florence2, path: Path) -> None:
+    """The converted format: the tied token table stored once (`language_model.model.shared`)."""
+    tensors = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+    save_converted(path, tensors, "florence2", model.config.to_dict())
+
+
+def train(s: Settings, d: common.Dist) -> dict:
+    """The whole run; returns the history and the scores before/after. See the module docstring."""
+    out = Path(s.out)
+    last_path = out / "last.pt"
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
+    common.seed_everything(s.seed)
+
+    # ---- tokenizer, model, data (bad lines skipped and counted)
+    tokenizer = miniflorence.Tokenizer.from_dir(s.tokenizer)
+    model = build_model(s, tokenizer.vocab_size).to(d.device).train()
+    c = model.config
+    skipped = Skipped()
+    examples = load_examples(s.data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)
+    if s.val_data:
+        val_examples = load_examples(s.val_data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)
+    else:  # a seeded hold-out of the training lines
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(s.seed)).tolist()
+        n_val = max(1, round(s.val_fraction * len(examples)))
+        val_examples = [examples[i] for i in order[:n_val]]
+        examples = [examples[i] for i in sorted(order[n_val:])]
+    train_set, val_set = DocDataset(examples, tokenizer, c.image_size), DocDataset(val_examples, tokenizer, c.image_size)
+    common.log(f"{len(train_set)} train / {len(val_set)} val examples; skipped: {skipped.summary()}")
+
+    # ---- what trains: everything, or everything but the vision tower
+    if s.freeze_vision:
+        model.vision_tower.requires_grad_(False)
+        model.vision_tower.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    per_step = s.batch_size * d.world_size * s.accum_steps  # examples per optimizer step, all ranks
+    steps_per_epoch = len(train_set) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} training examples cannot fill one step of {per_step}; lower --batch-size")
+    total_steps = steps_per_epoch * s.epochs
+    scheduler = common.make_scheduler(optimizer, total_steps, s.warmup_steps, s.schedule)
+    ddp = model
+    if d.enabled:
+        ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    pad_id, start_id = c.pad_token_id, c.decoder_start_token_id
+
+    # ---- start or resume
+    step, start_epoch, start_micro, best = 0, 0, 0, -1.0
+    history: dict[str, list] = {"train_loss": [], "val_loss": [], "similarity": [], "anls": [], "exact": []}
+    if s.resume:
+        state = common.load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, start_epoch, start_micro = state["step"], state["epoch"], state["micro"]
+        best, history = state["best"], state["history"]
+        common.set_rng_state(state["rng"])
+        common.log(f"resumed from {last_path} at step {step} (epoch {start_epoch}, batch {start_micro})")
+    elif s.val_before and d.is_main:
+        r = evaluate(model, val_set, s, tokenizer, d.device)
+        for k in ("similarity", "anls", "exact"):
+            history[k].append([0, r[k]])
+        history["val_loss"].append([0, r["loss"]])
+        common.log(f"before training: val loss {r['loss']:.4f}, similarity {r['similarity']:.3f}, "
+                   f"ANLS {r['anls']:.3f}, exact {r['exact']:.3f}")
+
+    def snapshot(epoch: int, micro: int) -> dict:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "epoch": epoch, "micro": micro, "best": best, "history": history,
+            "rng": common.rng_state(), "settings": dataclasses.asdict(s),
+        }
+
+    stopped = False
+    for epoch in range(start_epoch, s.epochs):
+        # One permutation for all ranks; rank r takes every W-th example, so the ranks' batches
+        # together are exactly the single-process batch of size B * W.
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(s.seed + epoch))
+        mine = order[: steps_per_epoch * per_step][d.rank :: d.world_size].tolist()
+        batches = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers,
+                                             generator=torch.Generator().manual_seed(s.seed + epoch),
+                                             collate_fn=functools.partial(collate, pad_id=pad_id, decoder_start_id=start_id))
+        bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        for micro, batch in enumerate(bar, start=start_micro):
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            n_tokens = global_token_count(batch["labels"], pad_id, d.device)
+            sync = (micro + 1) % s.accum_steps == 0
+            with ddp.no_sync() if d.enabled and not sync else contextlib.nullcontext():
+                with autocast(d.device, s.bf16):
+                    logits = ddp(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])
+                loss = masked_cross_entropy(logits, batch["labels"], pad_id, n_tokens)  # this rank's share
+                common.check_finite(loss, step, d.device, str(last_path) if last_path.exists() else "none written yet")
+                # DDP averages gradients over the W ranks; W x the shares = the whole batch's mean.
+                (loss * d.world_size / s.accum_steps).backward()
+            if not sync:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            total = loss.detach().clone()
+            if d.enabled:
+                torch.distributed.all_reduce(total)
+            history["train_loss"].append([step, total.item()])
+            if d.is_main:
+                bar.set_postfix(loss=f"{total.item():.4f}")
+                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": total.item(),
+                                                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()})
+            if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
+                if d.is_main:
+                    common.save_checkpoint(last_path, snapshot(epoch, micro + 1))
+                if step == s.stop_after:
+                    stopped = True
+                    break
+        if stopped:
+            common.log(f"stopped after step {step} as asked (--stop-after); continue with --resume")
+            break
+        start_micro = 0
+
+        # ---- evaluation by generation (rank 0), best model in the converted format, last.pt, curves
+        if d.is_main:
+            r = evaluate(model, val_set, s, tokenizer, d.device)
+            for k in ("similarity", "anls", "exact"):
+                history[k].append([step, r[k]])
+            history["val_loss"].append([step, r["loss"]])
+            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "val_loss": r["loss"],
+                                                        **{k: r[k] for k in ("similarity", "anls", "exact")}})
+            common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, val loss {r['loss']:.4f}, similarity "
+                       f"{r['similarity']:.3f}, ANLS {r['anls']:.3f}, exact {r['exact']:.3f}")
+            (out / "predictions.json").write_text(json.dumps(r["examples"][:50], indent=1))
+            if r["anls"] > best:
+                best = r["anls"]
+                export(model, out / "best.safetensors")
+                common.log(f"new best ANLS {best:.3f}: wrote {out / 'best.safetensors'}")
+            common.save_checkpoint(last_path, snapshot(epoch + 1, 0))
+            common.save_curves(out / "curves.png", {
+                "loss": {"train": history["train_loss"], "val": history["val_loss"]},
+                "answers": {"similarity": history["similarity"], "ANLS": history["anls"], "exact": history["exact"]},
+            })
+        common.barrier()
+    return {"history": history, "best_anls": best, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    s = common.parse_settings(Settings, argv)
+    d = common.setup_distributed(s.device)
+    try:
+        return train(s, d)
+    except common.NonFiniteLossError as e:
+        raise SystemExit(f"error: {e}") from e
+    finally:
+        common.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
