@@ -2,7 +2,8 @@
 
 `nms` follows torchvision's C++ CPU kernel: areas `(x2 - x1) * (y2 - y1)`, boxes visited in the
 order of `scores.sort(0, descending=True)`, and box j suppressed by a kept box i when
-`inter / (area_i + area_j - inter) > iou_threshold`, all in the boxes' dtype.
+`inter / (area_i + area_j - inter) > iou_threshold`, the IoU in the boxes' dtype and compared
+with the threshold in double (the kernel's `float > double`).
 `batched_nms` picks the same strategy torchvision's Python does: the coordinate-offset trick
 (every category shifted by `idx * (max_coordinate + 1)` so boxes of different categories never
 overlap) up to 4,000 box numbers on the CPU (20,000 elsewhere), per-category NMS above that;
@@ -43,7 +44,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
         h = torch.maximum(zero, torch.minimum(y2[i], y2[rest]) - torch.maximum(y1[i], y1[rest]))
         inter = w * h
         iou = inter / (areas[i] + areas[rest] - inter)
-        suppressed[rest[iou > iou_threshold]] = True
+        suppressed[rest[iou.double() > iou_threshold]] = True
     return torch.tensor(keep, dtype=torch.int64)
 
 
