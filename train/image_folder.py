@@ -45,21 +45,30 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2**63))
 
 
-def list_images(roots: list[str], skipped: Skipped, min_side: int = 0) -> tuple[list[ImageItem], list[str]]:
-    """Every usable image under `roots` with its class index, and the class names.
-
-    Each file's header is read (no decoding of the pixels: fast on large folders).
-    """
-    files: list[tuple[Path, str]] = []
+def image_files(roots: list[str]) -> list[tuple[Path, str]]:
+    """(path, class folder name) of every file with an image suffix; "" for images directly in a root."""
+    files = []
     for root in roots:
         root_path = Path(root)
         if not root_path.is_dir():
             raise FileNotFoundError(f"{root}: no such folder")
         for path in sorted(p for p in root_path.rglob("*") if p.is_file()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            rel = path.relative_to(root_path).parts
-            files.append((path, rel[0] if len(rel) > 1 else ""))
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                rel = path.relative_to(root_path).parts
+                files.append((path, rel[0] if len(rel) > 1 else ""))
+    return files
+
+
+def class_names(roots: list[str]) -> list[str]:
+    return sorted({c for _, c in image_files(roots)})
+
+
+def list_images(roots: list[str], skipped: Skipped, min_side: int = 0) -> tuple[list[ImageItem], list[str]]:
+    """Every usable image under `roots` with its class index, and the class names.
+
+    Each file's header is read (no decoding of the pixels: fast on large folders).
+    """
+    files = image_files(roots)
     classes = sorted({c for _, c in files})
     items = []
     for path, cls in files:

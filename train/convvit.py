@@ -1,0 +1,280 @@
+"""Fine-tune ConvViT from a pretrained ConvMAE encoder: `python -m train.convvit --data DIR --checkpoint F`.
+
+The recipe of Alpha-VL/ConvMAE `main_finetune.py` + `engine_finetune.py` + `util/lr_decay.py`
+(MAE's fine-tuning, He et al. 2022, appendix A.2), without mixup/cutmix, RandAugment and random
+erasing (not implemented here):
+- start: `convmae.load_convvit` on a converted ConvMAE / FastConvMAE / encoder-only file (the
+  head drawn from N(0, 2e-5), the decoder left behind), or random weights;
+- data: class folders; RandomResizedCrop(scale 0.08-1, bicubic) + flip for training, resize +
+  centre crop for evaluation (`train.image_folder`);
+- layer-wise lr decay: parameter groups by `ConvViT.layer_id` (patch embeddings, positions and
+  the two convolution stages are layer 0, stage-3 block i is layer i + 1, the head and norms
+  the last), lr scale = decay ** (num_layers - layer); no weight decay on 1-D parameters and
+  `pos_embed`; lr = base_lr x effective batch / 256; per-step warmup then cosine;
+- drop path (stochastic depth) and label smoothing; top-1 accuracy on the validation set per
+  epoch; the best model as a converted `convvit` file (`convmae.load_convmae` / `load_convvit`);
+- `last.pt` for `--resume`, NaN guard, tqdm, `curves.png`, `metrics.jsonl`;
+  `torchrun --nproc_per_node=N -m train.convvit ...` runs the same loop with DDP.
+
+Legend: B images, K classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import convmae
+from train import common
+from train.data import Skipped
+from train.image_folder import ImageFolderDataset, class_names, list_images
+from weights_convert.checkpoint import save_converted
+
+
+@dataclass
+class Settings:
+    """Fine-tune ConvViT (with layer-wise lr decay) on class folders."""
+
+    data: str = ""  # comma-separated folders of class sub-folders (ImageNet's train/)
+    val_data: str = ""  # the same layout for evaluation; "": hold out --val-fraction of the images
+    val_fraction: float = 0.1
+    out: str = "runs/convvit"
+    checkpoint: str | None = None  # a converted ConvMAE-family file; None: random weights of `model`
+    model: str = "convmae_base"  # without a checkpoint: a convmae.CONFIGS name or a .json of config fields
+    num_classes: int = 0  # 0: the number of class folders
+    seed: int = 0
+    epochs: int = 100
+    batch_size: int = 32  # per process
+    accum_steps: int = 1
+    blr: float = 5e-4  # base learning rate: lr = blr * batch_size * accum_steps * world_size / 256
+    lr: float | None = None  # absolute learning rate (overrides blr)
+    layer_decay: float = 0.65
+    weight_decay: float = 0.05
+    drop_path: float = 0.1
+    smoothing: float = 0.1
+    warmup_epochs: float = 5.0
+    clip_grad: float = 0.0  # max gradient norm; 0: off
+    min_scale: float = 0.08  # RandomResizedCrop area scale (min_scale, 1)
+    min_side: int = -1  # skip images whose shorter side is below this; -1: the input size; 0: keep all
+    bf16: bool = True  # autocast on CUDA only
+    device: str = "auto"
+    workers: int = 0
+    save_every: int = 0
+    stop_after: int = 0  # stop after this many optimizer steps (as if interrupted); 0: never
+    resume: bool = False
+    val_before: bool = True
+    progress: bool = True
+
+
+def build_model(s: Settings, num_classes: int) -> convmae.ConvViT:
+    """ConvViT from a pretrained file (the official fine-tuning start) or seeded random weights."""
+    torch.manual_seed(s.seed)
+    if s.checkpoint:
+        return convmae.load_convvit(s.checkpoint, num_classes=num_classes, drop_path_rate=s.drop_path)
+    if s.model.endswith(".json"):
+        config = convmae.ConvMAEConfig.from_dict(json.loads(Path(s.model).read_text()))
+    elif s.model in convmae.CONFIGS:
+        config = convmae.CONFIGS[s.model]
+    else:
+        raise ValueError(f"--model {s.model!r}: neither a .json config nor one of {sorted(convmae.CONFIGS)}")
+    return convmae.ConvViT(dataclasses.replace(config, num_classes=num_classes, drop_path_rate=s.drop_path))
+
+
+def layer_decay_groups(model: convmae.ConvViT, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups of `util/lr_decay.py` (`param_groups_lrd`): one per (layer, decay or not),
+    each with `lr_scale` = layer_decay ** (num_layers - layer) and a `layer` for readers."""
+    num_layers = model.num_layers
+    skip = model.no_weight_decay()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim == 1 or name in skip)
+        layer = model.layer_id(name)
+        group = groups.setdefault((layer, decay), {
+            "params": [], "names": [], "layer": layer, "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (num_layers - layer),
+        })
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: convmae.ConvViT, dataset: ImageFolderDataset, s: Settings, device: torch.device) -> tuple[float, float]:
+    """Validation loss (no smoothing) and top-1 accuracy."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for first in range(0, len(dataset), s.batch_size):
+        items = [dataset[i] for i in range(first, min(first + s.batch_size, len(dataset)))]
+        imgs = torch.stack([it["image"] for it in items]).to(device)
+        labels = torch.stack([it["label"] for it in items]).to(device)
+        with autocast(device, s.bf16):
+            logits = model(imgs).float()  # (B, K)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += int((logits.argmax(1) == labels).sum())
+    model.train(was_training)
+    return loss_sum / len(dataset), correct / len(dataset)
+
+
+def train(s: Settings, d: common.Dist) -> dict:
+    """The whole run; returns the history and the top-1 accuracy before/after."""
+    out = Path(s.out)
+    last_path = out / "last.pt"
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
+    common.seed_everything(s.seed)
+
+    # ---- the model (its input size decides which images are too small), then the data
+    roots = [p for p in s.data.split(",") if p]
+    model = build_model(s, s.num_classes or len(class_names(roots))).to(d.device).train()
+    img_size, num_classes = model.config.img_size, model.config.num_classes
+    skipped = Skipped()
+    min_side = img_size if s.min_side < 0 else s.min_side
+    items, classes = list_images(roots, skipped, min_side)
+    if s.val_data:
+        val_items, val_classes = list_images(s.val_data.split(","), skipped, min_side)
+        if val_classes != classes:
+            raise ValueError(f"--val-data classes {val_classes} differ from --data classes {classes}")
+    else:  # a seeded hold-out
+        order = torch.randperm(len(items), generator=torch.Generator().manual_seed(s.seed)).tolist()
+        n_val = max(1, round(s.val_fraction * len(items)))
+        val_items, items = [items[i] for i in order[:n_val]], [items[i] for i in sorted(order[n_val:])]
+    if max(it.label for it in items + val_items) >= num_classes:
+        raise ValueError(f"{len(classes)} class folders but --num-classes {num_classes}")
+    train_set = ImageFolderDataset(items, img_size, train=True, scale=(s.min_scale, 1.0), seed=s.seed)
+    val_set = ImageFolderDataset(val_items, img_size, train=False)
+    common.log(f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes; skipped: {skipped.summary()}")
+
+    # ---- optimiser with layer-wise lr decay, schedule
+    per_step = s.batch_size * d.world_size * s.accum_steps
+    steps_per_epoch = len(train_set) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_set)} images cannot fill one step of {per_step}; lower --batch-size")
+    lr = s.lr if s.lr is not None else s.blr * per_step / 256
+    groups = layer_decay_groups(model, s.weight_decay, s.layer_decay)
+    optimizer = torch.optim.AdamW([{**g, "lr": lr * g["lr_scale"]} for g in groups], lr=lr)
+    total_steps = steps_per_epoch * s.epochs
+    scheduler = common.make_scheduler(optimizer, total_steps, round(s.warmup_epochs * steps_per_epoch), "cosine")
+    params = [p for g in groups for p in g["params"]]
+    ddp = model
+    if d.enabled:
+        ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    common.log(f"lr {lr:.3g} (effective batch {per_step}), layer decay {s.layer_decay} over {model.num_layers + 1} layers")
+
+    # ---- start or resume
+    step, start_epoch, start_micro, best = 0, 0, 0, -1.0
+    history: dict[str, list] = {"train_loss": [], "val_loss": [], "top1": []}
+    if s.resume:
+        state = common.load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, start_epoch, start_micro = state["step"], state["epoch"], state["micro"]
+        best, history = state["best"], state["history"]
+        common.set_rng_state(state["rng"])
+        common.log(f"resumed from {last_path} at step {step} (epoch {start_epoch}, batch {start_micro})")
+    elif s.val_before and d.is_main:
+        val_loss, top1 = evaluate(model, val_set, s, d.device)
+        history["val_loss"].append([0, val_loss])
+        history["top1"].append([0, top1])
+        common.log(f"before training: val loss {val_loss:.4f}, top-1 {top1:.3f}")
+
+    def snapshot(epoch: int, micro: int) -> dict:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "epoch": epoch, "micro": micro, "best": best, "history": history,
+            "rng": common.rng_state(), "settings": dataclasses.asdict(s),
+        }
+
+    stopped = False
+    for epoch in range(start_epoch, s.epochs):
+        # One permutation for all ranks; rank r takes every W-th image (see train.convmae).
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(s.seed + epoch))
+        mine = order[: steps_per_epoch * per_step][d.rank :: d.world_size].tolist()
+        batches = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
+        train_set.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers,
+                                             generator=torch.Generator().manual_seed(s.seed + epoch))
+        bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        for micro, batch in enumerate(bar, start=start_micro):
+            imgs, labels = batch["image"].to(d.device), batch["label"].to(d.device)
+            sync = (micro + 1) % s.accum_steps == 0
+            with ddp.no_sync() if d.enabled and not sync else contextlib.nullcontext():
+                with autocast(d.device, s.bf16):
+                    logits = ddp(imgs)  # (B, K)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=s.smoothing)
+                common.check_finite(loss, step, d.device, str(last_path) if last_path.exists() else "none written yet")
+                (loss / s.accum_steps).backward()
+            if not sync:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            total = loss.detach().clone()
+            if d.enabled:  # equal batches on every rank: the mean over ranks is the whole batch's loss
+                torch.distributed.all_reduce(total)
+                total /= d.world_size
+            history["train_loss"].append([step, total.item()])
+            if d.is_main:
+                bar.set_postfix(loss=f"{total.item():.4f}")
+                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": total.item(),
+                                                            "lr": scheduler.get_last_lr()[-1], "grad_norm": grad_norm.item()})
+            if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
+                if d.is_main:
+                    common.save_checkpoint(last_path, snapshot(epoch, micro + 1))
+                if step == s.stop_after:
+                    stopped = True
+                    break
+        if stopped:
+            common.log(f"stopped after step {step} as asked (--stop-after); continue with --resume")
+            break
+        start_micro = 0
+
+        # ---- evaluation (rank 0), the best model in the converted format, last.pt, curves
+        if d.is_main:
+            val_loss, top1 = evaluate(model, val_set, s, d.device)
+            history["val_loss"].append([step, val_loss])
+            history["top1"].append([step, top1])
+            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "val_loss": val_loss, "top1": top1})
+            common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, val loss {val_loss:.4f}, top-1 {top1:.3f}")
+            if top1 > best:
+                best = top1
+                save_converted(out / "best.safetensors", model.state_dict(), "convmae", {**model.config.to_dict(), "model": "convvit"})
+                common.log(f"new best top-1 {best:.3f}: wrote {out / 'best.safetensors'}")
+            common.save_checkpoint(last_path, snapshot(epoch + 1, 0))
+            common.save_curves(out / "curves.png", {
+                "loss": {"train": history["train_loss"], "val": history["val_loss"]}, "top-1": {"val": history["top1"]},
+            })
+        common.barrier()
+    return {"history": history, "best_top1": best, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    s = common.parse_settings(Settings, argv)
+    d = common.setup_distributed(s.device)
+    try:
+        return train(s, d)
+    except common.NonFiniteLossError as e:
+        raise SystemExit(f"error: {e}") from e
+    finally:
+        common.teardown_distributed()
+
+
+if __name__ == "__main__":
+    main()
