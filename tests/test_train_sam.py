@@ -148,3 +148,16 @@ def test_torchrun_two_processes_match_one(setup, tmp_path: Path) -> None:
         assert step_a == step_b and loss_a == pytest.approx(loss_b, abs=1e-6)  # losses over the global batch
     for name, tensor in a["trainable"].items():
         torch.testing.assert_close(b["trainable"][name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    from train import demo
+
+    results = demo.main(["--out", str(tmp_path), "--jobs", "sam", "--sam-epochs", "1", "--synthetic-images", "6",
+                         "--no-progress"])
+    r = results["sam"]
+    assert 0.0 <= r["iou_before"] <= 1.0 and 0.0 <= r["iou_after"] <= 1.0
+    for name in ("overlays.png", "curves.png", "best.safetensors", "last.pt"):
+        assert (tmp_path / "sam" / name).stat().st_size > 0
+    with pytest.raises(SystemExit, match="unknown demo job"):
+        demo.main(["--out", str(tmp_path), "--jobs", "sam,nope"])

@@ -34,6 +34,21 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | N
     return (per_pixel * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1.0)
 
 
+def balanced_bce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE averaged over the foreground and the background pixels separately, then halved.
+
+    Class-balanced cross-entropy (as in HED, Xie & Tu, 2015, eq. 2, with equal weights): a small
+    object counts as much as its large background, so a decoder trained from scratch does not
+    first collapse to predicting background everywhere (plain BCE does, and Dice's gradient
+    vanishes once every sigmoid is near 0).
+    """
+    w = _weights(target, valid)
+    per_pixel = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * w
+    fg = (per_pixel * target).flatten(1).sum(1) / (target * w).flatten(1).sum(1).clamp(min=1.0)
+    bg = (per_pixel * (1 - target)).flatten(1).sum(1) / ((1 - target) * w).flatten(1).sum(1).clamp(min=1.0)
+    return 0.5 * (fg + bg)
+
+
 def focal_loss(
     logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, alpha: float = 0.25, gamma: float = 2.0
 ) -> torch.Tensor:
@@ -60,11 +75,14 @@ def mask_iou(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | N
 def segmentation_loss(
     logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None, kind: str = "dice_bce"
 ) -> torch.Tensor:
-    """Per-sample mask loss: "dice_bce" (Dice + BCE), "dice_focal" (Dice + 20 x focal, SAM's mix) or "bce"."""
+    """Per-sample mask loss: "dice_bce" (Dice + BCE), "dice_balanced_bce" (Dice + class-balanced
+    BCE), "dice_focal" (Dice + 20 x focal, SAM's mix) or "bce"."""
     if kind == "dice_bce":
         return dice_loss(logits, target, valid) + bce_loss(logits, target, valid)
+    if kind == "dice_balanced_bce":
+        return dice_loss(logits, target, valid) + balanced_bce_loss(logits, target, valid)
     if kind == "dice_focal":
         return dice_loss(logits, target, valid) + 20.0 * focal_loss(logits, target, valid)
     if kind == "bce":
         return bce_loss(logits, target, valid)
-    raise ValueError(f"loss must be 'dice_bce', 'dice_focal' or 'bce', not {kind!r}")
+    raise ValueError(f"loss must be 'dice_bce', 'dice_balanced_bce', 'dice_focal' or 'bce', not {kind!r}")

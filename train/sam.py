@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class Settings:
     warmup_steps: int = 10
     schedule: str = "cosine"  # cosine, linear, constant
     clip_grad: float = 1.0  # max gradient norm; 0 turns clipping off
-    loss: str = "dice_bce"  # dice_bce, dice_focal, bce
+    loss: str = "dice_bce"  # dice_bce, dice_balanced_bce, dice_focal, bce
     iou_loss_weight: float = 1.0
     multimask: str = "auto"  # off, best, mean, min; auto: best for point-only prompts, else off
     prompt: str = "box"  # box, points, both
@@ -347,7 +348,7 @@ def train(s: Settings, d: common.Dist) -> dict:
             history["train_iou"].append([step, iou_])
             if d.is_main:
                 bar.set_postfix(loss=f"{loss_:.4f}", iou=f"{iou_:.3f}")
-                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": loss_, "iou": iou_,
+                common.append_jsonl(out / "metrics.jsonl", {"step": step, "time": time.time(), "loss": loss_, "iou": iou_,
                                                             "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()})
             if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
                 if d.is_main:
@@ -365,7 +366,8 @@ def train(s: Settings, d: common.Dist) -> dict:
             val_loss, val_iou = evaluate(sam, step_module, val_set, s, multimask, n_cached, cache, cache_dir)
             history["val_loss"].append([step, val_loss])
             history["val_iou"].append([step, val_iou])
-            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "val_loss": val_loss, "val_iou": val_iou})
+            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "time": time.time(),
+                                                        "val_loss": val_loss, "val_iou": val_iou})
             common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, val loss {val_loss:.4f}, val IoU {val_iou:.4f}")
             if val_iou > best_iou:
                 best_iou = val_iou
