@@ -50,6 +50,7 @@ class DemoSettings:
     out: str = "demo_out"
     jobs: str = "sam"  # comma-separated names from JOBS
     checkpoint: str | None = None  # a converted SAM checkpoint: fine-tune it instead of a small random SAM
+    image_size: int = 0  # with --checkpoint: run it at this size (0: its own, 1024; 512 is kinder to a CPU)
     sam_epochs: int = 8
     synthetic_images: int = 150
     seed: int = 0
@@ -173,6 +174,7 @@ def sam_job(ds: DemoSettings) -> dict:
         overrides = dict(prompt="both", loss="dice_balanced_bce", lr=1e-3, batch_size=8)
     s = train_sam.Settings(
         data=",".join(data), out=str(out), checkpoint=start, epochs=ds.sam_epochs, box_shift=4,
+        image_size=ds.image_size if ds.checkpoint else 0,
         warmup_steps=10, seed=ds.seed, progress=ds.progress, val_fraction=0.25, **overrides,
     )
     t0 = time.time()
@@ -181,7 +183,7 @@ def sam_job(ds: DemoSettings) -> dict:
     before_iou = result["history"]["val_iou"][0][1]
     after_iou = result["best_iou"]
     # The overlays use the files on disk: the starting checkpoint and the best one, as a user would.
-    before, after = minisam.load_sam(start), minisam.load_sam(out / "best.safetensors")
+    before, after = minisam.load_sam(start, image_size=s.image_size or None), minisam.load_sam(out / "best.safetensors")
     skipped = train_sam.Skipped()
     records = train_sam.load_records(data, skipped)
     objects = train_sam.index_objects(records, after.config.image_size, skipped)

@@ -230,6 +230,11 @@ def train(s: Settings, d: common.Dist) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
     common.seed_everything(s.seed)
+    choices = {"multimask": ("auto", "off", "best", "mean", "min"), "cache": ("memory", "disk", "off"),
+               "optimizer": ("adamw", "sgd"), "prompt": ("box", "points", "both")}
+    for field, allowed in choices.items():
+        if getattr(s, field) not in allowed:
+            raise ValueError(f"--{field} must be one of {allowed}, not {getattr(s, field)!r}")
 
     # ---- data: every (image, object) pair is a sample; bad input is skipped and counted
     skipped = Skipped()
@@ -251,6 +256,8 @@ def train(s: Settings, d: common.Dist) -> dict:
 
     # ---- what trains: the mask decoder, plus the last K encoder blocks and the neck
     depth = len(sam.image_encoder.blocks)
+    if not 0 <= s.unfreeze_blocks <= depth:
+        raise ValueError(f"--unfreeze-blocks {s.unfreeze_blocks}: the encoder has {depth} blocks")
     n_cached = depth - s.unfreeze_blocks
     unfreezable = tuple(f"image_encoder.blocks.{i}." for i in range(n_cached, depth))
     unfreezable += ("image_encoder.neck.",) if s.unfreeze_blocks else ()
@@ -259,8 +266,6 @@ def train(s: Settings, d: common.Dist) -> dict:
     params = [named[n] for n in names]
     sam.requires_grad_(False)
     step_module = PromptedDecoder(sam, n_cached)
-    if s.optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', not {s.optimizer!r}")
     if s.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     else:
