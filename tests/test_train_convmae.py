@@ -24,6 +24,14 @@ TINY = dict(img_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, m
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: extra threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_images(folder: Path, n: int, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -174,7 +182,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup: dict, tmp_path: Pat
 
 def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     one = train_convmae.train(settings(setup, tmp_path / "one", batch_size=4), common.Dist())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "train.convmae", "--data", str(setup["data"]), "--out", str(tmp_path / "two"),
            "--model", str(setup["config"]), "--epochs", "2", "--batch-size", "2", "--blr", "1e-2",
            "--warmup-epochs", "1", "--eval-images", "2", "--no-progress", "--device", "cpu"]

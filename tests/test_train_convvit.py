@@ -24,6 +24,14 @@ TINY = dict(img_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 3], num_heads=2, m
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: extra threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Three classes of noisy single-colour images (easy), and a pretrained-format ConvMAE file."""
@@ -135,7 +143,7 @@ def test_resume_is_exact_with_drop_path(setup: dict, tmp_path: Path) -> None:
 def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     """Drop path off: its per-sample draws come from each process's own RNG."""
     one = train_convvit.train(settings(setup, tmp_path / "one", drop_path=0.0, batch_size=6), common.Dist())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "train.convvit", "--data", str(setup["root"] / "train"), "--val-data", str(setup["root"] / "val"),
            "--out", str(tmp_path / "two"), "--checkpoint", str(setup["root"] / "mae.safetensors"), "--epochs", "2",
            "--batch-size", "3", "--blr", "0.2", "--warmup-epochs", "1", "--drop-path", "0", "--no-val-before",

@@ -25,6 +25,14 @@ from train.tiny_tokenizer import write_tiny_tokenizer
 SIZE = 64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: extra threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("florence2")
@@ -209,7 +217,7 @@ def test_resume_is_exact(setup: dict, tmp_path: Path) -> None:
 
 def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     one = train_florence2.train(settings(setup, tmp_path / "one", dropout=0.0, batch_size=4), common.Dist())
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "train.florence2", "--data", str(setup["data"]), "--val-data", str(setup["val"]),
            "--out", str(tmp_path / "two"), "--tokenizer", str(setup["root"] / "tokenizer"), "--model", "tiny",
            "--image-size", str(SIZE), "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--no-freeze-vision",

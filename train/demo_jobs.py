@@ -25,7 +25,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-import convmae
 from train import common
 from train import convmae as train_convmae
 from train import florence2 as train_florence2
@@ -34,6 +33,9 @@ from train.tiny_tokenizer import write_tiny_tokenizer
 WORDS = ("cat", "sun", "box", "tree", "fish", "star")
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
            "black": (10, 10, 10), "orange": (245, 140, 0), "purple": (140, 40, 170)}
+# A small ConvMAE for the demo: 64 px input (a 4 x 4 grid of 16 px patches), narrow and shallow.
+SMALL_CONVMAE = dict(img_size=64, embed_dim=[32, 48, 96], depth=[1, 1, 4], num_heads=4, mlp_ratio=[4, 4, 4],
+                     decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
 QUESTIONS = ("What is the big word?", "What colour is the big word?", "What number is in the box?")
 
 
@@ -100,3 +102,25 @@ def florence2_job(ds) -> dict:
     return {"similarity_before": h["similarity"][0][1], "similarity_after": h["similarity"][-1][1],
             "anls_before": h["anls"][0][1], "anls_after": h["anls"][-1][1],
             "exact_before": h["exact"][0][1], "exact_after": h["exact"][-1][1], "seconds": seconds}
+
+
+def convmae_job(ds) -> dict:
+    """Pretrain a small random ConvMAE on the bundled photos + synthetic shapes; loss before/after."""
+    from train.demo import DEMO_DATA, synthetic_shapes  # the SAM job's data; imported here (demo imports us)
+
+    out = Path(ds.out) / "convmae"
+    shapes = synthetic_shapes(out / "shapes", 94, ds.seed + 2)
+    config = out / "small_convmae.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(json.dumps(SMALL_CONVMAE))
+    s = train_convmae.Settings(
+        data=f"{DEMO_DATA / 'images'},{shapes / 'images'}", out=str(out), model=str(config), epochs=ds.convmae_epochs,
+        batch_size=16, lr=1.5e-3, warmup_epochs=1.0, eval_images=8, seed=ds.seed, progress=ds.progress,
+    )
+    t0 = time.time()
+    result = train_convmae.train(s, common.Dist())
+    seconds = time.time() - t0
+    last = ds.convmae_epochs
+    common.log(f"convmae: reconstruction loss (8 fixed images, fixed masks) {result['recon_before']:.3f} -> "
+               f"{result['recon_after']:.3f} ({seconds:.0f} s); wrote {out / f'recon_{last:03d}.png'}, {out / 'curves.png'}")
+    return {"recon_before": result["recon_before"], "recon_after": result["recon_after"], "seconds": seconds}

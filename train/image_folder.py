@@ -107,17 +107,17 @@ def random_resized_crop_box(
         u = torch.rand(3, generator=g).tolist()
         target_area = area * (scale[0] + u[0] * (scale[1] - scale[0]))
         aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (1,), generator=g))
             left = int(torch.randint(0, width - w + 1, (1,), generator=g))
             return left, top, left + w, top + h
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        w, h = width, round(width / ratio[0])
     elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
+        h, w = height, round(height * ratio[1])
     else:
         w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
