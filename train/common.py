@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -46,19 +48,25 @@ def parse_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
     """
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().split("\n")[0])
+    try:  # the comment after each field in the source is its help text
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        source = ""
+    comments = dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.M))
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
         args = typing.get_args(hint)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         flag = "--" + field.name.replace("_", "-")
+        help_text = f"{comments.get(field.name, '')} (default: {field.default})".strip()
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
         else:
             def convert(text: str, base: type = base, optional: bool = optional) -> Any:
                 return None if optional and text.lower() == "none" else base(text)
 
-            parser.add_argument(flag, type=convert, default=field.default, metavar=base.__name__.upper())
+            parser.add_argument(flag, type=convert, default=field.default, metavar=base.__name__.upper(), help=help_text)
     parsed = parser.parse_args(list(argv) if argv is not None else None)
     return cls(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls)})
 
