@@ -161,3 +161,22 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert (tmp_path / "sam" / name).stat().st_size > 0
     with pytest.raises(SystemExit, match="unknown demo job"):
         demo.main(["--out", str(tmp_path), "--jobs", "sam,nope"])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(prompt="points", multimask="mean", loss="dice_focal"),
+     dict(prompt="points", n_negative=1, erode_radius=1, multimask="min", loss="bce"),
+     dict(prompt="box", cache="off", augment=True, loss="dice_balanced_bce", schedule="linear")],
+)
+def test_other_options_train(setup, tmp_path: Path, options: dict) -> None:
+    result = train_sam.train(settings(setup, tmp_path, epochs=1, **options), common.Dist())
+    losses = torch.tensor([loss for _, loss in result["history"]["train_loss"]])
+    assert result["step"] > 0 and torch.isfinite(losses).all()
+
+
+def test_bad_settings_are_refused(setup, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--multimask must be one of"):
+        train_sam.train(settings(setup, tmp_path, multimask="bst"), common.Dist())
+    with pytest.raises(ValueError, match="encoder has 2 blocks"):
+        train_sam.train(settings(setup, tmp_path, unfreeze_blocks=3), common.Dist())
