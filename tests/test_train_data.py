@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import shared_path
 from PIL import Image, ImageFilter
 
-from conftest import shared_path
 from train.data import (
     PromptSettings,
     SegmentationDataset,
@@ -77,8 +77,8 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_a_dataset_without_usable_samples_is_refused(tmp_path: Path) -> None:
-    from train.sam import Settings, train
     from train.common import Dist
+    from train.sam import Settings, train
 
     write_pair(tmp_path, "no_mask", good_image(), None)
     with pytest.raises(ValueError, match="fewer than 2 usable objects.*missing mask"):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 
 import minisam
-from conftest import ROOT
 from minisam.image_encoder import PatchEmbed
 from train import common
 from train import sam as train_sam

@@ -52,7 +52,7 @@ def parse_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         source = ""
-    comments = dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.M))
+    comments = dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE))
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
         args = typing.get_args(hint)
@@ -308,7 +308,7 @@ def save_curves(
         ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
         xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1e-6)
 
-        def to_px(x: float, y: float) -> tuple[float, float]:
+        def to_px(x: float, y: float) -> tuple[float, float]:  # data -> pixel coordinates of this panel
             return (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
 
         for frac in (0.0, 0.5, 1.0):  # y ticks and x ticks

@@ -83,7 +83,6 @@ def sample_points(
     """
     if not mask.any():
         raise EmptyMaskError("the mask is empty: no point can be drawn from it")
-    H, W = mask.shape
     inside = erode(mask, erode_radius)
     if not inside.any():
         inside = mask
