@@ -232,6 +232,8 @@ def train(s: Settings, d: common.Dist) -> dict:
     common.seed_everything(s.seed)
     choices = {"multimask": ("auto", "off", "best", "mean", "min"), "cache": ("memory", "disk", "off"),
                "optimizer": ("adamw", "sgd"), "prompt": ("box", "points", "both")}
+    if not s.data:
+        raise ValueError("--data is required: folders with images/ + masks/, or .npz files, comma-separated")
     for field, allowed in choices.items():
         if getattr(s, field) not in allowed:
             raise ValueError(f"--{field} must be one of {allowed}, not {getattr(s, field)!r}")
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
     d = common.setup_distributed(s.device)
     try:
         return train(s, d)
-    except common.NonFiniteLossError as e:
+    except (common.NonFiniteLossError, ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
         raise SystemExit(f"error: {e}") from e
     finally:
         common.teardown_distributed()
