@@ -17,7 +17,7 @@ from tests.conftest import ROOT, shared_path
 from train import common
 from train import florence2 as train_florence2
 from train.data import Skipped
-from train.demo_jobs import COLOURS, QUESTIONS, WORDS, synthetic_docqa
+from train.demo_jobs import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa
 from train.florence2_data import DocDataset, collate, load_examples, prompt_text
 from train.levenshtein import anls, distance, exact_match, similarity
 from train.tiny_tokenizer import write_tiny_tokenizer
@@ -38,7 +38,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("florence2")
     data = synthetic_docqa(root / "train", 4, seed=0, size=SIZE)  # 12 questions
     val = synthetic_docqa(root / "val", 1, seed=1, size=SIZE)  # 3 questions
-    texts = ["<DocVQA>" + q for q in QUESTIONS] + list(WORDS) + list(COLOURS) + [str(d) for d in range(10)]
+    texts = ["<DocVQA>" + q for q in QUESTIONS] + list(WORDS) + list(COLOURS) + list(CORNERS)
     tokenizer = write_tiny_tokenizer(texts, root / "tokenizer")
     return {"root": root, "data": data / "qa.jsonl", "val": val / "qa.jsonl", "tokenizer": tokenizer}
 

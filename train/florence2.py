@@ -295,7 +295,7 @@ def train(s: Settings, d: common.Dist) -> dict:
                                                         **{k: r[k] for k in ("similarity", "anls", "exact")}})
             common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, val loss {r['loss']:.4f}, similarity "
                        f"{r['similarity']:.3f}, ANLS {r['anls']:.3f}, exact {r['exact']:.3f}")
-            (out / "predictions.json").write_text(json.dumps(r["examples"][:50], indent=1))
+            (out / "predictions.json").write_text(json.dumps(r["examples"][:200], indent=1))
             if r["anls"] > best:
                 best = r["anls"]
                 export(model, out / "best.safetensors")
