@@ -190,6 +190,11 @@ def test_frozen_vision_tower_is_bit_identical(setup: dict, tmp_path: Path) -> No
             assert torch.equal(v, after[k]), k
     assert not torch.equal(start.image_projection, trained.image_projection)  # the rest trains
     assert not torch.equal(start.language_model.model.shared.weight, trained.language_model.model.shared.weight)
+    # continuing from the export: the same weights, with dropout and input size overridden if asked
+    again = train_florence2.build_model(settings(setup, tmp_path, checkpoint=str(tmp_path / "best.safetensors"),
+                                                 dropout=0.0, image_size=96), setup["tokenizer"].vocab_size)
+    assert again.config.dropout == 0.0 and again.config.image_size == 96
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in after.items())
 
 
 def test_unfrozen_vision_tower_trains_and_loss_falls(setup: dict, tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ class Settings:
     tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads (the real one sits in ../shared)
     checkpoint: str | None = None  # a converted Florence-2 .safetensors; None: random weights of `model`
     model: str = "tiny"  # without a checkpoint: "tiny", a miniflorence.CONFIGS name, or a .json of config fields
-    image_size: int = 0  # without a checkpoint: the input side (a multiple of 32); 0: the config's
+    image_size: int = 0  # the input side (a multiple of 32); 0: the config's (768 for the released models)
     task_prefix: str = "<DocVQA>"  # put before each question (not before `prefix` records)
     max_answer_tokens: int = 64  # longer answers are skipped and counted
     seed: int = 0
@@ -98,9 +98,13 @@ def build_model(s: Settings, vocab_size: int) -> miniflorence.Florence2:
     else:
         raise ValueError(f"--model {s.model!r}: 'tiny', one of {sorted(miniflorence.CONFIGS)} or a .json config")
     if model is None:
-        config = config.replace(vocab_size=vocab_size, **({"image_size": s.image_size} if s.image_size else {}))
+        config = config.replace(vocab_size=vocab_size)
+    if s.image_size:  # the weights do not depend on it (up to 50 x 32 = 1600 px)
+        config = config.replace(image_size=s.image_size)
     if s.dropout is not None:
         config = config.replace(dropout=s.dropout, attention_dropout=s.dropout, activation_dropout=s.dropout)
+    if model is not None and config == model.config:
+        return model
     torch.manual_seed(s.seed)
     fresh = miniflorence.Florence2(config)
     if model is not None:
