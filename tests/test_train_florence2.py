@@ -238,3 +238,15 @@ def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     assert diffs.max().item() < 0.05 * lr_sum and diffs.mean().item() < 2e-4 * lr_sum, (diffs.max(), diffs.mean())
     two = last_state(tmp_path / "two")["history"]
     assert [x for _, x in two["train_loss"]] == pytest.approx([x for _, x in one["history"]["train_loss"]], rel=1e-5)
+
+
+def test_demo_jobs_run_end_to_end(tmp_path: Path) -> None:
+    """`python -m train.demo --jobs florence2,convmae` (one epoch each): outputs a user can open."""
+    from train import demo
+
+    results = demo.main(["--out", str(tmp_path), "--jobs", "florence2,convmae", "--florence2-epochs", "1",
+                         "--convmae-epochs", "1", "--no-progress", "--threads", "0"])
+    assert set(results["florence2"]) >= {"similarity_before", "similarity_after", "exact_after", "seconds"}
+    assert set(results["convmae"]) == {"recon_before", "recon_after", "seconds"}
+    miniflorence.load_florence2(tmp_path / "florence2" / "best.safetensors")
+    assert (tmp_path / "convmae" / "recon_001.png").is_file() and (tmp_path / "florence2" / "curves.png").is_file()

@@ -119,7 +119,9 @@ class PretrainStep(nn.Module):
         super().__init__()
         self.model, self.bf16, self.fp32_decoder = model, bf16, fp32_decoder
 
-    def forward(self, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with autocast(imgs.device, self.bf16):
             latent, mask, ids_restore = self.model.forward_encoder(imgs, mask_ratio, noise)
         if self.fp32_decoder:

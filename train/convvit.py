@@ -255,7 +255,8 @@ def train(s: Settings, d: common.Dist) -> dict:
             common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, val loss {val_loss:.4f}, top-1 {top1:.3f}")
             if top1 > best:
                 best = top1
-                save_converted(out / "best.safetensors", model.state_dict(), "convmae", {**model.config.to_dict(), "model": "convvit"})
+                config = {**model.config.to_dict(), "model": "convvit"}
+                save_converted(out / "best.safetensors", model.state_dict(), "convmae", config)
                 common.log(f"new best top-1 {best:.3f}: wrote {out / 'best.safetensors'}")
             common.save_checkpoint(last_path, snapshot(epoch + 1, 0))
             common.save_curves(out / "curves.png", {

@@ -1,5 +1,8 @@
 """The demo: `python -m train.demo` fine-tunes a small SAM on bundled data, offline, in minutes.
 
+It also runs "florence2" (a tiny Florence-2 learns synthetic document QA) and "convmae" (a small
+ConvMAE pretrains on the bundled and synthetic images), described in `train/demo_jobs.py`.
+
 Jobs run one after another and each writes under `--out/<job>/`; a job is a function
 `(DemoSettings) -> dict` listed in `JOBS`, so other model families can add theirs.
 
@@ -35,7 +38,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import minisam
-from train import common
+from train import common, demo_jobs
 from train import sam as train_sam
 from train.prompts import erode
 from weights_convert.checkpoint import save_converted
@@ -48,10 +51,12 @@ class DemoSettings:
     """Run the bundled training demos."""
 
     out: str = "demo_out"
-    jobs: str = "sam"  # comma-separated names from JOBS
+    jobs: str = "sam,florence2,convmae"  # comma-separated names from JOBS
     checkpoint: str | None = None  # a converted SAM checkpoint: fine-tune it instead of a small random SAM
     image_size: int = 0  # with --checkpoint: run it at this size (0: its own, 1024; 512 is kinder to a CPU)
     sam_epochs: int = 8
+    florence2_epochs: int = 20  # the Florence-2 and ConvMAE jobs live in train/demo_jobs.py
+    convmae_epochs: int = 60
     synthetic_images: int = 150
     seed: int = 0
     threads: int = 1  # torch CPU threads; the tensors are small, and extra threads hurt on shared cores
@@ -196,7 +201,9 @@ def sam_job(ds: DemoSettings) -> dict:
     return {"iou_before": before_iou, "iou_after": after_iou, "seconds": seconds}
 
 
-JOBS: dict[str, Callable[[DemoSettings], dict]] = {"sam": sam_job}
+JOBS: dict[str, Callable[[DemoSettings], dict]] = {
+    "sam": sam_job, "florence2": demo_jobs.florence2_job, "convmae": demo_jobs.convmae_job,
+}
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:

@@ -25,6 +25,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -32,6 +33,9 @@ from train import common
 from train import convmae as train_convmae
 from train import florence2 as train_florence2
 from train.tiny_tokenizer import write_tiny_tokenizer
+
+if TYPE_CHECKING:
+    from train.demo import DemoSettings
 
 WORDS = ("ox", "cat", "tree", "house")  # different lengths: a tiny model can tell them apart
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
@@ -88,7 +92,7 @@ def synthetic_docqa(folder: str | Path, n_pages: int, seed: int, size: int = 96)
     return folder
 
 
-def florence2_job(ds) -> dict:
+def florence2_job(ds: DemoSettings) -> dict:
     """Fine-tune a tiny random Florence-2 on the synthetic document QA; scores before/after."""
     out = Path(ds.out) / "florence2"
     train_dir = synthetic_docqa(out / "data" / "train", 240, ds.seed)
@@ -105,18 +109,20 @@ def florence2_job(ds) -> dict:
     result = train_florence2.train(s, common.Dist())
     seconds = time.time() - t0
     h = result["history"]
-    before, after = {k: h[k][0][1] for k in ("similarity", "anls", "exact")}, {k: h[k][-1][1] for k in ("similarity", "anls", "exact")}
+    before = {k: h[k][0][1] for k in ("similarity", "anls", "exact")}
+    after = {k: h[k][-1][1] for k in ("similarity", "anls", "exact")}
     predictions = json.loads((out / "predictions.json").read_text())  # the last evaluation, in question order
     per_question = {q: sum(p["prediction"] == p["answers"][0] for p in predictions[k::3]) / VAL_PAGES
                     for k, q in enumerate(QUESTIONS)}
-    common.log("florence2: exact match per question after training: " + ", ".join(f"{q!r} {v:.2f}" for q, v in per_question.items()))
+    common.log("florence2: exact match per question after training: "
+               + ", ".join(f"{q!r} {v:.2f}" for q, v in per_question.items()))
     common.log(f"florence2: {3 * VAL_PAGES} held-out questions: similarity {before['similarity']:.3f} -> "
                f"{after['similarity']:.3f}, ANLS {before['anls']:.3f} -> {after['anls']:.3f}, exact match "
                f"{before['exact']:.3f} -> {after['exact']:.3f} ({seconds:.0f} s); wrote {out / 'best.safetensors'}")
     return {**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}, "seconds": seconds}
 
 
-def convmae_job(ds) -> dict:
+def convmae_job(ds: DemoSettings) -> dict:
     """Pretrain a small random ConvMAE on the bundled photos + synthetic shapes; loss before/after."""
     from train.demo import DEMO_DATA, synthetic_shapes  # the SAM job's data; imported here (demo imports us)
 

@@ -172,7 +172,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         seed: with the epoch and the index, fixes every random draw.
     """
 
-    def __init__(self, items: list[ImageItem], size: int, train: bool, scale: tuple[float, float] = (0.2, 1.0), seed: int = 0) -> None:
+    def __init__(
+        self, items: list[ImageItem], size: int, train: bool, scale: tuple[float, float] = (0.2, 1.0), seed: int = 0
+    ) -> None:
         self.items, self.size, self.train, self.scale, self.seed = items, size, train, scale, seed
         self.epoch = 0
 
