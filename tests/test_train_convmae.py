@@ -192,3 +192,25 @@ def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     assert_same_training(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), lr_sum=4 * 1e-2 * 4 / 256)
     two = common.load_checkpoint(tmp_path / "two" / "last.pt")["history"]
     assert [x for _, x in two["train_loss"]] == pytest.approx([x for _, x in one["history"]["train_loss"]], rel=1e-5)
+
+
+def test_bf16_encoder_with_fp32_decoder(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The autocast wiring (CUDA-only in training), checked with CPU bf16 autocast standing in."""
+    import contextlib
+
+    def cpu_autocast(device: torch.device, enabled: bool):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+    monkeypatch.setattr(train_convmae, "autocast", cpu_autocast)
+    model = train_convmae.build_model(settings(setup, setup["root"] / "unused"))
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
+    seen = []
+    encoder = []
+    model.blocks3[0].register_forward_hook(lambda m, inputs, out: encoder.append(out.dtype))
+    model.decoder_embed.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0].dtype, out.dtype)))
+    loss, pred, _ = train_convmae.PretrainStep(model, bf16=True, fp32_decoder=True)(imgs, noise, 0.75)
+    assert encoder[-1] == torch.bfloat16 and seen[-1] == (torch.float32, torch.float32) and pred.dtype == torch.float32 and loss.dtype == torch.float32
+    loss, pred, _ = train_convmae.PretrainStep(model, bf16=True, fp32_decoder=False)(imgs, noise, 0.75)
+    assert seen[-1][1] == torch.bfloat16 and pred.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
