@@ -206,7 +206,7 @@ def test_bf16_encoder_with_fp32_decoder(setup: dict, monkeypatch: pytest.MonkeyP
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
     seen = []
     encoder = []
-    model.blocks3[0].register_forward_hook(lambda m, inputs, out: encoder.append(out.dtype))
+    model.blocks3[0].attn.qkv.register_forward_hook(lambda m, inputs, out: encoder.append(out.dtype))
     model.decoder_embed.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0].dtype, out.dtype)))
     loss, pred, _ = train_convmae.PretrainStep(model, bf16=True, fp32_decoder=True)(imgs, noise, 0.75)
     assert encoder[-1] == torch.bfloat16 and seen[-1] == (torch.float32, torch.float32) and pred.dtype == torch.float32 and loss.dtype == torch.float32
