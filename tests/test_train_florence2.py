@@ -170,7 +170,8 @@ def test_levenshtein_scores() -> None:
     assert similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7) and similarity("", "") == 1.0
     assert anls(" Red ", ["blue", "red"]) == 1.0
     assert anls("redd", ["red"]) == pytest.approx(0.75)
-    assert anls("rex", ["blue"]) == 0.0 and anls("abcd", ["abxy"]) == 0.5  # the 0.5 threshold is inclusive
+    assert anls("rex", ["blue"]) == 0.0 and anls("abcd", ["abxy"]) == 0.0  # distance 0.5 is not below the threshold
+    assert anls("abcde", ["abcxy"]) == pytest.approx(0.6)
     assert exact_match("RED", ["red"]) == 1.0 and exact_match("re", ["red"]) == 0.0
 
 

@@ -4,8 +4,8 @@
   DocVQA fine-tuning tutorial reports (0 for nothing in common, 1 for equal strings).
 - `anls`: Average Normalized Levenshtein Similarity (Biten et al., "Scene Text Visual Question
   Answering", ICCV 2019, Sec. 4; the DocVQA metric): compare lower-cased, stripped strings, take
-  the best over the accepted answers, and count a score below the threshold (0.5) as 0, so
-  that an answer which is merely close to a wrong one earns nothing.
+  the best over the accepted answers, and score 0 when the normalised distance is not below the
+  threshold 0.5 (similarity 0.5 or less), so that an answer which is merely close earns nothing.
 - `exact_match`: the same normalisation, equal to one of the accepted answers.
 """
 
@@ -38,9 +38,10 @@ def normalize(text: str) -> str:
 
 
 def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-    """The best normalised similarity to any accepted answer, or 0 when it is below `threshold`."""
+    """The best normalised similarity to any accepted answer, or 0 when its normalised distance
+    (1 - similarity) is `threshold` or more, as in the DocVQA evaluation."""
     best = max(similarity(normalize(prediction), normalize(a)) for a in answers)
-    return best if best >= threshold else 0.0
+    return best if 1.0 - best < threshold else 0.0
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
