@@ -102,7 +102,7 @@ def florence2_job(ds: DemoSettings) -> dict:
     s = train_florence2.Settings(
         data=str(train_dir / "qa.jsonl"), val_data=str(val_dir / "qa.jsonl"), out=str(out),
         tokenizer=str(out / "tokenizer"), model="tiny", image_size=96, epochs=ds.florence2_epochs,
-        batch_size=16, lr=1e-3, warmup_steps=20, schedule="cosine", freeze_vision=False, max_new_tokens=8,
+        batch_size=16, lr=7e-4, warmup_steps=20, schedule="cosine", freeze_vision=False, max_new_tokens=8,
         seed=ds.seed, progress=ds.progress,
     )
     t0 = time.time()
