@@ -330,7 +330,9 @@ def train(s: Settings, d: common.Dist) -> dict:
         mine = order[: steps_per_epoch * per_step][d.rank :: d.world_size].tolist()
         batches = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
         train_set.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers)
+        # the loader's own generator: drawing its base seed must not consume the global RNG (exact resume)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers,
+                                             generator=torch.Generator().manual_seed(s.seed + epoch))
         bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
         running = torch.zeros((), device=d.device)  # the loss of this optimizer step, over its micro-batches
         for micro, batch in enumerate(bar, start=start_micro):
