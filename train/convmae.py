@@ -254,11 +254,8 @@ def train(s: Settings, d: common.Dist) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_value = loss.item()
-            if d.enabled:  # the mean over ranks = the loss of the whole batch (equal masked counts per image)
-                t = loss.detach().clone()
-                torch.distributed.all_reduce(t)
-                loss_value = t.item() / d.world_size
+            # the mean over ranks = the loss of the whole batch (equal masked counts per image)
+            loss_value = common.mean_over_ranks(loss.detach()).item()
             history["train_loss"].append([step, loss_value])
             history["lr"].append([step, used_lr])
             if d.is_main:

@@ -226,10 +226,7 @@ def train(s: Settings, d: common.Dist) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            total = loss.detach().clone()
-            if d.enabled:  # equal batches on every rank: the mean over ranks is the whole batch's loss
-                torch.distributed.all_reduce(total)
-                total /= d.world_size
+            total = common.mean_over_ranks(loss.detach())  # equal batches per rank: the whole batch's loss
             history["train_loss"].append([step, total.item()])
             if d.is_main:
                 bar.set_postfix(loss=f"{total.item():.4f}")
