@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+import torch
+
 
 @dataclass(frozen=True)
 class ConvMAEConfig:
@@ -83,6 +85,12 @@ class ConvMAEConfig:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
+
+    def check_images(self, imgs: torch.Tensor) -> None:
+        """Refuse a batch that is not (B, in_chans, img_size, img_size): the masks are drawn on a fixed grid."""
+        expected = (self.in_chans, self.img_size, self.img_size)
+        if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(imgs.shape)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

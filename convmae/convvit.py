@@ -75,16 +75,10 @@ class ConvViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def check_images(self, imgs: torch.Tensor) -> None:
-        c = self.config
-        expected = (c.in_chans, c.img_size, c.img_size)
-        if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(imgs.shape)}")
-
     # ---------------------------------------------------------------------------------- stages
     def forward_convolutions(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stages 1 and 2 without masking: (B, C1, 4g, 4g) and (B, C2, 2g, 2g)."""
-        self.check_images(imgs)
+        self.config.check_images(imgs)
         s1 = self.patch_embed1(imgs)
         for blk in self.blocks1:
             s1 = blk(s1)

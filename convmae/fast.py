@@ -35,7 +35,7 @@ class FastConvMAE(ConvMAE):
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns latent (K * B, Lk, C), mask (K * B, L) (row k * B + b is view k of image b), ids_restore (B, L)."""
-        self.check_images(imgs)
+        self.config.check_images(imgs)
         c = self.config
         ids_keep, masks, ids_restore = complementary_masking(self.make_noise(imgs, noise), mask_ratio)
         K, B, Lk = ids_keep.shape

@@ -87,12 +87,6 @@ class ConvMAE(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # ----------------------------------------------------------------------------------- inputs
-    def check_images(self, imgs: torch.Tensor) -> None:
-        c = self.config
-        expected = (c.in_chans, c.img_size, c.img_size)
-        if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
-            raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(imgs.shape)}")
-
     def make_noise(self, imgs: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
         """Uniform noise (B, L) for the masking, or the caller's, checked."""
         B, L = imgs.shape[0], self.config.num_patches
@@ -126,7 +120,7 @@ class ConvMAE(nn.Module):
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask, then encode the visible part. Returns latent (B, Lk, C), mask (B, L), ids_restore (B, L)."""
-        self.check_images(imgs)
+        self.config.check_images(imgs)
         c = self.config
         ids_keep, mask, ids_restore = random_masking(self.make_noise(imgs, noise), mask_ratio)
         # Block-wise masking (Sec. 3.2): the stage-3 mask, upsampled to the earlier stages.
