@@ -25,7 +25,7 @@ import tempfile
 import time
 import types
 import typing
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -152,6 +152,22 @@ def setup_distributed(device: str = "auto") -> Dist:
 def teardown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_script(settings_cls: type[S], train: Callable[[S, Dist], dict], argv: Sequence[str] | None = None) -> dict:
+    """Every script's `main`: parse the settings, join the process group, train, leave the group.
+
+    Bad input (unusable data, missing files, a non-finite loss) ends the run with a one-line
+    message instead of a traceback.
+    """
+    s = parse_settings(settings_cls, argv)
+    d = setup_distributed(s.device)
+    try:
+        return train(s, d)
+    except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from e
+    finally:
+        teardown_distributed()
 
 
 def barrier() -> None:

@@ -392,14 +392,7 @@ def train(s: Settings, d: common.Dist) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    s = common.parse_settings(Settings, argv)
-    d = common.setup_distributed(s.device)
-    try:
-        return train(s, d)
-    except (common.NonFiniteLossError, ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
-        raise SystemExit(f"error: {e}") from e
-    finally:
-        common.teardown_distributed()
+    return common.run_script(Settings, train, argv)
 
 
 if __name__ == "__main__":
