@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoint_format import CheckpointError, load_strict, read_converted
 from minisam.config import SamConfig
 from minisam.image_encoder import ImageEncoderViT, resize_pos_embed, resize_rel_pos
 from minisam.mask_decoder import MaskDecoder
@@ -26,6 +27,11 @@ from minisam.two_way_transformer import TwoWayTransformer
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean and std in 0-255 RGB
 PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def pixel_statistics() -> tuple[torch.Tensor, torch.Tensor]:
+    """The (3, 1, 1) mean and std buffers `preprocess` normalises with."""
+    return torch.tensor(PIXEL_MEAN).view(-1, 1, 1), torch.tensor(PIXEL_STD).view(-1, 1, 1)
 
 
 class Sam(nn.Module):
@@ -48,7 +54,7 @@ class Sam(nn.Module):
         self.config = config
         grid = config.image_size // config.patch_size
         self.image_encoder = ImageEncoderViT(
-            img_size=config.image_size,
+            image_size=config.image_size,
             patch_size=config.patch_size,
             embed_dim=config.encoder_embed_dim,
             depth=config.encoder_depth,
@@ -81,8 +87,9 @@ class Sam(nn.Module):
             iou_head_hidden_dim=config.iou_head_hidden_dim,
         )
         # Not in checkpoints (persistent=False), as in the official model.
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+        pixel_mean, pixel_std = pixel_statistics()
+        self.register_buffer("pixel_mean", pixel_mean, persistent=False)
+        self.register_buffer("pixel_std", pixel_std, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -94,7 +101,7 @@ class Sam(nn.Module):
         """Normalise (…, 3, h, w) 0-255 RGB pixels and zero-pad bottom/right to (S, S)."""
         x = (x - self.pixel_mean.float()) / self.pixel_std.float()
         h, w = x.shape[-2:]
-        return F.pad(x, (0, self.image_encoder.img_size - w, 0, self.image_encoder.img_size - h))
+        return F.pad(x, (0, self.image_encoder.image_size - w, 0, self.image_encoder.image_size - h))
 
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]
@@ -104,7 +111,7 @@ class Sam(nn.Module):
         Bilinear up to the padded input (S, S), crop away the padding (`input_size` is the resized
         image's (h, w)), bilinear to the original (H, W); as the official model.
         """
-        S = self.image_encoder.img_size
+        S = self.image_encoder.image_size
         masks = F.interpolate(masks, (S, S), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
@@ -193,30 +200,55 @@ def resize_for_image_size(tensors: dict[str, torch.Tensor], config: SamConfig, i
     return out
 
 
-def load_sam(path: str | os.PathLike, image_size: int | None = None, use_sdpa: bool | None = None) -> Sam:
-    """A `Sam` with the weights of a converted `.safetensors` file (`python -m weights_convert sam`).
+def load_sam(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
+    use_sdpa: bool | None = None,
+) -> Sam:
+    """A `Sam` with the weights of a converted `.safetensors` file (`python -m weights_convert sam`), in eval mode.
 
     Args:
         path: the converted file; its metadata holds the `SamConfig`.
+        device: where the model goes.
+        dtype: the dtype of its floating-point weights (the file's values, cast).
         image_size: run at another input size than the checkpoint's (a multiple of 16, e.g. 512):
             the absolute position embedding is resized once here (bicubic) and the global blocks'
             relative-position tables interpolated (linear, as the official `get_rel_pos`); masks are
             then (image_size / 4)² low-res logits. Expect some quality loss far from the trained size.
         use_sdpa: override the attention path stored in the file (`SamConfig.use_sdpa`).
     """
-    from weights_convert.checkpoint import load_strict, read_converted
-
     config_dict, tensors = read_converted(path, "sam")
-    config = SamConfig.from_dict(config_dict)
+    try:
+        config = SamConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config does not describe a SAM model: {e}") from e
     if image_size is not None and image_size != config.image_size:
         tensors = resize_for_image_size(tensors, config, image_size)
         config = dataclasses.replace(config, image_size=image_size)
     if use_sdpa is not None:
         config = dataclasses.replace(config, use_sdpa=use_sdpa)
-    with torch.device("meta"):  # no random init of weights that are overwritten anyway (seconds for vit_h)
+    return sam_from_tensors(config, tensors, device=device, dtype=dtype, what=str(path))
+
+
+def sam_from_tensors(
+    config: SamConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    what: str = "checkpoint",
+) -> Sam:
+    """A `Sam` whose weights are `tensors` themselves (no copy, strict), in eval mode; what `load_sam` returns.
+
+    The model is built on the meta device (no random initialisation, no second copy of the
+    weights), the two pixel-statistics buffers, which checkpoints do not hold, are made, and every
+    tensor is checked and assigned. This is the one place that decides a loaded model's device and dtype.
+    """
+    with torch.device("meta"):
         model = Sam(config)
-    model.to_empty(device="cpu")
-    model.pixel_mean.copy_(torch.tensor(PIXEL_MEAN).view(-1, 1, 1))  # the buffers not in checkpoints
-    model.pixel_std.copy_(torch.tensor(PIXEL_STD).view(-1, 1, 1))
-    load_strict(model, tensors, what=str(path))
-    return model.eval()
+    model.pixel_mean, model.pixel_std = pixel_statistics()
+    load_strict(model, tensors, what)
+    return model.to(device=device, dtype=dtype).eval()

@@ -38,10 +38,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 import minisam
+from checkpoint_format import save_converted
 from train import common, demo_jobs
 from train import sam as train_sam
 from train.prompts import erode
-from weights_convert.checkpoint import save_converted
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 

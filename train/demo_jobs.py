@@ -42,7 +42,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
            "black": (10, 10, 10), "orange": (245, 140, 0), "purple": (140, 40, 170)}
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 # A small ConvMAE for the demo: 64 px input (a 4 x 4 grid of 16 px patches), narrow and shallow.
-SMALL_CONVMAE = {"img_size": 64, "embed_dim": [32, 48, 96], "depth": [1, 1, 4], "num_heads": 4,
+SMALL_CONVMAE = {"image_size": 64, "embed_dim": [32, 48, 96], "depth": [1, 1, 4], "num_heads": 4,
                  "mlp_ratio": [4, 4, 4], "decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4}
 VAL_PAGES = 20
 QUESTIONS = ("What is the big word?", "What colour is the big word?", "Where is the black square?")

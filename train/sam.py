@@ -38,10 +38,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import minisam
+from checkpoint_format import save_converted
 from train import common
 from train.data import PromptSettings, SegmentationDataset, Skipped, index_objects, load_records, split_objects
 from train.losses import mask_iou, segmentation_loss
-from weights_convert.checkpoint import save_converted
 
 
 @dataclass
