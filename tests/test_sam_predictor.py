@@ -29,8 +29,8 @@ def load_image(name: str) -> np.ndarray:
 def tiny_pair(tmp_path_factory):
     """(official predictor, minisam predictor) on the tiny test encoder at 160 px."""
     sa = segment_anything()
-    official = official_sam("vit_t", image_size=160, seed=0)
-    ours = to_minisam(official, tmp_path_factory.mktemp("vit_t"), use_sdpa=False)
+    official = official_sam("tiny", image_size=160, seed=0)
+    ours = to_minisam(official, tmp_path_factory.mktemp("tiny"), use_sdpa=False)
     return sa.SamPredictor(official), SamPredictor(ours)
 
 
