@@ -144,7 +144,7 @@ def test_full_width_vit_b(tmp_path) -> None:
         assert_same_prediction(official.predict(**prompt), ours.predict(**prompt))
 
 
-def test_fused_attention_model_is_close(tiny_pair, tmp_path) -> None:
+def test_sdpa_model_is_close(tiny_pair, tmp_path) -> None:
     """The default model (F.scaled_dot_product_attention) against the official plain math."""
     official, _ = tiny_pair
     ours = SamPredictor(to_minisam(official.model, tmp_path))
