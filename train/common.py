@@ -7,12 +7,14 @@
 - atomic checkpoint files (temporary file + rename): a crash never leaves half a checkpoint;
 - the learning-rate schedule (linear warmup, then cosine or linear decay);
 - a guard that stops the run on a NaN/inf loss;
-- loss/metric curves drawn with PIL (matplotlib is not a dependency).
+- loss/metric curves drawn with PIL (matplotlib is not a dependency);
+- `Skipped`: the counts of unusable inputs that every script's data reader skips instead of crashing.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import inspect
 import json
@@ -343,3 +345,26 @@ def save_curves(
             draw.text((x1 - 110, y0 + 6 + 14 * j), name, fill=colour)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+# ----------------------------------------------------------------------------- skipped inputs
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class Skipped(collections.Counter):
+    """Counts of skipped inputs by reason, with a few examples of each for the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+
+    def add(self, reason: str, example: str, n: int = 1) -> None:
+        self[reason] += n
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(example)
+
+    def summary(self) -> str:
+        if not self:
+            return "nothing skipped"
+        return "; ".join(f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.items())

@@ -34,7 +34,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import convmae
 from train import common
-from train.data import Skipped
 from train.image_folder import ImageFolderDataset, denormalize, list_images, sample_generator
 from weights_convert.checkpoint import save_converted
 
@@ -177,7 +176,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     # ---- model and data; unreadable or too-small images are skipped and counted
     model = build_model(s).to(d.device).train()
     c = model.config
-    skipped = Skipped()
+    skipped = common.Skipped()
     min_side = c.img_size if s.min_side < 0 else s.min_side
     items, _ = list_images([p for p in s.data.split(",") if p], skipped, min_side)
     eval_items = list_images(s.val_data.split(","), skipped, min_side)[0] if s.val_data else items

@@ -33,7 +33,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 import convmae
 from train import common
-from train.data import Skipped
 from train.image_folder import ImageFolderDataset, class_names, list_images
 from weights_convert.checkpoint import save_converted
 
@@ -142,7 +141,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     roots = [p for p in s.data.split(",") if p]
     model = build_model(s, s.num_classes or len(class_names(roots))).to(d.device).train()
     img_size, num_classes = model.config.img_size, model.config.num_classes
-    skipped = Skipped()
+    skipped = common.Skipped()
     min_side = img_size if s.min_side < 0 else s.min_side
     items, classes = list_images(roots, skipped, min_side)
     if s.val_data:

@@ -70,7 +70,7 @@ def synthetic_shapes(folder: str | Path, n_images: int, seed: int, size: tuple[i
     """Write `n_images` images of 1-3 textured shapes on a textured background, with instance-id masks.
 
     The layout is `folder/images/NAME.png` + `folder/masks/NAME.png` (0 background, 1..K shapes,
-    later shapes occlude earlier ones), as `train.data.folder_records` reads it.
+    later shapes occlude earlier ones), as `train.sam_data.folder_records` reads it.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def sam_job(ds: DemoSettings) -> dict:
     after_iou = result["best_iou"]
     # The overlays use the files on disk: the starting checkpoint and the best one, as a user would.
     before, after = minisam.load_sam(start, image_size=s.image_size or None), minisam.load_sam(out / "best.safetensors")
-    skipped = train_sam.Skipped()
+    skipped = common.Skipped()
     records = train_sam.load_records(data, skipped)
     objects = train_sam.index_objects(records, after.config.image_size, skipped)
     _, val_objects = train_sam.split_objects(objects, s.val_fraction, s.seed)

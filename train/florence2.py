@@ -37,7 +37,6 @@ from torch.nn.parallel import DistributedDataParallel
 import miniflorence
 from miniflorence.model import TIED_KEYS
 from train import common
-from train.data import Skipped
 from train.florence2_data import DocDataset, collate, load_examples
 from train.levenshtein import anls, exact_match, similarity
 from weights_convert.checkpoint import save_converted
@@ -185,7 +184,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     tokenizer = miniflorence.Tokenizer.from_dir(s.tokenizer)
     model = build_model(s, tokenizer.vocab_size).to(d.device).train()
     c = model.config
-    skipped = Skipped()
+    skipped = common.Skipped()
     examples = load_examples(s.data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)
     if s.val_data:
         val_examples = load_examples(s.val_data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)

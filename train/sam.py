@@ -39,8 +39,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import minisam
 from train import common
-from train.data import PromptSettings, SegmentationDataset, Skipped, index_objects, load_records, split_objects
 from train.losses import mask_iou, segmentation_loss
+from train.sam_data import PromptSettings, SegmentationDataset, index_objects, load_records, split_objects
 from weights_convert.checkpoint import save_converted
 
 
@@ -239,7 +239,7 @@ def train(s: Settings, d: common.Dist) -> dict:
             raise ValueError(f"--{field} must be one of {allowed}, not {getattr(s, field)!r}")
 
     # ---- data: every (image, object) pair is a sample; bad input is skipped and counted
-    skipped = Skipped()
+    skipped = common.Skipped()
     sam = build_model(s).to(d.device).eval()
     S = sam.config.image_size
     records = load_records([p for p in s.data.split(",") if p], skipped)
