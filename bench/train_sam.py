@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import minisam  # noqa: E402
 from train import common  # noqa: E402
 from train import sam as train_sam  # noqa: E402
-from train.demo import synthetic_shapes  # noqa: E402
+from train.synthetic import synthetic_shapes  # noqa: E402
 from weights_convert.checkpoint import save_converted  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import minisam
 from minisam.image_encoder import PatchEmbed
 from train import common
 from train import sam as train_sam
-from train.demo import synthetic_shapes
+from train.synthetic import synthetic_shapes
 from weights_convert.checkpoint import save_converted
 
 TINY = dataclasses.replace(

@@ -11,7 +11,6 @@ from conftest import shared_path
 from PIL import Image, ImageFilter
 
 from train.common import Skipped
-from train.demo import synthetic_shapes
 from train.sam_data import (
     PromptSettings,
     SegmentationDataset,
@@ -21,6 +20,7 @@ from train.sam_data import (
     resized_size,
     split_objects,
 )
+from train.synthetic import synthetic_shapes
 
 
 def write_pair(root: Path, name: str, image: np.ndarray, mask: Image.Image | None) -> None:
