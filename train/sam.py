@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import minisam
+from minisam.image_encoder import ImageEncoderViT
 from train import common
 from train.losses import mask_iou, segmentation_loss
 from train.sam_data import PromptSettings, SegmentationDataset, index_objects, load_records, split_objects
@@ -113,27 +114,22 @@ class PromptedDecoder(nn.Module):
     def forward(self, features: torch.Tensor, prompt: dict[str, torch.Tensor], multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = encoder_suffix(self.sam.image_encoder, features, self.n_cached)  # (B, 256, H, W)
         points = (prompt["point_coords"], prompt["point_labels"]) if "point_coords" in prompt else None
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=prompt.get("box"), masks=None)
-        pe = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, H, W)
-        return self.sam.mask_decoder(embeddings, pe, sparse, dense, multimask_output=multimask)
+        sparse, dense = self.sam.encode_prompts(points, prompt.get("box"))
+        return self.sam.decode_masks(embeddings, sparse, dense, multimask)
 
 
-def encoder_prefix(encoder: nn.Module, x: torch.Tensor, n_cached: int) -> torch.Tensor:
-    """The frozen part: the whole encoder when all blocks are frozen, else patches + first blocks."""
-    if n_cached == len(encoder.blocks):
-        return encoder(x)  # (B, 256, H, W)
-    x = encoder.patch_embed(x) + encoder.pos_embed  # (B, H, W, C)
-    for block in encoder.blocks[:n_cached]:
-        x = block(x)
-    return x
+def encoder_prefix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+    """The frozen part, (B, 3, S, S) -> what the cache holds: the image embeddings (B, 256, H, W)
+    when every block is frozen, else the output (B, H, W, C) of the first `n_cached` blocks."""
+    x = encoder.run_blocks(encoder.embed(x), 0, n_cached)
+    return encoder.run_neck(x) if n_cached == len(encoder.blocks) else x
 
 
-def encoder_suffix(encoder: nn.Module, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+def encoder_suffix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+    """The trainable rest of the encoder on cached features -> image embeddings (B, 256, H, W)."""
     if n_cached == len(encoder.blocks):
         return x
-    for block in encoder.blocks[n_cached:]:
-        x = block(x)
-    return encoder.neck(x.permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, 256, H, W)
+    return encoder.run_neck(encoder.run_blocks(x, n_cached))
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
