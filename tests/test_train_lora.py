@@ -133,7 +133,8 @@ def test_sam_preset_wraps_encoder_attention_and_decoder_attention() -> None:
     names = add_lora(model, "sam", rank=4, alpha=4.0)
     depth, decoder_attn = TINY_SAM.encoder_depth, 2 * 3 + 1  # 2 two-way layers x 3 attentions + final
     assert len(names) == 2 * depth + 4 * decoder_attn
-    assert "image_encoder.blocks.0.attn.qkv" in names and "mask_decoder.transformer.final_attn_token_to_image.out_proj" in names
+    assert "image_encoder.blocks.0.attn.qkv" in names
+    assert "mask_decoder.transformer.final_attn_token_to_image.out_proj" in names
     assert not any("mlp" in n or "iou_prediction_head" in n for n in names)
     qkv = model.get_submodule("image_encoder.blocks.0.attn.qkv")
     assert isinstance(qkv, LoRALinear) and qkv.adapted == (0, 2) and qkv.n_parts == 3  # q and v inside qkv
@@ -299,7 +300,8 @@ def test_bad_lora_files_and_bases_are_clear_errors(tmp_path, capsys) -> None:
     tensors, metadata = read_lora(tmp_path / "lora.safetensors")
     base = tiny_sam().state_dict()
     del base["mask_decoder.transformer.layers.0.self_attn.q_proj.weight"]
-    with pytest.raises(CheckpointError, match=r"no such base weight: mask_decoder\.transformer\.layers\.0\.self_attn\.q_proj\.weight"):
+    missing = r"no such base weight: mask_decoder\.transformer\.layers\.0\.self_attn\.q_proj\.weight"
+    with pytest.raises(CheckpointError, match=missing):
         apply_lora(base, tensors, metadata)
     other = minisam.Sam(minisam.CONFIGS["vit_t"]).state_dict()  # decoder width 256, not 32
     with pytest.raises(CheckpointError, match="do not fit the base weight"):
@@ -309,7 +311,8 @@ def test_bad_lora_files_and_bases_are_clear_errors(tmp_path, capsys) -> None:
         read_lora(tmp_path / "base.safetensors")
     with pytest.raises(ValueError, match="overwrite an input"):
         apply_lora_file(tmp_path / "base.safetensors", tmp_path / "lora.safetensors", tmp_path / "base.safetensors")
-    assert main(["apply", str(tmp_path / "lora.safetensors"), str(tmp_path / "lora.safetensors"), str(tmp_path / "x.safetensors")]) == 1
+    lora = str(tmp_path / "lora.safetensors")
+    assert main(["apply", lora, lora, str(tmp_path / "x.safetensors")]) == 1
     assert "has no minivision metadata" in capsys.readouterr().err  # a LoRA file is not a base model
     config, _ = read_converted(tmp_path / "base.safetensors", "sam")  # the inputs were not touched
     assert config == TINY_SAM.to_dict()

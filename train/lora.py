@@ -101,7 +101,9 @@ def merged_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (weight.float() + delta.float()).to(weight.dtype)
 
 
-def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, n_parts: int, adapted: Sequence[int], scaling: float) -> torch.Tensor:
+def lora_delta(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, n_parts: int, adapted: Sequence[int], scaling: float
+) -> torch.Tensor:
     """The weight update (alpha / r) * B A (out, in), each adapted part's B_p A_p in its rows."""
     d, fan_in = lora_B.shape[1], lora_A.shape[2]  # A (P, r, in), B (P, d, r)
     delta = lora_A.new_zeros(n_parts, d, fan_in)  # (parts, d, in)
@@ -128,7 +130,13 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(
-        self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, n_parts: int = 1, adapted: Sequence[int] = (0,)
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        n_parts: int = 1,
+        adapted: Sequence[int] = (0,),
     ) -> None:
         super().__init__()
         if rank < 1:
@@ -136,7 +144,9 @@ class LoRALinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         if base.out_features % n_parts or not adapted or not all(0 <= p < n_parts for p in adapted):
-            raise ValueError(f"cannot adapt parts {tuple(adapted)} of {n_parts} of a Linear with {base.out_features} outputs")
+            raise ValueError(
+                f"cannot adapt parts {tuple(adapted)} of {n_parts} of a Linear with {base.out_features} outputs"
+            )
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
@@ -210,7 +220,9 @@ def add_lora(
         matched = [n for n in linears if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
             example = ", ".join(list(linears)[:3])
-            raise ValueError(f"LoRA target {pattern!r} matches no nn.Linear of the model (names look like: {example}, ...)")
+            raise ValueError(
+                f"LoRA target {pattern!r} matches no nn.Linear of the model (names look like: {example}, ...)"
+            )
         chosen += [n for n in matched if n not in chosen]
     for name in chosen:
         n_parts, adapted = fused_parts(name, linears[name], qkv_parts)
@@ -300,7 +312,8 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or damaged?): {e}") from e
     if metadata.get("format") != LORA_FORMAT:
-        raise CheckpointError(f"{path}: not a LoRA-only file written by train.lora (metadata format {metadata.get('format')!r})")
+        found = metadata.get("format")
+        raise CheckpointError(f"{path}: not a LoRA-only file written by train.lora (metadata format {found!r})")
     return tensors, metadata
 
 
@@ -338,7 +351,9 @@ def apply_lora(
     return merged
 
 
-def apply_lora_file(base_path: str | os.PathLike, lora_path: str | os.PathLike, out_path: str | os.PathLike) -> list[str]:
+def apply_lora_file(
+    base_path: str | os.PathLike, lora_path: str | os.PathLike, out_path: str | os.PathLike
+) -> list[str]:
     """base.safetensors + lora.safetensors -> out.safetensors (converted format, config kept)."""
     paths = [Path(p).resolve() for p in (base_path, lora_path, out_path)]
     if paths[2] in paths[:2]:
