@@ -4,10 +4,10 @@ LoRA-only file round trip, apply_lora == merge_lora, parameter counts, bad targe
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
-from test_train_sam import TINY as TINY_SAM
 from torch import nn
 
 import miniflorence
@@ -31,6 +31,12 @@ from train.lora import (
 from weights_convert.checkpoint import CheckpointError, read_converted, save_converted
 
 FLORENCE_SIZE = 64
+# The tiny SAM of tests/test_train_sam.py (not imported from there: that module pulls in the trainer).
+TINY_SAM = dataclasses.replace(
+    minisam.CONFIGS["vit_b"], image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+    encoder_global_attn_indexes=(1,), window_size=2, prompt_embed_dim=32, mask_in_chans=4,
+    decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32,
+)
 
 
 @pytest.fixture(autouse=True)
