@@ -15,10 +15,10 @@ Fused projections. SAM's image encoder and Florence-2's DaViT compute q, k and v
 named `qkv` (out = 3 x dim). The public SAM-LoRA recipes (e.g. "Sam_LoRA", "SAMed") adapt only q
 and v inside it, each with its own (A, B) pair, following the LoRA paper's finding (section 7.1,
 table 5) that q and v together are the best pair for a fixed budget. That is the default here
-(`qkv_parts="qv"`); "qkv" adapts all three. A fused layer's output is viewed as P equal parts and
-the adapter holds one (A, B) pair per adapted part, stacked:
+(`qkv_parts="qv"`); "qkv" adapts all three. A fused layer's output is viewed as 3 equal parts and
+the adapter holds one (A, B) pair per adapted part (P of them), stacked:
 
-    lora_A (P, r, in),  lora_B (P, out / P, r)          (P = 1 for an ordinary Linear).
+    lora_A (P, r, in),  lora_B (P, out / 3, r)          (P = 1 and out / 1 for an ordinary Linear).
 
 Which modules: `add_lora(model, targets, ...)` takes glob patterns on module names (`fnmatch`: `*`
 also matches dots), or the preset names of `TARGET_PRESETS`, e.g. "sam" = the image encoder's
@@ -27,10 +27,10 @@ attention `qkv`/`proj` + the mask decoder's attention `q_proj/k_proj/v_proj/out_
 vision tower stays frozen unless "florence2_vision" is added).
 
 Files. `save_lora` writes only the adapter tensors (`<module>.lora_A`, `<module>.lora_B`) to a
-`.safetensors` whose metadata records the base model's family (`base_family`), rank, alpha, the targets and the
-qkv parts; `apply_lora` folds such a file into a base state dict (e.g. from
+`.safetensors` whose metadata records the base model's family (`base_family`), rank, alpha, the
+targets and the qkv parts; `apply_lora` folds such a file into a base state dict (e.g. from
 `weights_convert.checkpoint.read_converted`) and `python -m train.lora apply BASE LORA OUT` does it
-file to file.
+file to file. `merged_state_dict(model)` is the merged model's state dict while training goes on.
 
 Legend: N tokens (any leading dims), r rank, P adapted parts, d = out / parts rows per part.
 """
@@ -122,8 +122,8 @@ class LoRALinear(nn.Module):
     Args:
         base: the Linear to adapt; its parameters get requires_grad=False and are never written.
         rank: r, the rank of the update.
-        alpha: the update is scaled by alpha / r (so changing r does not change the learning rate
-            needed, section 4.1).
+        alpha: the update is scaled by alpha / r, so that changing r needs little retuning of the
+            learning rate (section 4.1; the paper sets alpha to the first r tried).
         dropout: dropout probability on the adapter's input (0: none).
         n_parts, adapted: the output is n_parts equal fused projections; those listed get an
             adapter each (see `fused_parts`).
