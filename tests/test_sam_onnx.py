@@ -22,21 +22,21 @@ import torch
 for _name in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_name, reason=f"{_name} is not installed: pip install 'minivision[onnx]'")
 
-import onnxruntime  # noqa: E402
-from conftest import ROOT  # noqa: E402
-from florence_utils import single_thread  # noqa: E402
-from sam_utils import fill_random  # noqa: E402
+import onnxruntime
+from conftest import ROOT
+from florence_utils import single_thread
+from sam_utils import fill_random
 
-from minisam import Sam, SamConfig, SamPredictor  # noqa: E402
-from minisam.masks import calculate_stability_score  # noqa: E402
-from minisam.onnx import (  # noqa: E402
+from minisam import Sam, SamConfig, SamPredictor
+from minisam.masks import calculate_stability_score
+from minisam.onnx import (
     DECODER_INPUTS,
     SamOnnxDecoder,
     export_image_encoder,
     export_mask_decoder,
     main,
 )
-from weights_convert.checkpoint import save_converted  # noqa: E402
+from weights_convert.checkpoint import save_converted
 
 # The vit_t test preset, spelled out: a tiny encoder in front of the real prompt encoder and decoder.
 CONFIG = SamConfig(image_size=160, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,))
@@ -190,7 +190,7 @@ def test_wrapper_matches_official_onnx_model(model, predictor, tmp_path) -> None
 
     official = official_sam("vit_t", CONFIG.image_size, seed=4)
     ours = to_minisam(official, tmp_path)
-    for name, prompt in prompts(torch.Generator().manual_seed(4), CONFIG.image_embedding_size).items():
+    for prompt in prompts(torch.Generator().manual_seed(4), CONFIG.image_embedding_size).values():
         inputs = tuple(torch.from_numpy(v) for v in onnx_inputs(predictor, prompt).values())
         for single in (False, True):
             for stability in (False, True):
@@ -244,7 +244,7 @@ def test_cli_without_the_onnx_extra(checkpoint, tmp_path, capsys, monkeypatch) -
 def test_cli_end_to_end(model, predictor, checkpoint, tmp_path) -> None:
     out = tmp_path / "onnx"
     command = [sys.executable, "-m", "minisam.onnx", str(checkpoint), str(out), "--return-single-mask", "--use-stability-score"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "image_encoder.onnx: onnxruntime vs PyTorch" in result.stdout
     summary = json.loads((out / "export.json").read_text())
