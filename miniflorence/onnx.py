@@ -142,7 +142,11 @@ def missing_onnx_packages() -> list[str]:
 
 
 def export_graph(
-    module: nn.Module, example: tuple[Any, ...], path: Path, names: dict[str, list[str]], dynamic_shapes: tuple[Any, ...],
+    module: nn.Module,
+    example: tuple[Any, ...],
+    path: Path,
+    names: dict[str, list[str]],
+    dynamic_shapes: tuple[Any, ...],
     opset: int,
 ) -> None:
     """Trace `module` with torch.export and write it to `path` (weights in a side file only past 2 GB)."""
@@ -253,7 +257,7 @@ def export_florence2(
             export_graph(module.eval(), examples[role], tmp / files[role], names[role], shapes[role], opset)
             if check:
                 error = onnxruntime_error(tmp / files[role], module, examples[role], names[role]["inputs"])
-                print(f"{files[role]}: onnxruntime vs PyTorch, max abs difference {error:.1e} of the largest output value")
+                print(f"{files[role]}: onnxruntime vs PyTorch, max abs difference {error:.1e} of the largest value")
                 if not error <= CHECK_TOLERANCE:
                     raise ValueError(f"{files[role]}: onnxruntime differs from PyTorch by {error:.1e}")
         summary = {
@@ -381,8 +385,8 @@ class OnnxFlorence2:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m miniflorence.onnx", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="converted Florence-2 checkpoint (python -m weights_convert florence2 ...)")
-    parser.add_argument("out_dir", type=Path, help="output folder for vision.onnx, encoder.onnx, decoder.onnx, export.json")
+    parser.add_argument("checkpoint", type=Path, help="converted checkpoint (python -m weights_convert florence2 ...)")
+    parser.add_argument("out_dir", type=Path, help="output folder for the graphs and export.json")
     parser.add_argument("--image-size", type=int, help="the input size vision.onnx accepts (default: the checkpoint's)")
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset version (>= {MIN_OPSET})")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime run that compares with PyTorch")

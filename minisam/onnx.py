@@ -226,7 +226,9 @@ def export_graph(
     program.save(str(path))
 
 
-def onnxruntime_error(path: Path, module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str]) -> float:
+def onnxruntime_error(
+    path: Path, module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str]
+) -> float:
     """Run the graph with onnxruntime and the module with PyTorch on `example`.
 
     Returns the largest difference, each output's max abs difference over its largest magnitude.
@@ -304,9 +306,9 @@ def export_sam(
                 (DECODER_FILE, decoder, example_decoder_inputs(model), DECODER_INPUTS),
             ):
                 error = onnxruntime_error(tmp / name, module, inputs, names)
-                print(f"{name}: onnxruntime vs PyTorch, max abs difference {error:.1e} of the largest output value")
+                print(f"{name}: onnxruntime vs PyTorch, max abs difference {error:.1e} of the largest value")
                 if not error <= CHECK_TOLERANCE:
-                    raise ValueError(f"{name}: onnxruntime differs from PyTorch by {error:.1e} of the largest output value")
+                    raise ValueError(f"{name}: onnxruntime differs from PyTorch by {error:.1e} of the largest value")
         summary = {
             "family": "sam",
             "config": model.config.to_dict(),
@@ -322,7 +324,8 @@ def export_sam(
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         for path in sorted(tmp.iterdir()):  # the graphs, their weight side files if any, the summary
             os.replace(path, out_dir / path.name)
-    return {"image_encoder": out_dir / ENCODER_FILE, "mask_decoder": out_dir / DECODER_FILE, "summary": out_dir / SUMMARY_FILE}
+    files = {"image_encoder": ENCODER_FILE, "mask_decoder": DECODER_FILE, "summary": SUMMARY_FILE}
+    return {role: out_dir / name for role, name in files.items()}
 
 
 def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
@@ -342,14 +345,14 @@ def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m minisam.onnx", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="converted SAM checkpoint (python -m weights_convert sam ...)")
-    parser.add_argument("out_dir", type=Path, help="output folder for image_encoder.onnx, mask_decoder.onnx, export.json")
+    parser.add_argument("out_dir", type=Path, help="output folder (image_encoder.onnx, mask_decoder.onnx, export.json)")
     parser.add_argument("--return-single-mask", action="store_true", help="the decoder returns only the best mask")
     parser.add_argument(
         "--use-stability-score", action="store_true",
         help="score masks by their stability (IoU of the masks at logits +1 and -1) instead of the predicted IoU",
     )
     parser.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset version (>= {MIN_OPSET})")
-    parser.add_argument("--image-size", type=int, help="export at this input size (a multiple of 16; default: the checkpoint's)")
+    parser.add_argument("--image-size", type=int, help="input size to export at (default: the checkpoint's)")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime run that compares with PyTorch")
     return parser
 
@@ -362,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         model = load_sam(args.checkpoint, image_size=args.image_size)
-        paths = export_sam(model, args.out_dir, args.return_single_mask, args.use_stability_score, args.opset, not args.no_check)
+        paths = export_sam(
+            model, args.out_dir, args.return_single_mask, args.use_stability_score, args.opset, check=not args.no_check
+        )
     except (OSError, ValueError) as error:  # missing or wrong checkpoint (CheckpointError), bad folder or options
         print(f"error: {error}", file=sys.stderr)
         return 1

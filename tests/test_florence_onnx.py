@@ -158,7 +158,8 @@ def checkpoint(model: Florence2, tmp_path_factory):
 )
 def test_cli_errors_are_one_line(args, message, checkpoint, tmp_path, capsys) -> None:
     (tmp_path / "file").write_text("")
-    paths = {"missing": tmp_path / "nope.safetensors", "ckpt": checkpoint, "out": tmp_path / "out", "file": tmp_path / "file"}
+    paths = {"missing": tmp_path / "nope.safetensors", "ckpt": checkpoint, "out": tmp_path / "out"}
+    paths["file"] = tmp_path / "file"
     assert main([a.format(**paths) for a in args]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err

@@ -39,7 +39,9 @@ from minisam.onnx import (
 from weights_convert.checkpoint import save_converted
 
 # The vit_t test preset, spelled out: a tiny encoder in front of the real prompt encoder and decoder.
-CONFIG = SamConfig(image_size=160, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,))
+CONFIG = SamConfig(
+    image_size=160, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,)
+)
 ORIGINAL_SIZE = (93, 131)  # (H, W): resized to 114 x 160, so the crop and both resizes are exercised
 
 
@@ -71,7 +73,8 @@ def sessions(model: Sam, tmp_path_factory) -> dict[str, onnxruntime.InferenceSes
     export_image_encoder(model, folder / "encoder.onnx")
     export_mask_decoder(model, folder / "decoder.onnx")
     export_mask_decoder(model, folder / "decoder_single.onnx", return_single_mask=True)
-    return {name: onnxruntime.InferenceSession(str(folder / f"{name}.onnx")) for name in ("encoder", "decoder", "decoder_single")}
+    names = ("encoder", "decoder", "decoder_single")
+    return {name: onnxruntime.InferenceSession(str(folder / f"{name}.onnx")) for name in names}
 
 
 def assert_close_to_scale(got: np.ndarray | torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> float:
@@ -163,7 +166,7 @@ def test_decoder_matches_predictor(predictor, sessions) -> None:
         iou_error = np.abs(iou - expected_iou.numpy()).max()
         assert iou_error <= 1e-5, f"{name}: IoU predictions differ by {iou_error:.3g}"
         assert 0.05 < (expected_masks > 0).float().mean() < 0.95  # not degenerate
-    print("\nmask decoder max abs errors (low-res, masks): " + ", ".join(f"{k}={a:.1e}/{b:.1e}" for k, (a, b) in errors.items()))
+    print("\nmax abs errors (low-res/masks): " + ", ".join(f"{k}={a:.1e}/{b:.1e}" for k, (a, b) in errors.items()))
 
 
 def test_single_mask_decoder_selects_like_the_official_rule(predictor, sessions) -> None:
@@ -227,7 +230,8 @@ def checkpoint(model: Sam, tmp_path_factory):
 )
 def test_cli_errors_are_one_line(args, message, checkpoint, tmp_path, capsys) -> None:
     (tmp_path / "file").write_text("")
-    paths = {"missing": tmp_path / "nope.safetensors", "ckpt": checkpoint, "out": tmp_path / "out", "file": tmp_path / "file"}
+    paths = {"missing": tmp_path / "nope.safetensors", "ckpt": checkpoint, "out": tmp_path / "out"}
+    paths["file"] = tmp_path / "file"
     assert main([a.format(**paths) for a in args]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
@@ -243,12 +247,14 @@ def test_cli_without_the_onnx_extra(checkpoint, tmp_path, capsys, monkeypatch) -
 @pytest.mark.slow
 def test_cli_end_to_end(model, predictor, checkpoint, tmp_path) -> None:
     out = tmp_path / "onnx"
-    command = [sys.executable, "-m", "minisam.onnx", str(checkpoint), str(out), "--return-single-mask", "--use-stability-score"]
+    command = [sys.executable, "-m", "minisam.onnx", str(checkpoint), str(out)]
+    command += ["--return-single-mask", "--use-stability-score"]
     result = subprocess.run(command, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "image_encoder.onnx: onnxruntime vs PyTorch" in result.stdout
     summary = json.loads((out / "export.json").read_text())
-    assert summary["return_single_mask"] and summary["use_stability_score"] and summary["image_size"] == CONFIG.image_size
+    assert summary["return_single_mask"] and summary["use_stability_score"]
+    assert summary["image_size"] == CONFIG.image_size
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "image_encoder.onnx", "mask_decoder.onnx"]
     decoder = onnxruntime.InferenceSession(str(out / "mask_decoder.onnx"))
     assert [i.name for i in decoder.get_inputs()] == DECODER_INPUTS
