@@ -141,6 +141,15 @@ def missing_onnx_packages() -> list[str]:
     return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
 
+def check_opset(opset: int) -> None:
+    """`opset` must be one the exporter writes (18 up to the newest the installed onnx knows)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"--opset {opset}: must be between {MIN_OPSET} and {newest} (the newest this onnx knows)")
+
+
 def export_graph(
     module: nn.Module,
     example: tuple[Any, ...],
@@ -157,6 +166,9 @@ def export_graph(
             module, example, input_names=names["inputs"], output_names=names["outputs"],
             dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False,
         )
+    written = next(entry.version for entry in program.model_proto.opset_import if entry.domain == "")
+    if written != opset:
+        raise ValueError(f"--opset {opset}: the exporter wrote opset {written} instead")
     program.save(str(path))
 
 
@@ -239,8 +251,7 @@ def export_florence2(
     """
     c = model.config
     image_size = image_size or c.image_size
-    if opset < MIN_OPSET:
-        raise ValueError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer")
+    check_opset(opset)
     grid_limit = c.image_pos_embed_size * 32
     if image_size % 32 or not 32 <= image_size <= grid_limit:
         raise ValueError(f"--image-size {image_size}: must be a multiple of 32 between 32 and {grid_limit}")

@@ -206,6 +206,15 @@ def missing_onnx_packages() -> list[str]:
     return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
 
+def check_opset(opset: int) -> None:
+    """`opset` must be one the exporter writes (18 up to the newest the installed onnx knows)."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise ValueError(f"--opset {opset}: must be between {MIN_OPSET} and {newest} (the newest this onnx knows)")
+
+
 def export_graph(
     module: nn.Module,
     example: tuple[torch.Tensor, ...],
@@ -223,6 +232,9 @@ def export_graph(
             module, example, input_names=input_names, output_names=output_names,
             dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False,
         )
+    written = next(entry.version for entry in program.model_proto.opset_import if entry.domain == "")
+    if written != opset:
+        raise ValueError(f"--opset {opset}: the exporter wrote opset {written} instead")
     program.save(str(path))
 
 
@@ -290,8 +302,7 @@ def export_sam(
     Returns:
         the written paths by role: "image_encoder", "mask_decoder", "summary".
     """
-    if opset < MIN_OPSET:
-        raise ValueError(f"--opset {opset}: the exporter writes opset {MIN_OPSET} or newer")
+    check_opset(opset)
     out_dir = prepare_out_dir(out_dir)
     model = model.float().eval()
     S = model.config.image_size

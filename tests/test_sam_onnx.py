@@ -224,7 +224,8 @@ def checkpoint(model: Sam, tmp_path_factory):
     [
         (["{missing}", "{out}"], "no such file"),
         (["{ckpt}", "{file}"], "exists and is not a folder"),
-        (["{ckpt}", "{out}", "--opset", "17"], "opset 18 or newer"),
+        (["{ckpt}", "{out}", "--opset", "17"], "must be between 18 and"),
+        (["{ckpt}", "{out}", "--opset", "99"], "must be between 18 and"),
         (["{ckpt}", "{out}", "--image-size", "100"], "not a multiple of patch_size"),
     ],
 )
