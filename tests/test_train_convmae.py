@@ -17,7 +17,7 @@ import convmae
 from tests.conftest import ROOT
 from train import common
 from train import convmae as train_convmae
-from train.data import Skipped
+from train.common import Skipped
 from train.image_folder import ImageFolderDataset, list_images, random_resized_crop_box
 
 TINY = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, mlp_ratio=[2, 2, 2],

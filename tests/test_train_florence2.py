@@ -16,10 +16,10 @@ import miniflorence
 from tests.conftest import ROOT, shared_path
 from train import common
 from train import florence2 as train_florence2
-from train.data import Skipped
-from train.demo_jobs import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa
+from train.common import Skipped
 from train.florence2_data import DocDataset, collate, load_examples, prompt_text
 from train.levenshtein import anls, distance, exact_match, similarity
+from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa
 from train.tiny_tokenizer import write_tiny_tokenizer
 
 SIZE = 64

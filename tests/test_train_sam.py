@@ -18,7 +18,7 @@ from checkpoint_format import save_converted
 from minisam.image_encoder import PatchEmbed
 from train import common
 from train import sam as train_sam
-from train.demo import synthetic_shapes
+from train.synthetic import synthetic_shapes
 
 TINY = dataclasses.replace(
     minisam.CONFIGS["vit_b"], image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,

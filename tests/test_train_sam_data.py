@@ -1,4 +1,4 @@
-"""Segmentation data: folder and .npz layouts, splits, and bad input skipped with a count."""
+"""SAM segmentation data (`train.sam_data`): folder and .npz layouts, splits, and bad input skipped with a count."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import torch
 from conftest import shared_path
 from PIL import Image, ImageFilter
 
-from train.data import (
+from train.common import Skipped
+from train.sam_data import (
     PromptSettings,
     SegmentationDataset,
-    Skipped,
     index_objects,
     load_records,
     read_masks,
     resized_size,
     split_objects,
 )
-from train.demo import synthetic_shapes
+from train.synthetic import synthetic_shapes
 
 
 def write_pair(root: Path, name: str, image: np.ndarray, mask: Image.Image | None) -> None:
