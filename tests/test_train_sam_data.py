@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter
 
 from train.common import Skipped
 from train.sam_data import (
+    ImageRecord,
     PromptSettings,
     SegmentationDataset,
     index_objects,
@@ -86,7 +87,6 @@ def test_a_dataset_without_usable_samples_is_refused(tmp_path: Path) -> None:
 
 
 def test_mask_modes(tmp_path: Path) -> None:
-    from train.data import ImageRecord
 
     def ids_of(mask: Image.Image) -> list[int]:
         mask.save(tmp_path / "m.png")
