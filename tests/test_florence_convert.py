@@ -167,3 +167,13 @@ def test_half_precision_checkpoint_converts_to_float32() -> None:
     _, tensors = convert_tensors(state, config=tiny_config())
     assert all(v.dtype == torch.float32 for v in tensors.values())
     assert torch.equal(tensors["image_projection"], state["image_projection"].float())
+
+
+def test_files_written_with_the_removed_activation_field_still_load(tmp_path) -> None:
+    """Converted files from before `Florence2Config.activation` (its one legal value, "gelu") was removed."""
+    config, tensors = convert_tensors(original_state(), config=tiny_config())
+    save_converted(tmp_path / "old.safetensors", tensors, "florence2", {**config, "activation": "gelu"})
+    assert load_florence2(tmp_path / "old.safetensors").config == tiny_config()
+    save_converted(tmp_path / "relu.safetensors", tensors, "florence2", {**config, "activation": "relu"})
+    with pytest.raises(CheckpointError, match="activation"):
+        load_florence2(tmp_path / "relu.safetensors")
