@@ -1,41 +1,78 @@
-"""Throughput and peak memory of ConvMAE and FastConvMAE pretraining steps.
+"""ConvMAE / FastConvMAE pretraining and ConvViT fine-tuning steps, ours against the official code, one run.
 
-    python bench/convmae.py --device cpu --batch 2
-    python bench/convmae.py --device cuda --batch 64 --dtype bf16
-    python bench/convmae.py --device cuda --batch 64 --official path/to/Alpha-VL/ConvMAE   # side by side
+    python bench/convmae.py                                         # ConvMAE-B step, batch 8, 224 px, fp32 and bf16
+    python bench/convmae.py --workloads convmae fastconvmae convvit --precisions fp32 --rounds 3
+    python bench/convmae.py --compile --precisions fp32             # ours also with torch.compile
+    python bench/convmae.py --device cuda --batch 128 --precisions bf16
 
-For each model: forward only (no grad) and forward + backward (one pretraining step without the
-optimizer), in images per second, and the peak memory of the forward + backward (CUDA: the
-allocator's peak; CPU: the process's peak resident set, which only grows). FastConvMAE sees every
-image under all 4 complementary masks, so one of its images is 4 ConvMAE images of decoder work.
-`--official` imports `models_convmae.py` from a checkout of Alpha-VL/ConvMAE (it needs timm);
-the official FastConvMAE lives in another repository and is compared with `--official-fast`.
+One training step: forward, loss, backward and the AdamW step, for each implementation in turn,
+round after round (the order alternates), so that both see the same machine load; the medians
+over the rounds are compared. Official: the unmodified model files in
+`../shared/reference/convmae-official` (built through tests/reference/official.py) with the
+official recipes' optimizer (`torch.optim.AdamW` with its default implementation); without that
+folder only ours is timed. Ours: the same weights (the official state_dict, loaded strictly) and
+what `train.convmae` / `train.convvit` run: the fused AdamW (where the device has it). Both draw
+their masks from the same seeded `torch.rand`, so their fp32 losses agree; they are printed.
+
+Precisions: fp32, or bf16 autocast for both (`train.convmae --precision bf16`; ours keeps the
+decoder in fp32 there, as its training does by default, and its depthwise convolutions, see
+`convmae.blocks.CBlock.depthwise`). Printed per workload: ms per step and its forward + backward
+part, the ratios official / ours (> 1: ours is faster), the peak memory of a step (CUDA: the
+allocator's peak; CPU: the growth of the resident set during the step, sampled every 5 ms),
+then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import resource
+import json
+import platform
+import statistics
 import sys
+import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import convmae  # noqa: E402
+from train.convmae import PretrainStep, param_groups  # noqa: E402
+from train.convvit import layer_decay_groups  # noqa: E402
+
+Step = Callable[[], tuple[float, float]]  # one training step -> (forward + backward seconds, loss)
 
 
-def official_model(repo: str, module: str, factory: str, norm_pix_loss: bool) -> torch.nn.Module:
-    """The official model from a checkout (imports timm; only used here, never in the package)."""
-    sys.path.insert(0, repo)
+def official_model(kind: str) -> torch.nn.Module | None:
+    """The official base model of `kind` (tests/reference/official.py), or None when `../shared` is absent."""
+    sys.path.insert(0, str(ROOT / "tests" / "reference"))
     try:
-        return getattr(importlib.import_module(module), factory)(norm_pix_loss=norm_pix_loss)
+        import official
     finally:
-        sys.path.remove(repo)
+        sys.path.pop(0)
+    kwargs = {"norm_pix_loss": True} if kind != "convvit" else {"global_pool": True, "drop_path_rate": 0.1}
+    try:
+        return official.official_convmae(kind, **kwargs)
+    except ImportError as e:
+        print(f"official {kind}: not timed ({e})")
+        return None
+
+
+def ours_model(kind: str, official: torch.nn.Module | None, device: torch.device, compile: bool) -> torch.nn.Module:
+    """Our model of `kind`, with the official model's weights when there is one."""
+    config = replace(convmae.CONFIGS["convmae_base"], drop_path_rate=0.1 if kind == "convvit" else 0.0)
+    with torch.device("meta" if official is not None else "cpu"):
+        model = {"convmae": convmae.ConvMAE, "fastconvmae": convmae.FastConvMAE, "convvit": convmae.ConvViT}[kind](config)
+    if official is not None:
+        model.load_state_dict(official.state_dict(), assign=True)
+    model = model.to(device).train()
+    return convmae.compile_model(model) if compile else model
 
 
 def sync(device: torch.device) -> None:
@@ -43,76 +80,197 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def autocast(device: torch.device, bf16: bool) -> torch.autocast | nullcontext:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
-def bench(name: str, model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> None:
-    model = model.to(device).train()
-    imgs = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+def pretrain_step(model: torch.nn.Module, ours: bool, bf16: bool, imgs: torch.Tensor, seed: int) -> Step:
+    """ConvMAE / FastConvMAE: loss on random masks, backward, AdamW (betas 0.9, 0.95 as main_pretrain.py)."""
+    if ours:
+        optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
+        step_module = PretrainStep(model, bf16, fp32_decoder=True)  # what train.convmae runs
+        noise_shape = (imgs.shape[0], model.config.num_patches)
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
 
-    def step(backward: bool) -> None:
-        with autocast, torch.set_grad_enabled(backward):
-            loss, _, _ = model(imgs, mask_ratio=args.mask_ratio)
-        if backward:
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-
-    results = {}
-    for mode, backward in (("forward", False), ("forward+backward", True)):
-        for _ in range(args.warmup):
-            step(backward)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
+    def step() -> tuple[float, float]:
+        torch.manual_seed(seed)  # the same masks for both implementations
         start = time.perf_counter()
-        for _ in range(args.steps):
-            step(backward)
-        sync(device)
-        seconds = (time.perf_counter() - start) / args.steps
-        results[mode] = (args.batch / seconds, seconds)
-    memory = peak_memory_mib(device)
-    line = "  ".join(f"{mode} {ips:8.2f} img/s ({sec * 1e3:7.1f} ms/step)" for mode, (ips, sec) in results.items())
-    print(f"{name:<22} {line}  peak {memory:8.0f} MiB", flush=True)
+        if ours:
+            noise = torch.rand(noise_shape, device=imgs.device)  # what the official random_masking draws
+            loss, _, _ = step_module(imgs, noise, 0.75)
+        else:
+            with autocast(imgs.device, bf16):
+                loss, _, _ = model(imgs, 0.75)
+        loss.backward()
+        sync(imgs.device)
+        forward_backward = time.perf_counter() - start
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return forward_backward, loss.item()
+
+    return step
+
+
+def finetune_step(model: torch.nn.Module, ours: bool, bf16: bool, imgs: torch.Tensor, seed: int) -> Step:
+    """ConvViT: cross-entropy with label smoothing 0.1, backward, AdamW (main_finetune.py's defaults)."""
+    labels = torch.arange(imgs.shape[0], device=imgs.device) % 1000
+    if ours:
+        groups = layer_decay_groups(model, 0.05, 0.65)
+        optimizer = torch.optim.AdamW([{**g, "lr": 1e-4 * g["lr_scale"]} for g in groups], lr=1e-4, fused=True)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> tuple[float, float]:
+        torch.manual_seed(seed)  # the same drop-path draws
+        start = time.perf_counter()
+        with autocast(imgs.device, bf16):
+            logits = model(imgs)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=0.1)
+        loss.backward()
+        sync(imgs.device)
+        forward_backward = time.perf_counter() - start
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return forward_backward, loss.item()
+
+    return step
+
+
+class PeakMemory:
+    """Peak memory of what runs inside: CUDA's allocator peak, or on CPU the largest growth of the
+    process's resident set over its value at entry, sampled every 5 ms by a thread."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mib = device, 0.0
+
+    @staticmethod
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20  # resident pages of 4 KiB
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        self.base, self.top, self.running = self.rss_mib(), self.rss_mib(), True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while self.running:
+            self.top = max(self.top, self.rss_mib())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
+            return
+        self.running = False
+        self.thread.join()
+        self.peak_mib = self.top - self.base
+
+
+def bench_workload(kind: str, precision: str, args: argparse.Namespace, device: torch.device) -> dict:
+    bf16 = precision == "bf16"
+    torch.manual_seed(0)
+    official = official_model(kind)
+    if official is not None:
+        official = official.to(device).train()
+    columns: dict[str, torch.nn.Module] = {}
+    if official is not None:
+        columns["official"] = official
+    columns["ours"] = ours_model(kind, official, device, compile=False)
+    if args.compile:
+        columns["ours+compile"] = ours_model(kind, official, device, compile=True)
+    imgs = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    make = finetune_step if kind == "convvit" else pretrain_step
+    steps = {name: make(model, name != "official", bf16, imgs, seed=1) for name, model in columns.items()}
+
+    for name, step in steps.items():  # warm-up: kernels chosen, memory pools filled, graphs compiled
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            step()
+        print(f"  {kind} {precision} {name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    fwd_bwd: dict[str, list[float]] = {name: [] for name in steps}
+    peak: dict[str, float] = {name: 0.0 for name in steps}
+    losses: dict[str, float] = {}
+    for r in range(args.rounds):
+        order = list(steps) if r % 2 == 0 else list(reversed(steps))
+        for name in order:
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                fb, losses[name] = steps[name]()
+                times[name].append(time.perf_counter() - start)
+            fwd_bwd[name].append(fb)
+            peak[name] = max(peak[name], memory.peak_mib)
+        line = "  ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in steps)
+        print(f"  round {r + 1}/{args.rounds}: {line}", flush=True)
+
+    result = {
+        "workload": f"{kind}_{'finetune' if kind == 'convvit' else 'pretrain'}_step", "precision": precision,
+        "batch": args.batch, "image_size": args.image_size, "rounds": args.rounds, "device": describe(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    for name in steps:
+        key = name.replace("+", "_")
+        result[f"{key}_step_ms"] = round(statistics.median(times[name]) * 1e3, 1)
+        result[f"{key}_fwd_bwd_ms"] = round(statistics.median(fwd_bwd[name]) * 1e3, 1)
+        result[f"{key}_peak_mib"] = round(peak[name])
+        result[f"{key}_loss"] = losses[name]
+        if name != "official" and "official" in steps:
+            result[f"{key}_ratio"] = round(result["official_step_ms"] / result[f"{key}_step_ms"], 2)
+            result[f"{key}_fwd_bwd_ratio"] = round(result["official_fwd_bwd_ms"] / result[f"{key}_fwd_bwd_ms"], 2)
+    report(result, list(steps))
+    return result
+
+
+def report(result: dict, names: list[str]) -> None:
+    print(f"{result['workload']} ({result['precision']}, batch {result['batch']}, {result['image_size']} px):")
+    for name in names:
+        key = name.replace("+", "_")
+        ratio = f"  {result[f'{key}_ratio']:.2f}x step, {result[f'{key}_fwd_bwd_ratio']:.2f}x fwd+bwd" if f"{key}_ratio" in result else ""
+        print(f"  {name:<13} step {result[f'{key}_step_ms']:9.0f} ms  fwd+bwd {result[f'{key}_fwd_bwd_ms']:9.0f} ms  "
+              f"peak {result[f'{key}_peak_mib']:6d} MiB  loss {result[f'{key}_loss']:.6f}{ratio}")
+    print(json.dumps(result), flush=True)
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workloads", nargs="+", choices=("convmae", "fastconvmae", "convvit"), default=["convmae"])
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--mask-ratio", type=float, default=0.75)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
-    parser.add_argument("--models", nargs="+", choices=("convmae", "fastconvmae"), default=["convmae", "fastconvmae"])
-    parser.add_argument("--math-attention", action="store_true", help="the plain attention math instead of SDPA")
-    parser.add_argument("--official", help="a checkout of Alpha-VL/ConvMAE, to time its model too")
-    parser.add_argument("--official-fast", help="a checkout of Alpha-VL/FastConvMAE, to time its model too")
+    parser.add_argument("--image-size", type=int, default=224, help="the official models are built for 224")
+    parser.add_argument("--rounds", type=int, default=3, help="timed steps per implementation, interleaved")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     args = parser.parse_args()
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    config = convmae.ConvMAEConfig(image_size=args.image_size, use_sdpa=not args.math_attention)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"convmae_base at {args.image_size} px, batch {args.batch}, {args.dtype}, {where}, torch {torch.__version__}")
-    for name in args.models:
-        cls = convmae.ConvMAE if name == "convmae" else convmae.FastConvMAE
-        bench(name, cls(config), args, device)
-        official_repo = args.official if name == "convmae" else args.official_fast
-        if official_repo:
-            module, factory = {
-                "convmae": ("models_convmae", "convmae_convvit_base_patch16"),
-                "fastconvmae": ("models_fastconvmae", "fastconvmae_convvit_base_patch16"),
-            }[name]
-            official = official_model(official_repo, module, factory, config.norm_pix_loss)
-            bench(f"{name} (official)", official, args, device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    print(f"{describe(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    for precision in args.precisions:
+        for kind in args.workloads:
+            bench_workload(kind, precision, args, device)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

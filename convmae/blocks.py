@@ -6,12 +6,18 @@ masks in the convolution stages).
 Official code: Alpha-VL/ConvMAE `vision_transformer.py` (PatchEmbed, CBlock, CMlp, Attention,
 Block, Mlp) and Alpha-VL/FastConvMAE `vision_transformer.py` (CBlock with a list of masks).
 
+Layout of the convolution stages: channels last, per stage-3 token (`convmae.masking.TokenBlocks`).
+The official modules are kept (their `nn.Conv2d` weights are the checkpoint's tensors) but applied
+as what they compute on that layout: a 1x1 convolution is a Linear layer over the channels
+(`pointwise`), a convolution whose stride equals its kernel is a Linear layer over each flattened
+patch (`patchwise`); only the 5x5 depthwise convolution runs as a convolution, on the map.
+
 Two LayerNorm settings live side by side, as in the official code: the convolution stages
 (PatchEmbed, CBlock) build `nn.LayerNorm(dim)` with PyTorch's eps 1e-5 and ignore the model's
 `norm_layer`, while the transformer blocks use eps 1e-6.
 
-Shape legend: B batch, C channels, H W feature-map height and width, N tokens, h heads,
-d head width, K complementary masks.
+Shape legend: V sequences (images, or image views), n positions per token block, C channels,
+H W map height and width, N tokens, h heads, d head width, k kernel side.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from convmae.masking import TokenBlocks
 
 CONV_LN_EPS = 1e-5  # PatchEmbed and CBlock: nn.LayerNorm(dim), the default eps
 VIT_LN_EPS = 1e-6  # transformer Block, encoder norm, decoder norm, fc_norm
@@ -43,9 +51,16 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-def channels_last_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the channels of a (B, C, H, W) map."""
-    return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+def pointwise(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution on channels-last features (..., C_in): a Linear layer over the channels."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)  # weight (C_out, C_in, 1, 1) viewed as (C_out, C_in)
+
+
+def patchwise(conv: nn.Conv2d, patches: torch.Tensor) -> torch.Tensor:
+    """A convolution whose stride equals its kernel, on its non-overlapping patches (..., k * k * C_in)
+    flattened in (row, column, channel) order: a Linear layer over each patch."""
+    weight = conv.weight.permute(0, 2, 3, 1).flatten(1)  # (C_out, C_in, k, k) -> (C_out, k * k * C_in)
+    return F.linear(patches, weight, conv.bias)
 
 
 class PatchEmbed(nn.Module):
@@ -58,9 +73,9 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=CONV_LN_EPS)
         self.act = nn.GELU()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (B, C, H / p, W / p)
-        return self.act(channels_last_norm(self.norm, x))
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches (..., p * p * C_in), (row, column, channel) order -> embeddings (..., C)."""
+        return self.act(self.norm(patchwise(self.proj, patches)))
 
 
 class ConvMlp(nn.Module):
@@ -73,16 +88,17 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return pointwise(self.fc2, self.act(pointwise(self.fc1, x)))
 
 
 class CBlock(nn.Module):
     """Masked convolution block (Sec. 3.2, Fig. 2): a 5x5 depthwise convolution in place of attention.
 
     `x = x + conv2(dwconv5x5(visible * conv1(norm1(x))))`, then `x = x + mlp(norm2(x))`.
-    Multiplying by the visible map right before the depthwise convolution is what keeps masked
-    positions from leaking into visible ones: a masked input never reaches the 5x5 window of
-    a visible output, and the visible tokens are all the transformer stage will see.
+    Zeroing the masked positions right before the depthwise convolution is what keeps them from
+    leaking into visible ones: a masked input never reaches the 5x5 window of a visible output,
+    and the visible tokens are all the transformer stage will see. Here the block holds only the
+    visible positions (`TokenBlocks`), so the zeros are those of the map they are scattered into.
     """
 
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
@@ -95,27 +111,24 @@ class CBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=CONV_LN_EPS)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W); visible: None (no masking) or (B, 1, H, W), 1 = visible, 0 = masked."""
-        y = self.conv1(channels_last_norm(self.norm1, x))  # (B, C, H, W)
-        if visible is not None:
-            y = visible * y
-        x = x + self.drop_path(self.conv2(self.attn(y)))
-        return x + self.drop_path(self.mlp(channels_last_norm(self.norm2, x)))
+    def forward(self, x: torch.Tensor, blocks: TokenBlocks) -> torch.Tensor:
+        """x: (V, N, n, C), the positions `blocks` describes, channels last."""
+        y = pointwise(self.conv1, self.norm1(x))  # (V, N, n, C)
+        y = blocks.from_map(self.depthwise(blocks.to_map(y)))  # masked positions enter as zeros
+        x = x + self.drop_path(pointwise(self.conv2, y))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def forward_complementary(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """FastConvMAE: one pass for K disjoint masks that together cover the image.
+    def depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        """The 5x5 depthwise convolution of a (V, C, H, W) map, computed in float32, also under autocast.
 
-        visible: (K, B, 1, H, W). Each mask gets its own masked depthwise convolution and keeps
-        the result only where it is visible: `conv2(sum_k m_k * dwconv(m_k * y))`. Every position
-        is visible in exactly one mask, so each position sees only the tokens of its own set.
+        It is memory-bound (25 multiply-adds per output), so bf16 saves little where it has kernels,
+        and CPUs without native bf16 (no AVX512-BF16 / AMX) have none: there a bf16 depthwise
+        convolution runs ~30x slower than the float32 one (measured on an AVX2 CPU, 2 threads).
         """
-        K, B = visible.shape[:2]
-        y = self.conv1(channels_last_norm(self.norm1, x))  # (B, C, H, W)
-        per_mask = self.attn((visible * y).flatten(0, 1))  # (K * B, C, H, W)
-        y = (visible * per_mask.unflatten(0, (K, B))).sum(0)  # (B, C, H, W); one non-zero term each
-        x = x + self.drop_path(self.conv2(y))
-        return x + self.drop_path(self.mlp(channels_last_norm(self.norm2, x)))
+        with torch.autocast(x.device.type, enabled=False):
+            conv = self.attn
+            y = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=conv.padding, groups=conv.groups)
+        return y.to(x.dtype)
 
 
 class Mlp(nn.Module):

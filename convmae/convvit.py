@@ -27,6 +27,7 @@ from torch import nn
 from convmae.blocks import VIT_LN_EPS
 from convmae.config import ConvMAEConfig
 from convmae.encoder import HybridEncoder
+from convmae.masking import TokenBlocks
 
 # Stage-3 blocks with global attention in the official detection backbone (its forward runs
 # blocks 0, 3, 6, 10 globally and the others in windows; its `global_attn_index` says
@@ -64,19 +65,9 @@ class ConvViT(HybridEncoder):
                 nn.init.zeros_(m.bias)
 
     # ---------------------------------------------------------------------------------- stages
-    def forward_convolutions(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stages 1 and 2 without masking: (B, C1, 4g, 4g) and (B, C2, 2g, 2g)."""
-        self.config.check_images(imgs)
-        s1 = self.patch_embed1(imgs)
-        for blk in self.blocks1:
-            s1 = blk(s1)
-        s2 = self.patch_embed2(s1)
-        for blk in self.blocks2:
-            s2 = blk(s2)
-        return s1, s2
-
     def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
         """All stage-3 tokens after the last block, before any norm or pooling: (B, N, C)."""
+        self.config.check_images(imgs)
         _, s2 = self.forward_convolutions(imgs)
         x = self.stage3_tokens(s2)
         for blk in self.blocks3:
@@ -107,8 +98,9 @@ class ConvViT(HybridEncoder):
         "s3" being "s2" max-pooled 2x2. With `window_size`, stage-3 blocks not in `global_blocks`
         attend within non-overlapping w x w windows (g must be a multiple of w).
         """
-        s1, s2 = self.forward_convolutions(imgs)
-        g = self.config.grid_size
+        self.config.check_images(imgs)
+        s1, s2 = self.forward_convolutions(imgs)  # (B, N, 16, C1), (B, N, 4, C2)
+        g, (_, p2, p3) = self.config.grid_size, self.config.patch_size
         if window_size is not None and g % window_size:
             raise ValueError(f"window_size {window_size} does not divide the stage-3 grid {g}")
         x = self.stage3_tokens(s2)  # (B, N, C)
@@ -120,6 +112,9 @@ class ConvViT(HybridEncoder):
             windows = rearrange(x, "b (h w1 v w2) c -> (b h v) (w1 w2) c", w1=w, w2=w, h=g // w)  # (B * nW, w * w, C)
             x = rearrange(blk(windows), "(b h v) (w1 w2) c -> b (h w1 v w2) c", w1=w, w2=w, h=g // w, v=g // w)
         s3 = rearrange(x, "b (h w) c -> b c h w", h=g)  # (B, C, g, g)
+        ids = self.all_tokens(imgs.shape[0], imgs.device)
+        s1 = TokenBlocks(ids, g, p2 * p3).to_map(s1)  # (B, C1, 4g, 4g)
+        s2 = TokenBlocks(ids, g, p3).to_map(s2)  # (B, C2, 2g, 2g)
         return {"s0": s1, "s1": s2, "s2": s3, "s3": F.max_pool2d(s3, 2)}
 
     # ------------------------------------------------------------------------ fine-tuning aids

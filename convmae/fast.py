@@ -7,6 +7,10 @@ Sec. 3.3 the transformer stage and decoder run on every view, the loss sums over
 Official code: Alpha-VL/FastConvMAE `models_fastconvmae.py` (`MaskedAutoencoderViT`) and
 `vision_transformer.py` (`CBlock.forward` with a list of masks). Same checkpoint keys as ConvMAE.
 
+The K views of an image are K ConvMAE sequences: view k holds the blocks of its own tokens, so
+the convolution stages still compute each position once (the official code convolves the whole
+map once per view and keeps each position from its own view's result: the same numbers).
+
 Deviations: the official code hard-codes 4 views of 49 tokens (224 px, mask ratio 0.75); here the
 number of views K and the kept length Lk follow from the config and the mask ratio. The official
 constructor ignores `decoder_depth` and always builds 8 decoder blocks; here `decoder_depth` is
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from convmae.masking import complementary_masking, gather_tokens, upsample_mask
+from convmae.masking import complementary_masking, gather_tokens
 from convmae.model import ConvMAE
 
 
@@ -36,29 +40,11 @@ class FastConvMAE(ConvMAE):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns latent (K * B, Lk, C), mask (K * B, L) (row k * B + b is view k of image b), ids_restore (B, L)."""
         self.config.check_images(imgs)
-        c = self.config
         ids_keep, masks, ids_restore = complementary_masking(self.make_noise(imgs, noise), mask_ratio)
         K, B, Lk = ids_keep.shape
-        visible1 = 1 - upsample_mask(masks, c.grid_size, c.patch_size[1] * c.patch_size[2])  # (K, B, 1, 4g, 4g)
-        visible2 = 1 - upsample_mask(masks, c.grid_size, c.patch_size[2])  # (K, B, 1, 2g, 2g)
-
-        # Stages 1-2 once per image: each position is convolved only with its own view's tokens.
-        x = self.patch_embed1(imgs)  # (B, C1, 4g, 4g)
-        for blk in self.blocks1:
-            x = blk.forward_complementary(x, visible1)
-        stage1 = self.fusion(x, self.stage1_output_decode)  # (B, L, C)
-        x = self.patch_embed2(x)  # (B, C2, 2g, 2g)
-        for blk in self.blocks2:
-            x = blk.forward_complementary(x, visible2)
-        stage2 = self.fusion(x, self.stage2_output_decode)  # (B, L, C)
-
-        # Stage 3 on every view: the K views become K * B sequences, view-major.
-        ids = ids_keep.reshape(K * B, Lk)
-        x = gather_tokens(self.stage3_tokens(x).repeat(K, 1, 1), ids)  # (K * B, Lk, C)
-        for blk in self.blocks3:
-            x = blk(x)
-        x = x + gather_tokens(stage1.repeat(K, 1, 1), ids) + gather_tokens(stage2.repeat(K, 1, 1), ids)
-        return self.norm(x), masks.reshape(K * B, -1), ids_restore
+        images = torch.arange(B, device=imgs.device).repeat(K)  # (K * B,): view-major rows
+        latent = self.encode_visible(imgs, ids_keep.reshape(K * B, Lk), images)  # (K * B, Lk, C)
+        return latent, masks.reshape(K * B, -1), ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Latents of all views (K * B, Lk, C) -> predictions (K * B, L, P)."""
@@ -77,5 +63,5 @@ class FastConvMAE(ConvMAE):
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The ConvMAE loss with the target repeated for each view, averaged over all removed patches."""
         K = pred.shape[0] // imgs.shape[0]
-        loss = ((pred - self.target(imgs).repeat(K, 1, 1)) ** 2).mean(dim=-1)  # (K * B, L)
+        loss = ((pred.float() - self.target(imgs.float()).repeat(K, 1, 1)) ** 2).mean(dim=-1)  # (K * B, L)
         return (loss * mask).sum() / mask.sum()

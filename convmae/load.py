@@ -7,6 +7,8 @@ usually, without the fusion convolutions). `load_convmae` returns the pretrainin
 starting a ConvViT fine-tune from a pretraining encoder, names the tensors it initialises fresh
 and the ones it leaves behind (what the official `main_finetune.py` does with `strict=False`).
 Models are built on the meta device and take the file's tensors themselves (one copy in memory).
+`dtype=torch.bfloat16` casts the weights (the loss is still computed in float32, the depthwise
+convolutions run in float32); `compile=True` wraps the hot stages in `torch.compile` (`compile_model`).
 """
 
 from __future__ import annotations
@@ -48,17 +50,31 @@ def model_from_tensors(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
     what: str = "checkpoint",
 ) -> nn.Module:
     """The `kind` model ("convmae", "fastconvmae", "convvit") whose weights are `tensors` themselves, in eval mode.
 
     Built on the meta device (no random initialisation, one copy of the weights); every tensor is
-    checked and assigned. This is the one place that decides a loaded model's device and dtype.
+    checked and assigned. This is the one place that decides a loaded model's device, dtype and compilation.
     """
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype (torch.float32, torch.bfloat16, ...), got {dtype}")
     with torch.device("meta"):
         model = MODELS[kind](config)
     load_strict(model, tensors, f"{what} ({kind})")
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    return compile_model(model) if compile else model
+
+
+def compile_model(model: nn.Module) -> nn.Module:
+    """`model` with its hot stages wrapped by `torch.compile`, in place: the encoder and decoder of
+    ConvMAE / FastConvMAE (`forward_encoder`, `forward_decoder`), the encoder of ConvViT
+    (`forward_tokens`). Parameters and state_dict keys stay as they are; the first calls compile."""
+    stages = ("forward_tokens",) if isinstance(model, ConvViT) else ("forward_encoder", "forward_decoder")
+    for name in stages:
+        setattr(model, name, torch.compile(getattr(model, name)))
+    return model
 
 
 def load_convmae(
@@ -66,6 +82,7 @@ def load_convmae(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
     use_sdpa: bool | None = None,
 ) -> ConvMAE | FastConvMAE:
     """The pretraining model a converted file holds (`ConvMAE` or `FastConvMAE`), strictly loaded, in eval mode.
@@ -76,7 +93,8 @@ def load_convmae(
     Args:
         path: a file written by `python -m weights_convert convmae SRC DST`.
         device: where the model goes.
-        dtype: the dtype of its floating-point weights (the file's values, cast).
+        dtype: the dtype of its floating-point weights (the file's values, cast), e.g. torch.bfloat16.
+        compile: wrap the encoder and decoder in `torch.compile` (`compile_model`).
         use_sdpa: override the attention implementation stored in the file's config.
     """
     kind, config, tensors = read_convmae_file(path)
@@ -91,7 +109,7 @@ def load_convmae(
         )
     if use_sdpa is not None:
         config = replace(config, use_sdpa=use_sdpa)
-    return model_from_tensors(kind, config, tensors, device=device, dtype=dtype, what=str(path))
+    return model_from_tensors(kind, config, tensors, device=device, dtype=dtype, compile=compile, what=str(path))
 
 
 def load_convvit(
@@ -99,6 +117,7 @@ def load_convvit(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
     num_classes: int | None = None,
     global_pool: bool | None = None,
     drop_path_rate: float | None = None,
@@ -117,6 +136,7 @@ def load_convvit(
     Args:
         path: a file written by `python -m weights_convert convmae SRC DST`.
         device, dtype: where the model goes and the dtype of its floating-point weights.
+        compile: wrap the encoder in `torch.compile` (`compile_model`).
         num_classes, global_pool, drop_path_rate: the fine-tuning settings (default: the file's).
         image_size: build the model for another input size, resizing `pos_embed` bicubically as the
             official detection backbone does (e.g. 224 -> 1024); the other tensors do not depend on it.
@@ -142,7 +162,7 @@ def load_convvit(
     if "pos_embed" in tensors:
         tensors["pos_embed"] = resize_pos_embed(tensors["pos_embed"], config.grid_size)
     if kind == "convvit":
-        return model_from_tensors(kind, config, tensors, device=device, dtype=dtype, what=str(path))
+        return model_from_tensors(kind, config, tensors, device=device, dtype=dtype, compile=compile, what=str(path))
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ConvViT(config).state_dict().items()}
@@ -150,7 +170,9 @@ def load_convvit(
     encoder = {k: tensors[k] for k in expected if k not in fresh and k in tensors}
     needed = {k: s for k, s in expected.items() if k not in fresh}
     check_tensors(needed, encoder, f"{path} ({kind}) as a ConvViT encoder")
-    return model_from_tensors("convvit", config, {**encoder, **fresh}, device=device, dtype=dtype, what=str(path))
+    return model_from_tensors(
+        "convvit", config, {**encoder, **fresh}, device=device, dtype=dtype, compile=compile, what=str(path)
+    )
 
 
 def fresh_head(config: ConvMAEConfig) -> dict[str, torch.Tensor]:

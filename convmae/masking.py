@@ -9,7 +9,15 @@ Official code: `random_masking` and the `mask_for_patch1/2` lines of `forward_en
 Alpha-VL/ConvMAE `models_convmae.py`; `random_masking` / `masks_splitting` in Alpha-VL/FastConvMAE
 `models_fastconvmae.py`. As in MAE, masking sorts noise: small noise is kept, large is removed.
 
-Shape legend: B batch, L stage-3 tokens (grid**2), Lk kept tokens, K keep-sets, C channels.
+`TokenBlocks` is how the convolution stages hold their features: the s x s block of positions
+under each visible stage-3 token, channels last. The official code runs stages 1 and 2 on the
+whole map and multiplies by the upsampled mask before each depthwise convolution; every other
+operation there works position by position or within one token's block, so the masked positions
+never reach a visible output, and computing only the visible blocks gives the same numbers for a
+quarter of the work at mask ratio 0.75.
+
+Shape legend: B batch, V sequences (images or image views), L stage-3 tokens (grid**2), Lk kept
+tokens, K keep-sets, n = s * s positions per token block, C channels, H W map size.
 """
 
 from __future__ import annotations
@@ -82,3 +90,42 @@ def upsample_mask(mask: torch.Tensor, grid_size: int, scale: int) -> torch.Tenso
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x (B, L, C), ids (B, Lk) -> (B, Lk, C)."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+class TokenBlocks:
+    """Where the features (V, Lk, s * s, C) of the convolution stages lie on their (V, C, H, W) map.
+
+    Row v holds, for each of its tokens ids[v] on the g x g stage-3 grid, the s x s block of map
+    positions under it, in raster order (s = 4 for stage 1, 2 for stage 2; H = W = g * s). The
+    depthwise convolution needs the map: `to_map` scatters the blocks into a map of zeros (the
+    masked positions, as the official `mask * x` leaves them), `from_map` gathers them back.
+
+    Args:
+        ids: (V, Lk) stage-3 tokens, row-major on the grid.
+        grid_size: g, tokens per side of the stage-3 grid.
+        scale: s, map positions per token side.
+    """
+
+    def __init__(self, ids: torch.Tensor, grid_size: int, scale: int) -> None:
+        V, Lk = ids.shape
+        self.tokens, self.scale = Lk, scale
+        self.shape = (V, grid_size * scale, grid_size * scale)  # (V, H, W)
+        H, W = self.shape[1:]
+        offsets = torch.arange(scale, device=ids.device)
+        rows = (ids // grid_size)[..., None, None] * scale + offsets[:, None]  # (V, Lk, s, 1) map row
+        cols = (ids % grid_size)[..., None, None] * scale + offsets[None, :]  # (V, Lk, 1, s) map column
+        sequence = torch.arange(V, device=ids.device)[:, None, None, None]  # (V, 1, 1, 1)
+        self.index = ((sequence * H + rows) * W + cols).flatten()  # (V * Lk * s * s,) into the (V * H * W) map
+
+    def to_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(V, Lk, n, C) -> (V, C, H, W) in channels-last memory, zero outside the blocks."""
+        V, H, W = self.shape
+        C = x.shape[-1]
+        dense = x.new_zeros(V * H * W, C).index_copy(0, self.index, x.reshape(-1, C))
+        return dense.view(V, H, W, C).permute(0, 3, 1, 2)  # a view: channels stay the fastest dimension
+
+    def from_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(V, C, H, W) -> (V, Lk, n, C), the blocks' positions."""
+        V, C = x.shape[:2]
+        rows = x.permute(0, 2, 3, 1).reshape(-1, C).index_select(0, self.index)  # (V * Lk * n, C)
+        return rows.view(V, self.tokens, self.scale**2, C)

@@ -11,7 +11,9 @@ names follow its checkpoint keys, so an official state_dict loads strictly.
 Deviations: `noise` can be passed in to make the masking deterministic; `patchify` and
 `unpatchify` take the patch size from the config (the official `unpatchify` refers to a
 `patch_embed` attribute the model does not have and cannot run); stage-grid sizes come from
-the config instead of the hard-coded 14 / 28 / 56.
+the config instead of the hard-coded 14 / 28 / 56. The convolution stages compute only the
+visible tokens' blocks (`convmae.encoder`); the official code computes the whole maps and the
+transformer stage gathers the visible tokens from them: the same numbers for what is kept.
 
 Shape legend: B batch, L stage-3 tokens, Lk kept tokens, C encoder width, D decoder width,
 P pixels per patch (16 * 16 * 3), g stage-3 grid side.
@@ -23,10 +25,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from convmae.blocks import VIT_LN_EPS, Block
+from convmae.blocks import VIT_LN_EPS, Block, patchwise
 from convmae.config import ConvMAEConfig
 from convmae.encoder import HybridEncoder
-from convmae.masking import gather_tokens, random_masking, upsample_mask
+from convmae.masking import gather_tokens, random_masking
 from convmae.pos_embed import sincos_2d
 
 
@@ -95,36 +97,32 @@ class ConvMAE(HybridEncoder):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=g, w=g, p=p, q=p)
 
     # ---------------------------------------------------------------------------------- encoder
-    def fusion(self, stage_map: torch.Tensor, decode: nn.Conv2d) -> torch.Tensor:
-        """A stage-1 or stage-2 map brought to the stage-3 grid as tokens (B, L, C) (Sec. 3.3)."""
-        return decode(stage_map).flatten(2).transpose(1, 2)  # (B, C, g, g) -> (B, L, C)
+    @staticmethod
+    def fusion(stage: torch.Tensor, decode: nn.Conv2d) -> torch.Tensor:
+        """Stage-1 or stage-2 features (V, Lk, n, C1|C2) brought to the stage-3 grid, (V, Lk, C) (Sec. 3.3):
+        the strided `stage*_output_decode` convolution covers exactly one token's block."""
+        return patchwise(decode, stage.flatten(2))
+
+    def encode_visible(self, imgs: torch.Tensor, ids: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The three stages on the kept tokens `ids` (V, Lk) of `imgs[images]` (V,), then `norm`: (V, Lk, C).
+
+        Block-wise masking (Sec. 3.2): a kept stage-3 token keeps its 2x2 stage-2 and 4x4 stage-1
+        blocks, and only those are computed; the masked ones enter each depthwise convolution as zeros.
+        """
+        stage1, stage2 = self.forward_convolutions(imgs, ids, images)
+        x = self.stage3_tokens(stage2, ids)  # (V, Lk, C); stage 3 sees only the visible tokens, as in MAE
+        for blk in self.blocks3:
+            x = blk(x)
+        x = x + self.fusion(stage1, self.stage1_output_decode) + self.fusion(stage2, self.stage2_output_decode)
+        return self.norm(x)
 
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mask, then encode the visible part. Returns latent (B, Lk, C), mask (B, L), ids_restore (B, L)."""
         self.config.check_images(imgs)
-        c = self.config
         ids_keep, mask, ids_restore = random_masking(self.make_noise(imgs, noise), mask_ratio)
-        # Block-wise masking (Sec. 3.2): the stage-3 mask, upsampled to the earlier stages.
-        visible1 = 1 - upsample_mask(mask, c.grid_size, c.patch_size[1] * c.patch_size[2])  # (B, 1, 4g, 4g)
-        visible2 = 1 - upsample_mask(mask, c.grid_size, c.patch_size[2])  # (B, 1, 2g, 2g)
-
-        x = self.patch_embed1(imgs)  # (B, C1, 4g, 4g)
-        for blk in self.blocks1:
-            x = blk(x, visible1)
-        stage1 = self.fusion(x, self.stage1_output_decode)
-        x = self.patch_embed2(x)  # (B, C2, 2g, 2g)
-        for blk in self.blocks2:
-            x = blk(x, visible2)
-        stage2 = self.fusion(x, self.stage2_output_decode)
-
-        # Stage 3 sees only the visible tokens, as in MAE.
-        x = gather_tokens(self.stage3_tokens(x), ids_keep)  # (B, Lk, C)
-        for blk in self.blocks3:
-            x = blk(x)
-        x = x + gather_tokens(stage1, ids_keep) + gather_tokens(stage2, ids_keep)
-        return self.norm(x), mask, ids_restore
+        return self.encode_visible(imgs, ids_keep), mask, ids_restore
 
     # ---------------------------------------------------------------------------------- decoder
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -154,8 +152,8 @@ class ConvMAE(HybridEncoder):
         return target
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean squared error per patch, averaged over the removed patches only."""
-        loss = ((pred - self.target(imgs)) ** 2).mean(dim=-1)  # (B, L)
+        """Mean squared error per patch, averaged over the removed patches only (in float32)."""
+        loss = ((pred.float() - self.target(imgs.float())) ** 2).mean(dim=-1)  # (B, L)
         return (loss * mask).sum() / mask.sum()
 
     def forward(

@@ -5,8 +5,8 @@
 - distributed set-up/teardown for `torchrun` (gloo on CPU, nccl on GPU) and rank-0 helpers;
 - the pieces of every script's epoch loop, each small enough that the loop itself stays in the
   script, in plain view: the run folder, the per-rank DataLoader of an epoch, DDP's `no_sync`
-  while gradients accumulate, bf16 autocast, the optimizer step, the per-step log line, `last.pt`
-  (what it holds, when it is written, resuming from it);
+  while gradients accumulate, bf16 autocast (`use_bf16` reads `--precision`), the optimizer step,
+  the per-step log line, `last.pt` (what it holds, when it is written, resuming from it);
 - logging (rank 0 only, tqdm-safe) and tqdm progress bars;
 - atomic checkpoint files (temporary file + rename): a crash never leaves half a checkpoint;
 - the learning-rate schedule (linear warmup, then cosine or linear decay);
@@ -334,9 +334,27 @@ def check_finite(loss: torch.Tensor, step: int, device: torch.device, last_path:
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA when `enabled`; nothing on CPU, where runs stay fp32, exact and comparable."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return bf16_autocast(device, enabled and device.type == "cuda")
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether a run with `--precision` computes under bf16 autocast on `device`.
+
+    "auto": on CUDA only, so that CPU runs stay fp32, exact and comparable; "fp32": never; "bf16":
+    on any device. On a CPU bf16 pays off only with native bf16 matrix units (AVX512-BF16, AMX);
+    without them it runs several times slower than fp32.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def bf16_autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on `device`, CUDA or CPU, when `enabled` (the run's `use_bf16`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def start_run(settings: Any, d: Dist) -> Path:

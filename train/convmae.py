@@ -7,8 +7,10 @@ al. 2022, appendix A.1), with the fixes users ask for:
 - AdamW, betas (0.9, 0.95), weight decay 0.05 except on biases and 1-D parameters (norms);
   lr = base_lr x effective batch / 256; per-iteration linear warmup then half-cycle cosine;
 - loss: MSE on normalised pixels (norm-pix) of the removed patches;
-- bf16 autocast on GPU with the decoder optionally kept in fp32 (the official fp16 runs hit NaN
-  losses); a NaN/inf loss stops the run and keeps the last good checkpoint;
+- `--precision auto` (bf16 autocast on GPU, exact fp32 on CPU), `fp32`, or `bf16` (CPU too), with
+  the decoder kept in fp32 by default (the official fp16 runs hit NaN losses); `--compile` runs the
+  encoder and decoder through `torch.compile`; the fused AdamW; a NaN/inf loss stops the run and
+  keeps the last good checkpoint;
 - every epoch: the reconstruction loss of a fixed set of images with fixed masks, and a picture
   `recon_EEE.png` of original / masked / reconstruction / reconstruction + visible patches;
   `convmae.safetensors` (loadable by `convmae.load_convmae`, fine-tunable by `train.convvit`),
@@ -33,7 +35,7 @@ from torch import nn
 import convmae
 from checkpoint_format import save_converted
 from train import common
-from train.common import autocast
+from train.common import bf16_autocast as autocast  # on any device; the run's --precision decides
 from train.image_folder import ImageFolderDataset, denormalize, list_images, sample_generator
 
 
@@ -59,8 +61,9 @@ class Settings:
     weight_decay: float = 0.05
     warmup_epochs: float = 40.0
     clip_grad: float = 0.0  # max gradient norm; 0: off (the official recipe does not clip)
-    bf16: bool = True  # autocast on CUDA only (CPU runs stay fp32 and exact)
-    fp32_decoder: bool = True  # keep the decoder out of autocast
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, exact fp32 on CPU; fp32; bf16 (CPU too: needs AVX512-BF16/AMX to pay)
+    fp32_decoder: bool = True  # keep the decoder out of bf16 autocast
+    compile: bool = False  # torch.compile the encoder and decoder (the first steps compile)
     min_side: int = -1  # skip images whose shorter side is below this; -1: the input size; 0: keep all
     eval_images: int = 8  # fixed images for the reconstruction loss and the picture
     device: str = "auto"
@@ -104,8 +107,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 class PretrainStep(nn.Module):
     """images, noise -> (loss, pred, mask): the staged forward in one module, so that DDP can wrap it.
 
-    The encoder runs under bf16 autocast (on CUDA); the decoder and the loss in fp32 when
-    `fp32_decoder` (the MAE decoder is where the official fp16 runs overflowed).
+    With `bf16` the encoder runs under bf16 autocast; the decoder too unless `fp32_decoder` (the MAE
+    decoder is where the official fp16 runs overflowed); the loss always in fp32.
     """
 
     def __init__(self, model: convmae.ConvMAE, bf16: bool, fp32_decoder: bool) -> None:
@@ -165,6 +168,9 @@ def train(s: Settings, d: common.Dist) -> dict:
 
     # ---- model and data; unreadable or too-small images are skipped and counted
     model = build_model(s).to(d.device).train()
+    bf16 = common.use_bf16(s.precision, d.device)
+    if s.compile:
+        convmae.compile_model(model)
     c = model.config
     skipped = common.Skipped()
     min_side = c.image_size if s.min_side < 0 else s.min_side
@@ -179,11 +185,11 @@ def train(s: Settings, d: common.Dist) -> dict:
     # ---- optimiser and schedule (lr scaled by the effective batch, as in main_pretrain.py)
     per_step, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
     lr = s.lr if s.lr is not None else s.blr * per_step / 256
-    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
     total_steps = steps_per_epoch * s.epochs
     scheduler = common.make_scheduler(optimizer, total_steps, round(s.warmup_epochs * steps_per_epoch), "cosine")
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    step_module = PretrainStep(model, s.bf16, s.fp32_decoder)
+    step_module = PretrainStep(model, bf16, s.fp32_decoder)
     ddp = common.wrap_ddp(step_module, d)
     running = torch.zeros((), device=d.device)  # the loss of the optimizer step under way, over its micro-batches
     common.log(f"lr {lr:.3g} (effective batch {per_step}), {steps_per_epoch} steps per epoch, {total_steps} in all")

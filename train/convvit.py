@@ -13,6 +13,8 @@ erasing (not implemented here):
   `pos_embed`; lr = base_lr x effective batch / 256; per-step warmup then cosine;
 - drop path (stochastic depth) and label smoothing; top-1 accuracy on the validation set per
   epoch; the best model as a converted `convvit` file (`convmae.load_convvit`);
+- `--precision auto` (bf16 autocast on GPU, exact fp32 on CPU), `fp32` or `bf16` (CPU too);
+  `--compile` runs the encoder through `torch.compile`; the fused AdamW;
 - `last.pt` for `--resume`, NaN guard, tqdm, `curves.png`, `metrics.jsonl`;
   `torchrun --nproc_per_node=N -m train.convvit ...` runs the same loop with DDP.
 
@@ -60,7 +62,8 @@ class Settings:
     clip_grad: float = 0.0  # max gradient norm; 0: off
     min_scale: float = 0.08  # RandomResizedCrop area scale (min_scale, 1)
     min_side: int = -1  # skip images whose shorter side is below this; -1: the input size; 0: keep all
-    bf16: bool = True  # autocast on CUDA only
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, exact fp32 on CPU; fp32; bf16 (CPU too: needs AVX512-BF16/AMX to pay)
+    compile: bool = False  # torch.compile the encoder (the first steps compile)
     device: str = "auto"
     workers: int = 0
     save_every: int = 0
@@ -114,7 +117,7 @@ def evaluate(model: convmae.ConvViT, dataset: ImageFolderDataset, s: Settings, d
         items = [dataset[i] for i in range(first, min(first + s.batch_size, len(dataset)))]
         imgs = torch.stack([it["image"] for it in items]).to(device)
         labels = torch.stack([it["label"] for it in items]).to(device)
-        with common.autocast(device, s.bf16):
+        with common.bf16_autocast(device, common.use_bf16(s.precision, device)):
             logits = model(imgs).float()  # (B, K)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(1) == labels).sum())
@@ -130,6 +133,9 @@ def train(s: Settings, d: common.Dist) -> dict:
     # ---- the model (its input size decides which images are too small), then the data
     roots = [p for p in s.data.split(",") if p]
     model = build_model(s, s.num_classes or len(class_names(roots))).to(d.device).train()
+    bf16 = common.use_bf16(s.precision, d.device)
+    if s.compile:
+        convmae.compile_model(model)
     image_size, num_classes = model.config.image_size, model.config.num_classes
     skipped = common.Skipped()
     min_side = image_size if s.min_side < 0 else s.min_side
@@ -152,7 +158,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     per_step, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
     lr = s.lr if s.lr is not None else s.blr * per_step / 256
     groups = layer_decay_groups(model, s.weight_decay, s.layer_decay)
-    optimizer = torch.optim.AdamW([{**g, "lr": lr * g["lr_scale"]} for g in groups], lr=lr)
+    optimizer = torch.optim.AdamW([{**g, "lr": lr * g["lr_scale"]} for g in groups], lr=lr, fused=True)
     total_steps = steps_per_epoch * s.epochs
     scheduler = common.make_scheduler(optimizer, total_steps, round(s.warmup_epochs * steps_per_epoch), "cosine")
     params = [p for g in groups for p in g["params"]]
@@ -187,7 +193,7 @@ def train(s: Settings, d: common.Dist) -> dict:
             imgs, labels = batch["image"].to(d.device), batch["label"].to(d.device)
             sync = (micro + 1) % s.accum_steps == 0  # the last micro-batch of an optimizer step
             with common.no_sync_unless(ddp, sync):
-                with common.autocast(d.device, s.bf16):
+                with common.bf16_autocast(d.device, bf16):
                     logits = ddp(imgs)  # (B, K)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=s.smoothing)
                 running += common.backward(loss / s.accum_steps, step, d.device, last_path)

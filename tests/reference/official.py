@@ -24,6 +24,8 @@ original remote code) built from one of our configs, filled by `seeded_florence2
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import sys
 from functools import partial
@@ -221,3 +223,49 @@ def native_florence2(config: Any, seed: int = 0, attn_implementation: str = "eag
     model = Florence2ForConditionalGeneration(native_florence2_config(config, attn_implementation)).eval()
     model.load_state_dict(seeded_florence2_fill(model.state_dict(), seed))
     return model
+
+
+# ---- ConvMAE ---------------------------------------------------------------------------------------
+
+# ../shared/reference/convmae-official: the official model files, unmodified, with a timm stand-in.
+CONVMAE_OFFICIAL = Path(__file__).resolve().parents[2].parent / "shared" / "reference" / "convmae-official"
+# kind -> (folder, module, factory) of the official base models
+CONVMAE_FACTORIES = {
+    "convmae": ("ConvMAE", "models_convmae", "convmae_convvit_base_patch16_dec512d8b"),
+    "fastconvmae": ("FastConvMAE", "models_fastconvmae", "fastconvmae_convvit_base_patch16_dec512d8b"),
+    "convvit": ("ConvMAE", "models_convvit", "convvit_base_patch16"),
+}
+
+
+def import_convmae_official(kind: str, root: Path = CONVMAE_OFFICIAL) -> ModuleType:
+    """The official module that builds `kind` ("convmae", "fastconvmae", "convvit"), imported from `root`.
+
+    ConvMAE and FastConvMAE ship modules of the same names (`vision_transformer`, `util.pos_embed`),
+    so the folder is on `sys.path` only while importing and its modules are taken out of
+    `sys.modules` afterwards; the returned module keeps its own references. Raises ImportError when
+    `root` is absent (no `../shared` beside the checkout).
+    """
+    folder, module, _ = CONVMAE_FACTORIES[kind]
+    if not (root / folder / f"{module}.py").is_file():
+        raise ImportError(f"{root / folder / module}.py not found: the official ConvMAE code is not beside this checkout")
+    import numpy as np
+
+    if not hasattr(np, "float"):
+        np.float = float  # the official util/pos_embed.py uses the alias NumPy removed
+    local = ("vision_transformer", "util", "models_convmae", "models_fastconvmae", "models_convvit", "timm")
+    paths = [str(root / "stubs"), str(root / folder)]
+    sys.path[:0] = paths
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # models_fastconvmae imports `this`, which prints a poem
+            return __import__(module)
+    finally:
+        for path in paths:
+            sys.path.remove(path)
+        for name in [m for m in sys.modules if m.split(".")[0] in local]:
+            del sys.modules[name]
+
+
+def official_convmae(kind: str, root: Path = CONVMAE_OFFICIAL, **kwargs: Any) -> torch.nn.Module:
+    """The official base model of `kind` with its own random initialisation (`kwargs` go to its
+    factory, e.g. norm_pix_loss=True, or num_classes / drop_path_rate / global_pool for ConvViT)."""
+    return getattr(import_convmae_official(kind, root), CONVMAE_FACTORIES[kind][2])(**kwargs)
