@@ -14,17 +14,18 @@ folder only ours is timed. Ours: the same weights (the official state_dict, load
 what `train.convmae` / `train.convvit` run: the fused AdamW (where the device has it). Both draw
 their masks from the same seeded `torch.rand`, so their fp32 losses agree; they are printed.
 
-Precisions: fp32, or bf16 autocast for both (`train.convmae --precision bf16`; ours keeps the
-decoder in fp32 there, as its training does by default, and its depthwise convolutions, see
-`convmae.blocks.CBlock.depthwise`). Printed per workload: ms per step and its forward + backward
-part, the ratios official / ours (> 1: ours is faster), the peak memory of a step (CUDA: the
-allocator's peak; CPU: the growth of the resident set during the step, sampled every 5 ms),
-then one JSON line.
+Precisions: fp32, or bf16 autocast over the whole model for both (ours: `train.convmae
+--precision bf16 --no-fp32-decoder`; ours keeps its depthwise convolutions in fp32 there, see
+`convmae.blocks.CBlock.depthwise`). Printed per workload: the first step's loss of each column
+(the same weights and masks), ms per step and its forward + backward part, the ratios
+official / ours (> 1: ours is faster), the peak memory of a step over what was allocated before it
+(CUDA: the allocator's peak; CPU: malloc's bytes in use, sampled every 5 ms), then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -68,9 +69,10 @@ def ours_model(kind: str, official: torch.nn.Module | None, device: torch.device
     """Our model of `kind`, with the official model's weights when there is one."""
     config = replace(convmae.CONFIGS["convmae_base"], drop_path_rate=0.1 if kind == "convvit" else 0.0)
     with torch.device("meta" if official is not None else "cpu"):
-        model = {"convmae": convmae.ConvMAE, "fastconvmae": convmae.FastConvMAE, "convvit": convmae.ConvViT}[kind](config)
+        cls = {"convmae": convmae.ConvMAE, "fastconvmae": convmae.FastConvMAE, "convvit": convmae.ConvViT}[kind]
+        model = cls(config)
     if official is not None:
-        model.load_state_dict(official.state_dict(), assign=True)
+        model.load_state_dict({k: v.clone() for k, v in official.state_dict().items()}, assign=True)  # own copies
     model = model.to(device).train()
     return convmae.compile_model(model) if compile else model
 
@@ -88,7 +90,7 @@ def pretrain_step(model: torch.nn.Module, ours: bool, bf16: bool, imgs: torch.Te
     """ConvMAE / FastConvMAE: loss on random masks, backward, AdamW (betas 0.9, 0.95 as main_pretrain.py)."""
     if ours:
         optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95), fused=True)
-        step_module = PretrainStep(model, bf16, fp32_decoder=True)  # what train.convmae runs
+        step_module = PretrainStep(model, bf16, fp32_decoder=False)  # train.convmae; all of it in bf16, as the official
         noise_shape = (imgs.shape[0], model.config.num_patches)
     else:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
@@ -137,40 +139,53 @@ def finetune_step(model: torch.nn.Module, ours: bool, bf16: bool, imgs: torch.Te
     return step
 
 
+class MallocInfo(ctypes.Structure):
+    """glibc's `struct mallinfo2`: what malloc has handed out, over all arenas."""
+
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
 class PeakMemory:
-    """Peak memory of what runs inside: CUDA's allocator peak, or on CPU the largest growth of the
-    process's resident set over its value at entry, sampled every 5 ms by a thread."""
+    """Peak memory of what runs inside, over its value at entry: CUDA's allocator peak, or on CPU the
+    bytes in use by malloc (glibc `mallinfo2`: heap blocks in use + mmapped blocks), sampled every
+    5 ms by a thread; freed memory counts as freed even when the process keeps it. 0 where unknown."""
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak_mib = device, 0.0
+        try:
+            self.libc = ctypes.CDLL("libc.so.6")
+            self.libc.mallinfo2.restype = MallocInfo
+        except (OSError, AttributeError):
+            self.libc = None
 
-    @staticmethod
-    def rss_mib() -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096 / 2**20  # resident pages of 4 KiB
+    def in_use_mib(self) -> float:
+        info = self.libc.mallinfo2()
+        return (info.uordblks + info.hblkhd) / 2**20
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device) / 2**20
-            return self
-        self.base, self.top, self.running = self.rss_mib(), self.rss_mib(), True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
+        elif self.libc is not None:
+            self.base = self.top = self.in_use_mib()
+            self.running = True
+            self.thread = threading.Thread(target=self.sample, daemon=True)
+            self.thread.start()
         return self
 
     def sample(self) -> None:
         while self.running:
-            self.top = max(self.top, self.rss_mib())
+            self.top = max(self.top, self.in_use_mib())
             time.sleep(0.005)
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
-            return
-        self.running = False
-        self.thread.join()
-        self.peak_mib = self.top - self.base
+        elif self.libc is not None:
+            self.running = False
+            self.thread.join()
+            self.peak_mib = self.top - self.base
 
 
 def bench_workload(kind: str, precision: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -189,21 +204,23 @@ def bench_workload(kind: str, precision: str, args: argparse.Namespace, device: 
     make = finetune_step if kind == "convvit" else pretrain_step
     steps = {name: make(model, name != "official", bf16, imgs, seed=1) for name, model in columns.items()}
 
+    first_loss: dict[str, float] = {}
     for name, step in steps.items():  # warm-up: kernels chosen, memory pools filled, graphs compiled
         start = time.perf_counter()
-        for _ in range(args.warmup):
+        first_loss[name] = step()[1]  # the same weights and masks for every column: the same loss
+        for _ in range(args.warmup - 1):
             step()
-        print(f"  {kind} {precision} {name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
+        print(f"  {kind} {precision} {name}: warm-up {time.perf_counter() - start:.1f} s, "
+              f"first loss {first_loss[name]:.6f}", flush=True)
     times: dict[str, list[float]] = {name: [] for name in steps}
     fwd_bwd: dict[str, list[float]] = {name: [] for name in steps}
     peak: dict[str, float] = {name: 0.0 for name in steps}
-    losses: dict[str, float] = {}
     for r in range(args.rounds):
         order = list(steps) if r % 2 == 0 else list(reversed(steps))
         for name in order:
             with PeakMemory(device) as memory:
                 start = time.perf_counter()
-                fb, losses[name] = steps[name]()
+                fb, _ = steps[name]()
                 times[name].append(time.perf_counter() - start)
             fwd_bwd[name].append(fb)
             peak[name] = max(peak[name], memory.peak_mib)
@@ -220,7 +237,7 @@ def bench_workload(kind: str, precision: str, args: argparse.Namespace, device: 
         result[f"{key}_step_ms"] = round(statistics.median(times[name]) * 1e3, 1)
         result[f"{key}_fwd_bwd_ms"] = round(statistics.median(fwd_bwd[name]) * 1e3, 1)
         result[f"{key}_peak_mib"] = round(peak[name])
-        result[f"{key}_loss"] = losses[name]
+        result[f"{key}_first_loss"] = first_loss[name]
         if name != "official" and "official" in steps:
             result[f"{key}_ratio"] = round(result["official_step_ms"] / result[f"{key}_step_ms"], 2)
             result[f"{key}_fwd_bwd_ratio"] = round(result["official_fwd_bwd_ms"] / result[f"{key}_fwd_bwd_ms"], 2)
@@ -232,9 +249,11 @@ def report(result: dict, names: list[str]) -> None:
     print(f"{result['workload']} ({result['precision']}, batch {result['batch']}, {result['image_size']} px):")
     for name in names:
         key = name.replace("+", "_")
-        ratio = f"  {result[f'{key}_ratio']:.2f}x step, {result[f'{key}_fwd_bwd_ratio']:.2f}x fwd+bwd" if f"{key}_ratio" in result else ""
+        ratio = ""
+        if f"{key}_ratio" in result:
+            ratio = f"  {result[f'{key}_ratio']:.2f}x step, {result[f'{key}_fwd_bwd_ratio']:.2f}x fwd+bwd"
         print(f"  {name:<13} step {result[f'{key}_step_ms']:9.0f} ms  fwd+bwd {result[f'{key}_fwd_bwd_ms']:9.0f} ms  "
-              f"peak {result[f'{key}_peak_mib']:6d} MiB  loss {result[f'{key}_loss']:.6f}{ratio}")
+              f"peak {result[f'{key}_peak_mib']:6d} MiB{ratio}")
     print(json.dumps(result), flush=True)
 
 
@@ -258,7 +277,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224, help="the official models are built for 224")
     parser.add_argument("--rounds", type=int, default=3, help="timed steps per implementation, interleaved")
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     args = parser.parse_args()

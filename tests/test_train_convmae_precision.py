@@ -1,0 +1,105 @@
+"""`--precision` and `--compile` of train.convmae / train.convvit.
+
+auto keeps CPU runs exact fp32 (the same numbers as --precision fp32); bf16 autocasts on CPU too,
+with the decoder kept in fp32 by default; a misspelt precision is a one-line error; --compile
+trains like eager (slow: compiling takes a while).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import convmae
+from tests import test_train_convmae as pretrain
+from tests import test_train_convvit as finetune
+from train import common
+from train import convmae as train_convmae
+from train import convvit as train_convvit
+
+one_thread = pretrain.one_thread  # the fixtures of the pretraining tests
+setup = pretrain.setup
+
+
+@pytest.fixture(scope="module")
+def convvit_setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The fine-tuning data set and pretrained file of tests/test_train_convvit.py."""
+    return finetune.setup.__wrapped__(tmp_path_factory)
+
+
+def test_use_bf16() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not common.use_bf16("auto", cpu) and common.use_bf16("auto", cuda)
+    assert common.use_bf16("bf16", cpu) and common.use_bf16("bf16", cuda)
+    assert not common.use_bf16("fp32", cpu) and not common.use_bf16("fp32", cuda)
+    with pytest.raises(ValueError, match="--precision 'fp16': expected one of auto, fp32, bf16"):
+        common.use_bf16("fp16", cpu)
+
+
+def record_autocast(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """(stage, autocast on) for every encoder and decoder call of ConvMAE."""
+    seen: list[tuple[str, bool]] = []
+    for stage in ("encode_visible", "forward_decoder"):
+        original = getattr(convmae.ConvMAE, stage)
+
+        def spy(self: convmae.ConvMAE, *args: object, stage: str = stage, original: object = original) -> object:
+            seen.append((stage, torch.is_autocast_enabled("cpu")))
+            return original(self, *args)
+
+        monkeypatch.setattr(convmae.ConvMAE, stage, spy)
+    return seen
+
+
+def test_auto_is_exact_fp32_on_cpu_and_bf16_autocasts_the_encoder(
+    setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auto = train_convmae.train(pretrain.settings(setup, tmp_path / "auto", epochs=1), common.Dist())
+    fp32 = train_convmae.train(pretrain.settings(setup, tmp_path / "fp32", epochs=1, precision="fp32"), common.Dist())
+    assert auto["history"]["train_loss"] == fp32["history"]["train_loss"]
+    a, b = pretrain.final_weights(tmp_path / "auto"), pretrain.final_weights(tmp_path / "fp32")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    seen = record_autocast(monkeypatch)
+    bf16 = train_convmae.train(pretrain.settings(setup, tmp_path / "bf16", epochs=1, precision="bf16"), common.Dist())
+    training = seen[2:-2]  # without the fixed-set reconstructions before and after (fp32, no autocast)
+    assert training and set(training) == {("encode_visible", True), ("forward_decoder", False)}
+    losses = [x for _, x in bf16["history"]["train_loss"]]
+    reference = [x for _, x in fp32["history"]["train_loss"]]
+    assert losses == pytest.approx(reference, rel=0.02)  # bf16 rounding over a few steps
+
+    seen.clear()
+    settings = pretrain.settings(setup, tmp_path / "all", epochs=1, precision="bf16", fp32_decoder=False)
+    train_convmae.train(settings, common.Dist())
+    assert set(seen[2:-2]) == {("encode_visible", True), ("forward_decoder", True)}
+
+
+def test_bad_precision_is_a_one_line_error(setup: dict, tmp_path: Path) -> None:
+    argv = ["--data", str(setup["data"]), "--out", str(tmp_path), "--model", str(setup["config"])]
+    argv += ["--precision", "half"]
+    with pytest.raises(SystemExit, match="error: --precision 'half': expected one of auto, fp32, bf16"):
+        train_convmae.main(argv)
+
+
+def test_convvit_bf16_autocasts_on_cpu(convvit_setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = convvit_setup
+    seen: list[bool] = []
+    original = convmae.ConvViT.forward_tokens
+    monkeypatch.setattr(convmae.ConvViT, "forward_tokens",
+                        lambda self, imgs: seen.append(torch.is_autocast_enabled("cpu")) or original(self, imgs))
+    train_convvit.train(finetune.settings(data, tmp_path / "auto", epochs=1), common.Dist())
+    assert seen and not any(seen)
+    seen.clear()
+    train_convvit.train(finetune.settings(data, tmp_path / "bf16", epochs=1, precision="bf16"), common.Dist())
+    assert seen and all(seen)
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(setup: dict, tmp_path: Path) -> None:
+    eager = train_convmae.train(pretrain.settings(setup, tmp_path / "eager", epochs=1), common.Dist())
+    settings = pretrain.settings(setup, tmp_path / "compiled", epochs=1, compile=True)
+    compiled = train_convmae.train(settings, common.Dist())
+    losses = [x for _, x in compiled["history"]["train_loss"]]
+    assert losses == pytest.approx([x for _, x in eager["history"]["train_loss"]], rel=1e-4)
+    assert compiled["recon_after"] == pytest.approx(eager["recon_after"], rel=1e-4)
