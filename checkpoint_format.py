@@ -188,8 +188,9 @@ def _torch_load(path: Path) -> object:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is what matters
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError... for bad files
-        refused = re.search(r"(?:GLOBAL|Unsupported global:|Unsupported class)\s+([\w.]+)", str(e))
+    except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError, KeyError...)
+        message = str(e)
+        refused = re.search(r"GLOBAL\s+([\w.]+)", message) or re.search(r"Unsupported (?:global|class):?\s+([\w.]+)", message)
         if refused:
             raise CheckpointError(
                 f"{path}: holds objects other than tensors ({refused.group(1)}), and it will not be unpickled "
@@ -197,8 +198,13 @@ def _torch_load(path: Path) -> object:
             ) from None
         with open(path, "rb") as f:
             zipped = f.read(4) == ZIP_MAGIC
-        kind = "truncated or damaged" if zipped else "truncated, damaged, or no torch.save file at all"
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({kind}; {_first_line(e)})") from None
+        if "Weights only load failed" in message:
+            reason = "a pickle that the tensors-only loader cannot read; it was not unpickled"
+        elif zipped:
+            reason = f"truncated or damaged; {_first_line(e)}"
+        else:
+            reason = f"truncated, damaged, or no torch.save file at all; {_first_line(e)}"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
 def _tensors_of(obj: object, path: Path) -> dict[str, torch.Tensor]:

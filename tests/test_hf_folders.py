@@ -63,8 +63,8 @@ def assert_close_to_scale(ours: torch.Tensor, theirs: torch.Tensor, rel: float =
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for key in a:
-        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    for key, value in a.items():
+        assert value.dtype == b[key].dtype and torch.equal(value, b[key]), key
 
 
 # ---- SAM ----------------------------------------------------------------------------------------
@@ -122,8 +122,8 @@ def sam_outputs_ours(model: minisam.Sam, pixels: torch.Tensor) -> dict[str, torc
 
 
 def assert_sam_outputs_match(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
-    for name in theirs:
-        assert ours[name].shape == theirs[name].shape, name
+    for name, value in theirs.items():
+        assert ours[name].shape == value.shape, name
     for name in ("embeddings", "point_masks", "box_masks"):
         assert_close_to_scale(ours[name], theirs[name])
     for name in ("point_iou", "box_iou"):  # as tests/test_sam_model.py compares them with the official model

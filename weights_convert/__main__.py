@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     except OSError as e:  # permissions, a full disk, a vanished file: the environment's answer, in one line
-        print(f"error: {e.filename or src}: {e.strerror or e}", file=sys.stderr)
+        print(f"error: {e.filename or args.dst or to_hf}: {e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"error: interrupted; {args.dst or to_hf} was not written and the source is untouched", file=sys.stderr)
