@@ -429,3 +429,46 @@ def test_a_conversion_killed_mid_write_leaves_the_destination_alone_and_is_clean
     assert status == 0, err
     assert not any(TEMP_PATTERN.match(p.name) for p in work.iterdir())
     assert minisam.load_sam(work / "out.safetensors").config == SMALL
+
+
+# ---- damaged tensors: always a CheckpointError, never another exception ------------------------------
+
+
+def family_states() -> dict[str, tuple]:
+    """family -> (convert_tensors, a well-formed state dict, its options, the keys whose shapes give the sizes)."""
+    from miniflorence import tiny_config as florence_tiny
+    from miniflorence.model import SHARED_KEY
+    from weights_convert import convmae as convert_convmae
+    from weights_convert import florence2 as convert_florence2
+
+    sam_model = minisam.Sam(SMALL)
+    sam_state = convert_sam.to_official(SMALL.to_dict(), sam_model.state_dict())
+    sam_sizes = ["image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed", "image_encoder.blocks.1.attn.rel_pos_h"]
+    florence = {k: torch.zeros(s) for k, s in convert_florence2.expected_shapes(florence_tiny()).items()}
+    convmae_sizes = ["patch_embed1.proj.weight", "patch_embed3.proj.weight", "pos_embed", "blocks1.0.mlp.fc1.weight",
+                     "blocks3.0.mlp.fc1.weight"]
+    return {
+        "sam": (convert_sam.convert_tensors, sam_state, {"config": SMALL}, sam_sizes),
+        "sam (HF names)": (convert_sam.convert_tensors,
+                           {convert_sam.official_to_hf_key(k): v for k, v in sam_state.items()}, {"config": SMALL},
+                           [convert_sam.official_to_hf_key(k) for k in sam_sizes]),
+        "florence2": (convert_florence2.convert_tensors, florence, {"config": florence_tiny()},
+                      [SHARED_KEY, "image_projection", "language_model.lm_head.weight"]),
+        "convmae": (convert_convmae.convert_tensors, convmae.ConvMAE(convmae.tiny_config()).state_dict(),
+                    {"num_heads": 4, "decoder_num_heads": 2}, [*convmae_sizes, "decoder_embed.weight"]),
+        "convvit": (convert_convmae.convert_tensors, convmae.ConvViT(convmae.tiny_config()).state_dict(),
+                    {"num_heads": 4}, [*convmae_sizes, "head.weight"]),
+    }
+
+
+def test_any_damaged_tensor_is_a_checkpoint_error() -> None:
+    """The tensors the sizes are read from, and a spread of others, each replaced by a scalar or a 5-D block.
+    (Every key of every family takes ~10 minutes on 2 cores; it passed when this test was written.)"""
+    for convert_tensors, state, options, size_keys in family_states().values():
+        convert_tensors(dict(state), **options)  # the intact checkpoint converts
+        keys = sorted(state)
+        for key in dict.fromkeys([*size_keys, *keys[:: len(keys) // 4]]):
+            for shape in ((), (2, 2, 2, 2, 2)):
+                damaged = {**state, key: torch.zeros(shape)}
+                with pytest.raises(CheckpointError):
+                    convert_tensors(damaged, **options)

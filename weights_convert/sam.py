@@ -155,7 +155,11 @@ def infer_config(
     """The `SamConfig` a checkpoint was built with: width and depth pick the variant (or check the
     given `config`), the grid of pos_embed the input size."""
     name = (lambda k: k) if layout == "official" else official_to_hf_key
-    dim = tensors[name("image_encoder.patch_embed.proj.weight")].shape[0]
+    patch_embed = tensors[name("image_encoder.patch_embed.proj.weight")]
+    if patch_embed.ndim != 4:  # (C, 3, p, p)
+        raise CheckpointError(f"{name('image_encoder.patch_embed.proj.weight')} has shape {tuple(patch_embed.shape)}, "
+                              f"not the (width, 3, patch, patch) of a convolution")
+    dim = patch_embed.shape[0]
     prefix = name("image_encoder.blocks.")
     block_ids = {int(m.group(1)) for k in tensors if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     depth = max(block_ids) + 1 if block_ids else 0
