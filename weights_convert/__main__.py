@@ -152,10 +152,11 @@ def check_folder_destination(out: Path, src: Path, names: list[str], force: bool
 # ---- the three directions -----------------------------------------------------------------------
 
 
-def read_source(family: str, src: Path, options: dict) -> tuple[dict[str, torch.Tensor], dict, list[Path]]:
-    """(tensors, options for convert_tensors, the files read) of an official file or a model folder."""
+def read_source(family: str, src: Path, options: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, options for convert_tensors) of an official file, or of a model folder (its config.json
+    becomes the `config` option)."""
     if not src.is_dir():
-        return read_official(src), options, [src]
+        return read_official(src), options
     module = FAMILIES[family][0]
     if not hasattr(module, "config_from_hf"):
         raise UsageError(f"{src}: is a folder; {family} checkpoints are single files, give the file")
@@ -164,12 +165,12 @@ def read_source(family: str, src: Path, options: dict) -> tuple[dict[str, torch.
         raise UsageError(
             f"{src}: the model folder's config.json gives the model's config; leave out {', '.join(given)}"
         )
-    jsons, tensors, files = read_model_folder(src)
+    jsons, tensors, _ = read_model_folder(src)
     try:
         config = module.config_from_hf(jsons)
     except CheckpointError as e:
         raise CheckpointError(f"{src}: {e}") from None
-    return tensors, {**{k: v for k, v in options.items() if k not in ("variant", "config")}, "config": config}, files
+    return tensors, {**{k: v for k, v in options.items() if k not in ("variant", "config")}, "config": config}
 
 
 def convert(family: str, src: Path, dst: Path, options: dict, force: bool) -> str:
@@ -179,7 +180,7 @@ def convert(family: str, src: Path, dst: Path, options: dict, force: bool) -> st
     check_file_destination(dst, sources, force, to_official=False)
     remove_stale_temps(dst.parent)
     module = FAMILIES[family][0]
-    tensors, options, _ = read_source(family, src, options)
+    tensors, options = read_source(family, src, options)
     try:
         config, tensors = module.convert_tensors(tensors, **options)
     except CheckpointError as e:
