@@ -1,8 +1,9 @@
 """The demo: `python -m train.demo` trains small models on bundled and synthetic data, offline, in minutes.
 
-Jobs run one after another and each writes under `--out/<job>/`: "sam" fine-tunes a small SAM's
-mask decoder (or a real converted SAM's, with `--checkpoint`), "florence2" teaches a tiny
-Florence-2 synthetic document QA, "convmae" pretrains a small ConvMAE. Each prints its metric
+Jobs run one after another and each writes under `--out/<job>/`, replacing what an earlier demo
+wrote there: "sam" fine-tunes a small SAM's mask decoder (or a real converted SAM's, with
+`--checkpoint`), "florence2" teaches a tiny Florence-2 synthetic document QA, "convmae"
+pretrains a small ConvMAE. Each prints its metric
 before and after training. A job is a function `(DemoSettings) -> dict` listed in `JOBS`
 (`train/demo_jobs.py` describes them), so other model families can add theirs; the data they
 draw themselves comes from `train/synthetic.py`.
