@@ -386,6 +386,16 @@ def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
     return obj
 
 
+def read_config(path: str | os.PathLike, from_dict: Callable[[dict[str, Any]], S], what: str) -> S:
+    """A model config from a JSON file of its fields (`from_dict`, e.g. `ConvMAEConfig.from_dict`); a
+    missing or malformed file, or a field or value `what` refuses, is one line naming the file."""
+    fields = read_json_object(path, f"an object of {what} fields")
+    try:
+        return from_dict(fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {_one_line(e)}") from None
+
+
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append one JSON line (metrics history a reader can load with any tool)."""
     with open(path, "a") as f:
@@ -461,9 +471,11 @@ def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # torch's text would advise turning the protection off: not repeated
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"a Python object ({found.group(1)})" if found else "something that is not a tensor or a plain container"
-        raise CheckpointError(f"{path}: holds {what}; it will not be unpickled (a training checkpoint holds "
-                              "only tensors and plain containers)") from None
+        if found:
+            raise CheckpointError(f"{path}: holds a Python object ({found.group(1)}), not only tensors and plain "
+                                  "containers; it will not be unpickled") from None
+        raise CheckpointError(f"{path}: not a pickle of tensors and plain containers (damaged, or written by another "
+                              "program); it will not be unpickled") from None
     except Exception as e:  # truncated or damaged: RuntimeError, EOFError, zipfile and struct errors...
         reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged?): {reason}") from None
@@ -577,13 +589,14 @@ def check_run_state(state: Any, path: str | os.PathLike) -> dict[str, Any]:
 
 def settings_to_resume(settings: S, given: set[str]) -> S:
     """`--resume` on the command line: the settings saved in OUT/last.pt, except those `given`
-    (so that `--resume` alone continues the run as it was started)."""
+    (so that `--resume` alone continues the run as it was started) and those that belong to one
+    start (--out, --resume, --overwrite, --stop-after)."""
     last = Path(settings.out) / "last.pt"
     if not last.is_file():
         raise FileNotFoundError(f"{last}: no checkpoint to resume from; start a new run without --resume")
     saved = check_run_state(load_checkpoint(last, mmap=True), last)["settings"]
-    known = {field.name for field in dataclasses.fields(settings)}
-    return dataclasses.replace(settings, **{k: v for k, v in saved.items() if k in known and k not in given})
+    taken = {field.name for field in dataclasses.fields(settings)} - given - {"out", "resume", "overwrite", "stop_after"}
+    return dataclasses.replace(settings, **{k: v for k, v in saved.items() if k in taken})
 
 
 def start_run(

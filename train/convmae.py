@@ -97,7 +97,7 @@ def build_model(s: Settings) -> convmae.ConvMAE:
         model.load_state_dict(loaded.state_dict())
         return model
     if s.model.endswith(".json"):
-        config = convmae.ConvMAEConfig.from_dict(common.read_json_object(s.model, "an object of ConvMAEConfig fields"))
+        config = common.read_config(s.model, convmae.ConvMAEConfig.from_dict, "ConvMAEConfig")
     elif s.model in convmae.CONFIGS:
         config = convmae.CONFIGS[s.model]
     else:

@@ -92,7 +92,7 @@ def build_model(s: Settings, num_classes: int) -> convmae.ConvViT:
     if s.checkpoint:
         return convmae.load_convvit(s.checkpoint, num_classes=num_classes, drop_path_rate=s.drop_path)
     if s.model.endswith(".json"):
-        config = convmae.ConvMAEConfig.from_dict(common.read_json_object(s.model, "an object of ConvMAEConfig fields"))
+        config = common.read_config(s.model, convmae.ConvMAEConfig.from_dict, "ConvMAEConfig")
     elif s.model in convmae.CONFIGS:
         config = convmae.CONFIGS[s.model]
     else:

@@ -108,13 +108,15 @@ def build_model(s: Settings, vocab_size: int) -> miniflorence.Florence2:
     elif s.model == "tiny" or s.model in miniflorence.CONFIGS:
         model, config = None, miniflorence.tiny_config() if s.model == "tiny" else miniflorence.CONFIGS[s.model]
     elif s.model.endswith(".json"):
-        fields = common.read_json_object(s.model, "an object of Florence2Config fields")
-        model, config = None, miniflorence.Florence2Config.from_dict(fields)
+        model, config = None, common.read_config(s.model, miniflorence.Florence2Config.from_dict, "Florence2Config")
     else:
         raise ValueError(f"--model {s.model!r}: 'tiny', one of {sorted(miniflorence.CONFIGS)} or a .json config")
     if model is None:
         config = config.replace(vocab_size=vocab_size)
     if s.image_size:  # the weights do not depend on it (up to 50 x 32 = 1600 px)
+        limit = config.image_pos_embed_size * 32
+        if s.image_size % 32 or s.image_size > limit:
+            raise ValueError(f"--image-size {s.image_size}: must be a multiple of 32 up to {limit}")
         config = config.replace(image_size=s.image_size)
     if s.dropout is not None:
         config = config.replace(dropout=s.dropout, attention_dropout=s.dropout, activation_dropout=s.dropout)

@@ -98,7 +98,8 @@ class Settings:
 
 # What each setting may be (`train.common.check_settings`; seed, epochs, batch size... are checked there).
 CHOICES = {"multimask": ("auto", "off", "best", "mean", "min"), "cache": ("memory", "disk", "off"),
-           "optimizer": ("adamw", "sgd"), "prompt": ("box", "points", "both"), "schedule": common.SCHEDULES}
+           "optimizer": ("adamw", "sgd"), "prompt": ("box", "points", "both"), "schedule": common.SCHEDULES,
+           "model": tuple(minisam.CONFIGS)}
 LIMITS = {"image_size": ">=0", "lr": ">0", "weight_decay": ">=0", "warmup_steps": ">=0", "clip_grad": ">=0",
           "iou_loss_weight": ">=0", "n_positive": ">=0", "n_negative": ">=0", "erode_radius": ">=0",
           "min_distance": ">=0", "box_shift": ">=0", "val_fraction": "(0,1)", "unfreeze_blocks": ">=0",
@@ -108,6 +109,8 @@ LIMITS = {"image_size": ">=0", "lr": ">0", "weight_decay": ">=0", "warmup_steps"
 def build_model(s: Settings) -> minisam.Sam:
     """The model to fine-tune: a converted checkpoint, or seeded random weights."""
     size = s.image_size or None
+    if size and size % 16:
+        raise ValueError(f"--image-size {size}: SAM's input side must be a multiple of its 16-pixel patches (e.g. 512, 1024)")
     if s.checkpoint:
         return minisam.load_sam(s.checkpoint, image_size=size)
     config = minisam.CONFIGS[s.model]
@@ -245,7 +248,12 @@ def train(s: Settings, d: common.Dist) -> dict:
     last_path = out / "last.pt"
     if not s.data:
         raise ValueError("--data is required: folders with images/ + masks/, or .npz files, comma-separated")
-    segmentation_loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), None, s.loss)  # fail now on an unknown --loss
+    try:  # fail now on an unknown --loss, not at the first step
+        segmentation_loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), None, s.loss)
+    except ValueError as e:
+        raise ValueError(f"--loss: {e}") from None
+    if s.prompt == "points" and s.n_positive + s.n_negative < 1:
+        raise ValueError("--prompt points needs at least one point: --n-positive (and/or --n-negative) >= 1")
 
     # ---- data: every (image, object) pair is a sample; bad input is skipped and counted
     skipped = common.Skipped()
