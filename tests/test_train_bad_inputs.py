@@ -321,6 +321,14 @@ def test_resume_refuses_settings_that_change_the_run(data: dict, stopped_run: Pa
     assert snapshot(out, data["root"]) == before
 
 
+def test_resume_refuses_another_number_of_processes(stopped_run: Path, tmp_path: Path) -> None:
+    out = copy_of(stopped_run, tmp_path)
+    saved = common.load_checkpoint(out / "last.pt")["settings"]
+    s = train_convmae.Settings(**{**saved, "out": str(out), "resume": True})
+    with pytest.raises(ValueError, match=re.escape("change the run: processes (torchrun --nproc_per_node): 1 -> 2;")):
+        common.start_run(s, common.Dist(rank=0, world_size=2), train_convmae.LIMITS)
+
+
 def test_resume_accepts_what_cannot_change_the_run_and_a_raised_epoch_count(
     data: dict, stopped_run: Path, tmp_path: Path
 ) -> None:

@@ -551,7 +551,8 @@ RUN_FILES = ("last.pt", "best.safetensors", "convmae.safetensors")
 # (every random draw of a sample comes from its own seeded generator, never from a worker's RNG),
 # the evaluation before training (done by the first start only), and the flags of starting itself.
 # Besides these, --epochs may be raised (the schedule then stretches to the new end); any other
-# difference is refused, listed as "--setting: saved -> given".
+# difference is refused, listed as "--setting: saved -> given", as is another number of torchrun
+# processes (the checkpoint counts its place in an epoch in per-process batches).
 RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "save_every", "stop_after", "progress", "workers",
                                "val_before"})
 # The checkpoint entries that `run_state` writes.
@@ -625,6 +626,8 @@ def start_run(
             raise FileNotFoundError(f"{last}: no checkpoint to resume from; start a new run without --resume")
         state = check_run_state(load_checkpoint(last), last)
         changes = settings_changes(state["settings"], settings)
+        if state.get("world_size", 1) != d.world_size:  # where an epoch stands is counted in per-process batches
+            changes.append(f"processes (torchrun --nproc_per_node): {state.get('world_size', 1)} -> {d.world_size}")
         if changes:
             raise ValueError(f"{last}: --resume with settings that change the run: {', '.join(changes)}; "
                              "resume without them (only --epochs may be raised) or start a new run in another --out")
@@ -791,10 +794,12 @@ def run_state(
     micro: int, history: dict[str, list], settings: Any,
 ) -> dict[str, Any]:
     """What `last.pt` holds besides the model: optimizer, schedule, where the loop stands (the next
-    micro-batch `micro` of `epoch`), the history, the RNG states and the settings."""
+    micro-batch `micro` of `epoch`, counted in the batches of this many processes), the history,
+    the RNG states and the settings."""
     return {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
         "micro": micro, "history": history, "rng": rng_state(), "settings": dataclasses.asdict(settings),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     }
 
 
