@@ -173,6 +173,17 @@ def test_a_bad_option_is_one_line_and_touches_nothing(
     assert snapshot(data["root"]) == before and not out.exists()
 
 
+def test_demo_settings_are_checked_too(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from train import demo
+
+    with pytest.raises(SystemExit, match=re.escape("python -m train.demo: error: --sam-epochs must be >= 1, not 0")):
+        demo.main(["--out", str(tmp_path / "demo"), "--sam-epochs", "0"])
+    with pytest.raises(SystemExit):
+        demo.main(["--threads", "x"])
+    assert capsys.readouterr().err.strip() == "python -m train.demo: error: argument --threads: invalid int value: 'x' (see --help)"
+    assert not (tmp_path / "demo").exists()
+
+
 def test_the_python_api_refuses_the_same_values(data: dict, tmp_path: Path) -> None:
     s = train_convmae.Settings(data=str(data["root"] / "flat"), out=str(tmp_path / "out"), batch_size=0)
     with pytest.raises(ValueError, match="--batch-size must be >= 1, not 0"):

@@ -78,17 +78,17 @@ def script_name(cls: type) -> str:
     return f"python -m {module}"
 
 
-def parse_command_line(cls: type[S], argv: Sequence[str] | None = None) -> tuple[S, set[str]]:
+def parse_command_line(cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[S, set[str]]:
     """The dataclass `cls` from its defaults and `--field value` overrides, and the names of the
     fields given on the command line (`--resume` takes the others from the checkpoint).
 
     Booleans take `--field` / `--no-field`; `str | None` fields accept the string "none". The help
     shows the class docstring (what the data must look like) and, per option, the comment after
     the field in the source. An unknown option or a value of the wrong type is one line on stderr
-    and exit status 2.
+    and exit status 2. `prog`: the command in messages (default: `script_name(cls)`).
     """
     hints = typing.get_type_hints(cls)
-    parser = _Parser(prog=script_name(cls), description=inspect.cleandoc(cls.__doc__ or ""),
+    parser = _Parser(prog=prog or script_name(cls), description=inspect.cleandoc(cls.__doc__ or ""),
                      formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     try:  # the comment after each field in the source is its help text
         source = inspect.getsource(cls)
@@ -116,9 +116,9 @@ def parse_command_line(cls: type[S], argv: Sequence[str] | None = None) -> tuple
     return cls(**{**defaults, **given}), set(given)
 
 
-def parse_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
+def parse_settings(cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None) -> S:
     """Build the dataclass `cls` from its defaults and `--field value` overrides (`parse_command_line`)."""
-    return parse_command_line(cls, argv)[0]
+    return parse_command_line(cls, argv, prog)[0]
 
 
 def _flag(name: str) -> str:
@@ -252,7 +252,8 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (its lines joined by '; ')."""
     return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
@@ -294,7 +295,7 @@ def run_script(settings_cls: type[S], train: Callable[[S, Dist], dict], argv: Se
         if not isinstance(e, (NonFiniteLossError, ValueError, OSError)):
             raise  # a bug, not a user error: its traceback helps
         where = f"[rank {_rank()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-        raise SystemExit(f"{where}{script_name(settings_cls)}: error: {_one_line(e)}") from None
+        raise SystemExit(f"{where}{script_name(settings_cls)}: error: {one_line(e)}") from None
     finally:
         teardown_distributed()
         if previous is not None:
@@ -393,7 +394,7 @@ def read_config(path: str | os.PathLike, from_dict: Callable[[dict[str, Any]], S
     try:
         return from_dict(fields)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{path}: {_one_line(e)}") from None
+        raise ValueError(f"{path}: {one_line(e)}") from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
