@@ -180,7 +180,8 @@ def test_demo_settings_are_checked_too(tmp_path: Path, capsys: pytest.CaptureFix
         demo.main(["--out", str(tmp_path / "demo"), "--sam-epochs", "0"])
     with pytest.raises(SystemExit):
         demo.main(["--threads", "x"])
-    assert capsys.readouterr().err.strip() == "python -m train.demo: error: argument --threads: invalid int value: 'x' (see --help)"
+    expected = "python -m train.demo: error: argument --threads: invalid int value: 'x' (see --help)"
+    assert capsys.readouterr().err.strip() == expected
     assert not (tmp_path / "demo").exists()
 
 
@@ -231,13 +232,15 @@ def test_convmae_reads_a_segmentation_folder_s_images_not_its_masks(data: dict, 
     assert train_convmae.train(s, common.Dist())["step"] == 3  # 6 images / batch 2; with the 6 masks it would be 6
 
 
-def test_convvit_refuses_a_class_with_no_usable_image(data: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_convvit_refuses_a_class_with_no_usable_image(data: dict, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
     classes = tmp_path / "classes"
     shutil.copytree(data["root"] / "classes", classes)
     shutil.rmtree(classes / "dog")
     (classes / "dog").mkdir()
     (classes / "dog" / "broken.png").write_bytes(b"not a png")
-    line = refused("convvit", [*base_args("convvit", data), "--data", str(classes), "--out", str(tmp_path / "out")], capsys)
+    argv = [*base_args("convvit", data), "--data", str(classes), "--out", str(tmp_path / "out")]
+    line = refused("convvit", argv, capsys)
     assert "class folder(s) dog hold no usable image; 1 unreadable image (e.g. broken.png" in line
 
 
@@ -401,7 +404,8 @@ def test_damaged_or_malicious_last_pt_is_one_line_and_never_runs(
 
     malicious_checkpoint(last, marker)
     before = snapshot(out, data["root"])
-    expected = f"{last}: holds a Python object (posix.mkdir), not only tensors and plain containers; it will not be unpickled"
+    expected = (f"{last}: holds a Python object (posix.mkdir), not only tensors and plain containers; "
+                "it will not be unpickled")
     assert refused("convmae", ["--out", str(out), "--resume"], capsys).endswith(expected)
     with pytest.raises(common.CheckpointError) as error:
         train_convmae.train(settings, common.Dist())
@@ -409,7 +413,8 @@ def test_damaged_or_malicious_last_pt_is_one_line_and_never_runs(
     assert not marker.exists() and snapshot(out, data["root"]) == before
 
     torch.save({"weight": torch.zeros(2)}, last)  # a checkpoint, but not a training run's
-    assert "not a training checkpoint (last.pt): it lacks optimizer" in refused("convmae", ["--out", str(out), "--resume"], capsys)
+    line = refused("convmae", ["--out", str(out), "--resume"], capsys)
+    assert "not a training checkpoint (last.pt): it lacks optimizer" in line
 
 
 def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(stopped_run: Path, tmp_path: Path) -> None:
@@ -452,7 +457,8 @@ def test_cli_errors_are_one_line_without_traceback(data: dict, tmp_path: Path, s
                                                    message: str) -> None:
     root = str(data["root"])
     before = snapshot(data["root"])
-    done = run_cli(script, [*base_args(script, data), "--out", str(tmp_path / "out"), *[a.format(root=root) for a in args]])
+    argv = [*base_args(script, data), "--out", str(tmp_path / "out"), *[a.format(root=root) for a in args]]
+    done = run_cli(script, argv)
     assert done.returncode != 0 and "Traceback" not in done.stderr + done.stdout
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"python -m train.{script}: error: "), done.stderr

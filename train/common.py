@@ -585,7 +585,8 @@ def check_run_state(state: Any, path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a training checkpoint (last.pt)")
     missing = [k for k in RUN_STATE_KEYS if k not in state]
     if missing or not isinstance(state["settings"], dict):
-        raise CheckpointError(f"{path}: not a training checkpoint (last.pt): it lacks {', '.join(missing) or 'settings'}")
+        lacks = ", ".join(missing) or "settings"
+        raise CheckpointError(f"{path}: not a training checkpoint (last.pt): it lacks {lacks}")
     return state
 
 
@@ -597,7 +598,8 @@ def settings_to_resume(settings: S, given: set[str]) -> S:
     if not last.is_file():
         raise FileNotFoundError(f"{last}: no checkpoint to resume from; start a new run without --resume")
     saved = check_run_state(load_checkpoint(last, mmap=True), last)["settings"]
-    taken = {field.name for field in dataclasses.fields(settings)} - given - {"out", "resume", "overwrite", "stop_after"}
+    per_start = {"out", "resume", "overwrite", "stop_after"}
+    taken = {field.name for field in dataclasses.fields(settings)} - given - per_start
     return dataclasses.replace(settings, **{k: v for k, v in saved.items() if k in taken})
 
 
@@ -650,7 +652,8 @@ def begin_run(out: Path, settings: Any, state: dict[str, Any] | None, d: Dist) -
     if d.is_main:
         stale = remove_temp_files(out)
         if stale:
-            log(f"removed {len(stale)} temporary file(s) of an interrupted write: {', '.join(p.name for p in stale[:3])}")
+            names = ", ".join(p.name for p in stale[:3])
+            log(f"removed {len(stale)} temporary file(s) of an interrupted write: {names}")
         out.mkdir(parents=True, exist_ok=True)
         if state is None:
             for name in (*RUN_FILES, "metrics.jsonl"):

@@ -110,7 +110,8 @@ def build_model(s: Settings) -> minisam.Sam:
     """The model to fine-tune: a converted checkpoint, or seeded random weights."""
     size = s.image_size or None
     if size and size % 16:
-        raise ValueError(f"--image-size {size}: SAM's input side must be a multiple of its 16-pixel patches (e.g. 512, 1024)")
+        raise ValueError(f"--image-size {size}: SAM's input side must be a multiple of its 16-pixel patches "
+                         "(e.g. 512, 1024)")
     if s.checkpoint:
         return minisam.load_sam(s.checkpoint, image_size=size)
     config = minisam.CONFIGS[s.model]
@@ -304,7 +305,8 @@ def train(s: Settings, d: common.Dist) -> dict:
     step, start_epoch, start_micro, best_iou = 0, 0, 0, -1.0
     history: dict[str, list] = {"train_loss": [], "train_iou": [], "val_loss": [], "val_iou": []}
     if state is not None:
-        check_tensors({n: tuple(named[n].shape) for n in names}, state["trainable"], f"{last_path}: the trained tensors")
+        expected = {n: tuple(named[n].shape) for n in names}
+        check_tensors(expected, state["trainable"], f"{last_path}: the trained tensors")
         for n in names:
             named[n].data.copy_(state["trainable"][n])
         step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
