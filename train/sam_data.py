@@ -1,6 +1,6 @@
 """Segmentation data for SAM fine-tuning (`train.sam`): images + instance masks -> (image, one mask, one prompt).
 
-Two layouts are read:
+Two layouts are read (anything else given as a source is refused with one line saying these):
 - a folder with `images/NAME.{jpg,jpeg,png,bmp,tif,tiff}` and `masks/NAME.png`, the mask either
   binary (one object) or instance ids (0 background, 1..K objects; 8-bit, 16-bit or palette;
   in 8-bit maps 255 beside other ids is VOC's "void" label and ignored);
@@ -115,11 +115,17 @@ def read_masks(record: ImageRecord) -> tuple[list[int], np.ndarray]:
     raise BadSampleError(f"mask mode {mode!r} is neither binary nor instance ids; use a single-channel PNG")
 
 
+LAYOUTS = "a folder with images/ + masks/ (NAME.png per image), or an .npz with rgb + masks"
+
+
 def folder_records(root: str | Path, skipped: Skipped) -> list[ImageRecord]:
     """`root/images/*` paired with `root/masks/<stem>.png`; images without a mask are skipped."""
     root = Path(root)
-    if not (root / "images").is_dir():
-        raise FileNotFoundError(f"{root}: expected an images/ folder (and masks/ beside it)")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected {LAYOUTS})")
+    if not (root / "images").is_dir() or not (root / "masks").is_dir():
+        missing = " and ".join(name for name in ("images/", "masks/") if not (root / name).is_dir())
+        raise ValueError(f"{root}: no {missing} in it; expected {LAYOUTS}")
     records = []
     for path in sorted((root / "images").iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -137,7 +143,11 @@ def load_records(sources: list[str], skipped: Skipped) -> list[ImageRecord]:
     records: list[ImageRecord] = []
     for source in sources:
         if source.endswith(".npz"):
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"{source}: no such file (expected {LAYOUTS})")
             records.append(ImageRecord(Path(source).stem, source, source))
+        elif Path(source).is_file():
+            raise ValueError(f"{source}: a file, not a source of segmentation data; expected {LAYOUTS}")
         else:
             records.extend(folder_records(source, skipped))
     return records
