@@ -7,23 +7,23 @@ that what the model sees looks like what an image viewer shows:
 | PIL mode | what it holds | becomes |
 |---|---|---|
 | RGB | 8-bit colour | itself |
-| L, 1 | 8-bit grey, 1-bit black/white (0 / 255) | grey repeated into R, G and B |
+| L, 1 | 8-bit grey, 1-bit black/white | grey repeated into R, G and B (1-bit: 0 / 255) |
 | P | palette indices | the palette's colours |
-| RGBA, LA, PA, RGBa, La, RGBX | colour or grey with alpha (straight or premultiplied), padding | the colour channels; alpha is dropped |
+| RGBA, LA, PA, RGBa, La, RGBX | colour or grey with alpha or padding | the colour channels; alpha dropped |
 | CMYK, YCbCr, LAB, HSV | other colour spaces | PIL's conversion to RGB |
 | I;16, I;16L, I;16B, I;16N | 16-bit grey (PNG, TIFF) | x / 65535 * 255, rounded (x / 257) |
-| I | 32-bit integer grey (16-bit PGM/PNG data in some Pillow versions, integer TIFF) | values in 0..65535: as 16-bit; other values: stretched from the image's min..max |
-| F | 32-bit float grey (float TIFF) | values in 0..1: x * 255, rounded; other values: stretched from min..max; NaN or inf is refused |
+| I | 32-bit integer grey | values in 0..65535: as 16-bit; others: stretched from min..max |
+| F | 32-bit float grey | values in 0..1: x * 255, rounded; others: stretched; NaN/inf refused |
 
 Why these choices:
 - 16-bit data is scaled by the full 16-bit range, not by the image's own maximum: a 16-bit PNG
   holds 0..65535 by definition, viewers show it that way, and a dark image stays dark (scaling by
   its maximum would brighten each image differently, so two frames of one scene would differ).
   PIL's own `convert("RGB")` clips such images at 255, which makes them almost white.
-- `I` and `F` have no fixed range. `I` holding 0..65535 is 16-bit data (that is how several Pillow
-  versions open 16-bit PGM and PNG files), and floats in 0..1 are the usual float-image convention;
-  anything else is stretched linearly from its minimum (black) to its maximum (white); a constant
-  image becomes black.
+- `I` (32-bit integers: 16-bit PGM and PNG files in several Pillow versions, integer TIFF) and `F`
+  (32-bit floats: float TIFF) have no fixed range. `I` holding 0..65535 is 16-bit data, and floats
+  in 0..1 are the usual float-image convention; anything else is stretched linearly from its
+  minimum (black) to its maximum (white); a constant image becomes black.
 - Alpha is dropped, not composited: the model then sees the stored colours, exactly what the
   official `cv2.imread` (and `SamPredictor` given an HxWx4 array) gives; compositing would invent
   a background colour that is not in the file.
@@ -87,7 +87,7 @@ def read_image(source: str | os.PathLike | Image.Image) -> np.ndarray:
             "PIL.Image.MAX_IMAGE_PIXELS"
         ) from None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file PIL can read (expected PNG, JPEG, TIFF, BMP, WebP, ...)") from None
+        raise ImageReadError(f"{path}: not an image file PIL can read (PNG, JPEG, TIFF, BMP, WebP, ...)") from None
     except PermissionError as e:
         raise ImageReadError(f"{path}: cannot be read: {e.strerror}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL's decoders raise these for damaged data

@@ -116,7 +116,7 @@ def check_boxes_inside(boxes: np.ndarray, image_size: tuple[int, int], names: li
     for name, (x0, y0, x1, y1) in zip(names, boxes):
         box = f"({x0:g}, {y0:g}, {x1:g}, {y1:g})"
         if not (x0 < x1 and y0 < y1):
-            raise ValueError(f"{name}: the box {box} is empty or inverted (a box is x0,y0,x1,y1 with x0 < x1 and y0 < y1)")
+            raise ValueError(f"{name}: the box {box} is empty or inverted (a box needs x0 < x1 and y0 < y1)")
         if x0 < 0 or y0 < 0 or x1 > W or y1 > H:
             raise ValueError(
                 f"{name}: the box {box} reaches outside the {W}x{H} image "
