@@ -124,6 +124,11 @@ def check_boxes_inside(boxes: np.ndarray, image_size: tuple[int, int], names: li
             )
 
 
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    """A result as numpy; floats as float32 whatever the model's dtype (numpy has no bfloat16)."""
+    return (x.float() if x.is_floating_point() else x).cpu().numpy()
+
+
 def _check_tensor(value: torch.Tensor, name: str, shape: tuple[int | None, ...]) -> None:
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
@@ -304,7 +309,7 @@ class SamPredictor:
             mask = _finite_array(mask_input, "mask_input", (1, *side))
             mask_torch = torch.as_tensor(mask, dtype=torch.float, device=self.device)[None]  # (1, 1, 256, 256)
         masks, scores, low_res = self.predict_torch(coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits)
-        return masks[0].cpu().numpy(), scores[0].cpu().numpy(), low_res[0].cpu().numpy()
+        return _numpy(masks[0]), _numpy(scores[0]), _numpy(low_res[0])
 
     def predict_boxes(
         self, boxes: np.ndarray, multimask_output: bool = False, return_logits: bool = False
@@ -326,7 +331,7 @@ class SamPredictor:
         check_boxes_inside(boxes, self.original_size, [f"boxes[{i}]" for i in range(len(boxes))])
         boxes_torch = torch.as_tensor(self.transform.apply_boxes(boxes, self.original_size), dtype=torch.float, device=self.device)
         masks, scores, low_res = self.predict_torch(None, None, boxes_torch, None, multimask_output, return_logits)
-        return masks.cpu().numpy(), scores.cpu().numpy(), low_res.cpu().numpy()
+        return _numpy(masks), _numpy(scores), _numpy(low_res)
 
     @torch.no_grad()
     def predict_torch(
