@@ -36,7 +36,8 @@ and what is wrong: missing, a folder, empty (0 bytes), not an image, damaged or 
 larger than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS` x 2, about 179 million
 pixels; raise `PIL.Image.MAX_IMAGE_PIXELS` to read a genuine larger file).
 
-This file has an identical twin in `convmae/image_io.py` (the model packages do not import each other).
+This file is the twin of `convmae/image_io.py`, with the same rules and code (the model packages do
+not import each other); tests/test_image_io.py checks both.
 """
 
 from __future__ import annotations
