@@ -35,7 +35,7 @@ def eval_transform(rgb: np.ndarray, size: int, crop_pct: float | None = None) ->
     short = int(size / crop_pct)
     h, w = rgb.shape[:2]
     if max(h, w) > MAX_ASPECT * min(h, w):
-        raise ValueError(f"a {w}x{h} image is too elongated for a centre crop (aspect ratio > {MAX_ASPECT}); crop it first")
+        raise ValueError(f"a {w}x{h} image is too elongated for a centre crop (aspect ratio > {MAX_ASPECT})")
     if w <= h:
         new_w, new_h = short, int(short * h / w)
     else:
