@@ -10,6 +10,7 @@ one-image runs, file for file.
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -154,8 +155,6 @@ def test_device_without_cuda(work: Path, capsys, monkeypatch) -> None:
 
 
 def test_compile_is_passed_only_when_load_sam_has_it(work: Path, capsys, monkeypatch) -> None:
-    import inspect
-
     monkeypatch.chdir(work)
     if "compile" in inspect.signature(load_sam).parameters:
         pytest.skip("load_sam takes compile=: the flag is exercised by the fast-path tests")
