@@ -3,7 +3,7 @@
     python -m minisam sam_vit_b.safetensors photo.jpg --point 500,375 --box 425,600,700,875 --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --point 500,375 --point 600,300,0 --multimask --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --box 10,10,90,90 --box 50,20,200,150 --out mask.png
-    python -m minisam sam_vit_b.safetensors frames/ more.png --box=-0,10,90,90 --batch-size 4 --out-dir masks/
+    python -m minisam sam_vit_b.safetensors frames/ more.png --box 10,10,90,90 --batch-size 4 --out-dir masks/
     python -m minisam sam_vit_b.safetensors photos/ --auto --out-dir everything/ [--convert-to-rle]
     python -m minisam sam_vit_b.safetensors photo.jpg --auto --out everything.png
     python -m minisam --random-weights vit_b --image-size 128 photo.jpg --point 10,10 --out mask.png   # smoke test only

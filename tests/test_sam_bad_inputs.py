@@ -252,6 +252,24 @@ def test_auto_batch_writes_amg_layout_and_equals_one_image_runs(
 
 # ---- the Python API and the parsing, property-based ---------------------------------------------
 
+
+def test_predictor_and_generator_take_paths_and_pil_images(work: Path, checkpoint: Path) -> None:
+    predictor = SamPredictor(load_sam(checkpoint))
+    prompt = (np.array([[30.0, 20.0]]), np.array([1]))
+    predictor.set_image(read_image(work / "c16.png"))
+    expected = predictor.predict(*prompt)
+    for image in (work / "c16.png", str(work / "c16.png"), Image.open(work / "c16.png")):
+        predictor.set_image(image)  # a 16-bit PNG: PIL's convert("RGB") would make it almost white
+        for got, want in zip(predictor.predict(*prompt), expected):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="truncated.png"):
+        predictor.set_image(work / "bad" / "truncated.png")
+    generator = AutomaticMaskGenerator(predictor.model, points_per_side=2, pred_iou_thresh=0, stability_score_thresh=0)
+    by_path = generator.generate(work / "a.png")
+    by_array = generator.generate(read_image(work / "a.png"))
+    assert [r["area"] for r in by_path] == [r["area"] for r in by_array]
+
+
 FLOATS = st.one_of(
     st.floats(-300, 300, allow_nan=False),
     st.sampled_from([0.0, 150.0, 100.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e300, -1e300, 1e39]),
