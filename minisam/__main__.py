@@ -262,8 +262,8 @@ def segment_prompts(predictor: SamPredictor, image: np.ndarray, path: Path, args
         "overlay": sibling(base, "_overlay.png").name,
     }
     save_text(json.dumps(summary) + "\n", base.with_suffix(".json"))
-    best = ", ".join(f"{files[i].name} IoU {scores[i]:.3f}" for i in shown)
-    print(f"{path}: {len(files)} mask{'s' if len(files) > 1 else ''} -> {base.parent} ({best})")
+    for file, score, mask in zip(files, scores, masks):
+        print(f"{file}: predicted IoU {score:.4f}, {int(mask.sum())} pixels ({path})")
 
 
 def segment_everything(
