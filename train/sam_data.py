@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
+from minisam.image_io import ImageReadError, read_image
 from train.common import IMAGE_SUFFIXES, Skipped
 from train.prompts import make_prompt
 
@@ -60,9 +61,10 @@ def read_rgb(record: ImageRecord) -> np.ndarray:
             with np.load(record.image) as data:
                 rgb = np.asarray(data["rgb"])
         else:
-            with Image.open(record.image) as im:
-                rgb = np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL and numpy raise many types for damaged files
+            rgb = read_image(record.image)  # every PIL mode, EXIF orientation (minisam.image_io)
+    except ImageReadError as e:
+        raise BadSampleError(f"unreadable image: {e}") from e
+    except Exception as e:  # numpy raises many types for damaged files
         raise BadSampleError(f"unreadable image: {type(e).__name__}: {e}") from e
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise BadSampleError(f"image is {rgb.dtype} {rgb.shape}, expected uint8 (H, W, 3)")
