@@ -62,7 +62,9 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
 
 def test_wrong_number_of_paths_and_test_sizes_are_refused() -> None:
     with pytest.raises(SystemExit):
-        main(["--random-weights", "base", "a", "b", "c"])
+        main(["--random-weights", "base", "a"])  # TOKENIZER_DIR without an image (several images are fine)
+    with pytest.raises(SystemExit):
+        main(["--random-weights", "base", "a", "b", "--jsonl", "r.jsonl"])  # images come from --jsonl
     with pytest.raises(SystemExit):
         main(["--random-weights", "tiny", "a", "b"])  # the test-only size is not offered
 
