@@ -30,7 +30,6 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,11 +152,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="weights and activations (default fp32, the exact path; bf16 is faster on AMX CPUs and GPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (when load_florence2 offers it)")
     args = p.parse_args(argv)
-    expected = (1 if args.random_weights else 2) if args.jsonl else None
-    names = ("TOKENIZER_DIR" if args.random_weights else "CHECKPOINT TOKENIZER_DIR") + (" IMAGE_OR_DIR..." * (not args.jsonl))
-    least = 1 if args.random_weights else 2
-    if (expected is not None and len(args.paths) != expected) or (expected is None and len(args.paths) <= least):
-        p.error(f"expected {names}{' (images come from --jsonl)' if args.jsonl else ''}, got {len(args.paths)} path(s)")
+    fixed = "TOKENIZER_DIR" if args.random_weights else "CHECKPOINT TOKENIZER_DIR"
+    if args.jsonl and len(args.paths) != len(fixed.split()):
+        p.error(f"expected {fixed} (the images come from --jsonl), got {len(args.paths)} path(s)")
+    if not args.jsonl and len(args.paths) <= len(fixed.split()):
+        p.error(f"expected {fixed} IMAGE_OR_DIR..., got {len(args.paths)} path(s)")
     return args
 
 
@@ -405,19 +404,19 @@ def run_batches(requests: list[Request], model: Florence2, processor: Processor,
 
 
 def replace_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path) on a temporary file beside `out`, then rename it to `out`; on any failure
-    the temporary file is removed and `out` is untouched."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    """Call write(tmp) on a temporary file beside `out`, then rename it to `out`; on any failure
+    (Ctrl-C included) the temporary file is removed and `out` is untouched."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def run(args: argparse.Namespace) -> int:
+    # 1. what needs no model: the settings, the requests, every image decoded once, --out
     check_numbers(args)
     device = parse_device(args.device)
     if not args.jsonl:  # with --jsonl, each line's task and text are checked with the line
@@ -438,13 +437,14 @@ def run(args: argparse.Namespace) -> int:
     inputs += list(tokenizer_files.iterdir()) if tokenizer_files.is_dir() else []
     out = check_out(args, inputs, single and len(requests) == 1)
     check_images(requests)
+    # 2. the tokenizer and the model, and whether they fit each other and the prompts
     tokenizer = load_tokenizer(tokenizer_dir)
     model = load_model(args, device)
     prompts = [tokenizer.encode(any_task_prompt(r.task, r.text)) for r in requests]
     check_fit(requests, prompts, model, args, tokenizer_dir, tokenizer)
     processor = Processor(tokenizer, image_size=model.config.image_size)
     results = run_batches(requests, model, processor, args, device)
-
+    # 3. generate, batch by batch, into the output
     if single and (out is None or out.suffix.lower() != ".jsonl"):  # one image: the result dict, as before
         record, image = next(results)
         print(json.dumps(record["result"], ensure_ascii=False))
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; no --out file was written", file=sys.stderr)
+        print("interrupted (an --out file is written only by a finished run)", file=sys.stderr)
         return 130
 
 

@@ -145,7 +145,7 @@ CASES = [
       for name, (line, phrase) in JSONL_LINES.items()],
     ("argparse: not a number", [CK, TOK, CAR, "--num-beams", "x"], ["--num-beams: invalid int value", "see --help"]),
     ("argparse: too few paths", [CK, TOK], ["expected CHECKPOINT TOKENIZER_DIR IMAGE_OR_DIR..."]),
-    ("argparse: jsonl and images", [CK, TOK, CAR, "--jsonl", "@empty.jsonl"], ["(images come from --jsonl)"]),
+    ("argparse: jsonl and images", [CK, TOK, CAR, "--jsonl", "@empty.jsonl"], ["(the images come from --jsonl)"]),
 ]
 if not torch.cuda.is_available():
     CASES.append(("device cuda without CUDA", [CK, TOK, CAR, "--device", "cuda"],
