@@ -23,7 +23,9 @@ BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, 
                    "RGBA": 4, "RGBX": 4, "RGBa": 4, "CMYK": 4, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2,
                    "I": 4, "F": 4}
 MODES = sorted(BYTES_PER_PIXEL)
-PNG_MODES = ("1", "L", "P", "LA", "RGB", "RGBA", "I;16", "I")  # what PIL writes to PNG as it is
+# mode -> a file format PIL writes it to as it is
+FILE_FORMATS = {"1": "png", "L": "png", "P": "png", "LA": "png", "RGB": "png", "RGBA": "png", "I;16": "png",
+                "I;16B": "tif", "I": "tif", "F": "tif", "CMYK": "tif", "YCbCr": "tif", "LAB": "tif", "PA": "tif"}
 
 
 def make_image(mode: str, width: int, height: int, kind: str, seed: int) -> Image.Image:
@@ -102,14 +104,14 @@ def test_every_mode_and_size_becomes_rgb_by_the_rule(image: Image.Image) -> None
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mode=st.sampled_from(PNG_MODES), width=st.integers(1, 300), height=st.integers(1, 300),
+@given(mode=st.sampled_from(sorted(FILE_FORMATS)), width=st.integers(1, 300), height=st.integers(1, 300),
        kind=st.sampled_from(["random", "ramp", "constant"]), seed=st.integers(0, 2**32 - 1))
 def test_a_file_reads_as_the_image_it_holds(mode: str, width: int, height: int, kind: str, seed: int) -> None:
     image = make_image(mode, width, height, kind, seed)
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "x.png"
+        path = Path(folder) / f"x.{FILE_FORMATS[mode]}"
         image.save(path)
-        saved = Image.open(path)  # PIL may reopen I as I;16 etc.: compare with what the file holds
+        saved = Image.open(path)  # PIL may reopen I;16B as I;16 etc.: compare with what the file holds
         assert np.array_equal(np.asarray(read_image(path)), np.asarray(read_image(saved)))
         assert np.array_equal(np.asarray(read_image(str(path))), np.asarray(read_image(saved)))
 
