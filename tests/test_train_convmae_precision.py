@@ -18,6 +18,7 @@ from tests import test_train_convvit as finetune
 from train import common
 from train import convmae as train_convmae
 from train import convvit as train_convvit
+from train import sam as train_sam
 
 one_thread = pretrain.one_thread  # the fixtures of the pretraining tests
 setup = pretrain.setup
@@ -78,7 +79,7 @@ def test_auto_is_exact_fp32_on_cpu_and_bf16_autocasts_the_encoder(
 def test_bad_precision_is_a_one_line_error(setup: dict, tmp_path: Path) -> None:
     argv = ["--data", str(setup["data"]), "--out", str(tmp_path), "--model", str(setup["config"])]
     argv += ["--precision", "half"]
-    with pytest.raises(SystemExit, match="error: --precision 'half': expected one of auto, fp32, bf16"):
+    with pytest.raises(SystemExit, match="error: --precision must be one of auto, fp32, bf16; not 'half'"):
         train_convmae.main(argv)
 
 
@@ -103,3 +104,24 @@ def test_compile_trains_like_eager(setup: dict, tmp_path: Path) -> None:
     losses = [x for _, x in compiled["history"]["train_loss"]]
     assert losses == pytest.approx([x for _, x in eager["history"]["train_loss"]], rel=1e-4)
     assert compiled["recon_after"] == pytest.approx(eager["recon_after"], rel=1e-4)
+
+
+def test_settings_saved_with_the_old_bf16_flag_resume_as_precision() -> None:
+    """A last.pt written before --precision (its settings hold bf16) resumes: --bf16 was CUDA-only
+    autocast, i.e. --precision auto; --no-bf16 is fp32. Scripts that still have bf16 keep it."""
+    s = train_convmae.Settings(precision="auto")
+    assert common.upgrade_settings({"bf16": True, "seed": 3}, s) == {"precision": "auto", "seed": 3}
+    assert common.upgrade_settings({"bf16": False}, s) == {"precision": "fp32"}
+    assert common.settings_changes({"bf16": True}, s) == []
+    assert common.settings_changes({"bf16": False}, s) == ["--precision: 'fp32' -> 'auto'"]
+    assert common.settings_changes({"bf16": True}, train_convmae.Settings(precision="bf16")) == [
+        "--precision: 'auto' -> 'bf16'"
+    ]
+    assert common.settings_changes({"bf16": True, "compile": False}, train_convmae.Settings(compile=True)) == []
+    assert common.upgrade_settings({"bf16": False}, train_sam.Settings())  # still has --bf16 == {"bf16": False}
+
+
+def test_resume_refuses_another_precision(setup: dict, tmp_path: Path) -> None:
+    train_convmae.train(pretrain.settings(setup, tmp_path, epochs=1, stop_after=1), common.Dist())
+    with pytest.raises(ValueError, match="--precision: 'auto' -> 'bf16'"):
+        train_convmae.train(pretrain.settings(setup, tmp_path, epochs=1, resume=True, precision="bf16"), common.Dist())
