@@ -41,7 +41,8 @@ from train import common
 from train.florence2_data import DocDataset, collate, load_examples
 from train.levenshtein import anls, exact_match, similarity
 
-REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizer" / "florence2"
+# The real Florence-2 tokenizer files, committed with the tests (MIT; tests/assets/ATTRIBUTION.md).
+REAL_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tokenizer" / "florence2"
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Settings:
     val_data: str = ""  # evaluation JSONL; "": hold out --val-fraction of the training lines
     val_fraction: float = 0.1
     out: str = "runs/florence2"
-    tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads (the real one sits in ../shared)
+    tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads (default: the real one)
     checkpoint: str | None = None  # a converted Florence-2 .safetensors; None: random weights of `model`
     model: str = "tiny"  # without a checkpoint: "tiny", a miniflorence.CONFIGS name, or a .json of config fields
     image_size: int = 0  # the input side (a multiple of 32); 0: the config's (768 for the released models)
