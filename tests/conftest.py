@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -27,3 +28,8 @@ def asset_path(*parts: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing: tests/assets is part of the repository (see tests/assets/SHA256SUMS)")
     return path
+
+
+def needs_reference(module: str) -> ModuleType:
+    """Import an official implementation the test compares against, or skip naming the extra that installs it."""
+    return pytest.importorskip(module, reason=f"{module} is a test reference: pip install -e '.[reference]'")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES
 from safetensors import safe_open
 
 import convmae
-from conftest import FIXTURES
 from weights_convert.__main__ import main as convert_main
 
 FIXTURE_DIR = FIXTURES / "convmae"

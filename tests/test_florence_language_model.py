@@ -14,9 +14,9 @@ import functools
 import numpy as np
 import pytest
 import torch
-
-from conftest import asset_path
+from conftest import asset_path, needs_reference
 from official import seeded_florence2_fill
+
 from miniflorence.language_model import Attention, Florence2LanguageModel
 
 
@@ -45,7 +45,7 @@ def tiny_pair(seed: int = 0) -> tuple[torch.nn.Module, Florence2LanguageModel]:
 
 def build_pair(width: str, seed: int = 0) -> tuple[torch.nn.Module, Florence2LanguageModel]:
     """transformers' BART (eager attention) with seeded weights, and ours loaded from its state dict."""
-    transformers = pytest.importorskip("transformers")
+    transformers = needs_reference("transformers")
     vocab, dim, layers, heads, ffn, positions = WIDTHS[width]
     config = transformers.BartConfig(
         vocab_size=vocab, d_model=dim, encoder_layers=layers, decoder_layers=layers,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path
+from conftest import asset_path, needs_reference
 from PIL import Image
 
 from miniflorence.images import ImageError
@@ -57,7 +57,7 @@ def tiny_processor() -> Processor:
 @pytest.fixture(scope="module")
 def reference():
     """transformers' Florence2Processor, as `florence-community/Florence-2-*` configures it."""
-    pytest.importorskip("transformers", reason="transformers' Florence-2 processor is the reference")
+    needs_reference("transformers")
     from transformers import BartTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.florence2.processing_florence2 import Florence2Processor

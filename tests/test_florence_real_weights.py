@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path
+from conftest import asset_path, needs_reference
 from florence_utils import single_thread
 from official import native_florence2_config, seeded_florence2_fill
 
@@ -84,7 +84,7 @@ def test_davit_stage0_reproduces_the_official_output() -> None:
 
 def test_davit_stage0_real_weights_match_native() -> None:
     """The same real weights in transformers' native vision tower give our output (<= 1e-4)."""
-    pytest.importorskip("transformers")
+    needs_reference("transformers")
     from transformers.models.florence2.modeling_florence2 import Florence2VisionBackbone
 
     tower, pixels, expected = real_stage0()

@@ -13,7 +13,7 @@ import unicodedata
 
 import pytest
 import torch
-from conftest import asset_path
+from conftest import asset_path, needs_reference
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -30,7 +30,7 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def hf():
-    transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+    transformers = needs_reference("transformers")
     reference = transformers.BartTokenizer.from_pretrained(str(asset_path(*TOKENIZER_DIR)))
     assert len(reference) == 51289  # the 1,029-token trap (vocab_file=...) would fail here
     return reference

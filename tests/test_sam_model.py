@@ -16,13 +16,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import asset_path
+from official import fill_sam_random
+from sam_utils import official_sam, segment_anything, to_minisam
 
 import minisam
 from checkpoint_format import read_converted, save_converted
-from conftest import asset_path
 from minisam.sam import sam_from_tensors
-from official import fill_sam_random
-from sam_utils import official_sam, segment_anything, to_minisam
 
 PARITY_CASES = [
     pytest.param(("tiny", 160), id="tiny-160"),
