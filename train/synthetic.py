@@ -80,12 +80,12 @@ SHAPES = ("ellipse", "rectangle", "triangle")
 
 
 def synthetic_detection(folder: str | Path, n_images: int, seed: int, size: int = 64, max_shapes: int = 1,
-                        grid: int = 2) -> Path:
+                        grid: int = 2, kinds: tuple[str, ...] = SHAPES) -> Path:
     """Write `n_images` square images of 1..max_shapes shapes and `folder/detection.jsonl` with their boxes.
 
-    Each shape fills one cell of a `grid` x `grid` layout (cells are never shared, so boxes do not
-    overlap), at one of two sizes, in a random colour; its box is (x1, y1, x2, y2) in pixels, the
-    corners of the shape's bounding rectangle. Returns the JSONL's path.
+    Each shape, of one of `kinds` (its label), fills one cell of a `grid` x `grid` layout (cells are
+    never shared, so boxes do not overlap), at one of two sizes, in a random colour; its box is
+    (x1, y1, x2, y2) in pixels, the corners of the shape's bounding rectangle. Returns the JSONL's path.
     """
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def synthetic_detection(folder: str | Path, n_images: int, seed: int, size: int 
         for c in rng.sample(range(grid * grid), rng.randint(1, max_shapes)):
             side = rng.choice((cell * 3 // 4, cell - 2))
             x, y = (c % grid) * cell + (cell - side) // 2, (c // grid) * cell + (cell - side) // 2
-            kind = rng.choice(SHAPES)
+            kind = rng.choice(kinds)
             colour = rng.choice(list(COLOURS.values()))  # saturated: clear against the grey-ish background
             if kind == "triangle":
                 draw.polygon([(x + side // 2, y), (x, y + side), (x + side, y + side)], fill=colour)
