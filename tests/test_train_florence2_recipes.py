@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,8 +46,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def settings(setup: dict, out: Path, **changes) -> train_florence2.Settings:
-    values = dict(data=str(setup["data"]), val_data=str(setup["val"]), out=str(out), tokenizer=str(setup["root"] / "tokenizer"),
-                  model="tiny", image_size=SIZE, epochs=2, batch_size=4, lr=1e-2, freeze_vision=False, max_new_tokens=8,
+    values = dict(data=str(setup["data"]), val_data=str(setup["val"]), out=str(out),
+                  tokenizer=str(setup["root"] / "tokenizer"), model="tiny", image_size=SIZE, epochs=2, batch_size=4, lr=1e-2, freeze_vision=False, max_new_tokens=8,
                   num_beams=1, val_before=False, progress=False)
     return train_florence2.Settings(**{**values, **changes})
 
@@ -83,7 +84,7 @@ def test_detection_lines_become_od_targets(setup: dict, tmp_path: Path) -> None:
 
 
 def test_inverted_predicted_boxes_are_false_positives() -> None:
-    boxes = collapse_inverted(__import__("numpy").array([[10.0, 10.0, 5.0, 20.0], [1.0, 2.0, 3.0, 4.0]]))
+    boxes = collapse_inverted(np.array([[10.0, 10.0, 5.0, 20.0], [1.0, 2.0, 3.0, 4.0]]))
     assert boxes.tolist() == [[10.0, 10.0, 10.0, 10.0], [1.0, 2.0, 3.0, 4.0]]
 
 
@@ -137,7 +138,7 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup: dict, tmp_
     decoder_ids = torch.tensor([[2, 0, 9, 10], [2, 0, 11, 12]])
     mask = (ids != 1).long()
     exported = miniflorence.Florence2(start.config)
-    exported.load_state_dict({**train_lora.merged_state_dict(lora_model)})
+    exported.load_state_dict(train_lora.merged_state_dict(lora_model))
     with torch.no_grad():
         a = lora_model.eval()(batch_pixels, ids, decoder_ids, mask)
         b = exported.eval()(batch_pixels, ids, decoder_ids, mask)
@@ -146,8 +147,9 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup: dict, tmp_
     # best_lora.safetensors applied to the starting weights gives best.safetensors.
     base = tmp_path / "base.safetensors"
     train_florence2.export(start, base, train_florence2.Settings())
-    assert train_lora.main(["apply", str(base), str(tmp_path / "best_lora.safetensors"), str(tmp_path / "applied.safetensors")]) == 0
-    _, applied = read_converted(tmp_path / "applied.safetensors", "florence2")
+    applied_path = tmp_path / "applied.safetensors"
+    assert train_lora.main(["apply", str(base), str(tmp_path / "best_lora.safetensors"), str(applied_path)]) == 0
+    _, applied = read_converted(applied_path, "florence2")
     _, best = read_converted(tmp_path / "best.safetensors", "florence2")
     assert applied.keys() == best.keys() and not set(TIED_KEYS) & set(best)
     assert all(torch.equal(applied[k], best[k]) for k in best)

@@ -80,7 +80,8 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup, tmp_path: 
     for name, tensor in start.items():  # every base tensor, encoder and decoder, bit-identical
         assert torch.equal(after[name], tensor), f"frozen {name} changed"
     adapters = train_lora.lora_state_dict(model)
-    assert any(n.startswith("image_encoder.") for n in adapters) and any(n.startswith("mask_decoder.") for n in adapters)
+    assert any(n.startswith("image_encoder.") for n in adapters)
+    assert any(n.startswith("mask_decoder.") for n in adapters)
     assert all(adapters[n].abs().sum() > 0 for n in adapters if n.endswith("lora_B")), "an adapter did not train"
     trainable, total = train_lora.count_parameters(model)
     assert 0 < trainable == sum(v.numel() for v in adapters.values()) < total
@@ -104,8 +105,8 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup, tmp_path: 
 
 
 def test_lora_resume_gives_the_uninterrupted_weights(setup, tmp_path: Path) -> None:
-    kw = dict(lora_rank=2, lora_dropout=0.1, lora_targets="sam_decoder", train_also="mask_decoder.iou_prediction_head.*",
-              unfreeze_blocks=1, unfreeze_epoch=1, accum_steps=2, prompt="both")
+    kw = dict(lora_rank=2, lora_dropout=0.1, lora_targets="sam_decoder",
+              train_also="mask_decoder.iou_prediction_head.*", unfreeze_blocks=1, unfreeze_epoch=1, accum_steps=2, prompt="both")
     full = train_sam.train(settings(setup, tmp_path / "full", **kw), common.Dist())
     part = train_sam.train(settings(setup, tmp_path / "part", stop_after=2, **kw), common.Dist())
     assert part["stopped"] and part["step"] == 2
@@ -113,7 +114,8 @@ def test_lora_resume_gives_the_uninterrupted_weights(setup, tmp_path: Path) -> N
     assert resumed["step"] == full["step"] > 2
     a = common.load_checkpoint(tmp_path / "full" / "last.pt")
     b = common.load_checkpoint(tmp_path / "part" / "last.pt")
-    assert any(n.endswith("lora_A") for n in a["trainable"]) and "image_encoder.blocks.1.mlp.lin1.weight" in a["trainable"]
+    assert any(n.endswith("lora_A") for n in a["trainable"])
+    assert "image_encoder.blocks.1.mlp.lin1.weight" in a["trainable"]  # an unfrozen block trains fully
     for name in a["trainable"]:
         assert torch.equal(a["trainable"][name], b["trainable"][name]), name
     assert a["history"] == b["history"]
@@ -159,7 +161,8 @@ def test_loss_sam_equals_a_hand_computation() -> None:
     size = torch.tensor([[16, 12], [10, 16]])  # (h, w): padding on the right of the first, below the second
     batch = {"mask": target, "size": size, "point_coords": torch.zeros(B, 1, 2), "point_labels": torch.ones(B, 1)}
     s = train_sam.Settings(loss="sam", bf16=False)
-    loss, per_prompt, iou = train_sam.forward_loss(FixedDecoder(low_res, iou_pred), torch.zeros(B, 1), batch, s, "min", S)
+    module = FixedDecoder(low_res, iou_pred)
+    loss, per_prompt, iou = train_sam.forward_loss(module, torch.zeros(B, 1), batch, s, "min", S)
 
     # By hand: upsample, then per mask 20 x focal (alpha 0.25, gamma 2) + Dice (+1 smoothing) over the
     # real pixels; the lowest of the three; plus (predicted IoU - real IoU)^2 of that mask.
@@ -269,8 +272,8 @@ def test_torchrun_with_lora_and_image_batches_matches_one_process(setup, tmp_pat
             "--warmup-steps", "1", "--prompts-per-image", "2", "--lora-rank", "2", "--lora-targets", "sam_decoder",
             "--no-progress", "--no-val-before"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    one = subprocess.run([sys.executable, "-m", "train.sam", *args, "--out", str(tmp_path / "one"), "--batch-size", "4"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, "-m", "train.sam", *args, "--out", str(tmp_path / "one"),
+                          "--batch-size", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "train.sam", *args,
                           "--out", str(tmp_path / "two"), "--batch-size", "2"],

@@ -127,7 +127,8 @@ class Settings:
 CHOICES = {"schedule": common.SCHEDULES}
 LIMITS = {"val_fraction": "(0,1)", "image_size": ">=0", "max_answer_tokens": ">=1", "lr": ">0", "weight_decay": ">=0",
           "warmup_steps": ">=0", "clip_grad": ">=0", "dropout": "[0,1)", "num_beams": ">=1", "max_new_tokens": ">=1",
-          "eval_limit": ">=0", "anls_threshold": "[0,1]", "lora_rank": ">=0", "lora_alpha": ">=0", "lora_dropout": "[0,1)"}
+          "eval_limit": ">=0", "anls_threshold": "[0,1]", "lora_rank": ">=0", "lora_alpha": ">=0",
+          "lora_dropout": "[0,1)"}
 
 
 def build_model(s: Settings, vocab_size: int) -> miniflorence.Florence2:

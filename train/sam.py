@@ -251,7 +251,8 @@ def per_prompt(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if batch["mask"].dim() == 3:
         return batch
     K = batch["mask"].shape[1]
-    rows = {k: v.flatten(0, 1) for k, v in batch.items() if k in ("mask", "box", "point_coords", "point_labels", "index")}
+    per_prompt_keys = ("mask", "box", "point_coords", "point_labels", "index")
+    rows = {k: v.flatten(0, 1) for k, v in batch.items() if k in per_prompt_keys}  # (I, K, ...) -> (I*K, ...)
     return {**batch, **rows, "size": batch["size"].repeat_interleave(K, dim=0)}  # (I*K, ...)
 
 

