@@ -265,6 +265,13 @@ def test_a_batch_of_images_equals_accumulated_single_images(setup, tmp_path: Pat
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_image_batches_train_without_the_cache_and_with_augmentation(setup, tmp_path: Path) -> None:
+    result = train_sam.train(settings(setup, tmp_path, epochs=1, prompts_per_image=2, cache="off", augment=True,
+                                      prompt="both", unfreeze_blocks=1), common.Dist())
+    assert result["step"] == 4  # 9 training images, 2 per step
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result["history"]["train_loss"])
+
+
 @pytest.mark.slow
 def test_torchrun_with_lora_and_image_batches_matches_one_process(setup, tmp_path: Path) -> None:
     data, start = setup
