@@ -417,8 +417,9 @@ def train(s: Settings, d: common.Dist) -> dict:
     depth = len(sam.image_encoder.blocks)
     if not 0 <= s.unfreeze_blocks <= depth:
         raise ValueError(f"--unfreeze-blocks {s.unfreeze_blocks}: the encoder has {depth} blocks")
-    lora_names = add_lora(sam, s.lora_targets, s.lora_rank, s.lora_alpha or s.lora_rank, s.lora_dropout) \
-        if s.lora_rank else []
+    lora_names: list[str] = []
+    if s.lora_rank:  # LoRA (Hu et al., 2021): low-rank adapters beside the chosen Linear layers
+        lora_names = add_lora(sam, s.lora_targets, s.lora_rank, s.lora_alpha or s.lora_rank, s.lora_dropout)
     n_cached = min(depth - s.unfreeze_blocks, first_adapted_block(lora_names, depth))
     unfreezable = tuple(f"image_encoder.blocks.{i}." for i in range(depth - s.unfreeze_blocks, depth))
     unfreezable += ("image_encoder.neck.",) if s.unfreeze_blocks else ()
