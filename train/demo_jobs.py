@@ -22,7 +22,7 @@ recognise a few large shapes and colours (the corner first, then colour, then th
 is what the demo can honestly show. Scores are on held-out pages; exact match is the number to
 watch (answering from the question alone would score about 0.2). The tokenizer is a tiny
 byte-level BPE made from the demo's own text (`train.tiny_tokenizer`), so the demo needs no file
-outside the repository; the real Florence-2 tokenizer (`../shared/assets/tokenizer/florence2`)
+outside the repository; the real Florence-2 tokenizer (`tests/assets/tokenizer/florence2`)
 works with `train.florence2`.
 
 "convmae": a small ConvMAE (random weights, 64 px input, 16 px patches) is pretrained on the
