@@ -4,6 +4,8 @@ per row, for the README's parity table.
     python bench/parity.py            # SAM vit_b at 1024 on the four demo photos, vit_l / vit_h at 256
     python bench/parity.py --quick    # SAM vit_b at 1024 on one photo, the rest of SAM at 256; no vit_l / vit_h
 
+Measured on 2 shared CPU cores (load 10-17): 27 min in full (19 of them SAM vit_b at 1024), 8 min with --quick.
+
 What each family is compared against (the same pairs the tests build, with the tests' own helpers):
 - SAM: the official `segment_anything` model with seeded random weights (tests/reference/official.py),
   converted in memory by `weights_convert.sam` (tests/sam_utils.py `to_minisam`), minisam's default settings
