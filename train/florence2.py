@@ -255,7 +255,7 @@ def train(s: Settings, d: common.Dist) -> dict:
         common.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
             "loss": {"train": history["train_loss"], "val": history["val_loss"]},
             "answers": {"similarity": history["similarity"], "ANLS": history["anls"], "exact": history["exact"]},
-        })
+        }, log_y=("loss",))
     return summary(stopped=False)
 
 
