@@ -75,8 +75,9 @@ def grid(
 ) -> Image.Image:
     """Tiles (all one size) in rows of `columns`, under a title, a legend and column titles.
 
-    The header is as tall as its text needs; the sheet is exactly as wide as the tiles
-    (no empty bands). Tiles of another size are resized to the first tile's.
+    Text is wrapped to the width it has (a column title to its tile's); the header is as tall as
+    its text needs; the sheet is exactly as wide as the tiles (no empty bands). Tiles of another
+    size are resized to the first tile's.
     """
     w, h = tiles[0].size
     tiles = [t if t.size == (w, h) else t.resize((w, h), Image.BILINEAR) for t in tiles]
@@ -85,7 +86,9 @@ def grid(
     line_h = size + 6
     title_lines = wrap(title, width - 8, face) if title else []
     legend_rows = _legend_rows(legend, width - 8, face)
-    header = line_h * (len(title_lines) + len(legend_rows)) + (line_h if column_titles else 0) + (4 if title else 0)
+    column_lines = [wrap(text, w - 6, face) for text in column_titles[:columns]]
+    n_column_lines = max((len(lines) for lines in column_lines), default=0)
+    header = line_h * (len(title_lines) + len(legend_rows) + n_column_lines) + (4 if title else 0)
     rows = -(-len(tiles) // columns)  # ceil
     sheet = Image.new("RGB", (width, header + rows * h + (rows - 1) * gap), "white")
     draw = ImageDraw.Draw(sheet)
@@ -100,8 +103,9 @@ def grid(
             draw.text((x + size + 4, y), text, fill=(0, 0, 0), font=face)
             x += size + 4 + int(face.getlength(text)) + 16
         y += line_h
-    for c, text in enumerate(column_titles[:columns]):
-        draw.text((c * (w + gap) + 4, y), text, fill=(0, 0, 0), font=face)
+    for c, lines in enumerate(column_lines):
+        for i, line in enumerate(lines):
+            draw.text((c * (w + gap) + 3, y + i * line_h), line, fill=(0, 0, 0), font=face)
     for i, tile in enumerate(tiles):
         sheet.paste(tile, ((i % columns) * (w + gap), header + (i // columns) * (h + gap)))
     return sheet

@@ -8,7 +8,9 @@ decoder learns, with Dice + BCE (or Dice + focal) on the masks and MSE on the pr
 - Frozen encoder => each image embedding is computed once and cached (memory or disk); epochs
   after the first never run the image encoder. With `--unfreeze-blocks K` the last K encoder
   blocks and the neck train too (from epoch `--unfreeze-epoch`: progressive unfreezing) and the
-  cache holds the output of the frozen blocks before them.
+  cache holds the output of the frozen blocks before them. With `--train-all` every parameter
+  trains (patch and position embeddings, all blocks, neck, prompt encoder, mask decoder): for a
+  small SAM trained from random weights (the demo's); the encoder then runs every step, no cache.
 - Points give three masks (`multimask`): train the one with the highest predicted IoU ("best"),
   the average of the three ("mean") or the lowest loss ("min", the paper's choice).
 - AdamW (or SGD), linear warmup + cosine/linear decay, gradient accumulation, gradient clipping, bf16
@@ -75,6 +77,7 @@ class Settings:
     cache: str = "memory"  # memory, disk, off
     unfreeze_blocks: int = 0
     unfreeze_epoch: int = 0
+    train_all: bool = False  # train every parameter (whole encoder, prompt encoder, decoder): a SAM from scratch
     bf16: bool = True  # autocast on CUDA only
     device: str = "auto"
     workers: int = 0
@@ -101,10 +104,11 @@ class PromptedDecoder(nn.Module):
     """Cached features + prompts -> low-res masks (B, M, s, s) and IoU predictions (B, M).
 
     The trainable computation in one module, so that DDP can wrap it: the unfrozen encoder
-    blocks and neck (when `n_cached < depth`), the frozen prompt encoder, the mask decoder.
+    blocks and neck (when `n_cached < depth`; the whole encoder when `n_cached` is None), the
+    prompt encoder (frozen unless --train-all), the mask decoder.
     """
 
-    def __init__(self, sam: minisam.Sam, n_cached: int) -> None:
+    def __init__(self, sam: minisam.Sam, n_cached: int | None) -> None:
         super().__init__()
         self.sam, self.n_cached = sam, n_cached
 
@@ -115,22 +119,27 @@ class PromptedDecoder(nn.Module):
         return self.sam.decode_masks(embeddings, sparse, dense, multimask)
 
 
-def encoder_prefix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+def encoder_prefix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int | None) -> torch.Tensor:
     """The frozen part, (B, 3, S, S) -> what the cache holds: the image embeddings (B, 256, H, W)
-    when every block is frozen, else the output (B, H, W, C) of the first `n_cached` blocks."""
+    when every block is frozen, else the output (B, H, W, C) of the first `n_cached` blocks; the
+    images themselves when nothing is frozen (`n_cached` None, --train-all)."""
+    if n_cached is None:
+        return x
     x = encoder.run_blocks(encoder.embed(x), 0, n_cached)
     return encoder.run_neck(x) if n_cached == len(encoder.blocks) else x
 
 
-def encoder_suffix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+def encoder_suffix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int | None) -> torch.Tensor:
     """The trainable rest of the encoder on cached features -> image embeddings (B, 256, H, W)."""
+    if n_cached is None:
+        return encoder(x)
     if n_cached == len(encoder.blocks):
         return x
     return encoder.run_neck(encoder.run_blocks(x, n_cached))
 
 
 def image_features(
-    sam: minisam.Sam, dataset: SegmentationDataset, records: list[int], n_cached: int,
+    sam: minisam.Sam, dataset: SegmentationDataset, records: list[int], n_cached: int | None,
     cache: dict[int, torch.Tensor] | None, cache_dir: Path | None, bf16: bool,
 ) -> torch.Tensor:
     """Frozen-encoder features of the given images, stacked; each computed at most once when cached."""
@@ -154,7 +163,7 @@ def image_features(
 
 
 def batch_features(
-    sam: minisam.Sam, dataset: SegmentationDataset, batch: dict[str, torch.Tensor], n_cached: int,
+    sam: minisam.Sam, dataset: SegmentationDataset, batch: dict[str, torch.Tensor], n_cached: int | None,
     cache: dict | None, cache_dir: Path | None, bf16: bool,
 ) -> torch.Tensor:
     """Cached features, or (cache off) the frozen encoder run on this batch's (augmented) images."""
@@ -196,7 +205,7 @@ def forward_loss(
 @torch.no_grad()
 def evaluate(
     sam: minisam.Sam, step_module: nn.Module, dataset: SegmentationDataset, s: Settings, multimask: str,
-    n_cached: int, cache: dict | None, cache_dir: Path | None,
+    n_cached: int | None, cache: dict | None, cache_dir: Path | None,
 ) -> tuple[float, float]:
     """Validation loss and mean IoU (fixed prompts, no box jitter)."""
     losses, ious = [], []
@@ -231,7 +240,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     if len(objects) < 2:
         raise ValueError(f"{s.data!r}: fewer than 2 usable objects ({len(objects)}); {skipped.summary()}")
     train_objects, val_objects = split_objects(objects, s.val_fraction, s.seed)
-    use_cache = s.cache != "off"
+    use_cache = s.cache != "off" and not s.train_all  # a training encoder changes the embeddings every step
     prompts = PromptSettings(s.prompt, s.n_positive, s.n_negative, s.erode_radius, s.min_distance, s.box_shift)
     train_set = SegmentationDataset(records, train_objects, S, prompts, s.seed, True, not use_cache, s.augment)
     val_set = SegmentationDataset(records, val_objects, S, prompts, s.seed, False, not use_cache)
@@ -244,11 +253,13 @@ def train(s: Settings, d: common.Dist) -> dict:
     depth = len(sam.image_encoder.blocks)
     if not 0 <= s.unfreeze_blocks <= depth:
         raise ValueError(f"--unfreeze-blocks {s.unfreeze_blocks}: the encoder has {depth} blocks")
-    n_cached = depth - s.unfreeze_blocks
-    unfreezable = tuple(f"image_encoder.blocks.{i}." for i in range(n_cached, depth))
+    if s.train_all and s.unfreeze_blocks:
+        raise ValueError("--train-all trains the whole encoder already; leave --unfreeze-blocks at 0")
+    n_cached = None if s.train_all else depth - s.unfreeze_blocks
+    unfreezable = tuple(f"image_encoder.blocks.{i}." for i in range(depth - s.unfreeze_blocks, depth))
     unfreezable += ("image_encoder.neck.",) if s.unfreeze_blocks else ()
     named = dict(sam.named_parameters())
-    names = [n for n in named if n.startswith("mask_decoder.") or n.startswith(unfreezable)]
+    names = [n for n in named if s.train_all or n.startswith("mask_decoder.") or n.startswith(unfreezable)]
     params = [named[n] for n in names]
     sam.requires_grad_(False)
     step_module = PromptedDecoder(sam, n_cached)
@@ -261,7 +272,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     scheduler = common.make_scheduler(optimizer, total_steps, s.warmup_steps, s.schedule)
     cache: dict | None = {} if use_cache else None
     cache_dir = None
-    if s.cache == "disk":
+    if use_cache and s.cache == "disk":
         key = json.dumps([s.checkpoint or f"random {s.model} seed {s.seed}", sam.config.to_dict(), n_cached])
         cache_dir = out / "cache" / hashlib.sha1(key.encode()).hexdigest()[:12]
         cache_dir.mkdir(parents=True, exist_ok=True)
