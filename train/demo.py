@@ -1,6 +1,7 @@
 """The demo: `python -m train.demo` trains small models on bundled and synthetic data, offline, in minutes.
 
-Jobs run one after another and each writes under `--out/<job>/`: "sam" trains a small SAM from
+Jobs run one after another and each writes under `--out/<job>/`, replacing what an earlier demo
+wrote there: "sam" trains a small SAM from
 scratch (or fine-tunes a real converted SAM's mask decoder, with `--checkpoint`), "florence2"
 teaches a tiny Florence-2 synthetic document QA, "convmae" pretrains a small ConvMAE. Each job
 is a function `(DemoSettings) -> JobResult` listed in `JOBS` (`train/demo_jobs.py` describes
@@ -55,19 +56,29 @@ def table(results: dict[str, TimedResult]) -> str:
     return "\n".join(lines)
 
 
+PROG = "python -m train.demo"
+# What each setting may be (`train.common.check_settings`); a bad value is one line, as is a job's user error.
+LIMITS = {"sam_epochs": ">=1", "sam_images": ">=2", "florence2_epochs": ">=1", "florence2_pages": ">=1",
+          "convmae_epochs": ">=1", "convmae_images": ">=1", "image_size": ">=0", "threads": ">=0"}
+
+
 def main(argv: list[str] | None = None) -> dict[str, TimedResult]:
-    ds = common.parse_settings(DemoSettings, argv, prog="python -m train.demo")
-    torch.set_num_threads(ds.threads or os.cpu_count() or 1)
+    ds = common.parse_settings(DemoSettings, argv, prog=PROG)
     jobs = [j for j in ds.jobs.split(",") if j]
     unknown = [j for j in jobs if j not in JOBS]
     if unknown:
         raise SystemExit(f"unknown demo job(s) {unknown}; available: {sorted(JOBS)}")
     results = {}
-    for job in jobs:
-        common.log(f"demo job {job!r}")
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = JOBS[job](ds)
-        results[job] = TimedResult(result, time.perf_counter() - wall, time.process_time() - cpu)
+    try:
+        common.check_settings(ds, LIMITS, {})
+        torch.set_num_threads(ds.threads or os.cpu_count() or 1)  # every core unless told otherwise
+        for job in jobs:
+            common.log(f"demo job {job!r}")
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = JOBS[job](ds)
+            results[job] = TimedResult(result, time.perf_counter() - wall, time.process_time() - cpu)
+    except (ValueError, OSError, common.NonFiniteLossError) as e:
+        raise SystemExit(f"{PROG}: error: {common.one_line(e)}") from None
     print("\n" + table(results), flush=True)
     return results
 

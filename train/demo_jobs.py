@@ -208,7 +208,7 @@ def sam_job(ds: DemoSettings) -> JobResult:
     model = minisam.Sam(small_sam_config())
     save_converted(start, model.state_dict(), "sam", model.config.to_dict())
     s = train_sam.Settings(data=str(shapes), out=str(out), checkpoint=str(start), epochs=ds.sam_epochs, seed=ds.seed,
-                           progress=ds.progress, **SAM_RECIPE)
+                           progress=ds.progress, overwrite=True, **SAM_RECIPE)
     result = train_sam.train(s, common.Dist())
     trained: minisam.Sam = result["model"].eval()  # the final model (the one the pictures show)
     before, after = result["history"]["val_iou"][0][1], result["history"]["val_iou"][-1][1]
@@ -248,7 +248,7 @@ def sam_finetune_job(ds: DemoSettings) -> JobResult:
     s = train_sam.Settings(
         data=",".join(data), out=str(out), checkpoint=ds.checkpoint, epochs=ds.sam_epochs, box_shift=4,
         image_size=ds.image_size, prompt="box", loss="dice_bce", lr=1e-4, batch_size=4, warmup_steps=10,
-        seed=ds.seed, progress=ds.progress, val_fraction=0.25,
+        seed=ds.seed, progress=ds.progress, overwrite=True, val_fraction=0.25,
     )
     result = train_sam.train(s, common.Dist())
     trained = result["model"].eval()
@@ -325,7 +325,7 @@ def florence2_job(ds: DemoSettings) -> JobResult:
         data=str(train_dir / "qa.jsonl"), val_data=str(val_dir / "qa.jsonl"), out=str(out),
         tokenizer=str(out / "tokenizer"), model="tiny", image_size=96, epochs=ds.florence2_epochs,
         batch_size=16, lr=7e-4, warmup_steps=20, schedule="cosine", freeze_vision=False, max_new_tokens=8,
-        seed=ds.seed, progress=ds.progress,
+        seed=ds.seed, progress=ds.progress, overwrite=True,
     )
     result = train_florence2.train(s, common.Dist())
     h = result["history"]
@@ -361,8 +361,8 @@ def convmae_job(ds: DemoSettings) -> JobResult:
     config.write_text(json.dumps(SMALL_CONVMAE))
     s = train_convmae.Settings(
         data=f"{DEMO_DATA / 'images'},{shapes / 'images'}", val_data=str(held_out / "images"), out=str(out),
-        model=str(config), epochs=ds.convmae_epochs, norm_pix_loss=False,
-        batch_size=16, lr=1.5e-3, warmup_epochs=1.0, eval_images=8, seed=ds.seed, progress=ds.progress,
+        model=str(config), epochs=ds.convmae_epochs, norm_pix_loss=False, batch_size=16, lr=1.5e-3,
+        warmup_epochs=1.0, eval_images=8, seed=ds.seed, progress=ds.progress, overwrite=True,
     )
     result = train_convmae.train(s, common.Dist())
     metric = Metric("MSE on removed patches, 8 held-out images", result["recon_before"], result["recon_after"],
