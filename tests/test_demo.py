@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,7 +22,7 @@ from train.demo_jobs import (
     chance_scores,
     iou,
 )
-from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS
+from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, solid_shapes
 
 
 def test_table_has_every_job_metric_time_and_picture(tmp_path: Path) -> None:
@@ -63,6 +64,24 @@ def test_box_baseline_and_iou() -> None:
     assert box_baseline(OneRectangle()) == 1.0
 
 
+def test_solid_shapes_do_not_touch_and_stand_out(tmp_path: Path) -> None:
+    """The SAM job's data: 1-3 shapes per image whose boxes keep apart, each far in colour from the background."""
+    folder = solid_shapes(tmp_path, 12, seed=3, size=(96, 72))
+    for mask_path in sorted((folder / "masks").glob("*.png")):
+        ids = np.asarray(Image.open(mask_path))
+        rgb = np.asarray(Image.open(folder / "images" / mask_path.name)).astype(float)
+        assert ids.shape == (72, 96) and 1 <= ids.max() <= 3
+        boxes = []
+        for k in range(1, ids.max() + 1):
+            ys, xs = np.nonzero(ids == k)
+            boxes.append((xs.min(), ys.min(), xs.max(), ys.max()))
+            inside, outside = rgb[ids == k].mean(0), rgb[ids == 0].mean(0)
+            assert np.linalg.norm(inside - outside) > 80  # 120 apart when drawn, less the noise's blur
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1 :]:
+                assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
+
+
 def test_grid_is_exactly_as_big_as_its_tiles_and_header() -> None:
     tiles = [Image.new("RGB", (40, 30), (i * 40, 0, 0)) for i in range(5)]
     sheet = pictures.grid(tiles, 3, title="a title", legend=[((0, 255, 0), "truth")], column_titles=["a", "b", "c"])
@@ -75,7 +94,7 @@ def test_grid_is_exactly_as_big_as_its_tiles_and_header() -> None:
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """All three jobs at test size: the printed table names every job, and every picture it lists is a PNG."""
-    results = demo.main(["--out", str(tmp_path), "--sam-epochs", "1", "--sam-images", "10", "--florence2-epochs", "1",
+    results = demo.main(["--out", str(tmp_path), "--sam-epochs", "1", "--sam-images", "40", "--florence2-epochs", "1",
                          "--florence2-pages", "32", "--convmae-epochs", "1", "--convmae-images", "16", "--no-progress"])
     printed = capsys.readouterr().out
     assert set(results) == {"sam", "florence2", "convmae"}

