@@ -163,7 +163,8 @@ SAM_LEGEND = [((0, 220, 0), "true outline"), ((60, 110, 255), "prediction"), ((2
 
 def sam_tile(image: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, prompt: dict, caption: str,
              scale: int = 2) -> Image.Image:
-    """The image enlarged `scale` times, the prediction filled blue, the true outline green, the prompt yellow."""
+    """The image enlarged `scale` times, the prediction filled blue, the true outline green, the prompt yellow,
+    under a band with `caption`."""
     h, w = mask.shape
     big = Image.fromarray(image.permute(1, 2, 0).clamp(0, 255).byte().numpy()).resize((w * scale, h * scale), Image.BILINEAR)
     layer = np.zeros((h, w, 4), np.uint8)
@@ -178,7 +179,10 @@ def sam_tile(image: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, promp
         if kind >= 0:
             x, y = (x + 0.5) * scale, (y + 0.5) * scale
             draw.ellipse((x - 4, y - 4, x + 4, y + 4), fill=(255, 230, 0, 255), outline=(0, 0, 0, 255))
-    return pictures.label(canvas.convert("RGB"), caption, size=14)
+    band = 20  # the caption sits on its own band above the image, hiding none of it
+    tile = Image.new("RGB", (canvas.width, canvas.height + band), "white")
+    tile.paste(canvas.convert("RGB"), (0, band))
+    return pictures.label(tile, caption, size=14)
 
 
 def sam_examples(model: minisam.Sam, dataset: SegmentationDataset, indexes: list[int]) -> list[tuple]:
@@ -239,7 +243,7 @@ def sam_job(ds: DemoSettings) -> JobResult:
               sam_examples(trained, photo_set, [largest])]
     truck = SAM_DEMO_IMAGES / "truck.jpg"
     if truck.is_file():
-        tiles.append(photo_tile(trained, truck, TRUCK_BOX, "SAM photo, no true mask"))
+        tiles.append(photo_tile(trained, truck, TRUCK_BOX, "photo, no true mask"))
     else:
         common.log(f"sam: {truck} not found: the overlays show no SAM demo photo")
     sheet = pictures.grid(tiles, 4, legend=SAM_LEGEND, title=(
