@@ -545,7 +545,7 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 # A run's checkpoints: a new run into a folder holding any of them is refused unless --overwrite.
-RUN_FILES = ("last.pt", "best.safetensors", "convmae.safetensors")
+RUN_FILES = ("last.pt", "best.safetensors", "best_lora.safetensors", "convmae.safetensors")
 # Settings that may differ on --resume: they cannot change what is trained, only where it is
 # written and how it is shown. The output folder (it may have moved), when last.pt is written and
 # where the run stops (resuming is exact from any step), the progress bar, the DataLoader workers
