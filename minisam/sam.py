@@ -79,6 +79,7 @@ class Sam(nn.Module):
             num_multimask_outputs=config.num_multimask_outputs,
             iou_head_depth=config.iou_head_depth,
             iou_head_hidden_dim=config.iou_head_hidden_dim,
+            use_sdpa=config.use_sdpa,
         )
         # Not in checkpoints (persistent=False), as in the official model.
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
