@@ -144,7 +144,7 @@ class Attention(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
+        B, H, W, _ = x.shape
         qkv = self.qkv(x).view(B, H * W, 3, self.num_heads, -1)  # (B, N, 3, h, d)
         x = self.fused_attention(qkv, H, W) if self.use_sdpa else self.plain_attention(qkv, H, W)
         return self.proj(x)  # (B, H, W, C)
@@ -163,7 +163,7 @@ class Attention(nn.Module):
 
     def fused_attention(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """(B, N, 3, h, d) -> (B, H, W, C) with one fused kernel and no head copies."""
-        B, N, _, h, d = qkv.shape
+        B, _, _, h, d = qkv.shape
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d), strided views of qkv
         bias = None
         if self.use_rel_pos:

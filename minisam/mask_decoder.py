@@ -94,6 +94,9 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All M = num_multimask_outputs + 1 masks (B, M, 4H, 4W) and IoU predictions (B, M)."""
         B = sparse_prompt_embeddings.shape[0]
+        dtype = self.iou_token.weight.dtype  # e.g. float32 embeddings of a bfloat16 image encoder (`Sam.cast`)
+        image_embeddings, image_pe = image_embeddings.to(dtype), image_pe.to(dtype)
+        sparse_prompt_embeddings, dense_prompt_embeddings = sparse_prompt_embeddings.to(dtype), dense_prompt_embeddings.to(dtype)
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)  # (1 + M, C)
         output_tokens = output_tokens.unsqueeze(0).expand(B, -1, -1)  # (B, 1 + M, C)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)  # (B, T, C)
@@ -137,7 +140,7 @@ class MaskDecoder(nn.Module):
         i, j in {0, 1}, through its own slice of the weight: out[.., i, j, o] = sum_c in[c] w[c, o, i, j].
         """
         conv1, norm, act1, conv2, act2 = self.output_upscaling
-        B, H, W, C = src.shape
+        B, H, W, _ = src.shape
         w1 = conv1.weight.permute(2, 3, 1, 0).flatten(0, 2)  # (C, C/4, 2, 2) -> (2*2*C/4, C) as (i, j, o)
         x = F.linear(src, w1, conv1.bias.repeat(4)).view(B, H, W, 2, 2, -1)  # (B, H, W, i, j, C/4)
         x = act1(F.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype))
