@@ -28,16 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import minisam  # noqa: E402
+from checkpoint_format import save_converted  # noqa: E402
 from train import common  # noqa: E402
 from train import sam as train_sam  # noqa: E402
-from train.demo import synthetic_shapes  # noqa: E402
-from weights_convert.checkpoint import save_converted  # noqa: E402
+from train.synthetic import synthetic_shapes  # noqa: E402
 
 
 def epoch_times(out: Path, start: float) -> list[float]:
     """Seconds per epoch, from the step records of metrics.jsonl."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ends = [r["time"] for r in records if "epoch" in r]
+    ends = [r["time"] for r in records if r.get("epoch")]  # epoch 0: the model before training
     return [b - a for a, b in zip([start, *ends], ends)]
 
 

@@ -1,7 +1,7 @@
 """Command line: run one Florence-2 task on one image, print the result, draw it.
 
     python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGE --task "<OD>" [--text ...] [--out pic.png]
-    python -m miniflorence --random-weights tiny TOKENIZER_DIR IMAGE --task "<OD>"   (smoke test)
+    python -m miniflorence --random-weights base TOKENIZER_DIR IMAGE --task "<OD>"   (smoke test)
 
 CHECKPOINT is a file converted with `python -m weights_convert florence2`. The result is the
 official post-processed dict (`{"<OD>": {"bboxes": ..., "labels": ...}}`) as JSON on stdout;
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from miniflorence.config import CONFIGS, tiny_config
+from checkpoint_format import CheckpointError
+from miniflorence.config import CONFIGS
 from miniflorence.model import Florence2, load_florence2
 from miniflorence.processor import Processor
 from miniflorence.tokenizer import Tokenizer
@@ -30,8 +31,7 @@ COLORS = ("red", "lime", "blue", "orange", "magenta", "cyan", "yellow", "white")
 def random_model(name: str) -> Florence2:
     """A model with seeded random weights (meaningless output), for smoke tests of the pipeline."""
     torch.manual_seed(0)
-    config = tiny_config() if name == "tiny" else CONFIGS[name]
-    return Florence2(config).eval()
+    return Florence2(CONFIGS[name]).eval()
 
 
 def draw_results(image: Image.Image, answer: dict | str) -> Image.Image:
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m miniflorence", description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="CHECKPOINT TOKENIZER_DIR IMAGE (TOKENIZER_DIR IMAGE with --random-weights)")
-    p.add_argument("--random-weights", choices=["tiny", *CONFIGS],
+    p.add_argument("--random-weights", choices=sorted(CONFIGS),
                    help="no checkpoint: seeded random weights of this size (smoke test; output is meaningless)")
     p.add_argument("--task", default="<CAPTION>", help='task token, e.g. "<OD>", "<CAPTION>", "<OCR_WITH_REGION>"')
     p.add_argument("--text", default=None, help="the task's input text (phrase, caption or <loc_..> region)")
@@ -98,11 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         model = random_model(args.random_weights).to(args.device)
         tokenizer_dir, image_path = args.paths
     else:
-        from weights_convert.checkpoint import CheckpointError
-
         checkpoint, tokenizer_dir, image_path = args.paths
         try:
-            model = load_florence2(checkpoint, args.device)
+            model = load_florence2(checkpoint, device=args.device)
         except CheckpointError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -200,7 +200,7 @@ class Decoder(nn.Module):
         self.layernorm_embedding = nn.LayerNorm(embed_tokens.embedding_dim, eps=eps)
         self.dropout = dropout
 
-    def forward(self, input_ids: Tensor, encoder_hidden_states: Tensor, encoder_attention_mask: Tensor | None,
+    def forward(self, input_ids: Tensor, encoder_hidden_states: Tensor | None, encoder_attention_mask: Tensor | None,
                 cache: KVCache | None) -> tuple[Tensor, KVCache]:
         """input_ids (B, t) are the new tokens; their positions continue from the cache's length."""
         B, t = input_ids.shape
@@ -214,7 +214,7 @@ class Decoder(nn.Module):
         new_self_kv = []
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.keys_values(x)  # 2 x (B, h, t, d)
-            if past > 0:
+            if cache.self_kv:  # append to the cached ones (a zero-length cache works too, as in ONNX graphs)
                 k = torch.cat([cache.self_kv[i][0], k], dim=2)  # (B, h, S, d)
                 v = torch.cat([cache.self_kv[i][1], v], dim=2)  # (B, h, S, d)
             new_self_kv.append((k, v))
@@ -276,7 +276,7 @@ class Florence2LanguageModel(nn.Module):
         """(B, T, D) embeddings, (B, T) mask of 1 = token / 0 = padding (None: attend to all) -> (B, T, D)."""
         return self.model.encoder(inputs_embeds, attention_mask)
 
-    def decode(self, decoder_input_ids: Tensor, encoder_hidden_states: Tensor,
+    def decode(self, decoder_input_ids: Tensor, encoder_hidden_states: Tensor | None,
                encoder_attention_mask: Tensor | None = None, cache: KVCache | None = None) -> tuple[Tensor, KVCache]:
         """New decoder tokens (B, t) -> logits (B, t, V) and the cache extended by them.
 

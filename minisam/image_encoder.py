@@ -27,7 +27,7 @@ class ImageEncoderViT(nn.Module):
 
     def __init__(
         self,
-        img_size: int,
+        image_size: int,
         patch_size: int,
         embed_dim: int,
         depth: int,
@@ -40,8 +40,8 @@ class ImageEncoderViT(nn.Module):
         use_sdpa: bool = True,
     ) -> None:
         super().__init__()
-        self.img_size = img_size
-        grid = img_size // patch_size
+        self.image_size = image_size
+        grid = image_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
         # Absolute positions for the whole grid, learned (the official code always uses them).
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
@@ -66,10 +66,22 @@ class ImageEncoderViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)  # (B, H, W, C)
-        x = x + self.pos_embed
-        for block in self.blocks:
+        return self.run_neck(self.run_blocks(self.embed(x)))  # (B, 256, H, W)
+
+    # ---- stages, callable on their own (fine-tuning caches the output of the frozen blocks)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels -> (B, H, W, C) patch embeddings plus absolute positions."""
+        return self.patch_embed(x) + self.pos_embed  # (B, H, W, C)
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Blocks `start` to `stop` (exclusive; None: the last), (B, H, W, C) -> (B, H, W, C)."""
+        for block in self.blocks[start:stop]:
             x = block(x)
+        return x
+
+    def run_neck(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) block output -> (B, 256, H, W) image embeddings."""
         return self.neck(x.permute(0, 3, 1, 2))  # (B, C, H, W) -> (B, 256, H, W)
 
 

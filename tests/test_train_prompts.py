@@ -1,4 +1,5 @@
-"""Prompts drawn from ground-truth masks: labels, erosion, spacing, boxes, empty masks."""
+"""Prompts drawn from ground-truth masks: labels, erosion, spacing, boxes, empty masks, and the
+corrective clicks of iterative training (in the error region, labelled by its kind)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from train.prompts import (
     LABEL_PAD,
     LABEL_POSITIVE,
     EmptyMaskError,
+    append_points,
     erode,
+    highest_iou_mask,
     make_prompt,
     mask_to_box,
     perturb_box,
+    sample_correction_points,
     sample_points,
 )
 
@@ -131,3 +135,78 @@ def test_make_prompt_kinds() -> None:
     a = make_prompt(mask, "both", torch.Generator().manual_seed(5), 2, 2, box_shift=4)
     b = make_prompt(mask, "both", torch.Generator().manual_seed(5), 2, 2, box_shift=4)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------- iterative training
+
+
+def prediction_of(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of 4 (prediction, ground truth) pairs that overlap but disagree both ways."""
+    gt = torch.stack([random_mask(seed + b) for b in range(4)])
+    pred = torch.stack([random_mask(seed + 100 + b) for b in range(4)]) | gt.roll(3, dims=2) & ~gt.roll(-5, dims=1)
+    return pred, gt
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_correction_points_lie_in_the_error_region_with_its_label(seed: int) -> None:
+    pred, gt = prediction_of(seed)
+    coords, labels = sample_correction_points(pred, gt, torch.Generator().manual_seed(seed))
+    assert coords.shape == (4, 1, 2) and labels.shape == (4, 1) and labels.dtype == torch.long
+    for b in range(4):
+        x, y = coords[b, 0].long().tolist()
+        assert pred[b, y, x] != gt[b, y, x]  # an error pixel ...
+        if gt[b, y, x]:  # ... a missed object pixel (false negative) -> foreground click
+            assert labels[b, 0] == LABEL_POSITIVE
+        else:  # ... a spilled background pixel (false positive) -> background click
+            assert labels[b, 0] == LABEL_NEGATIVE
+
+
+def test_correction_points_are_uniform_over_the_error_region() -> None:
+    gt = torch.zeros(1, 6, 6, dtype=torch.bool)
+    gt[0, 1:4, 1:4] = True
+    pred = gt.clone()
+    pred[0, 2, 2] = False  # one false negative ...
+    pred[0, 5, 0:3] = True  # ... and three false positives
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_correction_points(pred, gt, g) for _ in range(400)]
+    positives = sum(int(labels[0, 0] == LABEL_POSITIVE) for _, labels in draws)
+    assert 70 <= positives <= 130  # expected 100 of 400 (1 of 4 error pixels); binomial sd 8.7
+    assert {tuple(c[0, 0].tolist()) for c, _ in draws} == {(2.0, 2.0), (0.0, 5.0), (1.0, 5.0), (2.0, 5.0)}
+
+
+def test_correction_points_are_deterministic_under_a_seed() -> None:
+    pred, gt = prediction_of(7)
+    a = sample_correction_points(pred, gt, torch.Generator().manual_seed(3))
+    b = sample_correction_points(pred, gt, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    others = [sample_correction_points(pred, gt, torch.Generator().manual_seed(s))[0] for s in range(4, 9)]
+    assert any(not torch.equal(a[0], o) for o in others)
+
+
+def test_no_error_gives_a_padding_point() -> None:
+    pred, gt = prediction_of(2)
+    pred[1] = gt[1]  # prompt 1 is perfect
+    empty = torch.zeros_like(gt[0])
+    pred[2], gt[2] = empty, empty  # prompt 2: nothing predicted, nothing there
+    valid = torch.ones_like(gt)
+    valid[3] = False
+    valid[3, :10, :10] = True
+    gt[3] = pred[3].clone()
+    gt[3, 30:, 40:] = ~pred[3, 30:, 40:]  # prompt 3 is wrong only on the padding
+    coords, labels = sample_correction_points(pred, gt, torch.Generator().manual_seed(0), valid=valid)
+    assert labels[:, 0].tolist()[1:] == [LABEL_PAD] * 3 and labels[0, 0] != LABEL_PAD
+    assert (coords[1:] == 0).all()
+    with pytest.raises(ValueError, match=r"\(B, H, W\)"):
+        sample_correction_points(pred[0], gt[0], torch.Generator())
+
+
+def test_feedback_mask_and_appended_points() -> None:
+    logits = torch.randn(3, 3, 4, 4)
+    iou_pred = torch.tensor([[0.1, 0.9, 0.2], [0.8, 0.1, 0.3], [0.2, 0.3, 0.4]], requires_grad=True)
+    chosen = highest_iou_mask(logits.requires_grad_(), iou_pred)
+    assert chosen.shape == (3, 1, 4, 4) and not chosen.requires_grad
+    assert torch.equal(chosen[:, 0], torch.stack([logits[0, 1], logits[1, 0], logits[2, 2]]).detach())
+    new = (torch.ones(3, 1, 2), torch.ones(3, 1, dtype=torch.long))
+    assert append_points(None, *new) == new
+    coords, labels = append_points((torch.zeros(3, 2, 2), torch.zeros(3, 2, dtype=torch.long)), *new)
+    assert coords.shape == (3, 3, 2) and labels[:, 2].tolist() == [1, 1, 1]

@@ -3,16 +3,23 @@
 - settings: a dataclass of settings with `--field value` command-line overrides;
 - seeding and RNG states (saved as tensors, so checkpoints load with `weights_only=True`);
 - distributed set-up/teardown for `torchrun` (gloo on CPU, nccl on GPU) and rank-0 helpers;
+- the pieces of every script's epoch loop, each small enough that the loop itself stays in the
+  script, in plain view: the run folder, the per-rank DataLoader of an epoch, DDP's `no_sync`
+  while gradients accumulate, bf16 autocast, the optimizer step, the per-step log line, `last.pt`
+  (what it holds, when it is written, resuming from it);
 - logging (rank 0 only, tqdm-safe) and tqdm progress bars;
 - atomic checkpoint files (temporary file + rename): a crash never leaves half a checkpoint;
 - the learning-rate schedule (linear warmup, then cosine or linear decay);
 - a guard that stops the run on a NaN/inf loss;
-- loss/metric curves drawn with PIL (matplotlib is not a dependency).
+- loss/metric curves drawn with PIL (matplotlib is not a dependency);
+- `Skipped`: the counts of unusable inputs that every script's data reader skips instead of crashing.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -23,7 +30,6 @@ import re
 import sys
 import tempfile
 import time
-import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -33,6 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 S = TypeVar("S")
@@ -184,13 +192,35 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """The average of `t` over all ranks (for logging global numbers; no-op in one process)."""
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over all ranks (no-op in one process); `t` itself is left as it is."""
     if not dist.is_initialized():
         return t
     t = t.detach().clone()
     dist.all_reduce(t)
-    return t / dist.get_world_size()
+    return t
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The average of `t` over all ranks (for logging global numbers; no-op in one process)."""
+    return sum_over_ranks(t) / dist.get_world_size() if dist.is_initialized() else t
+
+
+def wrap_ddp(module: nn.Module, d: Dist, broadcast_buffers: bool = True) -> nn.Module:
+    """`module` in DistributedDataParallel under torchrun (it averages the gradients over the ranks
+    in `backward`); `module` itself in one process."""
+    if not d.enabled:
+        return module
+    device_ids = [d.local_rank] if d.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+
+
+def no_sync_unless(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Gradient accumulation under DDP: the micro-batches before the last of an optimizer step run
+    forward and backward in `no_sync` (gradients add up locally); the last one (`sync`) all-reduces."""
+    if isinstance(model, DistributedDataParallel) and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def _rank() -> int:
@@ -277,7 +307,6 @@ def make_scheduler(
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup_steps, schedule)
 
-    assert isinstance(factor, types.FunctionType)  # so LambdaLR does not try to save it
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -285,15 +314,177 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stops and the last good checkpoint stays."""
 
 
-def check_finite(loss: torch.Tensor, step: int, device: torch.device, last_good: str) -> None:
-    """Stop every rank when the loss is NaN/inf on any of them, with a message that says what to do."""
+def check_finite(loss: torch.Tensor, step: int, device: torch.device, last_path: str | os.PathLike) -> None:
+    """Stop every rank when the loss is NaN/inf on any of them, with a message that says what to do.
+
+    `last_path` is the run's `last.pt`, named in the message (or said to be not written yet).
+    """
     bad = not bool(torch.isfinite(loss.detach()).all())
     if any_rank(bad, device):
+        last_good = str(last_path) if Path(last_path).exists() else f"none written yet to {last_path}"
         raise NonFiniteLossError(
             f"the loss is {loss.item()} at step {step}; stopping. The last good checkpoint is kept "
             f"({last_good}); lower the learning rate, turn on gradient clipping or check the data, "
             "then continue with --resume."
         )
+
+
+# ----------------------------------------------------------------------------- the epoch loop's pieces
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when `enabled`; nothing on CPU, where runs stay fp32, exact and comparable."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def start_run(settings: Any, d: Dist) -> Path:
+    """Seed every RNG with `settings.seed`; rank 0 makes the folder `settings.out` and writes the
+    settings there (`settings.json`). Returns the folder."""
+    out = Path(settings.out)
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+    seed_everything(settings.seed)
+    return out
+
+
+def steps_per_epoch(n_samples: int, batch_size: int, accum_steps: int, d: Dist) -> tuple[int, int]:
+    """(samples per optimizer step over all ranks, optimizer steps per epoch); the last partial step is dropped."""
+    per_step = batch_size * d.world_size * accum_steps
+    if n_samples < per_step:
+        raise ValueError(f"{n_samples} training samples cannot fill one optimizer step of {per_step} "
+                         f"({batch_size} per process x {d.world_size} processes x {accum_steps} accumulated); "
+                         "lower --batch-size")
+    return per_step, n_samples // per_step
+
+
+def epoch_loader(
+    dataset: torch.utils.data.Dataset, epoch: int, seed: int, batch_size: int, accum_steps: int, d: Dist,
+    start: int = 0, workers: int = 0, collate_fn: Callable | None = None,
+) -> torch.utils.data.DataLoader:
+    """This rank's micro-batches of one epoch, from its micro-batch `start` on (a resumed epoch).
+
+    One permutation, seeded by `seed + epoch`, for every rank; of it, whole optimizer steps
+    (`batch_size` x world size x `accum_steps` samples each; the rest is dropped) are dealt out
+    rank r, r + W, r + 2W, ..., so that the W ranks' batches together are exactly the batch of
+    `batch_size * W` that one process takes. `dataset.set_epoch(epoch)` is called first where the
+    dataset has it (its per-sample random draws depend on the epoch). The loader draws its workers'
+    base seed from its own generator, never from the global RNG, so a resumed run goes on exactly
+    as the uninterrupted one.
+    """
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    per_step = batch_size * d.world_size * accum_steps
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+    mine = order[: len(dataset) // per_step * per_step][d.rank :: d.world_size].tolist()
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches[start:], num_workers=workers,
+                                       collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.Tensor], clip_grad: float,
+) -> tuple[int, float, float]:
+    """Clip the gradient norm to `clip_grad` (0: measure it only), step, advance the schedule, clear
+    the gradients. Returns the number of optimizer steps taken so far (the schedule counts them, and
+    resumes with them), the learning rate this step used (the last group's) and the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad > 0 else float("inf"))
+    lr = optimizer.param_groups[-1]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return scheduler.last_epoch, lr, grad_norm.item()
+
+
+def backward(loss: torch.Tensor, step: int, device: torch.device, last_path: str | os.PathLike) -> torch.Tensor:
+    """`loss.backward()`, after stopping every rank if it is NaN/inf (`check_finite`); returns it detached."""
+    check_finite(loss, step, device, last_path)
+    loss.backward()
+    return loss.detach()
+
+
+def log_step(
+    history: dict[str, list], bar: Any, path: str | os.PathLike, step: int, sums: dict[str, torch.Tensor],
+    lr: float, grad_norm: float,
+) -> None:
+    """After optimizer step `step`: average each of `sums` (this rank's, summed over the step's
+    micro-batches) over the ranks in one all-reduce and append `[step, value]` to `history[name]`;
+    on rank 0, show them beside the progress bar and write them, the learning rate, the gradient
+    norm and the time to `path` (metrics.jsonl). The sums are then zeroed for the next step."""
+    values = dict(zip(sums, mean_over_ranks(torch.stack(list(sums.values()))).tolist(), strict=True))
+    for name, value in values.items():
+        history[name].append([step, value])
+    if _rank() == 0:
+        bar.set_postfix({name: f"{value:.4f}" for name, value in values.items()})
+        append_jsonl(path, {"step": step, "time": time.time(), **values, "lr": lr, "grad_norm": grad_norm})
+    for running in sums.values():
+        running.zero_()
+
+
+def log_epoch(history: dict[str, list], path: str | os.PathLike, step: int, epoch: int, epochs: int,
+              numbers: dict[str, float]) -> None:
+    """After evaluating at the end of `epoch` (0: before training): append `[step, value]` to
+    `history[name]` for each of `numbers`, write them to `path` (metrics.jsonl) and log them."""
+    for name, value in numbers.items():
+        history[name].append([step, value])
+    append_jsonl(path, {"step": step, "epoch": epoch, "time": time.time(), **numbers})
+    where = f"epoch {epoch}/{epochs}: step {step}" if epoch else "before training"
+    log(f"{where}, " + ", ".join(f"{name} {value:.4f}" for name, value in numbers.items()))
+
+
+def run_state(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, epoch: int,
+    micro: int, history: dict[str, list], settings: Any,
+) -> dict[str, Any]:
+    """What `last.pt` holds besides the model: optimizer, schedule, where the loop stands (the next
+    micro-batch `micro` of `epoch`), the history, the RNG states and the settings."""
+    return {
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
+        "micro": micro, "history": history, "rng": rng_state(), "settings": dataclasses.asdict(settings),
+    }
+
+
+def resume(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler
+) -> tuple[int, int, int]:
+    """Restore the optimizer, the schedule and the RNGs from a `run_state`; returns (step, epoch, micro)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    log(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['micro']})")
+    return state["step"], state["epoch"], state["micro"]
+
+
+def maybe_checkpoint(
+    path: str | os.PathLike, snapshot: Callable[[int, int], dict], epoch: int, micro: int, step: int,
+    save_every: int, stop_after: int,
+) -> bool:
+    """The end of optimizer step `step`: rank 0 writes `snapshot(epoch, micro)` (`micro`: the next
+    micro-batch) to `path` every `save_every` steps and at step `stop_after`, and returns True
+    there: the run stops, as if interrupted."""
+    stop = step == stop_after
+    if (save_every and step % save_every == 0) or stop:
+        if _rank() == 0:
+            save_checkpoint(path, snapshot(epoch, micro))
+    if stop:
+        log(f"stopped after step {step} as asked (--stop-after); continue with --resume")
+    return stop
+
+
+def end_epoch(
+    last_path: str | os.PathLike, snapshot: Callable[[int, int], dict], epoch: int, curves_path: str | os.PathLike,
+    panels: dict[str, dict[str, Sequence[tuple[float, float]]]],
+) -> None:
+    """After epoch `epoch` (counted from 1) and its evaluation: rank 0 writes `snapshot(epoch, 0)`
+    to `last_path` (resuming starts the next epoch) and the curves (`save_curves`); every
+    rank waits for it."""
+    if _rank() == 0:
+        save_checkpoint(last_path, snapshot(epoch, 0))
+        save_curves(curves_path, panels)
+    barrier()
 
 
 # ----------------------------------------------------------------------------- curves
@@ -343,3 +534,26 @@ def save_curves(
             draw.text((x1 - 110, y0 + 6 + 14 * j), name, fill=colour)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
+
+
+# ----------------------------------------------------------------------------- skipped inputs
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+class Skipped(collections.Counter):
+    """Counts of skipped inputs by reason, with a few examples of each for the log."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.examples: dict[str, list[str]] = collections.defaultdict(list)
+
+    def add(self, reason: str, example: str, n: int = 1) -> None:
+        self[reason] += n
+        if len(self.examples[reason]) < 3:
+            self.examples[reason].append(example)
+
+    def summary(self) -> str:
+        if not self:
+            return "nothing skipped"
+        return "; ".join(f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.items())

@@ -21,7 +21,6 @@ Legend: B images, L stage-3 tokens, P pixels per patch (16 * 16 * 3), g grid sid
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -30,13 +29,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import convmae
+from checkpoint_format import save_converted
 from train import common
-from train.data import Skipped
+from train.common import autocast
 from train.image_folder import ImageFolderDataset, denormalize, list_images, sample_generator
-from weights_convert.checkpoint import save_converted
 
 
 @dataclass
@@ -49,7 +47,7 @@ class Settings:
     model: str = "convmae_base"  # a convmae.CONFIGS name, or a .json file of ConvMAEConfig fields
     checkpoint: str | None = None  # a converted ConvMAE/FastConvMAE file to start from
     fast: bool = False  # FastConvMAE (complementary masks) instead of ConvMAE
-    img_size: int = 0  # 0: the config's
+    image_size: int = 0  # 0: the config's
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     seed: int = 0
@@ -88,7 +86,7 @@ def build_model(s: Settings) -> convmae.ConvMAE:
         config = convmae.CONFIGS[s.model]
     else:
         raise ValueError(f"--model {s.model!r}: neither a .json config nor one of {sorted(convmae.CONFIGS)}")
-    config = dataclasses.replace(config, norm_pix_loss=s.norm_pix_loss, **({"img_size": s.img_size} if s.img_size else {}))
+    config = dataclasses.replace(config, norm_pix_loss=s.norm_pix_loss, **({"image_size": s.image_size} if s.image_size else {}))
     torch.manual_seed(s.seed)
     return (convmae.FastConvMAE if s.fast else convmae.ConvMAE)(config)
 
@@ -101,11 +99,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue  # the fixed sin-cos position embeddings
         (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; nothing on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
 
 
 class PretrainStep(nn.Module):
@@ -167,40 +160,32 @@ def save_picture(rows: torch.Tensor, path: Path) -> None:
 
 def train(s: Settings, d: common.Dist) -> dict:
     """The whole run; returns the history and the fixed-set reconstruction loss before/after."""
-    out = Path(s.out)
+    out = common.start_run(s, d)
     last_path = out / "last.pt"
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
-    common.seed_everything(s.seed)
 
     # ---- model and data; unreadable or too-small images are skipped and counted
     model = build_model(s).to(d.device).train()
     c = model.config
-    skipped = Skipped()
-    min_side = c.img_size if s.min_side < 0 else s.min_side
+    skipped = common.Skipped()
+    min_side = c.image_size if s.min_side < 0 else s.min_side
     items, _ = list_images([p for p in s.data.split(",") if p], skipped, min_side)
     eval_items = list_images(s.val_data.split(","), skipped, min_side)[0] if s.val_data else items
-    train_set = ImageFolderDataset(items, c.img_size, train=True, scale=(0.2, 1.0), seed=s.seed)
-    eval_set = ImageFolderDataset(eval_items[: s.eval_images], c.img_size, train=False)
-    common.log(f"{type(model).__name__} {c.img_size}px, {len(train_set)} training images; skipped: {skipped.summary()}")
+    train_set = ImageFolderDataset(items, c.image_size, train=True, scale=(0.2, 1.0), seed=s.seed)
+    eval_set = ImageFolderDataset(eval_items[: s.eval_images], c.image_size, train=False)
+    common.log(f"{type(model).__name__} {c.image_size}px, {len(train_set)} training images; skipped: {skipped.summary()}")
     fixed = torch.stack([eval_set[i]["image"] for i in range(len(eval_set))]).to(d.device)
     fixed_noise = masking_noise(list(range(len(eval_set))), s.seed + 7, 0, c.num_patches).to(d.device)
 
     # ---- optimiser and schedule (lr scaled by the effective batch, as in main_pretrain.py)
-    per_step = s.batch_size * d.world_size * s.accum_steps  # images per optimizer step, all ranks
-    steps_per_epoch = len(train_set) // per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} images cannot fill one step of {per_step}; lower --batch-size")
+    per_step, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
     lr = s.lr if s.lr is not None else s.blr * per_step / 256
     optimizer = torch.optim.AdamW(param_groups(model, s.weight_decay), lr=lr, betas=(0.9, 0.95))
     total_steps = steps_per_epoch * s.epochs
     scheduler = common.make_scheduler(optimizer, total_steps, round(s.warmup_epochs * steps_per_epoch), "cosine")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     step_module = PretrainStep(model, s.bf16, s.fp32_decoder)
-    ddp = step_module
-    if d.enabled:
-        ddp = DistributedDataParallel(step_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    ddp = common.wrap_ddp(step_module, d)
+    running = torch.zeros((), device=d.device)  # the loss of the optimizer step under way, over its micro-batches
     common.log(f"lr {lr:.3g} (effective batch {per_step}), {steps_per_epoch} steps per epoch, {total_steps} in all")
 
     # ---- start or resume
@@ -209,88 +194,54 @@ def train(s: Settings, d: common.Dist) -> dict:
     if s.resume:
         state = common.load_checkpoint(last_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, start_epoch, start_micro, history = state["step"], state["epoch"], state["micro"], state["history"]
-        common.set_rng_state(state["rng"])
-        common.log(f"resumed from {last_path} at step {step} (epoch {start_epoch}, batch {start_micro})")
+        step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
+        history = state["history"]
     elif d.is_main:
         loss0, rows = reconstruct(model, fixed, fixed_noise, s.mask_ratio)
-        history["recon_loss"].append([0, loss0])
+        common.log_epoch(history, out / "metrics.jsonl", 0, 0, s.epochs, {"recon_loss": loss0})
         save_picture(rows, out / "recon_000.png")
-        common.log(f"before training: reconstruction loss {loss0:.4f} on {len(eval_set)} fixed images")
 
-    def snapshot(epoch: int, micro: int) -> dict:
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "epoch": epoch, "micro": micro, "history": history, "rng": common.rng_state(),
-            "settings": dataclasses.asdict(s),
-        }
+    def snapshot(epoch: int, micro: int) -> dict:  # what last.pt holds
+        state = common.run_state(optimizer, scheduler, step, epoch, micro, history, s)
+        return {"model": model.state_dict(), **state}
 
-    stopped = False
+    def summary(stopped: bool) -> dict:  # what `train` returns
+        recon = history["recon_loss"]
+        return {"history": history, "step": step, "stopped": stopped, "skipped": dict(skipped),
+                "recon_before": recon[0][1] if recon else float("nan"),
+                "recon_after": recon[-1][1] if recon else float("nan")}
+
     for epoch in range(start_epoch, s.epochs):
-        # One permutation for all ranks; rank r takes every W-th image, so the ranks' batches
-        # together are exactly the single-process batch of size B * W.
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(s.seed + epoch))
-        mine = order[: steps_per_epoch * per_step][d.rank :: d.world_size].tolist()
-        batches = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
-        train_set.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers,
-                                             generator=torch.Generator().manual_seed(s.seed + epoch))
-        bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
-        for micro, batch in enumerate(bar, start=start_micro):
+        first = start_micro if epoch == start_epoch else 0  # a resumed epoch goes on where it stopped
+        loader = common.epoch_loader(train_set, epoch, s.seed, s.batch_size, s.accum_steps, d, first, s.workers)
+        bar = common.progress(loader, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        for micro, batch in enumerate(bar, start=first):
             imgs = batch["image"].to(d.device)  # (B, 3, H, W)
             noise = masking_noise(batch["index"].tolist(), s.seed, epoch, c.num_patches).to(d.device)  # (B, L)
-            sync = (micro + 1) % s.accum_steps == 0
-            with ddp.no_sync() if d.enabled and not sync else contextlib.nullcontext():
+            sync = (micro + 1) % s.accum_steps == 0  # the last micro-batch of an optimizer step
+            with common.no_sync_unless(ddp, sync):
                 loss, _, _ = ddp(imgs, noise, s.mask_ratio)
-                common.check_finite(loss, step, d.device, str(last_path) if last_path.exists() else "none written yet")
-                (loss / s.accum_steps).backward()
-            if not sync:
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else float("inf"))
-            used_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            # the mean over ranks = the loss of the whole batch (equal masked counts per image)
-            loss_value = common.mean_over_ranks(loss.detach()).item()
-            history["train_loss"].append([step, loss_value])
-            history["lr"].append([step, used_lr])
-            if d.is_main:
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": loss_value,
-                                                            "lr": used_lr, "grad_norm": grad_norm.item()})
-            if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
-                if d.is_main:
-                    common.save_checkpoint(last_path, snapshot(epoch, micro + 1))
-                if step == s.stop_after:
-                    stopped = True
-                    break
-        if stopped:
-            common.log(f"stopped after step {step} as asked (--stop-after); continue with --resume")
-            break
-        start_micro = 0
+                running += common.backward(loss / s.accum_steps, step, d.device, last_path)
+            if sync:
+                step, used_lr, grad_norm = common.optimizer_step(optimizer, scheduler, params, s.clip_grad)
+                history["lr"].append([step, used_lr])
+                # the mean over ranks = the loss of the whole batch (equal masked counts per image)
+                common.log_step(history, bar, out / "metrics.jsonl", step, {"train_loss": running}, used_lr, grad_norm)
+                if common.maybe_checkpoint(last_path, snapshot, epoch, micro + 1, step, s.save_every, s.stop_after):
+                    return summary(stopped=True)
 
         # ---- end of epoch (rank 0): fixed-set reconstruction, picture, exported model, last.pt, curves
         if d.is_main:
             recon, rows = reconstruct(model, fixed, fixed_noise, s.mask_ratio)
-            history["recon_loss"].append([step, recon])
+            common.log_epoch(history, out / "metrics.jsonl", step, epoch + 1, s.epochs, {"recon_loss": recon})
             save_picture(rows, out / f"recon_{epoch + 1:03d}.png")
-            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "recon_loss": recon})
-            common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, reconstruction loss {recon:.4f}")
             kind = "fastconvmae" if isinstance(model, convmae.FastConvMAE) else "convmae"
             save_converted(out / "convmae.safetensors", model.state_dict(), "convmae", {**c.to_dict(), "model": kind})
-            common.save_checkpoint(last_path, snapshot(epoch + 1, 0))
-            common.save_curves(out / "curves.png", {
-                "loss": {"train": history["train_loss"], "fixed set": history["recon_loss"]},
-                "learning rate": {"lr": history["lr"]},
-            })
-        common.barrier()
-    recon = history["recon_loss"]
-    return {"history": history, "step": step, "stopped": stopped, "skipped": dict(skipped),
-            "recon_before": recon[0][1] if recon else float("nan"), "recon_after": recon[-1][1] if recon else float("nan")}
+        common.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
+            "loss": {"train": history["train_loss"], "fixed set": history["recon_loss"]},
+            "learning rate": {"lr": history["lr"]},
+        })
+    return summary(stopped=False)
 
 
 def main(argv: list[str] | None = None) -> dict:

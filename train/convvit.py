@@ -12,7 +12,7 @@ erasing (not implemented here):
   the last), lr scale = decay ** (num_layers - layer); no weight decay on 1-D parameters and
   `pos_embed`; lr = base_lr x effective batch / 256; per-step warmup then cosine;
 - drop path (stochastic depth) and label smoothing; top-1 accuracy on the validation set per
-  epoch; the best model as a converted `convvit` file (`convmae.load_convmae` / `load_convvit`);
+  epoch; the best model as a converted `convvit` file (`convmae.load_convvit`);
 - `last.pt` for `--resume`, NaN guard, tqdm, `curves.png`, `metrics.jsonl`;
   `torchrun --nproc_per_node=N -m train.convvit ...` runs the same loop with DDP.
 
@@ -21,7 +21,6 @@ Legend: B images, K classes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -29,13 +28,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import convmae
+from checkpoint_format import save_converted
 from train import common
-from train.data import Skipped
 from train.image_folder import ImageFolderDataset, class_names, list_images
-from weights_convert.checkpoint import save_converted
 
 
 @dataclass
@@ -107,10 +104,6 @@ def layer_decay_groups(model: convmae.ConvViT, weight_decay: float, layer_decay:
     return [groups[k] for k in sorted(groups)]
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(model: convmae.ConvViT, dataset: ImageFolderDataset, s: Settings, device: torch.device) -> tuple[float, float]:
     """Validation loss (no smoothing) and top-1 accuracy."""
@@ -121,7 +114,7 @@ def evaluate(model: convmae.ConvViT, dataset: ImageFolderDataset, s: Settings, d
         items = [dataset[i] for i in range(first, min(first + s.batch_size, len(dataset)))]
         imgs = torch.stack([it["image"] for it in items]).to(device)
         labels = torch.stack([it["label"] for it in items]).to(device)
-        with autocast(device, s.bf16):
+        with common.autocast(device, s.bf16):
             logits = model(imgs).float()  # (B, K)
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         correct += int((logits.argmax(1) == labels).sum())
@@ -131,19 +124,15 @@ def evaluate(model: convmae.ConvViT, dataset: ImageFolderDataset, s: Settings, d
 
 def train(s: Settings, d: common.Dist) -> dict:
     """The whole run; returns the history and the top-1 accuracy before/after."""
-    out = Path(s.out)
+    out = common.start_run(s, d)
     last_path = out / "last.pt"
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
-    common.seed_everything(s.seed)
 
     # ---- the model (its input size decides which images are too small), then the data
     roots = [p for p in s.data.split(",") if p]
     model = build_model(s, s.num_classes or len(class_names(roots))).to(d.device).train()
-    img_size, num_classes = model.config.img_size, model.config.num_classes
-    skipped = Skipped()
-    min_side = img_size if s.min_side < 0 else s.min_side
+    image_size, num_classes = model.config.image_size, model.config.num_classes
+    skipped = common.Skipped()
+    min_side = image_size if s.min_side < 0 else s.min_side
     items, classes = list_images(roots, skipped, min_side)
     if s.val_data:
         val_items, val_classes = list_images(s.val_data.split(","), skipped, min_side)
@@ -155,24 +144,20 @@ def train(s: Settings, d: common.Dist) -> dict:
         val_items, items = [items[i] for i in order[:n_val]], [items[i] for i in sorted(order[n_val:])]
     if max(it.label for it in items + val_items) >= num_classes:
         raise ValueError(f"{len(classes)} class folders but --num-classes {num_classes}")
-    train_set = ImageFolderDataset(items, img_size, train=True, scale=(s.min_scale, 1.0), seed=s.seed)
-    val_set = ImageFolderDataset(val_items, img_size, train=False)
+    train_set = ImageFolderDataset(items, image_size, train=True, scale=(s.min_scale, 1.0), seed=s.seed)
+    val_set = ImageFolderDataset(val_items, image_size, train=False)
     common.log(f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes; skipped: {skipped.summary()}")
 
     # ---- optimiser with layer-wise lr decay, schedule
-    per_step = s.batch_size * d.world_size * s.accum_steps
-    steps_per_epoch = len(train_set) // per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} images cannot fill one step of {per_step}; lower --batch-size")
+    per_step, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
     lr = s.lr if s.lr is not None else s.blr * per_step / 256
     groups = layer_decay_groups(model, s.weight_decay, s.layer_decay)
     optimizer = torch.optim.AdamW([{**g, "lr": lr * g["lr_scale"]} for g in groups], lr=lr)
     total_steps = steps_per_epoch * s.epochs
     scheduler = common.make_scheduler(optimizer, total_steps, round(s.warmup_epochs * steps_per_epoch), "cosine")
     params = [p for g in groups for p in g["params"]]
-    ddp = model
-    if d.enabled:
-        ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    ddp = common.wrap_ddp(model, d)
+    running = torch.zeros((), device=d.device)  # the loss of the optimizer step under way, over its micro-batches
     common.log(f"lr {lr:.3g} (effective batch {per_step}), layer decay {s.layer_decay} over {model.num_layers + 1} layers")
 
     # ---- start or resume
@@ -181,86 +166,51 @@ def train(s: Settings, d: common.Dist) -> dict:
     if s.resume:
         state = common.load_checkpoint(last_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, start_epoch, start_micro = state["step"], state["epoch"], state["micro"]
+        step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
         best, history = state["best"], state["history"]
-        common.set_rng_state(state["rng"])
-        common.log(f"resumed from {last_path} at step {step} (epoch {start_epoch}, batch {start_micro})")
     elif s.val_before and d.is_main:
         val_loss, top1 = evaluate(model, val_set, s, d.device)
-        history["val_loss"].append([0, val_loss])
-        history["top1"].append([0, top1])
-        common.log(f"before training: val loss {val_loss:.4f}, top-1 {top1:.3f}")
+        common.log_epoch(history, out / "metrics.jsonl", 0, 0, s.epochs, {"val_loss": val_loss, "top1": top1})
 
-    def snapshot(epoch: int, micro: int) -> dict:
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "epoch": epoch, "micro": micro, "best": best, "history": history,
-            "rng": common.rng_state(), "settings": dataclasses.asdict(s),
-        }
+    def snapshot(epoch: int, micro: int) -> dict:  # what last.pt holds
+        state = common.run_state(optimizer, scheduler, step, epoch, micro, history, s)
+        return {"model": model.state_dict(), "best": best, **state}
 
-    stopped = False
+    def summary(stopped: bool) -> dict:  # what `train` returns
+        return {"history": history, "best_top1": best, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+
     for epoch in range(start_epoch, s.epochs):
-        # One permutation for all ranks; rank r takes every W-th image (see train.convmae).
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(s.seed + epoch))
-        mine = order[: steps_per_epoch * per_step][d.rank :: d.world_size].tolist()
-        batches = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
-        train_set.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers,
-                                             generator=torch.Generator().manual_seed(s.seed + epoch))
-        bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
-        for micro, batch in enumerate(bar, start=start_micro):
+        first = start_micro if epoch == start_epoch else 0  # a resumed epoch goes on where it stopped
+        loader = common.epoch_loader(train_set, epoch, s.seed, s.batch_size, s.accum_steps, d, first, s.workers)
+        bar = common.progress(loader, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        for micro, batch in enumerate(bar, start=first):
             imgs, labels = batch["image"].to(d.device), batch["label"].to(d.device)
-            sync = (micro + 1) % s.accum_steps == 0
-            with ddp.no_sync() if d.enabled and not sync else contextlib.nullcontext():
-                with autocast(d.device, s.bf16):
+            sync = (micro + 1) % s.accum_steps == 0  # the last micro-batch of an optimizer step
+            with common.no_sync_unless(ddp, sync):
+                with common.autocast(d.device, s.bf16):
                     logits = ddp(imgs)  # (B, K)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=s.smoothing)
-                common.check_finite(loss, step, d.device, str(last_path) if last_path.exists() else "none written yet")
-                (loss / s.accum_steps).backward()
-            if not sync:
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            total = common.mean_over_ranks(loss.detach())  # equal batches per rank: the whole batch's loss
-            history["train_loss"].append([step, total.item()])
-            if d.is_main:
-                bar.set_postfix(loss=f"{total.item():.4f}")
-                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": total.item(),
-                                                            "lr": scheduler.get_last_lr()[-1], "grad_norm": grad_norm.item()})
-            if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
-                if d.is_main:
-                    common.save_checkpoint(last_path, snapshot(epoch, micro + 1))
-                if step == s.stop_after:
-                    stopped = True
-                    break
-        if stopped:
-            common.log(f"stopped after step {step} as asked (--stop-after); continue with --resume")
-            break
-        start_micro = 0
+                running += common.backward(loss / s.accum_steps, step, d.device, last_path)
+            if sync:
+                step, used_lr, grad_norm = common.optimizer_step(optimizer, scheduler, params, s.clip_grad)
+                common.log_step(history, bar, out / "metrics.jsonl", step, {"train_loss": running}, used_lr, grad_norm)
+                if common.maybe_checkpoint(last_path, snapshot, epoch, micro + 1, step, s.save_every, s.stop_after):
+                    return summary(stopped=True)
 
         # ---- evaluation (rank 0), the best model in the converted format, last.pt, curves
         if d.is_main:
             val_loss, top1 = evaluate(model, val_set, s, d.device)
-            history["val_loss"].append([step, val_loss])
-            history["top1"].append([step, top1])
-            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "val_loss": val_loss, "top1": top1})
-            common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, val loss {val_loss:.4f}, top-1 {top1:.3f}")
+            common.log_epoch(history, out / "metrics.jsonl", step, epoch + 1, s.epochs,
+                             {"val_loss": val_loss, "top1": top1})
             if top1 > best:
                 best = top1
                 config = {**model.config.to_dict(), "model": "convvit"}
                 save_converted(out / "best.safetensors", model.state_dict(), "convmae", config)
                 common.log(f"new best top-1 {best:.3f}: wrote {out / 'best.safetensors'}")
-            common.save_checkpoint(last_path, snapshot(epoch + 1, 0))
-            common.save_curves(out / "curves.png", {
-                "loss": {"train": history["train_loss"], "val": history["val_loss"]}, "top-1": {"val": history["top1"]},
-            })
-        common.barrier()
-    return {"history": history, "best_top1": best, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+        common.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
+            "loss": {"train": history["train_loss"], "val": history["val_loss"]}, "top-1": {"val": history["top1"]},
+        })
+    return summary(stopped=False)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,8 +23,6 @@ Legend: B batch, T prompt tokens, t answer tokens, V vocabulary, S image side.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -32,15 +30,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 import miniflorence
+from checkpoint_format import save_converted
 from miniflorence.model import TIED_KEYS
 from train import common
-from train.data import Skipped
 from train.florence2_data import DocDataset, collate, load_examples
 from train.levenshtein import anls, exact_match, similarity
-from weights_convert.checkpoint import save_converted
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizer" / "florence2"
 
@@ -124,14 +120,8 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, pad_id: int
 
 def global_token_count(labels: torch.Tensor, pad_id: int, device: torch.device) -> int:
     """Real (non-pad) label tokens in this micro-batch, summed over every process."""
-    n = torch.tensor([float((labels != pad_id).sum())], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(n)
+    n = common.sum_over_ranks(torch.tensor([float((labels != pad_id).sum())], device=device))
     return max(1, int(n.item()))
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -146,7 +136,7 @@ def evaluate(model: miniflorence.Florence2, dataset: DocDataset, s: Settings, to
     for first in range(0, n, s.batch_size):
         batch = collate([dataset[i] for i in range(first, min(first + s.batch_size, n))], pad_id, start_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, s.bf16):
+        with common.autocast(device, s.bf16):
             logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])
             count = int((batch["labels"] != pad_id).sum())
             loss_sum += masked_cross_entropy(logits, batch["labels"], pad_id, 1).item()
@@ -166,6 +156,11 @@ def evaluate(model: miniflorence.Florence2, dataset: DocDataset, s: Settings, to
     return {"loss": loss_sum / max(1, tokens), **{k: v / n for k, v in scores.items()}, "examples": predictions}
 
 
+def scores(result: dict) -> dict[str, float]:
+    """The numbers of an `evaluate` result that go into the history and metrics.jsonl."""
+    return {"val_loss": result["loss"], **{k: result[k] for k in ("similarity", "anls", "exact")}}
+
+
 def export(model: miniflorence.Florence2, path: Path) -> None:
     """The converted format: the tied token table stored once (`language_model.model.shared`)."""
     tensors = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
@@ -174,18 +169,14 @@ def export(model: miniflorence.Florence2, path: Path) -> None:
 
 def train(s: Settings, d: common.Dist) -> dict:
     """The whole run; returns the history and the scores before/after. See the module docstring."""
-    out = Path(s.out)
+    out = common.start_run(s, d)
     last_path = out / "last.pt"
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
-    common.seed_everything(s.seed)
 
     # ---- tokenizer, model, data (bad lines skipped and counted)
     tokenizer = miniflorence.Tokenizer.from_dir(s.tokenizer)
     model = build_model(s, tokenizer.vocab_size).to(d.device).train()
     c = model.config
-    skipped = Skipped()
+    skipped = common.Skipped()
     examples = load_examples(s.data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)
     if s.val_data:
         val_examples = load_examples(s.val_data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)
@@ -203,15 +194,11 @@ def train(s: Settings, d: common.Dist) -> dict:
         model.vision_tower.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    per_step = s.batch_size * d.world_size * s.accum_steps  # examples per optimizer step, all ranks
-    steps_per_epoch = len(train_set) // per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training examples cannot fill one step of {per_step}; lower --batch-size")
+    _, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
     total_steps = steps_per_epoch * s.epochs
     scheduler = common.make_scheduler(optimizer, total_steps, s.warmup_steps, s.schedule)
-    ddp = model
-    if d.enabled:
-        ddp = DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    ddp = common.wrap_ddp(model, d)
+    running = torch.zeros((), device=d.device)  # W x this rank's share of the step's loss, over its micro-batches
     pad_id, start_id = c.pad_token_id, c.decoder_start_token_id
 
     # ---- start or resume
@@ -220,97 +207,56 @@ def train(s: Settings, d: common.Dist) -> dict:
     if s.resume:
         state = common.load_checkpoint(last_path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, start_epoch, start_micro = state["step"], state["epoch"], state["micro"]
+        step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
         best, history = state["best"], state["history"]
-        common.set_rng_state(state["rng"])
-        common.log(f"resumed from {last_path} at step {step} (epoch {start_epoch}, batch {start_micro})")
     elif s.val_before and d.is_main:
         r = evaluate(model, val_set, s, tokenizer, d.device)
-        for k in ("similarity", "anls", "exact"):
-            history[k].append([0, r[k]])
-        history["val_loss"].append([0, r["loss"]])
-        common.log(f"before training: val loss {r['loss']:.4f}, similarity {r['similarity']:.3f}, "
-                   f"ANLS {r['anls']:.3f}, exact {r['exact']:.3f}")
+        common.log_epoch(history, out / "metrics.jsonl", 0, 0, s.epochs, scores(r))
 
-    def snapshot(epoch: int, micro: int) -> dict:
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "epoch": epoch, "micro": micro, "best": best, "history": history,
-            "rng": common.rng_state(), "settings": dataclasses.asdict(s),
-        }
+    def snapshot(epoch: int, micro: int) -> dict:  # what last.pt holds
+        state = common.run_state(optimizer, scheduler, step, epoch, micro, history, s)
+        return {"model": model.state_dict(), "best": best, **state}
 
-    stopped = False
+    def summary(stopped: bool) -> dict:  # what `train` returns
+        return {"history": history, "best_anls": best, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+
+    collate_fn = functools.partial(collate, pad_id=pad_id, decoder_start_id=start_id)
     for epoch in range(start_epoch, s.epochs):
-        # One permutation for all ranks; rank r takes every W-th example, so the ranks' batches
-        # together are exactly the single-process batch of size B * W.
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(s.seed + epoch))
-        mine = order[: steps_per_epoch * per_step][d.rank :: d.world_size].tolist()
-        batches = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers,
-                                             generator=torch.Generator().manual_seed(s.seed + epoch),
-                                             collate_fn=functools.partial(collate, pad_id=pad_id, decoder_start_id=start_id))
-        bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
-        for micro, batch in enumerate(bar, start=start_micro):
+        first = start_micro if epoch == start_epoch else 0  # a resumed epoch goes on where it stopped
+        loader = common.epoch_loader(train_set, epoch, s.seed, s.batch_size, s.accum_steps, d, first, s.workers,
+                                     collate_fn)
+        bar = common.progress(loader, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        for micro, batch in enumerate(bar, start=first):
             batch = {k: v.to(d.device) for k, v in batch.items()}
             n_tokens = global_token_count(batch["labels"], pad_id, d.device)
-            sync = (micro + 1) % s.accum_steps == 0
-            with ddp.no_sync() if d.enabled and not sync else contextlib.nullcontext():
-                with autocast(d.device, s.bf16):
-                    logits = ddp(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])
+            sync = (micro + 1) % s.accum_steps == 0  # the last micro-batch of an optimizer step
+            with common.no_sync_unless(ddp, sync):
+                with common.autocast(d.device, s.bf16):
+                    logits = ddp(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"],
+                                 batch["attention_mask"])  # (B, t, V)
                 loss = masked_cross_entropy(logits, batch["labels"], pad_id, n_tokens)  # this rank's share
-                common.check_finite(loss, step, d.device, str(last_path) if last_path.exists() else "none written yet")
                 # DDP averages gradients over the W ranks; W x the shares = the whole batch's mean.
-                (loss * d.world_size / s.accum_steps).backward()
-            if not sync:
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            total = loss.detach().clone()
-            if d.enabled:
-                torch.distributed.all_reduce(total)
-            history["train_loss"].append([step, total.item()])
-            if d.is_main:
-                bar.set_postfix(loss=f"{total.item():.4f}")
-                common.append_jsonl(out / "metrics.jsonl", {"step": step, "loss": total.item(),
-                                                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()})
-            if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
-                if d.is_main:
-                    common.save_checkpoint(last_path, snapshot(epoch, micro + 1))
-                if step == s.stop_after:
-                    stopped = True
-                    break
-        if stopped:
-            common.log(f"stopped after step {step} as asked (--stop-after); continue with --resume")
-            break
-        start_micro = 0
+                running += common.backward(loss * d.world_size / s.accum_steps, step, d.device, last_path)
+            if sync:
+                step, used_lr, grad_norm = common.optimizer_step(optimizer, scheduler, params, s.clip_grad)
+                common.log_step(history, bar, out / "metrics.jsonl", step, {"train_loss": running}, used_lr, grad_norm)
+                if common.maybe_checkpoint(last_path, snapshot, epoch, micro + 1, step, s.save_every, s.stop_after):
+                    return summary(stopped=True)
 
         # ---- evaluation by generation (rank 0), best model in the converted format, last.pt, curves
         if d.is_main:
             r = evaluate(model, val_set, s, tokenizer, d.device)
-            for k in ("similarity", "anls", "exact"):
-                history[k].append([step, r[k]])
-            history["val_loss"].append([step, r["loss"]])
-            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "val_loss": r["loss"],
-                                                        **{k: r[k] for k in ("similarity", "anls", "exact")}})
-            common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, val loss {r['loss']:.4f}, similarity "
-                       f"{r['similarity']:.3f}, ANLS {r['anls']:.3f}, exact {r['exact']:.3f}")
+            common.log_epoch(history, out / "metrics.jsonl", step, epoch + 1, s.epochs, scores(r))
             (out / "predictions.json").write_text(json.dumps(r["examples"][:200], indent=1))
             if r["anls"] > best:
                 best = r["anls"]
                 export(model, out / "best.safetensors")
                 common.log(f"new best ANLS {best:.3f}: wrote {out / 'best.safetensors'}")
-            common.save_checkpoint(last_path, snapshot(epoch + 1, 0))
-            common.save_curves(out / "curves.png", {
-                "loss": {"train": history["train_loss"], "val": history["val_loss"]},
-                "answers": {"similarity": history["similarity"], "ANLS": history["anls"], "exact": history["exact"]},
-            })
-        common.barrier()
-    return {"history": history, "best_anls": best, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+        common.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
+            "loss": {"train": history["train_loss"], "val": history["val_loss"]},
+            "answers": {"similarity": history["similarity"], "ANLS": history["anls"], "exact": history["exact"]},
+        })
+    return summary(stopped=False)
 
 
 def main(argv: list[str] | None = None) -> dict:

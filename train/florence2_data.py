@@ -12,7 +12,7 @@ Image paths are relative to the JSONL file's folder (or absolute).
 
 Bad lines never crash a run: invalid JSON, a missing or non-text field, an empty answer, an image
 that is missing or that PIL cannot open, or an answer longer than `max_answer_tokens` is skipped
-and counted in a `train.data.Skipped`; a file with no usable line is refused with the counts.
+and counted in a `train.common.Skipped`; a file with no usable line is refused with the counts.
 
 Batches follow BART's teacher forcing: `labels` = `<s> answer </s>` right-padded with `<pad>`;
 `decoder_input_ids` = labels shifted right behind the decoder start token `</s>`. Padded label
@@ -30,7 +30,7 @@ from PIL import Image
 
 from miniflorence.processor import TASK_PROMPTS, preprocess_image, task_prompt
 from miniflorence.tokenizer import Tokenizer
-from train.data import Skipped
+from train.common import Skipped
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ are the sorted union of their first-level folder names.
 
 Bad input never crashes a run: a file that PIL cannot open (not an image, truncated header,
 zero bytes) or an image smaller than `min_side` pixels on its shorter side is skipped and
-counted in a `train.data.Skipped`; a folder with no usable image is refused with the counts.
+counted in a `train.common.Skipped`; a folder with no usable image is refused with the counts.
 
 The transforms are torchvision's, written out (Alpha-VL/ConvMAE `main_pretrain.py` and
 `util/datasets.py` build them from torchvision): `RandomResizedCrop` (area scale 0.2-1 for
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.data import IMAGE_SUFFIXES, Skipped
+from train.common import IMAGE_SUFFIXES, Skipped
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

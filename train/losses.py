@@ -2,9 +2,10 @@
 
 SAM is trained with a linear combination of focal and Dice loss (20:1) on the masks and an MSE
 loss between the predicted IoU and the IoU of the prediction with the ground truth (Kirillov et
-al., 2023, appendix A, "Losses"). Fine-tuning recipes usually take Dice + BCE. All functions take
-logits (B, H, W) and targets (B, H, W) in {0, 1}, plus an optional `valid` (B, H, W) weight that
-is 0 on the padding added by SAM's preprocessing, and return one value per sample (B,).
+al., 2023, appendix A, "Losses"); `sam_loss` is that recipe in full. Fine-tuning recipes usually
+take Dice + BCE. The per-mask functions take logits (B, H, W) and targets (B, H, W) in {0, 1},
+plus an optional `valid` (B, H, W) weight that is 0 on the padding added by SAM's preprocessing,
+and return one value per sample (B,).
 """
 
 from __future__ import annotations
@@ -86,3 +87,71 @@ def segmentation_loss(
     if kind == "bce":
         return bce_loss(logits, target, valid)
     raise ValueError(f"loss must be 'dice_bce', 'dice_balanced_bce', 'dice_focal' or 'bce', not {kind!r}")
+
+
+# SAM's weights (Kirillov et al., 2023, section 3 "Losses and training" and appendix A): focal : Dice
+# = 20 : 1 on the mask, plus the IoU head's MSE "added to the mask loss with a constant scaling
+# factor of 1.0".
+SAM_FOCAL_WEIGHT, SAM_DICE_WEIGHT, SAM_IOU_WEIGHT = 20.0, 1.0, 1.0
+
+
+def sam_loss(
+    mask_logits: torch.Tensor,
+    iou_pred: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    supervise_all_iou: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SAM's training loss for a batch of prompts, each with M candidate masks.
+
+    Per mask m of prompt b: mask_loss = 20 * focal + 1 * Dice (focal: alpha 0.25, gamma 2, mean
+    over the valid pixels; Dice with +1 smoothing). With several masks per prompt (multimask
+    output) only the mask with the LOWEST mask_loss is back-propagated (paper, section 3,
+    "Resolving ambiguity"). The IoU head is trained with the MSE between its prediction and the
+    real IoU of (logits > 0) with the target (no gradient through the IoU itself), on that same
+    lowest-loss mask - as SAM 2's public training code does "to be consistent with SAM" - or on
+    all M masks (`supervise_all_iou`, SAM 2's option). The loss is the mean over prompts.
+
+    Resolution: masks are compared at whatever resolution `mask_logits` has; `target` must have
+    the same (H, W). Neither the paper nor a public SAM 1 training code fixes it; we follow SAM
+    2's public training code, which computes these losses on the masks upsampled to the input
+    resolution: pass the decoder's (B, M, S/4, S/4) low-res logits bilinearly upsampled to the
+    padded input frame (S, S) (as `Sam.postprocess_masks` does first), the target mask in that
+    frame, and `valid` = 0 on the padding so it counts for nothing. Low-res logits with a target
+    resized to (S/4, S/4) also work (16x fewer pixels, blurrier boundaries).
+
+    Args:
+        mask_logits: (B, M, H, W) mask logits, M = 1 or 3.
+        iou_pred: (B, M) the decoder's IoU predictions.
+        target: (B, H, W) ground truth in {0, 1}, one object per prompt.
+        valid: (B, H, W) 1 on real pixels, 0 on padding; None: every pixel counts.
+        supervise_all_iou: put the IoU loss on all M masks (averaged) instead of the chosen one.
+
+    Returns:
+        the scalar loss, and per-prompt parts (detached): "focal", "dice", "iou_mse" and
+        "per_prompt" (B,) of the chosen mask, "best" (B,) its index, "true_iou" (B, M).
+    """
+    B, M, H, W = mask_logits.shape
+    if iou_pred.shape != (B, M):
+        raise ValueError(f"iou_pred must be (B, M) = {(B, M)}, got {tuple(iou_pred.shape)}")
+    if target.shape != (B, H, W) or (valid is not None and valid.shape != (B, H, W)):
+        raise ValueError(f"target (and valid) must be (B, H, W) = {(B, H, W)} like the logits, got "
+                         f"{tuple(target.shape)}; upsample the logits or resize the target first")
+    logits = mask_logits.float().flatten(0, 1)  # (B*M, H, W)
+    targets = target.float()[:, None].expand(B, M, H, W).flatten(0, 1)  # (B*M, H, W)
+    valids = None if valid is None else valid[:, None].expand(B, M, H, W).flatten(0, 1)
+    focal = focal_loss(logits, targets, valids).view(B, M)
+    dice = dice_loss(logits, targets, valids).view(B, M)
+    mask_loss = SAM_FOCAL_WEIGHT * focal + SAM_DICE_WEIGHT * dice  # (B, M)
+    true_iou = mask_iou(logits.detach(), targets, valids).view(B, M)  # a target, not differentiated
+    iou_mse = (iou_pred.float() - true_iou) ** 2  # (B, M)
+    best = mask_loss.detach().argmin(dim=1)  # (B,) the lowest-loss mask of each prompt
+
+    def chosen(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, best[:, None])[:, 0]  # (B, M) -> (B,)
+
+    iou_term = iou_mse.mean(dim=1) if supervise_all_iou else chosen(iou_mse)
+    per_prompt = chosen(mask_loss) + SAM_IOU_WEIGHT * iou_term  # (B,)
+    parts = {"focal": chosen(focal), "dice": chosen(dice), "iou_mse": iou_term, "per_prompt": per_prompt,
+             "best": best, "true_iou": true_iou}
+    return per_prompt.mean(), {k: v.detach() for k, v in parts.items()}

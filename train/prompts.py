@@ -11,7 +11,13 @@ river-segmentation tutorial) do the same with a few pixels of box jitter. Here:
 - `mask_to_box` and `perturb_box`: the tight box (x1, y1, x2, y2), then each side moved by a
   random number of pixels;
 - an empty mask has no point and no box: the functions raise `EmptyMaskError`, and the data
-  pipeline drops such samples before training and counts them.
+  pipeline drops such samples before training and counts them;
+- `sample_correction_points`, `highest_iou_mask`, `append_points`: the paper's interactive
+  training (appendix A, "Training algorithm"): after the first prompt, each new point is drawn
+  uniformly from the error region between the previous prediction and the ground truth - a
+  foreground point (label 1) where the prediction missed the object (false negative), a
+  background point (label 0) where it spilled over (false positive) - and the previous mask
+  logits of the highest-IoU-scored mask are fed back as `mask_input`.
 
 Masks are (H, W) bool tensors in the model's input frame (after `ResizeLongestSide`); points
 are (x, y) pixel centres in that frame, as `PromptEncoder` expects. Every random draw takes a
@@ -160,3 +166,64 @@ def make_prompt(
         )
         prompt["point_coords"], prompt["point_labels"] = coords, labels
     return prompt
+
+
+def sample_correction_points(
+    pred_masks: torch.Tensor, gt_masks: torch.Tensor, generator: torch.Generator, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One corrective click per prompt, drawn from where the previous prediction is wrong.
+
+    SAM paper, appendix A ("Training algorithm"): "subsequent points are selected uniformly from
+    the error region between the previous mask prediction and the ground truth mask. Each new
+    point is foreground or background if the error region is a false negative or false positive,
+    respectively." Uniform over the whole error region (false negatives and false positives
+    together), so a larger error kind is clicked proportionally more often.
+
+    A prompt whose prediction has no error (inside `valid`) gets a padding point: (0, 0) with
+    label -1 (`LABEL_PAD`), which the prompt encoder reads as "not a point" - the prompt keeps its
+    meaning and the batch keeps its shape. (SAM 2's public training code instead clicks a random
+    background pixel in that case.)
+
+    Args:
+        pred_masks: (B, H, W) bool, the previous prediction (its logits > 0) in the input frame.
+        gt_masks: (B, H, W) bool, the objects.
+        generator: the source of randomness (one draw per prompt that has an error).
+        valid: (B, H, W) bool, the real image inside a padded canvas; None: everywhere.
+
+    Returns:
+        coords (B, 1, 2) float (x, y) pixel indices and labels (B, 1) int64, on the masks' device.
+    """
+    if pred_masks.shape != gt_masks.shape or pred_masks.dim() != 3:
+        raise ValueError(f"pred_masks and gt_masks must both be (B, H, W), got {tuple(pred_masks.shape)} "
+                         f"and {tuple(gt_masks.shape)}")
+    error = pred_masks.bool() ^ gt_masks.bool()  # (B, H, W): false negatives | false positives
+    if valid is not None:
+        error &= valid.bool()
+    B = error.shape[0]
+    coords = torch.zeros(B, 1, 2)
+    labels = torch.full((B, 1), LABEL_PAD, dtype=torch.long)
+    for b in range(B):
+        pixels = error[b].nonzero().cpu()  # (K, 2) as (row, col)
+        if len(pixels) == 0:
+            continue  # no error: the padding point
+        y, x = pixels[torch.randint(len(pixels), (1,), generator=generator).item()].tolist()
+        coords[b, 0] = torch.tensor([x, y], dtype=torch.float32)
+        labels[b, 0] = LABEL_POSITIVE if gt_masks[b, y, x] else LABEL_NEGATIVE  # missed: fg; spilled: bg
+    return coords.to(pred_masks.device), labels.to(pred_masks.device)
+
+
+def highest_iou_mask(mask_logits: torch.Tensor, iou_pred: torch.Tensor) -> torch.Tensor:
+    """(B, M, H, W) logits, (B, M) IoU predictions -> (B, 1, H, W) logits of the top-scored mask,
+    detached: what the paper passes to the next iteration (as the unthresholded `mask_input`,
+    from the low-res logits) and samples the next point from (appendix A)."""
+    best = iou_pred.detach().argmax(dim=1)  # (B,)
+    return mask_logits.detach()[torch.arange(len(best), device=best.device), best][:, None]  # (B, 1, H, W)
+
+
+def append_points(
+    points: tuple[torch.Tensor, torch.Tensor] | None, coords: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add (B, K, 2) coords / (B, K) labels to a prompt's points (None when it had only a box)."""
+    if points is None:
+        return coords, labels
+    return torch.cat([points[0], coords.to(points[0].dtype)], dim=1), torch.cat([points[1], labels], dim=1)

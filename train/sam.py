@@ -24,24 +24,22 @@ Legend: B samples, M masks per prompt, S input side, s = S/4 low-res mask side.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import minisam
+from checkpoint_format import save_converted
+from minisam.image_encoder import ImageEncoderViT
 from train import common
-from train.data import PromptSettings, SegmentationDataset, Skipped, index_objects, load_records, split_objects
 from train.losses import mask_iou, segmentation_loss
-from weights_convert.checkpoint import save_converted
+from train.sam_data import PromptSettings, SegmentationDataset, index_objects, load_records, split_objects
 
 
 @dataclass
@@ -113,32 +111,22 @@ class PromptedDecoder(nn.Module):
     def forward(self, features: torch.Tensor, prompt: dict[str, torch.Tensor], multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = encoder_suffix(self.sam.image_encoder, features, self.n_cached)  # (B, 256, H, W)
         points = (prompt["point_coords"], prompt["point_labels"]) if "point_coords" in prompt else None
-        sparse, dense = self.sam.prompt_encoder(points=points, boxes=prompt.get("box"), masks=None)
-        pe = self.sam.prompt_encoder.get_dense_pe()  # (1, 256, H, W)
-        return self.sam.mask_decoder(embeddings, pe, sparse, dense, multimask_output=multimask)
+        sparse, dense = self.sam.encode_prompts(points, prompt.get("box"))
+        return self.sam.decode_masks(embeddings, sparse, dense, multimask)
 
 
-def encoder_prefix(encoder: nn.Module, x: torch.Tensor, n_cached: int) -> torch.Tensor:
-    """The frozen part: the whole encoder when all blocks are frozen, else patches + first blocks."""
-    if n_cached == len(encoder.blocks):
-        return encoder(x)  # (B, 256, H, W)
-    x = encoder.patch_embed(x) + encoder.pos_embed  # (B, H, W, C)
-    for block in encoder.blocks[:n_cached]:
-        x = block(x)
-    return x
+def encoder_prefix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+    """The frozen part, (B, 3, S, S) -> what the cache holds: the image embeddings (B, 256, H, W)
+    when every block is frozen, else the output (B, H, W, C) of the first `n_cached` blocks."""
+    x = encoder.run_blocks(encoder.embed(x), 0, n_cached)
+    return encoder.run_neck(x) if n_cached == len(encoder.blocks) else x
 
 
-def encoder_suffix(encoder: nn.Module, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+def encoder_suffix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+    """The trainable rest of the encoder on cached features -> image embeddings (B, 256, H, W)."""
     if n_cached == len(encoder.blocks):
         return x
-    for block in encoder.blocks[n_cached:]:
-        x = block(x)
-    return encoder.neck(x.permute(0, 3, 1, 2))  # (B, H, W, C) -> (B, 256, H, W)
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; nothing on CPU (runs stay exact and comparable there)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if enabled and device.type == "cuda" else contextlib.nullcontext()
+    return encoder.run_neck(encoder.run_blocks(x, n_cached))
 
 
 def image_features(
@@ -155,7 +143,7 @@ def image_features(
             f = torch.load(path, map_location=sam.device, weights_only=True)
         else:
             x = sam.preprocess(dataset.load_image(r).to(sam.device))[None]  # (1, 3, S, S)
-            with torch.no_grad(), autocast(sam.device, bf16):
+            with torch.no_grad(), common.autocast(sam.device, bf16):
                 f = encoder_prefix(sam.image_encoder, x, n_cached)[0].float()
             if path is not None:
                 common.save_checkpoint(path, f.cpu())
@@ -173,7 +161,7 @@ def batch_features(
     if "image" not in batch:
         return image_features(sam, dataset, batch["record"].tolist(), n_cached, cache, cache_dir, bf16)
     images = [sam.preprocess(im[:, :h, :w]) for im, (h, w) in zip(batch["image"], batch["size"].tolist())]
-    with torch.no_grad(), autocast(sam.device, bf16):
+    with torch.no_grad(), common.autocast(sam.device, bf16):
         return encoder_prefix(sam.image_encoder, torch.stack(images), n_cached).float()
 
 
@@ -182,7 +170,7 @@ def forward_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean loss over the batch, per-sample losses (B,) and IoUs (B,) of the mask a user would get."""
     prompt = {k: batch[k] for k in ("point_coords", "point_labels", "box") if k in batch}
-    with autocast(features.device, s.bf16):
+    with common.autocast(features.device, s.bf16):
         low_res, iou_pred = step_module(features, prompt, multimask != "off")  # (B, M, s, s), (B, M)
     B, M = iou_pred.shape
     logits = F.interpolate(low_res.float(), (S, S), mode="bilinear", align_corners=False)  # (B, M, S, S)
@@ -224,12 +212,8 @@ def evaluate(
 
 def train(s: Settings, d: common.Dist) -> dict:
     """The whole run; returns the history and the IoU before/after. See the module docstring."""
-    out = Path(s.out)
+    out = common.start_run(s, d)
     last_path = out / "last.pt"
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(s), indent=2))
-    common.seed_everything(s.seed)
     choices = {"multimask": ("auto", "off", "best", "mean", "min"), "cache": ("memory", "disk", "off"),
                "optimizer": ("adamw", "sgd"), "prompt": ("box", "points", "both")}
     if not s.data:
@@ -239,7 +223,7 @@ def train(s: Settings, d: common.Dist) -> dict:
             raise ValueError(f"--{field} must be one of {allowed}, not {getattr(s, field)!r}")
 
     # ---- data: every (image, object) pair is a sample; bad input is skipped and counted
-    skipped = Skipped()
+    skipped = common.Skipped()
     sam = build_model(s).to(d.device).eval()
     S = sam.config.image_size
     records = load_records([p for p in s.data.split(",") if p], skipped)
@@ -272,10 +256,7 @@ def train(s: Settings, d: common.Dist) -> dict:
         optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     else:
         optimizer = torch.optim.SGD(params, lr=s.lr, momentum=0.9, weight_decay=s.weight_decay)
-    per_step = s.batch_size * d.world_size * s.accum_steps  # samples per optimizer step, all ranks
-    steps_per_epoch = len(train_set) // per_step
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_set)} training samples cannot fill one step of {per_step}; lower --batch-size")
+    _, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
     total_steps = steps_per_epoch * s.epochs
     scheduler = common.make_scheduler(optimizer, total_steps, s.warmup_steps, s.schedule)
     cache: dict | None = {} if use_cache else None
@@ -294,101 +275,60 @@ def train(s: Settings, d: common.Dist) -> dict:
             raise ValueError(f"{last_path}: trains other parameters than these settings (changed --unfreeze-blocks?)")
         for n in names:
             named[n].data.copy_(state["trainable"][n])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, start_epoch, start_micro = state["step"], state["epoch"], state["micro"]
+        step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
         best_iou, history = state["best_iou"], state["history"]
-        common.set_rng_state(state["rng"])
-        common.log(f"resumed from {last_path} at step {step} (epoch {start_epoch}, batch {start_micro})")
     elif s.val_before and d.is_main:
         val_loss, val_iou = evaluate(sam, step_module, val_set, s, multimask, n_cached, cache, cache_dir)
-        history["val_loss"].append([0, val_loss])
-        history["val_iou"].append([0, val_iou])
-        common.log(f"before training: val loss {val_loss:.4f}, val IoU {val_iou:.4f}")
+        common.log_epoch(history, out / "metrics.jsonl", 0, 0, s.epochs, {"val_loss": val_loss, "val_iou": val_iou})
         best_iou = val_iou  # the starting model is the best so far: best.safetensors always exists
         save_converted(out / "best.safetensors", sam.state_dict(), "sam", sam.config.to_dict())
 
-    def snapshot(epoch: int, micro: int) -> dict:
-        return {
-            "trainable": {n: named[n].detach().cpu() for n in names}, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "micro": micro,
-            "best_iou": best_iou, "history": history, "rng": common.rng_state(), "settings": dataclasses.asdict(s),
-        }
+    def snapshot(epoch: int, micro: int) -> dict:  # what last.pt holds: of the model, the trained tensors only
+        state = common.run_state(optimizer, scheduler, step, epoch, micro, history, s)
+        return {"trainable": {n: named[n].detach().cpu() for n in names}, "best_iou": best_iou, **state}
 
-    stopped = False
+    def summary(stopped: bool) -> dict:  # what `train` returns
+        return {"model": sam, "history": history, "best_iou": best_iou, "step": step, "stopped": stopped,
+                "skipped": dict(skipped)}
+
+    running = torch.zeros((), device=d.device)  # the loss of the optimizer step under way, over its micro-batches
     for epoch in range(start_epoch, s.epochs):
         # Progressive unfreezing: the encoder blocks join at `unfreeze_epoch`; DDP is re-wrapped
         # because it registers the parameters that require gradients when it is built.
         for n, p in zip(names, params):
             p.requires_grad_(n.startswith("mask_decoder.") or epoch >= s.unfreeze_epoch)
-        model = step_module
-        if d.enabled:
-            model = DistributedDataParallel(step_module, device_ids=[d.local_rank] if d.device.type == "cuda" else None, broadcast_buffers=False)
-        # The same permutation on every rank; rank r takes every W-th sample, so the ranks'
-        # batches together are exactly the single-process batch of size B * W.
-        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(s.seed + epoch))
-        mine = order[: steps_per_epoch * per_step][d.rank :: d.world_size].tolist()
-        batches = [mine[i : i + s.batch_size] for i in range(0, len(mine), s.batch_size)]
-        train_set.set_epoch(epoch)
-        # the loader's own generator: drawing its base seed must not consume the global RNG (exact resume)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=batches[start_micro:], num_workers=s.workers,
-                                             generator=torch.Generator().manual_seed(s.seed + epoch))
-        bar = common.progress(loader, total=len(batches) - start_micro, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
-        running = torch.zeros((), device=d.device)  # the loss of this optimizer step, over its micro-batches
-        for micro, batch in enumerate(bar, start=start_micro):
+        model = common.wrap_ddp(step_module, d, broadcast_buffers=False)
+        first = start_micro if epoch == start_epoch else 0  # a resumed epoch goes on where it stopped
+        loader = common.epoch_loader(train_set, epoch, s.seed, s.batch_size, s.accum_steps, d, first, s.workers)
+        bar = common.progress(loader, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        for micro, batch in enumerate(bar, start=first):
             batch = {k: v.to(d.device) for k, v in batch.items()}
             features = batch_features(sam, train_set, batch, n_cached, cache, cache_dir, s.bf16)
-            sync = (micro + 1) % s.accum_steps == 0
-            with model.no_sync() if d.enabled and not sync else contextlib.nullcontext():
+            sync = (micro + 1) % s.accum_steps == 0  # the last micro-batch of an optimizer step
+            with common.no_sync_unless(model, sync):
                 loss, _, iou = forward_loss(model, features, batch, s, multimask, S)
-                common.check_finite(loss, step, d.device, str(last_path) if last_path.exists() else "none written yet")
-                (loss / s.accum_steps).backward()
-            running += loss.detach() / s.accum_steps
-            if not sync:
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad if s.clip_grad > 0 else float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            loss_, iou_ = common.mean_over_ranks(torch.stack([running, iou.mean()])).tolist()  # global batch
-            running.zero_()
-            history["train_loss"].append([step, loss_])
-            history["train_iou"].append([step, iou_])
-            if d.is_main:
-                bar.set_postfix(loss=f"{loss_:.4f}", iou=f"{iou_:.3f}")
-                common.append_jsonl(out / "metrics.jsonl", {"step": step, "time": time.time(), "loss": loss_, "iou": iou_,
-                                                            "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm.item()})
-            if (s.save_every and step % s.save_every == 0) or step == s.stop_after:
-                if d.is_main:
-                    common.save_checkpoint(last_path, snapshot(epoch, micro + 1))
-                if step == s.stop_after:
-                    stopped = True
-                    break
-        if stopped:
-            common.log(f"stopped after step {step} as asked (--stop-after); continue with --resume")
-            break
-        start_micro = 0
+                running += common.backward(loss / s.accum_steps, step, d.device, last_path)
+            if sync:
+                step, used_lr, grad_norm = common.optimizer_step(optimizer, scheduler, params, s.clip_grad)
+                numbers = {"train_loss": running, "train_iou": iou.mean()}  # the IoU of the last micro-batch
+                common.log_step(history, bar, out / "metrics.jsonl", step, numbers, used_lr, grad_norm)
+                if common.maybe_checkpoint(last_path, snapshot, epoch, micro + 1, step, s.save_every, s.stop_after):
+                    return summary(stopped=True)
 
         # ---- validation (rank 0), the best model in the converted format, last.pt, curves
         if d.is_main:
             val_loss, val_iou = evaluate(sam, step_module, val_set, s, multimask, n_cached, cache, cache_dir)
-            history["val_loss"].append([step, val_loss])
-            history["val_iou"].append([step, val_iou])
-            common.append_jsonl(out / "metrics.jsonl", {"step": step, "epoch": epoch + 1, "time": time.time(),
-                                                        "val_loss": val_loss, "val_iou": val_iou})
-            common.log(f"epoch {epoch + 1}/{s.epochs}: step {step}, val loss {val_loss:.4f}, val IoU {val_iou:.4f}")
+            common.log_epoch(history, out / "metrics.jsonl", step, epoch + 1, s.epochs,
+                             {"val_loss": val_loss, "val_iou": val_iou})
             if val_iou > best_iou:
                 best_iou = val_iou
                 save_converted(out / "best.safetensors", sam.state_dict(), "sam", sam.config.to_dict())
                 common.log(f"new best val IoU {best_iou:.4f}: wrote {out / 'best.safetensors'}")
-            common.save_checkpoint(last_path, snapshot(epoch + 1, 0))
-            common.save_curves(out / "curves.png", {
-                "loss": {"train": history["train_loss"], "val": history["val_loss"]},
-                "IoU": {"train": history["train_iou"], "val": history["val_iou"]},
-            })
-        common.barrier()
-    return {"model": sam, "history": history, "best_iou": best_iou, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+        common.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
+            "loss": {"train": history["train_loss"], "val": history["val_loss"]},
+            "IoU": {"train": history["train_iou"], "val": history["val_iou"]},
+        })
+    return summary(stopped=False)
 
 
 def main(argv: list[str] | None = None) -> dict:

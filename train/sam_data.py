@@ -1,4 +1,4 @@
-"""Segmentation data for SAM fine-tuning: images + instance masks -> (image, one mask, one prompt).
+"""Segmentation data for SAM fine-tuning (`train.sam`): images + instance masks -> (image, one mask, one prompt).
 
 Two layouts are read:
 - a folder with `images/NAME.{jpg,jpeg,png,bmp,tif,tiff}` and `masks/NAME.png`, the mask either
@@ -10,8 +10,8 @@ Two layouts are read:
 Every (image, object) pair is one sample. Bad input never crashes a run: a missing mask, a mask
 whose size differs from its image, a mask that is neither binary nor instance ids (soft or
 JPEG-compressed masks, colour masks), an unreadable image, or an object that is empty in the
-model's input frame is skipped and counted in `Skipped`; a dataset with no sample left is
-refused with the counts. Images are resized like SAM's `ResizeLongestSide` (longest side to
+model's input frame is skipped and counted in a `train.common.Skipped`; a dataset with no sample
+left is refused with the counts. Images are resized like SAM's `ResizeLongestSide` (longest side to
 `image_size`, PIL bilinear) and masks the same way (thresholded at 0.5), then zero-padded to a
 square at the bottom/right.
 
@@ -22,7 +22,6 @@ processes see identical data, and a resumed run sees what the uninterrupted one 
 
 from __future__ import annotations
 
-import collections
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
+from train.common import IMAGE_SUFFIXES, Skipped
 from train.prompts import make_prompt
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 VOID_ID = 255  # VOC's "void" boundary label in 8-bit id maps: ignored, never an object
 
 
@@ -49,24 +48,6 @@ class ImageRecord:
     name: str
     image: str
     masks: str
-
-
-class Skipped(collections.Counter):
-    """Counts of skipped inputs by reason, with a few examples of each for the log."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.examples: dict[str, list[str]] = collections.defaultdict(list)
-
-    def add(self, reason: str, example: str, n: int = 1) -> None:
-        self[reason] += n
-        if len(self.examples[reason]) < 3:
-            self.examples[reason].append(example)
-
-    def summary(self) -> str:
-        if not self:
-            return "nothing skipped"
-        return "; ".join(f"{n} {reason} (e.g. {', '.join(self.examples[reason])})" for reason, n in self.items())
 
 
 # ----------------------------------------------------------------------------- reading files

@@ -1,4 +1,4 @@
-"""Segmentation data: folder and .npz layouts, splits, and bad input skipped with a count."""
+"""SAM segmentation data (`train.sam_data`): folder and .npz layouts, splits, and bad input skipped with a count."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ import torch
 from conftest import shared_path
 from PIL import Image, ImageFilter
 
-from train.data import (
+from train.common import Skipped
+from train.sam_data import (
+    ImageRecord,
     PromptSettings,
     SegmentationDataset,
-    Skipped,
     index_objects,
     load_records,
     read_masks,
     resized_size,
     split_objects,
 )
-from train.demo import synthetic_shapes
+from train.synthetic import synthetic_shapes
 
 
 def write_pair(root: Path, name: str, image: np.ndarray, mask: Image.Image | None) -> None:
@@ -82,11 +83,10 @@ def test_a_dataset_without_usable_samples_is_refused(tmp_path: Path) -> None:
 
     write_pair(tmp_path, "no_mask", good_image(), None)
     with pytest.raises(ValueError, match="fewer than 2 usable objects.*missing mask"):
-        train(Settings(data=str(tmp_path), out=str(tmp_path / "run"), model="vit_t"), Dist())
+        train(Settings(data=str(tmp_path), out=str(tmp_path / "run"), model="vit_b", image_size=64), Dist())
 
 
 def test_mask_modes(tmp_path: Path) -> None:
-    from train.data import ImageRecord
 
     def ids_of(mask: Image.Image) -> list[int]:
         mask.save(tmp_path / "m.png")
