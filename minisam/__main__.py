@@ -4,6 +4,7 @@
     python -m minisam sam_vit_b.safetensors photo.jpg --point 500,375 --point 600,300,0 --multimask --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --box 10,10,90,90 --box 50,20,200,150 --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --auto --out everything.png
+    python -m minisam sam_vit_b.safetensors photo.jpg --point 500,375 --dtype bf16 --compile --device cuda --out mask.png
     python -m minisam --random-weights vit_b --image-size 128 photo.jpg --point 10,10 --out mask.png   # smoke test only
 
 With prompts it writes the mask(s) as black-and-white PNGs (`mask.png`, or `mask_0.png`...
@@ -11,6 +12,9 @@ With prompts it writes the mask(s) as black-and-white PNGs (`mask.png`, or `mask
 best mask (or every box's mask) painted over the image with the prompts drawn. With --auto it writes a colour overlay of every mask and, beside it, a JSON
 list of the generator's records with each segmentation as a COCO run-length string.
 The checkpoint is a converted `.safetensors` (`python -m weights_convert sam ...`).
+--dtype bf16 runs the image encoder in bfloat16 (fast on GPUs and on CPUs with AMX or AVX512-BF16;
+elsewhere slower than fp32, and a note says so); --compile compiles it with torch.compile (the first
+image then takes about a minute longer).
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from minisam.automatic import AutomaticMaskGenerator
 from minisam.config import CONFIGS
 from minisam.masks import coco_decode_rle, rle_to_mask
 from minisam.predictor import SamPredictor
-from minisam.sam import Sam, load_sam
+from minisam.sam import Sam, compile_sam, load_sam
 
 MASK_COLOUR = np.array([30, 144, 255])  # the blue of the official notebooks
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_numbers(text: str, counts: tuple[int, ...], what: str) -> list[float]:
@@ -71,12 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-mask-region-area", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output PNG (masks, or the overlay with --auto)")
     parser.add_argument("--json", type=Path, help="records file of --auto (default: OUT with .json)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the image encoder's dtype (default fp32)")
+    parser.add_argument("--compile", action="store_true", help="compile the image encoder with torch.compile")
     return parser
 
 
+def usable_device(name: str) -> torch.device:
+    """`name` as a torch.device this machine has, or a ValueError saying why not."""
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # unknown device type; no CUDA in this build or machine
+        raise ValueError(f"--device {name!r} is not usable here: {error}") from None
+    return device
+
+
 def build_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Sam, Path]:
-    """The model and the image path, from `paths` and --random-weights."""
+    """The model (on --device, in --dtype, compiled with --compile) and the image path, from `paths` and --random-weights."""
+    device, dtype = usable_device(args.device), DTYPES[args.dtype]
+    if dtype == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("note: this CPU has no native bfloat16 matmuls (AMX or AVX512-BF16): --dtype bf16 runs slower than fp32 here",
+              file=sys.stderr)
     if args.random_weights:
         if len(args.paths) != 1:
             parser.error("with --random-weights give only the IMAGE")
@@ -85,10 +106,12 @@ def build_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tu
             config = dataclasses.replace(config, image_size=args.image_size)
         torch.manual_seed(args.seed)
         print(f"WARNING: RANDOM WEIGHTS ({args.random_weights}, seed {args.seed}): the masks are meaningless", file=sys.stderr)
-        return Sam(config).eval(), Path(args.paths[0])
+        model = Sam(config).eval().to(device).cast(dtype)
+        return compile_sam(model) if args.compile else model, Path(args.paths[0])
     if len(args.paths) != 2:
         parser.error("give CHECKPOINT and IMAGE (or --random-weights VARIANT and IMAGE)")
-    return load_sam(args.paths[0], image_size=args.image_size), Path(args.paths[1])
+    model = load_sam(args.paths[0], device=device, dtype=dtype, compile=args.compile, image_size=args.image_size)
+    return model, Path(args.paths[1])
 
 
 def paint(image: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float = 0.5) -> None:
@@ -170,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--auto takes no --point or --box")
     try:
         model, image_path = build_model(args, parser)
-        model = model.to(args.device)
         image = np.array(Image.open(image_path).convert("RGB"))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         if args.auto:
