@@ -13,9 +13,10 @@ busy machine slows all of them alike; the medians are reported, and their ratios
 - decoder: prompt encoder + mask decoder for --boxes box prompts on one image embedding, one
   call (what a predictor does for many boxes), float32 on both sides.
 - amg: the automatic mask generator on the photograph, --points-per-side² points decoded
-  --points-per-batch at a time (the official one in float32 only: under bf16 autocast it fails). Random weights give low predicted IoUs and stability scores, so
-  the filters default to 0 here: every mask goes through the post-processing (upscaling,
-  stability, boxes, run-length codes, NMS), the heaviest case.
+  --points-per-batch at a time (the official one in float32 only: under bf16 autocast it fails).
+  Random weights give low predicted IoUs and stability scores, so the filters default to 0 here:
+  every mask goes through the post-processing (upscaling, stability, boxes, run-length codes,
+  NMS), the heaviest case.
 
 Modes: "fp32" (both implementations in float32), "bf16" (minisam's `dtype=torch.bfloat16`: the
 image encoder in bfloat16; the official model under `torch.autocast(bfloat16)`), and "+compile"
@@ -55,6 +56,8 @@ from minisam.config import SamConfig  # noqa: E402
 from minisam.sam import compile_sam, sam_from_tensors  # noqa: E402
 from weights_convert.sam import convert_tensors  # noqa: E402
 
+WORKLOADS = ["encoder", "decoder", "amg"]
+MODES = ["fp32", "fp32+compile", "bf16", "bf16+compile"]
 DEFAULT_IMAGE = ROOT.parent / "shared" / "assets" / "images" / "sam" / "dogs.jpg"
 
 
@@ -118,7 +121,9 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
         return float("nan")
 
 
-def run_rounds(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> tuple[dict[str, float], dict[str, object]]:
+def run_rounds(
+    fns: dict[str, Callable[[], object]], rounds: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, object]]:
     """Median wall time in ms of each `fn()` over `rounds` interleaved rounds, after one warm-up call each."""
     outputs = {}
     for name, fn in fns.items():  # warm-up (and compilation)
@@ -138,7 +143,8 @@ def run_rounds(fns: dict[str, Callable[[], object]], rounds: int, device: torch.
     return {name: statistics.median(t) for name, t in times.items()}, outputs
 
 
-def report(workload: str, ms: dict[str, float], peaks: dict[str, float], settings: dict, extra: dict | None = None) -> None:
+def report(workload: str, ms: dict[str, float], peaks: dict[str, float], settings: dict,
+           extra: dict | None = None) -> None:
     """A table of times, ratios against the official runs, peak memory, then one JSON line."""
     baselines = [name for name in ("official fp32", "official bf16 autocast") if name in ms]
     print(f"{workload:<26}{'ms':>12}{'peak MiB':>10}" + "".join(f"{'vs ' + b:>26}" for b in baselines))
@@ -165,12 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="vit_b", choices=sorted(CONFIGS))
     parser.add_argument("--image-size", type=int, default=1024)
-    parser.add_argument("--workloads", nargs="+", default=["encoder", "decoder", "amg"], choices=["encoder", "decoder", "amg"])
-    parser.add_argument("--modes", nargs="+", default=["fp32"], choices=["fp32", "fp32+compile", "bf16", "bf16+compile"])
+    parser.add_argument("--workloads", nargs="+", default=WORKLOADS, choices=WORKLOADS)
+    parser.add_argument("--modes", nargs="+", default=["fp32"], choices=MODES)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=1, help="images per encoder call (> 1: random images, encoder only)")
+    parser.add_argument("--batch", type=int, default=1, help="images per encoder call (> 1: random pixels)")
     parser.add_argument("--boxes", type=int, default=64, help="box prompts per decoder call")
-    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="the photograph of the encoder and amg workloads")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="the photograph of set_image and amg")
     parser.add_argument("--points-per-side", type=int, default=16)
     parser.add_argument("--points-per-batch", type=int, default=64)
     parser.add_argument("--pred-iou-thresh", type=float, default=0.0)
@@ -190,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     base = minisam_model(config, official).to(device)
     ours: dict[str, Sam] = {}
     for mode in args.modes:
-        model = base if mode == "fp32" else copy.deepcopy(base).cast(torch.bfloat16 if mode.startswith("bf16") else torch.float32)
+        dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
+        model = base if mode == "fp32" else copy.deepcopy(base).cast(dtype)
         ours[f"minisam {mode}"] = compile_sam(model) if mode.endswith("+compile") else model
     autocast = {"official fp32": nullcontext}
     if any(mode.startswith("bf16") for mode in args.modes):
@@ -199,12 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"variant": args.variant, "image_size": args.image_size, "device": str(device),
                 "threads": torch.get_num_threads(), "rounds": args.rounds}
     print(f"{args.variant} at {args.image_size} px on {device} ({torch.get_num_threads()} threads), "
-          f"modes {args.modes}, median of {args.rounds} interleaved rounds; image {args.image.name} {image.shape[1]}x{image.shape[0]}")
+          f"modes {args.modes}, median of {args.rounds} interleaved rounds; "
+          f"image {args.image.name} {image.shape[1]}x{image.shape[0]}")
 
     if "encoder" in args.workloads:
         fns: dict[str, Callable[[], object]] = {}
         if args.batch > 1:
-            pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+            g = torch.Generator().manual_seed(0)
+            pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
             for name, model in ours.items():
                 fns[name] = lambda m=model: m.image_encoder(pixels.to(m.dtype))
             if official is not None:
@@ -225,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
             print("encoder" + (f" (batch {args.batch})" if args.batch > 1 else " (set_image)"), flush=True)
             ms, outputs = run_rounds(fns, args.rounds, device)
             peaks = {name: peak_memory_mib(fn, device) for name, fn in fns.items()}
-        errors = {name: round(max_rel_diff(out, outputs["official fp32"]), 6) for name, out in outputs.items() if official is not None}
+        errors = {}
+        if "official fp32" in outputs:
+            errors = {name: round(max_rel_diff(out, outputs["official fp32"]), 6) for name, out in outputs.items()}
         report("encoder", ms, peaks, {**settings, "batch": args.batch}, {"max_rel_diff_vs_official_fp32": errors})
 
     if "decoder" in args.workloads:
@@ -235,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         boxes = corners.permute(0, 2, 1).reshape(-1, 4).to(device)  # (boxes, 4) as x0, y0, x1, y1
 
         def decode(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-            sparse, dense = m.prompt_encoder(points=None, boxes=boxes, masks=None)  # (boxes, 2, 256), (boxes, 256, g, g)
+            sparse, dense = m.prompt_encoder(points=None, boxes=boxes, masks=None)  # (K, 2, 256), (K, 256, g, g)
             return m.mask_decoder(embedding, m.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
 
         fns = {"minisam fp32": lambda: decode(base)}
@@ -248,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         extra = {}
         if official is not None:
             (l1, i1), (l2, i2) = outputs["minisam fp32"], outputs["official fp32"]
-            extra = {"max_rel_diff_logits": round(max_rel_diff(l1, l2), 7), "max_abs_diff_iou": round((i1 - i2).abs().max().item(), 7)}
+            extra = {"max_rel_diff_logits": round(max_rel_diff(l1, l2), 7),
+                     "max_abs_diff_iou": round((i1 - i2).abs().max().item(), 7)}
         report("decoder", ms, peaks, {**settings, "boxes": args.boxes}, extra)
 
     if "amg" in args.workloads:

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-mask-region-area", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output PNG (masks, or the overlay with --auto)")
     parser.add_argument("--json", type=Path, help="records file of --auto (default: OUT with .json)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1...")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the image encoder's dtype (default fp32)")
     parser.add_argument("--compile", action="store_true", help="compile the image encoder with torch.compile")
     return parser
@@ -93,11 +93,11 @@ def usable_device(name: str) -> torch.device:
 
 
 def build_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Sam, Path]:
-    """The model (on --device, in --dtype, compiled with --compile) and the image path, from `paths` and --random-weights."""
+    """The model (on --device, in --dtype, compiled with --compile) and the image path, from the arguments."""
     device, dtype = usable_device(args.device), DTYPES[args.dtype]
     if dtype == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print("note: this CPU has no native bfloat16 matmuls (AMX or AVX512-BF16): --dtype bf16 runs slower than fp32 here",
-              file=sys.stderr)
+        note = "note: this CPU has no native bfloat16 matmuls (AMX or AVX512-BF16): --dtype bf16 runs slower than fp32 here"
+        print(note, file=sys.stderr)
     if args.random_weights:
         if len(args.paths) != 1:
             parser.error("with --random-weights give only the IMAGE")

@@ -96,7 +96,8 @@ class MaskDecoder(nn.Module):
         B = sparse_prompt_embeddings.shape[0]
         dtype = self.iou_token.weight.dtype  # e.g. float32 embeddings of a bfloat16 image encoder (`Sam.cast`)
         image_embeddings, image_pe = image_embeddings.to(dtype), image_pe.to(dtype)
-        sparse_prompt_embeddings, dense_prompt_embeddings = sparse_prompt_embeddings.to(dtype), dense_prompt_embeddings.to(dtype)
+        sparse_prompt_embeddings = sparse_prompt_embeddings.to(dtype)
+        dense_prompt_embeddings = dense_prompt_embeddings.to(dtype)  # a no-op keeps a broadcast's stride of 0
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)  # (1 + M, C)
         output_tokens = output_tokens.unsqueeze(0).expand(B, -1, -1)  # (B, 1 + M, C)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)  # (B, T, C)
@@ -146,7 +147,7 @@ class MaskDecoder(nn.Module):
         x = act1(F.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype))
         w2 = conv2.weight.permute(2, 3, 1, 0).flatten(0, 2)  # (C/4, C/8, 2, 2) -> (2*2*C/8, C/4) as (i2, j2, o)
         x = act2(F.linear(x, w2, conv2.bias.repeat(4))).view(B, H, W, 2, 2, 2, 2, -1)  # (B, H, W, i, j, i2, j2, C/8)
-        masks = x.view(B, -1, x.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, H*W*16, C/8) @ (B, C/8, M) -> (B, H*W*16, M)
+        masks = x.view(B, -1, x.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, H*W*16, C/8) @ (B, C/8, M)
         masks = masks.view(B, H, W, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)  # (B, M, H, i, i2, W, j, j2)
         return masks.reshape(B, -1, 4 * H, 4 * W)  # output row 4y + 2i + i2, column 4x + 2j + j2
 

@@ -132,7 +132,7 @@ class Sam(nn.Module):
         image's (h, w)), bilinear to the original (H, W); as the official model.
         """
         S = self.image_encoder.image_size
-        masks = F.interpolate(masks.float(), (S, S), mode="bilinear", align_corners=False)  # float32 for any model dtype
+        masks = F.interpolate(masks.float(), (S, S), mode="bilinear", align_corners=False)  # float32 in any case
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 

@@ -133,7 +133,7 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
     def attend_few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Tq tokens attend to Tk image cells without projecting the cells: (B, Tq, C), (B or 1, Tk, C) -> (B, Tq, C)."""
+        """Tq tokens attend to Tk image cells, which are never projected: (B, Tq, C), (B or 1, Tk, C) -> (B, Tq, C)."""
         B, Tq, _ = q.shape
         h = self.num_heads
         d = self.internal_dim // h
@@ -149,7 +149,7 @@ class Attention(nn.Module):
         return self.out_proj(out.reshape(B, Tq, h * d))  # (B, Tq, C') -> (B, Tq, C)
 
     def attend_few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Tq image cells attend to Tk tokens without projecting the cells: (B or 1, Tq, C), (B, Tk, C) -> (B, Tq, C)."""
+        """Tq image cells, never projected, attend to Tk tokens: (B or 1, Tq, C), (B, Tk, C) -> (B, Tq, C)."""
         B, Tk, _ = k.shape
         Tq = q.shape[1]
         h = self.num_heads
@@ -165,7 +165,7 @@ class Attention(nn.Module):
         attn = logits.view(B, h, Tk, Tq).softmax(dim=2).view(B, h * Tk, Tq)
         # out_proj(concat_h sum_t a_ht v_ht) = sum_h sum_t a_ht (W_o,h v_ht) + b_o: project the Tk values instead
         v_folded = torch.einsum("bthd,chd->bhtc", v, self.out_proj.weight.view(-1, h, d)).flatten(1, 2)  # (B, h*Tk, C)
-        return torch.baddbmm(self.out_proj.bias, attn.transpose(1, 2), v_folded)  # (B, Tq, h*Tk) @ (B, h*Tk, C) -> (B, Tq, C)
+        return torch.baddbmm(self.out_proj.bias, attn.transpose(1, 2), v_folded)  # (B, Tq, h*Tk) @ (B, h*Tk, C)
 
 
 def shared_as_matrix(x: torch.Tensor) -> torch.Tensor:

@@ -88,7 +88,8 @@ def test_load_sam_dtype_and_cast(tmp_path) -> None:
         masks, iou_pred = half.decode_masks(emb, sparse, dense)
         assert masks.dtype == iou_pred.dtype == torch.float32
         # The batched official-style forward takes the cast too.
-        out = half([{"image": image[0], "original_size": (160, 120), "boxes": torch.tensor([[10.0, 10.0, 90.0, 80.0]])}], False)
+        record = {"image": image[0], "original_size": (160, 120), "boxes": torch.tensor([[10.0, 10.0, 90.0, 80.0]])}
+        out = half([record], multimask_output=False)
         assert out[0]["masks"].shape == (1, 1, 160, 120)
         reference = model.encode_image(image)
     assert ((emb.float() - reference).abs().max() / reference.std()).item() < 0.05
