@@ -1,7 +1,7 @@
 """Speed and peak memory of SAM, minisam against the official `segment_anything`: same weights, one run.
 
-    python bench/sam.py                                          # vit_b, 1024 px: all workloads, fp32
-    python bench/sam.py --modes fp32 bf16 bf16+compile --rounds 3  # the fast path too
+    python bench/sam.py                                          # vit_b, 1024 px: all workloads, fp32 bf16 bf16+compile
+    python bench/sam.py --modes fp32 --rounds 5                  # the exact path only
     python bench/sam.py --workloads decoder --boxes 64
     python bench/sam.py --image-size 256 --rounds 2              # a quick CPU run
     python bench/sam.py --variant vit_h --batch 8 --modes bf16+compile --device cuda
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", default="vit_b", choices=sorted(CONFIGS))
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--workloads", nargs="+", default=WORKLOADS, choices=WORKLOADS)
-    parser.add_argument("--modes", nargs="+", default=["fp32"], choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=["fp32", "bf16", "bf16+compile"], choices=MODES)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="images per encoder call (> 1: random pixels)")
     parser.add_argument("--boxes", type=int, default=64, help="box prompts per decoder call")
@@ -203,8 +203,13 @@ def main(argv: list[str] | None = None) -> None:
     if any(mode.startswith("bf16") for mode in args.modes):
         autocast["official bf16 autocast"] = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     image = np.array(Image.open(args.image).convert("RGB"))
+    native_bf16 = device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not native_bf16 and any(mode.startswith("bf16") for mode in args.modes):
+        print("note: this CPU has no native bfloat16 matmuls (AMX or AVX512-BF16): bfloat16 runs emulated, "
+              "slower than float32, for both implementations")
     settings = {"variant": args.variant, "image_size": args.image_size, "device": str(device),
-                "threads": torch.get_num_threads(), "rounds": args.rounds}
+                "threads": torch.get_num_threads(), "rounds": args.rounds, "native_bf16": native_bf16,
+                "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     print(f"{args.variant} at {args.image_size} px on {device} ({torch.get_num_threads()} threads), "
           f"modes {args.modes}, median of {args.rounds} interleaved rounds; "
           f"image {args.image.name} {image.shape[1]}x{image.shape[0]}")
