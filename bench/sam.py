@@ -26,18 +26,21 @@ modes also with the official model under autocast.
 Random weights: the official model of tests/reference/official.py (seeded), converted into
 minisam, so both compute the same thing; the outputs are compared too. The official package is
 optional: without it only minisam is timed. Peak memory: the most memory one call holds at once
-beyond what existed before it (CUDA: the allocator's peak; CPU: tensor allocations replayed from
-the profiler). The last line of each workload is its JSON record.
+beyond what existed before it (CUDA: the allocator's peak; CPU: the process's resident memory,
+sampled). The last line of each workload is its JSON record.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import json
+import os
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -95,30 +98,47 @@ def sync(device: torch.device) -> None:
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak of the memory allocated during one call of `fn`, in MiB, above what was allocated before.
+    """Peak memory of one call of `fn`, in MiB, above what was in use before it.
 
-    CUDA: the allocator's own peak. CPU: the tensor allocations and frees the profiler records
-    (`torch.profiler` with profile_memory), replayed in order; NaN if that private API changes.
+    CUDA: the allocator's own peak. CPU: the process's resident memory (/proc/self/statm), sampled
+    every millisecond by a thread while `fn` runs, after glibc's `malloc_trim` has returned freed
+    pages (a profiler replay of every allocation takes longer than the call itself); NaN where
+    /proc is absent.
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    try:
-        from torch.profiler._memory_profiler import Action
-
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                    record_shapes=True, with_stack=True) as prof:
-            fn()
-        live = peak = 0
-        for _, action, _, size in prof._memory_profile().timeline:
-            live += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-            peak = max(peak, live)
-        return peak / 2**20
-    except Exception as error:  # noqa: BLE001  (a private API: report whatever it raises and carry on)
-        print(f"  (no CPU memory profile: {error})")
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
         return float("nan")
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        return int(statm.read_text().split()[1]) * page
+
+    try:  # give freed heap pages back to the system first, so that reused memory counts again
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    before = peak = resident()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, resident())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return (max(peak, resident()) - before) / 2**20
 
 
 def run_rounds(
