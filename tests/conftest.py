@@ -1,23 +1,35 @@
-"""Shared test set-up: where `../shared` is, and `tests/reference` (the official models) on sys.path."""
+"""Shared test set-up: where the committed test data is, and `tests/reference` (the official models) on sys.path.
+
+Everything the tests read is committed: `tests/assets` (copies of the permissively licensed files of the
+project's shared data, listed with their licences in `tests/assets/ATTRIBUTION.md` and their hashes in
+`tests/assets/SHA256SUMS`) and `tests/fixtures` (reference tensors from the official code). A missing file is a
+failure, never a skip.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+ASSETS = Path(__file__).resolve().parent / "assets"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 REFERENCE = Path(__file__).resolve().parent / "reference"
 if str(REFERENCE) not in sys.path:
     sys.path.insert(0, str(REFERENCE))
 
 
-def shared_path(*parts: str) -> Path:
-    """A path under ../shared, or skip the test with the reason when it is absent."""
-    path = SHARED.joinpath(*parts)
+def asset_path(*parts: str) -> Path:
+    """A committed file or folder under tests/assets; its absence fails the test (the checkout is incomplete)."""
+    path = ASSETS.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is absent (tests read ../shared beside the checkout)")
+        pytest.fail(f"{path} is missing: tests/assets is part of the repository (see tests/assets/SHA256SUMS)")
     return path
+
+
+def needs_reference(module: str) -> ModuleType:
+    """Import an official implementation the test compares against, or skip naming the extra that installs it."""
+    return pytest.importorskip(module, reason=f"{module} is a test reference: pip install -e '.[reference]'")

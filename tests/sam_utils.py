@@ -28,7 +28,7 @@ def segment_anything() -> ModuleType:
     """The official package, or skip the test when it is not installed."""
     sa = import_segment_anything()
     if sa is None:
-        pytest.skip("the official segment-anything is not installed")
+        pytest.skip("the official segment-anything is the reference here: pip install -e '.[reference]'")
     return sa
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from cli_utils import assert_one_line_error, run_module, snapshot
-from conftest import shared_path
+from conftest import asset_path
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -57,7 +57,7 @@ def files(tmp_path_factory) -> Path:
 def work(tmp_path: Path, files: Path) -> Path:
     for f in files.iterdir():
         shutil.copy(f, tmp_path / f.name)
-    photo = Image.open(shared_path("assets", "images", "sam", "dog.jpg")).convert("RGB")
+    photo = Image.open(asset_path("images", "sam", "dog.jpg")).convert("RGB")
     photo.resize((120, 80)).save(tmp_path / "a.png")
     photo.resize((70, 90)).save(tmp_path / "b.jpg")
     grey16 = (np.asarray(photo.convert("L").resize((64, 64)), np.uint16) * 257).astype(np.uint16)
@@ -146,7 +146,7 @@ def test_reconstruction_rows_equal_one_image_runs(work: Path, capsys, monkeypatc
 
 
 def test_reconstruction_keeps_the_visible_patches_and_borrows_statistics_only_for_norm_pix(files: Path) -> None:
-    images = batch([shared_path("assets", "images", "sam", "truck.jpg")])
+    images = batch([asset_path("images", "sam", "truck.jpg")])
     noise = torch.rand(1, 16, generator=torch.Generator().manual_seed(0))
     for name, norm_pix in (("convmae", True), ("raw", False)):
         model = load_convmae(files / f"{name}.safetensors")

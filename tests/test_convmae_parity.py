@@ -8,15 +8,16 @@ abs 1e-5, loss 1e-6. The fixtures are committed: a missing one is a failure, not
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import FIXTURES
 from safetensors import safe_open
 
 import convmae
-from conftest import FIXTURES, shared_path
 from weights_convert.__main__ import main as convert_main
 
 FIXTURE_DIR = FIXTURES / "convmae"
@@ -123,10 +124,17 @@ def test_fresh_positions_equal_the_official_sincos() -> None:
     assert torch.equal(model.decoder_pos_embed.data, t["model.decoder_pos_embed"])
 
 
-@pytest.mark.parametrize(
-    "name", ["convmae_small_normpix0", "convmae_small_normpix1", "fastconvmae_small", "convvit_small"]
-)
-def test_fixture_copies_equal_the_shared_ones(name: str) -> None:
-    """The committed fixtures are byte-for-byte the ones in ../shared/fixtures/convmae (PROVENANCE.md)."""
-    shared = shared_path("fixtures", "convmae", f"{name}.safetensors")
-    assert (FIXTURE_DIR / f"{name}.safetensors").read_bytes() == shared.read_bytes()
+# SHA-256 of the files as made by the official code (../shared/fixtures/convmae; PROVENANCE.md).
+FIXTURE_SHA256 = {
+    "convmae_small_normpix0": "01a7650dfe516f3e8d5143225165c99cbf1ad0263a6379c1e534e68b7bf44f0f",
+    "convmae_small_normpix1": "f20a50418d6314e1d0b4522838a9aeb7185d1abf7740c1b671d2dfd2e864115c",
+    "fastconvmae_small": "6668dd8001899bcfa967cccfcfe4ef9e30d9c042d8b99d33239e4658ae4a45cc",
+    "convvit_small": "0ebbf70d92be64601baa81af8b4cf5a669a258cc38d026af7f7036313a1006d8",
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURE_SHA256))
+def test_fixture_copies_are_the_official_ones(name: str) -> None:
+    """The committed fixtures are byte-for-byte the ones the official code made (PROVENANCE.md)."""
+    data = (FIXTURE_DIR / f"{name}.safetensors").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == FIXTURE_SHA256[name]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, shared_path
+from conftest import ROOT, asset_path
 from florence_utils import save_tiny_checkpoint, single_thread, snapshot
 from PIL import Image
 from test_florence_read_image import unreadable_files
@@ -45,7 +45,7 @@ def work(tmp_path_factory) -> Path:
     save_tiny_checkpoint(work / "small_vocab.safetensors", image_size=SIZE, vocab_size=300)  # a model trained with a tiny tokenizer
     save_converted(work / "sam.safetensors", {"x": torch.zeros(1)}, "sam", {})
     (work / "official.pth").write_bytes(b"not converted")
-    shutil.copytree(shared_path("assets", "tokenizer", "florence2"), work / "tokenizer")
+    shutil.copytree(asset_path("tokenizer", "florence2"), work / "tokenizer")
     write_tiny_tokenizer(["What is the total?"], work / "tiny_tokenizer")
     swapped = work / "swapped_tokenizer"  # <pad> and </s> exchanged: fits the table, not the model
     shutil.copytree(work / "tokenizer", swapped)
@@ -57,7 +57,7 @@ def work(tmp_path_factory) -> Path:
         shutil.copy(work / "tokenizer" / name, work / "broken_tokenizer" / name)
     (work / "broken_tokenizer" / "vocab.json").write_text("{not json", encoding="utf-8")
     (work / "images").mkdir()
-    car = Image.open(shared_path("assets", "images", "florence", "car.jpg")).convert("RGB").resize((120, 80))
+    car = Image.open(asset_path("images", "skimage", "chelsea.png")).convert("RGB").resize((120, 80))
     car.save(work / "images" / "car.png")
     car.convert("L").save(work / "images" / "gray.png")
     (work / "bad").mkdir()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, shared_path
+from conftest import ROOT, asset_path
 from florence_utils import save_tiny_checkpoint, single_thread, snapshot
 from PIL import Image
 
@@ -29,8 +29,8 @@ from miniflorence.__main__ import draw_results, main
 from miniflorence.processor import TASK_PROMPTS, any_task_prompt
 from train.florence2_data import parse_line, prompt_text
 
-TOKENIZER = ("assets", "tokenizer", "florence2")
-CAR = ("assets", "images", "florence", "car.jpg")
+TOKENIZER = ("tokenizer", "florence2")
+CAR = ("images", "skimage", "chelsea.png")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,14 +43,14 @@ def test_random_weights_end_to_end(tmp_path, capsys, monkeypatch) -> None:
     """--random-weights through the whole pipeline; a tiny config stands in for "base" to stay fast."""
     monkeypatch.setitem(CONFIGS, "base", tiny_config())
     out = tmp_path / "od.png"
-    code = main(["--random-weights", "base", str(shared_path(*TOKENIZER)), str(shared_path(*CAR)),
+    code = main(["--random-weights", "base", str(asset_path(*TOKENIZER)), str(asset_path(*CAR)),
                  "--task", "<OD>", "--max-new-tokens", "12", "--num-beams", "2", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0
     assert "RANDOM weights" in captured.err
     result = json.loads(captured.out)
     assert set(result) == {"<OD>"} and set(result["<OD>"]) == {"bboxes", "labels"}
-    assert Image.open(out).size == Image.open(shared_path(*CAR)).size
+    assert Image.open(out).size == Image.open(asset_path(*CAR)).size
 
 
 def test_converted_checkpoint_and_non_rgb_image(tmp_path, capsys) -> None:
@@ -58,8 +58,8 @@ def test_converted_checkpoint_and_non_rgb_image(tmp_path, capsys) -> None:
     model = Florence2(tiny_config())
     tensors = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
     save_converted(tmp_path / "tiny.safetensors", tensors, "florence2", tiny_config().to_dict())
-    Image.open(shared_path(*CAR)).convert("LA").save(tmp_path / "gray.png")  # grey + alpha
-    code = main([str(tmp_path / "tiny.safetensors"), str(shared_path(*TOKENIZER)), str(tmp_path / "gray.png"),
+    Image.open(asset_path(*CAR)).convert("LA").save(tmp_path / "gray.png")  # grey + alpha
+    code = main([str(tmp_path / "tiny.safetensors"), str(asset_path(*TOKENIZER)), str(tmp_path / "gray.png"),
                  "--task", "<CAPTION>", "--max-new-tokens", "8", "--num-beams", "1"])
     assert code == 0
     assert isinstance(json.loads(capsys.readouterr().out)["<CAPTION>"], str)
@@ -67,7 +67,7 @@ def test_converted_checkpoint_and_non_rgb_image(tmp_path, capsys) -> None:
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
     save_converted(tmp_path / "sam.safetensors", {"x": torch.zeros(1)}, "sam", {})
-    code = main([str(tmp_path / "sam.safetensors"), str(shared_path(*TOKENIZER)), str(shared_path(*CAR))])
+    code = main([str(tmp_path / "sam.safetensors"), str(asset_path(*TOKENIZER)), str(asset_path(*CAR))])
     assert code == 1
     assert "is a 'sam' checkpoint, not 'florence2'" in capsys.readouterr().err
 
@@ -122,14 +122,14 @@ def batch_setup(tmp_path_factory) -> Path:
     so that, one image at a time, some answers end early and others run to --max-new-tokens."""
     root = tmp_path_factory.mktemp("florence_batch")
     (root / "images").mkdir()
-    car = Image.open(shared_path(*CAR)).convert("RGB")
+    car = Image.open(asset_path(*CAR)).convert("RGB")
     car.resize((160, 100)).save(root / "images" / "car.png")
     car.convert("L").resize((90, 120)).save(root / "images" / "gray.png")
     car.crop((100, 100, 400, 300)).save(root / "images" / "crop.jpg")
     car.convert("RGBA").resize((64, 64)).save(root / "images" / "rgba.png")
     (root / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in REQUESTS), encoding="utf-8")
     model = save_tiny_checkpoint(root / "tiny.safetensors", image_size=SIZE)
-    tokenizer = Tokenizer.from_dir(shared_path(*TOKENIZER))
+    tokenizer = Tokenizer.from_dir(asset_path(*TOKENIZER))
     processor = Processor(tokenizer, SIZE)
     for bias in (16.0, 16.3, 16.6, 15.5, 17.0):
         with torch.no_grad():
@@ -160,7 +160,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) -> None:
     """--jsonl in batches of 3 (one of 3 with padded prompts, one of 2) = batches of 1 = the single-image CLI."""
     root = batch_setup
-    base = [root / "tiny.safetensors", shared_path(*TOKENIZER), "--jsonl", root / "requests.jsonl",
+    base = [root / "tiny.safetensors", asset_path(*TOKENIZER), "--jsonl", root / "requests.jsonl",
             "--max-new-tokens", "12", "--num-beams", str(num_beams)]
     before = snapshot(root)
     code, _, err = run_cli([*base, "--batch-size", "3", "--out", root / "batched.jsonl"], capsys)
@@ -175,7 +175,7 @@ def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) 
     assert len({len(b["generated"]) for b in batched}) > 1  # rows of different lengths were padded together
     for request, record in zip(REQUESTS, batched):
         text = ["--text", request["text"]] if "text" in request else []
-        code, single, err = run_cli([root / "tiny.safetensors", shared_path(*TOKENIZER), root / request["image"],
+        code, single, err = run_cli([root / "tiny.safetensors", asset_path(*TOKENIZER), root / request["image"],
                                      "--task", request["task"], *text, "--max-new-tokens", "12",
                                      "--num-beams", str(num_beams)], capsys)
         assert code == 0, err
@@ -187,7 +187,7 @@ def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) 
 
 def test_images_and_folders_in_one_run(batch_setup: Path, capsys) -> None:
     root = batch_setup
-    code, out, err = run_cli([root / "tiny.safetensors", shared_path(*TOKENIZER), root / "images", root / "images" / "car.png",
+    code, out, err = run_cli([root / "tiny.safetensors", asset_path(*TOKENIZER), root / "images", root / "images" / "car.png",
                               "--task", "<DocVQA>", "--text", "How many cars?", "--batch-size", "2",
                               "--max-new-tokens", "6", "--num-beams", "1"], capsys)
     assert code == 0, err
@@ -203,14 +203,14 @@ def test_generation_options_reach_generate(batch_setup: Path, capsys) -> None:
     """The CLI's answer equals `Florence2.generate` called with the same options through the Python API."""
     root = batch_setup
     model = load_florence2(root / "tiny.safetensors")
-    processor = Processor(Tokenizer.from_dir(shared_path(*TOKENIZER)), SIZE)
+    processor = Processor(Tokenizer.from_dir(asset_path(*TOKENIZER)), SIZE)
     image = root / "images" / "car.png"
     for options in ({"num_beams": 2, "no_repeat_ngram_size": 0, "max_new_tokens": 7},
                     {"num_beams": 1, "no_repeat_ngram_size": 1, "max_new_tokens": 9}):
         inputs = processor("<OD>", image)
         ids = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **options)
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-        code, out, err = run_cli([root / "tiny.safetensors", shared_path(*TOKENIZER), image, image, "--task", "<OD>",
+        code, out, err = run_cli([root / "tiny.safetensors", asset_path(*TOKENIZER), image, image, "--task", "<OD>",
                                   *flags], capsys)
         assert code == 0, err
         expected = processor.tokenizer.decode(ids[0], skip_special_tokens=False)
@@ -219,7 +219,7 @@ def test_generation_options_reach_generate(batch_setup: Path, capsys) -> None:
 
 def test_dtype_device_and_compile_flags(batch_setup: Path, capsys) -> None:
     root = batch_setup
-    base = [root / "tiny.safetensors", shared_path(*TOKENIZER), root / "images" / "car.png", "--max-new-tokens", "4",
+    base = [root / "tiny.safetensors", asset_path(*TOKENIZER), root / "images" / "car.png", "--max-new-tokens", "4",
             "--num-beams", "1", "--device", "cpu"]
     code, out, err = run_cli([*base, "--dtype", "bf16"], capsys)
     assert code == 0 and "<CAPTION>" in json.loads(out), err

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import needs_reference
 from florence_utils import single_thread
 from official import NATIVE_VOCAB, native_florence2, seeded_florence2_fill
 from safetensors.torch import save_file
@@ -70,7 +71,7 @@ def test_original_layout_round_trip(tmp_path) -> None:
 def test_native_layout_matches_original_layout(tmp_path) -> None:
     """The native state_dict (renamed keys, transposed projection, padded vocabulary, no
     final_logits_bias) converts to the same model as the original-layout state it came from."""
-    pytest.importorskip("transformers")
+    needs_reference("transformers")
     native = native_florence2(tiny_config(), seed=2)
     state = native.state_dict()
     assert state["model.language_model.shared.weight"].shape[0] == NATIVE_VOCAB
@@ -96,7 +97,7 @@ def test_native_layout_matches_original_layout(tmp_path) -> None:
 
 
 def test_native_key_table_covers_every_native_key() -> None:
-    pytest.importorskip("transformers")
+    needs_reference("transformers")
     native_keys = native_florence2(tiny_config()).state_dict().keys()
     ours = set(expected_shapes(tiny_config())) - {"language_model.final_logits_bias"}  # native has none
     assert {rename_native(k) for k in native_keys} == ours

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_reference
+from test_florence_language_model import tiny_pair
 
 from miniflorence.generation import GenerationOptions, ban_repeated_ngrams, beam_search, generate, greedy_search
-from test_florence_language_model import tiny_pair
 
 EOS, PAD, START = 2, 1, 2
 
@@ -106,7 +107,7 @@ def test_one_new_token_is_the_forced_eos(biased_pair, num_beams: int) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_ngram_ban_matches_transformers(n: int) -> None:
-    logits_process = pytest.importorskip("transformers.generation.logits_process")
+    logits_process = needs_reference("transformers.generation.logits_process")
     g = torch.Generator().manual_seed(n)
     processor = logits_process.NoRepeatNGramLogitsProcessor(n)
     for length in (1, 2, 3, 5, 12):
@@ -182,7 +183,7 @@ def set_eos_bias(native, ours, base: float, bias: float) -> None:
 
 def native_pair(config, seed: int):
     """transformers' native model with seeded (steered) weights, and ours converted from it."""
-    pytest.importorskip("transformers")
+    needs_reference("transformers")
     from official import native_florence2
 
     from miniflorence.model import florence2_from_tensors

@@ -14,9 +14,9 @@ import functools
 import numpy as np
 import pytest
 import torch
-
-from conftest import shared_path
+from conftest import asset_path, needs_reference
 from official import seeded_florence2_fill
+
 from miniflorence.language_model import Attention, Florence2LanguageModel
 
 
@@ -45,7 +45,7 @@ def tiny_pair(seed: int = 0) -> tuple[torch.nn.Module, Florence2LanguageModel]:
 
 def build_pair(width: str, seed: int = 0) -> tuple[torch.nn.Module, Florence2LanguageModel]:
     """transformers' BART (eager attention) with seeded weights, and ours loaded from its state dict."""
-    transformers = pytest.importorskip("transformers")
+    transformers = needs_reference("transformers")
     vocab, dim, layers, heads, ffn, positions = WIDTHS[width]
     config = transformers.BartConfig(
         vocab_size=vocab, d_model=dim, encoder_layers=layers, decoder_layers=layers,
@@ -192,7 +192,7 @@ def test_state_dict_layout() -> None:
 
 def test_real_base_tensors_load_by_name() -> None:
     """The released Florence-2-base language-model tensors we have fit our attribute paths and shapes."""
-    path = shared_path("assets", "weights", "florence2-base-partial", "florence2_base_partial_weights.npz")
+    path = asset_path("weights", "florence2-base-partial", "florence2_base_partial_weights.npz")
     real = {k.removeprefix("language_model."): torch.from_numpy(v)
             for k, v in np.load(path).items() if k.startswith("language_model.")}
     assert real, "no language-model tensors in the partial checkpoint"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_reference
 from florence_utils import native_input_ids, single_thread
 from official import native_florence2
 
@@ -74,7 +75,7 @@ def compare(native, ours: Florence2, inputs: dict[str, torch.Tensor]) -> dict[st
 
 @pytest.fixture(scope="module")
 def tiny_pair():
-    pytest.importorskip("transformers")
+    needs_reference("transformers")
     config = tiny_config()
     native = native_florence2(config, seed=0)
     return native, ours_from_native(native, config), config
@@ -121,7 +122,7 @@ def test_attention_mask_semantics(tiny_pair) -> None:
 
 def test_base_matches_native_at_192() -> None:
     """Full widths and depths of Florence-2-base; 192x192 input (grids 48/24/12/6, 37 image tokens)."""
-    pytest.importorskip("transformers")
+    needs_reference("transformers")
     config = CONFIGS["base"]
     native = native_florence2(config, seed=0)
     ours = ours_from_native(native, config.replace(use_sdpa=False))

@@ -1,6 +1,6 @@
 """miniflorence.Processor against transformers' native Florence2Processor (5.x).
 
-The reference processor is built offline: the tokenizer from ../shared's Florence-2 files
+The reference processor is built offline: the tokenizer from the committed Florence-2 files (tests/assets)
 (plus the `<image>` token the native processor needs), the image processor from Florence-2's
 `preprocessor_config.json` values, and the post-processor config that transformers'
 conversion script ships (the official black list). Every task's post-processing is compared
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import asset_path, needs_reference
 from PIL import Image
 
 from miniflorence.images import ImageError
@@ -35,12 +35,12 @@ from miniflorence.processor import (
 )
 from miniflorence.tokenizer import AddedToken, Tokenizer, bytes_to_unicode
 
-TOKENIZER_DIR = ("assets", "tokenizer", "florence2")
+TOKENIZER_DIR = ("tokenizer", "florence2")
 
 
 @pytest.fixture(scope="module")
 def processor() -> Processor:
-    return Processor(Tokenizer.from_dir(shared_path(*TOKENIZER_DIR)))
+    return Processor(Tokenizer.from_dir(asset_path(*TOKENIZER_DIR)))
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,12 @@ def tiny_processor() -> Processor:
 @pytest.fixture(scope="module")
 def reference():
     """transformers' Florence2Processor, as `florence-community/Florence-2-*` configures it."""
-    pytest.importorskip("transformers", reason="transformers' Florence-2 processor is the reference")
+    needs_reference("transformers")
     from transformers import BartTokenizer
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.florence2.processing_florence2 import Florence2Processor
 
-    tokenizer = BartTokenizer.from_pretrained(str(shared_path(*TOKENIZER_DIR)),
+    tokenizer = BartTokenizer.from_pretrained(str(asset_path(*TOKENIZER_DIR)),
                                               extra_special_tokens={"image_token": "<image>"})
     image_processor = CLIPImageProcessorPil(  # Florence-2's preprocessor_config.json
         size={"height": 768, "width": 768}, crop_size={"height": 768, "width": 768}, do_center_crop=False,
@@ -123,9 +123,9 @@ def test_batch_of_tasks_pads_right(processor: Processor) -> None:
 # --- pixel values ----------------------------------------------------------------------------
 
 def images_of_every_mode() -> list[Image.Image]:
-    car = Image.open(shared_path("assets", "images", "florence", "car.jpg"))
-    gray = Image.open(shared_path("assets", "images", "skimage", "camera.png"))  # mode L
-    rgba = Image.open(shared_path("assets", "images", "skimage", "horse.png"))  # mode RGBA
+    car = Image.open(asset_path("images", "skimage", "chelsea.png"))
+    gray = Image.open(asset_path("images", "skimage", "camera.png"))  # mode L
+    rgba = Image.open(asset_path("images", "skimage", "horse.png"))  # mode RGBA
     soft = np.array(car.convert("RGBA"))
     soft[..., 3] = np.arange(soft.shape[1])[None, :] % 256  # a real alpha gradient
     palette_transparent = car.convert("P")

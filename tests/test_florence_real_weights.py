@@ -1,5 +1,5 @@
-"""Real Florence-2-base weights (a partial export in ../shared): DaViT stage 0 must reproduce the
-official output on car.jpg, and real language-model tensors must land in the right places of our
+"""Real Florence-2-base weights (a partial export, committed in tests/assets): DaViT stage 0 must
+reproduce the official output on car.jpg, and real language-model tensors must land in the right places of our
 model through the converter.
 
 The stage-0 reference is `ref_car224_stage0.npz` (car.jpg at 224x224, the size the official ONNX
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import asset_path, needs_reference
 from florence_utils import single_thread
 from official import native_florence2_config, seeded_florence2_fill
 
@@ -24,7 +24,7 @@ from miniflorence.davit import DaViT
 from miniflorence.model import TIED_KEYS, florence2_from_tensors
 from weights_convert.florence2 import convert_tensors, expected_shapes, rename_native
 
-FOLDER = ("assets", "weights", "florence2-base-partial")
+FOLDER = ("weights", "florence2-base-partial")
 LANGUAGE_KEYS = (
     "language_model.model.encoder.embed_positions.weight",
     "language_model.model.encoder.layernorm_embedding.weight",
@@ -42,7 +42,7 @@ def _one_thread():
 
 
 def real_tensors() -> dict[str, torch.Tensor]:
-    with np.load(shared_path(*FOLDER, "florence2_base_partial_weights.npz")) as f:
+    with np.load(asset_path(*FOLDER, "florence2_base_partial_weights.npz")) as f:
         return {k: torch.from_numpy(f[k]) for k in f.files}
 
 
@@ -62,7 +62,7 @@ def stage0(tower, pixels: torch.Tensor) -> torch.Tensor:
 def real_stage0() -> tuple[DaViT, torch.Tensor, torch.Tensor]:
     """Our stage 0 with the real weights (strict loads of exactly the exported parts), and the fixture."""
     real = real_tensors()
-    with np.load(shared_path(*FOLDER, "ref_car224_stage0.npz")) as f:
+    with np.load(asset_path(*FOLDER, "ref_car224_stage0.npz")) as f:
         pixels, expected = torch.from_numpy(f["pixel_values"]), torch.from_numpy(f["stage0_ln_out"])
     c = CONFIGS["base"]
     tower = DaViT(dims=c.dims[:2], depths=(1, 1), heads=c.heads[:2], channel_groups=c.channel_groups[:2],
@@ -84,7 +84,7 @@ def test_davit_stage0_reproduces_the_official_output() -> None:
 
 def test_davit_stage0_real_weights_match_native() -> None:
     """The same real weights in transformers' native vision tower give our output (<= 1e-4)."""
-    pytest.importorskip("transformers")
+    needs_reference("transformers")
     from transformers.models.florence2.modeling_florence2 import Florence2VisionBackbone
 
     tower, pixels, expected = real_stage0()

@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from conftest import needs_reference
 from florence_utils import native_input_ids, single_thread
 from official import fill_sam_random, native_florence2, native_florence2_config
 
@@ -44,7 +45,7 @@ def transformers_classes(*names: str) -> list:
     """The named transformers classes, or skip (not installed, or a torchvision stand-in is loaded)."""
     if any(m == "torchvision" or m.startswith("torchvision.") for m in sys.modules):
         pytest.skip("a torchvision (stand-in) is loaded; transformers would try to use it")
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed (.[reference])")
+    transformers = needs_reference("transformers")
     try:
         return [getattr(transformers, name) for name in names]
     except AttributeError as e:

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import shared_path
+from conftest import asset_path, needs_reference
 from PIL import Image
 from sam_utils import official_sam, segment_anything, to_minisam
 from test_sam_masks import scipy_cv2_stand_in
@@ -32,7 +32,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
-    photo = Image.open(shared_path("assets", "images", "sam", "dogs.jpg")).convert("RGB")
+    photo = Image.open(asset_path("images", "sam", "dogs.jpg")).convert("RGB")
     return np.array(photo.resize((320, 180), Image.BILINEAR))
 
 
@@ -82,7 +82,7 @@ def test_generate_matches_official(models, image, settings: dict) -> None:
 def test_output_modes(models, image, mode: str) -> None:
     sa, official, ours = models
     if mode == "coco_rle":
-        pytest.importorskip("pycocotools", reason="the official coco_rle output needs pycocotools")
+        needs_reference("pycocotools")
     theirs = sa.SamAutomaticMaskGenerator(official, **LOW_FILTERS, output_mode=mode).generate(image)
     mine = AutomaticMaskGenerator(ours, **LOW_FILTERS, output_mode=mode).generate(image)
     assert_same_records(theirs, mine)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from cli_utils import assert_one_line_error, run_module, snapshot
-from conftest import shared_path
+from conftest import asset_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -45,7 +45,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def photo() -> Image.Image:
-    return Image.open(shared_path("assets", "images", "sam", "truck.jpg")).convert("RGB")
+    return Image.open(asset_path("images", "sam", "truck.jpg")).convert("RGB")
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, shared_path
+from conftest import ROOT, asset_path
 from PIL import Image
 
 from checkpoint_format import save_converted
@@ -27,7 +27,7 @@ from minisam.predictor import SamPredictor
 
 @pytest.fixture(scope="module")
 def image_path(tmp_path_factory):
-    photo = Image.open(shared_path("assets", "images", "sam", "truck.jpg")).convert("RGB").resize((150, 100), Image.BILINEAR)
+    photo = Image.open(asset_path("images", "sam", "truck.jpg")).convert("RGB").resize((150, 100), Image.BILINEAR)
     path = tmp_path_factory.mktemp("img") / "truck.png"
     photo.save(path)
     return path

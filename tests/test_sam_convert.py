@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import needs_reference
 from safetensors.torch import save_file
 from sam_utils import official_layout_state, segment_anything, tiny_config_json
 
@@ -90,7 +91,7 @@ def test_hf_map_covers_transformers_sam_model_exactly():
     segment_anything()  # takes the torchvision stand-in off sys.path first: transformers probes for torchvision
     if any(m == "torchvision" or m.startswith("torchvision.") for m in sys.modules):
         pytest.skip("a torchvision (stand-in) is loaded; transformers would try to use it")
-    transformers = pytest.importorskip("transformers")
+    transformers = needs_reference("transformers")
     try:
         from transformers import SamConfig, SamModel, SamVisionConfig
     except ImportError as e:

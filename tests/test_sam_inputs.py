@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import asset_path
 from official import fill_sam_random
 from PIL import Image
 from sam_utils import official_sam, segment_anything, to_minisam
@@ -36,7 +36,7 @@ def ours() -> SamPredictor:
 
 @pytest.fixture(scope="module")
 def photo() -> np.ndarray:
-    image = Image.open(shared_path("assets", "images", "sam", "dog.jpg")).convert("RGB")
+    image = Image.open(asset_path("images", "sam", "dog.jpg")).convert("RGB")
     return np.array(image.resize((200, 134), Image.BILINEAR))
 
 

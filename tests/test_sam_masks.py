@@ -14,6 +14,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from conftest import needs_reference
 from sam_utils import segment_anything
 
 from minisam import amg, masks
@@ -105,7 +106,7 @@ def test_rle_round_trip(official_amg) -> None:
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' own numpy 2 warning
 def test_coco_rle_matches_pycocotools() -> None:
-    mask_utils = pytest.importorskip("pycocotools.mask", reason="pycocotools is not installed")
+    mask_utils = needs_reference("pycocotools.mask")
     m = random_masks((8, 64, 48), seed=3)
     m[3, 0, 0] = True
     m[4] = False
@@ -167,7 +168,7 @@ def test_nms_matches_torchvision(official_amg, n: int, integer: bool) -> None:
 
 def scipy_cv2_stand_in() -> types.ModuleType:
     """`cv2.connectedComponentsWithStats(mask, 8)` from scipy: labels in raster order, area last."""
-    ndimage = pytest.importorskip("scipy.ndimage", reason="scipy stands in for OpenCV here")
+    ndimage = needs_reference("scipy.ndimage")
 
     def connected_components_with_stats(mask: np.ndarray, connectivity: int):
         assert connectivity == 8
@@ -181,7 +182,7 @@ def scipy_cv2_stand_in() -> types.ModuleType:
 
 
 def test_connected_components() -> None:
-    ndimage = pytest.importorskip("scipy.ndimage", reason="scipy checks the labelling")
+    ndimage = needs_reference("scipy.ndimage")
     row = np.array([[1, 0, 1, 1, 0, 0, 1, 0, 1]], dtype=bool)
     for m in [random_masks((40, 60), 10).numpy(), row, row.T, random_masks((64, 64), 11).numpy()]:
         shape = m.shape

@@ -16,13 +16,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from conftest import asset_path
+from official import fill_sam_random
+from sam_utils import official_sam, segment_anything, to_minisam
 
 import minisam
 from checkpoint_format import read_converted, save_converted
-from conftest import shared_path
 from minisam.sam import sam_from_tensors
-from official import fill_sam_random
-from sam_utils import official_sam, segment_anything, to_minisam
 
 PARITY_CASES = [
     pytest.param(("tiny", 160), id="tiny-160"),
@@ -267,7 +267,7 @@ SAM_IMAGES = ["truck.jpg", "groceries.jpg", "dog.jpg", "dogs.jpg"]
 def load_rgb(name: str) -> np.ndarray:
     from PIL import Image
 
-    return np.array(Image.open(shared_path("assets", "images", "sam", name)).convert("RGB"))
+    return np.array(Image.open(asset_path("images", "sam", name)).convert("RGB"))
 
 
 @pytest.mark.parametrize("name", SAM_IMAGES)

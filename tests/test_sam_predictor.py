@@ -4,7 +4,7 @@ The parity models run the attention as plain math (`use_sdpa=False`), the offici
 masks must be identical pixel for pixel and scores / low-res logits agree to float32 rounding.
 The default fused-attention model is checked too: its logits differ in the last bits, which can
 flip the rare pixel whose logit is within ~1e-6 of the threshold.
-Real photographs: the official SAM demo images in ../shared/assets/images/sam.
+Real photographs: the official SAM demo images in tests/assets/images/sam.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import asset_path
 from PIL import Image
 from sam_utils import official_sam, segment_anything, to_minisam
 
@@ -22,7 +22,7 @@ IMAGES = ["truck", "groceries", "dog", "dogs"]
 
 
 def load_image(name: str) -> np.ndarray:
-    return np.array(Image.open(shared_path("assets", "images", "sam", f"{name}.jpg")).convert("RGB"))
+    return np.array(Image.open(asset_path("images", "sam", f"{name}.jpg")).convert("RGB"))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import io
 
 import numpy as np
 import pytest
+from conftest import needs_reference
 
 from miniflorence.postprocess import post_process, quantize
 from train.detection import (
@@ -131,7 +132,7 @@ def random_dataset(seed: int, n_images: int = 14, tied_scores: bool = False) -> 
 
 def pycocotools_map(preds: list, gts: list) -> dict:
     """The same data through pycocotools' COCOeval (bbox, area all, maxDets 100, no crowd)."""
-    pytest.importorskip("pycocotools", reason="pycocotools is the test reference (.[reference])")
+    needs_reference("pycocotools")
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import miniflorence
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, asset_path
 from train import common
 from train import florence2 as train_florence2
 from train.common import Skipped
@@ -156,7 +156,7 @@ def test_prompt_text_for_task_tokens() -> None:
 
 
 def test_real_tokenizer_reads_detection_targets(setup: dict, tmp_path: Path) -> None:
-    tok = miniflorence.Tokenizer.from_dir(shared_path("assets", "tokenizer", "florence2"))
+    tok = miniflorence.Tokenizer.from_dir(asset_path("tokenizer", "florence2"))
     image = setup["data"].parent / "pages" / "page0000.png"
     path = tmp_path / "od.jsonl"
     path.write_text(json.dumps({"image": str(image), "prefix": "<OD>", "suffix": "car<loc_52><loc_330><loc_932><loc_771>"}))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import asset_path
 from PIL import Image, ImageFilter
 
 from train.common import Skipped
@@ -103,7 +103,7 @@ def test_mask_modes(tmp_path: Path) -> None:
 
 
 def test_npz_with_rgb_and_masks() -> None:
-    path = shared_path("assets", "images", "voc", "voc_data.npz")
+    path = asset_path("images", "voc", "voc_data.npz")
     skipped = Skipped()
     records = load_records([str(path)], skipped)
     objects = index_objects(records, 256, skipped)

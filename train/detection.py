@@ -108,6 +108,16 @@ def decode_od(text: str, image_size_wh: tuple[float, float], integer_coords: boo
     return {"boxes": boxes, "labels": list(answer["labels"])}
 
 
+def collapse_inverted(boxes: np.ndarray) -> np.ndarray:
+    """A copy of (N, 4) predicted boxes where each inverted one (x2 < x1 or y2 < y1, which a model can
+    write) becomes the empty box at its (x1, y1): it matches no ground truth, so it counts as a false
+    positive, as its IoU of 0 says (pycocotools would compute a meaningless IoU from a negative area)."""
+    boxes = boxes.copy()
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    boxes[inverted, 2:] = boxes[inverted, :2]
+    return boxes
+
+
 def parse_detection_record(record: Mapping) -> tuple[str, np.ndarray, list[str]]:
     """One line of a detection JSONL, `{"image": "a.jpg", "boxes": [[x1, y1, x2, y2], ...],
     "labels": ["car", ...]}` -> (image, boxes (N, 4), labels); ValueError("reason: detail") when

@@ -16,6 +16,15 @@ batch's loss does not depend on how long its other answers are.
 - Evaluation each epoch: beam-3 generation, then Levenshtein similarity (the tutorial's
   number), ANLS (threshold 0.5) and exact match (`train.levenshtein`); the best model by ANLS is
   written as a converted `.safetensors` that `miniflorence.load_florence2` reads.
+- Detection fine-tuning: JSONL lines `{image, boxes, labels}` become `<OD>` targets in location
+  tokens (`train.florence2_data`, `train.detection.od_target`); the evaluation decodes the
+  generated boxes with the processor's post-processing (`decode_od`) and reports COCO mAP@0.5
+  (`map50`) and mAP@[.5:.95] (`map`) per epoch; the best model is then the one of highest mAP@0.5.
+- LoRA (`--lora-rank R`; Hu et al., 2021, `train.lora`): adapters on the language model's
+  attention q and v by default (the LoRA paper's choice and the public Florence-2 LoRA recipe's
+  `target_modules`), the vision tower too with `--lora-targets florence2_all`; only the adapters
+  (and `--train-also`) train, the base weights stay bit-identical; best.safetensors has them
+  merged, best_lora.safetensors holds them alone (`python -m train.lora apply`).
 - `last.pt` (model, optimizer, scheduler, step, RNG) for `--resume`, a NaN/inf guard, tqdm,
   `curves.png`, `metrics.jsonl`; `torchrun --nproc_per_node=N -m train.florence2 ...` runs DDP.
   A new run into a folder holding another's checkpoints needs `--overwrite`; `--resume` refuses
@@ -26,6 +35,7 @@ Legend: B batch, T prompt tokens, t answer tokens, V vocabulary, S image side.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 from dataclasses import dataclass
@@ -37,11 +47,15 @@ import torch.nn.functional as F
 import miniflorence
 from checkpoint_format import save_converted
 from miniflorence.model import TIED_KEYS
+from miniflorence.postprocess import strip_sequence_tokens
 from train import common
+from train.detection import collapse_inverted, decode_od, mean_average_precision
 from train.florence2_data import DocDataset, collate, load_examples
 from train.levenshtein import anls, exact_match, similarity
+from train.lora import add_lora, merged_state_dict, save_lora
 
-REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizer" / "florence2"
+# The real Florence-2 tokenizer files, committed with the tests (MIT; tests/assets/ATTRIBUTION.md).
+REAL_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tokenizer" / "florence2"
 
 
 @dataclass
@@ -51,15 +65,29 @@ class Settings:
     --data (and --val-data): a JSONL file, one JSON object per line, either
       {"image": "page.png", "question": "What is the total?", "answer": "12.50"} (answer: a string or a list)
       or {"image": "street.jpg", "prefix": "<OD>", "suffix": "car<loc_52><loc_330><loc_932><loc_771>"};
+      or, for detection, {"image": "street.jpg", "boxes": [[x1, y1, x2, y2], ...], "labels": ["car", ...]}
+      (pixels; written as the <OD> target in location tokens, 1,000 bins per axis as the official
+      processor quantises; an image with no boxes is a negative example whose target is the empty answer);
     image paths are relative to the JSONL's folder (or absolute). Every line and its image are
     checked before training (the image decoded once); bad lines are skipped and counted.
+
+    Recipes and where they come from:
+      detection lines: the <OD> task of Florence-2 (Xiao et al., 2023, section 4: boxes as location
+        tokens); evaluation decodes the generated boxes as the processor's post-processing does and
+        reports COCO mAP@0.5 and mAP@[.5:.95] (Lin et al., 2014) each epoch.
+      --lora-rank R: LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
+        section 4.1 and 7.1: adapting q and v); the default targets are the language model's
+        attention q_proj/v_proj, as the public Florence-2 LoRA fine-tuning recipe (peft
+        target_modules q_proj, v_proj); florence2_vision / florence2_all add the DaViT tower's
+        qkv/proj. Only the adapters (and --train-also) train; best.safetensors has them merged,
+        best_lora.safetensors holds them alone (python -m train.lora apply BASE LORA OUT).
     """
 
     data: str = ""  # training JSONL
     val_data: str = ""  # evaluation JSONL; "": hold out --val-fraction of the training lines
     val_fraction: float = 0.1
     out: str = "runs/florence2"
-    tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads (the real one sits in ../shared)
+    tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads (default: the real one)
     checkpoint: str | None = None  # a converted Florence-2 .safetensors; None: random weights of `model`
     model: str = "tiny"  # without a checkpoint: "tiny", a miniflorence.CONFIGS name, or a .json of config fields
     image_size: int = 0  # the input side (a multiple of 32); 0: the config's (768 for the released models)
@@ -75,6 +103,11 @@ class Settings:
     schedule: str = "linear"  # linear, cosine, constant
     clip_grad: float = 1.0  # max gradient norm; 0: off
     freeze_vision: bool = True
+    lora_rank: int = 0  # LoRA (Hu et al., 2021) adapters of this rank on --lora-targets; 0: no LoRA
+    lora_alpha: float = 0.0  # LoRA scaling alpha / rank; 0: alpha = rank
+    lora_targets: str = "florence2"  # presets florence2 (language q/v), florence2_vision, florence2_all, or globs
+    lora_dropout: float = 0.0  # dropout on the LoRA adapters' input
+    train_also: str = ""  # with LoRA: glob patterns of parameters that train fully too (e.g. image_projection*)
     dropout: float | None = None  # override the language model's dropout probabilities (e.g. 0)
     num_beams: int = 3
     max_new_tokens: int = 64
@@ -95,7 +128,8 @@ class Settings:
 CHOICES = {"schedule": common.SCHEDULES}
 LIMITS = {"val_fraction": "(0,1)", "image_size": ">=0", "max_answer_tokens": ">=1", "lr": ">0", "weight_decay": ">=0",
           "warmup_steps": ">=0", "clip_grad": ">=0", "dropout": "[0,1)", "num_beams": ">=1", "max_new_tokens": ">=1",
-          "eval_limit": ">=0", "anls_threshold": "[0,1]"}
+          "eval_limit": ">=0", "anls_threshold": "[0,1]", "lora_rank": ">=0", "lora_alpha": ">=0",
+          "lora_dropout": "[0,1)"}
 
 
 def build_model(s: Settings, vocab_size: int) -> miniflorence.Florence2:
@@ -148,12 +182,14 @@ def global_token_count(labels: torch.Tensor, pad_id: int, device: torch.device) 
 @torch.no_grad()
 def evaluate(model: miniflorence.Florence2, dataset: DocDataset, s: Settings, tokenizer: miniflorence.Tokenizer,
              device: torch.device) -> dict[str, float]:
-    """Loss (teacher forced), then generation scored by similarity, ANLS and exact match."""
+    """Loss (teacher forced), then generation scored by similarity, ANLS and exact match; on detection
+    examples also the boxes decoded from the generation, scored by COCO mAP@0.5 and mAP@[.5:.95]."""
     was_training = model.training
     model.eval()
     n = len(dataset) if not s.eval_limit else min(s.eval_limit, len(dataset))
     pad_id, start_id = model.config.pad_token_id, model.config.decoder_start_token_id
     loss_sum, tokens, scores, predictions = 0.0, 0, {"similarity": 0.0, "anls": 0.0, "exact": 0.0}, []
+    detected, truth = [], []  # per detection example: {"boxes", "labels"} predicted / ground truth
     for first in range(0, n, s.batch_size):
         batch = collate([dataset[i] for i in range(first, min(first + s.batch_size, n))], pad_id, start_id)
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -165,8 +201,14 @@ def evaluate(model: miniflorence.Florence2, dataset: DocDataset, s: Settings, to
             generated = model.generate(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                        max_new_tokens=s.max_new_tokens, num_beams=s.num_beams)
         for row, index in zip(generated.tolist(), batch["index"].tolist()):
-            answers = dataset.examples[index].answers
+            example = dataset.examples[index]
+            answers = example.answers
             text = tokenizer.decode(row, skip_special_tokens=True).strip()
+            if example.boxes is not None:  # location tokens are special tokens: keep them, drop <s> </s> <pad>
+                text = strip_sequence_tokens(tokenizer.decode(row)).strip()
+                found = decode_od(text, example.size)
+                detected.append({"boxes": collapse_inverted(found["boxes"]), "labels": found["labels"]})
+                truth.append({"boxes": list(example.boxes), "labels": list(example.labels)})
             scores["similarity"] += max(similarity(text, a) for a in answers)
             scores["anls"] += anls(text, answers, s.anls_threshold)
             scores["exact"] += exact_match(text, answers)
@@ -174,18 +216,26 @@ def evaluate(model: miniflorence.Florence2, dataset: DocDataset, s: Settings, to
     model.train(was_training)
     if s.freeze_vision:
         model.vision_tower.eval()
-    return {"loss": loss_sum / max(1, tokens), **{k: v / n for k, v in scores.items()}, "examples": predictions}
+    result = {"loss": loss_sum / max(1, tokens), **{k: v / n for k, v in scores.items()}, "examples": predictions}
+    if any(len(t["boxes"]) for t in truth):  # mAP needs a ground-truth box somewhere
+        found = mean_average_precision(detected, truth)
+        result.update(map50=found["map50"], map=found["map"])
+    return result
 
 
 def scores(result: dict) -> dict[str, float]:
     """The numbers of an `evaluate` result that go into the history and metrics.jsonl."""
-    return {"val_loss": result["loss"], **{k: result[k] for k in ("similarity", "anls", "exact")}}
+    names = ("similarity", "anls", "exact", "map50", "map")
+    return {"val_loss": result["loss"], **{k: result[k] for k in names if k in result}}
 
 
-def export(model: miniflorence.Florence2, path: Path) -> None:
-    """The converted format: the tied token table stored once (`language_model.model.shared`)."""
-    tensors = {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+def export(model: miniflorence.Florence2, path: Path, s: Settings) -> None:
+    """The converted format: LoRA merged, the tied token table stored once (`language_model.model.shared`);
+    with LoRA also the adapters alone, beside it (`best_lora.safetensors`)."""
+    tensors = {k: v for k, v in merged_state_dict(model).items() if k not in TIED_KEYS}
     save_converted(path, tensors, "florence2", model.config.to_dict())
+    if s.lora_rank:
+        save_lora(path.with_name("best_lora.safetensors"), model, "florence2", s.lora_targets)
 
 
 def train(s: Settings, d: common.Dist) -> dict:
@@ -211,11 +261,27 @@ def train(s: Settings, d: common.Dist) -> dict:
     train_set, val_set = DocDataset(examples, tokenizer, c.image_size), DocDataset(val_examples, tokenizer, c.image_size)
     common.log(f"{len(train_set)} train / {len(val_set)} val examples; skipped: {skipped.summary()}")
 
-    # ---- what trains: everything, or everything but the vision tower
+    # ---- what trains: everything, or everything but the vision tower; with LoRA the adapters (and
+    # --train-also) only. --freeze-vision also keeps the tower in eval mode (no drop path).
+    if s.train_also and not s.lora_rank:
+        raise ValueError("--train-also needs --lora-rank (without LoRA everything but a frozen vision tower trains)")
+    if s.lora_rank:
+        model.requires_grad_(False)
+        lora_names = add_lora(model, s.lora_targets, s.lora_rank, s.lora_alpha or s.lora_rank, s.lora_dropout)
+        for pattern in (p for p in s.train_also.split(",") if p):
+            matched = [p for n, p in model.named_parameters() if fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
+                raise ValueError(f"--train-also {pattern!r} matches no parameter of the model")
+            for p in matched:
+                p.requires_grad_(True)
     if s.freeze_vision:
-        model.vision_tower.requires_grad_(False)
+        if not s.lora_rank:
+            model.vision_tower.requires_grad_(False)
         model.vision_tower.eval()
     params = [p for p in model.parameters() if p.requires_grad]
+    trained, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    lora_note = f"; LoRA rank {s.lora_rank} on {len(lora_names)} layers" if s.lora_rank else ""
+    common.log(f"trainable parameters: {trained:,} of {total:,} ({100 * trained / total:.2f}%){lora_note}")
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     _, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
     total_steps = steps_per_epoch * s.epochs
@@ -227,7 +293,9 @@ def train(s: Settings, d: common.Dist) -> dict:
     # ---- start or resume
     common.begin_run(out, s, state, d)
     step, start_epoch, start_micro, best = 0, 0, 0, -1.0
-    history: dict[str, list] = {"train_loss": [], "val_loss": [], "similarity": [], "anls": [], "exact": []}
+    history: dict[str, list] = {"train_loss": [], "val_loss": [], "similarity": [], "anls": [], "exact": [],
+                                "map50": [], "map": []}
+    metric = "map50" if any(ex.boxes for ex in val_set.examples) else "anls"  # what picks the best model
     if state is not None:
         common.load_model_state(model, state["model"], last_path)
         step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
@@ -241,7 +309,8 @@ def train(s: Settings, d: common.Dist) -> dict:
         return {"model": model.state_dict(), "best": best, **state}
 
     def summary(stopped: bool) -> dict:  # what `train` returns
-        return {"history": history, "best_anls": best, "step": step, "stopped": stopped, "skipped": dict(skipped)}
+        return {"history": history, "best_anls": best if metric == "anls" else None, "best": {metric: best},
+                "step": step, "stopped": stopped, "skipped": dict(skipped)}
 
     collate_fn = functools.partial(collate, pad_id=pad_id, decoder_start_id=start_id)
     for epoch in range(start_epoch, s.epochs):
@@ -271,14 +340,15 @@ def train(s: Settings, d: common.Dist) -> dict:
             r = evaluate(model, val_set, s, tokenizer, d.device)
             common.log_epoch(history, out / "metrics.jsonl", step, epoch + 1, s.epochs, scores(r))
             (out / "predictions.json").write_text(json.dumps(r["examples"][:200], indent=1))
-            if r["anls"] > best:
-                best = r["anls"]
-                export(model, out / "best.safetensors")
-                common.log(f"new best ANLS {best:.3f}: wrote {out / 'best.safetensors'}")
+            if r.get(metric, best) > best:  # (with --eval-limit the evaluated part may hold no box)
+                best = r[metric]
+                export(model, out / "best.safetensors", s)
+                common.log(f"new best {metric} {best:.3f}: wrote {out / 'best.safetensors'}")
         common.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
             "loss": {"train": history["train_loss"], "val": history["val_loss"]},
-            "answers": {"similarity": history["similarity"], "ANLS": history["anls"], "exact": history["exact"]},
-        })
+            "answers": {"similarity": history["similarity"], "ANLS": history["anls"], "exact": history["exact"],
+                        **({"mAP@0.5": history["map50"], "mAP@[.5:.95]": history["map"]} if metric == "map50" else {})},
+        }, log_y=("loss",))
     return summary(stopped=False)
 
 

