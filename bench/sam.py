@@ -61,7 +61,7 @@ from weights_convert.sam import convert_tensors  # noqa: E402
 
 WORKLOADS = ["encoder", "decoder", "amg"]
 MODES = ["fp32", "fp32+compile", "bf16", "bf16+compile"]
-DEFAULT_IMAGE = ROOT.parent / "shared" / "assets" / "images" / "sam" / "dogs.jpg"
+DEFAULT_IMAGE = ROOT / "tests" / "assets" / "images" / "sam" / "dogs.jpg"
 
 
 def official_package() -> tuple[object, object] | None:

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import shared_path
+from conftest import asset_path
 from PIL import Image
 from sam_utils import official_sam, segment_anything, to_minisam
 
@@ -29,7 +29,7 @@ IMAGES = ["truck", "groceries", "dog", "dogs"]
 
 
 def load_image(name: str) -> np.ndarray:
-    return np.array(Image.open(shared_path("assets", "images", "sam", f"{name}.jpg")).convert("RGB"))
+    return np.array(Image.open(asset_path("images", "sam", f"{name}.jpg")).convert("RGB"))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
