@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import re
 import sys
@@ -120,8 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("running")
     run.add_argument("--batch-size", type=bounded(int, 1), default=1, help="images per image-encoder call")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (fp32: exact)")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (needs a checkpoint)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                     help="the image encoder's dtype (fp32: exact; bf16: fast where the CPU or GPU has bf16 matmuls)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the image encoder (load_sam(compile=True); needs a checkpoint)")
     return parser
 
 
@@ -301,7 +302,11 @@ def segment_everything(
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> Sam:
+    """The model on --device, its image encoder in --dtype (`Sam.cast`), compiled with --compile (`load_sam`)."""
     dtype = DTYPES[args.dtype]
+    if dtype == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("note: this CPU has no native bfloat16 matmuls (AMX or AVX512-BF16): --dtype bf16 runs slower than "
+              "fp32 here", file=sys.stderr)
     if args.random_weights:
         config = CONFIGS[args.random_weights]
         if args.image_size:
@@ -309,13 +314,8 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Sam:
         torch.manual_seed(args.seed)
         warning = f"WARNING: RANDOM WEIGHTS ({args.random_weights}, seed {args.seed}): the masks are meaningless"
         print(warning, file=sys.stderr)
-        return Sam(config).to(device=device, dtype=dtype).eval()
-    options: dict[str, Any] = {"device": device, "dtype": dtype, "image_size": args.image_size}
-    if args.compile:
-        if "compile" not in inspect.signature(load_sam).parameters:
-            raise UserError("--compile: this version of minisam.load_sam has no compile option")
-        options["compile"] = True
-    return load_sam(args.paths[0], **options)
+        return Sam(config).eval().to(device).cast(dtype)
+    return load_sam(args.paths[0], device=device, dtype=dtype, compile=args.compile, image_size=args.image_size)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -123,30 +123,27 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
 
     Boxes are visited by `scores.sort(descending=True)`; each kept box suppresses the later ones
     whose IoU with it exceeds `iou_threshold`. The IoU is computed in the boxes' dtype and
-    compared in double precision, like torchvision's CPU kernel.
+    compared in double precision, like torchvision's CPU kernel. All pairwise IoUs are computed at
+    once on the boxes' device; only the greedy pass over the (M, M) "overlaps" table runs on the CPU.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    device = boxes.device
-    boxes, scores = boxes.cpu(), scores.cpu()
-    x0, y0, x1, y1 = boxes.unbind(dim=1)
-    areas = box_area(boxes)
-    order = scores.sort(0, descending=True)[1]
-    suppressed = torch.zeros(len(boxes), dtype=torch.bool)
+    order = scores.sort(0, descending=True)[1].to(boxes.device)
+    x0, y0, x1, y1 = boxes[order].unbind(dim=1)  # (M,) each, in visiting order
+    areas = (x1 - x0) * (y1 - y0)
     zero = boxes.new_zeros(())
+    inter_w = torch.maximum(zero, torch.minimum(x1[:, None], x1[None, :]) - torch.maximum(x0[:, None], x0[None, :]))
+    inter_h = torch.maximum(zero, torch.minimum(y1[:, None], y1[None, :]) - torch.maximum(y0[:, None], y0[None, :]))
+    inter = inter_w * inter_h  # (M, M)
+    overlaps = (inter / (areas[:, None] + areas[None, :] - inter)).double() > iou_threshold  # (M, M)
+    overlaps = overlaps.cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
     keep = []
-    for n, i in enumerate(order.tolist()):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        rest = order[n + 1 :]
-        rest = rest[~suppressed[rest]]
-        inter_w = torch.maximum(zero, torch.minimum(x1[i], x1[rest]) - torch.maximum(x0[i], x0[rest]))
-        inter_h = torch.maximum(zero, torch.minimum(y1[i], y1[rest]) - torch.maximum(y0[i], y0[rest]))
-        inter = inter_w * inter_h
-        iou = inter / (areas[i] + areas[rest] - inter)
-        suppressed[rest[iou.double() > iou_threshold]] = True
-    return torch.tensor(keep, dtype=torch.int64, device=device)
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlaps[i]  # marks only boxes it overlaps; earlier ones are settled already
+    return order[torch.tensor(keep, dtype=torch.int64, device=order.device)]
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:

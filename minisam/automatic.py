@@ -48,13 +48,13 @@ class MaskData:
         return len(next(iter(self.fields.values()))) if self.fields else 0
 
     def filter(self, keep: torch.Tensor) -> None:
-        """Keep the masks selected by a boolean mask or an index tensor, in that order."""
-        index = torch.arange(len(keep))[keep.cpu()] if keep.dtype == torch.bool else keep.cpu()
+        """Keep the masks selected by a boolean mask or an index tensor, in that order; tensors stay on their device."""
+        index = keep.nonzero()[:, 0] if keep.dtype == torch.bool else keep  # (M',)
         for key, value in self.fields.items():
             if isinstance(value, torch.Tensor):
                 self.fields[key] = value[index.to(value.device)]
             elif isinstance(value, np.ndarray):
-                self.fields[key] = value[index.numpy()]
+                self.fields[key] = value[index.cpu().numpy()]
             else:
                 self.fields[key] = [value[i] for i in index.tolist()]
 
@@ -216,7 +216,8 @@ class AutomaticMaskGenerator:
         data.filter(keep)
         data["boxes"] = amg.uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = amg.uncrop_points(data["points"], crop_box)
-        data["crop_boxes"] = torch.tensor([crop_box], dtype=torch.int64).repeat(len(data["rles"]), 1)  # (M, 4)
+        crop = torch.tensor([crop_box], dtype=torch.int64, device=data["boxes"].device)  # (1, 4)
+        data["crop_boxes"] = crop.repeat(len(data["rles"]), 1)  # (M, 4)
         return data
 
     def _process_batch(self, points: np.ndarray, crop_size: tuple[int, ...], crop_box: list[int], orig_size: tuple[int, ...]) -> MaskData:
@@ -230,7 +231,7 @@ class AutomaticMaskGenerator:
         data = MaskData(
             low_res=low_res.flatten(0, 1),  # (P*C, 256, 256)
             iou_preds=iou_preds.flatten(0, 1),  # (P*C,)
-            points=torch.as_tensor(points.repeat(C, axis=0)),  # (P*C, 2), each point once per mask
+            points=torch.as_tensor(points.repeat(C, axis=0), device=predictor.device),  # (P*C, 2), each point once per mask
         )
         if self.pred_iou_thresh > 0.0:
             data.filter(data["iou_preds"] > self.pred_iou_thresh)

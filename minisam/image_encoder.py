@@ -133,7 +133,13 @@ class Block(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative positions."""
+    """Multi-head self-attention over a (B, H, W, C) grid with decomposed relative positions.
+
+    Two paths, one flag. The plain math (`use_sdpa=False`) is the official arithmetic, operation for
+    operation: split heads, softmax(q k^T / sqrt(d) + bias) v. The fused path hands q, k, v to
+    `F.scaled_dot_product_attention` as strided views of the qkv projection (no head copies), adds
+    the relative positions as its `attn_mask`, and reads the heads back as a view of its output.
+    """
 
     def __init__(self, dim: int, num_heads: int, use_rel_pos: bool, input_size: int, use_sdpa: bool) -> None:
         super().__init__()
@@ -150,27 +156,32 @@ class Attention(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        h = self.num_heads
-        qkv = self.qkv(x).reshape(B, H * W, 3, h, -1).permute(2, 0, 3, 1, 4)  # (3, B, h, N, d)
-        q, k, v = qkv.reshape(3, B * h, H * W, -1).unbind(0)  # each (B*h, N, d)
+        B, H, W, _ = x.shape
+        qkv = self.qkv(x).view(B, H * W, 3, self.num_heads, -1)  # (B, N, 3, h, d)
+        x = self.fused_attention(qkv, H, W) if self.use_sdpa else self.plain_attention(qkv, H, W)
+        return self.proj(x)  # (B, H, W, C)
 
-        if self.use_sdpa:
-            bias = None
-            if self.use_rel_pos:
-                rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-                bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(B, h, H * W, H * W)
-            q, k, v = (t.reshape(B, h, H * W, -1) for t in (q, k, v))  # (B, h, N, d)
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*h, N, N)
-            if self.use_rel_pos:
-                rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
-                attn = attn.view(B * h, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
-                attn = attn.view(B * h, H * W, H * W)
-            x = attn.softmax(dim=-1) @ v  # (B*h, N, d)
-        x = x.reshape(B, h, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)  # (B, H, W, C)
-        return self.proj(x)
+    def plain_attention(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """(B, N, 3, h, d) -> (B, H, W, C): the official arithmetic, in the official order."""
+        B, N, _, h, d = qkv.shape
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).reshape(3, B * h, N, d).unbind(0)  # each (B*h, N, d)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B*h, N, N)
+        if self.use_rel_pos:
+            rel_h, rel_w = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+            attn = attn.view(B * h, H, W, H, W) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+            attn = attn.view(B * h, N, N)
+        x = attn.softmax(dim=-1) @ v  # (B*h, N, d)
+        return x.view(B, h, H, W, d).permute(0, 2, 3, 1, 4).reshape(B, H, W, h * d)  # (B, H, W, C)
+
+    def fused_attention(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """(B, N, 3, h, d) -> (B, H, W, C) with one fused kernel and no head copies."""
+        B, _, _, h, d = qkv.shape
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d), strided views of qkv
+        bias = None
+        if self.use_rel_pos:
+            bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, H, W)  # (B, h, N, N)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, h, N, d), stored as (B, N, h, d)
+        return x.transpose(1, 2).reshape(B, H, W, h * d)  # (B, H, W, C), a view
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -191,7 +202,20 @@ def window_unpartition(
     Hp, Wp = padded_hw
     H, W = hw
     x = rearrange(windows, "(b nh nw) wh ww c -> b (nh wh) (nw ww) c", nh=Hp // window_size, nw=Wp // window_size)
-    return x[:, :H, :W, :].contiguous()  # (B, H, W, C)
+    return x[:, :H, :W, :]  # (B, H, W, C), a view: the residual add that follows makes the copy
+
+
+def relative_position_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    """(q_size * k_size,) row of the offset table for every (query, key) pair along one axis.
+
+    Query i and key j are i - j apart; row (i - j) + (k_size - 1) of a (2 * max - 1, d) table
+    holds that offset. Offsets are scaled to the longer side when q and k differ (MViTv2); in SAM
+    they never do.
+    """
+    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)  # (q, k), 0..2k-2
+    return relative_coords.long().flatten()
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
@@ -203,11 +227,9 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     max_rel_dist = 2 * max(q_size, k_size) - 1
     if rel_pos.shape[0] != max_rel_dist:
         rel_pos = resize_rel_pos(rel_pos, max_rel_dist)
-    # Offsets scaled to the longer side when q and k differ (MViTv2); here they never do.
-    q_coords = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
-    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)  # (q, k), 0..2k-2
-    return rel_pos[relative_coords.long().to(rel_pos.device)]  # (q, k, d)
+    index = relative_position_index(q_size, k_size, rel_pos.device)  # (q * k,)
+    # index_select: the same rows as rel_pos[index], without advanced indexing's ~10x overhead.
+    return rel_pos.index_select(0, index).view(q_size, k_size, -1)  # (q, k, d)
 
 
 def decomposed_rel_pos(
@@ -227,6 +249,22 @@ def decomposed_rel_pos(
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, Rh)  # (B*h, qH, qW, kH)
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, Rw)  # (B*h, qH, qW, kW)
     return rel_h, rel_w
+
+
+def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The decomposed relative-position bias of a (B, h, N = H*W, d) query as a (B, h, N, N) attention mask.
+
+    The same two factors as `decomposed_rel_pos`, summed once into a contiguous mask (the layout
+    the fused kernel reads; summing permuted factors would cost a second full copy).
+    """
+    B, h, N, d = q.shape
+    Rh = get_rel_pos(H, H, rel_pos_h)  # (H, H', d)
+    Rw = get_rel_pos(W, W, rel_pos_w)  # (W, W', d)
+    r_q = q.reshape(B, h, H, W, d)  # a view: N splits into H, W
+    rel_h = torch.einsum("bnywc,ykc->bnywk", r_q, Rh).contiguous()  # (B, h, H, W, H')
+    rel_w = torch.einsum("bnywc,wkc->bnywk", r_q, Rw)  # (B, h, H, W, W')
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, h, H, W, H', W'), laid out like rel_h
+    return bias.view(B, h, N, N)
 
 
 def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:

@@ -8,6 +8,14 @@ pixel, and the IoU token goes through an MLP to one score per mask. Mask 0 is th
 output, masks 1-3 the ambiguity-aware ones. Mirrors the official
 `segment_anything/modeling/mask_decoder.py`.
 
+Two paths, one flag (`use_sdpa`, the flag of the attentions). False: the official arithmetic,
+operation for operation. True, the fast path, the same math in another order:
+- one image and no mask prompts (the dense embedding is the "no mask" vector broadcast to every
+  prompt): the image side enters the transformer once, with batch 1, instead of B copies;
+- the 2x2, stride-2 transposed convs write each input cell to its own 2x2 output block, so they
+  are matmuls on channels-last cells; the upscaling and the hypernetwork product then run on
+  (B, H, W, 2, 2, 2, 2, C/8) cells and only the final masks are put in image order.
+
 Legend: B prompts, T tokens, C channels, H/W image embedding grid, M mask tokens.
 """
 
@@ -29,8 +37,10 @@ class MaskDecoder(nn.Module):
         num_multimask_outputs: int = 3,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
+        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
+        self.use_sdpa = use_sdpa
         self.transformer_dim = transformer_dim
         self.transformer = transformer
         self.num_multimask_outputs = num_multimask_outputs
@@ -84,33 +94,62 @@ class MaskDecoder(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """All M = num_multimask_outputs + 1 masks (B, M, 4H, 4W) and IoU predictions (B, M)."""
         B = sparse_prompt_embeddings.shape[0]
+        dtype = self.iou_token.weight.dtype  # e.g. float32 embeddings of a bfloat16 image encoder (`Sam.cast`)
+        image_embeddings, image_pe = image_embeddings.to(dtype), image_pe.to(dtype)
+        sparse_prompt_embeddings = sparse_prompt_embeddings.to(dtype)
+        dense_prompt_embeddings = dense_prompt_embeddings.to(dtype)  # a no-op keeps a broadcast's stride of 0
         output_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)  # (1 + M, C)
         output_tokens = output_tokens.unsqueeze(0).expand(B, -1, -1)  # (B, 1 + M, C)
         tokens = torch.cat((output_tokens, sparse_prompt_embeddings), dim=1)  # (B, T, C)
 
-        if image_embeddings.shape[0] == 1:  # one image, every prompt on it: repeat per prompt
-            src = torch.repeat_interleave(image_embeddings, B, dim=0)  # (B, C, H, W)
-        elif image_embeddings.shape[0] == B:  # one image per prompt
-            src = image_embeddings
+        # A batch-stride of 0 is the prompt encoder's "no mask" vector, the same for every prompt.
+        shared_image = image_embeddings.shape[0] == 1 and (B == 1 or dense_prompt_embeddings.stride(0) == 0)
+        if self.use_sdpa and shared_image:  # fast path: the transformer broadcasts one image side
+            src = image_embeddings + dense_prompt_embeddings[:1]  # (1, C, H, W)
+            pos_src = image_pe  # (1, C, H, W)
         else:
-            raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {B} prompts: give one, or one per prompt")
-        src = src + dense_prompt_embeddings
-        pos_src = torch.repeat_interleave(image_pe, B, dim=0)  # (B, C, H, W)
-        b, c, h, w = src.shape
+            if image_embeddings.shape[0] == 1:  # one image, every prompt on it: repeat per prompt
+                src = torch.repeat_interleave(image_embeddings, B, dim=0)  # (B, C, H, W)
+            elif image_embeddings.shape[0] == B:  # one image per prompt
+                src = image_embeddings
+            else:
+                raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {B} prompts: give one, or one per prompt")
+            src = src + dense_prompt_embeddings
+            pos_src = torch.repeat_interleave(image_pe, B, dim=0)  # (B, C, H, W)
+        _, c, h, w = src.shape
 
         hs, src = self.transformer(src, pos_src, tokens)  # (B, T, C), (B, H*W, C)
         iou_token_out = hs[:, 0, :]  # (B, C)
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]  # (B, M, C)
-
-        src = src.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
-        upscaled = self.output_upscaling(src)  # (B, C/8, 4H, 4W)
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )  # (B, M, C/8)
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)  # (B, M, 4H, 4W)
+        if self.use_sdpa:
+            masks = self.upscale_and_predict_cells(src.view(B, h, w, c), hyper_in)  # (B, M, 4H, 4W)
+        else:
+            src = src.transpose(1, 2).reshape(B, c, h, w)  # (B, C, H, W)
+            upscaled = self.output_upscaling(src)  # (B, C/8, 4H, 4W)
+            b, c, h, w = upscaled.shape
+            masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)  # (B, M, 4H, 4W)
         iou_pred = self.iou_prediction_head(iou_token_out)  # (B, M)
         return masks, iou_pred
+
+    def upscale_and_predict_cells(self, src: torch.Tensor, hyper_in: torch.Tensor) -> torch.Tensor:
+        """`output_upscaling` and the hypernetwork product on channels-last cells: (B, H, W, C) -> (B, M, 4H, 4W).
+
+        A ConvTranspose2d with kernel 2 and stride 2 maps cell (y, x) to output pixels (2y + i, 2x + j),
+        i, j in {0, 1}, through its own slice of the weight: out[.., i, j, o] = sum_c in[c] w[c, o, i, j].
+        """
+        conv1, norm, act1, conv2, act2 = self.output_upscaling
+        B, H, W, _ = src.shape
+        w1 = conv1.weight.permute(2, 3, 1, 0).flatten(0, 2)  # (C, C/4, 2, 2) -> (2*2*C/4, C) as (i, j, o)
+        x = F.linear(src, w1, conv1.bias.repeat(4)).view(B, H, W, 2, 2, -1)  # (B, H, W, i, j, C/4)
+        x = act1(F.layer_norm(x.float(), x.shape[-1:], norm.weight.float(), norm.bias.float(), norm.eps).to(x.dtype))
+        w2 = conv2.weight.permute(2, 3, 1, 0).flatten(0, 2)  # (C/4, C/8, 2, 2) -> (2*2*C/8, C/4) as (i2, j2, o)
+        x = act2(F.linear(x, w2, conv2.bias.repeat(4))).view(B, H, W, 2, 2, 2, 2, -1)  # (B, H, W, i, j, i2, j2, C/8)
+        masks = x.view(B, -1, x.shape[-1]) @ hyper_in.transpose(1, 2)  # (B, H*W*16, C/8) @ (B, C/8, M)
+        masks = masks.view(B, H, W, 2, 2, 2, 2, -1).permute(0, 7, 1, 3, 5, 2, 4, 6)  # (B, M, H, i, i2, W, j, j2)
+        return masks.reshape(B, -1, 4 * H, 4 * W)  # output row 4y + 2i + i2, column 4x + 2j + j2
 
 
 class MLP(nn.Module):

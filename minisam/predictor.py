@@ -372,13 +372,14 @@ class SamPredictor:
         mask_input: torch.Tensor | None = None,
         multimask_output: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt encoder and mask decoder only: (B, C, 256, 256) logits and (B, C) IoU scores."""
+        """The prompt encoder and mask decoder only: (B, C, 256, 256) logits and (B, C) IoU scores, float32."""
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         self._check_prompts(point_coords, point_labels, boxes, mask_input)
         points = (point_coords, point_labels) if point_coords is not None else None
         sparse, dense = self.model.encode_prompts(points=points, boxes=boxes, masks=mask_input)
-        return self.model.decode_masks(self.features, sparse, dense, multimask_output)
+        low_res, iou_predictions = self.model.decode_masks(self.features, sparse, dense, multimask_output)
+        return low_res.float(), iou_predictions.float()  # whatever the model's dtype, as the official predictor
 
     def _check_prompts(
         self,

@@ -46,9 +46,14 @@ class PromptEncoder(nn.Module):
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the embeddings this encoder returns (its weights'; the Fourier features run in float32)."""
+        return self.no_mask_embed.weight.dtype
+
     def get_dense_pe(self) -> torch.Tensor:
         """The positional encoding of every image-embedding cell: (1, C, H, W)."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        return self.pe_layer(self.image_embedding_size).unsqueeze(0).to(self.dtype)
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # pixel centres
@@ -56,7 +61,7 @@ class PromptEncoder(nn.Module):
             # Without a box the official model appends one "not a point" at (0, 0) (it was trained so).
             points = torch.cat([points, torch.zeros((points.shape[0], 1, 2), device=points.device)], dim=1)
             labels = torch.cat([labels, -torch.ones((labels.shape[0], 1), device=labels.device)], dim=1)
-        embedding = self.pe_layer.forward_with_coords(points, self.input_image_size)  # (B, N, C)
+        embedding = self.pe_layer.forward_with_coords(points, self.input_image_size).to(self.dtype)  # (B, N, C)
         labels = labels[..., None]  # (B, N, 1)
         # A "not a point" carries no position, only its learned vector; real points get theirs added.
         embedding = torch.where(labels == NOT_A_POINT, self.not_a_point_embed.weight, embedding)
@@ -66,12 +71,12 @@ class PromptEncoder(nn.Module):
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes + 0.5).reshape(-1, 2, 2)  # (B, 2 corners, xy), pixel centres
-        embedding = self.pe_layer.forward_with_coords(corners, self.input_image_size)  # (B, 2, C)
+        embedding = self.pe_layer.forward_with_coords(corners, self.input_image_size).to(self.dtype)  # (B, 2, C)
         corner_embed = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight])  # (2, C)
         return embedding + corner_embed
 
     def _embed_masks(self, masks: torch.Tensor) -> torch.Tensor:
-        return self.mask_downscaling(masks)  # (B, 1, 4H, 4W) -> (B, C, H, W)
+        return self.mask_downscaling(masks.to(self.dtype))  # (B, 1, 4H, 4W) -> (B, C, H, W)
 
     def forward(
         self,
@@ -117,16 +122,24 @@ def _batch_size(points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.T
 
 
 class PositionEmbeddingRandom(nn.Module):
-    """Random Fourier features: [sin, cos](2 pi (2p - 1) G) for p in [0, 1]^2, G ~ N(0, 1) of shape (2, F)."""
+    """Random Fourier features: [sin, cos](2 pi (2p - 1) G) for p in [0, 1]^2, G ~ N(0, 1) of shape (2, F).
+
+    Computed in float32 at least, whatever the model's dtype: the sin/cos arguments reach ~20 radians,
+    where bfloat16's 3 significant digits would shift every phase (`Sam.cast` keeps G in float32 too).
+    """
 
     def __init__(self, num_pos_feats: int) -> None:
         super().__init__()
         # A buffer, not a parameter, but saved in checkpoints: G must be the one the model was trained with.
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn((2, num_pos_feats)))
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.promote_types(self.positional_encoding_gaussian_matrix.dtype, torch.float32)
+
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         coords = 2 * coords - 1  # [0, 1] -> [-1, 1]
-        coords = coords @ self.positional_encoding_gaussian_matrix  # (..., 2) @ (2, F) -> (..., F)
+        coords = coords @ self.positional_encoding_gaussian_matrix.to(self.compute_dtype)  # (..., 2) @ (2, F) -> (..., F)
         coords = 2 * np.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)  # (..., 2F)
 
@@ -134,12 +147,12 @@ class PositionEmbeddingRandom(nn.Module):
         """Encoding of the centre of every cell of an H x W grid: (2F, H, W)."""
         h, w = size
         G = self.positional_encoding_gaussian_matrix
-        y = (torch.arange(h, device=G.device, dtype=G.dtype) + 0.5) / h  # cell centres in [0, 1]
-        x = (torch.arange(w, device=G.device, dtype=G.dtype) + 0.5) / w
+        y = (torch.arange(h, device=G.device, dtype=self.compute_dtype) + 0.5) / h  # cell centres in [0, 1]
+        x = (torch.arange(w, device=G.device, dtype=self.compute_dtype) + 0.5) / w
         grid = torch.stack(torch.broadcast_tensors(x[None, :], y[:, None]), dim=-1)  # (H, W, 2) as (x, y)
         return self._pe_encoding(grid).permute(2, 0, 1)  # (2F, H, W)
 
     def forward_with_coords(self, coords_input: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """Encoding of (B, N, 2) pixel coordinates (x, y) in an image of size (H, W): (B, N, 2F)."""
         coords = torch.stack([coords_input[..., 0] / image_size[1], coords_input[..., 1] / image_size[0]], dim=-1)
-        return self._pe_encoding(coords.to(self.positional_encoding_gaussian_matrix.dtype))
+        return self._pe_encoding(coords.to(self.compute_dtype))

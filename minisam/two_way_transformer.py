@@ -6,6 +6,10 @@ Paper: "Segment Anything" appendix A ("Lightweight mask decoder", figure 14). Ea
 every attention, and the cross-attentions work at half width (`downsample_rate` 2).
 Mirrors the official `segment_anything/modeling/transformer.py`.
 
+The image side may come with batch 1 for B prompts (one image, no mask prompts: every prompt
+sees the same image tokens): it is then broadcast, and the image-side work of the first layer's
+attentions (the keys and values of (2), the queries of (4)) is done once instead of B times.
+
 Legend: B prompts, T tokens, N = H*W image cells, C channels, h heads, d head dim.
 """
 
@@ -35,7 +39,7 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C, H, W) image, (B, C, H, W) its positional encoding, (B, T, C) tokens -> (tokens, image (B, N, C))."""
+        """(B or 1, C, H, W) image, (B or 1, C, H, W) its positional encoding, (B, T, C) tokens -> (tokens, image (B, N, C))."""
         image_embedding = image_embedding.flatten(2).permute(0, 2, 1)  # (B, C, H, W) -> (B, N, C)
         image_pe = image_pe.flatten(2).permute(0, 2, 1)  # (B, N, C)
         queries, keys = point_embedding, image_embedding
@@ -75,18 +79,26 @@ class TwoWayAttentionBlock(nn.Module):
             queries = queries + self.self_attn(q=q, k=q, v=queries)
         queries = self.norm1(queries)
         # (2) tokens attend to the image
-        q, k = queries + query_pe, keys + key_pe
+        q, k = queries + query_pe, keys + key_pe  # k: (B or 1, N, C); the image side of (4) reuses it
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
         # (3) token MLP
         queries = self.norm3(queries + self.mlp(queries))
-        # (4) the image attends to the tokens
-        q, k = queries + query_pe, keys + key_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        # (4) the image attends to the tokens; from here on every prompt has its own image tokens
+        q = queries + query_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))  # (B, N, C)
         return queries, keys
 
 
 class Attention(nn.Module):
-    """Multi-head attention whose q/k/v projections may narrow the width by `downsample_rate`."""
+    """Multi-head attention whose q/k/v projections may narrow the width by `downsample_rate`.
+
+    Paths: the plain math (`use_sdpa=False`, the official arithmetic); `F.scaled_dot_product_attention`;
+    and, for the cross-attentions between a few tokens and thousands of image cells, the same
+    products regrouped so that the image cells are never projected (`attend_few_queries`,
+    `attend_few_keys`). A head's logit q_t . k_n = (W_q x_t + b_q) . (W_k y_n + b_k) can be
+    computed as (W_k^T q_t) . y_n + q_t . b_k: with h heads and T tokens that is h*T dot products
+    per image cell instead of a C -> C' projection of every cell, cheaper whenever h*T < C'.
+    """
 
     def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1, use_sdpa: bool = True) -> None:
         super().__init__()
@@ -101,14 +113,62 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        h = self.num_heads
+        """(B or 1, Tq, C) queries, (B or 1, Tk, C) keys and values -> (B, Tq, C); a batch of 1 is broadcast."""
+        h, Tq, Tk = self.num_heads, q.shape[1], k.shape[1]
+        if self.use_sdpa and h * Tq < self.internal_dim < Tk:  # tokens -> image
+            return self.attend_few_queries(q, k, v)
+        if self.use_sdpa and h * Tk < self.internal_dim < Tq:  # image -> tokens
+            return self.attend_few_keys(q, k, v)
         q = self.q_proj(q).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, Tq, C') -> (B, h, Tq, d)
         k = self.k_proj(k).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Tk, d)
         v = self.v_proj(v).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Tk, d)
         if self.use_sdpa:
+            B = max(q.shape[0], k.shape[0])
+            q, k, v = (t.expand(B, -1, -1, -1) for t in (q, k, v))  # views: a shared image side is not copied
             out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Tq, d)
         else:
             attn = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, h, Tq, Tk)
             out = torch.softmax(attn, dim=-1) @ v  # (B, h, Tq, d)
         out = out.transpose(1, 2).flatten(2)  # (B, Tq, C')
         return self.out_proj(out)
+
+    def attend_few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Tq tokens attend to Tk image cells, which are never projected: (B, Tq, C), (B or 1, Tk, C) -> (B, Tq, C)."""
+        B, Tq, _ = q.shape
+        h = self.num_heads
+        d = self.internal_dim // h
+        k, v = shared_as_matrix(k), shared_as_matrix(v)  # (Tk, C) or (B, Tk, C)
+        q = self.q_proj(q).view(B, Tq, h, d) * d**-0.5  # (B, Tq, h, d), scaled once here
+        # logit = q . (W_k y + b_k) = (W_k^T q) . y + q . b_k
+        q_folded = torch.einsum("bthd,hdc->bhtc", q, self.k_proj.weight.view(h, d, -1)).flatten(1, 2)  # (B, h*Tq, C)
+        q_bias = torch.einsum("bthd,hd->bht", q, self.k_proj.bias.view(h, d)).reshape(B, h * Tq, 1)  # (B, h*Tq, 1)
+        attn = (q_folded @ k.transpose(-2, -1) + q_bias).softmax(-1)  # (B, h*Tq, Tk)
+        # sum_n a_n (W_v y_n + b_v) = W_v (sum_n a_n y_n) + b_v, as the weights a_n sum to 1
+        mixed = (attn @ v).view(B, h, Tq, -1)  # (B, h*Tq, Tk) @ (Tk, C) -> (B, h, Tq, C)
+        out = torch.einsum("bhtc,hdc->bthd", mixed, self.v_proj.weight.view(h, d, -1)) + self.v_proj.bias.view(h, d)
+        return self.out_proj(out.reshape(B, Tq, h * d))  # (B, Tq, C') -> (B, Tq, C)
+
+    def attend_few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Tq image cells, never projected, attend to Tk tokens: (B or 1, Tq, C), (B, Tk, C) -> (B, Tq, C)."""
+        B, Tk, _ = k.shape
+        Tq = q.shape[1]
+        h = self.num_heads
+        d = self.internal_dim // h
+        q = shared_as_matrix(q)  # (Tq, C) or (B, Tq, C)
+        k = self.k_proj(k).view(B, Tk, h, d) * d**-0.5  # (B, Tk, h, d), scaled once here
+        v = self.v_proj(v).view(B, Tk, h, d)  # (B, Tk, h, d)
+        # logit = (W_q x + b_q) . k = x . (W_q^T k) + b_q . k
+        k_folded = torch.einsum("bthd,hdc->bhtc", k, self.q_proj.weight.view(h, d, -1)).flatten(1, 2)  # (B, h*Tk, C)
+        k_bias = torch.einsum("bthd,hd->bht", k, self.q_proj.bias.view(h, d)).reshape(B, h * Tk, 1)  # (B, h*Tk, 1)
+        logits = k_folded @ q.transpose(-2, -1) + k_bias  # (B, h*Tk, Tq)
+        # Each head normalises over its own Tk tokens; cells stay the contiguous (fast) axis.
+        attn = logits.view(B, h, Tk, Tq).softmax(dim=2).view(B, h * Tk, Tq)
+        # out_proj(concat_h sum_t a_ht v_ht) = sum_h sum_t a_ht (W_o,h v_ht) + b_o: project the Tk values instead
+        v_folded = torch.einsum("bthd,chd->bhtc", v, self.out_proj.weight.view(-1, h, d)).flatten(1, 2)  # (B, h*Tk, C)
+        return torch.baddbmm(self.out_proj.bias, attn.transpose(1, 2), v_folded)  # (B, Tq, h*Tk) @ (B, h*Tk, C)
+
+
+def shared_as_matrix(x: torch.Tensor) -> torch.Tensor:
+    """A (1, N, C) image side shared by all prompts as an (N, C) matrix, so that a (B, m, C) @ (C, N)
+    product runs as one matmul over all prompts (an expanded batch would be copied B times)."""
+    return x[0] if x.shape[0] == 1 else x

@@ -105,12 +105,37 @@ def test_image_size_option(checkpoint, image_path, tmp_path) -> None:
     assert read_mask(out).shape == (100, 150)
 
 
+def test_bf16_on_cpu(checkpoint, image_path, tmp_path, capsys) -> None:
+    """--dtype bf16 --device cpu: the masks of load_sam(dtype=torch.bfloat16) through the Python API."""
+    out = tmp_path / "bf16.png"
+    assert main([str(checkpoint), str(image_path), "--point", "40,50", "--dtype", "bf16", "--device", "cpu", "--out", str(out)]) == 0
+    predictor = SamPredictor(load_sam(checkpoint, dtype=torch.bfloat16))
+    predictor.set_image(np.array(Image.open(image_path).convert("RGB")))
+    masks, scores, _ = predictor.predict(np.array([[40, 50]]), np.array([1]), multimask_output=False)
+    np.testing.assert_array_equal(read_mask(out), masks[0])
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert "no native bfloat16 matmuls" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bf16_compiled(checkpoint, image_path, tmp_path) -> None:
+    """The README's fast-path line: --dtype bf16 --compile --device cpu."""
+    out = tmp_path / "fast.png"
+    assert main([str(checkpoint), str(image_path), "--point", "40,50", "--dtype", "bf16", "--compile", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert read_mask(out).shape == (100, 150)
+
+
 def test_errors(checkpoint, image_path, tmp_path, capsys) -> None:
     out = str(tmp_path / "x.png")
     assert main([str(checkpoint), str(tmp_path / "missing.png"), "--point", "1,1", "--out", out]) == 1
     assert main([str(checkpoint), str(image_path), "--out", out]) == 1  # no prompt
     assert main([str(tmp_path / "missing.safetensors"), str(image_path), "--point", "1,1", "--out", out]) == 1
     assert "error:" in capsys.readouterr().err
+    for device in ("gpu", "cuda:7" if torch.cuda.is_available() else "cuda"):  # not a device; not on this machine
+        assert main([str(checkpoint), str(image_path), "--point", "1,1", "--device", device, "--out", out]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --device {device}: ") and err.count("\n") == 1
     for argv in (
         [str(image_path), "--point", "1,1", "--out", out],  # no checkpoint
         ["--random-weights", "vit_b", str(checkpoint), str(image_path), "--point", "1,1", "--out", out],
@@ -119,6 +144,7 @@ def test_errors(checkpoint, image_path, tmp_path, capsys) -> None:
         [str(checkpoint), str(image_path), "--auto", "--point", "1,1", "--out", out],
         ["--random-weights", "vit_zz", str(image_path), "--point", "1,1", "--out", out],
         ["--random-weights", "vit_t", str(image_path), "--point", "1,1", "--out", out],  # test sizes are not offered
+        [str(checkpoint), str(image_path), "--point", "1,1", "--dtype", "fp16", "--out", out],
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)

@@ -379,7 +379,9 @@ def test_loaded_model_equals_a_normally_built_one(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(image), built.encode_image(image))
     half = minisam.load_sam(tmp_path / "tiny.safetensors", dtype=torch.bfloat16)
-    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in half.image_encoder.parameters()} == {torch.bfloat16} and half.dtype == torch.bfloat16
+    # The prompt encoder and mask decoder stay float32 (Sam.cast says why).
+    assert {t.dtype for m in (half.prompt_encoder, half.mask_decoder) for t in m.state_dict().values()} == {torch.float32}
 
 
 def test_loading_keeps_one_copy_of_the_weights(tmp_path):
