@@ -101,7 +101,7 @@ class ConvMAEConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ConvMAEConfig":
+    def from_dict(cls, values: dict) -> ConvMAEConfig:
         """Build from a dict (e.g. a converted file's metadata); an unknown field is an error."""
         # Files converted before the names were unified across the families still load.
         values = {RENAMED_FIELDS.get(k, k): v for k, v in values.items()}

@@ -895,6 +895,20 @@ def _plotted(points: Sequence[tuple[float, float]], log: bool) -> list[tuple[flo
     return [(x, math.log10(y) if log else y) for x, y in points if math.isfinite(y) and (y > 0 or not log)]
 
 
+def _to_pixels(
+    area: tuple[float, float, float, float], x_range: tuple[float, float], y_range: tuple[float, float],
+) -> Callable[[float, float], tuple[float, float]]:
+    """The map from plotted coordinates to pixels for one panel: `x_range` spans the plot area
+    `area` = (x0, y0, x1, y1) left to right, `y_range` bottom to top."""
+    x0, y0, x1, y1 = area
+    (xmin, xmax), (ymin, ymax) = x_range, y_range
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
+
+    return to_px
+
+
 def save_curves(
     path: str | os.PathLike, panels: dict[str, dict[str, Sequence[tuple[float, float]]]], xlabel: str = "step",
     log_y: Sequence[str] = (),
@@ -919,9 +933,7 @@ def save_curves(
         xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
         ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
         xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1e-6)
-
-        def to_px(x: float, y: float) -> tuple[float, float]:  # plotted coordinates -> pixels of this panel
-            return (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
+        to_px = _to_pixels((x0, y0, x1, y1), (xmin, xmax), (ymin, ymax))
 
         y_ticks = [ymin + frac * (ymax - ymin) for frac in (0.0, 0.5, 1.0)]
         if log:  # the powers of ten in range, else the ends
@@ -934,7 +946,7 @@ def save_curves(
         for frac in (0.0, 0.5, 1.0):
             px, _ = to_px(xmin + frac * (xmax - xmin), ymin)
             draw.text((px - 8, y1 + 4), _tick(xmin + frac * (xmax - xmin)), fill="black")
-        for j, (name, pts) in enumerate(series.items()):
+        for j, pts in enumerate(series.values()):
             colour = _COLOURS[j % len(_COLOURS)]
             xy = [to_px(x, y) for x, y in _plotted(pts, log)]
             if len(xy) > 1:
