@@ -190,7 +190,10 @@ def _torch_load(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError, KeyError...)
         message = str(e)
-        refused = re.search(r"GLOBAL\s+([\w.]+)", message) or re.search(r"Unsupported (?:global|class):?\s+([\w.]+)", message)
+        refused = (
+            re.search(r"GLOBAL\s+([\w.]+)", message)
+            or re.search(r"Unsupported (?:global|class):?\s+([\w.]+)", message)
+        )
         if refused:
             raise CheckpointError(
                 f"{path}: holds objects other than tensors ({refused.group(1)}), and it will not be unpickled "

@@ -146,8 +146,13 @@ def sam_rows(variant: str, size: int, photos: list[str], automatic: bool) -> Non
                 count += 1
                 min_iou = min(min_iou, mask_iou(a, b))
     name = f"SAM {variant}"
-    for component, key in (("image embedding", "image embedding"), ("prompt encoder: sparse", "prompt sparse"),
-                           ("prompt encoder: dense", "prompt dense"), ("mask decoder: low-res mask logits", "mask logits")):
+    components = (
+        ("image embedding", "image embedding"),
+        ("prompt encoder: sparse", "prompt sparse"),
+        ("prompt encoder: dense", "prompt dense"),
+        ("mask decoder: low-res mask logits", "mask logits"),
+    )
+    for component, key in components:
         record(name, component, against, where, "max abs", worst[key].err, f"rel {worst[key].rel:.1e}")
     record(name, "mask decoder: IoU predictions", against, where, "max abs", iou_err)
     record(name, "predictor: masks", against, where, "equal pixels", equal_pixels / pixels,
@@ -158,7 +163,9 @@ def sam_rows(variant: str, size: int, photos: list[str], automatic: bool) -> Non
         automatic_rows(name, sa, theirs_model, ours_model, size)
 
 
-def automatic_rows(name: str, sa: object, theirs_model: torch.nn.Module, ours_model: torch.nn.Module, size: int) -> None:
+def automatic_rows(
+    name: str, sa: object, theirs_model: torch.nn.Module, ours_model: torch.nn.Module, size: int
+) -> None:
     from test_sam_automatic import LOW_FILTERS
     from test_sam_predictor import load_image
 
@@ -230,7 +237,8 @@ def florence_rows(config_name: str, compare_size: int, generate_size: int, batch
                 tokens += max(len(a), len(b))
         search = "greedy" if beams == 1 else f"beam {beams}"
         record(name, f"generate, {search}: token ids", "transformers generate (native)",
-               f"{generate_size} px, {rows // len(biases)} prompts, {new_tokens} new tokens", "sequences identical", same_rows / rows,
+               f"{generate_size} px, {rows // len(biases)} prompts, {new_tokens} new tokens",
+               "sequences identical", same_rows / rows,
                f"{same_tokens}/{tokens} token positions identical" + (", EOS bias 0 and 3" if len(biases) > 1 else ""))
 
 

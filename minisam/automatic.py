@@ -116,15 +116,24 @@ class AutomaticMaskGenerator:
         if crop_n_layers < 0 or points_per_batch < 1:
             raise ValueError("crop_n_layers must be >= 0 and points_per_batch >= 1")
         if points_per_side is not None and int(points_per_side / crop_n_points_downscale_factor**crop_n_layers) < 1:
-            raise ValueError("the last crop layer has no points: raise points_per_side or lower crop_n_points_downscale_factor")
+            raise ValueError(
+                "the last crop layer has no points: raise points_per_side or lower crop_n_points_downscale_factor"
+            )
         if points_per_side is not None:
-            self.point_grids = amg.build_all_layer_point_grids(points_per_side, crop_n_layers, crop_n_points_downscale_factor)
+            self.point_grids = amg.build_all_layer_point_grids(
+                points_per_side, crop_n_layers, crop_n_points_downscale_factor
+            )
         else:
             self.point_grids = list(point_grids)
         if len(self.point_grids) < crop_n_layers + 1:
-            raise ValueError(f"point_grids has {len(self.point_grids)} grids, crop_n_layers={crop_n_layers} needs {crop_n_layers + 1}")
+            raise ValueError(
+                f"point_grids has {len(self.point_grids)} grids, "
+                f"crop_n_layers={crop_n_layers} needs {crop_n_layers + 1}"
+            )
         if any(len(grid) == 0 for grid in self.point_grids):
-            raise ValueError("a crop layer has no points: raise points_per_side or lower crop_n_points_downscale_factor")
+            raise ValueError(
+                "a crop layer has no points: raise points_per_side or lower crop_n_points_downscale_factor"
+            )
         self.predictor = SamPredictor(model)
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
@@ -156,7 +165,8 @@ class AutomaticMaskGenerator:
             raise ValueError(f"embedding is of a {embedding.original_size} image, not of this {image.shape[:2]} one")
         data = self._generate_masks(image, embedding)
         if self.min_mask_region_area > 0:
-            data = self.postprocess_small_regions(data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
+            nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
+            data = self.postprocess_small_regions(data, self.min_mask_region_area, nms_thresh)
         if self.output_mode == "coco_rle":
             segmentations = [masks.coco_encode_rle(rle) for rle in data["rles"]]
         elif self.output_mode == "binary_mask":
@@ -212,7 +222,9 @@ class AutomaticMaskGenerator:
             data.cat(self._process_batch(batch, crop_size, crop_box, orig_size))
         self.predictor.reset_image()
         # Duplicates within the crop: the higher predicted IoU wins.
-        keep = amg.batched_nms(data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["boxes"])), self.box_nms_thresh)
+        keep = amg.batched_nms(
+            data["boxes"].float(), data["iou_preds"], torch.zeros(len(data["boxes"])), self.box_nms_thresh
+        )
         data.filter(keep)
         data["boxes"] = amg.uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = amg.uncrop_points(data["points"], crop_box)
@@ -220,25 +232,33 @@ class AutomaticMaskGenerator:
         data["crop_boxes"] = crop.repeat(len(data["rles"]), 1)  # (M, 4)
         return data
 
-    def _process_batch(self, points: np.ndarray, crop_size: tuple[int, ...], crop_box: list[int], orig_size: tuple[int, ...]) -> MaskData:
+    def _process_batch(
+        self, points: np.ndarray, crop_size: tuple[int, ...], crop_box: list[int], orig_size: tuple[int, ...]
+    ) -> MaskData:
         orig_h, orig_w = orig_size
         predictor, model = self.predictor, self.predictor.model
         # One foreground point per prompt, three masks each. The points stay float64, as in the official code.
-        in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size), device=predictor.device)  # (P, 2)
+        in_points = predictor.transform.apply_coords(points, crop_size)
+        in_points = torch.as_tensor(in_points, device=predictor.device)  # (P, 2)
         in_labels = torch.ones(len(in_points), dtype=torch.int, device=predictor.device)
         low_res, iou_preds = predictor.predict_low_res(in_points[:, None, :], in_labels[:, None], multimask_output=True)
         P, C = iou_preds.shape
         data = MaskData(
             low_res=low_res.flatten(0, 1),  # (P*C, 256, 256)
             iou_preds=iou_preds.flatten(0, 1),  # (P*C,)
-            points=torch.as_tensor(points.repeat(C, axis=0), device=predictor.device),  # (P*C, 2), each point once per mask
+            # (P*C, 2), each point once per mask
+            points=torch.as_tensor(points.repeat(C, axis=0), device=predictor.device),
         )
         if self.pred_iou_thresh > 0.0:
             data.filter(data["iou_preds"] > self.pred_iou_thresh)
         # Upscale the survivors' logits to the crop's pixels: (M, h, w).
-        data["masks"] = model.postprocess_masks(data["low_res"][:, None], predictor.input_size, predictor.original_size)[:, 0]
+        data["masks"] = model.postprocess_masks(
+            data["low_res"][:, None], predictor.input_size, predictor.original_size
+        )[:, 0]
         del data["low_res"]
-        data["stability_score"] = masks.calculate_stability_score(data["masks"], model.mask_threshold, self.stability_score_offset)
+        data["stability_score"] = masks.calculate_stability_score(
+            data["masks"], model.mask_threshold, self.stability_score_offset
+        )
         if self.stability_score_thresh > 0.0:
             data.filter(data["stability_score"] >= self.stability_score_thresh)
         data["masks"] = data["masks"] > model.mask_threshold

@@ -62,7 +62,9 @@ class SamConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.encoder_embed_dim % self.encoder_num_heads:
-            raise ValueError(f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by {self.encoder_num_heads} heads")
+            raise ValueError(
+                f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by {self.encoder_num_heads} heads"
+            )
         bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
         if bad:
             raise ValueError(f"global attention indexes {bad} are outside the {self.encoder_depth} encoder blocks")
@@ -89,9 +91,15 @@ class SamConfig:
 
 CONFIGS: dict[str, SamConfig] = {
     # The three released models (official build_sam.py; checkpoints sam_vit_{b,l,h}_*.pth).
-    "vit_b": SamConfig(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=(2, 5, 8, 11)),
-    "vit_l": SamConfig(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)),
-    "vit_h": SamConfig(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)),
+    "vit_b": SamConfig(
+        encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=(2, 5, 8, 11)
+    ),
+    "vit_l": SamConfig(
+        encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)
+    ),
+    "vit_h": SamConfig(
+        encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)
+    ),
 }
 
 

@@ -81,7 +81,9 @@ class MaskDecoder(nn.Module):
         Returns:
             low-res mask logits (B, 3 or 1, 4H, 4W) and predicted IoUs (B, 3 or 1).
         """
-        masks, iou_pred = self.predict_masks(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
         selected = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, selected], iou_pred[:, selected]
 
@@ -113,7 +115,9 @@ class MaskDecoder(nn.Module):
             elif image_embeddings.shape[0] == B:  # one image per prompt
                 src = image_embeddings
             else:
-                raise ValueError(f"{image_embeddings.shape[0]} image embeddings for {B} prompts: give one, or one per prompt")
+                raise ValueError(
+                    f"{image_embeddings.shape[0]} image embeddings for {B} prompts: give one, or one per prompt"
+                )
             src = src + dense_prompt_embeddings
             pos_src = torch.repeat_interleave(image_pe, B, dim=0)  # (B, C, H, W)
         _, c, h, w = src.shape

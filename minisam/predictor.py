@@ -242,8 +242,9 @@ class SamPredictor:
             original_image_size: (H, W) of the image before resizing; masks come back at this size.
         """
         size = self.model.config.image_size
-        if transformed_image.ndim != 4 or transformed_image.shape[:2] != (1, 3) or max(transformed_image.shape[2:]) != size:
-            raise ValueError(f"transformed_image must be 1x3xHxW with long side {size}, got {tuple(transformed_image.shape)}")
+        shape = tuple(transformed_image.shape)
+        if len(shape) != 4 or shape[:2] != (1, 3) or max(shape[2:]) != size:
+            raise ValueError(f"transformed_image must be 1x3xHxW with long side {size}, got {shape}")
         self.reset_image()
         self.original_size = (int(original_image_size[0]), int(original_image_size[1]))
         self.input_size = (int(transformed_image.shape[2]), int(transformed_image.shape[3]))
@@ -294,7 +295,9 @@ class SamPredictor:
             check_points_inside(coords, self.original_size, [f"point_coords[{i}]" for i in range(len(coords))])
             labels = np.asarray(point_labels)
             if labels.shape != (len(coords),):
-                raise ValueError(f"point_labels must have shape ({len(coords)},) to match point_coords, got {labels.shape}")
+                raise ValueError(
+                    f"point_labels must have shape ({len(coords)},) to match point_coords, got {labels.shape}"
+                )
             _check_labels(labels, "point_labels")
             coords = self.transform.apply_coords(coords, self.original_size)  # into the resized frame
             coords_torch = torch.as_tensor(coords, dtype=torch.float, device=self.device)[None]  # (1, N, 2)
@@ -308,7 +311,9 @@ class SamPredictor:
             side = self.model.prompt_encoder.mask_input_size
             mask = _finite_array(mask_input, "mask_input", (1, *side))
             mask_torch = torch.as_tensor(mask, dtype=torch.float, device=self.device)[None]  # (1, 1, 256, 256)
-        masks, scores, low_res = self.predict_torch(coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits)
+        masks, scores, low_res = self.predict_torch(
+            coords_torch, labels_torch, box_torch, mask_torch, multimask_output, return_logits
+        )
         return _numpy(masks[0]), _numpy(scores[0]), _numpy(low_res[0])
 
     def predict_boxes(
@@ -329,7 +334,8 @@ class SamPredictor:
         if len(boxes) == 0:
             raise ValueError("boxes holds no box")
         check_boxes_inside(boxes, self.original_size, [f"boxes[{i}]" for i in range(len(boxes))])
-        boxes_torch = torch.as_tensor(self.transform.apply_boxes(boxes, self.original_size), dtype=torch.float, device=self.device)
+        boxes = self.transform.apply_boxes(boxes, self.original_size)  # into the resized frame
+        boxes_torch = torch.as_tensor(boxes, dtype=torch.float, device=self.device)  # (K, 4)
         masks, scores, low_res = self.predict_torch(None, None, boxes_torch, None, multimask_output, return_logits)
         return _numpy(masks), _numpy(scores), _numpy(low_res)
 

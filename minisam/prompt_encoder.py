@@ -111,7 +111,9 @@ class PromptEncoder(nn.Module):
         return sparse, dense
 
 
-def _batch_size(points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None, masks: torch.Tensor | None) -> int:
+def _batch_size(
+    points: tuple[torch.Tensor, torch.Tensor] | None, boxes: torch.Tensor | None, masks: torch.Tensor | None
+) -> int:
     if points is not None:
         return points[0].shape[0]
     if boxes is not None:
@@ -139,7 +141,8 @@ class PositionEmbeddingRandom(nn.Module):
 
     def _pe_encoding(self, coords: torch.Tensor) -> torch.Tensor:
         coords = 2 * coords - 1  # [0, 1] -> [-1, 1]
-        coords = coords @ self.positional_encoding_gaussian_matrix.to(self.compute_dtype)  # (..., 2) @ (2, F) -> (..., F)
+        gaussian = self.positional_encoding_gaussian_matrix.to(self.compute_dtype)  # (2, F)
+        coords = coords @ gaussian  # (..., 2) @ (2, F) -> (..., F)
         coords = 2 * np.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)  # (..., 2F)
 

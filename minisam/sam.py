@@ -250,7 +250,9 @@ def check_record(record: dict[str, Any], name: str, image_size: int, mask_size: 
         raise ValueError(f"{name}: the prompts disagree on their number: {batch_sizes}")
 
 
-def resize_for_image_size(tensors: dict[str, torch.Tensor], config: SamConfig, image_size: int) -> dict[str, torch.Tensor]:
+def resize_for_image_size(
+    tensors: dict[str, torch.Tensor], config: SamConfig, image_size: int
+) -> dict[str, torch.Tensor]:
     """Adapt a checkpoint's position tensors from `config.image_size` to `image_size`.
 
     `pos_embed` (1, G, G, C) is resampled bicubically to the new grid g = image_size / patch_size;

@@ -26,11 +26,20 @@ from minisam.common import MLPBlock
 
 class TwoWayTransformer(nn.Module):
     def __init__(
-        self, depth: int, embedding_dim: int, num_heads: int, mlp_dim: int, attention_downsample_rate: int = 2, use_sdpa: bool = True
+        self,
+        depth: int,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        attention_downsample_rate: int = 2,
+        use_sdpa: bool = True,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
-            TwoWayAttentionBlock(embedding_dim, num_heads, mlp_dim, attention_downsample_rate, skip_first_layer_pe=(i == 0), use_sdpa=use_sdpa)
+            TwoWayAttentionBlock(
+                embedding_dim, num_heads, mlp_dim, attention_downsample_rate,
+                skip_first_layer_pe=(i == 0), use_sdpa=use_sdpa,
+            )
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate, use_sdpa)
@@ -39,7 +48,8 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B or 1, C, H, W) image, (B or 1, C, H, W) its positional encoding, (B, T, C) tokens -> (tokens, image (B, N, C))."""
+        """(B or 1, C, H, W) image, (B or 1, C, H, W) its positional encoding, (B, T, C) tokens
+        -> (tokens, image (B, N, C))."""
         image_embedding = image_embedding.flatten(2).permute(0, 2, 1)  # (B, C, H, W) -> (B, N, C)
         image_pe = image_pe.flatten(2).permute(0, 2, 1)  # (B, N, C)
         queries, keys = point_embedding, image_embedding
@@ -53,7 +63,13 @@ class TwoWayTransformer(nn.Module):
 
 class TwoWayAttentionBlock(nn.Module):
     def __init__(
-        self, embedding_dim: int, num_heads: int, mlp_dim: int, attention_downsample_rate: int, skip_first_layer_pe: bool, use_sdpa: bool
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        attention_downsample_rate: int,
+        skip_first_layer_pe: bool,
+        use_sdpa: bool,
     ) -> None:
         super().__init__()
         self.self_attn = Attention(embedding_dim, num_heads, 1, use_sdpa)
