@@ -118,7 +118,8 @@ def build_model(s: Settings) -> convmae.ConvMAE:
         config = convmae.CONFIGS[s.model]
     else:
         raise ValueError(f"--model {s.model!r}: neither a .json config nor one of {sorted(convmae.CONFIGS)}")
-    config = dataclasses.replace(config, norm_pix_loss=s.norm_pix_loss, **({"image_size": s.image_size} if s.image_size else {}))
+    overrides = {"image_size": s.image_size} if s.image_size else {}
+    config = dataclasses.replace(config, norm_pix_loss=s.norm_pix_loss, **overrides)
     torch.manual_seed(s.seed)
     return (convmae.FastConvMAE if s.fast else convmae.ConvMAE)(config)
 
@@ -202,8 +203,8 @@ def baseline_loss(model: convmae.ConvMAE, imgs: torch.Tensor, noise: torch.Tenso
     """The loss of a prediction that learns nothing, on the fixed images and masks.
 
     Norm-pix targets: predicting 0 for every removed patch, i.e. the patch's own mean (loss
-    (P - 1) / P = 0.9987 for 16 px patches: the target is divided by the unbiased std). Pixel targets: every removed pixel filled with the
-    mean colour of the image's visible pixels.
+    (P - 1) / P = 0.9987 for 16 px patches: the target is divided by the unbiased std). Pixel targets:
+    every removed pixel filled with the mean colour of the image's visible pixels.
     """
     _, mask, _ = model.forward_encoder(imgs, mask_ratio, noise)
     mask = mask[: imgs.shape[0]]  # (B, L), 1 = removed; FastConvMAE: view 0
@@ -251,7 +252,9 @@ def train(s: Settings, d: common.Dist) -> dict:
     eval_items = list_images(val_roots, skipped, min_side)[0] if val_roots else items
     train_set = ImageFolderDataset(items, c.image_size, train=True, scale=(0.2, 1.0), seed=s.seed)
     eval_set = ImageFolderDataset(eval_items[: s.eval_images], c.image_size, train=False)
-    common.log(f"{type(model).__name__} {c.image_size}px, {len(train_set)} training images; skipped: {skipped.summary()}")
+    common.log(
+        f"{type(model).__name__} {c.image_size}px, {len(train_set)} training images; skipped: {skipped.summary()}"
+    )
     fixed = torch.stack([eval_set[i]["image"] for i in range(len(eval_set))]).to(d.device)
     fixed_noise = masking_noise(list(range(len(eval_set))), s.seed + 7, 0, c.num_patches).to(d.device)
 

@@ -125,7 +125,9 @@ def layer_decay_groups(model: convmae.ConvViT, weight_decay: float, layer_decay:
 
 
 @torch.no_grad()
-def evaluate(model: convmae.ConvViT, dataset: ImageFolderDataset, s: Settings, device: torch.device) -> tuple[float, float]:
+def evaluate(
+    model: convmae.ConvViT, dataset: ImageFolderDataset, s: Settings, device: torch.device
+) -> tuple[float, float]:
     """Validation loss (no smoothing) and top-1 accuracy."""
     was_training = model.training
     model.eval()
@@ -176,7 +178,9 @@ def train(s: Settings, d: common.Dist) -> dict:
         raise ValueError(f"{len(classes)} class folders but --num-classes {num_classes}")
     train_set = ImageFolderDataset(items, image_size, train=True, scale=(s.min_scale, 1.0), seed=s.seed)
     val_set = ImageFolderDataset(val_items, image_size, train=False)
-    common.log(f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes; skipped: {skipped.summary()}")
+    common.log(
+        f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes; skipped: {skipped.summary()}"
+    )
 
     # ---- optimiser with layer-wise lr decay, schedule
     per_step, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
@@ -188,7 +192,9 @@ def train(s: Settings, d: common.Dist) -> dict:
     params = [p for g in groups for p in g["params"]]
     ddp = common.wrap_ddp(model, d)
     running = torch.zeros((), device=d.device)  # the loss of the optimizer step under way, over its micro-batches
-    common.log(f"lr {lr:.3g} (effective batch {per_step}), layer decay {s.layer_decay} over {model.num_layers + 1} layers")
+    common.log(
+        f"lr {lr:.3g} (effective batch {per_step}), layer decay {s.layer_decay} over {model.num_layers + 1} layers"
+    )
 
     # ---- start or resume
     common.begin_run(out, s, state, d)

@@ -22,7 +22,11 @@ import torch
 from train import common
 from train.demo_jobs import DemoSettings, JobResult, convmae_job, florence2_job, sam_job
 
-JOBS: dict[str, Callable[[DemoSettings], JobResult]] = {"sam": sam_job, "florence2": florence2_job, "convmae": convmae_job}
+JOBS: dict[str, Callable[[DemoSettings], JobResult]] = {
+    "sam": sam_job,
+    "florence2": florence2_job,
+    "convmae": convmae_job,
+}
 
 
 @dataclass

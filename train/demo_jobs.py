@@ -172,7 +172,8 @@ def sam_tile(image: torch.Tensor, mask: torch.Tensor, truth: torch.Tensor, promp
     """The image enlarged `scale` times, the prediction filled blue, the true outline green, the prompt yellow,
     under a band with `caption`."""
     h, w = mask.shape
-    big = Image.fromarray(image.permute(1, 2, 0).clamp(0, 255).byte().numpy()).resize((w * scale, h * scale), Image.BILINEAR)
+    pixels = image.permute(1, 2, 0).clamp(0, 255).byte().numpy()  # (3, h, w) -> (h, w, 3)
+    big = Image.fromarray(pixels).resize((w * scale, h * scale), Image.BILINEAR)
     layer = np.zeros((h, w, 4), np.uint8)
     layer[mask.numpy()] = (60, 110, 255, 140)
     layer[(truth & ~erode(truth, 1)).numpy()] = (0, 220, 0, 255)
@@ -238,7 +239,10 @@ def sam_job(ds: DemoSettings) -> JobResult:
     val_set = SegmentationDataset(records, held_out, S, prompts, s.seed, train=False)
     baseline = box_baseline(val_set)
     picks = np.linspace(0, len(val_set) - 1, 10).round().astype(int).tolist()
-    tiles = [sam_tile(im, m, t, p, f"held-out  IoU {v:.2f}") for im, m, t, p, v in sam_examples(trained, val_set, picks)]
+    tiles = [
+        sam_tile(im, m, t, p, f"held-out  IoU {v:.2f}")
+        for im, m, t, p, v in sam_examples(trained, val_set, picks)
+    ]
     # real photos, never seen in training (out of distribution): the largest object of the bundled
     # PASCAL VOC photo (it has a true mask) and SAM's own demo photo with a box around the truck (no true mask)
     photos = [r for r in load_records([str(DEMO_DATA)], common.Skipped()) if r.name == "voc"]
@@ -402,6 +406,7 @@ def convmae_job(ds: DemoSettings) -> JobResult:
     metric = Metric("MSE on removed patches, 8 held-out images", result["recon_before"], result["recon_after"],
                     result["baseline"], "mean visible colour", higher_is_better=False)
     notes = ["convmae: 75% of each image's 16 px patches are removed; the model predicts their pixels. MSE in "
-             "ImageNet-normalised pixel units (0 = perfect); the baseline fills them with the image's mean visible colour."]
+             "ImageNet-normalised pixel units (0 = perfect); the baseline fills them with the image's mean "
+             "visible colour."]
     return JobResult([metric], [out / "recon_start.png", out / "recon_end.png", out / "curves.png"], notes)
 

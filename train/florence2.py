@@ -170,7 +170,8 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, pad_id: int
     `n_tokens` is the number of real tokens in the whole batch, across processes.
     """
     targets = labels.masked_fill(labels == pad_id, -100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum") / n_tokens
+    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    return loss_sum / n_tokens
 
 
 def global_token_count(labels: torch.Tensor, pad_id: int, device: torch.device) -> int:
@@ -194,7 +195,9 @@ def evaluate(model: miniflorence.Florence2, dataset: DocDataset, s: Settings, to
         batch = collate([dataset[i] for i in range(first, min(first + s.batch_size, n))], pad_id, start_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with common.autocast(device, s.bf16):
-            logits = model(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"])
+            logits = model(
+                batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"]
+            )
             count = int((batch["labels"] != pad_id).sum())
             loss_sum += masked_cross_entropy(logits, batch["labels"], pad_id, 1).item()
             tokens += count
@@ -258,7 +261,8 @@ def train(s: Settings, d: common.Dist) -> dict:
         n_val = max(1, round(s.val_fraction * len(examples)))
         val_examples = [examples[i] for i in order[:n_val]]
         examples = [examples[i] for i in sorted(order[n_val:])]
-    train_set, val_set = DocDataset(examples, tokenizer, c.image_size), DocDataset(val_examples, tokenizer, c.image_size)
+    train_set = DocDataset(examples, tokenizer, c.image_size)
+    val_set = DocDataset(val_examples, tokenizer, c.image_size)
     common.log(f"{len(train_set)} train / {len(val_set)} val examples; skipped: {skipped.summary()}")
 
     # ---- what trains: everything, or everything but the vision tower; with LoRA the adapters (and

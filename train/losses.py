@@ -18,7 +18,9 @@ def _weights(target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     return torch.ones_like(target) if valid is None else valid.to(target.dtype)
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1.0) -> torch.Tensor:
+def dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, eps: float = 1.0
+) -> torch.Tensor:
     """1 - 2|P∩T| / (|P| + |T|) with soft P = sigmoid(logits) (Milletari et al., 2016, eq. 1)."""
     w = _weights(target, valid)
     p = torch.sigmoid(logits) * w
@@ -51,7 +53,11 @@ def balanced_bce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.T
 
 
 def focal_loss(
-    logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None, alpha: float = 0.25, gamma: float = 2.0
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
 ) -> torch.Tensor:
     """Focal loss (Lin et al., 2017, eq. 5): BCE scaled by (1 - p_t)^gamma, class-weighted by alpha."""
     w = _weights(target, valid)

