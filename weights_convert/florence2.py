@@ -1,6 +1,7 @@
 """Florence-2 checkpoints -> our `.safetensors` (and back to the original layout).
 
-    python -m weights_convert florence2 pytorch_model.bin florence2_base.safetensors [--variant base|large | --config C.json]
+    python -m weights_convert florence2 pytorch_model.bin florence2_base.safetensors
+        [--variant base|large | --config C.json]
     python -m weights_convert florence2 florence2_base.safetensors back.bin --to-official
 
 Two source layouts are understood (the layout is recognised from the key names):
@@ -48,19 +49,24 @@ OFFICIAL_WRAPPER = None  # the original pytorch_model.bin is a flat state dict
 
 # Native -> original key renames, applied in order to every key (regex, replacement, why).
 NATIVE_RENAMES: list[tuple[str, str, str]] = [
-    (r"^model\.vision_tower\.convs\.(\d+)\.conv\.", r"vision_tower.convs.\1.proj.", "ConvEmbed's conv is `proj` in the original"),
-    (r"^model\.vision_tower\.(.+)\.conv([12])\.(weight|bias)$", r"vision_tower.\1.conv\2.fn.dw.\3", "the original wraps the depthwise conv in PreNorm(fn=DepthWiseConv2d(dw=...))"),
-    (r"spatial_block\.norm1\.", "spatial_block.window_attn.norm.", "the attention's LayerNorm sits in its PreNorm wrapper"),
+    (r"^model\.vision_tower\.convs\.(\d+)\.conv\.", r"vision_tower.convs.\1.proj.",
+     "ConvEmbed's conv is `proj` in the original"),
+    (r"^model\.vision_tower\.(.+)\.conv([12])\.(weight|bias)$", r"vision_tower.\1.conv\2.fn.dw.\3",
+     "the original wraps the depthwise conv in PreNorm(fn=DepthWiseConv2d(dw=...))"),
+    (r"spatial_block\.norm1\.", "spatial_block.window_attn.norm.",
+     "the attention's LayerNorm sits in its PreNorm wrapper"),
     (r"channel_block\.norm1\.", "channel_block.channel_attn.norm.", "same, channel block"),
     (r"_block\.norm2\.", "_block.ffn.norm.", "the MLP's LayerNorm sits in its PreNorm wrapper"),
     (r"\.(window_attn|channel_attn)\.(qkv|proj)\.", r".\1.fn.\2.", "attention inside PreNorm.fn"),
     (r"\.ffn\.(fc[12])\.", r".ffn.fn.net.\1.", "the MLP is PreNorm.fn with an nn.Sequential `net`"),
     (r"^model\.vision_tower\.", "vision_tower.", "top-level in the original"),
-    (r"^model\.multi_modal_projector\.image_projection\.weight$", "image_projection", "a Linear (D, C) natively, a Parameter (C, D) originally: transposed"),
+    (r"^model\.multi_modal_projector\.image_projection\.weight$", "image_projection",
+     "a Linear (D, C) natively, a Parameter (C, D) originally: transposed"),
     (r"^model\.multi_modal_projector\.image_position_embed\.", "image_pos_embed.", "renamed"),
     (r"^model\.multi_modal_projector\.", "", "image_proj_norm and visual_temporal_embed are top-level originally"),
     (r"^model\.language_model\.", "language_model.model.", "BartModel is `language_model.model` originally"),
-    (r"^lm_head\.weight$", "language_model.lm_head.weight", "the output projection lives in the language model originally"),
+    (r"^lm_head\.weight$", "language_model.lm_head.weight",
+     "the output projection lives in the language model originally"),
 ]
 VOCAB_KEYS = (SHARED_KEY, *TIED_KEYS)  # tables with one row per token
 BIAS_KEY = "language_model.final_logits_bias"
@@ -376,4 +382,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `python -m weights_convert florence2`; their names are `convert_tensors`' keywords."""
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--variant", choices=sorted(CONFIGS), help="model size (default: inferred from the shapes)")
-    size.add_argument("--config", type=read_config_json, help="a JSON of Florence2Config fields, for models that are no preset")
+    size.add_argument("--config", type=read_config_json,
+                      help="a JSON of Florence2Config fields, for models that are no preset")

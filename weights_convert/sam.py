@@ -139,9 +139,13 @@ def _detect_layout(tensors: dict[str, torch.Tensor]) -> str:
     if "vision_encoder.patch_embed.projection.weight" in tensors:
         return "hf"
     if any(k.startswith("image_encoder.") for k in tensors):
-        raise CheckpointError("SAM checkpoint without its patch embedding: missing image_encoder.patch_embed.proj.weight")
+        raise CheckpointError(
+            "SAM checkpoint without its patch embedding: missing image_encoder.patch_embed.proj.weight"
+        )
     if any(k.startswith("vision_encoder.") for k in tensors):
-        raise CheckpointError("SAM checkpoint without its patch embedding: missing vision_encoder.patch_embed.projection.weight")
+        raise CheckpointError(
+            "SAM checkpoint without its patch embedding: missing vision_encoder.patch_embed.projection.weight"
+        )
     sample = ", ".join(sorted(tensors)[:5])
     raise CheckpointError(
         f"not a Segment Anything checkpoint: neither image_encoder.patch_embed.proj.weight (official layout) "
@@ -355,8 +359,10 @@ def read_config_json(path: str) -> SamConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `python -m weights_convert sam`; their names are `convert_tensors`' keywords."""
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--variant", choices=sorted(CONFIGS), help="check the checkpoint is this variant (default: inferred)")
-    size.add_argument("--config", type=read_config_json, help="a JSON of SamConfig fields, for sizes that are no variant")
+    size.add_argument("--variant", choices=sorted(CONFIGS),
+                      help="check the checkpoint is this variant (default: inferred)")
+    size.add_argument("--config", type=read_config_json,
+                      help="a JSON of SamConfig fields, for sizes that are no variant")
     parser.add_argument("--image-size", type=positive_int,
                         help="resize the position tables for this input size (a multiple of the patch size, 16)")
 
