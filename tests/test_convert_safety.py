@@ -64,8 +64,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
         if path.is_dir():
             state[str(path.relative_to(folder))] = (path.stat().st_mtime_ns, "dir")
         else:
-            state[str(path.relative_to(folder))] = (path.lstat().st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()
-                                                    if path.exists() else "dangling link")
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "dangling link"
+            state[str(path.relative_to(folder))] = (path.lstat().st_mtime_ns, digest)
     return state
 
 
@@ -366,7 +366,9 @@ def test_loaders_refuse_non_finite_tensors(work: Path, small_state) -> None:
     sam["mask_decoder.iou_token.weight"] = sam["mask_decoder.iou_token.weight"].clone()
     sam["mask_decoder.iou_token.weight"][0, 3] = float("nan")
     save_converted(work / "sam_nan.safetensors", sam, "sam", SMALL.to_dict())
-    with pytest.raises(CheckpointError, match=r"sam_nan\.safetensors: 1 tensor\(s\) hold NaN.*iou_token\.weight \(1 NaN"):
+    with pytest.raises(
+        CheckpointError, match=r"sam_nan\.safetensors: 1 tensor\(s\) hold NaN.*iou_token\.weight \(1 NaN"
+    ):
         minisam.load_sam(work / "sam_nan.safetensors")
 
     from miniflorence import tiny_config as florence_tiny
@@ -443,7 +445,9 @@ def family_states() -> dict[str, tuple]:
 
     sam_model = minisam.Sam(SMALL)
     sam_state = convert_sam.to_official(SMALL.to_dict(), sam_model.state_dict())
-    sam_sizes = ["image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed", "image_encoder.blocks.1.attn.rel_pos_h"]
+    sam_sizes = [
+        "image_encoder.patch_embed.proj.weight", "image_encoder.pos_embed", "image_encoder.blocks.1.attn.rel_pos_h"
+    ]
     florence = {k: torch.zeros(s) for k, s in convert_florence2.expected_shapes(florence_tiny()).items()}
     convmae_sizes = ["patch_embed1.proj.weight", "patch_embed3.proj.weight", "pos_embed", "blocks1.0.mlp.fc1.weight",
                      "blocks3.0.mlp.fc1.weight"]

@@ -178,7 +178,8 @@ def test_files_with_the_old_field_names_still_load(tmp_path: Path) -> None:
     t, state = official("convvit_small")
     _, path = convert(tmp_path, state)
     config, tensors = read_converted(path, "convmae")
-    old = {("img_size" if k == "image_size" else "fused_attention" if k == "use_sdpa" else k): v for k, v in config.items()}
+    old_names = {"image_size": "img_size", "use_sdpa": "fused_attention"}
+    old = {old_names.get(k, k): v for k, v in config.items()}
     save_converted(tmp_path / "old.safetensors", tensors, "convmae", old)
     model = convmae.load_convvit(tmp_path / "old.safetensors")
     assert model.config.image_size == 224 and model.config.use_sdpa

@@ -33,7 +33,8 @@ def test_table_has_every_job_metric_time_and_picture(tmp_path: Path) -> None:
     lines = text.splitlines()
     assert lines[0].split() == ["job", "metric", "before", "after", "baseline", "time", "(wall", "/", "CPU)"]
     sam_row = next(line for line in lines if line.startswith("sam "))
-    for cell in ("IoU, 3 held-out objects (higher is better)", "0.050", "0.810", "0.620 (the box, filled)", "61 s / 118 s"):
+    cells = ("IoU, 3 held-out objects (higher is better)", "0.050", "0.810", "0.620 (the box, filled)", "61 s / 118 s")
+    for cell in cells:
         assert cell in sam_row
     assert "(lower is better)" in next(line for line in lines if line.startswith("convmae "))
     assert any(line.startswith("total: 91 s wall-clock, 173 s CPU") for line in lines)

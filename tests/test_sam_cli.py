@@ -49,11 +49,14 @@ def read_mask(path) -> np.ndarray:
 
 def test_prompts_with_checkpoint(checkpoint, image_path, tmp_path) -> None:
     out = tmp_path / "out" / "mask.png"
-    assert main([str(checkpoint), str(image_path), "--point", "40,50", "--point", "100,30,0", "--box", "20,20,120,90", "--out", str(out)]) == 0
+    assert main([str(checkpoint), str(image_path), "--point", "40,50", "--point", "100,30,0", "--box", "20,20,120,90",
+                 "--out", str(out)]) == 0
     predictor = SamPredictor(load_sam(checkpoint))
     image = np.array(Image.open(image_path).convert("RGB"))
     predictor.set_image(image)
-    masks, _, _ = predictor.predict(np.array([[40, 50], [100, 30]]), np.array([1, 0]), np.array([20, 20, 120, 90]), multimask_output=False)
+    masks, _, _ = predictor.predict(
+        np.array([[40, 50], [100, 30]]), np.array([1, 0]), np.array([20, 20, 120, 90]), multimask_output=False
+    )
     np.testing.assert_array_equal(read_mask(out), masks[0])
     overlay = Image.open(tmp_path / "out" / "mask_overlay.png")
     assert overlay.size == (150, 100) and overlay.mode == "RGB"
@@ -75,14 +78,16 @@ def test_multimask_with_random_weights(image_path, tmp_path, capsys) -> None:
 
 def test_several_boxes(checkpoint, image_path, tmp_path) -> None:
     out = tmp_path / "boxes.png"
-    assert main([str(checkpoint), str(image_path), "--box", "5,5,60,50", "--box", "70,20,140,95", "--multimask", "--out", str(out)]) == 0
+    assert main([str(checkpoint), str(image_path), "--box", "5,5,60,50", "--box", "70,20,140,95", "--multimask",
+                 "--out", str(out)]) == 0
     predictor = SamPredictor(load_sam(checkpoint))
     predictor.set_image(np.array(Image.open(image_path).convert("RGB")))
     masks, scores, _ = predictor.predict_boxes(np.array([[5, 5, 60, 50], [70, 20, 140, 95]]), multimask_output=True)
     for i in range(2):
         np.testing.assert_array_equal(read_mask(tmp_path / f"boxes_{i}.png"), masks[i, scores[i].argmax()])
     assert (tmp_path / "boxes_overlay.png").exists()
-    assert main([str(checkpoint), str(image_path), "--box", "5,5,60,50", "--box", "1,1,9,9", "--point", "3,3", "--out", str(out)]) == 1
+    assert main([str(checkpoint), str(image_path), "--box", "5,5,60,50", "--box", "1,1,9,9", "--point", "3,3",
+                 "--out", str(out)]) == 1
 
 
 def test_auto_writes_overlay_and_records(checkpoint, image_path, tmp_path) -> None:
@@ -90,7 +95,9 @@ def test_auto_writes_overlay_and_records(checkpoint, image_path, tmp_path) -> No
     settings = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
     assert main([str(checkpoint), str(image_path), "--auto", *settings, "--out", str(out)]) == 0
     records = json.loads((tmp_path / "auto.json").read_text())
-    generator = AutomaticMaskGenerator(load_sam(checkpoint), points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0)
+    generator = AutomaticMaskGenerator(
+        load_sam(checkpoint), points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0
+    )
     expected = generator.generate(np.array(Image.open(image_path).convert("RGB")))
     assert len(records) == len(expected) > 0
     for record, reference in zip(records, expected):
@@ -101,14 +108,16 @@ def test_auto_writes_overlay_and_records(checkpoint, image_path, tmp_path) -> No
 
 def test_image_size_option(checkpoint, image_path, tmp_path) -> None:
     out = tmp_path / "small.png"
-    assert main([str(checkpoint), str(image_path), "--image-size", "96", "--box", "10,10,60,60", "--out", str(out)]) == 0
+    assert main([str(checkpoint), str(image_path), "--image-size", "96", "--box", "10,10,60,60",
+                 "--out", str(out)]) == 0
     assert read_mask(out).shape == (100, 150)
 
 
 def test_bf16_on_cpu(checkpoint, image_path, tmp_path, capsys) -> None:
     """--dtype bf16 --device cpu: the masks of load_sam(dtype=torch.bfloat16) through the Python API."""
     out = tmp_path / "bf16.png"
-    assert main([str(checkpoint), str(image_path), "--point", "40,50", "--dtype", "bf16", "--device", "cpu", "--out", str(out)]) == 0
+    assert main([str(checkpoint), str(image_path), "--point", "40,50", "--dtype", "bf16", "--device", "cpu",
+                 "--out", str(out)]) == 0
     predictor = SamPredictor(load_sam(checkpoint, dtype=torch.bfloat16))
     predictor.set_image(np.array(Image.open(image_path).convert("RGB")))
     masks, scores, _ = predictor.predict(np.array([[40, 50]]), np.array([1]), multimask_output=False)
@@ -121,8 +130,8 @@ def test_bf16_on_cpu(checkpoint, image_path, tmp_path, capsys) -> None:
 def test_bf16_compiled(checkpoint, image_path, tmp_path) -> None:
     """The README's fast-path line: --dtype bf16 --compile --device cpu."""
     out = tmp_path / "fast.png"
-    assert main([str(checkpoint), str(image_path), "--point", "40,50", "--dtype", "bf16", "--compile", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert main([str(checkpoint), str(image_path), "--point", "40,50", "--dtype", "bf16", "--compile",
+                 "--device", "cpu", "--out", str(out)]) == 0
     assert read_mask(out).shape == (100, 150)
 
 

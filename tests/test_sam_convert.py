@@ -49,7 +49,8 @@ def test_round_trip_is_bit_exact(variant, size, tiny_state, tmp_path):
     state = tiny_state if variant == "tiny" else official_layout_state(variant, size)
     src = save_pth(state, tmp_path / "official.pth")
     ours, back = tmp_path / "ours.safetensors", tmp_path / "back.pth"
-    assert main(["sam", src, str(ours), *(["--config", str(tiny_config_json(tmp_path))] if variant == "tiny" else [])]) == 0
+    config_args = ["--config", str(tiny_config_json(tmp_path))] if variant == "tiny" else []
+    assert main(["sam", src, str(ours), *config_args]) == 0
     config, tensors = read_converted(ours, "sam")
     assert config == minisam.SamConfig.from_dict(config).to_dict()
     expected = minisam.tiny_config() if variant == "tiny" else minisam.CONFIGS[variant]
@@ -79,7 +80,8 @@ def test_hugging_face_layout_gives_the_same_tensors(tiny_state, tmp_path):
     save_file({k: v.contiguous() for k, v in hf.items()}, tmp_path / "model.safetensors")
     tiny = ["--config", str(tiny_config_json(tmp_path))]
     assert main(["sam", str(tmp_path / "model.safetensors"), str(tmp_path / "from_hf.safetensors"), *tiny]) == 0
-    assert main(["sam", save_pth(tiny_state, tmp_path / "o.pth"), str(tmp_path / "from_official.safetensors"), *tiny]) == 0
+    official = save_pth(tiny_state, tmp_path / "o.pth")
+    assert main(["sam", official, str(tmp_path / "from_official.safetensors"), *tiny]) == 0
     config_hf, from_hf = read_converted(tmp_path / "from_hf.safetensors", "sam")
     config_official, from_official = read_converted(tmp_path / "from_official.safetensors", "sam")
     assert config_hf == config_official and from_hf.keys() == from_official.keys()
@@ -116,7 +118,8 @@ def test_hf_duplicate_must_equal_its_twin(tiny_state, tmp_path):
 
 def test_image_size_option(tiny_state, tmp_path):
     src = save_pth(tiny_state, tmp_path / "o.pth")
-    assert main(["sam", src, str(tmp_path / "o.safetensors"), "--image-size", "320", "--config", str(tiny_config_json(tmp_path))]) == 0
+    config_json = str(tiny_config_json(tmp_path))
+    assert main(["sam", src, str(tmp_path / "o.safetensors"), "--image-size", "320", "--config", config_json]) == 0
     config, tensors = read_converted(tmp_path / "o.safetensors", "sam")
     assert config["image_size"] == 320
     assert tensors["image_encoder.pos_embed"].shape == (1, 20, 20, 64)
@@ -159,7 +162,9 @@ def test_error_missing_tensor(tiny_state, tmp_path):
 def test_error_misshaped_tensor(tiny_state, tmp_path):
     state = dict(tiny_state)
     state["mask_decoder.iou_token.weight"] = torch.zeros(2, 256)
-    expect_error(state, tmp_path, r"1 mis-shaped: mask_decoder\.iou_token\.weight \(checkpoint \(2, 256\), model \(1, 256\)\)")
+    expect_error(
+        state, tmp_path, r"1 mis-shaped: mask_decoder\.iou_token\.weight \(checkpoint \(2, 256\), model \(1, 256\)\)"
+    )
 
 
 def test_error_unexpected_tensor(tiny_state, tmp_path):
@@ -173,8 +178,11 @@ def test_load_sam_refuses_an_unconverted_checkpoint(tiny_state, tmp_path):
 
 
 def test_standard_pixel_statistics_are_tolerated(tiny_state, tmp_path):
-    mean, std = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1), torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-    config, tensors = convert_tensors({**tiny_state, "pixel_mean": mean, "pixel_std": std}, config=minisam.tiny_config())
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+    std = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    config, tensors = convert_tensors(
+        {**tiny_state, "pixel_mean": mean, "pixel_std": std}, config=minisam.tiny_config()
+    )
     assert "pixel_mean" not in tensors and len(tensors) == len(tiny_state)
     expect_error({**tiny_state, "pixel_mean": mean / 255}, tmp_path, r"pixel_mean is \[0\.48")
 
@@ -191,5 +199,6 @@ def test_to_official_takes_no_other_options(tiny_state, tmp_path, capsys):
     src = save_pth(tiny_state, tmp_path / "tiny.pth")
     assert main(["sam", src, str(tmp_path / "ours.safetensors"), "--config", str(tiny_config_json(tmp_path))]) == 0
     with pytest.raises(SystemExit) as exit_info:
-        main(["sam", str(tmp_path / "ours.safetensors"), str(tmp_path / "back.pth"), "--to-official", "--image-size", "320"])
+        main(["sam", str(tmp_path / "ours.safetensors"), str(tmp_path / "back.pth"), "--to-official",
+              "--image-size", "320"])
     assert exit_info.value.code == 2 and "--to-official takes no other options" in capsys.readouterr().err

@@ -23,7 +23,8 @@ from minisam.predictor import SamPredictor, prepare_image
 def pair(tmp_path_factory):
     sa = segment_anything()
     official = official_sam("tiny", image_size=160, seed=0)
-    return sa.SamPredictor(official), SamPredictor(to_minisam(official, tmp_path_factory.mktemp("tiny"), use_sdpa=False))
+    converted = to_minisam(official, tmp_path_factory.mktemp("tiny"), use_sdpa=False)
+    return sa.SamPredictor(official), SamPredictor(converted)
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +140,10 @@ def test_prompts_on_the_border_are_inside(pair, photo) -> None:
 @pytest.mark.parametrize(
     "prompt, message",
     [
-        (dict(point_coords=np.array([[-40.0, 10.0], [50.0, 30.0]]), point_labels=np.array([1, 0])), r"point_coords\[0\].*\(-40, 10\).*200x134"),
-        (dict(point_coords=np.array([[5.0, 5.0], [500.0, 300.0]]), point_labels=np.array([1, 0])), r"point_coords\[1\].*outside the 200x134"),
+        (dict(point_coords=np.array([[-40.0, 10.0], [50.0, 30.0]]), point_labels=np.array([1, 0])),
+         r"point_coords\[0\].*\(-40, 10\).*200x134"),
+        (dict(point_coords=np.array([[5.0, 5.0], [500.0, 300.0]]), point_labels=np.array([1, 0])),
+         r"point_coords\[1\].*outside the 200x134"),
         (dict(point_coords=np.array([[200.01, 5.0]]), point_labels=np.array([1])), r"point_coords\[0\]"),
         (dict(point_coords=np.array([[1e300, 5.0]]), point_labels=np.array([1])), r"point_coords.*too large"),
         (dict(box=np.array([-1.0, 2.0, 30.0, 40.0])), r"box: .*outside the 200x134"),

@@ -44,7 +44,9 @@ def random_masks(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def test_point_grids(official_amg, n: int) -> None:
     np.testing.assert_array_equal(amg.build_point_grid(n), official_amg.build_point_grid(n))
     n_layers = 3 if n >= 8 else 0  # a layer with fewer than one point a side is an error in both
-    for ours, theirs in zip(amg.build_all_layer_point_grids(n, n_layers, 2), official_amg.build_all_layer_point_grids(n, n_layers, 2)):
+    ours_grids = amg.build_all_layer_point_grids(n, n_layers, 2)
+    their_grids = official_amg.build_all_layer_point_grids(n, n_layers, 2)
+    for ours, theirs in zip(ours_grids, their_grids):
         np.testing.assert_array_equal(ours, theirs)
 
 
@@ -58,7 +60,9 @@ def test_crop_boxes(official_amg, size: tuple[int, int], n_layers: int) -> None:
 def test_batch_iterator(official_amg) -> None:
     a, b = np.arange(10), list(range(10, 20))
     ours = [[x.tolist() if hasattr(x, "tolist") else x for x in batch] for batch in amg.batch_iterator(3, a, b)]
-    theirs = [[x.tolist() if hasattr(x, "tolist") else x for x in batch] for batch in official_amg.batch_iterator(3, a, b)]
+    theirs = [
+        [x.tolist() if hasattr(x, "tolist") else x for x in batch] for batch in official_amg.batch_iterator(3, a, b)
+    ]
     assert ours == theirs
     with pytest.raises(ValueError):
         next(amg.batch_iterator(3, a, b[:5]))
@@ -134,10 +138,13 @@ def test_uncrop_and_crop_edge(official_amg) -> None:
         assert torch.equal(amg.uncrop_boxes_xyxy(boxes, crop), official_amg.uncrop_boxes_xyxy(boxes, crop))
         assert torch.equal(amg.uncrop_points(points, crop), official_amg.uncrop_points(points, crop))
         for orig in ([0, 0, 150, 160], [0, 0, 120, 130]):
-            assert torch.equal(amg.is_box_near_crop_edge(boxes, crop, orig), official_amg.is_box_near_crop_edge(boxes, crop, orig))
+            assert torch.equal(
+                amg.is_box_near_crop_edge(boxes, crop, orig), official_amg.is_box_near_crop_edge(boxes, crop, orig)
+            )
     m = random_masks((3, 20, 30), seed=4)
     for crop in ([0, 0, 30, 20], [5, 7, 35, 27]):
-        assert torch.equal(amg.uncrop_masks(m, crop, 40, 50 if crop[0] else 30), official_amg.uncrop_masks(m, crop, 40, 50 if crop[0] else 30))
+        orig_w = 50 if crop[0] else 30
+        assert torch.equal(amg.uncrop_masks(m, crop, 40, orig_w), official_amg.uncrop_masks(m, crop, 40, orig_w))
 
 
 def random_boxes(n: int, seed: int, integer: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -196,7 +196,8 @@ def test_one_image_per_prompt():
         masks, iou = ours.decode_masks(emb, sparse, dense, multimask_output=False)
         for i in range(2):
             single, single_iou = ours.decode_masks(emb[i : i + 1], sparse[i : i + 1], dense[i : i + 1], False)
-            assert torch.allclose(masks[i : i + 1], single, atol=1e-5) and torch.allclose(iou[i : i + 1], single_iou, atol=1e-6)
+            assert torch.allclose(masks[i : i + 1], single, atol=1e-5)
+            assert torch.allclose(iou[i : i + 1], single_iou, atol=1e-6)
         with pytest.raises(ValueError, match="image embeddings for 3 prompts"):
             ours.decode_masks(emb, torch.cat([sparse, sparse[:1]]), torch.cat([dense, dense[:1]]))
 
@@ -233,7 +234,9 @@ def test_built_at_512_matches_official_at_512():
     emb_off = official.image_encoder(official.preprocess(image))
     assert_close_to_scale(ours.encode_image(image), emb_off)
     prompts = prompt_sets(512, torch.Generator().manual_seed(8))["points+mask"]
-    masks_off, iou_off = official.mask_decoder(emb_off, official.prompt_encoder.get_dense_pe(), *official.prompt_encoder(**prompts), True)
+    masks_off, iou_off = official.mask_decoder(
+        emb_off, official.prompt_encoder.get_dense_pe(), *official.prompt_encoder(**prompts), True
+    )
     masks, iou = ours.decode_masks(emb_off, *ours.encode_prompts(**prompts))
     assert_close_to_scale(masks, masks_off)
     assert (iou - iou_off).abs().max() <= 1e-5
@@ -353,7 +356,8 @@ def test_torchvision_stand_in_resize():
     sa = segment_anything()
     resize, to_pil_image = sa.utils.transforms.resize, sa.utils.transforms.to_pil_image
     image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    assert np.array_equal(np.array(resize(to_pil_image(image), (20, 29))), np.array(Image.fromarray(image).resize((29, 20), Image.BILINEAR)))
+    pil_resized = Image.fromarray(image).resize((29, 20), Image.BILINEAR)
+    assert np.array_equal(np.array(resize(to_pil_image(image), (20, 29))), np.array(pil_resized))
     assert np.array_equal(np.array(resize(to_pil_image(image), (37, 53))), image)
 
 
@@ -381,7 +385,8 @@ def test_loaded_model_equals_a_normally_built_one(tmp_path):
     half = minisam.load_sam(tmp_path / "tiny.safetensors", dtype=torch.bfloat16)
     assert {p.dtype for p in half.image_encoder.parameters()} == {torch.bfloat16} and half.dtype == torch.bfloat16
     # The prompt encoder and mask decoder stay float32 (Sam.cast says why).
-    assert {t.dtype for m in (half.prompt_encoder, half.mask_decoder) for t in m.state_dict().values()} == {torch.float32}
+    prompt_side = (half.prompt_encoder, half.mask_decoder)
+    assert {t.dtype for m in prompt_side for t in m.state_dict().values()} == {torch.float32}
 
 
 def test_loading_keeps_one_copy_of_the_weights(tmp_path):

@@ -94,9 +94,11 @@ def test_predict_torch_batched_boxes(tiny_pair) -> None:
     h, w = image.shape[:2]
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(16, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
-    boxes = torch.cat([xy, xy + torch.rand(16, 2, generator=g) * torch.tensor([w * 0.4, h * 0.4]) + 5], dim=1)  # (16, 4)
+    wh = torch.rand(16, 2, generator=g) * torch.tensor([w * 0.4, h * 0.4]) + 5
+    boxes = torch.cat([xy, xy + wh], dim=1)  # (16, 4)
     boxes = ours.transform.apply_boxes_torch(boxes, image.shape[:2])
-    points = ours.transform.apply_coords_torch(torch.rand(16, 3, 2, generator=g) * torch.tensor([w, h]), image.shape[:2])
+    points = torch.rand(16, 3, 2, generator=g) * torch.tensor([w, h])
+    points = ours.transform.apply_coords_torch(points, image.shape[:2])
     labels = torch.randint(0, 2, (16, 3), generator=g)
     for kwargs in (
         dict(point_coords=None, point_labels=None, boxes=boxes),
@@ -117,7 +119,10 @@ def test_predict_boxes_is_predict_torch_in_numpy(tiny_pair) -> None:
     ours.set_image(image)
     boxes = np.array([[10, 20, 300, 400], [500, 100, 1000, 590], [0, 0, 1071, 602]])
     their_masks, their_iou, their_low = official.predict_torch(
-        None, None, torch.as_tensor(official.transform.apply_boxes(boxes, image.shape[:2]), dtype=torch.float), multimask_output=False
+        None,
+        None,
+        torch.as_tensor(official.transform.apply_boxes(boxes, image.shape[:2]), dtype=torch.float),
+        multimask_output=False,
     )
     masks, scores, low = ours.predict_boxes(boxes)
     assert masks.shape == (3, 1, *image.shape[:2]) and scores.shape == (3, 1) and low.shape == (3, 1, 40, 40)

@@ -44,9 +44,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def settings(setup: dict, out: Path, **changes) -> train_florence2.Settings:
-    values = dict(data=str(setup["data"]), val_data=str(setup["val"]), out=str(out), tokenizer=str(setup["root"] / "tokenizer"),
-                  model="tiny", image_size=SIZE, epochs=2, batch_size=4, lr=1e-3, freeze_vision=False,
-                  max_new_tokens=4, val_before=False, progress=False)
+    values = dict(data=str(setup["data"]), val_data=str(setup["val"]), out=str(out),
+                  tokenizer=str(setup["root"] / "tokenizer"), model="tiny", image_size=SIZE, epochs=2, batch_size=4,
+                  lr=1e-3, freeze_vision=False, max_new_tokens=4, val_before=False, progress=False)
     return train_florence2.Settings(**{**values, **changes})
 
 
@@ -159,7 +159,8 @@ def test_real_tokenizer_reads_detection_targets(setup: dict, tmp_path: Path) -> 
     tok = miniflorence.Tokenizer.from_dir(asset_path("tokenizer", "florence2"))
     image = setup["data"].parent / "pages" / "page0000.png"
     path = tmp_path / "od.jsonl"
-    path.write_text(json.dumps({"image": str(image), "prefix": "<OD>", "suffix": "car<loc_52><loc_330><loc_932><loc_771>"}))
+    record = {"image": str(image), "prefix": "<OD>", "suffix": "car<loc_52><loc_330><loc_932><loc_771>"}
+    path.write_text(json.dumps(record))
     (example,) = load_examples(path, "<DocVQA>", tok, 64, Skipped())
     label = DocDataset([example], tok, SIZE)[0]["label"]
     assert label[-5:] == [50269 + 52, 50269 + 330, 50269 + 932, 50269 + 771, 2]

@@ -47,8 +47,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def settings(setup: dict, out: Path, **changes) -> train_florence2.Settings:
     values = dict(data=str(setup["data"]), val_data=str(setup["val"]), out=str(out),
-                  tokenizer=str(setup["root"] / "tokenizer"), model="tiny", image_size=SIZE, epochs=2, batch_size=4, lr=1e-2, freeze_vision=False, max_new_tokens=8,
-                  num_beams=1, val_before=False, progress=False)
+                  tokenizer=str(setup["root"] / "tokenizer"), model="tiny", image_size=SIZE, epochs=2, batch_size=4,
+                  lr=1e-2, freeze_vision=False, max_new_tokens=8, num_beams=1, val_before=False, progress=False)
     return train_florence2.Settings(**{**values, **changes})
 
 

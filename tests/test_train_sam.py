@@ -55,7 +55,8 @@ def settings(setup: tuple[Path, Path], out: Path, **kw) -> train_sam.Settings:
 
 def test_only_the_decoder_and_unfrozen_blocks_change(setup, tmp_path: Path) -> None:
     start = minisam.load_sam(setup[1]).state_dict()
-    result = train_sam.train(settings(setup, tmp_path, unfreeze_blocks=1, prompt="points", n_positive=2, n_negative=1), common.Dist())
+    s = settings(setup, tmp_path, unfreeze_blocks=1, prompt="points", n_positive=2, n_negative=1)
+    result = train_sam.train(s, common.Dist())
     after = result["model"].state_dict()
     trainable = ("mask_decoder.", "image_encoder.blocks.1.", "image_encoder.neck.")
     for name, tensor in start.items():
@@ -85,7 +86,9 @@ def test_train_all_trains_every_part_and_refuses_partial_options(setup, tmp_path
 
 
 @pytest.mark.parametrize("cache", ["memory", "disk"])
-def test_the_image_encoder_runs_once_per_image(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str) -> None:
+def test_the_image_encoder_runs_once_per_image(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
+) -> None:
     calls = []
     forward = PatchEmbed.forward
 
@@ -145,8 +148,8 @@ def test_torchrun_two_processes_match_one(setup, tmp_path: Path) -> None:
     # size lr, so no two summation orders agree to 1e-6 under Adam; see train/sam.py.
     data, start = setup
     common_args = ["--data", str(data), "--checkpoint", str(start), "--epochs", "2", "--accum-steps", "2",
-                   "--optimizer", "sgd", "--lr", "1e-2", "--warmup-steps", "1", "--prompt", "points", "--n-positive", "2",
-                   "--unfreeze-blocks", "1", "--no-progress", "--no-val-before"]
+                   "--optimizer", "sgd", "--lr", "1e-2", "--warmup-steps", "1", "--prompt", "points",
+                   "--n-positive", "2", "--unfreeze-blocks", "1", "--no-progress", "--no-val-before"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     one = subprocess.run([sys.executable, "-m", "train.sam", *common_args, "--out", str(tmp_path / "one"),
                           "--batch-size", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -106,7 +106,8 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup, tmp_path: 
 
 def test_lora_resume_gives_the_uninterrupted_weights(setup, tmp_path: Path) -> None:
     kw = dict(lora_rank=2, lora_dropout=0.1, lora_targets="sam_decoder",
-              train_also="mask_decoder.iou_prediction_head.*", unfreeze_blocks=1, unfreeze_epoch=1, accum_steps=2, prompt="both")
+              train_also="mask_decoder.iou_prediction_head.*", unfreeze_blocks=1, unfreeze_epoch=1, accum_steps=2,
+              prompt="both")
     full = train_sam.train(settings(setup, tmp_path / "full", **kw), common.Dist())
     part = train_sam.train(settings(setup, tmp_path / "part", stop_after=2, **kw), common.Dist())
     assert part["stopped"] and part["step"] == 2

@@ -247,7 +247,9 @@ def import_convmae_official(kind: str, root: Path = CONVMAE_OFFICIAL) -> ModuleT
     """
     folder, module, _ = CONVMAE_FACTORIES[kind]
     if not (root / folder / f"{module}.py").is_file():
-        raise ImportError(f"{root / folder / module}.py not found: the official ConvMAE code is not beside this checkout")
+        raise ImportError(
+            f"{root / folder / module}.py not found: the official ConvMAE code is not beside this checkout"
+        )
     import numpy as np
 
     if not hasattr(np, "float"):
