@@ -64,6 +64,31 @@ class Florence2(nn.Module):
             c.layer_norm_eps, c.dropout, c.attention_dropout, c.activation_dropout, c.use_sdpa,
         )
 
+    def to_dtype(self, dtype: torch.dtype) -> Florence2:
+        """Cast every floating-point weight to `dtype` (e.g. torch.bfloat16), in place, except the
+        two that make the logits: the token table (tied to the output projection) and
+        `final_logits_bias` stay float32. Greedy and beam search compare logits, and bf16 keeps only
+        about 3 significant digits of them: in bf16, near-equal logits tie and the search takes
+        another path. Elsewhere the kernels keep what must stay float32 in float32 (LayerNorm
+        statistics, the attention softmax; the plain-math attention casts to float32 itself).
+        Returns the model.
+        """
+        self.to(dtype)
+        lm = self.language_model
+        lm.model.shared.float()  # one Parameter: the encoder's, the decoder's and lm_head's table
+        lm.final_logits_bias.data = lm.final_logits_bias.float()
+        return self
+
+    def compile_hot_paths(self, **options: bool | str) -> Florence2:
+        """`torch.compile` the two places where inference spends its time, in place: the vision
+        tower, and one decoding step on the static cache (`Florence2LanguageModel.step`, the same
+        graph for every step). Inference only: `options` go to inductor (see
+        `torch._inductor.config`). Returns the model.
+        """
+        self.vision_tower.compile(options=options or None)
+        self.language_model.step = torch.compile(self.language_model.step, options=options or None)
+        return self
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels (H, W multiples of 32) -> image tokens (B, 1 + HW/1024, D).
 
