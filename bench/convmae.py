@@ -51,7 +51,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def bench(name: str, model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> None:
     model = model.to(device).train()
-    imgs = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)
+    imgs = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -97,9 +97,9 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    config = convmae.ConvMAEConfig(img_size=args.img_size, fused_attention=not args.math_attention)
+    config = convmae.ConvMAEConfig(image_size=args.image_size, use_sdpa=not args.math_attention)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"convmae_base at {args.img_size} px, batch {args.batch}, {args.dtype}, {where}, torch {torch.__version__}")
+    print(f"convmae_base at {args.image_size} px, batch {args.batch}, {args.dtype}, {where}, torch {torch.__version__}")
     for name in args.models:
         cls = convmae.ConvMAE if name == "convmae" else convmae.FastConvMAE
         bench(name, cls(config), args, device)

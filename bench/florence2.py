@@ -2,6 +2,7 @@
 transformers' native Florence-2 (same seeded weights) side by side when transformers is installed.
 
     python bench/florence2.py --config base --image-size 768 [--device cuda] [--dtype bf16]
+    python bench/florence2.py --config base --image-size 128 --decode-steps 4 --repeats 1   # a quick CPU run
 
 Numbers are medians of --repeats runs after one warm-up; the ratio is transformers / ours
 (> 1: ours is faster). Random weights: speed does not depend on them.
@@ -18,13 +19,30 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from miniflorence import CONFIGS, Florence2, tiny_config
-from miniflorence.model import expand_tied
-from weights_convert.checkpoint import load_strict
-from weights_convert.florence2 import convert_tensors
+from miniflorence import CONFIGS, Florence2, Florence2Config  # noqa: E402
+from miniflorence.model import florence2_from_tensors  # noqa: E402
+from weights_convert.florence2 import convert_tensors  # noqa: E402
+
+
+def native_florence2(config: Florence2Config) -> torch.nn.Module | None:
+    """transformers' native model with seeded weights (tests/reference/official.py), or None without transformers."""
+    reference = ROOT / "tests" / "reference"
+    if not reference.is_dir():
+        print(f"{reference} is absent: timing ours only")
+        return None
+    sys.path.insert(0, str(reference))
+    try:
+        import official
+
+        return official.native_florence2(config, seed=0, attn_implementation="sdpa")
+    except ImportError:
+        print("transformers is not installed: timing ours only")
+        return None
+    finally:
+        sys.path.remove(str(reference))
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -67,7 +85,7 @@ def decode_native(native, encoder_states: torch.Tensor, steps: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", choices=["tiny", *CONFIGS], default="base")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="base")
     p.add_argument("--image-size", type=int, default=768, help="a multiple of 32")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=12)
@@ -82,19 +100,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    config = tiny_config() if args.config == "tiny" else CONFIGS[args.config]
+    config = CONFIGS[args.config]
 
-    native = None
-    if not args.no_transformers:
-        try:
-            from florence_utils import native_model
-            native = native_model(config, seed=0, attn_implementation="sdpa")
-        except ImportError:
-            print("transformers is not installed: timing ours only")
+    native = None if args.no_transformers else native_florence2(config)
     if native is not None:  # ours gets the very same weights, through the converter
-        _, tensors = convert_tensors(native.state_dict(), config)
-        ours = Florence2(config)
-        load_strict(ours, expand_tied(tensors, "benchmark weights"))
+        _, tensors = convert_tensors(native.state_dict(), config=config)
+        ours = florence2_from_tensors(config, {k: v.clone() for k, v in tensors.items()})
         native = native.to(device, dtype).eval()
     else:
         torch.manual_seed(0)

@@ -6,10 +6,10 @@
 
 Encoder: `image_encoder` on a (batch, 3, S, S) normalised image. Decoder: prompt encoder + mask
 decoder for `--boxes` box prompts on one image embedding, in one call (what a predictor does for
-many boxes). Random weights (the official init, copied into the official model so both compute
-the same thing); the outputs are compared too. The official package is optional: without it only
-minisam is timed. It imports torchvision; when that does not load, the test stand-in under
-tests/reference/stubs is used (the encoder and decoder never call it).
+many boxes). Random weights: the official model of tests/reference/official.py (seeded), converted
+into minisam, so both compute the same thing; the outputs are compared too. The official package
+is optional: without it only minisam is timed. It imports torchvision; when that does not load,
+the test stand-in under tests/reference/stubs is used (the encoder and decoder never call it).
 """
 
 from __future__ import annotations
@@ -31,56 +31,35 @@ sys.path.insert(0, str(ROOT))
 
 from minisam import CONFIGS, Sam  # noqa: E402
 from minisam.config import SamConfig  # noqa: E402
+from minisam.sam import sam_from_tensors  # noqa: E402
+from weights_convert.sam import convert_tensors  # noqa: E402
 
 
-def import_official():
-    """`segment_anything`, with the torchvision stand-in if needed, or None."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception:
-        sys.modules.pop("torchvision", None)
-        sys.path.insert(0, str(ROOT / "tests" / "reference" / "stubs"))
-    try:
-        import segment_anything
-    except Exception as error:  # not installed, or it does not import here
-        print(f"official segment_anything unavailable ({error}); timing minisam only")
+def official_model(variant: str, image_size: int) -> torch.nn.Module | None:
+    """The official Sam with seeded random weights (tests/reference/official.py), or None without it."""
+    reference = ROOT / "tests" / "reference"
+    if not reference.is_dir():
+        print(f"{reference} is absent: timing minisam only")
         return None
-    return segment_anything
+    sys.path.insert(0, str(reference))
+    try:
+        import official
+
+        if official.import_segment_anything() is None:
+            print("official segment_anything unavailable: timing minisam only")
+            return None
+        return official.official_sam(variant, image_size, seed=0)
+    finally:
+        sys.path.remove(str(reference))
 
 
-def official_model(sa, config: SamConfig) -> torch.nn.Module:
-    """The official Sam built from its classes with `config`'s numbers (build_sam.py hard-codes 1024)."""
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        TwoWayTransformer,
-    )
-
-    grid = config.image_size // config.patch_size
-    return sa.modeling.Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=config.image_size, patch_size=config.patch_size, embed_dim=config.encoder_embed_dim,
-            depth=config.encoder_depth, num_heads=config.encoder_num_heads, mlp_ratio=config.mlp_ratio,
-            out_chans=config.prompt_embed_dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-            use_rel_pos=config.use_rel_pos, window_size=config.window_size,
-            global_attn_indexes=list(config.encoder_global_attn_indexes),
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=config.prompt_embed_dim, image_embedding_size=(grid, grid),
-            input_image_size=(config.image_size, config.image_size), mask_in_chans=config.mask_in_chans,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=config.num_multimask_outputs,
-            transformer=TwoWayTransformer(
-                depth=config.decoder_depth, embedding_dim=config.prompt_embed_dim,
-                mlp_dim=config.decoder_mlp_dim, num_heads=config.decoder_num_heads,
-            ),
-            transformer_dim=config.prompt_embed_dim,
-            iou_head_depth=config.iou_head_depth,
-            iou_head_hidden_dim=config.iou_head_hidden_dim,
-        ),
-    )
+def minisam_model(config: SamConfig, official: torch.nn.Module | None) -> Sam:
+    """Ours with the official model's weights (through the converter), or seeded random weights."""
+    if official is None:
+        torch.manual_seed(0)
+        return Sam(config).eval()
+    _, tensors = convert_tensors(official.state_dict())
+    return sam_from_tensors(config, {k: v.clone() for k, v in tensors.items()})
 
 
 def timed(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> tuple[dict[str, float], dict[str, object]]:
@@ -123,16 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.bf16 and device.type != "cuda":
         parser.error("--bf16 needs a CUDA device")
     config = dataclasses.replace(CONFIGS[args.variant], image_size=args.image_size, use_sdpa=not args.plain_attention)
-    torch.manual_seed(0)
-    ours = Sam(config).eval().to(device)
-    with torch.no_grad():  # the official init leaves these at zero; make them count
-        ours.image_encoder.pos_embed.normal_(0, 0.02)
-    models = {"minisam": ours}
-    sa = None if args.no_official else import_official()
-    if sa is not None:
-        official = official_model(sa, config)
-        official.load_state_dict(ours.state_dict())  # the attribute paths are the official keys
-        models["official"] = official.eval().to(device)
+    official = None if args.no_official else official_model(args.variant, args.image_size)
+    models = {"minisam": minisam_model(config, official).to(device)}
+    if official is not None:
+        models["official"] = official.to(device)
 
     g = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)

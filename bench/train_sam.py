@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import minisam  # noqa: E402
+from checkpoint_format import save_converted  # noqa: E402
 from train import common  # noqa: E402
 from train import sam as train_sam  # noqa: E402
 from train.synthetic import synthetic_shapes  # noqa: E402
-from weights_convert.checkpoint import save_converted  # noqa: E402
 
 
 def epoch_times(out: Path, start: float) -> list[float]:

@@ -130,13 +130,13 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a qkv bias; `fused` picks F.scaled_dot_product_attention."""
+    """Multi-head self-attention with a qkv bias; `use_sdpa` picks F.scaled_dot_product_attention."""
 
-    def __init__(self, dim: int, num_heads: int, fused: bool = True) -> None:
+    def __init__(self, dim: int, num_heads: int, use_sdpa: bool = True) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.fused = fused
+        self.use_sdpa = use_sdpa
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -144,7 +144,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
-        if self.fused:
+        if self.use_sdpa:
             x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
         else:
             attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, N, N)
@@ -157,11 +157,11 @@ class Block(nn.Module):
     """Pre-norm transformer block (timm naming: norm1, attn, norm2, mlp), LayerNorm eps 1e-6."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0, fused_attention: bool = True
+        self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0, use_sdpa: bool = True
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=VIT_LN_EPS)
-        self.attn = Attention(dim, num_heads, fused_attention)
+        self.attn = Attention(dim, num_heads, use_sdpa)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=VIT_LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
@@ -170,9 +170,3 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-
-def set_fused_attention(model: nn.Module, fused: bool) -> None:
-    """Switch every attention layer of `model` between the fused kernel and the plain math."""
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.fused = fused

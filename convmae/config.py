@@ -13,9 +13,13 @@ ignores the fields of the parts it does not have.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
+
+# Old field name -> current one (converted files written before `image_size` and `use_sdpa`).
+RENAMED_FIELDS = {"img_size": "image_size", "fused_attention": "use_sdpa"}
 
 
 @dataclass(frozen=True)
@@ -23,7 +27,7 @@ class ConvMAEConfig:
     """Sizes of a ConvMAE encoder with its pretraining decoder and fine-tuning head.
 
     Args:
-        img_size: side of the square input image (pixels); a multiple of the total stride.
+        image_size: side of the square input image (pixels); a multiple of the total stride.
         patch_size: the stride of each of the three stages' patch embeddings (4, 2, 2).
         embed_dim: channels of stages 1, 2 (convolutional) and 3 (transformer).
         depth: number of blocks in stages 1, 2 and 3.
@@ -36,10 +40,11 @@ class ConvMAEConfig:
         global_pool: ConvViT pools all tokens then `fc_norm`; otherwise `norm` then token 0
             (the official non-pooled path, which has no class token).
         drop_path_rate: stochastic depth, linear over all blocks of the three stages.
-        fused_attention: use `F.scaled_dot_product_attention` instead of the written-out math.
+        use_sdpa: compute attention with `F.scaled_dot_product_attention` (True) or the written-out
+            softmax(q k^T / sqrt(d)) v math (False); both give the same numbers up to rounding.
     """
 
-    img_size: int = 224
+    image_size: int = 224
     patch_size: tuple[int, int, int] = (4, 2, 2)
     embed_dim: tuple[int, int, int] = (256, 384, 768)
     depth: tuple[int, int, int] = (2, 2, 11)
@@ -53,7 +58,7 @@ class ConvMAEConfig:
     num_classes: int = 1000
     global_pool: bool = True
     drop_path_rate: float = 0.0
-    fused_attention: bool = True
+    use_sdpa: bool = True
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep tuples so the config stays hashable and comparable.
@@ -62,8 +67,8 @@ class ConvMAEConfig:
             if len(value) != 3:
                 raise ValueError(f"{name} needs one value per stage (3), got {value}")
             object.__setattr__(self, name, value)
-        if self.img_size % self.total_stride:
-            raise ValueError(f"img_size {self.img_size} is not a multiple of the total stride {self.total_stride}")
+        if self.image_size % self.total_stride:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of the total stride {self.total_stride}")
         if self.embed_dim[2] % self.num_heads:
             raise ValueError(f"embed_dim[2]={self.embed_dim[2]} is not divisible by num_heads={self.num_heads}")
         if self.decoder_embed_dim % self.decoder_num_heads:
@@ -80,15 +85,15 @@ class ConvMAEConfig:
     @property
     def grid_size(self) -> int:
         """Tokens per side of the stage-3 grid, on which masks are drawn (14 at 224)."""
-        return self.img_size // self.total_stride
+        return self.image_size // self.total_stride
 
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
 
     def check_images(self, imgs: torch.Tensor) -> None:
-        """Refuse a batch that is not (B, in_chans, img_size, img_size): the masks are drawn on a fixed grid."""
-        expected = (self.in_chans, self.img_size, self.img_size)
+        """Refuse a batch that is not (B, in_chans, image_size, image_size): the masks are drawn on a fixed grid."""
+        expected = (self.in_chans, self.image_size, self.image_size)
         if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
             raise ValueError(f"expected images of shape (B, {', '.join(map(str, expected))}), got {tuple(imgs.shape)}")
 
@@ -98,6 +103,8 @@ class ConvMAEConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "ConvMAEConfig":
         """Build from a dict (e.g. a converted file's metadata); an unknown field is an error."""
+        # Files converted before the names were unified across the families still load.
+        values = {RENAMED_FIELDS.get(k, k): v for k, v in values.items()}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -109,3 +116,13 @@ CONFIGS: dict[str, ConvMAEConfig] = {
     # Table 1 / `convmae_convvit_base_patch16_dec512d8b`; PRETRAIN.md trains it with --norm_pix_loss.
     "convmae_base": ConvMAEConfig(),
 }
+
+
+def tiny_config(**changes: Any) -> ConvMAEConfig:
+    """A tiny, NOT official configuration for tests and smoke runs: 64 pixels (a 4 x 4 grid of
+    16-pixel patches), widths 16 / 24 / 32, one decoder block, 5 classes."""
+    tiny = ConvMAEConfig(
+        image_size=64, embed_dim=(16, 24, 32), depth=(1, 1, 2), num_heads=4,
+        decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, num_classes=5,
+    )
+    return replace(tiny, **changes)

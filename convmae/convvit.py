@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from convmae.blocks import VIT_LN_EPS, Block, CBlock, PatchEmbed
+from convmae.blocks import VIT_LN_EPS
 from convmae.config import ConvMAEConfig
+from convmae.encoder import HybridEncoder
 
 # Stage-3 blocks with global attention in the official detection backbone (its forward runs
 # blocks 0, 3, 6, 10 globally and the others in windows; its `global_attn_index` says
@@ -33,7 +34,7 @@ from convmae.config import ConvMAEConfig
 DET_GLOBAL_BLOCKS = (0, 3, 6, 10)
 
 
-class ConvViT(nn.Module):
+class ConvViT(HybridEncoder):
     """Hybrid convolution-transformer classifier, initialised from a ConvMAE encoder for fine-tuning.
 
     Args:
@@ -41,22 +42,9 @@ class ConvViT(nn.Module):
     """
 
     def __init__(self, config: ConvMAEConfig) -> None:
-        super().__init__()
-        self.config = c = config
-        (p1, p2, p3), (d1, d2, d3) = c.patch_size, c.embed_dim
-        self.patch_embed1 = PatchEmbed(c.in_chans, d1, p1)
-        self.patch_embed2 = PatchEmbed(d1, d2, p2)
-        self.patch_embed3 = PatchEmbed(d2, d3, p3)
-        self.patch_embed4 = nn.Linear(d3, d3)
-        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches, d3))  # learnable when fine-tuning
-
-        dpr = torch.linspace(0, c.drop_path_rate, sum(c.depth), device="cpu").tolist()  # stochastic depth
-        n1, n2 = c.depth[0], c.depth[0] + c.depth[1]
-        self.blocks1 = nn.ModuleList([CBlock(d1, c.mlp_ratio[0], dpr[i]) for i in range(c.depth[0])])
-        self.blocks2 = nn.ModuleList([CBlock(d2, c.mlp_ratio[1], dpr[n1 + i]) for i in range(c.depth[1])])
-        self.blocks3 = nn.ModuleList(
-            [Block(d3, c.num_heads, c.mlp_ratio[2], dpr[n2 + i], c.fused_attention) for i in range(c.depth[2])]
-        )
+        super().__init__(config, config.drop_path_rate, learnable_pos_embed=True)  # Sec. 4.1: learnable positions
+        c = config
+        d3 = c.embed_dim[2]
         if c.global_pool:
             self.fc_norm = nn.LayerNorm(d3, eps=VIT_LN_EPS)
         else:
@@ -86,10 +74,6 @@ class ConvViT(nn.Module):
         for blk in self.blocks2:
             s2 = blk(s2)
         return s1, s2
-
-    def stage3_tokens(self, s2: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed3(s2).flatten(2).transpose(1, 2)  # (B, C, g, g) -> (B, N, C)
-        return self.patch_embed4(x) + self.pos_embed
 
     def forward_tokens(self, imgs: torch.Tensor) -> torch.Tensor:
         """All stage-3 tokens after the last block, before any norm or pooling: (B, N, C)."""

@@ -2,9 +2,11 @@
 
 A converted file records in its config which model it holds (`"model"`): `convmae`, `fastconvmae`,
 `convvit`, or `convmae_encoder` (a released pretraining checkpoint without the decoder and,
-usually, without the fusion convolutions). Every load is strict; the one deliberate exception,
+usually, without the fusion convolutions). `load_convmae` returns the pretraining models,
+`load_convvit` the fine-tuning one. Every load is strict; the one deliberate exception,
 starting a ConvViT fine-tune from a pretraining encoder, names the tensors it initialises fresh
 and the ones it leaves behind (what the official `main_finetune.py` does with `strict=False`).
+Models are built on the meta device and take the file's tensors themselves (one copy in memory).
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from checkpoint_format import CheckpointError, check_tensors, load_strict, read_converted
 from convmae.config import ConvMAEConfig
 from convmae.convvit import ConvViT
 from convmae.fast import FastConvMAE
 from convmae.model import ConvMAE
 from convmae.pos_embed import resize_pos_embed
-from weights_convert.checkpoint import CheckpointError, check_tensors, load_strict, read_converted
 
 MODELS: dict[str, type[nn.Module]] = {"convmae": ConvMAE, "fastconvmae": FastConvMAE, "convvit": ConvViT}
 KINDS = (*MODELS, "convmae_encoder")
@@ -39,30 +41,69 @@ def read_convmae_file(path: str | os.PathLike) -> tuple[str, ConvMAEConfig, dict
     return kind, config, tensors
 
 
-def load_convmae(path: str | os.PathLike) -> nn.Module:
-    """The model a converted file holds, strictly loaded, in eval mode.
+def model_from_tensors(
+    kind: str,
+    config: ConvMAEConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    what: str = "checkpoint",
+) -> nn.Module:
+    """The `kind` model ("convmae", "fastconvmae", "convvit") whose weights are `tensors` themselves, in eval mode.
 
-    Returns a `ConvMAE`, `FastConvMAE` or `ConvViT`. An encoder-only file cannot make a
-    pretraining model (its decoder is absent): use `load_convvit(path)` to fine-tune from it.
+    Built on the meta device (no random initialisation, one copy of the weights); every tensor is
+    checked and assigned. This is the one place that decides a loaded model's device and dtype.
+    """
+    with torch.device("meta"):
+        model = MODELS[kind](config)
+    load_strict(model, tensors, f"{what} ({kind})")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_convmae(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    use_sdpa: bool | None = None,
+) -> ConvMAE | FastConvMAE:
+    """The pretraining model a converted file holds (`ConvMAE` or `FastConvMAE`), strictly loaded, in eval mode.
+
+    A fine-tuned ConvViT file is refused with a pointer to `load_convvit`; so is an encoder-only
+    file, whose decoder is absent (`load_convvit(path)` fine-tunes from it).
+
+    Args:
+        path: a file written by `python -m weights_convert convmae SRC DST`.
+        device: where the model goes.
+        dtype: the dtype of its floating-point weights (the file's values, cast).
+        use_sdpa: override the attention implementation stored in the file's config.
     """
     kind, config, tensors = read_convmae_file(path)
+    if kind == "convvit":
+        raise CheckpointError(f"{path}: holds a fine-tuned ConvViT classifier, not a pretraining model; "
+                              f"load it with convmae.load_convvit(path)")
     if kind == "convmae_encoder":
         fusion = "" if "stage1_output_decode.weight" in tensors else ", stage1/2_output_decode"
         raise CheckpointError(
             f"{path}: holds only a ConvMAE encoder; a pretraining model needs what it lacks (mask_token, "
             f"decoder_*{fusion}). Fine-tune from it with convmae.load_convvit(path)."
         )
-    model = MODELS[kind](config)
-    load_strict(model, tensors, f"{path} ({kind})")
-    return model.eval()
+    if use_sdpa is not None:
+        config = replace(config, use_sdpa=use_sdpa)
+    return model_from_tensors(kind, config, tensors, device=device, dtype=dtype, what=str(path))
 
 
 def load_convvit(
     path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
     num_classes: int | None = None,
     global_pool: bool | None = None,
     drop_path_rate: float | None = None,
-    img_size: int | None = None,
+    image_size: int | None = None,
+    use_sdpa: bool | None = None,
 ) -> ConvViT:
     """A ConvViT from a converted file, in eval mode.
 
@@ -72,8 +113,14 @@ def load_convvit(
     tensor (patch embeddings, the three stages, the sin-cos `pos_embed`, which becomes learnable)
     must be present; the head is drawn from N(0, 2e-5) and `fc_norm` starts at identity; the
     decoder, mask token, fusion convolutions and (with global pooling) the encoder `norm` stay behind.
-    `img_size` builds the model for another input size, resizing `pos_embed` bicubically as the
-    official detection backbone does (e.g. 224 -> 1024); the other tensors do not depend on it.
+
+    Args:
+        path: a file written by `python -m weights_convert convmae SRC DST`.
+        device, dtype: where the model goes and the dtype of its floating-point weights.
+        num_classes, global_pool, drop_path_rate: the fine-tuning settings (default: the file's).
+        image_size: build the model for another input size, resizing `pos_embed` bicubically as the
+            official detection backbone does (e.g. 224 -> 1024); the other tensors do not depend on it.
+        use_sdpa: override the attention implementation stored in the file's config.
     """
     kind, config, tensors = read_convmae_file(path)
     overrides = {
@@ -82,27 +129,38 @@ def load_convvit(
             ("num_classes", num_classes),
             ("global_pool", global_pool),
             ("drop_path_rate", drop_path_rate),
-            ("img_size", img_size),
+            ("image_size", image_size),
+            ("use_sdpa", use_sdpa),
         )
         if v is not None
     }
-    if img_size is not None and "pos_embed" in tensors:
-        tensors["pos_embed"] = resize_pos_embed(tensors["pos_embed"], replace(config, img_size=img_size).grid_size)
     if kind == "convvit":
         for name in ("num_classes", "global_pool"):
             if name in overrides and overrides[name] != getattr(config, name):
                 raise CheckpointError(f"{path}: a ConvViT with {name}={getattr(config, name)}, not {overrides[name]}")
-        model = ConvViT(replace(config, **overrides))
-        load_strict(model, tensors, f"{path} (convvit)")
-        return model.eval()
+    config = replace(config, **overrides)
+    if "pos_embed" in tensors:
+        tensors["pos_embed"] = resize_pos_embed(tensors["pos_embed"], config.grid_size)
+    if kind == "convvit":
+        return model_from_tensors(kind, config, tensors, device=device, dtype=dtype, what=str(path))
 
-    model = ConvViT(replace(config, **overrides))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    fresh = {k for k in expected if k.startswith(("head.", "fc_norm."))}
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ConvViT(config).state_dict().items()}
+    fresh = fresh_head(config)
     encoder = {k: tensors[k] for k in expected if k not in fresh and k in tensors}
     needed = {k: s for k, s in expected.items() if k not in fresh}
     check_tensors(needed, encoder, f"{path} ({kind}) as a ConvViT encoder")
-    model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k in fresh}, **encoder}, strict=True)
-    if isinstance(model.head, nn.Linear):
-        nn.init.trunc_normal_(model.head.weight, std=2e-5)  # as main_finetune.py
-    return model.eval()
+    return model_from_tensors("convvit", config, {**encoder, **fresh}, device=device, dtype=dtype, what=str(path))
+
+
+def fresh_head(config: ConvMAEConfig) -> dict[str, torch.Tensor]:
+    """The tensors a fine-tune starts its classifier with (official `main_finetune.py`): the head
+    from a truncated N(0, 2e-5), zero bias; `fc_norm` (with global pooling) at identity."""
+    C = config.embed_dim[2]
+    fresh = {}
+    if config.global_pool:
+        fresh.update({"fc_norm.weight": torch.ones(C), "fc_norm.bias": torch.zeros(C)})
+    if config.num_classes > 0:
+        fresh["head.weight"] = nn.init.trunc_normal_(torch.empty(config.num_classes, C), std=2e-5)
+        fresh["head.bias"] = torch.zeros(config.num_classes)
+    return fresh

@@ -23,13 +23,14 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from convmae.blocks import VIT_LN_EPS, Block, CBlock, PatchEmbed
+from convmae.blocks import VIT_LN_EPS, Block
 from convmae.config import ConvMAEConfig
+from convmae.encoder import HybridEncoder
 from convmae.masking import gather_tokens, random_masking, upsample_mask
 from convmae.pos_embed import sincos_2d
 
 
-class ConvMAE(nn.Module):
+class ConvMAE(HybridEncoder):
     """The ConvMAE pretraining model: masked hybrid encoder, multi-scale fusion, MAE decoder.
 
     Args:
@@ -37,25 +38,12 @@ class ConvMAE(nn.Module):
     """
 
     def __init__(self, config: ConvMAEConfig) -> None:
-        super().__init__()
-        self.config = c = config
-        (p1, p2, p3), (d1, d2, d3) = c.patch_size, c.embed_dim
-        fused = c.fused_attention
-
-        # Encoder (Sec. 3.1): strides p1, p1*p2, p1*p2*p3 = 4, 8, 16.
-        self.patch_embed1 = PatchEmbed(c.in_chans, d1, p1)
-        self.patch_embed2 = PatchEmbed(d1, d2, p2)
-        self.patch_embed3 = PatchEmbed(d2, d3, p3)
-        self.patch_embed4 = nn.Linear(d3, d3)
+        super().__init__(config, drop_path_rate=0.0, learnable_pos_embed=False)  # Sec. 3.1, strides 4, 8, 16
+        c = config
+        (_, p2, p3), (d1, d2, d3) = c.patch_size, c.embed_dim
         # Multi-scale fusion (Sec. 3.3): bring stages 1 and 2 down to the stage-3 grid.
         self.stage1_output_decode = nn.Conv2d(d1, d3, p2 * p3, stride=p2 * p3)
         self.stage2_output_decode = nn.Conv2d(d2, d3, p3, stride=p3)
-        self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches, d3), requires_grad=False)
-        self.blocks1 = nn.ModuleList([CBlock(d1, c.mlp_ratio[0]) for _ in range(c.depth[0])])
-        self.blocks2 = nn.ModuleList([CBlock(d2, c.mlp_ratio[1]) for _ in range(c.depth[1])])
-        self.blocks3 = nn.ModuleList(
-            [Block(d3, c.num_heads, c.mlp_ratio[2], fused_attention=fused) for _ in range(c.depth[2])]
-        )
         self.norm = nn.LayerNorm(d3, eps=VIT_LN_EPS)
 
         # MAE decoder; its MLP ratio is stage 1's (`mlp_ratio[0]` in the official code).
@@ -64,7 +52,7 @@ class ConvMAE(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, c.num_patches, D), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
-            [Block(D, c.decoder_num_heads, c.mlp_ratio[0], fused_attention=fused) for _ in range(c.decoder_depth)]
+            [Block(D, c.decoder_num_heads, c.mlp_ratio[0], use_sdpa=c.use_sdpa) for _ in range(c.decoder_depth)]
         )
         self.decoder_norm = nn.LayerNorm(D, eps=VIT_LN_EPS)
         self.decoder_pred = nn.Linear(D, c.total_stride**2 * c.in_chans)
@@ -107,11 +95,6 @@ class ConvMAE(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=g, w=g, p=p, q=p)
 
     # ---------------------------------------------------------------------------------- encoder
-    def stage3_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Stage-2 map (B, C2, 2g, 2g) -> stage-3 tokens with positions (B, L, C)."""
-        x = self.patch_embed3(x).flatten(2).transpose(1, 2)  # (B, C, g, g) -> (B, L, C)
-        return self.patch_embed4(x) + self.pos_embed
-
     def fusion(self, stage_map: torch.Tensor, decode: nn.Conv2d) -> torch.Tensor:
         """A stage-1 or stage-2 map brought to the stage-3 grid as tokens (B, L, C) (Sec. 3.3)."""
         return decode(stage_map).flatten(2).transpose(1, 2)  # (B, C, g, g) -> (B, L, C)

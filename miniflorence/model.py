@@ -19,8 +19,10 @@ import os
 import torch
 from torch import nn
 
+from checkpoint_format import CheckpointError, expand_tied, load_strict, read_converted
 from miniflorence.config import Florence2Config
 from miniflorence.davit import DaViT
+from miniflorence.generation import GenerationOptions, generate
 from miniflorence.language_model import Florence2LanguageModel
 from miniflorence.projector import (
     CosineTemporalEmbedding,
@@ -28,7 +30,8 @@ from miniflorence.projector import (
     project_image_features,
 )
 
-# The token table is one Parameter used four times; converted files store it once, under SHARED_KEY.
+# The token table is one Parameter used under four names; converted files store it once, under SHARED_KEY
+# (checkpoint_format.merge_tied / expand_tied).
 SHARED_KEY = "language_model.model.shared.weight"
 TIED_KEYS = (
     "language_model.model.encoder.embed_tokens.weight",
@@ -50,8 +53,10 @@ class Florence2(nn.Module):
         c = config
         self.config = config
         self.vision_tower = DaViT(
-            c.dims, c.depths, c.heads, c.channel_groups, c.window_size, c.patch_sizes, c.patch_strides,
-            c.patch_paddings, c.patch_prenorm, c.mlp_ratio, c.drop_path_rate, c.layer_norm_eps, c.use_sdpa,
+            dims=c.dims, depths=c.depths, heads=c.heads, channel_groups=c.channel_groups,
+            window_size=c.window_size, patch_sizes=c.patch_sizes, patch_strides=c.patch_strides,
+            patch_paddings=c.patch_paddings, patch_prenorm=c.patch_prenorm, mlp_ratio=c.mlp_ratio,
+            drop_path_rate=c.drop_path_rate, eps=c.layer_norm_eps, use_sdpa=c.use_sdpa,
         )
         self.image_projection = nn.Parameter(torch.empty(c.image_dim, c.projection_dim))  # (C, D), used as x @ W
         nn.init.trunc_normal_(self.image_projection, std=0.02)
@@ -59,9 +64,12 @@ class Florence2(nn.Module):
         self.image_pos_embed = LearnedPositionEmbedding2D(c.image_dim, c.image_pos_embed_size)
         self.visual_temporal_embed = CosineTemporalEmbedding(c.image_dim, c.max_temporal_embeddings)
         self.language_model = Florence2LanguageModel(
-            c.vocab_size, c.d_model, c.encoder_layers, c.decoder_layers, c.encoder_heads, c.decoder_heads,
-            c.encoder_ffn_dim, c.decoder_ffn_dim, c.max_position_embeddings, c.pad_token_id,
-            c.layer_norm_eps, c.dropout, c.attention_dropout, c.activation_dropout, c.use_sdpa,
+            vocab_size=c.vocab_size, d_model=c.d_model, encoder_layers=c.encoder_layers,
+            decoder_layers=c.decoder_layers, encoder_heads=c.encoder_heads, decoder_heads=c.decoder_heads,
+            encoder_ffn_dim=c.encoder_ffn_dim, decoder_ffn_dim=c.decoder_ffn_dim,
+            max_position_embeddings=c.max_position_embeddings, pad_token_id=c.pad_token_id,
+            layer_norm_eps=c.layer_norm_eps, dropout=c.dropout, attention_dropout=c.attention_dropout,
+            activation_dropout=c.activation_dropout, use_sdpa=c.use_sdpa,
         )
 
     def to_dtype(self, dtype: torch.dtype) -> Florence2:
@@ -159,13 +167,15 @@ class Florence2(nn.Module):
         start with the decoder start token, like the official `generate`.
 
         Args:
-            pixel_values, input_ids, attention_mask: as in `encode`.
+            pixel_values, input_ids, attention_mask: as in `encode`; moved to the model's device
+                (and the pixels to its dtype), so processor output can be passed as it is.
             max_new_tokens, num_beams, no_repeat_ngram_size, early_stopping, length_penalty:
                 decoding settings (see `miniflorence.generation.GenerationOptions`); forced
                 BOS/EOS and the special ids come from the config.
         """
-        from miniflorence.generation import GenerationOptions, generate
-
+        device = self.image_projection.device
+        pixel_values, input_ids = pixel_values.to(device), input_ids.to(device)
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
         c = self.config
         options = GenerationOptions(
             max_new_tokens=max_new_tokens, num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -177,16 +187,25 @@ class Florence2(nn.Module):
         return generate(self, pixel_values, input_ids, attention_mask, options)
 
 
-def load_florence2(path: str | os.PathLike, device: str | torch.device = "cpu", use_sdpa: bool | None = None) -> Florence2:
-    """Build the model a converted `.safetensors` file describes and load it strictly, in eval mode.
+def load_florence2(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    compile: bool = False,
+    use_sdpa: bool | None = None,
+) -> Florence2:
+    """The model a converted `.safetensors` file describes, strictly loaded, in eval mode.
 
     Args:
         path: a file written by `python -m weights_convert florence2 SRC DST`.
-        device: where to put the model.
+        device: where the model goes.
+        dtype: the dtype of its floating-point weights (the file's values, cast). torch.bfloat16
+            keeps the token table and the logits bias in float32 (see `Florence2.to_dtype`).
+        compile: `torch.compile` the vision tower and the decoding step (`Florence2.compile_hot_paths`);
+            the first image of each size and the first generation pay the compilation.
         use_sdpa: override the attention implementation stored in the file's config.
     """
-    from weights_convert.checkpoint import CheckpointError, load_strict, read_converted
-
     config_dict, tensors = read_converted(path, "florence2")
     try:
         config = Florence2Config.from_dict(config_dict)
@@ -194,21 +213,25 @@ def load_florence2(path: str | os.PathLike, device: str | torch.device = "cpu", 
         raise CheckpointError(f"{path}: its config does not describe a Florence-2 model: {e}") from e
     if use_sdpa is not None:
         config = config.replace(use_sdpa=use_sdpa)
-    tensors = expand_tied(tensors, str(path))
-    model = Florence2(config)
-    load_strict(model, tensors, f"{path}")
-    return model.to(device).eval()
+    model = florence2_from_tensors(config, tensors, device=device, dtype=dtype, what=str(path))
+    return model.compile_hot_paths() if compile else model
 
 
-def expand_tied(tensors: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """Add the three aliases of the token table (stored once) so that a strict load sees every key."""
-    from weights_convert.checkpoint import CheckpointError
+def florence2_from_tensors(
+    config: Florence2Config,
+    tensors: dict[str, torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    what: str = "checkpoint",
+) -> Florence2:
+    """A `Florence2` whose weights are `tensors` themselves (token table once, under SHARED_KEY), in eval mode.
 
-    if SHARED_KEY not in tensors:
-        raise CheckpointError(f"{what} does not fit: 1 missing: {SHARED_KEY}")
-    out = dict(tensors)
-    for key in TIED_KEYS:
-        if key in out and not torch.equal(out[key], out[SHARED_KEY]):
-            raise CheckpointError(f"{what}: {key} differs from {SHARED_KEY}, but the model ties them")
-        out[key] = out[SHARED_KEY]
-    return out
+    Built on the meta device (no random initialisation, one copy of the weights); the token table
+    is handed to all four of its names, which stay one Parameter. This is the one place that
+    decides a loaded model's device and dtype.
+    """
+    with torch.device("meta"):
+        model = Florence2(config)
+    load_strict(model, expand_tied(tensors, SHARED_KEY, TIED_KEYS, what), what)
+    return model.to(device).to_dtype(dtype).eval()

@@ -4,17 +4,16 @@
     model = minisam.Sam(minisam.CONFIGS["vit_b"])          # random weights
 
 `CONFIGS` holds the released variants "vit_b", "vit_l", "vit_h" (the official "default" is
-vit_h) and "vit_t", a tiny test-only preset with no released checkpoint.
+vit_h); `tiny_config()` is a tiny test-only configuration with no released checkpoint.
 """
 
-from minisam.config import CONFIGS, OFFICIAL_VARIANTS, SamConfig
+from minisam.automatic import AutomaticMaskGenerator
+from minisam.config import CONFIGS, SamConfig, tiny_config
+from minisam.predictor import SamPredictor
 from minisam.sam import Sam, load_sam
 from minisam.transforms import ResizeLongestSide
 
-__all__ = ["CONFIGS", "OFFICIAL_VARIANTS", "SamConfig", "Sam", "load_sam", "ResizeLongestSide"]
-
-# Predictor and automatic mask generator (minisam/predictor.py, minisam/automatic.py):
-from minisam.automatic import AutomaticMaskGenerator  # noqa: E402
-from minisam.predictor import SamPredictor  # noqa: E402
-
-__all__ += ["SamPredictor", "AutomaticMaskGenerator"]
+__all__ = [
+    "CONFIGS", "SamConfig", "tiny_config", "Sam", "load_sam", "ResizeLongestSide", "SamPredictor",
+    "AutomaticMaskGenerator",
+]

@@ -4,7 +4,7 @@
     python -m minisam sam_vit_b.safetensors photo.jpg --point 500,375 --point 600,300,0 --multimask --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --box 10,10,90,90 --box 50,20,200,150 --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --auto --out everything.png
-    python -m minisam --random-weights vit_t photo.jpg --point 10,10 --out mask.png   # smoke test only
+    python -m minisam --random-weights vit_b --image-size 128 photo.jpg --point 10,10 --out mask.png   # smoke test only
 
 With prompts it writes the mask(s) as black-and-white PNGs (`mask.png`, or `mask_0.png`...
 `mask_2.png` with --multimask; one file per box with several --box) and `mask_overlay.png`, the
@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from minisam.automatic import AutomaticMaskGenerator
 from minisam.config import CONFIGS
+from minisam.masks import coco_decode_rle, rle_to_mask
 from minisam.predictor import SamPredictor
 from minisam.sam import Sam, load_sam
 
@@ -151,8 +152,6 @@ def run_auto(model: Sam, image: np.ndarray, args: argparse.Namespace) -> None:
         output_mode="coco_rle",
     )
     records = generator.generate(image)
-    from minisam.masks import coco_decode_rle, rle_to_mask
-
     overlay = image.copy()
     colours = np.random.default_rng(0).integers(0, 256, size=(len(records), 3))
     for record, colour in sorted(zip(records, colours), key=lambda rc: -rc[0]["area"]):  # small masks on top

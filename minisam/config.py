@@ -92,8 +92,16 @@ CONFIGS: dict[str, SamConfig] = {
     "vit_b": SamConfig(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, encoder_global_attn_indexes=(2, 5, 8, 11)),
     "vit_l": SamConfig(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)),
     "vit_h": SamConfig(encoder_embed_dim=1280, encoder_depth=32, encoder_num_heads=16, encoder_global_attn_indexes=(7, 15, 23, 31)),
-    # NOT an official model: a tiny encoder for fast tests (no released checkpoint has it).
-    "vit_t": SamConfig(image_size=160, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,)),
 }
 
-OFFICIAL_VARIANTS = ("vit_b", "vit_l", "vit_h")
+
+def tiny_config(**changes: Any) -> SamConfig:
+    """A tiny, NOT official configuration for tests and smoke runs (no released checkpoint has it).
+
+    A 2-block, 64-wide encoder at 160 pixels (grid 10: the windowed block pads to 14), block 1
+    global; the prompt encoder and mask decoder are the released ones.
+    """
+    tiny = SamConfig(
+        image_size=160, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,)
+    )
+    return dataclasses.replace(tiny, **changes)

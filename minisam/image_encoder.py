@@ -27,7 +27,7 @@ class ImageEncoderViT(nn.Module):
 
     def __init__(
         self,
-        img_size: int,
+        image_size: int,
         patch_size: int,
         embed_dim: int,
         depth: int,
@@ -40,8 +40,8 @@ class ImageEncoderViT(nn.Module):
         use_sdpa: bool = True,
     ) -> None:
         super().__init__()
-        self.img_size = img_size
-        grid = img_size // patch_size
+        self.image_size = image_size
+        grid = image_size // patch_size
         self.patch_embed = PatchEmbed(patch_size, 3, embed_dim)
         # Absolute positions for the whole grid, learned (the official code always uses them).
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))

@@ -5,7 +5,8 @@ once per image, then a light prompt encoder + mask decoder run per prompt. Mirro
 `segment_anything/modeling/sam.py` and `build_sam.py`; the attribute paths are the official
 checkpoint keys, so a converted official checkpoint loads with a strict `load_state_dict`.
 
-Legend: B images or prompts, C channels, S image_size, H/W image embedding grid (S/16).
+Legend: B images or prompts, C channels, S image_size, H/W image embedding grid (S/16); in `forward`
+n images, B_i prompts of image i, M masks per prompt.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from checkpoint_format import CheckpointError, load_strict, read_converted
 from minisam.config import SamConfig
 from minisam.image_encoder import ImageEncoderViT, resize_pos_embed, resize_rel_pos
 from minisam.mask_decoder import MaskDecoder
@@ -26,6 +28,11 @@ from minisam.two_way_transformer import TwoWayTransformer
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean and std in 0-255 RGB
 PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def pixel_statistics() -> tuple[torch.Tensor, torch.Tensor]:
+    """The (3, 1, 1) mean and std buffers `preprocess` normalises with."""
+    return torch.tensor(PIXEL_MEAN).view(-1, 1, 1), torch.tensor(PIXEL_STD).view(-1, 1, 1)
 
 
 class Sam(nn.Module):
@@ -48,7 +55,7 @@ class Sam(nn.Module):
         self.config = config
         grid = config.image_size // config.patch_size
         self.image_encoder = ImageEncoderViT(
-            img_size=config.image_size,
+            image_size=config.image_size,
             patch_size=config.patch_size,
             embed_dim=config.encoder_embed_dim,
             depth=config.encoder_depth,
@@ -81,8 +88,9 @@ class Sam(nn.Module):
             iou_head_hidden_dim=config.iou_head_hidden_dim,
         )
         # Not in checkpoints (persistent=False), as in the official model.
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), persistent=False)
+        pixel_mean, pixel_std = pixel_statistics()
+        self.register_buffer("pixel_mean", pixel_mean, persistent=False)
+        self.register_buffer("pixel_std", pixel_std, persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -94,7 +102,7 @@ class Sam(nn.Module):
         """Normalise (…, 3, h, w) 0-255 RGB pixels and zero-pad bottom/right to (S, S)."""
         x = (x - self.pixel_mean.float()) / self.pixel_std.float()
         h, w = x.shape[-2:]
-        return F.pad(x, (0, self.image_encoder.img_size - w, 0, self.image_encoder.img_size - h))
+        return F.pad(x, (0, self.image_encoder.image_size - w, 0, self.image_encoder.image_size - h))
 
     def postprocess_masks(
         self, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]
@@ -104,7 +112,7 @@ class Sam(nn.Module):
         Bilinear up to the padded input (S, S), crop away the padding (`input_size` is the resized
         image's (h, w)), bilinear to the original (H, W); as the official model.
         """
-        S = self.image_encoder.img_size
+        S = self.image_encoder.image_size
         masks = F.interpolate(masks, (S, S), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
@@ -150,27 +158,78 @@ class Sam(nn.Module):
 
     @torch.no_grad()
     def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
-        """The official end-to-end call (under `no_grad`, as the official one; train with the stages).
+        """The official end-to-end call: several images, each with its own prompts, in one call.
+
+        The images are encoded as one batch, then each image's prompts are decoded together, under
+        `no_grad` as in the official model (train with the stages). Every image has its own number
+        B_i of prompts and its own kinds: points, boxes, mask inputs or any combination (then each
+        prompt has its point set, its box and its mask). Per image the results equal
+        `SamPredictor.predict_torch` on that image alone.
 
         Args:
-            batched_input: one dict per image: "image" (3, h, w) 0-255, resized so the long side is S;
-                "original_size" (H, W); optional "point_coords" (B, N, 2) with "point_labels" (B, N),
-                "boxes" (B, 4), "mask_inputs" (B, 1, 4H, 4W), all in the resized frame.
-            multimask_output: three masks per prompt (True) or one.
+            batched_input: one dict per image i, with
+                "image": (3, h_i, w_i) RGB 0-255 (float or uint8), resized with `ResizeLongestSide`
+                    so that max(h_i, w_i) = S (`config.image_size`); normalised and padded here;
+                "original_size": (H_i, W_i), the image's size before resizing: masks come back at it;
+                and optional prompts, in the resized frame, all with the same B_i:
+                "point_coords" (B_i, N_i, 2) as (x, y), with "point_labels" (B_i, N_i): 1 foreground,
+                    0 background, -1 ignored;
+                "boxes" (B_i, 4) as (x0, y0, x1, y1);
+                "mask_inputs" (B_i, 1, S/4, S/4) low-res logits, e.g. an earlier "low_res_logits".
+                An image without prompts gets one unprompted mask (B_i = 1), as in the official model.
+            multimask_output: M = 3 masks per prompt (True) or M = 1 (False).
 
         Returns:
-            one dict per image: "masks" (B, M, H, W) bool at the original size, "iou_predictions"
-            (B, M), "low_res_logits" (B, M, 4H, 4W).
+            one dict per image: "masks" (B_i, M, H_i, W_i) bool, "iou_predictions" (B_i, M),
+            "low_res_logits" (B_i, M, S/4, S/4).
         """
-        image_embeddings = self.image_encoder(torch.stack([self.preprocess(x["image"]) for x in batched_input]))
+        S, mask_size = self.image_encoder.image_size, self.prompt_encoder.mask_input_size
+        for i, record in enumerate(batched_input):
+            check_record(record, f"batched_input[{i}]", S, mask_size)
+        pixels = torch.stack([self.preprocess(r["image"].to(self.device).float()) for r in batched_input])
+        dtype = self.image_encoder.patch_embed.proj.weight.dtype
+        image_embeddings = self.image_encoder(pixels.to(dtype))  # (n, 3, S, S) -> (n, C, H, W)
+        mask_dtype = self.prompt_encoder.mask_downscaling[0].weight.dtype
         outputs = []
         for record, embedding in zip(batched_input, image_embeddings):
-            points = (record["point_coords"], record["point_labels"]) if "point_coords" in record else None
-            sparse, dense = self.encode_prompts(points, record.get("boxes"), record.get("mask_inputs"))
-            low_res, iou = self.decode_masks(embedding.unsqueeze(0), sparse, dense, multimask_output)
+            points = None
+            if "point_coords" in record:
+                points = (record["point_coords"].to(self.device), record["point_labels"].to(self.device))
+            boxes = record["boxes"].to(self.device) if "boxes" in record else None
+            masks = record["mask_inputs"].to(self.device, mask_dtype) if "mask_inputs" in record else None
+            sparse, dense = self.encode_prompts(points, boxes, masks)  # (B_i, N', C), (B_i, C, H, W)
+            low_res, iou = self.decode_masks(embedding[None], sparse, dense, multimask_output)  # (B_i, M, 4H, 4W)
             masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
             outputs.append({"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res})
         return outputs
+
+
+def check_record(record: dict[str, Any], name: str, image_size: int, mask_size: tuple[int, int]) -> None:
+    """One `Sam.forward` input record: keys, shapes and matching prompt counts, or a ValueError naming it."""
+    image = record.get("image")
+    shape = tuple(image.shape) if isinstance(image, torch.Tensor) else None
+    if shape is None or len(shape) != 3 or shape[0] != 3 or min(shape[1:]) < 1 or max(shape[1:]) > image_size:
+        got = shape if shape is not None else type(image).__name__
+        raise ValueError(f"{name}['image'] must be a 3xHxW tensor resized to long side {image_size}, got {got}")
+    size = record.get("original_size")
+    if size is None or len(size) != 2 or min(int(s) for s in size) < 1:
+        raise ValueError(f"{name}['original_size'] must be the (H, W) of the image before resizing, got {size!r}")
+    if ("point_coords" in record) != ("point_labels" in record):
+        raise ValueError(f"{name}: 'point_coords' and 'point_labels' go together")
+    batch_sizes = {}
+    for key, shape in (("point_coords", (None, None, 2)), ("boxes", (None, 4)), ("mask_inputs", (None, 1, *mask_size))):
+        value = record.get(key)
+        if value is None:
+            continue
+        if value.ndim != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
+            want = "x".join("*" if s is None else str(s) for s in shape)
+            raise ValueError(f"{name}[{key!r}] must have shape {want}, got {tuple(value.shape)}")
+        batch_sizes[key] = value.shape[0]
+    if "point_labels" in record and tuple(record["point_labels"].shape) != tuple(record["point_coords"].shape[:2]):
+        raise ValueError(f"{name}['point_labels'] must have shape {tuple(record['point_coords'].shape[:2])}, "
+                         f"got {tuple(record['point_labels'].shape)}")
+    if len(set(batch_sizes.values())) > 1:
+        raise ValueError(f"{name}: the prompts disagree on their number: {batch_sizes}")
 
 
 def resize_for_image_size(tensors: dict[str, torch.Tensor], config: SamConfig, image_size: int) -> dict[str, torch.Tensor]:
@@ -193,30 +252,55 @@ def resize_for_image_size(tensors: dict[str, torch.Tensor], config: SamConfig, i
     return out
 
 
-def load_sam(path: str | os.PathLike, image_size: int | None = None, use_sdpa: bool | None = None) -> Sam:
-    """A `Sam` with the weights of a converted `.safetensors` file (`python -m weights_convert sam`).
+def load_sam(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
+    use_sdpa: bool | None = None,
+) -> Sam:
+    """A `Sam` with the weights of a converted `.safetensors` file (`python -m weights_convert sam`), in eval mode.
 
     Args:
         path: the converted file; its metadata holds the `SamConfig`.
+        device: where the model goes.
+        dtype: the dtype of its floating-point weights (the file's values, cast).
         image_size: run at another input size than the checkpoint's (a multiple of 16, e.g. 512):
             the absolute position embedding is resized once here (bicubic) and the global blocks'
             relative-position tables interpolated (linear, as the official `get_rel_pos`); masks are
             then (image_size / 4)² low-res logits. Expect some quality loss far from the trained size.
         use_sdpa: override the attention path stored in the file (`SamConfig.use_sdpa`).
     """
-    from weights_convert.checkpoint import load_strict, read_converted
-
     config_dict, tensors = read_converted(path, "sam")
-    config = SamConfig.from_dict(config_dict)
+    try:
+        config = SamConfig.from_dict(config_dict)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its config does not describe a SAM model: {e}") from e
     if image_size is not None and image_size != config.image_size:
         tensors = resize_for_image_size(tensors, config, image_size)
         config = dataclasses.replace(config, image_size=image_size)
     if use_sdpa is not None:
         config = dataclasses.replace(config, use_sdpa=use_sdpa)
-    with torch.device("meta"):  # no random init of weights that are overwritten anyway (seconds for vit_h)
+    return sam_from_tensors(config, tensors, device=device, dtype=dtype, what=str(path))
+
+
+def sam_from_tensors(
+    config: SamConfig,
+    tensors: dict[str, torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    what: str = "checkpoint",
+) -> Sam:
+    """A `Sam` whose weights are `tensors` themselves (no copy, strict), in eval mode; what `load_sam` returns.
+
+    The model is built on the meta device (no random initialisation, no second copy of the
+    weights), the two pixel-statistics buffers, which checkpoints do not hold, are made, and every
+    tensor is checked and assigned. This is the one place that decides a loaded model's device and dtype.
+    """
+    with torch.device("meta"):
         model = Sam(config)
-    model.to_empty(device="cpu")
-    model.pixel_mean.copy_(torch.tensor(PIXEL_MEAN).view(-1, 1, 1))  # the buffers not in checkpoints
-    model.pixel_std.copy_(torch.tensor(PIXEL_STD).view(-1, 1, 1))
-    load_strict(model, tensors, what=str(path))
-    return model.eval()
+    model.pixel_mean, model.pixel_std = pixel_statistics()
+    load_strict(model, tensors, what)
+    return model.to(device=device, dtype=dtype).eval()

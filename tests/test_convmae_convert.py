@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import convmae
+from checkpoint_format import CheckpointError, read_converted, save_converted
 from tests.test_convmae_parity import TOL, max_diff, read_fixture
 from weights_convert.__main__ import main as convert_main
-from weights_convert.checkpoint import CheckpointError, save_converted
 
 HEADS = ["--num-heads", "4", "--decoder-num-heads", "4"]
 DECODER = ("mask_token", "decoder_")
@@ -44,7 +44,7 @@ def test_easycv_layout_is_fastconvmae(tmp_path: Path) -> None:
 
 def test_ddp_prefix_and_pretrain_as_fastconvmae(tmp_path: Path) -> None:
     _, state = official("convmae_small_normpix1")
-    code, path = convert(tmp_path, {"module." + k: v for k, v in state.items()}, "--model", "fastconvmae")
+    code, path = convert(tmp_path, {"module." + k: v for k, v in state.items()}, "--kind", "fastconvmae")
     assert code == 0
     model = convmae.load_convmae(path)
     assert type(model) is convmae.FastConvMAE
@@ -65,7 +65,7 @@ def test_encoder_only_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) 
     lacks = r"holds only a ConvMAE encoder.*\(mask_token, decoder_\*, stage1/2_output"
     with pytest.raises(CheckpointError, match=lacks):
         convmae.load_convmae(path)
-    code, _ = convert(tmp_path, encoder, "--model", "convmae", name="again")
+    code, _ = convert(tmp_path, encoder, "--kind", "convmae", name="again")
     assert code == 1
     assert "holds only the encoder" in capsys.readouterr().err
 
@@ -94,8 +94,10 @@ def test_finetuned_convvit_without_global_pool(tmp_path: Path) -> None:
     state = {k.replace("fc_norm.", "norm."): v for k, v in state.items()}
     code, path = convert(tmp_path, state)
     assert code == 0
-    model = convmae.load_convmae(path)
+    model = convmae.load_convvit(path)
     assert type(model) is convmae.ConvViT and not model.config.global_pool and model.config.num_classes == 10
+    with pytest.raises(CheckpointError, match=r"fine-tuned ConvViT.*convmae\.load_convvit"):
+        convmae.load_convmae(path)
     with pytest.raises(CheckpointError, match="num_classes=10, not 4"):
         convmae.load_convvit(path, num_classes=4)
 
@@ -142,15 +144,43 @@ def test_unconverted_official_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_convvit_at_another_image_size(tmp_path: Path) -> None:
-    """`img_size` resizes the position table bicubically (the official detection backbone's rule)."""
+    """`image_size` resizes the position table bicubically (the official detection backbone's rule)."""
     t, state = official("convvit_small")
     _, path = convert(tmp_path, state)
-    same = convmae.load_convvit(path, img_size=224)
+    same = convmae.load_convvit(path, image_size=224)
     assert torch.equal(same.pos_embed, state["pos_embed"])
-    big = convmae.load_convvit(path, img_size=320)
+    big = convmae.load_convvit(path, image_size=320)
     grid = state["pos_embed"].reshape(1, 14, 14, 96).permute(0, 3, 1, 2)
     expected = torch.nn.functional.interpolate(grid, size=(20, 20), mode="bicubic", align_corners=False)
     assert torch.equal(big.pos_embed.data, expected.permute(0, 2, 3, 1).reshape(1, 400, 96))
     assert torch.equal(big.head.weight, state["head.weight"])
     with torch.no_grad():
         assert big(torch.randn(1, 3, 320, 320)).shape == (1, 10)
+
+
+@pytest.mark.parametrize("name", ["convmae_small_normpix1", "fastconvmae_small", "convvit_small"])
+def test_round_trip_to_official_is_bit_exact(name: str, tmp_path: Path) -> None:
+    """official -> ours -> official (`--to-official`): the same tensors, keys and dtypes, as `{"model": ...}`."""
+    _, state = official(name)
+    code, ours = convert(tmp_path, state, *(["--kind", "fastconvmae"] if name.startswith("fast") else []))
+    assert code == 0
+    assert convert_main(["convmae", str(ours), str(tmp_path / "back.pth"), "--to-official"]) == 0
+    back = torch.load(tmp_path / "back.pth", map_location="cpu", weights_only=True)["model"]
+    assert list(back) == sorted(state)
+    for key, value in state.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value), key
+    with pytest.raises(SystemExit):  # the file's config decides; no conversion options on the way back
+        convert_main(["convmae", str(ours), str(tmp_path / "again.pth"), "--to-official", "--kind", "convvit"])
+
+
+def test_files_with_the_old_field_names_still_load(tmp_path: Path) -> None:
+    """Files converted before `img_size` / `fused_attention` became `image_size` / `use_sdpa`."""
+    t, state = official("convvit_small")
+    _, path = convert(tmp_path, state)
+    config, tensors = read_converted(path, "convmae")
+    old = {("img_size" if k == "image_size" else "fused_attention" if k == "use_sdpa" else k): v for k, v in config.items()}
+    save_converted(tmp_path / "old.safetensors", tensors, "convmae", old)
+    model = convmae.load_convvit(tmp_path / "old.safetensors")
+    assert model.config.image_size == 224 and model.config.use_sdpa
+    with torch.no_grad():
+        assert max_diff(model(t["input.imgs"]), t["output.logits"]) <= TOL

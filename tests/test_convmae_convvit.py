@@ -34,7 +34,7 @@ def test_features_head_and_pooling() -> None:
 
 
 def test_multiscale_features() -> None:
-    model = build(replace(TINY, img_size=128))
+    model = build(replace(TINY, image_size=128))
     imgs = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         maps = model.forward_multiscale(imgs)
@@ -51,7 +51,7 @@ def test_multiscale_features() -> None:
 
 def test_windowed_stage3_attention() -> None:
     """Windowed blocks attend within w x w windows; a window the size of the grid is global attention."""
-    model = build(replace(TINY, img_size=128, depth=(1, 1, 1)))
+    model = build(replace(TINY, image_size=128, depth=(1, 1, 1)))
     imgs = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         whole = model.forward_multiscale(imgs, window_size=8, global_blocks=())["s2"]

@@ -11,16 +11,7 @@ import convmae
 from convmae.blocks import Block
 from convmae.masking import complementary_masking, random_masking, upsample_mask
 
-TINY = convmae.ConvMAEConfig(
-    img_size=64,
-    embed_dim=(16, 24, 32),
-    depth=(1, 1, 2),
-    num_heads=4,
-    decoder_embed_dim=16,
-    decoder_depth=1,
-    decoder_num_heads=2,
-    num_classes=5,
-)
+TINY = convmae.tiny_config()
 
 
 def build(cls: type, config: convmae.ConvMAEConfig = TINY, seed: int = 0) -> torch.nn.Module:
@@ -46,7 +37,7 @@ def test_convmae_base_sizes() -> None:
 @pytest.mark.slow
 def test_convmae_base_forward_backward_cpu() -> None:
     """Full widths and depths of convmae_base at a reduced image size (64 px: a 4x4 stage-3 grid), batch 2."""
-    model = build(convmae.ConvMAE, replace(convmae.CONFIGS["convmae_base"], img_size=64)).train()
+    model = build(convmae.ConvMAE, replace(convmae.CONFIGS["convmae_base"], image_size=64)).train()
     imgs = torch.randn(2, 3, 64, 64)
     loss, pred, mask = model(imgs)
     assert pred.shape == (2, 16, 16 * 16 * 3) and mask.shape == (2, 16)
@@ -122,13 +113,13 @@ def reorder_noise(ids_shuffle: torch.Tensor, first: int) -> torch.Tensor:
     return torch.zeros(B, L).scatter_(1, ids_shuffle, rank.float().expand(B, L))
 
 
-@pytest.mark.parametrize("img_size,ratio", [(64, 0.75), (128, 0.5), (128, 0.75)])
-def test_fastconvmae_view_equals_convmae_with_that_mask(img_size: int, ratio: float) -> None:
+@pytest.mark.parametrize("image_size,ratio", [(64, 0.75), (128, 0.5), (128, 0.75)])
+def test_fastconvmae_view_equals_convmae_with_that_mask(image_size: int, ratio: float) -> None:
     """View k of FastConvMAE is ConvMAE masked to keep view k: complementary masking is exact, any size."""
-    config = replace(TINY, img_size=img_size)
+    config = replace(TINY, image_size=image_size)
     fast, single = build(convmae.FastConvMAE, config), convmae.ConvMAE(config).eval()
     single.load_state_dict(fast.state_dict())
-    imgs, noise = torch.randn(2, 3, img_size, img_size), torch.rand(2, config.num_patches)
+    imgs, noise = torch.randn(2, 3, image_size, image_size), torch.rand(2, config.num_patches)
     with torch.no_grad():
         latent, mask, ids_restore = fast.forward_encoder(imgs, ratio, noise)
         pred = fast.forward_decoder(latent, ids_restore)
@@ -148,15 +139,15 @@ def test_attention_paths_agree() -> None:
     x = torch.randn(3, 50, 32)
     with torch.no_grad():
         fused = block(x)
-        block.attn.fused = False
+        block.attn.use_sdpa = False
         plain = block(x)
     torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
     model = build(convmae.ConvMAE)
+    plain = build(convmae.ConvMAE, replace(TINY, use_sdpa=False))  # the same seed: the same weights
     imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 16)
     with torch.no_grad():
         a = model(imgs, 0.75, noise)
-        convmae.set_fused_attention(model, False)
-        b = model(imgs, 0.75, noise)
+        b = plain(imgs, 0.75, noise)
     torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=0)
     torch.testing.assert_close(a[0], b[0], atol=1e-6, rtol=0)
 
@@ -193,7 +184,7 @@ def test_fastconvmae_needs_keep_sets_that_tile_the_grid() -> None:
 
 def test_bad_configs_are_clear_errors() -> None:
     with pytest.raises(ValueError, match="not a multiple of the total stride 16"):
-        replace(TINY, img_size=100)
+        replace(TINY, image_size=100)
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         replace(TINY, num_heads=5)
     with pytest.raises(ValueError, match="one value per stage"):

@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from florence_utils import NATIVE_VOCAB, native_model, seeded_fill, single_thread
+from florence_utils import single_thread
+from official import NATIVE_VOCAB, native_florence2, seeded_florence2_fill
 from safetensors.torch import save_file
 
+from checkpoint_format import CheckpointError, read_converted, save_converted
 from miniflorence import CONFIGS, load_florence2, tiny_config
 from miniflorence.model import SHARED_KEY, TIED_KEYS
 from weights_convert.__main__ import main as convert_main
-from weights_convert.checkpoint import CheckpointError, read_converted, save_converted
 from weights_convert.florence2 import (
     NATIVE_RENAMES,
     convert_tensors,
@@ -32,7 +33,7 @@ def original_state(config=None, seed: int = 0) -> dict[str, torch.Tensor]:
     """A seeded state_dict in the original remote code's layout (= our attribute paths), with
     every tied copy of the token table present, as the original `pytorch_model.bin` has it."""
     config = config or tiny_config()
-    state = seeded_fill({k: torch.zeros(s) for k, s in expected_shapes(config).items()}, seed)
+    state = seeded_florence2_fill({k: torch.zeros(s) for k, s in expected_shapes(config).items()}, seed)
     for key in TIED_KEYS:
         state[key] = state[SHARED_KEY]
     return state
@@ -60,20 +61,20 @@ def test_original_layout_round_trip(tmp_path) -> None:
         assert torch.equal(value, state[key]), key
     assert model.language_model.lm_head.weight is model.language_model.model.shared.weight
     # ... and back to the original layout, as .bin and as .safetensors
-    assert run(tmp_path / "ours.safetensors", tmp_path / "back.bin", "--to-original") == 0
+    assert run(tmp_path / "ours.safetensors", tmp_path / "back.bin", "--to-official") == 0
     back = torch.load(tmp_path / "back.bin", weights_only=True, map_location="cpu")
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
-    assert run(tmp_path / "ours.safetensors", tmp_path / "back.safetensors", "--to-original") == 0
+    assert run(tmp_path / "ours.safetensors", tmp_path / "back.safetensors", "--to-official") == 0
 
 
 def test_native_layout_matches_original_layout(tmp_path) -> None:
     """The native state_dict (renamed keys, transposed projection, padded vocabulary, no
     final_logits_bias) converts to the same model as the original-layout state it came from."""
     pytest.importorskip("transformers")
-    native = native_model(tiny_config(), seed=2)
+    native = native_florence2(tiny_config(), seed=2)
     state = native.state_dict()
     assert state["model.language_model.shared.weight"].shape[0] == NATIVE_VOCAB
-    _, ours = convert_tensors(dict(state), tiny_config())
+    _, ours = convert_tensors(dict(state), config=tiny_config())
     assert torch.equal(ours["image_projection"], state["model.multi_modal_projector.image_projection.weight"].t())
     assert torch.equal(ours[SHARED_KEY], state["lm_head.weight"][:51289])
     assert torch.equal(ours["language_model.final_logits_bias"], torch.zeros(1, 51289))
@@ -96,7 +97,7 @@ def test_native_layout_matches_original_layout(tmp_path) -> None:
 
 def test_native_key_table_covers_every_native_key() -> None:
     pytest.importorskip("transformers")
-    native_keys = native_model(tiny_config()).state_dict().keys()
+    native_keys = native_florence2(tiny_config()).state_dict().keys()
     ours = set(expected_shapes(tiny_config())) - {"language_model.final_logits_bias"}  # native has none
     assert {rename_native(k) for k in native_keys} == ours
     assert all(why for _, _, why in NATIVE_RENAMES)
@@ -108,7 +109,7 @@ def test_variant_inferred_from_shapes(name: str) -> None:
     shapes = expected_shapes(CONFIGS[name])
     tensors = {k: torch.empty(s, device="meta") for k, s in shapes.items() if k not in TIED_KEYS}
     config, _ = convert_tensors(tensors)
-    assert config == CONFIGS[name]
+    assert config == CONFIGS[name].to_dict()
 
 
 def test_another_family_is_refused(tmp_path) -> None:
@@ -128,7 +129,7 @@ def test_missing_misshaped_and_unexpected_tensors_are_named() -> None:
     state["image_proj_norm.weight"] = torch.ones(7)
     state["vision_tower.head.weight"] = torch.ones(3)
     with pytest.raises(CheckpointError) as e:
-        convert_tensors(state, tiny_config())
+        convert_tensors(state, config=tiny_config())
     message = str(e.value)
     assert "1 missing: vision_tower.blocks.0.0.spatial_block.window_attn.fn.qkv.bias" in message
     assert "1 unexpected: vision_tower.head.weight" in message
@@ -139,14 +140,14 @@ def test_untied_token_tables_are_refused() -> None:
     state = original_state()
     state["language_model.lm_head.weight"] = state[SHARED_KEY] + 1
     with pytest.raises(CheckpointError, match="lm_head.weight differs"):
-        convert_tensors(state, tiny_config())
+        convert_tensors(state, config=tiny_config())
 
 
 def test_wrong_variant_and_unknown_shapes() -> None:
     with pytest.raises(CheckpointError, match="match no preset"):
         convert_tensors(original_state())
     with pytest.raises(CheckpointError, match="mis-shaped"):
-        convert_tensors(original_state(), CONFIGS["base"])
+        convert_tensors(original_state(), config=CONFIGS["base"])
 
 
 def test_truncated_and_missing_files(tmp_path) -> None:
@@ -163,6 +164,16 @@ def test_truncated_and_missing_files(tmp_path) -> None:
 def test_half_precision_checkpoint_converts_to_float32() -> None:
     """The released checkpoints are float16; converted tensors are float32 with the same values."""
     state = {k: v.half() for k, v in original_state().items()}
-    _, tensors = convert_tensors(state, tiny_config())
+    _, tensors = convert_tensors(state, config=tiny_config())
     assert all(v.dtype == torch.float32 for v in tensors.values())
     assert torch.equal(tensors["image_projection"], state["image_projection"].float())
+
+
+def test_files_written_with_the_removed_activation_field_still_load(tmp_path) -> None:
+    """Converted files from before `Florence2Config.activation` (its one legal value, "gelu") was removed."""
+    config, tensors = convert_tensors(original_state(), config=tiny_config())
+    save_converted(tmp_path / "old.safetensors", tensors, "florence2", {**config, "activation": "gelu"})
+    assert load_florence2(tmp_path / "old.safetensors").config == tiny_config()
+    save_converted(tmp_path / "relu.safetensors", tensors, "florence2", {**config, "activation": "relu"})
+    with pytest.raises(CheckpointError, match="activation"):
+        load_florence2(tmp_path / "relu.safetensors")

@@ -183,16 +183,15 @@ def set_eos_bias(native, ours, base: float, bias: float) -> None:
 def native_pair(config, seed: int):
     """transformers' native model with seeded (steered) weights, and ours converted from it."""
     pytest.importorskip("transformers")
-    from florence_utils import native_model
-    from miniflorence.model import Florence2, expand_tied
-    from weights_convert.checkpoint import load_strict
+    from official import native_florence2
+
+    from miniflorence.model import florence2_from_tensors
     from weights_convert.florence2 import convert_tensors
 
-    native = native_model(config, seed=seed)
+    native = native_florence2(config, seed=seed)
     base = steer_native(native)
-    _, tensors = convert_tensors(native.state_dict(), config)
-    ours = Florence2(config).eval()
-    load_strict(ours, expand_tied(tensors, "converted native Florence-2"))
+    _, tensors = convert_tensors(native.state_dict(), config=config)
+    ours = florence2_from_tensors(config, {k: v.clone() for k, v in tensors.items()})  # not sharing native's tensors
     return native, ours, base
 
 

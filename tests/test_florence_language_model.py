@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import shared_path
-from florence_utils import seeded_fill
+from official import seeded_florence2_fill
 from miniflorence.language_model import Attention, Florence2LanguageModel
 
 
@@ -56,7 +56,7 @@ def build_pair(width: str, seed: int = 0) -> tuple[torch.nn.Module, Florence2Lan
     config._attn_implementation = "eager"
     with torch.device("meta"):  # skip transformers' random init: every tensor is filled below
         reference = transformers.BartForConditionalGeneration(config)
-    reference.load_state_dict(seeded_fill(reference.state_dict(), seed), assign=True)
+    reference.load_state_dict(seeded_florence2_fill(reference.state_dict(), seed), assign=True)
     reference.tie_weights()
     reference.eval()
     ours = Florence2LanguageModel(vocab, dim, layers, layers, heads, heads, ffn, ffn, positions, pad_token_id=1,

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from florence_utils import native_input_ids, native_model, single_thread
+from florence_utils import native_input_ids, single_thread
+from official import native_florence2
 
 from miniflorence import CONFIGS, Florence2, Florence2Config, tiny_config
-from miniflorence.model import expand_tied
-from weights_convert.checkpoint import load_strict
+from miniflorence.model import florence2_from_tensors
 from weights_convert.florence2 import convert_tensors
 
 TOL = 1e-4
@@ -28,10 +28,8 @@ def _one_thread():
 
 
 def ours_from_native(native, config: Florence2Config) -> Florence2:
-    _, tensors = convert_tensors(native.state_dict(), config)
-    model = Florence2(config).eval()
-    load_strict(model, expand_tied(tensors, "converted native model"))
-    return model
+    _, tensors = convert_tensors(native.state_dict(), config=config)
+    return florence2_from_tensors(config, {k: v.clone() for k, v in tensors.items()})  # not sharing native's tensors
 
 
 def batch(image_size: int, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -78,7 +76,7 @@ def compare(native, ours: Florence2, inputs: dict[str, torch.Tensor]) -> dict[st
 def tiny_pair():
     pytest.importorskip("transformers")
     config = tiny_config()
-    native = native_model(config, seed=0)
+    native = native_florence2(config, seed=0)
     return native, ours_from_native(native, config), config
 
 
@@ -125,7 +123,7 @@ def test_base_matches_native_at_192() -> None:
     """Full widths and depths of Florence-2-base; 192x192 input (grids 48/24/12/6, 37 image tokens)."""
     pytest.importorskip("transformers")
     config = CONFIGS["base"]
-    native = native_model(config, seed=0)
+    native = native_florence2(config, seed=0)
     ours = ours_from_native(native, config.replace(use_sdpa=False))
     errors = compare(native, ours, batch(192))
     assert max(errors.values()) <= TOL, errors

@@ -26,8 +26,8 @@ LOW_FILTERS = dict(points_per_side=6, points_per_batch=16, pred_iou_thresh=0.01,
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     sa = segment_anything()
-    official = official_sam("vit_t", image_size=160, seed=0)
-    return sa, official, to_minisam(official, tmp_path_factory.mktemp("vit_t"), use_sdpa=False)
+    official = official_sam("tiny", image_size=160, seed=0)
+    return sa, official, to_minisam(official, tmp_path_factory.mktemp("tiny"), use_sdpa=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,37 +1,34 @@
-"""weights_convert sam: official and Hugging Face layouts in, official layout back out, clear errors."""
+"""weights_convert sam: official and Hugging Face layouts in, official layout back out, clear errors.
+
+The official-layout state dicts are made from minisam itself (`sam_utils.official_layout_state`),
+so these tests run without segment_anything; two tests compare with the official and the Hugging
+Face model definitions and skip without them.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from sam_utils import official_layout_state, segment_anything, tiny_config_json
 
 import minisam
-from sam_utils import fill_random, official_sam, segment_anything
-from weights_convert import CheckpointError, read_converted
+from checkpoint_format import CheckpointError, read_converted, read_official
 from weights_convert.__main__ import main
-from weights_convert.sam import HF_DUPLICATE, convert, infer_config, official_to_hf_key
+from weights_convert.sam import HF_DUPLICATE, convert_tensors, infer_config, official_to_hf_key
 
 
-def official_state(variant: str, image_size: int) -> dict[str, torch.Tensor]:
-    """An official-layout state_dict with seeded random weights: from the official model when it is
-    installed, else from minisam's (whose keys and shapes are the official ones, see
-    test_configs_match_official_builders), so the converter tests run without segment_anything."""
-    if importlib.util.find_spec("segment_anything") is not None:
-        return official_sam(variant, image_size).state_dict()
-    model = minisam.Sam(dataclasses.replace(minisam.CONFIGS[variant], image_size=image_size))
-    fill_random(model)
-    return model.state_dict()
+def convert(src: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """What `python -m weights_convert sam SRC DST --config tiny_config.json` does before writing."""
+    return convert_tensors(read_official(src), config=minisam.tiny_config())
 
 
 @pytest.fixture(scope="module")
 def tiny_state():
-    """The vit_t (test preset) state_dict, seeded random weights."""
-    return official_state("vit_t", 160)
+    """The state_dict of minisam.tiny_config() (a test-only size), seeded random weights."""
+    return official_layout_state("tiny", 160)
 
 
 def save_pth(state: dict, path) -> str:
@@ -46,15 +43,16 @@ def to_hf(state: dict) -> dict:
     return hf
 
 
-@pytest.mark.parametrize("variant, size", [("vit_t", 160), ("vit_b", 224)])
+@pytest.mark.parametrize("variant, size", [("tiny", 160), ("vit_b", 224)])
 def test_round_trip_is_bit_exact(variant, size, tiny_state, tmp_path):
-    state = tiny_state if variant == "vit_t" else official_state(variant, size)
+    state = tiny_state if variant == "tiny" else official_layout_state(variant, size)
     src = save_pth(state, tmp_path / "official.pth")
     ours, back = tmp_path / "ours.safetensors", tmp_path / "back.pth"
-    assert main(["sam", src, str(ours)]) == 0
+    assert main(["sam", src, str(ours), *(["--config", str(tiny_config_json(tmp_path))] if variant == "tiny" else [])]) == 0
     config, tensors = read_converted(ours, "sam")
     assert config == minisam.SamConfig.from_dict(config).to_dict()
-    assert config["encoder_embed_dim"] == minisam.CONFIGS[variant].encoder_embed_dim and config["image_size"] == size
+    expected = minisam.tiny_config() if variant == "tiny" else minisam.CONFIGS[variant]
+    assert config["encoder_embed_dim"] == expected.encoder_embed_dim and config["image_size"] == size
     assert main(["sam", str(ours), str(back), "--to-official"]) == 0
     restored = torch.load(back, map_location="cpu", weights_only=True)
     assert list(restored) == sorted(state) and len(restored) == len(state)
@@ -67,19 +65,20 @@ def test_variant_inferred_from_shapes():
     for variant in ("vit_b", "vit_l", "vit_h"):
         with torch.device("meta"):
             state = sa.sam_model_registry[variant]().state_dict()
-        assert infer_config(state, "official", None, "x") == minisam.CONFIGS[variant]
-        assert infer_config(to_hf(state), "hf", None, "x") == minisam.CONFIGS[variant]
-        assert infer_config(state, "official", variant, "x") == minisam.CONFIGS[variant]
+        assert infer_config(state, "official", None) == minisam.CONFIGS[variant]
+        assert infer_config(to_hf(state), "hf", None) == minisam.CONFIGS[variant]
+        assert infer_config(state, "official", variant) == minisam.CONFIGS[variant]
     with pytest.raises(CheckpointError, match="--variant vit_l has width 1024"):
-        infer_config(state, "official", "vit_l", "x")
+        infer_config(state, "official", "vit_l")
 
 
 def test_hugging_face_layout_gives_the_same_tensors(tiny_state, tmp_path):
     hf = to_hf(tiny_state)
     assert len(hf) == len(tiny_state) + 1
     save_file({k: v.contiguous() for k, v in hf.items()}, tmp_path / "model.safetensors")
-    assert main(["sam", str(tmp_path / "model.safetensors"), str(tmp_path / "from_hf.safetensors")]) == 0
-    assert main(["sam", save_pth(tiny_state, tmp_path / "o.pth"), str(tmp_path / "from_official.safetensors")]) == 0
+    tiny = ["--config", str(tiny_config_json(tmp_path))]
+    assert main(["sam", str(tmp_path / "model.safetensors"), str(tmp_path / "from_hf.safetensors"), *tiny]) == 0
+    assert main(["sam", save_pth(tiny_state, tmp_path / "o.pth"), str(tmp_path / "from_official.safetensors"), *tiny]) == 0
     config_hf, from_hf = read_converted(tmp_path / "from_hf.safetensors", "sam")
     config_official, from_official = read_converted(tmp_path / "from_official.safetensors", "sam")
     assert config_hf == config_official and from_hf.keys() == from_official.keys()
@@ -110,14 +109,13 @@ def test_hf_map_covers_transformers_sam_model_exactly():
 def test_hf_duplicate_must_equal_its_twin(tiny_state, tmp_path):
     hf = to_hf(tiny_state)
     hf[HF_DUPLICATE[0]] = hf[HF_DUPLICATE[0]] + 1
-    src = save_pth(hf, tmp_path / "hf.pth")
     with pytest.raises(CheckpointError, match="shared_image_embedding.positional_embedding differs"):
-        convert(src)
+        convert_tensors(hf, config=minisam.tiny_config())
 
 
 def test_image_size_option(tiny_state, tmp_path):
     src = save_pth(tiny_state, tmp_path / "o.pth")
-    assert main(["sam", src, str(tmp_path / "o.safetensors"), "--image-size", "320"]) == 0
+    assert main(["sam", src, str(tmp_path / "o.safetensors"), "--image-size", "320", "--config", str(tiny_config_json(tmp_path))]) == 0
     config, tensors = read_converted(tmp_path / "o.safetensors", "sam")
     assert config["image_size"] == 320
     assert tensors["image_encoder.pos_embed"].shape == (1, 20, 20, 64)
@@ -133,7 +131,7 @@ def expect_error(state_or_path, tmp_path, match: str, capsys=None) -> None:
     with pytest.raises(CheckpointError, match=match):
         convert(src)
     # The command line prints the same message and exits with 1, writing nothing.
-    assert main(["sam", src, str(tmp_path / "out.safetensors")]) == 1
+    assert main(["sam", src, str(tmp_path / "out.safetensors"), "--config", str(tiny_config_json(tmp_path))]) == 1
     assert not (tmp_path / "out.safetensors").exists()
 
 
@@ -170,11 +168,27 @@ def test_error_unexpected_tensor(tiny_state, tmp_path):
 
 def test_load_sam_refuses_an_unconverted_checkpoint(tiny_state, tmp_path):
     with pytest.raises(CheckpointError, match="convert official checkpoints first"):
-        minisam.load_sam(save_pth(tiny_state, tmp_path / "sam_vit_t.pth"))
+        minisam.load_sam(save_pth(tiny_state, tmp_path / "sam_tiny.pth"))
 
 
 def test_standard_pixel_statistics_are_tolerated(tiny_state, tmp_path):
     mean, std = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1), torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
-    config, tensors = convert(save_pth({**tiny_state, "pixel_mean": mean, "pixel_std": std}, tmp_path / "a.pth"))
+    config, tensors = convert_tensors({**tiny_state, "pixel_mean": mean, "pixel_std": std}, config=minisam.tiny_config())
     assert "pixel_mean" not in tensors and len(tensors) == len(tiny_state)
     expect_error({**tiny_state, "pixel_mean": mean / 255}, tmp_path, r"pixel_mean is \[0\.48")
+
+
+def test_released_variants_are_inferred_other_sizes_need_their_config(tiny_state, tmp_path, capsys):
+    src = save_pth(tiny_state, tmp_path / "tiny.pth")
+    assert main(["sam", src, str(tmp_path / "out.safetensors")]) == 1
+    assert "no SAM variant has an image encoder of width 64 and depth 2" in capsys.readouterr().err
+    assert main(["sam", src, str(tmp_path / "out.safetensors"), "--variant", "vit_b"]) == 1
+    assert "--variant vit_b has width 768" in capsys.readouterr().err
+
+
+def test_to_official_takes_no_other_options(tiny_state, tmp_path, capsys):
+    src = save_pth(tiny_state, tmp_path / "tiny.pth")
+    assert main(["sam", src, str(tmp_path / "ours.safetensors"), "--config", str(tiny_config_json(tmp_path))]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sam", str(tmp_path / "ours.safetensors"), str(tmp_path / "back.pth"), "--to-official", "--image-size", "320"])
+    assert exit_info.value.code == 2 and "--to-official takes no other options" in capsys.readouterr().err

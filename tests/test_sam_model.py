@@ -1,7 +1,8 @@
 """minisam.Sam against the official segment_anything model: same weights, same numbers.
 
-The official model is built from its own classes with seeded random weights (tests/sam_utils.py),
-converted by `python -m weights_convert sam` and loaded with `minisam.load_sam`. Tolerances
+The official model is built from its own classes with seeded random weights
+(tests/reference/official.py), converted by `weights_convert.sam` (in memory; the `tiny` fixture
+goes through the files and `minisam.load_sam`). Tolerances
 (DESIGN.md): image embeddings, prompt embeddings and low-res mask logits within 1e-4 of their
 standard deviation (max abs), IoU predictions within 1e-5.
 Full-width variants run at reduced input sizes to keep CPU time small: vit_b at 224 (grid 14, no
@@ -17,11 +18,14 @@ import pytest
 import torch
 
 import minisam
+from checkpoint_format import read_converted, save_converted
 from conftest import shared_path
+from minisam.sam import sam_from_tensors
+from official import fill_sam_random
 from sam_utils import official_sam, segment_anything, to_minisam
 
 PARITY_CASES = [
-    pytest.param(("vit_t", 160), id="vit_t-160"),
+    pytest.param(("tiny", 160), id="tiny-160"),
     pytest.param(("vit_b", 224), id="vit_b-224"),
     pytest.param(("vit_b", 320), id="vit_b-320-window-padding"),
     pytest.param(("vit_l", 128), marks=pytest.mark.slow, id="vit_l-128"),
@@ -57,7 +61,7 @@ def prompt_sets(image_size: int, generator: torch.Generator) -> dict[str, dict]:
 def pair(request, tmp_path_factory):
     variant, image_size = request.param
     official = official_sam(variant, image_size)
-    ours = to_minisam(official, tmp_path_factory.mktemp(f"{variant}_{image_size}"))
+    ours = to_minisam(official)  # in memory: a vit_h file would be 2.5 GB
     yield variant, image_size, official, ours
     del official, ours
 
@@ -99,8 +103,8 @@ def test_parity_with_official(pair):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    official = official_sam("vit_t", 160)
-    return official, to_minisam(official, tmp_path_factory.mktemp("vit_t"))
+    official = official_sam("tiny", 160)
+    return official, to_minisam(official, tmp_path_factory.mktemp("tiny"))
 
 
 @torch.no_grad()
@@ -131,10 +135,10 @@ def test_forward_matches_official(tiny):
 
 
 @torch.no_grad()
-def test_sdpa_and_plain_attention_agree(tiny, tmp_path):
+def test_sdpa_and_plain_attention_agree(tiny):
     official, _ = tiny
-    fused = to_minisam(official, tmp_path / "a", use_sdpa=True)
-    plain = to_minisam(official, tmp_path / "b", use_sdpa=False)
+    fused = to_minisam(official, use_sdpa=True)
+    plain = to_minisam(official, use_sdpa=False)
     assert fused.config.use_sdpa and not plain.config.use_sdpa
     image = torch.randint(0, 256, (2, 3, 160, 160), generator=torch.Generator().manual_seed(3)).float()
     emb_fused, emb_plain = fused.encode_image(image), plain.encode_image(image)
@@ -147,12 +151,12 @@ def test_sdpa_and_plain_attention_agree(tiny, tmp_path):
     assert (iou_fused - iou_plain).abs().max() <= 1e-5
 
 
-def test_sdpa_and_plain_attention_gradients_agree(tiny, tmp_path):
+def test_sdpa_and_plain_attention_gradients_agree(tiny):
     """Training runs the fused path; its gradients (rel_pos tables included) equal the plain math's."""
     official, _ = tiny
     grads = []
     for use_sdpa in (True, False):
-        model = to_minisam(official, tmp_path / str(use_sdpa), use_sdpa=use_sdpa)
+        model = to_minisam(official, use_sdpa=use_sdpa)
         image = torch.randint(0, 256, (2, 3, 160, 160), generator=torch.Generator().manual_seed(10)).float()
         sparse, dense = model.encode_prompts(boxes=torch.tensor([[1.0, 2.0, 90.0, 100.0], [20.0, 30.0, 150.0, 140.0]]))
         masks, iou = model.decode_masks(model.encode_image(image), sparse, dense)
@@ -166,10 +170,10 @@ def test_sdpa_and_plain_attention_gradients_agree(tiny, tmp_path):
 
 
 @torch.no_grad()
-def test_plain_attention_is_bit_exact(tiny, tmp_path):
+def test_plain_attention_is_bit_exact(tiny):
     """With use_sdpa=False every operation is the official one, in the same order."""
     official, _ = tiny
-    plain = to_minisam(official, tmp_path, use_sdpa=False)
+    plain = to_minisam(official, use_sdpa=False)
     image = torch.randint(0, 256, (1, 3, 160, 160), generator=torch.Generator().manual_seed(5)).float()
     emb = official.image_encoder(official.preprocess(image))
     assert torch.equal(plain.encode_image(image), emb)
@@ -182,9 +186,10 @@ def test_plain_attention_is_bit_exact(tiny, tmp_path):
         assert torch.equal(out[0], out_off[0]) and torch.equal(out[1], out_off[1])
 
 
-def test_one_image_per_prompt(tiny):
+def test_one_image_per_prompt():
     """decode_masks also takes (B, C, H, W) embeddings, one image per prompt (training batches)."""
-    _, ours = tiny
+    ours = minisam.Sam(minisam.tiny_config()).eval()
+    fill_sam_random(ours)
     with torch.no_grad():
         emb = ours.encode_image(torch.rand(2, 3, 160, 160) * 255)
         sparse, dense = ours.encode_prompts(boxes=torch.tensor([[10.0, 10.0, 90.0, 80.0], [40.0, 30.0, 150.0, 120.0]]))
@@ -201,7 +206,7 @@ def test_one_image_per_prompt(tiny):
 
 @torch.no_grad()
 def test_checkpoint_at_1024_runs_at_512(tmp_path):
-    official = official_sam("vit_t", 1024)
+    official = official_sam("tiny", 1024)
     model = to_minisam(official, tmp_path, image_size=512)
     assert model.config.image_size == 512
     assert model.image_encoder.pos_embed.shape == (1, 32, 32, 64)
@@ -221,9 +226,9 @@ def test_checkpoint_at_1024_runs_at_512(tmp_path):
 
 
 @torch.no_grad()
-def test_built_at_512_matches_official_at_512(tmp_path):
-    official = official_sam("vit_t", 512)
-    ours = to_minisam(official, tmp_path)
+def test_built_at_512_matches_official_at_512():
+    official = official_sam("tiny", 512)
+    ours = to_minisam(official)
     image = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(7)) * 255
     emb_off = official.image_encoder(official.preprocess(image))
     assert_close_to_scale(ours.encode_image(image), emb_off)
@@ -350,3 +355,41 @@ def test_torchvision_stand_in_resize():
     image = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     assert np.array_equal(np.array(resize(to_pil_image(image), (20, 29))), np.array(Image.fromarray(image).resize((29, 20), Image.BILINEAR)))
     assert np.array_equal(np.array(resize(to_pil_image(image), (37, 53))), image)
+
+
+# ---- loading: built on the meta device, one copy of the weights ------------------------------------
+
+
+def test_loaded_model_equals_a_normally_built_one(tmp_path):
+    """load_sam builds on the meta device and assigns the file's tensors; the result is the model
+    built the ordinary way with the same state dict, non-persistent pixel statistics included."""
+    built = minisam.Sam(minisam.tiny_config()).eval()
+    fill_sam_random(built, seed=4)
+    save_converted(tmp_path / "tiny.safetensors", built.state_dict(), "sam", built.config.to_dict())
+    loaded = minisam.load_sam(tmp_path / "tiny.safetensors")
+    assert not loaded.training and loaded.config == built.config
+    ours, theirs = dict(loaded.named_buffers()), dict(built.named_buffers())
+    assert ours.keys() == theirs.keys() >= {"pixel_mean", "pixel_std"}
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    state = loaded.state_dict()
+    assert state.keys() == built.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in built.state_dict().items())
+    assert all(p.requires_grad for p in loaded.parameters())
+    image = torch.rand(1, 3, 160, 120, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(image), built.encode_image(image))
+    half = minisam.load_sam(tmp_path / "tiny.safetensors", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+
+
+def test_loading_keeps_one_copy_of_the_weights(tmp_path):
+    """The model's parameters are the tensors read from the file (assigned, not copied into a
+    second, randomly initialised set); each was read from the file straight into its memory."""
+    model = minisam.Sam(minisam.tiny_config())
+    path = tmp_path / "tiny.safetensors"
+    save_converted(path, model.state_dict(), "sam", model.config.to_dict())
+    config, tensors = read_converted(path, "sam")
+    loaded = sam_from_tensors(minisam.SamConfig.from_dict(config), tensors)
+    for name, param in loaded.named_parameters():
+        assert param.data_ptr() == tensors[name].data_ptr(), name
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) > 0.95 * path.stat().st_size

@@ -29,8 +29,8 @@ def load_image(name: str) -> np.ndarray:
 def tiny_pair(tmp_path_factory):
     """(official predictor, minisam predictor) on the tiny test encoder at 160 px."""
     sa = segment_anything()
-    official = official_sam("vit_t", image_size=160, seed=0)
-    ours = to_minisam(official, tmp_path_factory.mktemp("vit_t"), use_sdpa=False)
+    official = official_sam("tiny", image_size=160, seed=0)
+    ours = to_minisam(official, tmp_path_factory.mktemp("tiny"), use_sdpa=False)
     return sa.SamPredictor(official), SamPredictor(ours)
 
 
@@ -144,7 +144,7 @@ def test_full_width_vit_b(tmp_path) -> None:
         assert_same_prediction(official.predict(**prompt), ours.predict(**prompt))
 
 
-def test_fused_attention_model_is_close(tiny_pair, tmp_path) -> None:
+def test_sdpa_model_is_close(tiny_pair, tmp_path) -> None:
     """The default model (F.scaled_dot_product_attention) against the official plain math."""
     official, _ = tiny_pair
     ours = SamPredictor(to_minisam(official.model, tmp_path))

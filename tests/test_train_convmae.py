@@ -20,7 +20,7 @@ from train import convmae as train_convmae
 from train.common import Skipped
 from train.image_folder import ImageFolderDataset, list_images, random_resized_crop_box
 
-TINY = dict(img_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, mlp_ratio=[2, 2, 2],
+TINY = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, mlp_ratio=[2, 2, 2],
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 
 
@@ -180,6 +180,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup: dict, tmp_path: Pat
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     one = train_convmae.train(settings(setup, tmp_path / "one", batch_size=4), common.Dist())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

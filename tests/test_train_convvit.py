@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 import convmae
+from checkpoint_format import save_converted
 from tests.conftest import ROOT
 from train import common
 from train import convvit as train_convvit
-from weights_convert.checkpoint import save_converted
 
-TINY = dict(img_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 3], num_heads=2, mlp_ratio=[2, 2, 2],
+TINY = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 3], num_heads=2, mlp_ratio=[2, 2, 2],
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
@@ -108,7 +108,7 @@ def test_fine_tuning_starts_from_the_encoder_and_learns(setup: dict, tmp_path: P
     r = train_convvit.train(settings(setup, tmp_path, epochs=4, val_before=True), common.Dist())
     top1 = [a for _, a in r["history"]["top1"]]
     assert top1[-1] > top1[0] and r["best_top1"] >= 2 / 3
-    best = convmae.load_convmae(tmp_path / "best.safetensors")
+    best = convmae.load_convvit(tmp_path / "best.safetensors")
     assert isinstance(best, convmae.ConvViT) and best.config.num_classes == 3
     # the start was the pretrained encoder: compare with a second run stopped before any update
     start = train_convvit.build_model(settings(setup, tmp_path), 3).state_dict()
@@ -140,6 +140,7 @@ def test_resume_is_exact_with_drop_path(setup: dict, tmp_path: Path) -> None:
     assert resumed["history"] == full["history"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     """Drop path off: its per-sample draws come from each process's own RNG."""
     one = train_convvit.train(settings(setup, tmp_path / "one", drop_path=0.0, batch_size=6), common.Dist())

@@ -221,6 +221,7 @@ def test_resume_is_exact(setup: dict, tmp_path: Path) -> None:
     assert resumed["history"] == full["history"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     one = train_florence2.train(settings(setup, tmp_path / "one", dropout=0.0, batch_size=4), common.Dist())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -241,6 +242,7 @@ def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     assert [x for _, x in two["train_loss"]] == pytest.approx([x for _, x in one["history"]["train_loss"]], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_demo_jobs_run_end_to_end(tmp_path: Path) -> None:
     """`python -m train.demo --jobs florence2,convmae` (one epoch each): outputs a user can open."""
     from train import demo

@@ -12,6 +12,7 @@ from torch import nn
 
 import miniflorence
 import minisam
+from checkpoint_format import CheckpointError, read_converted, save_converted
 from miniflorence.model import TIED_KEYS
 from train.lora import (
     TARGET_PRESETS,
@@ -28,7 +29,6 @@ from train.lora import (
     resolve_targets,
     save_lora,
 )
-from weights_convert.checkpoint import CheckpointError, read_converted, save_converted
 
 FLORENCE_SIZE = 64
 # The tiny SAM of tests/test_train_sam.py (not imported from there: that module pulls in the trainer).
@@ -309,7 +309,7 @@ def test_bad_lora_files_and_bases_are_clear_errors(tmp_path, capsys) -> None:
     missing = r"no such base weight: mask_decoder\.transformer\.layers\.0\.self_attn\.q_proj\.weight"
     with pytest.raises(CheckpointError, match=missing):
         apply_lora(base, tensors, metadata)
-    other = minisam.Sam(minisam.CONFIGS["vit_t"]).state_dict()  # decoder width 256, not 32
+    other = minisam.Sam(minisam.tiny_config()).state_dict()  # decoder width 256, not 32
     with pytest.raises(CheckpointError, match="do not fit the base weight"):
         apply_lora(other, tensors, metadata)
     save_converted(tmp_path / "base.safetensors", tiny_sam().state_dict(), "sam", TINY_SAM.to_dict())

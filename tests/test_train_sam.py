@@ -14,11 +14,11 @@ import torch
 from conftest import ROOT
 
 import minisam
+from checkpoint_format import save_converted
 from minisam.image_encoder import PatchEmbed
 from train import common
 from train import sam as train_sam
 from train.synthetic import synthetic_shapes
-from weights_convert.checkpoint import save_converted
 
 TINY = dataclasses.replace(
     minisam.CONFIGS["vit_b"], image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
@@ -125,6 +125,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_
                         "--batch-size", "2", "--no-progress", "--no-val-before"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup, tmp_path: Path) -> None:
     # SGD: Adam divides by sqrt(v), which turns the rounding noise of parameters whose true
     # gradient is zero (e.g. attention key biases: softmax ignores a constant) into steps of
@@ -150,6 +151,7 @@ def test_torchrun_two_processes_match_one(setup, tmp_path: Path) -> None:
         torch.testing.assert_close(b["trainable"][name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     from train import demo
 

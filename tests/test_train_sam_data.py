@@ -12,6 +12,7 @@ from PIL import Image, ImageFilter
 
 from train.common import Skipped
 from train.sam_data import (
+    ImageRecord,
     PromptSettings,
     SegmentationDataset,
     index_objects,
@@ -82,11 +83,10 @@ def test_a_dataset_without_usable_samples_is_refused(tmp_path: Path) -> None:
 
     write_pair(tmp_path, "no_mask", good_image(), None)
     with pytest.raises(ValueError, match="fewer than 2 usable objects.*missing mask"):
-        train(Settings(data=str(tmp_path), out=str(tmp_path / "run"), model="vit_t"), Dist())
+        train(Settings(data=str(tmp_path), out=str(tmp_path / "run"), model="vit_b", image_size=64), Dist())
 
 
 def test_mask_modes(tmp_path: Path) -> None:
-    from train.data import ImageRecord
 
     def ids_of(mask: Image.Image) -> list[int]:
         mask.save(tmp_path / "m.png")

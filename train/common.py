@@ -30,7 +30,6 @@ import re
 import sys
 import tempfile
 import time
-import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -308,7 +307,6 @@ def make_scheduler(
     def factor(step: int) -> float:
         return lr_factor(step, total_steps, warmup_steps, schedule)
 
-    assert isinstance(factor, types.FunctionType)  # so LambdaLR does not try to save it
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

@@ -31,10 +31,10 @@ from PIL import Image
 from torch import nn
 
 import convmae
+from checkpoint_format import save_converted
 from train import common
 from train.common import autocast
 from train.image_folder import ImageFolderDataset, denormalize, list_images, sample_generator
-from weights_convert.checkpoint import save_converted
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Settings:
     model: str = "convmae_base"  # a convmae.CONFIGS name, or a .json file of ConvMAEConfig fields
     checkpoint: str | None = None  # a converted ConvMAE/FastConvMAE file to start from
     fast: bool = False  # FastConvMAE (complementary masks) instead of ConvMAE
-    img_size: int = 0  # 0: the config's
+    image_size: int = 0  # 0: the config's
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
     seed: int = 0
@@ -86,7 +86,7 @@ def build_model(s: Settings) -> convmae.ConvMAE:
         config = convmae.CONFIGS[s.model]
     else:
         raise ValueError(f"--model {s.model!r}: neither a .json config nor one of {sorted(convmae.CONFIGS)}")
-    config = dataclasses.replace(config, norm_pix_loss=s.norm_pix_loss, **({"img_size": s.img_size} if s.img_size else {}))
+    config = dataclasses.replace(config, norm_pix_loss=s.norm_pix_loss, **({"image_size": s.image_size} if s.image_size else {}))
     torch.manual_seed(s.seed)
     return (convmae.FastConvMAE if s.fast else convmae.ConvMAE)(config)
 
@@ -167,12 +167,12 @@ def train(s: Settings, d: common.Dist) -> dict:
     model = build_model(s).to(d.device).train()
     c = model.config
     skipped = common.Skipped()
-    min_side = c.img_size if s.min_side < 0 else s.min_side
+    min_side = c.image_size if s.min_side < 0 else s.min_side
     items, _ = list_images([p for p in s.data.split(",") if p], skipped, min_side)
     eval_items = list_images(s.val_data.split(","), skipped, min_side)[0] if s.val_data else items
-    train_set = ImageFolderDataset(items, c.img_size, train=True, scale=(0.2, 1.0), seed=s.seed)
-    eval_set = ImageFolderDataset(eval_items[: s.eval_images], c.img_size, train=False)
-    common.log(f"{type(model).__name__} {c.img_size}px, {len(train_set)} training images; skipped: {skipped.summary()}")
+    train_set = ImageFolderDataset(items, c.image_size, train=True, scale=(0.2, 1.0), seed=s.seed)
+    eval_set = ImageFolderDataset(eval_items[: s.eval_images], c.image_size, train=False)
+    common.log(f"{type(model).__name__} {c.image_size}px, {len(train_set)} training images; skipped: {skipped.summary()}")
     fixed = torch.stack([eval_set[i]["image"] for i in range(len(eval_set))]).to(d.device)
     fixed_noise = masking_noise(list(range(len(eval_set))), s.seed + 7, 0, c.num_patches).to(d.device)
 

@@ -12,7 +12,7 @@ erasing (not implemented here):
   the last), lr scale = decay ** (num_layers - layer); no weight decay on 1-D parameters and
   `pos_embed`; lr = base_lr x effective batch / 256; per-step warmup then cosine;
 - drop path (stochastic depth) and label smoothing; top-1 accuracy on the validation set per
-  epoch; the best model as a converted `convvit` file (`convmae.load_convmae` / `load_convvit`);
+  epoch; the best model as a converted `convvit` file (`convmae.load_convvit`);
 - `last.pt` for `--resume`, NaN guard, tqdm, `curves.png`, `metrics.jsonl`;
   `torchrun --nproc_per_node=N -m train.convvit ...` runs the same loop with DDP.
 
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import convmae
+from checkpoint_format import save_converted
 from train import common
 from train.image_folder import ImageFolderDataset, class_names, list_images
-from weights_convert.checkpoint import save_converted
 
 
 @dataclass
@@ -130,9 +130,9 @@ def train(s: Settings, d: common.Dist) -> dict:
     # ---- the model (its input size decides which images are too small), then the data
     roots = [p for p in s.data.split(",") if p]
     model = build_model(s, s.num_classes or len(class_names(roots))).to(d.device).train()
-    img_size, num_classes = model.config.img_size, model.config.num_classes
+    image_size, num_classes = model.config.image_size, model.config.num_classes
     skipped = common.Skipped()
-    min_side = img_size if s.min_side < 0 else s.min_side
+    min_side = image_size if s.min_side < 0 else s.min_side
     items, classes = list_images(roots, skipped, min_side)
     if s.val_data:
         val_items, val_classes = list_images(s.val_data.split(","), skipped, min_side)
@@ -144,8 +144,8 @@ def train(s: Settings, d: common.Dist) -> dict:
         val_items, items = [items[i] for i in order[:n_val]], [items[i] for i in sorted(order[n_val:])]
     if max(it.label for it in items + val_items) >= num_classes:
         raise ValueError(f"{len(classes)} class folders but --num-classes {num_classes}")
-    train_set = ImageFolderDataset(items, img_size, train=True, scale=(s.min_scale, 1.0), seed=s.seed)
-    val_set = ImageFolderDataset(val_items, img_size, train=False)
+    train_set = ImageFolderDataset(items, image_size, train=True, scale=(s.min_scale, 1.0), seed=s.seed)
+    val_set = ImageFolderDataset(val_items, image_size, train=False)
     common.log(f"{len(train_set)} train / {len(val_set)} val images, {num_classes} classes; skipped: {skipped.summary()}")
 
     # ---- optimiser with layer-wise lr decay, schedule

@@ -45,6 +45,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import minisam
+from checkpoint_format import save_converted
 from train import common
 from train import convmae as train_convmae
 from train import florence2 as train_florence2
@@ -53,11 +54,10 @@ from train.prompts import erode
 from train.sam_data import PromptSettings, SegmentationDataset, index_objects, load_records, split_objects
 from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa, synthetic_shapes
 from train.tiny_tokenizer import write_tiny_tokenizer
-from weights_convert.checkpoint import save_converted
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 # A small ConvMAE for the demo: 64 px input (a 4 x 4 grid of 16 px patches), narrow and shallow.
-SMALL_CONVMAE = {"img_size": 64, "embed_dim": [32, 48, 96], "depth": [1, 1, 4], "num_heads": 4,
+SMALL_CONVMAE = {"image_size": 64, "embed_dim": [32, 48, 96], "depth": [1, 1, 4], "num_heads": 4,
                  "mlp_ratio": [4, 4, 4], "decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4}
 VAL_PAGES = 20  # held-out pages of the florence2 job
 

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 
 import miniflorence
+from checkpoint_format import save_converted
 from miniflorence.model import TIED_KEYS
 from train import common
 from train.florence2_data import DocDataset, collate, load_examples
 from train.levenshtein import anls, exact_match, similarity
-from weights_convert.checkpoint import save_converted
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizer" / "florence2"
 

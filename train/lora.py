@@ -29,7 +29,7 @@ vision tower stays frozen unless "florence2_vision" is added).
 Files. `save_lora` writes only the adapter tensors (`<module>.lora_A`, `<module>.lora_B`) to a
 `.safetensors` whose metadata records the base model's family (`base_family`), rank, alpha, the
 targets and the qkv parts; `apply_lora` folds such a file into a base state dict (e.g. from
-`weights_convert.checkpoint.read_converted`) and `python -m train.lora apply BASE LORA OUT` does it
+`checkpoint_format.read_converted`) and `python -m train.lora apply BASE LORA OUT` does it
 file to file. `merged_state_dict(model)` is the merged model's state dict while training goes on.
 
 Legend: N tokens (any leading dims), r rank, P adapted parts, d = out / parts rows per part.
@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from weights_convert.checkpoint import FAMILIES, CheckpointError, read_converted, save_converted
+from checkpoint_format import FAMILIES, CheckpointError, read_converted, save_converted
 
 LORA_FORMAT = "minivision-lora"
 LORA_FORMAT_VERSION = "1"

@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import minisam
+from checkpoint_format import save_converted
 from minisam.image_encoder import ImageEncoderViT
 from train import common
 from train.losses import mask_iou, segmentation_loss
 from train.sam_data import PromptSettings, SegmentationDataset, index_objects, load_records, split_objects
-from weights_convert.checkpoint import save_converted
 
 
 @dataclass

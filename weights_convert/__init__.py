@@ -1,16 +1,7 @@
-"""Offline conversion of official checkpoints into minivision's `.safetensors` format.
+"""Offline conversion of official checkpoints into minivision's `.safetensors` format, and back.
 
-`python -m weights_convert {sam,florence2,convmae} SRC DST [options]`; one module per family
-holds its key map as data. `checkpoint.py` is the one place files are read and written.
+`python -m weights_convert {sam,florence2,convmae} SRC DST [options]` (`--to-official` for the way
+back); `__main__.py` does all file I/O, through `checkpoint_format`. One module per family holds
+its key map as data and works on dicts of tensors only: `convert_tensors(tensors, **options) ->
+(config, tensors)` and `to_official(config, tensors) -> tensors`.
 """
-
-from weights_convert.checkpoint import (
-    CheckpointError,
-    check_tensors,
-    load_strict,
-    read_converted,
-    read_official,
-    save_converted,
-)
-
-__all__ = ["CheckpointError", "check_tensors", "load_strict", "read_converted", "read_official", "save_converted"]

@@ -1,13 +1,14 @@
-"""ConvMAE / FastConvMAE / ConvViT checkpoints -> convmae `.safetensors`.
+"""ConvMAE / FastConvMAE / ConvViT checkpoints -> convmae `.safetensors`, and back.
 
     python -m weights_convert convmae convmae_base.pth convmae_base.safetensors
-    python -m weights_convert convmae fastconvmae.pth fast.safetensors --model fastconvmae
+    python -m weights_convert convmae fastconvmae.pth fast.safetensors --kind fastconvmae
     python -m weights_convert convmae finetuned.pth convvit_base.safetensors
+    python -m weights_convert convmae convmae_base.safetensors back.pth --to-official
 
 Source layouts (each `{'model': state_dict}` or a bare state_dict; a DDP `module.` prefix is dropped):
 - official pretraining (Alpha-VL/ConvMAE `MaskedAutoencoderConvViT`, Alpha-VL/FastConvMAE
   `MaskedAutoencoderViT`; 313 keys for base): the convmae module paths are the official keys,
-  so tensors are taken as they are. The two share every key: `--model` says which one to build
+  so tensors are taken as they are. The two share every key: `--kind` says which one to build
   (default convmae);
 - released encoder-only pretraining checkpoints: the same without `mask_token`, `decoder_*` and
   (usually) `stage{1,2}_output_decode`; written as a `convmae_encoder` file, with what is absent
@@ -15,12 +16,13 @@ Source layouts (each `{'model': state_dict}` or a bare state_dict; a DDP `module
 - official fine-tuned ConvViT (`models_convvit.ConvViT`: `head`, and `fc_norm` with global pooling
   or `norm` without; 207 keys for base);
 - EasyCV (alibaba/EasyCV `MAE` with `FastConvMAEViT` / `FastConvMAENeck`): `encoder.*` and `decoder.*`
-  prefixes around the same names; FastConvMAE unless `--model` says otherwise.
+  prefixes around the same names; FastConvMAE unless `--kind` says otherwise.
 
 Shapes give every size except the attention head counts, which are not visible in the weights:
 `--num-heads` (default 12) and `--decoder-num-heads` (default 16) are the base model's. The loss
 setting is not in the weights either: `--no-norm-pix-loss` for models trained on raw pixels.
-Nothing is written unless every tensor fits the model.
+Nothing is written unless every tensor fits the model. `--to-official` writes the Alpha-VL layout
+back (`{"model": state_dict}`, `.pth`), whatever layout the file was converted from.
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from pathlib import Path
 
 import torch
 
-from weights_convert.checkpoint import CheckpointError, check_tensors, read_official, save_converted
+from checkpoint_format import CheckpointError, check_tensors
+from convmae.config import ConvMAEConfig
+from convmae.load import KINDS, MODELS
+
+OFFICIAL_WRAPPER = "model"  # the official checkpoints are {"model": state_dict, "optimizer": ..., "epoch": ...}
 
 # Source prefix -> our prefix, per layout (data, not code: the names below the prefix are shared).
 LAYOUT_PREFIXES: dict[str, dict[str, str]] = {
@@ -73,10 +78,10 @@ def count_blocks(tensors: dict[str, torch.Tensor], prefix: str) -> int:
     return max(indexes) + 1 if indexes else 0
 
 
-def infer_config(tensors: dict[str, torch.Tensor], num_heads: int, decoder_num_heads: int, norm_pix_loss: bool):
+def infer_config(
+    tensors: dict[str, torch.Tensor], num_heads: int, decoder_num_heads: int, norm_pix_loss: bool
+) -> ConvMAEConfig:
     """A `ConvMAEConfig` with every size the shapes reveal."""
-    from convmae.config import ConvMAEConfig
-
     needed = ["patch_embed1.proj.weight", "patch_embed2.proj.weight", "patch_embed3.proj.weight", "pos_embed"]
     missing = [k for k in needed if k not in tensors]
     if missing:
@@ -93,7 +98,7 @@ def infer_config(tensors: dict[str, torch.Tensor], num_heads: int, decoder_num_h
     )
     grid = math.isqrt(tensors["pos_embed"].shape[1])
     values = dict(
-        img_size=grid * math.prod(patch_size),
+        image_size=grid * math.prod(patch_size),
         patch_size=patch_size,
         embed_dim=embed_dim,
         depth=depth,
@@ -119,10 +124,8 @@ def infer_config(tensors: dict[str, torch.Tensor], num_heads: int, decoder_num_h
         raise CheckpointError(f"the checkpoint's sizes make no valid ConvMAE config: {e}") from e
 
 
-def expected_shapes(kind: str, config, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+def expected_shapes(kind: str, config: ConvMAEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the model `kind` (built on the meta device: no memory, no time)."""
-    from convmae.load import MODELS
-
     with torch.device("meta"):
         model = MODELS["convmae" if kind == "convmae_encoder" else kind](config)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -133,71 +136,77 @@ def expected_shapes(kind: str, config, tensors: dict[str, torch.Tensor]) -> dict
     return shapes
 
 
-def convert(
-    src: str | Path,
-    dst: str | Path,
-    model: str | None = None,
+def convert_tensors(
+    tensors: dict[str, torch.Tensor],
+    *,
+    kind: str | None = None,
     num_heads: int = 12,
     decoder_num_heads: int = 16,
     norm_pix_loss: bool = True,
-) -> dict:
-    """Convert `src` and write `dst`. Returns {"model", "config", "absent", "layout"} for reporting."""
-    layout, tensors = strip_wrappers(read_official(src))
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An official ConvMAE-family state dict (any layout above) -> (config dict with "model": kind, tensors).
+
+    Args:
+        tensors: the checkpoint's tensors (`checkpoint_format.read_official`).
+        kind: the model to build: "convmae" or "fastconvmae" from a pretraining checkpoint (default:
+            convmae, fastconvmae for EasyCV), "convvit" and "convmae_encoder" as the keys say.
+        num_heads, decoder_num_heads: attention heads (not visible in the weights).
+        norm_pix_loss: the loss the model was trained with (not in the weights either).
+    """
+    if kind is not None and kind not in KINDS:
+        raise CheckpointError(f"unknown kind {kind!r}; expected one of {KINDS}")
+    layout, tensors = strip_wrappers(tensors)
     config = infer_config(tensors, num_heads, decoder_num_heads, norm_pix_loss)
     if "head.weight" in tensors or "fc_norm.weight" in tensors:
-        kind = "convvit"
-        if model not in (None, "convvit"):
-            raise CheckpointError(f"{src}: is a fine-tuned ConvViT checkpoint, it cannot be used as {model!r}")
+        found = "convvit"
+        if kind not in (None, "convvit"):
+            raise CheckpointError(f"is a fine-tuned ConvViT checkpoint, it cannot be used as {kind!r}")
     elif "decoder_embed.weight" in tensors or "mask_token" in tensors:
-        kind = model or ("fastconvmae" if layout == "easycv" else "convmae")
-        if kind not in PRETRAIN_MODELS:
-            raise CheckpointError(f"{src}: is a pretraining checkpoint; --model must be one of {PRETRAIN_MODELS}")
+        found = kind or ("fastconvmae" if layout == "easycv" else "convmae")
+        if found not in PRETRAIN_MODELS:
+            raise CheckpointError(f"is a pretraining checkpoint; --kind must be one of {PRETRAIN_MODELS}")
     else:
-        kind = "convmae_encoder"
-        if model not in (None, "convmae_encoder"):
+        found = "convmae_encoder"
+        if kind not in (None, "convmae_encoder"):
             raise CheckpointError(
-                f"{src}: holds only the encoder (no mask_token, decoder_*): a {model!r} model needs the decoder; "
-                f"convert without --model to get an encoder file for fine-tuning"
+                f"holds only the encoder (no mask_token, decoder_*): a {kind!r} model needs the decoder; "
+                f"convert without --kind to get an encoder file for fine-tuning"
             )
-    shapes = expected_shapes(kind, config, tensors)
-    check_tensors(shapes, tensors, f"{src} as {kind}")
+    check_tensors(expected_shapes(found, config, tensors), tensors, f"{found} checkpoint ({layout} layout)")
+    return {**config.to_dict(), "model": found}, tensors
+
+
+def to_official(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors -> the official state dict: the names are the official ones, so this only checks them."""
+    values = dict(config)
+    kind = values.pop("model")
+    check_tensors(expected_shapes(kind, ConvMAEConfig.from_dict(values), tensors), tensors, f"converted {kind} file")
+    return dict(tensors)
+
+
+def describe(config: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """The command line's report: the model, its sizes, and what an encoder-only source lacked."""
+    kind = config["model"]
+    line = (f"{kind}, image size {config['image_size']}, widths {config['embed_dim']}, depths {config['depth']}, "
+            f"{len(tensors)} tensors")
     absent = [name for name, prefix in PRETRAIN_PARTS if not any(k.startswith(prefix) for k in tensors)]
-    if kind != "convmae_encoder":
-        absent = []
-    save_converted(dst, tensors, "convmae", {**config.to_dict(), "model": kind})
-    return {"model": kind, "config": config, "absent": absent, "layout": layout}
+    if kind == "convmae_encoder" and absent:
+        line += (f"\nabsent from the source: {', '.join(absent)}. The file holds the encoder only; "
+                 f"fine-tune from it with convmae.load_convvit(path)")
+    return line
 
 
-def run(args: argparse.Namespace) -> None:
-    report = convert(
-        args.src, args.dst, args.model, args.num_heads, args.decoder_num_heads, not args.no_norm_pix_loss
-    )
-    print(f"wrote {args.dst}: {report['model']} from the {report['layout']} layout, config {report['config']}")
-    if report["absent"]:
-        print(
-            f"absent from the source: {', '.join(report['absent'])}. The file holds the encoder only; "
-            f"fine-tune from it with convmae.load_convvit(path)"
-        )
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "convmae",
-        help="ConvMAE / FastConvMAE / ConvViT checkpoint -> .safetensors",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("src", help="official .pth (pretrain, encoder-only, fine-tune) or EasyCV checkpoint")
-    parser.add_argument("dst", help="output .safetensors")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m weights_convert convmae`; their names are `convert_tensors`' keywords."""
     parser.add_argument(
-        "--model",
-        choices=("convmae", "fastconvmae", "convvit", "convmae_encoder"),
-        default=None,
-        help="the model to build from a pretraining checkpoint (default: convmae; fastconvmae for EasyCV)",
+        "--kind",
+        choices=KINDS,
+        help="the model a pretraining checkpoint makes (default: convmae; fastconvmae for EasyCV); "
+        "convvit and convmae_encoder files are recognised from their keys",
     )
     parser.add_argument("--num-heads", type=int, default=12, help="stage-3 attention heads (not in the weights)")
+    parser.add_argument("--decoder-num-heads", type=int, default=16, help="MAE decoder heads (not in the weights)")
     parser.add_argument(
-        "--decoder-num-heads", type=int, default=16, help="decoder attention heads (not in the weights)"
+        "--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
+        help="the model was trained on per-patch normalised pixels (--no-norm-pix-loss: on raw pixels)",
     )
-    parser.add_argument("--no-norm-pix-loss", action="store_true", help="the model was trained on raw pixels")
-    parser.set_defaults(func=run)

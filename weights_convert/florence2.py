@@ -1,17 +1,19 @@
 """Florence-2 checkpoints -> our `.safetensors` (and back to the original layout).
 
-`python -m weights_convert florence2 SRC DST [--variant base|large | --config C.json] [--to-original]`
+    python -m weights_convert florence2 pytorch_model.bin florence2_base.safetensors [--variant base|large | --config C.json]
+    python -m weights_convert florence2 florence2_base.safetensors back.bin --to-official
 
 Two source layouts are understood (the layout is recognised from the key names):
 - original: microsoft/Florence-2-{base,large}[-ft] `pytorch_model.bin` / `model.safetensors` of
   the remote code `modeling_florence2.py`. Our attribute paths equal these keys, so nothing is
-  renamed; only the tied token table is stored once (see `miniflorence.model.TIED_KEYS`).
+  renamed; only the tied token table is stored once, under `miniflorence.model.SHARED_KEY`.
 - native: transformers' `Florence2ForConditionalGeneration` (transformers >= 4.56,
   florence-community/*). NATIVE_RENAMES below maps it onto the original names.
 
 The model config is inferred from the tensor shapes (base or large) or given with --variant;
 it goes into the file's metadata. Every missing, unexpected or mis-shaped tensor is an error
-that names it. `--to-original` turns one of our files back into the original key layout.
+that names it. `--to-official` turns one of our files back into the original key layout (every
+tied name of the token table present, as the original `pytorch_model.bin` has them).
 """
 
 from __future__ import annotations
@@ -23,17 +25,11 @@ from pathlib import Path
 
 import torch
 
+from checkpoint_format import CheckpointError, check_tensors, expand_tied, merge_tied
 from miniflorence.config import CONFIGS, Florence2Config
-from miniflorence.model import SHARED_KEY, TIED_KEYS, Florence2, expand_tied
-from weights_convert.checkpoint import (
-    CheckpointError,
-    check_tensors,
-    read_converted,
-    read_official,
-    save_converted,
-)
+from miniflorence.model import SHARED_KEY, TIED_KEYS, Florence2
 
-FAMILY = "florence2"
+OFFICIAL_WRAPPER = None  # the original pytorch_model.bin is a flat state dict
 
 # Native -> original key renames, applied in order to every key (regex, replacement, why).
 NATIVE_RENAMES: list[tuple[str, str, str]] = [
@@ -93,20 +89,6 @@ def native_to_original(tensors: dict[str, torch.Tensor], vocab_size: int = 51289
     return out
 
 
-def tie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep the token table once, under SHARED_KEY; any copy of it must be identical."""
-    present = [k for k in VOCAB_KEYS if k in tensors]
-    if not present:
-        raise CheckpointError(f"checkpoint does not fit: missing the token table ({', '.join(VOCAB_KEYS)})")
-    table = tensors[present[0]]
-    for key in present[1:]:
-        if tensors[key].shape != table.shape or not torch.equal(tensors[key], table):
-            raise CheckpointError(f"{key} differs from {present[0]}, but Florence-2 ties them")
-    out = {k: v for k, v in tensors.items() if k not in VOCAB_KEYS}
-    out[SHARED_KEY] = table
-    return out
-
-
 def expected_shapes(config: Florence2Config) -> dict[str, tuple[int, ...]]:
     """Our state_dict's keys and shapes for `config`, built on the meta device (no memory)."""
     with torch.device("meta"):
@@ -131,58 +113,56 @@ def infer_config(tensors: dict[str, torch.Tensor]) -> Florence2Config:
 
 
 def convert_tensors(
-    tensors: dict[str, torch.Tensor], config: Florence2Config | None = None
-) -> tuple[Florence2Config, dict[str, torch.Tensor]]:
-    """Official tensors (either layout) -> (config, our tensors with the token table stored once)."""
+    tensors: dict[str, torch.Tensor], *, variant: str | None = None, config: Florence2Config | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Official tensors (either layout) -> (config dict, our tensors with the token table stored once).
+
+    Args:
+        tensors: the checkpoint's tensors (`checkpoint_format.read_official`).
+        variant: "base" or "large" (default: the preset whose shapes these are).
+        config: a `Florence2Config` for a model that is no preset (instead of `variant`).
+    """
+    if variant is not None and config is not None:
+        raise CheckpointError("give a variant or a config, not both")
+    if variant is not None:
+        if variant not in CONFIGS:
+            raise CheckpointError(f"unknown variant {variant!r}; expected one of {sorted(CONFIGS)}")
+        config = CONFIGS[variant]
     layout = detect_layout(tensors)
     vocab = config.vocab_size if config is not None else 51289
     if layout == "native":
         tensors = native_to_original(tensors, vocab)
-    tensors = tie(tensors)
+    tensors = merge_tied(tensors, SHARED_KEY, TIED_KEYS, "checkpoint")
     if config is None:
         config = infer_config(tensors)
     shapes = {k: s for k, s in expected_shapes(config).items() if k not in TIED_KEYS}
     check_tensors(shapes, tensors, f"Florence-2 {layout}-layout checkpoint")
-    return config, {k: v.float().contiguous() for k, v in tensors.items()}
+    return config.to_dict(), {k: v.float().contiguous() for k, v in tensors.items()}
 
 
-def to_original(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our tensors -> the original remote code's state_dict (every tied key present, as torch.save wrote it)."""
-    return expand_tied(tensors, "converted file")
+def to_official(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our tensors -> the original remote code's state_dict (every tied name present, as torch.save wrote it)."""
+    shapes = {k: s for k, s in expected_shapes(Florence2Config.from_dict(config)).items() if k not in TIED_KEYS}
+    check_tensors(shapes, tensors, "converted Florence-2 file")
+    return expand_tied(tensors, SHARED_KEY, TIED_KEYS, "converted Florence-2 file")
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.to_original:
-        _config, tensors = read_converted(args.src, FAMILY)
-        original = to_original(tensors)
-        dst = Path(args.dst)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous().clone() for k, v in original.items()}, str(dst))
-        else:
-            torch.save(original, dst)
-        print(f"wrote {len(original)} tensors in the original layout to {dst}")
-        return
-    config = CONFIGS[args.variant] if args.variant else None
-    if args.config:
-        try:
-            config = Florence2Config.from_dict(json.loads(Path(args.config).read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{args.config}: not a Florence2Config JSON: {e}") from e
-    config, tensors = convert_tensors(read_official(args.src), config)
-    save_converted(args.dst, tensors, FAMILY, config.to_dict())
-    variant = next((n for n, c in CONFIGS.items() if c == config), "custom")
-    print(f"wrote {len(tensors)} tensors ({variant}) to {args.dst}")
+def describe(config: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """One line for the command line's report."""
+    variant = next((n for n, c in CONFIGS.items() if c.to_dict() == config), "custom")
+    return f"Florence-2 {variant}, {len(tensors)} tensors"
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("florence2", help="Florence-2 (original or transformers-native layout)")
-    p.add_argument("src", help="official checkpoint (.bin/.pth/.safetensors), or ours with --to-original")
-    p.add_argument("dst", help="output .safetensors (with --to-original: .safetensors, .bin or .pth)")
-    size = p.add_mutually_exclusive_group()
+def read_config_json(path: str) -> Florence2Config:
+    """`--config`: a JSON file of Florence2Config fields."""
+    try:
+        return Florence2Config.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: not a Florence2Config JSON: {e}") from e
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m weights_convert florence2`; their names are `convert_tensors`' keywords."""
+    size = parser.add_mutually_exclusive_group()
     size.add_argument("--variant", choices=sorted(CONFIGS), help="model size (default: inferred from the shapes)")
-    size.add_argument("--config", help="a JSON file of Florence2Config fields, for models that are no preset")
-    p.add_argument("--to-original", action="store_true", help="convert one of our files back to the original layout")
-    p.set_defaults(func=run)
+    size.add_argument("--config", type=read_config_json, help="a JSON of Florence2Config fields, for models that are no preset")

@@ -1,7 +1,7 @@
 """A minimal stand-in for torchvision, just enough for the official `segment_anything` to import and run.
 
 Test-only: it lives under tests/reference/stubs and is put on `sys.path` by
-`tests/conftest.py::import_official_sam()` when no real torchvision loads beside the installed
+`tests/reference/official.py::import_segment_anything()` when no real torchvision loads beside the installed
 torch. It reproduces, exactly, the few torchvision calls segment_anything makes:
 
 - `torchvision.transforms.functional.to_pil_image` / `resize` (the PIL path used by
