@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from florence_utils import seeded_fill
+from official import seeded_florence2_fill
 from torch.profiler import ProfilerActivity, profile
 
 from miniflorence import CONFIGS, Florence2, tiny_config
@@ -33,9 +33,9 @@ def one_thread():
 
 
 def seeded_model(config, seed: int = 0) -> Florence2:
-    """Our model with every state-dict tensor drawn from one seeded generator (florence_utils.seeded_fill)."""
+    """Our model with every state-dict tensor drawn from one seeded generator (tests/reference/official.py)."""
     model = Florence2(config)
-    model.load_state_dict(seeded_fill(model.state_dict(), seed))
+    model.load_state_dict(seeded_florence2_fill(model.state_dict(), seed))
     return model.eval()
 
 
