@@ -9,8 +9,15 @@ converter (`weights_convert`) can both import it without importing each other:
     model.safetensors --read_converted--> (config, tensors) --load_strict--> a model built on the meta device
 
 `torch.load` is always called with `weights_only=True` (a pickle can run code) and
-`map_location="cpu"`. Any missing, unexpected or mis-shaped tensor is a `CheckpointError` that
-names the tensors; nothing is ever loaded partially.
+`map_location="cpu"`; a pickle that holds anything but tensors is refused, never unpickled. Any
+missing, unexpected, mis-shaped or non-finite (NaN, inf) tensor is a `CheckpointError` that names
+the tensors; nothing is ever loaded partially. A model folder as Hugging Face downloads it
+(config.json and model.safetensors / pytorch_model.bin, sharded or not) is read by `read_model_folder`.
+
+Writes are atomic: the bytes go to a temporary file beside the destination, named
+`.NAME.minivision-PID-XXXXXXXX.tmp`, which is renamed over NAME only once it is complete, and removed
+if the write fails or is interrupted; `remove_stale_temps` deletes those a killed process left
+(only names of that pattern, only when their process is gone).
 
 Memory: `read_converted` reads each tensor from the file straight into its own allocation, and
 `load_strict` hands those very tensors to the model (`assign=True`), so a loaded model holds one
@@ -23,9 +30,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import secrets
+import shutil
 import struct
-import tempfile
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 from pathlib import Path
 
@@ -50,6 +60,34 @@ class CheckpointError(ValueError):
 def _list(keys: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of another library's error message (theirs often run to paragraphs)."""
+    text = " ".join(str(error).split())
+    sentence = text.split(". ")[0].rstrip(".") if text else "(no message)"
+    return f"{type(error).__name__}: {sentence}"[:240]
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise a `CheckpointError` naming every floating-point tensor that holds a NaN or an infinity.
+
+    One pass over the values; chunked, so the temporary mask stays small for the largest tables.
+    """
+    bad = []
+    for name, tensor in tensors.items():
+        if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.is_meta:
+            continue
+        flat = tensor.reshape(-1)
+        chunk = 1 << 24
+        if not all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk)):
+            nan = int(torch.isnan(flat).sum())
+            bad.append(f"{name} ({nan} NaN, {int(torch.isinf(flat).sum())} inf of {flat.numel()})")
+    if bad:
+        raise CheckpointError(
+            f"{what}: {len(bad)} tensor(s) hold NaN or infinite values: {_list(sorted(bad), 6)}; "
+            f"the weights are damaged (or were saved after training diverged)"
+        )
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -99,43 +137,155 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
     return metadata, tensors
 
 
-def read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an official checkpoint (`.pth`/`.pt`/`.bin` pickle or `.safetensors`) as a flat dict.
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 is a zip archive
+# The weight files of a Hugging Face model folder, in the order transformers looks for them.
+FOLDER_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
-    Wrappers such as `{"model": sd}` or `{"state_dict": sd}` are unwrapped. Non-tensor entries
-    (epoch counters, optimizer states next to the model) are dropped.
+
+def looks_like_safetensors(path: str | os.PathLike) -> bool:
+    """True when the file starts like a safetensors file: an 8-byte header length, then `{`."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < (1 << 32)
+
+
+def read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read an official checkpoint file (a `torch.save` pickle or a `.safetensors`) as a flat dict.
+
+    The content decides how it is read, not the suffix. Wrappers such as `{"model": sd}` or
+    `{"state_dict": sd}` are unwrapped; non-tensor entries (epoch counters) are dropped. A pickle
+    that holds objects other than tensors is refused without being unpickled (`weights_only=True`),
+    and so is any tensor with NaN or infinite values. A model folder is `read_model_folder`'s.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: is a folder; give the checkpoint file in it (or read it with read_model_folder)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes); download or copy it again")
+    if looks_like_safetensors(path):
         try:
-            return read_safetensors(path)[1]
+            tensors = read_safetensors(path)[1]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file (truncated or damaged?): {e}") from e
+    else:
+        tensors = _tensors_of(_torch_load(path), path)
+    check_finite(tensors, str(path))
+    return tensors
+
+
+def _torch_load(path: Path) -> object:
+    """`torch.load(path, weights_only=True, map_location="cpu")`, its failures as one-line `CheckpointError`s."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for bad files
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated, damaged, or it holds objects other "
-            f"than tensors, which weights_only=True refuses): {type(e).__name__}: {e}"
-        ) from e
+        with warnings.catch_warnings():  # torch warns about pickle protocols; the outcome is what matters
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError, KeyError...)
+        message = str(e)
+        refused = re.search(r"GLOBAL\s+([\w.]+)", message) or re.search(r"Unsupported (?:global|class):?\s+([\w.]+)", message)
+        if refused:
+            raise CheckpointError(
+                f"{path}: holds objects other than tensors ({refused.group(1)}), and it will not be unpickled "
+                f"(unpickling can run code); save the state dict alone (a dict of tensors) or as .safetensors"
+            ) from None
+        with open(path, "rb") as f:
+            zipped = f.read(4) == ZIP_MAGIC
+        if "Weights only load failed" in message:
+            reason = "a pickle that the tensors-only loader cannot read; it was not unpickled"
+        elif zipped:
+            reason = f"truncated or damaged; {_first_line(e)}"
+        else:
+            reason = f"truncated, damaged, or no torch.save file at all; {_first_line(e)}"
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
+
+
+def _tensors_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The flat dict of tensors inside a loaded checkpoint (wrappers unwrapped, other entries dropped)."""
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     return tensors
 
 
+def read_model_folder(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, torch.Tensor], list[Path]]:
+    """A model folder as Hugging Face downloads it -> (its JSON files by name, tensors, the files read).
+
+    config.json is required; the weights are the first of `FOLDER_WEIGHTS` present (the order
+    transformers uses). A sharded `*.index.json` names, for every tensor, the shard that holds it:
+    every shard must be present and hold exactly the tensors the index gives it. The other JSON
+    files beside config.json (preprocessor_config.json, generation_config.json, tokenizer files)
+    are returned too, for the converter to read what it needs from them.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    if not (folder / "config.json").is_file():
+        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".bin", ".safetensors"))
+        hint = f"; it holds {_list(found, 4)}: give one of those files instead" if found else ""
+        raise CheckpointError(
+            f"{folder}: is a folder without config.json, not a model folder (expected config.json with "
+            f"model.safetensors, pytorch_model.bin or a sharded *.index.json, as Hugging Face downloads them){hint}"
+        )
+    jsons = {}
+    for file in sorted(folder.glob("*.json")):
+        try:
+            jsons[file.name] = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            if file.name == "config.json" or file.name in FOLDER_WEIGHTS:
+                raise CheckpointError(f"{file}: not readable JSON: {_first_line(e)}") from None
+    if not isinstance(jsons["config.json"], dict):
+        raise CheckpointError(f"{folder / 'config.json'}: holds no JSON object")
+    weights = next((folder / name for name in FOLDER_WEIGHTS if (folder / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: has config.json but no weights (one of {', '.join(FOLDER_WEIGHTS)})")
+    if not weights.name.endswith(".index.json"):
+        return jsons, read_official(weights), [folder / "config.json", weights]
+    weight_map = jsons.get(weights.name, {}).get("weight_map") if isinstance(jsons.get(weights.name), dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{weights}: has no weight_map (tensor name -> shard file)")
+    by_shard: dict[str, set[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(str(shard), set()).add(key)
+    bad = sorted(s for s in by_shard if Path(s).name != s or s.startswith("."))
+    if bad:
+        raise CheckpointError(f"{weights}: shard names must be plain file names in the folder: {_list(bad, 4)}")
+    absent = sorted(s for s in by_shard if not (folder / s).is_file())
+    if absent:
+        raise CheckpointError(
+            f"{weights}: {len(absent)} shard(s) absent from the folder (incomplete download?): {_list(absent, 4)}"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for shard, keys in sorted(by_shard.items()):
+        found = read_official(folder / shard)
+        missing, unlisted = sorted(keys - set(found)), sorted(set(found) - keys)
+        if missing or unlisted:
+            raise CheckpointError(
+                f"{folder / shard}: does not hold what {weights.name} says"
+                + (f"; missing: {_list(missing, 6)}" if missing else "")
+                + (f"; not in the index: {_list(unlisted, 6)}" if unlisted else "")
+            )
+        tensors.update(found)
+    return jsons, tensors, [folder / "config.json", weights, *(folder / s for s in sorted(by_shard))]
+
+
 def read_converted(path: str | os.PathLike, family: str) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read a file written by `save_converted`; returns `(config dict, tensors)`.
 
-    A file of another family, an official checkpoint that was never converted, or a damaged
-    file each raise a `CheckpointError` that says which.
+    A file of another family, an official checkpoint that was never converted, a damaged file, or
+    one with NaN or infinite values each raise a `CheckpointError` that says which.
     """
     path = Path(path)
     if not path.is_file():
@@ -161,6 +311,7 @@ def read_converted(path: str | os.PathLike, family: str) -> tuple[dict, dict[str
         config = json.loads(metadata["config"])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: its metadata holds no readable config: {e}") from e
+    check_finite(tensors, str(path))
     return config, tensors
 
 
@@ -252,8 +403,8 @@ def expand_tied(
 def save_converted(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], family: str, config: Mapping) -> None:
     """Write our format: tensors plus `{"family", "config" (JSON), "format_version"}` metadata.
 
-    The write is atomic (temporary file in the same folder, then rename), so an interrupted
-    conversion never leaves a half-written file under the final name.
+    The write is atomic (`atomic_write`), so an interrupted conversion never leaves a half-written
+    file under the final name.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -269,14 +420,78 @@ def save_converted(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 def save_file_atomic(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """`safetensors.torch.save_file` through a temporary file in the same folder, then a rename."""
+    """`safetensors.torch.save_file` through `atomic_write`."""
+    atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata))
+
+
+# ---- atomic writes: a temporary name beside the destination, renamed when complete -----------------
+
+TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.minivision-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def temp_name(path: str | os.PathLike) -> Path:
+    """A fresh temporary path beside `path`: `.NAME.minivision-PID-XXXXXXXX.tmp` (matches TEMP_PATTERN)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    return path.with_name(f".{path.name}.minivision-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` to fill a temporary file (or folder) beside `path`, then rename it to `path`.
+
+    Whatever happens, `path` holds either its old content or the complete new one: the temporary is
+    flushed to disk before the rename and removed if `write` fails or the process is interrupted
+    (Ctrl-C included). The folder of `path` must exist.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent}: no such folder")
+    tmp = temp_name(path)
     try:
-        save_file(dict(tensors), tmp, metadata=metadata)
+        write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or every file of a folder, to the disk (a rename must never expose unwritten bytes)."""
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    for file in files:
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries a killed write left in `folder`: names of TEMP_PATTERN whose process is
+    gone. Anything else, and the temporaries of a write still running, stay. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        match = TEMP_PATTERN.match(entry.name)
+        if match and not _process_alive(int(match.group("pid"))):
+            _remove(entry)
+            removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # elsewhere os.kill(pid, 0) is no harmless probe
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # it exists (someone else's), or we cannot tell: leave its files alone
+    return True

@@ -176,6 +176,8 @@ class Florence2(nn.Module):
         device = self.image_projection.device
         pixel_values, input_ids = pixel_values.to(device), input_ids.to(device)
         attention_mask = attention_mask.to(device) if attention_mask is not None else None
+        check_generate_inputs(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams,
+                              no_repeat_ngram_size)
         c = self.config
         options = GenerationOptions(
             max_new_tokens=max_new_tokens, num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -185,6 +187,72 @@ class Florence2(nn.Module):
             pad_token_id=c.pad_token_id,
         )
         return generate(self, pixel_values, input_ids, attention_mask, options)
+
+
+def image_grid(config: Florence2Config, height: int, width: int) -> tuple[int, int]:
+    """The (rows, columns) of the last DaViT stage for an input of height x width pixels."""
+    for k, stride, pad in zip(config.patch_sizes, config.patch_strides, config.patch_paddings):
+        height, width = (height + 2 * pad - k) // stride + 1, (width + 2 * pad - k) // stride + 1  # conv output size
+    return height, width
+
+
+def check_generate_inputs(
+    model: Florence2,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    num_beams: int,
+    no_repeat_ngram_size: int,
+) -> None:
+    """Refuse, with a ValueError naming the argument, inputs that `generate` would turn into an
+    IndexError deep inside the model or, worse, into a silently wrong answer."""
+    c = model.config
+    device = model.image_projection.device
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"pixel_values must be a (B, 3, H, W) tensor (Processor output), got {got}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (B, T) tensor of prompt ids, T >= 1, got {got}")
+    B, _, H, W = pixel_values.shape
+    if B < 1 or input_ids.shape[0] != B:
+        raise ValueError(f"pixel_values holds {B} images but input_ids {input_ids.shape[0]} prompts")
+    for name, x in (("pixel_values", pixel_values), ("input_ids", input_ids), ("attention_mask", attention_mask)):
+        if x is not None and x.device != device:
+            raise ValueError(f"{name} is on {x.device}, the model on {device}: move the inputs with .to({str(device)!r})")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values must be floats (Processor output), got {pixel_values.dtype}")
+    if not bool(torch.isfinite(pixel_values).all()):
+        raise ValueError("pixel_values holds NaN or inf")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= c.vocab_size:
+        raise ValueError(f"input_ids must lie in 0..{c.vocab_size - 1} (the model's vocabulary), got {low}..{high}: "
+                         "is the tokenizer the one this model was trained with?")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}: they must match")
+        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()) or not bool(attention_mask.bool().any(1).all()):
+            raise ValueError("attention_mask must hold 0/1 with at least one 1 per row (1 = prompt token, 0 = padding)")
+    rows, columns = image_grid(c, H, W)
+    if rows < 1 or columns < 1 or max(rows, columns) > c.image_pos_embed_size:
+        raise ValueError(f"pixel_values of {H}x{W} give a {rows}x{columns} feature grid; the model supports 1 to "
+                         f"{c.image_pos_embed_size} per side (images are resized to {c.image_size} by the Processor)")
+    image_tokens = 1 + rows * columns
+    if image_tokens + input_ids.shape[1] > c.max_position_embeddings:
+        raise ValueError(f"the prompt has {input_ids.shape[1]} tokens; with {image_tokens} image tokens the encoder "
+                         f"reads at most {c.max_position_embeddings}, so at most "
+                         f"{c.max_position_embeddings - image_tokens} prompt tokens fit")
+    for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("num_beams", num_beams, 1),
+                               ("no_repeat_ngram_size", no_repeat_ngram_size, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    if max_new_tokens > c.max_position_embeddings:
+        raise ValueError(f"max_new_tokens must be at most {c.max_position_embeddings} (the decoder's position "
+                         f"table), got {max_new_tokens}")
 
 
 def load_florence2(

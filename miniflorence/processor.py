@@ -7,7 +7,10 @@ Florence-2 (Xiao et al. 2023, sec. 3) turns every task into a text prompt: the t
 (`<OD>`) is replaced by a fixed question, and the image is a 768x768 square.
 
 Preprocessing, step by step (transformers' PIL path, which gives the same bits):
-  1. to RGB; an alpha channel (RGBA, LA, palette with transparency) is composited onto white;
+  1. to RGB; an alpha channel (RGBA, LA, palette with transparency) is composited onto white
+     (a path is read by `images.read_image`, which also scales 16-bit and float images instead
+     of clipping them and applies the EXIF orientation; a PIL image is converted as transformers
+     does, bit for bit, so pass 16-bit images through `read_image` first);
   2. resize straight to 768x768 with PIL bicubic, on the uint8 image (no aspect ratio, no crop);
   3. x / 255 in float64, then float32;
   4. (x - mean) / std in float32, ImageNet mean and std.
@@ -19,13 +22,20 @@ plain `convert("RGB")`, which drops alpha instead of compositing onto white, and
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+
 import numpy as np
 import torch
 from PIL import Image
 
+from .config import Florence2Config
+from .images import read_image, to_rgb
 from .postprocess import TASK_OUTPUT_KINDS, post_process
 from .tokenizer import Tokenizer
 
+ImageInput = str | os.PathLike | Image.Image | np.ndarray
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_SIZE = 768
@@ -57,7 +67,7 @@ def task_prompt(task: str, text: str | None = None) -> str:
 
     A task without `{input}` refuses text, as the official processor does; a task with it
     needs non-empty text (the official one would silently prompt with nothing)."""
-    if task not in TASK_PROMPTS:
+    if not isinstance(task, str) or task not in TASK_PROMPTS:
         raise ValueError(f"unknown task {task!r}; known tasks: {', '.join(TASK_PROMPTS)}")
     template = TASK_PROMPTS[task]
     if "{input}" not in template:
@@ -69,19 +79,52 @@ def task_prompt(task: str, text: str | None = None) -> str:
     return template.format(input=text.strip())
 
 
-def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-    """A PIL RGB image; transparency is composited onto white (transformers' `convert_to_rgb`)."""
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise TypeError(f"a numpy image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-        return Image.fromarray(image, mode="RGB")
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image or a uint8 (H, W, 3) array, got {type(image).__name__}")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+# A task token of a fine-tune: `<` + a name without spaces or angle brackets + `>` (e.g. "<DocVQA>").
+CUSTOM_TASK = re.compile(r"<[^<>\s]+>")
+
+
+def check_task(task: str) -> None:
+    """Refuse a task that is neither official nor a well-formed custom token, or a near-miss of an
+    official one (`<CAPTON>`, `<od>`): a typo would otherwise run as an unknown prompt."""
+    if not isinstance(task, str) or not task.strip():
+        raise ValueError(f"the task is empty; give a task token such as {', '.join(list(TASK_PROMPTS)[:3])}")
+    if task in TASK_PROMPTS:
+        return
+    if not CUSTOM_TASK.fullmatch(task):
+        raise ValueError(f"task {task!r} is not a task token: expected one of {', '.join(TASK_PROMPTS)}, "
+                         "or a fine-tune's own token written <Name> (e.g. <DocVQA>)")
+    near = [t for t in TASK_PROMPTS if t.lower() == task.lower()]
+    near = near or difflib.get_close_matches(task, list(TASK_PROMPTS), n=1, cutoff=0.85)
+    if near:
+        raise ValueError(f"unknown task {task!r}: did you mean {near[0]}?")
+
+
+def any_task_prompt(task: str, text: str | None = None) -> str:
+    """The prompt for an official task (`task_prompt`), or for a fine-tune's own task token the token
+    followed by the text as it is ("<DocVQA>" + "What is the total?"), as `train.florence2` builds it."""
+    check_task(task)
+    if task in TASK_PROMPTS:
+        return task_prompt(task, text)
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"the text of task {task} must be a string, got {type(text).__name__}")
+    return task + (text or "")
+
+
+def check_tokenizer(tokenizer: Tokenizer, config: Florence2Config, where: str = "the tokenizer") -> None:
+    """Refuse a tokenizer that cannot drive a model of `config`: ids past the model's token table
+    (an IndexError inside the model otherwise) or other ids for `<s>`, `<pad>`, `</s>`.
+
+    A tokenizer with fewer tokens than the table is accepted (`train.florence2` allows it); ids it
+    lacks cannot be decoded if the model generates them."""
+    size = max(tokenizer.decoder) + 1
+    if size > config.vocab_size:
+        raise ValueError(f"{where} has ids up to {size - 1}, but the model's token table has {config.vocab_size} rows: "
+                         "use the tokenizer the model was trained or converted with")
+    ours = (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    theirs = (config.bos_token_id, config.pad_token_id, config.eos_token_id)
+    if ours != theirs:
+        raise ValueError(f"{where} has <s>, <pad>, </s> at ids {ours}, the model expects {theirs}: "
+                         "use the tokenizer the model was trained or converted with")
 
 
 def preprocess_image(
@@ -103,7 +146,8 @@ class Processor:
     """Turns (task, image, text) into model inputs, and generated text into results.
 
     Prompts outside the task table (a fine-tuning prompt such as "<DocVQA>" + question) go
-    through `processor.tokenizer(prompts)` and `processor.preprocess(images)` directly.
+    through `processor.tokenizer(prompts)` and `processor.preprocess(images)` directly
+    (`any_task_prompt` builds them the way `train.florence2` does).
 
     Example:
         processor = Processor(Tokenizer.from_dir("florence2_tokenizer/"))
@@ -117,27 +161,39 @@ class Processor:
     """
 
     def __init__(self, tokenizer: Tokenizer, image_size: int = IMAGE_SIZE) -> None:
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"Processor needs a miniflorence Tokenizer, got {type(tokenizer).__name__}")
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         self.tokenizer = tokenizer
         self.image_size = image_size
 
-    def preprocess(self, images: Image.Image | np.ndarray | list) -> torch.Tensor:
-        """Image(s) -> pixel_values (B, 3, S, S) float32."""
+    def preprocess(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
+        """Image(s) -> pixel_values (B, 3, S, S) float32. A path is read with `read_image`."""
         images = images if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no images given")
-        return torch.stack([preprocess_image(im, self.image_size) for im in images])  # (B, 3, S, S)
+        pixels = []
+        for image in images:
+            if isinstance(image, (str, os.PathLike)):
+                image = read_image(image)
+            elif isinstance(image, Image.Image) and (image.width < 1 or image.height < 1):
+                raise ValueError(f"the image is empty ({image.width}x{image.height} pixels)")
+            pixels.append(preprocess_image(image, self.image_size))
+        return torch.stack(pixels)  # (B, 3, S, S)
 
     def __call__(
         self,
         task: str | list[str],
-        image: Image.Image | np.ndarray | list,
+        image: ImageInput | list[ImageInput],
         text: str | None | list[str | None] = None,
     ) -> dict[str, torch.Tensor]:
         """Model inputs for one or several (task, image, text) triples.
 
         Args:
             task: a task token from TASK_PROMPTS, or one per image.
-            image: a PIL image (any mode; converted to RGB) or uint8 (H, W, 3) array, or a list.
+            image: a path (read by `read_image`), a PIL image (converted to RGB as transformers
+                does) or a uint8 (H, W, 3) array, or a list of them.
             text: the `{input}` of tasks that take one (a phrase, a caption, `<loc_..>` x4), or
                 one per image.
 

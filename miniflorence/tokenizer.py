@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -110,6 +111,37 @@ def gpt2_pattern() -> re.Pattern:
     )
 
 
+# --- checking tokenizer files ----------------------------------------------------------
+
+
+def read_json(file: Path, kind: type) -> Any:
+    """The JSON value in `file`, which must be of type `kind`; a ValueError naming the file otherwise."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{file}: expected a JSON {'object' if kind is dict else kind.__name__}, "  # noqa: TRY004
+                         f"got {type(value).__name__}")
+    return value
+
+
+def check_byte_level_bpe(vocab: Any, merges: list[tuple[str, ...]], where: str) -> None:
+    """Refuse files that are not a byte-level BPE (GPT-2 / BART family) tokenizer: every byte symbol
+    in the vocabulary, every merge a pair whose parts and result are tokens (HF's BPE refuses the
+    same). Catches a wrong folder before it fails, or silently mis-tokenizes, on some text."""
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+        raise ValueError(f"{where}: the vocabulary must map token strings to integer ids")
+    missing = [ch for ch in bytes_to_unicode().values() if ch not in vocab]
+    if missing:
+        raise ValueError(f"{where}: not a byte-level BPE tokenizer ({len(missing)} of the 256 byte symbols are "
+                         "missing from the vocabulary); Florence-2 uses BART's tokenizer")
+    for merge in merges:
+        if len(merge) != 2 or any(part not in vocab for part in (*merge, "".join(merge))):
+            raise ValueError(f"{where}: merge {' '.join(merge)!r} is not a pair of vocabulary tokens "
+                             "whose join is a token")
+
+
 # --- the tokenizer ----------------------------------------------------------------------
 
 
@@ -148,6 +180,9 @@ class Tokenizer:
         """Load `vocab.json` + `merges.txt` + `added_tokens.json` (whitespace flags from
         `tokenizer_config.json` when present), or a single `tokenizer.json`."""
         path = Path(path)
+        if path.is_file():
+            raise NotADirectoryError(f"tokenizer directory {path} is a file: give the folder that holds "
+                                     "vocab.json, merges.txt and added_tokens.json (or tokenizer.json)")
         if not path.is_dir():
             raise FileNotFoundError(f"tokenizer directory {path} does not exist")
         if (path / "tokenizer.json").is_file():
@@ -158,15 +193,24 @@ class Tokenizer:
                     f"{path} has no {name}: a Florence-2 tokenizer needs vocab.json, merges.txt "
                     "and added_tokens.json (or a single tokenizer.json)"
                 )
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
+        vocab = read_json(path / "vocab.json", dict)
+        try:
+            lines = (path / "merges.txt").read_text(encoding="utf-8").split("\n")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path / 'merges.txt'}: not UTF-8 text ({e.reason})") from None
         merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        check_byte_level_bpe(vocab, merges, str(path))
         flags = {}  # content -> its entry in tokenizer_config's `added_tokens_decoder`
         if (path / "tokenizer_config.json").is_file():
-            config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-            flags = {v["content"]: v for v in config.get("added_tokens_decoder", {}).values()}
+            config = read_json(path / "tokenizer_config.json", dict)
+            entries = config.get("added_tokens_decoder", {})
+            if not isinstance(entries, dict) or not all(isinstance(v, dict) and "content" in v for v in entries.values()):
+                raise ValueError(f"{path / 'tokenizer_config.json'}: added_tokens_decoder is not a table of tokens")
+            flags = {v["content"]: v for v in entries.values()}
         # BART's special tokens; `<mask>` swallows the space before it (BartTokenizer's default).
-        extra = json.loads((path / "added_tokens.json").read_text(encoding="utf-8"))
+        extra = read_json(path / "added_tokens.json", dict)
+        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in extra.items()):
+            raise ValueError(f"{path / 'added_tokens.json'}: must map token strings to integer ids")
         ids = {**vocab, **extra}
         defaults = {name: {"lstrip": name == MASK} for name in (BOS, PAD, EOS, UNK, MASK) if name in vocab}
         defaults.update({name: {} for name in extra})
@@ -175,19 +219,30 @@ class Tokenizer:
             entry = flags.get(content, default)
             tokens.append(AddedToken(content, ids[content], entry.get("lstrip", False),
                                      entry.get("rstrip", False), entry.get("special", True)))
-        return cls(vocab, merges, tokens)
+        try:
+            return cls(vocab, merges, tokens)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_tokenizer_json(cls, file: str | Path) -> Tokenizer:
         """Load an HF `tokenizer.json` (BPE model, ByteLevel pre-tokenizer)."""
-        spec = json.loads(Path(file).read_text(encoding="utf-8"))
-        model = spec["model"]
-        if model.get("type") != "BPE":
-            raise ValueError(f"{file}: expected a BPE model, got {model.get('type')!r}")
-        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        tokens = [AddedToken(t["content"], t["id"], t.get("lstrip", False), t.get("rstrip", False),
-                             t.get("special", False)) for t in spec.get("added_tokens", [])]
-        return cls(model["vocab"], merges, tokens)
+        spec = read_json(Path(file), dict)
+        model = spec.get("model")
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            got = model.get("type") if isinstance(model, dict) else model
+            raise ValueError(f"{file}: expected a BPE model, got {got!r}")
+        try:
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            tokens = [AddedToken(t["content"], t["id"], t.get("lstrip", False), t.get("rstrip", False),
+                                 t.get("special", False)) for t in spec.get("added_tokens", [])]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{file}: its model or added tokens are malformed ({type(e).__name__}: {e})") from None
+        check_byte_level_bpe(model.get("vocab"), merges, str(file))
+        try:
+            return cls(model["vocab"], merges, tokens)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
 
     # -- sizes and lookups ----------------------------------------------------------------
 

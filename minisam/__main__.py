@@ -1,94 +1,201 @@
-"""Command line: segment an image with points and boxes, or segment everything.
+"""Command line: segment images with points and boxes, or segment everything (the official `scripts/amg.py`).
 
     python -m minisam sam_vit_b.safetensors photo.jpg --point 500,375 --box 425,600,700,875 --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --point 500,375 --point 600,300,0 --multimask --out mask.png
     python -m minisam sam_vit_b.safetensors photo.jpg --box 10,10,90,90 --box 50,20,200,150 --out mask.png
+    python -m minisam sam_vit_b.safetensors frames/ more.png --box 10,10,90,90 --batch-size 4 --out-dir masks/
+    python -m minisam sam_vit_b.safetensors photos/ --auto --out-dir everything/ [--convert-to-rle]
     python -m minisam sam_vit_b.safetensors photo.jpg --auto --out everything.png
     python -m minisam --random-weights vit_b --image-size 128 photo.jpg --point 10,10 --out mask.png   # smoke test only
 
-With prompts it writes the mask(s) as black-and-white PNGs (`mask.png`, or `mask_0.png`...
-`mask_2.png` with --multimask; one file per box with several --box) and `mask_overlay.png`, the
-best mask (or every box's mask) painted over the image with the prompts drawn. With --auto it writes a colour overlay of every mask and, beside it, a JSON
-list of the generator's records with each segmentation as a COCO run-length string.
-The checkpoint is a converted `.safetensors` (`python -m weights_convert sam ...`).
+Inputs: image files and folders (a folder gives its files with an image suffix, sorted; not its
+subfolders). Images are read with `minisam.image_io.read_image` (every PIL mode, EXIF orientation).
+The image encoder runs on `--batch-size` images at once; each image's results equal a run on it alone.
+
+Prompts (`--point X,Y[,LABEL]`, `--box X0,Y0,X1,Y1`, each repeatable) apply to every image. They
+are pixel coordinates; the image spans [0, W] x [0, H], both ends inside (see minisam/predictor.py);
+a prompt outside an image, an inverted or empty box, a NaN or infinite number is refused.
+Negative numbers parse in both spellings, `--box=-1,2,3,4` and `--box -1,2,3,4` (and are then
+refused as outside the image).
+
+Outputs, per image (`--out mask.png` names them for one image; `--out-dir DIR` uses DIR/<image stem>.png):
+- prompts: the mask as a black-and-white PNG (`mask.png`; `mask_0.png`..`mask_2.png` with
+  --multimask; one file per box with several --box, the best of three with --multimask),
+  `mask_overlay.png` (the best mask, or every box's mask, over the image with the prompts drawn)
+  and `mask.json` (image size, prompts, each mask's file, predicted IoU, area and XYWH box).
+- --auto --out-dir: what the official `scripts/amg.py` writes: a folder DIR/<stem>/ with one PNG
+  per mask (`0.png`, `1.png`, ...) and `metadata.csv` (id, area, bbox, point_input, predicted_iou,
+  stability_score, crop_box), or with --convert-to-rle one DIR/<stem>.json, the generator's
+  records with COCO run-length segmentations. The generator's options are amg.py's.
+- --auto --out everything.png: a colour overlay of every mask and everything.json (the records, COCO RLE).
+
+Safety: every input is read and every prompt checked before anything is written; an existing output
+is refused unless --force (with --force, an --auto folder loses only its old `<n>.png` files and
+metadata.csv); an output that is one of the inputs is refused even with --force; a missing output
+folder is created. Files are written whole (temporary file, then rename). A user error is one line
+on stderr and exit status 1 (2 for a malformed command line); nothing is written then.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from checkpoint_format import CheckpointError
 from minisam.automatic import AutomaticMaskGenerator
+from minisam.cli_io import (
+    OneLineParser,
+    UserError,
+    bounded,
+    check_outputs,
+    join_negative_values,
+    list_images,
+    numbers,
+    resolve_device,
+    save_png,
+    save_text,
+)
 from minisam.config import CONFIGS
+from minisam.image_io import read_image
 from minisam.masks import coco_decode_rle, rle_to_mask
-from minisam.predictor import SamPredictor
+from minisam.predictor import SamPredictor, check_boxes_inside, check_points_inside
 from minisam.sam import Sam, load_sam
+from minisam.transforms import ResizeLongestSide
 
 MASK_COLOUR = np.array([30, 144, 255])  # the blue of the official notebooks
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+AMG_CSV_HEADER = (  # scripts/amg.py's metadata.csv
+    "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
+    "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
+)
 
 
-def parse_numbers(text: str, counts: tuple[int, ...], what: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{what} must be comma-separated numbers, got {text!r}") from None
-    if len(values) not in counts:
-        raise argparse.ArgumentTypeError(f"{what} takes {' or '.join(map(str, counts))} numbers, got {text!r}")
-    return values
+# ---- the command line ---------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minisam", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", metavar="[CHECKPOINT] IMAGE", help="converted checkpoint, then the image")
-    parser.add_argument(
-        "--random-weights", metavar="VARIANT", choices=sorted(CONFIGS),
-        help="no checkpoint: a randomly initialised model (smoke tests only; masks are meaningless)",
-    )
-    parser.add_argument("--image-size", type=int, help="model input size (default: the checkpoint's or the variant's)")
+    parser = OneLineParser(prog="python -m minisam", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", metavar="[CHECKPOINT] IMAGE_OR_DIR",
+                        help="converted checkpoint, then images or folders")
+    parser.add_argument("--random-weights", metavar="VARIANT", choices=sorted(CONFIGS),
+                        help="no checkpoint: a randomly initialised model (smoke tests only; masks are meaningless)")
+    parser.add_argument("--image-size", type=bounded(int, 16), help="model input size (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
-    parser.add_argument(
-        "--point", action="append", default=[], type=lambda t: parse_numbers(t, (2, 3), "--point"),
-        metavar="X,Y[,LABEL]", help="a point in pixels; label 1 (default) foreground, 0 background",
-    )
-    parser.add_argument(
-        "--box", action="append", default=[], type=lambda t: parse_numbers(t, (4,), "--box"), metavar="X0,Y0,X1,Y1",
-        help="a box in pixels; repeat it for one mask per box (all decoded in one call)",
-    )
-    parser.add_argument("--multimask", action="store_true", help="three candidate masks instead of one")
-    parser.add_argument("--auto", action="store_true", help="segment everything with the automatic mask generator")
-    parser.add_argument("--points-per-side", type=int, default=32)
-    parser.add_argument("--points-per-batch", type=int, default=64)
-    parser.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    parser.add_argument("--stability-score-thresh", type=float, default=0.95)
-    parser.add_argument("--crop-n-layers", type=int, default=0)
-    parser.add_argument("--min-mask-region-area", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="output PNG (masks, or the overlay with --auto)")
-    parser.add_argument("--json", type=Path, help="records file of --auto (default: OUT with .json)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    prompts = parser.add_argument_group("prompts (the same for every image)")
+    prompts.add_argument("--point", action="append", default=[], type=numbers((2, 3), labelled=True),
+                         metavar="X,Y[,LABEL]", help="a point in pixels; label 1 (default) foreground, 0 background")
+    prompts.add_argument("--box", action="append", default=[], type=numbers((4,)), metavar="X0,Y0,X1,Y1",
+                         help="a box in pixels; repeat it for one mask per box (all decoded in one call)")
+    prompts.add_argument("--multimask", action="store_true", help="three candidate masks instead of one")
+    amg = parser.add_argument_group("--auto: segment everything (the options of the official scripts/amg.py)")
+    amg.add_argument("--auto", action="store_true", help="run the automatic mask generator")
+    amg.add_argument("--points-per-side", type=bounded(int, 1), default=32)
+    amg.add_argument("--points-per-batch", type=bounded(int, 1), default=64)
+    amg.add_argument("--pred-iou-thresh", type=bounded(float, 0, 1), default=0.88)
+    amg.add_argument("--stability-score-thresh", type=bounded(float, 0, 1), default=0.95)
+    amg.add_argument("--stability-score-offset", type=bounded(float, 0), default=1.0)
+    amg.add_argument("--box-nms-thresh", type=bounded(float, 0, 1), default=0.7)
+    amg.add_argument("--crop-n-layers", type=bounded(int, 0, 8), default=0)
+    amg.add_argument("--crop-nms-thresh", type=bounded(float, 0, 1), default=0.7)
+    amg.add_argument("--crop-overlap-ratio", type=bounded(float, 0, 1), default=512 / 1500)
+    amg.add_argument("--crop-n-points-downscale-factor", type=bounded(int, 1), default=1)
+    amg.add_argument("--min-mask-region-area", type=bounded(int, 0), default=0)
+    amg.add_argument("--convert-to-rle", action="store_true", help="with --out-dir: one COCO RLE JSON per image")
+    out = parser.add_argument_group("output")
+    where = out.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="output PNG of one image (masks, or the overlay with --auto)")
+    where.add_argument("--out-dir", type=Path, help="output folder for any number of images")
+    out.add_argument("--json", type=Path, help="records file of --auto --out (default: OUT with .json)")
+    out.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
+    run = parser.add_argument_group("running")
+    run.add_argument("--batch-size", type=bounded(int, 1), default=1, help="images per image-encoder call")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (fp32: exact)")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (needs a checkpoint)")
     return parser
 
 
-def build_model(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Sam, Path]:
-    """The model and the image path, from `paths` and --random-weights."""
-    if args.random_weights:
-        if len(args.paths) != 1:
-            parser.error("with --random-weights give only the IMAGE")
-        config = CONFIGS[args.random_weights]
-        if args.image_size:
-            config = dataclasses.replace(config, image_size=args.image_size)
-        torch.manual_seed(args.seed)
-        print(f"WARNING: RANDOM WEIGHTS ({args.random_weights}, seed {args.seed}): the masks are meaningless", file=sys.stderr)
-        return Sam(config).eval(), Path(args.paths[0])
-    if len(args.paths) != 2:
-        parser.error("give CHECKPOINT and IMAGE (or --random-weights VARIANT and IMAGE)")
-    return load_sam(args.paths[0], image_size=args.image_size), Path(args.paths[1])
+def check_combinations(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.auto and (args.point or args.box or args.multimask):
+        parser.error("--auto takes no --point, --box or --multimask")
+    if args.convert_to_rle and not (args.auto and args.out_dir):
+        parser.error("--convert-to-rle goes with --auto --out-dir")
+    if args.json and not (args.auto and args.out):
+        parser.error("--json goes with --auto --out")
+    if args.random_weights and args.compile:
+        parser.error("--compile needs a checkpoint (it is an option of load_sam)")
+    if args.out is not None and args.out.suffix.lower() != ".png":
+        parser.error(f"--out {args.out}: outputs are PNG files; name it .png")
+    if args.random_weights is None and len(args.paths) < 2:
+        parser.error("give CHECKPOINT and IMAGE... (or --random-weights VARIANT and IMAGE...)")
+    if args.random_weights and args.paths[0].endswith(".safetensors"):
+        parser.error("with --random-weights give no checkpoint, only images")
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def check_prompts(args: argparse.Namespace, path: Path, size: tuple[int, int]) -> None:
+    """Every --point and --box must lie inside the image (minisam.predictor's rules)."""
+    try:
+        if args.point:
+            coords = np.array([p.values[:2] for p in args.point])  # (N, 2)
+            check_points_inside(coords, size, [f"--point {p.text}" for p in args.point])
+        if args.box:
+            boxes = np.array([b.values for b in args.box])  # (K, 4)
+            check_boxes_inside(boxes, size, [f"--box {b.text}" for b in args.box])
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def check_image(args: argparse.Namespace, path: Path, image_size: int) -> tuple[int, int]:
+    """Read (decode) the image once, so that a damaged one stops the run before anything is written."""
+    h, w = read_image(path).shape[:2]
+    if min(ResizeLongestSide.get_preprocess_shape(h, w, image_size)) == 0:
+        raise UserError(f"{path}: a {w}x{h} image is too thin: its short side would be resized to 0 pixels")
+    check_prompts(args, path, (h, w))
+    return h, w
+
+
+# ---- outputs ------------------------------------------------------------------------------------
+
+
+def output_base(args: argparse.Namespace, image: Path) -> Path:
+    """`--out` itself, or DIR/<image stem>.png."""
+    return args.out if args.out is not None else args.out_dir / f"{image.stem}.png"
+
+
+def planned_outputs(args: argparse.Namespace, image: Path) -> list[Path]:
+    """The files (or, for --auto --out-dir, the folder) that this image's results will take."""
+    base = output_base(args, image)
+    if args.auto and args.out_dir is not None:
+        return [base.with_suffix(".json")] if args.convert_to_rle else [base.with_suffix("")]
+    if args.auto:
+        return [base, args.json or base.with_suffix(".json")]
+    return [*mask_paths(args, base), sibling(base, "_overlay.png"), base.with_suffix(".json")]
+
+
+def mask_count(args: argparse.Namespace) -> int:
+    return len(args.box) if len(args.box) > 1 else 3 if args.multimask else 1
+
+
+def mask_paths(args: argparse.Namespace, base: Path) -> list[Path]:
+    n = mask_count(args)
+    return [base] if n == 1 else [sibling(base, f"_{i}.png") for i in range(n)]
+
+
+def sibling(base: Path, suffix: str) -> Path:
+    return base.with_name(base.stem + suffix)
 
 
 def paint(image: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float = 0.5) -> None:
@@ -96,33 +203,35 @@ def paint(image: np.ndarray, mask: np.ndarray, colour: np.ndarray, alpha: float 
     image[mask] = ((1 - alpha) * image[mask] + alpha * colour).astype(np.uint8)
 
 
-def save_mask(mask: np.ndarray, path: Path) -> None:
-    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+def xywh(mask: np.ndarray) -> list[int]:
+    """The mask's bounding box (x, y, w, h) in pixels; zeros for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0, 0, 0, 0]
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
 
 
-def run_prompts(model: Sam, image: np.ndarray, args: argparse.Namespace) -> None:
-    boxes = np.array(args.box) if args.box else None  # (K, 4)
-    if not args.point and boxes is None:
-        raise ValueError("give --point and/or --box, or --auto")
-    if boxes is not None and len(boxes) > 1 and args.point:
-        raise ValueError("several --box take no --point: each box gets its own mask")
-    predictor = SamPredictor(model)
-    predictor.set_image(image)
-    coords = np.array([p[:2] for p in args.point]) if args.point else None
-    labels = np.array([int(p[2]) if len(p) == 3 else 1 for p in args.point]) if args.point else None
+# ---- running ------------------------------------------------------------------------------------
+
+
+def segment_prompts(predictor: SamPredictor, image: np.ndarray, path: Path, args: argparse.Namespace) -> None:
+    """Masks for the prompts on the current image, written as PNGs, an overlay and a JSON summary."""
+    coords = np.array([p.values[:2] for p in args.point]) if args.point else None  # (N, 2)
+    labels = np.array([int(p.values[2]) if len(p.values) == 3 else 1 for p in args.point]) if args.point else None
+    boxes = np.array([b.values for b in args.box]) if args.box else None  # (K, 4)
     if boxes is not None and len(boxes) > 1:
         masks, scores, _ = predictor.predict_boxes(boxes, multimask_output=args.multimask)  # (K, C, H, W), (K, C)
         best = scores.argmax(axis=1)  # with --multimask, the best of each box's three
         masks, scores = masks[np.arange(len(boxes)), best], scores[np.arange(len(boxes)), best]  # (K, H, W), (K,)
         shown = list(range(len(boxes)))
     else:
-        masks, scores, _ = predictor.predict(coords, labels, None if boxes is None else boxes[0], multimask_output=args.multimask)
+        box = None if boxes is None else boxes[0]
+        masks, scores, _ = predictor.predict(coords, labels, box, multimask_output=args.multimask)  # (C, H, W)
         shown = [int(np.argmax(scores))]
-    out = args.out.with_suffix(".png")
-    paths = [out] if len(masks) == 1 else [out.with_name(f"{out.stem}_{i}.png") for i in range(len(masks))]
-    for mask, score, path in zip(masks, scores, paths):
-        save_mask(mask, path)
-        print(f"{path}: predicted IoU {score:.4f}, {int(mask.sum())} pixels")
+    base = output_base(args, path)
+    files = mask_paths(args, base)
+    for mask, file in zip(masks, files):
+        save_png(mask.astype(np.uint8) * 255, file)
     overlay = image.copy()
     colours = [MASK_COLOUR, *np.random.default_rng(0).integers(0, 256, size=(len(shown), 3))]
     for i, colour in zip(shown, colours):
@@ -132,54 +241,146 @@ def run_prompts(model: Sam, image: np.ndarray, args: argparse.Namespace) -> None
     size = max(image.shape[:2])
     for (x, y), label in zip(coords if coords is not None else [], labels if labels is not None else []):
         r = max(3, size // 150)
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=(0, 200, 0) if label == 1 else (220, 0, 0), outline=(255, 255, 255))
+        colour = (0, 200, 0) if label == 1 else (220, 0, 0)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(255, 255, 255))
     for box in boxes if boxes is not None else []:
         draw.rectangle(box.tolist(), outline=(0, 200, 0), width=max(2, size // 400))
-    overlay_path = out.with_name(f"{out.stem}_overlay.png")
-    picture.save(overlay_path)
-    print(f"{overlay_path}: mask{'s' if len(shown) > 1 else ''} {', '.join(map(str, shown))} over the image")
+    save_png(np.asarray(picture), sibling(base, "_overlay.png"))
+    summary = {
+        "image": str(path),
+        "height": image.shape[0],
+        "width": image.shape[1],
+        "points": coords.tolist() if coords is not None else [],
+        "labels": labels.tolist() if labels is not None else [],
+        "boxes": boxes.tolist() if boxes is not None else [],
+        "multimask": args.multimask,
+        "masks": [
+            {"file": f.name, "predicted_iou": float(s), "area": int(m.sum()), "bbox": xywh(m)}
+            for f, s, m in zip(files, scores, masks)
+        ],
+        "shown": shown,
+        "overlay": sibling(base, "_overlay.png").name,
+    }
+    save_text(json.dumps(summary) + "\n", base.with_suffix(".json"))
+    for file, score, mask in zip(files, scores, masks):
+        print(f"{file}: predicted IoU {score:.4f}, {int(mask.sum())} pixels ({path})")
 
 
-def run_auto(model: Sam, image: np.ndarray, args: argparse.Namespace) -> None:
-    generator = AutomaticMaskGenerator(
-        model,
-        points_per_side=args.points_per_side,
-        points_per_batch=args.points_per_batch,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh,
-        crop_n_layers=args.crop_n_layers,
-        min_mask_region_area=args.min_mask_region_area,
-        output_mode="coco_rle",
-    )
-    records = generator.generate(image)
-    overlay = image.copy()
-    colours = np.random.default_rng(0).integers(0, 256, size=(len(records), 3))
-    for record, colour in sorted(zip(records, colours), key=lambda rc: -rc[0]["area"]):  # small masks on top
-        paint(overlay, rle_to_mask(coco_decode_rle(record["segmentation"])), colour, alpha=0.35)
-    out = args.out.with_suffix(".png")
-    Image.fromarray(overlay).save(out)
-    json_path = args.json or out.with_suffix(".json")
-    json_path.write_text(json.dumps(records))
-    print(f"{len(records)} masks: {out} (overlay), {json_path} (records, COCO RLE)")
+def segment_everything(
+    generator: AutomaticMaskGenerator, image: np.ndarray, embedding: Any, path: Path, args: argparse.Namespace
+) -> None:
+    """All masks of the image, written as amg.py writes them (--out-dir) or as an overlay + records (--out)."""
+    records = generator.generate(image, embedding)
+    base = output_base(args, path)
+    if args.out_dir is not None and args.convert_to_rle:
+        save_text(json.dumps(records), base.with_suffix(".json"))
+        print(f"{path}: {len(records)} masks -> {base.with_suffix('.json')}")
+    elif args.out_dir is not None:
+        folder = base.with_suffix("")
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():  # only an earlier run's files (checked: --force was given)
+            if old.name == "metadata.csv" or re.fullmatch(r"\d+\.png", old.name):
+                old.unlink()
+        rows = [AMG_CSV_HEADER]
+        for i, record in enumerate(records):
+            save_png(record["segmentation"].astype(np.uint8) * 255, folder / f"{i}.png")
+            values = [i, record["area"], *record["bbox"], *record["point_coords"][0], record["predicted_iou"],
+                      record["stability_score"], *record["crop_box"]]
+            rows.append(",".join(str(v) for v in values))
+        save_text("\n".join(rows), folder / "metadata.csv")  # as amg.py: no newline at the end
+        print(f"{path}: {len(records)} mask{'' if len(records) == 1 else 's'} -> {folder}/")
+    else:
+        overlay = image.copy()
+        colours = np.random.default_rng(0).integers(0, 256, size=(len(records), 3))
+        for record, colour in sorted(zip(records, colours), key=lambda rc: -rc[0]["area"]):  # small masks on top
+            paint(overlay, rle_to_mask(coco_decode_rle(record["segmentation"])), colour, alpha=0.35)
+        save_png(overlay, base)
+        json_path = args.json or base.with_suffix(".json")
+        save_text(json.dumps(records), json_path)
+        print(f"{path}: {len(records)} masks -> {base} (overlay), {json_path} (records, COCO RLE)")
+
+
+def build_model(args: argparse.Namespace, device: torch.device) -> Sam:
+    dtype = DTYPES[args.dtype]
+    if args.random_weights:
+        config = CONFIGS[args.random_weights]
+        if args.image_size:
+            config = dataclasses.replace(config, image_size=args.image_size)
+        torch.manual_seed(args.seed)
+        warning = f"WARNING: RANDOM WEIGHTS ({args.random_weights}, seed {args.seed}): the masks are meaningless"
+        print(warning, file=sys.stderr)
+        return Sam(config).to(device=device, dtype=dtype).eval()
+    options: dict[str, Any] = {"device": device, "dtype": dtype, "image_size": args.image_size}
+    if args.compile:
+        if "compile" not in inspect.signature(load_sam).parameters:
+            raise UserError("--compile: this version of minisam.load_sam has no compile option")
+        options["compile"] = True
+    return load_sam(args.paths[0], **options)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.auto and not (args.point or args.box):
+        raise UserError("give --point and/or --box, or --auto")
+    if len(args.box) > 1 and args.point:
+        raise UserError("several --box take no --point: each box gets its own mask")
+    device = resolve_device(args.device)
+    inputs = args.paths if args.random_weights else args.paths[1:]
+    images = list_images(inputs)
+    if args.out is not None and len(images) > 1:
+        raise UserError(f"--out names the output of one image; for {len(images)} images use --out-dir")
+    checkpoint = [] if args.random_weights else [Path(args.paths[0])]
+    planned = {image: planned_outputs(args, image) for image in images}
+    amg_folders = args.auto and args.out_dir is not None and not args.convert_to_rle
+    check_outputs(planned, [*images, *checkpoint], args.force, folders=amg_folders)
+    model = build_model(args, device)
+    for path in images:  # decode every image and check every prompt before anything is written
+        check_image(args, path, model.config.image_size)
+    if args.auto:
+        generator = AutomaticMaskGenerator(
+            model,
+            points_per_side=args.points_per_side,
+            points_per_batch=args.points_per_batch,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_score_thresh,
+            stability_score_offset=args.stability_score_offset,
+            box_nms_thresh=args.box_nms_thresh,
+            crop_n_layers=args.crop_n_layers,
+            crop_nms_thresh=args.crop_nms_thresh,
+            crop_overlap_ratio=args.crop_overlap_ratio,
+            crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
+            min_mask_region_area=args.min_mask_region_area,
+            output_mode="coco_rle" if args.out is not None or args.convert_to_rle else "binary_mask",
+        )
+        predictor = generator.predictor
+    else:
+        predictor = SamPredictor(model)
+    for start in range(0, len(images), args.batch_size):
+        batch = images[start : start + args.batch_size]
+        pictures = [read_image(p) for p in batch]
+        embeddings = predictor.embed_images(pictures)  # one image-encoder call for the batch
+        for path, picture, embedding in zip(batch, pictures, embeddings):
+            if args.auto:
+                segment_everything(generator, picture, embedding, path, args)
+            else:
+                predictor.set_embedding(embedding)
+                segment_prompts(predictor, picture, path, args)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.auto and (args.point or args.box):
-        parser.error("--auto takes no --point or --box")
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv), ("--point", "--box")))
+    check_combinations(args, parser)
     try:
-        model, image_path = build_model(args, parser)
-        model = model.to(args.device)
-        image = np.array(Image.open(image_path).convert("RGB"))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        if args.auto:
-            run_auto(model, image, args)
-        else:
-            run_prompts(model, image, args)
-    except (OSError, ValueError) as error:  # missing files, bad checkpoints (CheckpointError), bad prompts
+        run(args)
+    except (UserError, CheckpointError, ValueError, OSError) as error:  # ImageReadError is a ValueError
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory on {args.device}; lower --batch-size or --points-per-batch", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; the images finished so far are written", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from minisam import amg, masks
-from minisam.predictor import SamPredictor, prepare_image
+from minisam.predictor import ImageEmbedding, SamPredictor, prepare_image
 from minisam.sam import Sam
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -138,8 +138,13 @@ class AutomaticMaskGenerator:
         self.output_mode = output_mode
 
     @torch.no_grad()
-    def generate(self, image: Any) -> list[dict[str, Any]]:
-        """All masks of an image (HxWx3 uint8; other forms as `minisam.predictor.prepare_image`).
+    def generate(self, image: Any, embedding: ImageEmbedding | None = None) -> list[dict[str, Any]]:
+        """All masks of an image (HxWx3 uint8; other forms, file paths included, as `minisam.predictor.prepare_image`).
+
+        Args:
+            image: the picture.
+            embedding: the whole image's embedding from `SamPredictor.embed_images` (computed for a
+                batch of images at once), used for the first crop instead of encoding the image again.
 
         Returns:
             one record per mask: "segmentation" (HxW bool array, or an RLE dict), "area" (pixels),
@@ -147,7 +152,9 @@ class AutomaticMaskGenerator:
             "stability_score", "crop_box" (XYWH).
         """
         image = prepare_image(image)
-        data = self._generate_masks(image)
+        if embedding is not None and embedding.original_size != image.shape[:2]:
+            raise ValueError(f"embedding is of a {embedding.original_size} image, not of this {image.shape[:2]} one")
+        data = self._generate_masks(image, embedding)
         if self.min_mask_region_area > 0:
             data = self.postprocess_small_regions(data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
         if self.output_mode == "coco_rle":
@@ -169,12 +176,13 @@ class AutomaticMaskGenerator:
             for i in range(len(segmentations))
         ]
 
-    def _generate_masks(self, image: np.ndarray) -> MaskData:
+    def _generate_masks(self, image: np.ndarray, embedding: ImageEmbedding | None = None) -> MaskData:
         orig_size = image.shape[:2]
         crop_boxes, layer_idxs = amg.generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         data = MaskData()
         for crop_box, layer_idx in zip(crop_boxes, layer_idxs):
-            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size))
+            whole = embedding if layer_idx == 0 else None  # layer 0 is the whole image
+            data.cat(self._process_crop(image, crop_box, layer_idx, orig_size, whole))
         if len(crop_boxes) > 1:
             # Duplicates between crops: the mask from the smaller crop wins (score 1 / crop area).
             scores = 1 / amg.box_area(data["crop_boxes"])
@@ -182,11 +190,21 @@ class AutomaticMaskGenerator:
             data.filter(keep)
         return data
 
-    def _process_crop(self, image: np.ndarray, crop_box: list[int], layer_idx: int, orig_size: tuple[int, ...]) -> MaskData:
+    def _process_crop(
+        self,
+        image: np.ndarray,
+        crop_box: list[int],
+        layer_idx: int,
+        orig_size: tuple[int, ...],
+        embedding: ImageEmbedding | None = None,
+    ) -> MaskData:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
-        self.predictor.set_image(crop)
+        if embedding is not None:
+            self.predictor.set_embedding(embedding)
+        else:
+            self.predictor.set_image(crop)
         points_scale = np.array(crop_size)[None, ::-1]  # (1, 2) as (w, h)
         points = self.point_grids[layer_idx] * points_scale  # (P, 2) pixels in the crop
         data = MaskData()

@@ -1,21 +1,33 @@
 """`python -m miniflorence`: the whole pipeline (processor -> model -> generate -> post-process ->
-drawing) on random tiny weights and on a converted checkpoint, plus its error paths."""
+drawing) on random tiny weights and on a converted checkpoint; batches of images, folders and
+--jsonl requests equal the one-image runs; plus its error paths (more in test_florence_bad_inputs.py)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, shared_path
-from florence_utils import single_thread
+from florence_utils import save_tiny_checkpoint, single_thread, snapshot
 from PIL import Image
 
 from checkpoint_format import save_converted
-from miniflorence import CONFIGS, Florence2, tiny_config
+from miniflorence import (
+    CONFIGS,
+    Florence2,
+    Processor,
+    Tokenizer,
+    load_florence2,
+    tiny_config,
+)
 from miniflorence.__main__ import draw_results, main
+from miniflorence.processor import TASK_PROMPTS, any_task_prompt
+from train.florence2_data import parse_line, prompt_text
 
 TOKENIZER = ("assets", "tokenizer", "florence2")
 CAR = ("assets", "images", "florence", "car.jpg")
@@ -75,14 +87,13 @@ def test_bf16_compiled_random_weights(capsys, monkeypatch) -> None:
     assert set(json.loads(capsys.readouterr().out)) == {"<OD>"}
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--dtype", "fp16"], "invalid choice: 'fp16'"),
-    (["--device", "gpu0"], "is not a device"),
-])
-def test_bad_fast_path_flags_are_one_line(flags: list[str], message: str, capsys) -> None:
+def test_bad_fast_path_flags_are_one_line(capsys) -> None:
     with pytest.raises(SystemExit):
-        main(["--random-weights", "base", "tok", "img.png", *flags])
-    assert message in capsys.readouterr().err
+        main(["--random-weights", "base", "tok", "img.png", "--dtype", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    assert main(["--random-weights", "base", "tok", "img.png", "--device", "gpu0"]) == 1
+    err = capsys.readouterr().err
+    assert "is not a device" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
@@ -94,7 +105,9 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
 
 def test_wrong_number_of_paths_and_test_sizes_are_refused() -> None:
     with pytest.raises(SystemExit):
-        main(["--random-weights", "base", "a", "b", "c"])
+        main(["--random-weights", "base", "a"])  # TOKENIZER_DIR without an image (several images are fine)
+    with pytest.raises(SystemExit):
+        main(["--random-weights", "base", "a", "b", "--jsonl", "r.jsonl"])  # images come from --jsonl
     with pytest.raises(SystemExit):
         main(["--random-weights", "tiny", "a", "b"])  # the test-only size is not offered
 
@@ -117,3 +130,139 @@ def test_drawing_boxes_quads_and_polygons() -> None:
 def test_module_runs_as_a_program() -> None:
     done = subprocess.run([sys.executable, "-m", "miniflorence", "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert done.returncode == 0 and "--random-weights" in done.stdout
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+SIZE = 96
+REQUESTS = [  # mixed tasks: prompts of different lengths are padded together
+    {"image": "images/car.png", "task": "<OD>"},
+    {"image": "images/gray.png", "task": "<CAPTION_TO_PHRASE_GROUNDING>", "text": "a red car parked on the road"},
+    {"image": "images/crop.jpg", "task": "<DocVQA>", "text": "What is the total?"},
+    {"image": "images/rgba.png", "task": "<CAPTION>"},
+    {"image": "images/car.png", "task": "<OCR_WITH_REGION>"},
+]
+
+
+@pytest.fixture(scope="module")
+def batch_setup(tmp_path_factory) -> Path:
+    """A tiny model whose answers depend on the image and whose rows end at different lengths.
+
+    Random tiny weights barely look at the image and rarely end early: the image projection is scaled
+    up, and an EOS bias (in `final_logits_bias`, saved with the weights) is chosen from a few values
+    so that, one image at a time, some answers end early and others run to --max-new-tokens."""
+    root = tmp_path_factory.mktemp("florence_batch")
+    (root / "images").mkdir()
+    car = Image.open(shared_path(*CAR)).convert("RGB")
+    car.resize((160, 100)).save(root / "images" / "car.png")
+    car.convert("L").resize((90, 120)).save(root / "images" / "gray.png")
+    car.crop((100, 100, 400, 300)).save(root / "images" / "crop.jpg")
+    car.convert("RGBA").resize((64, 64)).save(root / "images" / "rgba.png")
+    (root / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in REQUESTS), encoding="utf-8")
+    model = save_tiny_checkpoint(root / "tiny.safetensors", image_size=SIZE)
+    tokenizer = Tokenizer.from_dir(shared_path(*TOKENIZER))
+    processor = Processor(tokenizer, SIZE)
+    for bias in (16.0, 16.3, 16.6, 15.5, 17.0):
+        with torch.no_grad():
+            model.image_projection.copy_(model.image_projection * 30 / model.image_projection.abs().max())
+            model.language_model.final_logits_bias.zero_()
+            model.language_model.final_logits_bias[0, 2] = bias
+        lengths = set()
+        for r in REQUESTS:
+            inputs = processor.tokenizer(any_task_prompt(r["task"], r.get("text")))
+            ids = model.generate(processor.preprocess(root / r["image"]), inputs["input_ids"], inputs["attention_mask"],
+                                 max_new_tokens=12, num_beams=1)
+            lengths.add(ids.shape[1])
+        if len(lengths) > 1:
+            break
+    assert len(lengths) > 1, "no EOS bias made the answers end at different lengths"
+    tensors = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    save_converted(root / "tiny.safetensors", tensors, "florence2", model.config.to_dict())
+    return root
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) -> None:
+    """--jsonl in batches of 3 (one of 3 with padded prompts, one of 2) = batches of 1 = the single-image CLI."""
+    root = batch_setup
+    base = [root / "tiny.safetensors", shared_path(*TOKENIZER), "--jsonl", root / "requests.jsonl",
+            "--max-new-tokens", "12", "--num-beams", str(num_beams)]
+    before = snapshot(root)
+    code, _, err = run_cli([*base, "--batch-size", "3", "--out", root / "batched.jsonl"], capsys)
+    assert code == 0, err
+    after = snapshot(root)
+    assert set(after) - set(before) == {"batched.jsonl"} and all(after[k] == v for k, v in before.items())
+    batched = [json.loads(line) for line in (root / "batched.jsonl").read_text(encoding="utf-8").splitlines()]
+    code, one_by_one, err = run_cli([*base, "--batch-size", "1"], capsys)  # to stdout
+    assert code == 0, err
+    assert [json.loads(line) for line in one_by_one.splitlines()] == batched
+    assert [(b["image"], b["task"], b["text"]) for b in batched] == [(r["image"], r["task"], r.get("text")) for r in REQUESTS]
+    assert len({len(b["generated"]) for b in batched}) > 1  # rows of different lengths were padded together
+    for request, record in zip(REQUESTS, batched):
+        text = ["--text", request["text"]] if "text" in request else []
+        code, single, err = run_cli([root / "tiny.safetensors", shared_path(*TOKENIZER), root / request["image"],
+                                     "--task", request["task"], *text, "--max-new-tokens", "12",
+                                     "--num-beams", str(num_beams)], capsys)
+        assert code == 0, err
+        assert json.loads(single) == record["result"]
+        assert record["generated"].startswith("</s><s>") and record["generated"].endswith("</s>")
+        assert "<pad>" not in record["generated"]  # the batch's padding is not part of an answer
+    (root / "batched.jsonl").unlink()
+
+
+def test_images_and_folders_in_one_run(batch_setup: Path, capsys) -> None:
+    root = batch_setup
+    code, out, err = run_cli([root / "tiny.safetensors", shared_path(*TOKENIZER), root / "images", root / "images" / "car.png",
+                              "--task", "<DocVQA>", "--text", "How many cars?", "--batch-size", "2",
+                              "--max-new-tokens", "6", "--num-beams", "1"], capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    names = sorted(p.name for p in (root / "images").iterdir()) + ["car.png"]
+    assert [Path(r["image"]).name for r in records] == names
+    for r in records:  # a fine-tune's task: its answer is the text between <s> and </s>
+        assert r["task"] == "<DocVQA>" and r["text"] == "How many cars?"
+        assert r["result"] == {"<DocVQA>": r["generated"].replace("<s>", "").replace("</s>", "").strip()}
+
+
+def test_generation_options_reach_generate(batch_setup: Path, capsys) -> None:
+    """The CLI's answer equals `Florence2.generate` called with the same options through the Python API."""
+    root = batch_setup
+    model = load_florence2(root / "tiny.safetensors")
+    processor = Processor(Tokenizer.from_dir(shared_path(*TOKENIZER)), SIZE)
+    image = root / "images" / "car.png"
+    for options in ({"num_beams": 2, "no_repeat_ngram_size": 0, "max_new_tokens": 7},
+                    {"num_beams": 1, "no_repeat_ngram_size": 1, "max_new_tokens": 9}):
+        inputs = processor("<OD>", image)
+        ids = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **options)
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
+        code, out, err = run_cli([root / "tiny.safetensors", shared_path(*TOKENIZER), image, image, "--task", "<OD>",
+                                  *flags], capsys)
+        assert code == 0, err
+        expected = processor.tokenizer.decode(ids[0], skip_special_tokens=False)
+        assert [json.loads(line)["generated"] for line in out.splitlines()] == [expected, expected]
+
+
+def test_dtype_device_and_compile_flags(batch_setup: Path, capsys) -> None:
+    root = batch_setup
+    base = [root / "tiny.safetensors", shared_path(*TOKENIZER), root / "images" / "car.png", "--max-new-tokens", "4",
+            "--num-beams", "1", "--device", "cpu"]
+    code, out, err = run_cli([*base, "--dtype", "bf16"], capsys)
+    assert code == 0 and "<CAPTION>" in json.loads(out), err
+    if "compile" not in inspect.signature(load_florence2).parameters:
+        code, out, err = run_cli([*base, "--compile"], capsys)
+        assert code == 1 and "--compile" in err and out == ""
+
+
+def test_task_prompts_are_the_ones_training_uses() -> None:
+    """A fine-tune's task token is a prefix, as train.florence2 builds its prompts; official tasks use their template."""
+    _, prompt, _ = parse_line(json.dumps({"image": "a.png", "question": "What is the total?", "answer": "12"}), "<DocVQA>")
+    assert any_task_prompt("<DocVQA>", "What is the total?") == prompt
+    for task, template in TASK_PROMPTS.items():
+        text = "a green car" if "{input}" in template else None
+        assert any_task_prompt(task, text) == prompt_text(task + (text or ""))

@@ -20,6 +20,7 @@ import torch
 from conftest import shared_path
 from PIL import Image
 
+from miniflorence.images import ImageError
 from miniflorence.postprocess import (
     BANNED_GROUNDING_PHRASES,
     TASK_OUTPUT_KINDS,
@@ -253,7 +254,7 @@ def test_quantize_like_transformers(reference) -> None:
 def test_bad_inputs_are_clear_errors(tiny_processor: Processor) -> None:
     processor = tiny_processor
     image = Image.new("RGB", (8, 8))
-    with pytest.raises(TypeError, match="PIL image"):
+    with pytest.raises(ImageError, match="car.jpg: no such file"):  # a path is read with read_image
         processor("<OD>", "car.jpg")
     with pytest.raises(TypeError, match="PIL image"):
         processor("<OD>", torch.zeros(3, 8, 8))

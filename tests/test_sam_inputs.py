@@ -128,10 +128,39 @@ def test_set_torch_image_checks_its_input(ours) -> None:
 # --- prompts -------------------------------------------------------------------------------
 
 
-def test_points_outside_the_image_are_allowed(pair, photo) -> None:
-    official, ours = pair
-    prompt = dict(point_coords=np.array([[-40.0, 10.0], [500.0, 300.0]]), point_labels=np.array([1, 0]))
+def test_prompts_on_the_border_are_inside(pair, photo) -> None:
+    official, ours = pair  # the image spans [0, W] x [0, H]: both ends count as inside
+    h, w = photo.shape[:2]
+    prompt = dict(point_coords=np.array([[0.0, 0.0], [w, h]]), point_labels=np.array([1, 0]))
     assert_same(predict(ours, photo, **prompt), predict(official, photo, **prompt))
+    assert_same(predict(ours, photo, box=np.array([0, 0, w, h])), predict(official, photo, box=np.array([0, 0, w, h])))
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (dict(point_coords=np.array([[-40.0, 10.0], [50.0, 30.0]]), point_labels=np.array([1, 0])), r"point_coords\[0\].*\(-40, 10\).*200x134"),
+        (dict(point_coords=np.array([[5.0, 5.0], [500.0, 300.0]]), point_labels=np.array([1, 0])), r"point_coords\[1\].*outside the 200x134"),
+        (dict(point_coords=np.array([[200.01, 5.0]]), point_labels=np.array([1])), r"point_coords\[0\]"),
+        (dict(point_coords=np.array([[1e300, 5.0]]), point_labels=np.array([1])), r"point_coords.*too large"),
+        (dict(box=np.array([-1.0, 2.0, 30.0, 40.0])), r"box: .*outside the 200x134"),
+        (dict(box=np.array([10.0, 2.0, 30.0, 135.0])), r"box: .*outside"),
+        (dict(box=np.array([30.0, 2.0, 10.0, 40.0])), r"box: .*inverted"),
+        (dict(box=np.array([10.0, 40.0, 30.0, 40.0])), r"box: .*empty"),
+    ],
+)
+def test_prompts_outside_the_image_are_refused(ours, photo, prompt: dict, message: str) -> None:
+    ours.set_image(photo)  # the official predictor answers these with masks of a place not in the picture
+    with pytest.raises(ValueError, match=message):
+        ours.predict(**prompt)
+
+
+def test_predict_boxes_refuses_bad_boxes(ours, photo) -> None:
+    ours.set_image(photo)
+    with pytest.raises(ValueError, match=r"boxes\[1\]: .*inverted"):
+        ours.predict_boxes(np.array([[0, 0, 10, 10], [50, 50, 40, 60]]))
+    with pytest.raises(ValueError, match=r"boxes\[0\]: .*outside"):
+        ours.predict_boxes(np.array([[0, 0, 201, 10]]))
 
 
 def test_lists_and_box_shapes_are_accepted(pair, photo) -> None:

@@ -125,8 +125,13 @@ def test_bad_images_are_skipped(setup: dict, tmp_path: Path) -> None:
     Image.new("RGB", (8, 8)).save(data / "blue" / "tiny.png")
     r = train_convvit.train(settings(setup, tmp_path / "out", data=str(data), epochs=1), common.Dist())
     assert r["skipped"] == {"unreadable image": 1, "image smaller than 32 px": 1}
-    with pytest.raises(ValueError, match="differ"):
+    with pytest.raises(ValueError, match="lie directly in the folder"):  # a flat folder is not a class folder
         train_convvit.train(settings(setup, tmp_path / "out2", val_data=str(setup["root"] / "train" / "red")), common.Dist())
+    two_classes = tmp_path / "two_classes"
+    shutil.copytree(setup["root"] / "val" / "red", two_classes / "red")
+    shutil.copytree(setup["root"] / "val" / "blue", two_classes / "blue")
+    with pytest.raises(ValueError, match="differ"):
+        train_convvit.train(settings(setup, tmp_path / "out3", val_data=str(two_classes)), common.Dist())
 
 
 def test_resume_is_exact_with_drop_path(setup: dict, tmp_path: Path) -> None:

@@ -1,6 +1,12 @@
 """What every training script here shares, in one small module, model-agnostic.
 
-- settings: a dataclass of settings with `--field value` command-line overrides;
+- settings: a dataclass of settings with `--field value` command-line overrides, each value
+  checked before anything runs (`check_settings`);
+- the run folder: a new run never replaces another's checkpoints unless asked (`--overwrite`);
+  `--resume` refuses settings that would change the run (`RESUME_MAY_CHANGE` lists what may
+  differ) and cuts `metrics.jsonl` back to the checkpoint; temporary files of a killed write are
+  removed at the next start;
+- `run_script`: a user error is one line on stderr, Ctrl-C says where the run stopped (exit 130);
 - seeding and RNG states (saved as tensors, so checkpoints load with `weights_only=True`);
 - distributed set-up/teardown for `torchrun` (gloo on CPU, nccl on GPU) and rank-0 helpers;
 - the pieces of every script's epoch loop, each small enough that the loop itself stays in the
@@ -12,7 +18,8 @@
 - the learning-rate schedule (linear warmup, then cosine or linear decay);
 - a guard that stops the run on a NaN/inf loss;
 - loss/metric curves drawn with PIL (matplotlib is not a dependency);
-- `Skipped`: the counts of unusable inputs that every script's data reader skips instead of crashing.
+- `Skipped`: the counts of unusable inputs that every script's data reader skips instead of crashing,
+  and `check_image`, the up-front check of one image file.
 """
 
 from __future__ import annotations
@@ -25,12 +32,17 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 import typing
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -43,40 +55,112 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from checkpoint_format import CheckpointError, check_tensors
+
 S = TypeVar("S")
 
 # ----------------------------------------------------------------------------- settings
 
 
-def parse_settings(cls: type[S], argv: Sequence[str] | None = None) -> S:
-    """Build the dataclass `cls` from its defaults and `--field value` overrides.
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error as one line (argparse prints the whole usage block first)."""
 
-    Booleans take `--field` / `--no-field`; `str | None` fields accept the string "none".
-    An unknown option is an error (argparse prints the valid ones).
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def script_name(cls: type) -> str:
+    """`python -m train.sam` for a class defined in train/sam.py, also when it runs as `__main__`."""
+    module = cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else Path(sys.argv[0]).stem
+    return f"python -m {module}"
+
+
+def parse_command_line(cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None) -> tuple[S, set[str]]:
+    """The dataclass `cls` from its defaults and `--field value` overrides, and the names of the
+    fields given on the command line (`--resume` takes the others from the checkpoint).
+
+    Booleans take `--field` / `--no-field`; `str | None` fields accept the string "none". The help
+    shows the class docstring (what the data must look like) and, per option, the comment after
+    the field in the source. An unknown option or a value of the wrong type is one line on stderr
+    and exit status 2. `prog`: the command in messages (default: `script_name(cls)`).
     """
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip().split("\n")[0])
+    parser = _Parser(prog=prog or script_name(cls), description=inspect.cleandoc(cls.__doc__ or ""),
+                     formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
     try:  # the comment after each field in the source is its help text
         source = inspect.getsource(cls)
     except (OSError, TypeError):
         source = ""
     comments = dict(re.findall(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE))
+    defaults = {}
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
         args = typing.get_args(hint)
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{comments.get(field.name, '')} (default: {field.default})".strip()
+        defaults[field.name] = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        help_text = f"{comments.get(field.name, '')} (default: {defaults[field.name]})".strip()
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
             def convert(text: str, base: type = base, optional: bool = optional) -> Any:
                 return None if optional and text.lower() == "none" else base(text)
 
-            parser.add_argument(flag, type=convert, default=field.default, metavar=base.__name__.upper(), help=help_text)
-    parsed = parser.parse_args(list(argv) if argv is not None else None)
-    return cls(**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(cls)})
+            convert.__name__ = base.__name__  # argparse says "invalid int value: 'x'"
+            parser.add_argument(flag, type=convert, metavar=base.__name__.upper(), help=help_text)
+    given = vars(parser.parse_args(list(argv) if argv is not None else None))
+    return cls(**{**defaults, **given}), set(given)
+
+
+def parse_settings(cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None) -> S:
+    """Build the dataclass `cls` from its defaults and `--field value` overrides (`parse_command_line`)."""
+    return parse_command_line(cls, argv, prog)[0]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# Limits every script's settings share (where it has the field); each script adds its own.
+COMMON_LIMITS = {"seed": "[0,4294967295]", "epochs": ">=1", "batch_size": ">=1", "accum_steps": ">=1",
+                 "workers": ">=0", "save_every": ">=0", "stop_after": ">=0"}
+
+
+def _within(value: float, rule: str) -> bool:
+    """`rule` is ">=A", ">A", or an interval such as "[A,B)" / "(A,B]"."""
+    if rule.startswith(">"):
+        bound = float(rule.lstrip(">="))
+        return value >= bound if rule.startswith(">=") else value > bound
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    above = value >= low if rule[0] == "[" else value > low
+    below = value <= high if rule[-1] == "]" else value < high
+    return above and below
+
+
+def check_settings(s: Any, limits: dict[str, str], choices: dict[str, Sequence[str]]) -> None:
+    """Refuse a bad value before anything runs, with one line naming the option and what is allowed.
+
+    Every float must be finite; `choices` maps a field to its allowed strings; `limits` (over
+    `COMMON_LIMITS`) maps a field to a rule: ">=1", ">0", "[0,1)", "(0,1]", ... A None value (an
+    optional setting left unset) passes.
+    """
+    for field in dataclasses.fields(s):
+        value = getattr(s, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{_flag(field.name)} must be a finite number, not {value}")
+    for name, allowed in choices.items():
+        if getattr(s, name) not in allowed:
+            raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; not {getattr(s, name)!r}")
+    rules = {**{k: v for k, v in COMMON_LIMITS.items() if hasattr(s, k)}, **limits}
+    for name, rule in rules.items():
+        value = getattr(s, name)
+        if value is not None and not _within(value, rule):
+            where = f">= {rule[2:]}" if rule.startswith(">=") else f"> {rule[1:]}" if rule[0] == ">" else f"in {rule}"
+            raise ValueError(f"{_flag(name)} must be {where}, not {value}")
 
 
 # ----------------------------------------------------------------------------- seeds and RNG
@@ -140,10 +224,16 @@ def setup_distributed(device: str = "auto") -> Dist:
     """Join the process group when started by `torchrun` (it sets RANK/WORLD_SIZE/LOCAL_RANK).
 
     `device` "auto" picks CUDA when available, else CPU; the backend follows the device
-    (nccl for CUDA, gloo for CPU).
+    (nccl for CUDA, gloo for CPU). A device that is not there is a ValueError saying so.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -162,20 +252,58 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (its lines joined by '; ')."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def run_script(settings_cls: type[S], train: Callable[[S, Dist], dict], argv: Sequence[str] | None = None) -> dict:
     """Every script's `main`: parse the settings, join the process group, train, leave the group.
 
-    Bad input (unusable data, missing files, a non-finite loss) ends the run with a one-line
-    message instead of a traceback.
+    - `--resume` takes every setting not given on the command line from OUT/last.pt
+      (`settings_to_resume`); `train` then refuses given ones that would change the run.
+    - A user error (bad settings or data, a missing or damaged file, a non-finite loss) ends the
+      run with one line on stderr and exit status 1, never a traceback.
+    - Ctrl-C (SIGINT) ends it with "interrupted at step N; the last checkpoint is step M; rerun
+      with --resume" and exit status 130. The checkpoint on disk is whole: it is only ever
+      replaced by a rename, and an interrupted write leaves no temporary file.
+
+    Under torchrun every rank runs this. An error reaches every rank (they read the same files
+    and agree on a NaN loss), and each prints its line, prefixed with "[rank R]". Ctrl-C in the
+    terminal reaches every rank: rank 0 prints where the run stopped, the others leave quietly,
+    all with status 130 (a rank whose collective fails because a peer left first counts as
+    interrupted too); torchrun then reports the stopped ranks in its own words.
     """
-    s = parse_settings(settings_cls, argv)
-    d = setup_distributed(s.device)
+    interrupted: list[int] = []
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt) if _main_thread() else None
+    s = None
     try:
-        return train(s, d)
-    except (NonFiniteLossError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from e
+        s, given = parse_command_line(settings_cls, argv)
+        if s.resume:
+            s = settings_to_resume(s, given)
+        return train(s, setup_distributed(s.device))
+    except (KeyboardInterrupt, Exception) as e:
+        if interrupted or isinstance(e, KeyboardInterrupt):
+            if _rank() == 0:
+                print(interrupted_message(Path(s.out) if s is not None else None), file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+        if not isinstance(e, (NonFiniteLossError, ValueError, OSError)):
+            raise  # a bug, not a user error: its traceback helps
+        where = f"[rank {_rank()}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        raise SystemExit(f"{where}{script_name(settings_cls)}: error: {one_line(e)}") from None
     finally:
         teardown_distributed()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def barrier() -> None:
@@ -238,8 +366,35 @@ def log(message: str) -> None:
 
 
 def progress(iterable: Iterable, total: int | None = None, desc: str = "", enabled: bool = True) -> Iterable:
-    """A tqdm progress bar on rank 0 (and only when `enabled`); the bare iterable elsewhere."""
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not enabled or _rank() != 0)
+    """A tqdm progress bar on rank 0, only when `enabled` and stderr is a terminal (a bar redrawn
+    into a log file or a pipe is noise); the bare iterable elsewhere."""
+    shown = enabled and _rank() == 0 and sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not shown)
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A JSON file holding one object (a config); a missing or malformed file is one line naming it
+    and `what` it should hold."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected {what})")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"{path}: not {what}: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a JSON {type(obj).__name__}, expected {what}")
+    return obj
+
+
+def read_config(path: str | os.PathLike, from_dict: Callable[[dict[str, Any]], S], what: str) -> S:
+    """A model config from a JSON file of its fields (`from_dict`, e.g. `ConvMAEConfig.from_dict`); a
+    missing or malformed file, or a field or value `what` refuses, is one line naming the file."""
+    fields = read_json_object(path, f"an object of {what} fields")
+    try:
+        return from_dict(fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: {one_line(e)}") from None
 
 
 def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -251,19 +406,26 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """`torch.save` to a temporary file in the same folder, flush it to disk, then rename.
+# A temporary file of ours: the final name + 8 characters of `tempfile.mkstemp` + ".tmp"
+# (`atomic_file` here, `checkpoint_format.save_file_atomic` for .safetensors).
+TEMP_NAME = re.compile(r".+\.(pt|safetensors|json|jsonl|png)[a-z0-9_]{8}\.tmp")
 
-    `os.replace` is atomic, so the file under `path` is always a complete checkpoint: the one
-    before this call or this one. `state` must hold only tensors and plain containers, so
-    that `load_checkpoint` can read it with `weights_only=True`.
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> typing.Iterator[typing.BinaryIO]:
+    """A binary file that appears under `path` only once complete.
+
+    It is written to a temporary file in the same folder (`TEMP_NAME`), flushed to disk, then
+    renamed over `path`: `os.replace` is atomic, so `path` always holds the previous content or
+    the new one. An exception (Ctrl-C included) removes the temporary file; one left by a killed
+    process is removed at the next start (`remove_temp_files`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -272,15 +434,58 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
             os.remove(tmp)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint` (tensors only: `weights_only=True`)."""
+def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (`TEMP_NAME`) that killed writes left under `folder`; returns them."""
+    folder = Path(folder)
+    found = [p for p in folder.rglob("*.tmp") if p.is_file() and TEMP_NAME.fullmatch(p.name)] if folder.is_dir() else []
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """`torch.save` through `atomic_file`: the file under `path` is always a complete checkpoint,
+    the one before this call or this one. `state` must hold only tensors and plain containers, so
+    that `load_checkpoint` can read it with `weights_only=True`."""
+    with atomic_file(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint`: `torch.load(weights_only=True, map_location="cpu")`.
+
+    Nothing in the file is ever executed: a pickle of other objects than tensors and plain
+    containers is refused, as is a damaged file, each with a one-line `CheckpointError`; a missing
+    file is a `FileNotFoundError`. `mmap=True` leaves the tensors in the file until they are used
+    (to read a few small entries of a large checkpoint).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint to resume from")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (a write killed before it began?)")
+    if mmap and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a checkpoint written by torch.save (no zip archive; truncated or damaged?)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns in several lines about old pickle protocols
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:  # torch's text would advise turning the protection off: not repeated
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(f"{path}: holds a Python object ({found.group(1)}), not only tensors and plain "
+                                  "containers; it will not be unpickled") from None
+        raise CheckpointError(f"{path}: not a pickle of tensors and plain containers (damaged, or written by another "
+                              "program); it will not be unpickled") from None
+    except Exception as e:  # truncated or damaged: RuntimeError, EOFError, zipfile and struct errors...
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or damaged?): {reason}") from None
 
 
 # ----------------------------------------------------------------------------- schedule and guard
+
+
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -339,15 +544,167 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
-def start_run(settings: Any, d: Dist) -> Path:
-    """Seed every RNG with `settings.seed`; rank 0 makes the folder `settings.out` and writes the
-    settings there (`settings.json`). Returns the folder."""
-    out = Path(settings.out)
-    if d.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "settings.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2))
+# A run's checkpoints: a new run into a folder holding any of them is refused unless --overwrite.
+RUN_FILES = ("last.pt", "best.safetensors", "convmae.safetensors")
+# Settings that may differ on --resume: they cannot change what is trained, only where it is
+# written and how it is shown. The output folder (it may have moved), when last.pt is written and
+# where the run stops (resuming is exact from any step), the progress bar, the DataLoader workers
+# (every random draw of a sample comes from its own seeded generator, never from a worker's RNG),
+# the evaluation before training (done by the first start only), and the flags of starting itself.
+# Besides these, --epochs may be raised (the schedule then stretches to the new end); any other
+# difference is refused, listed as "--setting: saved -> given", as is another number of torchrun
+# processes (the checkpoint counts its place in an epoch in per-process batches).
+RESUME_MAY_CHANGE = frozenset({"out", "resume", "overwrite", "save_every", "stop_after", "progress", "workers",
+                               "val_before"})
+# The checkpoint entries that `run_state` writes.
+RUN_STATE_KEYS = ("optimizer", "scheduler", "step", "epoch", "micro", "history", "rng", "settings")
+# Where the run in this process stands (optimizer steps done), for the message on Ctrl-C.
+_RUN = {"step": 0}
+
+
+def settings_changes(saved: dict[str, Any], settings: Any) -> list[str]:
+    """The differences between the settings in a checkpoint and `settings` that would change the
+    run, as "--setting: saved -> given" (see `RESUME_MAY_CHANGE`). A setting the checkpoint lacks
+    (added to the script since) counts as its default; one the script lacks is a difference."""
+    changes = []
+    for field in dataclasses.fields(settings):
+        given = getattr(settings, field.name)
+        old = saved.get(field.name, field.default)
+        if field.name in RESUME_MAY_CHANGE or old == given or (field.name == "epochs" and given > old):
+            continue
+        changes.append(f"{_flag(field.name)}: {old!r} -> {given!r}")
+    known = {field.name for field in dataclasses.fields(settings)}
+    changes += [f"{_flag(name)}: {value!r} -> (not a setting of this script)" for name, value in saved.items()
+                if name not in known]
+    return changes
+
+
+def check_run_state(state: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """`state` if it is what `run_state` writes, else a one-line CheckpointError."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a training checkpoint (last.pt)")
+    missing = [k for k in RUN_STATE_KEYS if k not in state]
+    if missing or not isinstance(state["settings"], dict):
+        lacks = ", ".join(missing) or "settings"
+        raise CheckpointError(f"{path}: not a training checkpoint (last.pt): it lacks {lacks}")
+    return state
+
+
+def settings_to_resume(settings: S, given: set[str]) -> S:
+    """`--resume` on the command line: the settings saved in OUT/last.pt, except those `given`
+    (so that `--resume` alone continues the run as it was started) and those that belong to one
+    start (--out, --resume, --overwrite, --stop-after)."""
+    last = Path(settings.out) / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"{last}: no checkpoint to resume from; start a new run without --resume")
+    saved = check_run_state(load_checkpoint(last, mmap=True), last)["settings"]
+    per_start = {"out", "resume", "overwrite", "stop_after"}
+    taken = {field.name for field in dataclasses.fields(settings)} - given - per_start
+    return dataclasses.replace(settings, **{k: v for k, v in saved.items() if k in taken})
+
+
+def start_run(
+    settings: Any, d: Dist, limits: dict[str, str] | None = None, choices: dict[str, Sequence[str]] | None = None
+) -> tuple[Path, dict[str, Any] | None]:
+    """Check everything that can be checked before the data, and seed every RNG with `settings.seed`.
+
+    - every setting (`check_settings` with the script's `limits` and `choices`);
+    - `--resume`: OUT/last.pt must be a readable training checkpoint, and the settings must not
+      differ from its own in anything that changes the run (`settings_changes`: all are listed);
+    - a new run: OUT must not hold another run's checkpoints (`RUN_FILES`) unless `--overwrite`.
+    Writes nothing (`begin_run` does, once the data are checked too). Returns the folder and the
+    checkpoint to resume from (None for a new run).
+    """
+    check_settings(settings, limits or {}, choices or {})
+    out, overwrite = Path(settings.out), getattr(settings, "overwrite", False)
+    last = out / "last.pt"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; expected a folder for the run's outputs")
+    _RUN["step"] = 0
+    state = None
+    if settings.resume and overwrite:
+        raise ValueError("--resume and --overwrite: choose one (continue the run in --out, or start it again there)")
+    if settings.resume:
+        if not last.is_file():
+            raise FileNotFoundError(f"{last}: no checkpoint to resume from; start a new run without --resume")
+        state = check_run_state(load_checkpoint(last), last)
+        changes = settings_changes(state["settings"], settings)
+        if state.get("world_size", 1) != d.world_size:  # where an epoch stands is counted in per-process batches
+            changes.append(f"processes (torchrun --nproc_per_node): {state.get('world_size', 1)} -> {d.world_size}")
+        if changes:
+            raise ValueError(f"{last}: --resume with settings that change the run: {', '.join(changes)}; "
+                             "resume without them (only --epochs may be raised) or start a new run in another --out")
+        _RUN["step"] = state["step"]
+    elif not overwrite:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found:
+            raise ValueError(f"--out {out}: holds a previous run ({', '.join(found)}); continue it with --resume, "
+                             "or pass --overwrite to start again there (its checkpoints are replaced)")
     seed_everything(settings.seed)
-    return out
+    return out, state
+
+
+def begin_run(out: Path, settings: Any, state: dict[str, Any] | None, d: Dist) -> None:
+    """Rank 0 prepares the folder `out` once the settings and the data are checked: removes the
+    temporary files of killed writes, removes a previous run's checkpoints and metrics (a new run:
+    only there with --overwrite, `start_run`), or, on resume, cuts `metrics.jsonl` back to the
+    checkpoint (`cut_metrics`: no step twice); then writes `settings.json`. Every rank waits."""
+    if d.is_main:
+        stale = remove_temp_files(out)
+        if stale:
+            names = ", ".join(p.name for p in stale[:3])
+            log(f"removed {len(stale)} temporary file(s) of an interrupted write: {names}")
+        out.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            for name in (*RUN_FILES, "metrics.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        else:
+            cut_metrics(out / "metrics.jsonl", state["step"], state["epoch"])
+        with atomic_file(out / "settings.json") as f:
+            f.write(json.dumps(dataclasses.asdict(settings), indent=2).encode())
+    barrier()
+
+
+def cut_metrics(path: Path, step: int, epochs_done: int) -> None:
+    """Keep the records of `metrics.jsonl` that a checkpoint at optimizer step `step`, after
+    `epochs_done` whole epochs, had seen: step records up to `step`, epoch records up to
+    `epochs_done`. The rest was written after the checkpoint and will be written again by the
+    resumed run; a line cut short by a kill goes too. Rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and (record["epoch"] <= epochs_done if "epoch" in record
+                                         else record.get("step", 0) <= step):
+            kept.append(line + "\n")
+    with atomic_file(path) as f:
+        f.write("".join(kept).encode())
+
+
+def interrupted_message(out: Path | None) -> str:
+    """What Ctrl-C prints: the step reached and the step of the checkpoint on disk."""
+    where = f"interrupted at step {_RUN['step']}"
+    last = out / "last.pt" if out is not None else None
+    try:
+        saved = load_checkpoint(last, mmap=True)["step"] if last is not None else None
+    except Exception:  # none written yet, or not readable: say so below
+        saved = None
+    if saved is not None:
+        return f"{where}; the last checkpoint is step {saved}; rerun with --resume"
+    if out is not None and any((out / name).exists() for name in RUN_FILES):
+        return f"{where}; no checkpoint of this run was written yet; rerun with --overwrite to start again"
+    return f"{where}; no checkpoint was written yet; rerun to start again"
+
+
+def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Copy a checkpoint's model tensors into `model` (in place: the optimizer keeps its parameters),
+    after checking every name and shape (a one-line CheckpointError naming the misfits)."""
+    check_tensors({k: tuple(v.shape) for k, v in model.state_dict().items()}, tensors, f"{path}: the model")
+    model.load_state_dict(tensors)
 
 
 def steps_per_epoch(n_samples: int, batch_size: int, accum_steps: int, d: Dist) -> tuple[int, int]:
@@ -396,6 +753,7 @@ def optimizer_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    _RUN["step"] = scheduler.last_epoch
     return scheduler.last_epoch, lr, grad_norm.item()
 
 
@@ -440,10 +798,12 @@ def run_state(
     micro: int, history: dict[str, list], settings: Any,
 ) -> dict[str, Any]:
     """What `last.pt` holds besides the model: optimizer, schedule, where the loop stands (the next
-    micro-batch `micro` of `epoch`), the history, the RNG states and the settings."""
+    micro-batch `micro` of `epoch`, counted in the batches of this many processes), the history,
+    the RNG states and the settings."""
     return {
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch,
         "micro": micro, "history": history, "rng": rng_state(), "settings": dataclasses.asdict(settings),
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
     }
 
 
@@ -454,6 +814,7 @@ def resume(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    _RUN["step"] = state["step"]
     log(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['micro']})")
     return state["step"], state["epoch"], state["micro"]
 
@@ -532,13 +893,26 @@ def save_curves(
             for px, py in xy if len(xy) <= 60 else []:
                 draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
             draw.text((x1 - 110, y0 + 6 + 14 * j), name, fill=colour)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
 
 
 # ----------------------------------------------------------------------------- skipped inputs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def check_image(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file that decodes to the end; raises (OSError, PIL's errors...) otherwise.
+
+    Decoding is what finds a truncated file (its header reads fine); a JPEG is decoded at 1/8
+    scale (`draft`), which is quick and reads every byte, other formats in full.
+    """
+    with Image.open(path) as im:
+        size = im.size
+        im.draft("RGB", (1, 1))
+        im.load()
+    return size
 
 
 class Skipped(collections.Counter):

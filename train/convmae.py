@@ -2,8 +2,11 @@
 
 The recipe of Alpha-VL/ConvMAE `main_pretrain.py` + `engine_pretrain.py` (itself MAE's, He et
 al. 2022, appendix A.1), with the fixes users ask for:
-- data: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip + ImageNet normalisation
-  (`train.image_folder`); labels are ignored;
+- data: a folder of images, directly in it or in (class) sub-folders, labels unused; a
+  segmentation folder (images/ + masks/, as `train.sam` reads) gives its images/ only, never the
+  masks; a folder with no image file is refused. Every image is decoded once before training and
+  the unusable ones are skipped and counted. RandomResizedCrop(scale 0.2-1, bicubic) + horizontal
+  flip + ImageNet normalisation (`train.image_folder`);
 - AdamW, betas (0.9, 0.95), weight decay 0.05 except on biases and 1-D parameters (norms);
   lr = base_lr x effective batch / 256; per-iteration linear warmup then half-cycle cosine;
 - loss: MSE on normalised pixels (norm-pix) of the removed patches;
@@ -12,7 +15,9 @@ al. 2022, appendix A.1), with the fixes users ask for:
 - every epoch: the reconstruction loss of a fixed set of images with fixed masks, and a picture
   `recon_EEE.png` of original / masked / reconstruction / reconstruction + visible patches;
   `convmae.safetensors` (loadable by `convmae.load_convmae`, fine-tunable by `train.convvit`),
-  `last.pt` for `--resume`, `curves.png`, `metrics.jsonl`.
+  `last.pt` for `--resume`, `curves.png`, `metrics.jsonl`. A new run into a folder holding
+  another run's checkpoints needs `--overwrite`; `--resume` refuses settings that change the run
+  (`train.common.start_run`); Ctrl-C stops with the step of the checkpoint on disk.
 - `torchrun --nproc_per_node=N -m train.convmae ...` runs the same loop with DDP. Masking noise
   and crops come from generators seeded per sample, so N processes train exactly like one.
 
@@ -22,7 +27,6 @@ Legend: B images, L stage-3 tokens, P pixels per patch (16 * 16 * 3), g grid sid
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +38,18 @@ import convmae
 from checkpoint_format import save_converted
 from train import common
 from train.common import autocast
-from train.image_folder import ImageFolderDataset, denormalize, list_images, sample_generator
+from train.image_folder import ImageFolderDataset, denormalize, list_images, pretraining_roots, sample_generator
 
 
 @dataclass
 class Settings:
-    """Pretrain ConvMAE / FastConvMAE on an image folder."""
+    """Pretrain ConvMAE / FastConvMAE on an image folder.
+
+    --data (and --val-data): comma-separated folders of images (.jpg .jpeg .png .bmp .tif .tiff),
+    directly in each folder or in sub-folders (ImageNet's class folders: labels are unused). A
+    segmentation folder (images/ + masks/, as train.sam reads) gives its images/ only. Each image
+    is decoded once before training; unreadable and too small ones are skipped and counted.
+    """
 
     data: str = ""  # comma-separated image folders (class sub-folders allowed; labels unused)
     val_data: str = ""  # images for the fixed reconstruction check; "": the first training images
@@ -67,8 +77,14 @@ class Settings:
     workers: int = 0
     save_every: int = 0  # optimizer steps between last.pt writes; 0: once per epoch
     stop_after: int = 0  # stop after this many optimizer steps (as if interrupted); 0: never
-    resume: bool = False  # continue from OUT/last.pt
+    resume: bool = False  # continue from OUT/last.pt; settings not given are the checkpoint's
+    overwrite: bool = False  # start a new run in an --out that holds one (its checkpoints are replaced)
     progress: bool = True
+
+
+# What each setting may be (`train.common.check_settings`; seed, epochs, batch size... are checked there).
+LIMITS = {"image_size": ">=0", "mask_ratio": "(0,1)", "blr": ">0", "lr": ">0", "weight_decay": ">=0",
+          "warmup_epochs": ">=0", "clip_grad": ">=0", "min_side": ">=-1", "eval_images": ">=1"}
 
 
 def build_model(s: Settings) -> convmae.ConvMAE:
@@ -81,7 +97,7 @@ def build_model(s: Settings) -> convmae.ConvMAE:
         model.load_state_dict(loaded.state_dict())
         return model
     if s.model.endswith(".json"):
-        config = convmae.ConvMAEConfig.from_dict(json.loads(Path(s.model).read_text()))
+        config = common.read_config(s.model, convmae.ConvMAEConfig.from_dict, "ConvMAEConfig")
     elif s.model in convmae.CONFIGS:
         config = convmae.CONFIGS[s.model]
     else:
@@ -160,7 +176,7 @@ def save_picture(rows: torch.Tensor, path: Path) -> None:
 
 def train(s: Settings, d: common.Dist) -> dict:
     """The whole run; returns the history and the fixed-set reconstruction loss before/after."""
-    out = common.start_run(s, d)
+    out, state = common.start_run(s, d, LIMITS)
     last_path = out / "last.pt"
 
     # ---- model and data; unreadable or too-small images are skipped and counted
@@ -168,8 +184,14 @@ def train(s: Settings, d: common.Dist) -> dict:
     c = model.config
     skipped = common.Skipped()
     min_side = c.image_size if s.min_side < 0 else s.min_side
-    items, _ = list_images([p for p in s.data.split(",") if p], skipped, min_side)
-    eval_items = list_images(s.val_data.split(","), skipped, min_side)[0] if s.val_data else items
+    if not s.data:
+        raise ValueError("--data is required: comma-separated folders of images")
+    roots, notes = pretraining_roots([p for p in s.data.split(",") if p])
+    val_roots, val_notes = pretraining_roots([p for p in s.val_data.split(",") if p])
+    for note in notes + val_notes:
+        common.log(note)
+    items, _ = list_images(roots, skipped, min_side)
+    eval_items = list_images(val_roots, skipped, min_side)[0] if val_roots else items
     train_set = ImageFolderDataset(items, c.image_size, train=True, scale=(0.2, 1.0), seed=s.seed)
     eval_set = ImageFolderDataset(eval_items[: s.eval_images], c.image_size, train=False)
     common.log(f"{type(model).__name__} {c.image_size}px, {len(train_set)} training images; skipped: {skipped.summary()}")
@@ -189,11 +211,11 @@ def train(s: Settings, d: common.Dist) -> dict:
     common.log(f"lr {lr:.3g} (effective batch {per_step}), {steps_per_epoch} steps per epoch, {total_steps} in all")
 
     # ---- start or resume
+    common.begin_run(out, s, state, d)
     step, start_epoch, start_micro = 0, 0, 0
     history: dict[str, list] = {"train_loss": [], "lr": [], "recon_loss": []}
-    if s.resume:
-        state = common.load_checkpoint(last_path)
-        model.load_state_dict(state["model"])
+    if state is not None:
+        common.load_model_state(model, state["model"], last_path)
         step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
         history = state["history"]
     elif d.is_main:

@@ -5,15 +5,20 @@ The recipe of Alpha-VL/ConvMAE `main_finetune.py` + `engine_finetune.py` + `util
 erasing (not implemented here):
 - start: `convmae.load_convvit` on a converted ConvMAE / FastConvMAE / encoder-only file (the
   head drawn from N(0, 2e-5), the decoder left behind), or random weights;
-- data: class folders; RandomResizedCrop(scale 0.08-1, bicubic) + flip for training, resize +
-  centre crop for evaluation (`train.image_folder`);
+- data: one sub-folder of images per class (`DIR/CLASS/*.jpg`, ImageNet's train/ and val/), at
+  least 2 classes; images lying directly in DIR (a flat folder, or beside the class folders) and
+  segmentation folders (images/ + masks/) are refused, never read as one class or two. Every
+  image is decoded once before training and the unusable ones are skipped and counted.
+  RandomResizedCrop(scale 0.08-1, bicubic) + flip for training, resize + centre crop for
+  evaluation (`train.image_folder`);
 - layer-wise lr decay: parameter groups by `ConvViT.layer_id` (patch embeddings, positions and
   the two convolution stages are layer 0, stage-3 block i is layer i + 1, the head and norms
   the last), lr scale = decay ** (num_layers - layer); no weight decay on 1-D parameters and
   `pos_embed`; lr = base_lr x effective batch / 256; per-step warmup then cosine;
 - drop path (stochastic depth) and label smoothing; top-1 accuracy on the validation set per
   epoch; the best model as a converted `convvit` file (`convmae.load_convvit`);
-- `last.pt` for `--resume`, NaN guard, tqdm, `curves.png`, `metrics.jsonl`;
+- `last.pt` for `--resume` (refused with settings that change the run; a new run into a folder
+  holding another's checkpoints needs `--overwrite`), NaN guard, tqdm, `curves.png`, `metrics.jsonl`;
   `torchrun --nproc_per_node=N -m train.convvit ...` runs the same loop with DDP.
 
 Legend: B images, K classes.
@@ -22,9 +27,7 @@ Legend: B images, K classes.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +35,18 @@ import torch.nn.functional as F
 import convmae
 from checkpoint_format import save_converted
 from train import common
-from train.image_folder import ImageFolderDataset, class_names, list_images
+from train.image_folder import ImageFolderDataset, class_folders, list_images
 
 
 @dataclass
 class Settings:
-    """Fine-tune ConvViT (with layer-wise lr decay) on class folders."""
+    """Fine-tune ConvViT (with layer-wise lr decay) on class folders.
+
+    --data (and --val-data): comma-separated folders holding one sub-folder of images per class
+    (DIR/CLASS/*.jpg, .jpeg, .png, .bmp, .tif, .tiff; ImageNet's train/ and val/), at least 2
+    classes. Images directly in DIR, and segmentation folders (images/ + masks/), are refused.
+    Each image is decoded once before training; unreadable and too small ones are skipped and counted.
+    """
 
     data: str = ""  # comma-separated folders of class sub-folders (ImageNet's train/)
     val_data: str = ""  # the same layout for evaluation; "": hold out --val-fraction of the images
@@ -65,9 +74,16 @@ class Settings:
     workers: int = 0
     save_every: int = 0
     stop_after: int = 0  # stop after this many optimizer steps (as if interrupted); 0: never
-    resume: bool = False
+    resume: bool = False  # continue from OUT/last.pt; settings not given are the checkpoint's
+    overwrite: bool = False  # start a new run in an --out that holds one (its checkpoints are replaced)
     val_before: bool = True
     progress: bool = True
+
+
+# What each setting may be (`train.common.check_settings`; seed, epochs, batch size... are checked there).
+LIMITS = {"val_fraction": "(0,1)", "num_classes": ">=0", "blr": ">0", "lr": ">0", "layer_decay": "(0,1]",
+          "weight_decay": ">=0", "drop_path": "[0,1)", "smoothing": "[0,1)", "warmup_epochs": ">=0", "clip_grad": ">=0",
+          "min_scale": "(0,1]", "min_side": ">=-1"}
 
 
 def build_model(s: Settings, num_classes: int) -> convmae.ConvViT:
@@ -76,7 +92,7 @@ def build_model(s: Settings, num_classes: int) -> convmae.ConvViT:
     if s.checkpoint:
         return convmae.load_convvit(s.checkpoint, num_classes=num_classes, drop_path_rate=s.drop_path)
     if s.model.endswith(".json"):
-        config = convmae.ConvMAEConfig.from_dict(json.loads(Path(s.model).read_text()))
+        config = common.read_config(s.model, convmae.ConvMAEConfig.from_dict, "ConvMAEConfig")
     elif s.model in convmae.CONFIGS:
         config = convmae.CONFIGS[s.model]
     else:
@@ -124,20 +140,27 @@ def evaluate(model: convmae.ConvViT, dataset: ImageFolderDataset, s: Settings, d
 
 def train(s: Settings, d: common.Dist) -> dict:
     """The whole run; returns the history and the top-1 accuracy before/after."""
-    out = common.start_run(s, d)
+    out, state = common.start_run(s, d, LIMITS)
     last_path = out / "last.pt"
 
-    # ---- the model (its input size decides which images are too small), then the data
+    # ---- the layout, the model (its input size decides which images are too small), then the data
+    if not s.data:
+        raise ValueError("--data is required: comma-separated folders of class sub-folders (DIR/CLASS/*.jpg)")
     roots = [p for p in s.data.split(",") if p]
-    model = build_model(s, s.num_classes or len(class_names(roots))).to(d.device).train()
+    val_roots = [p for p in s.val_data.split(",") if p]
+    classes = class_folders(roots)
+    if val_roots and class_folders(val_roots) != classes:
+        raise ValueError(f"--val-data classes {class_folders(val_roots)} differ from --data classes {classes}")
+    model = build_model(s, s.num_classes or len(classes)).to(d.device).train()
     image_size, num_classes = model.config.image_size, model.config.num_classes
     skipped = common.Skipped()
     min_side = image_size if s.min_side < 0 else s.min_side
-    items, classes = list_images(roots, skipped, min_side)
-    if s.val_data:
-        val_items, val_classes = list_images(s.val_data.split(","), skipped, min_side)
-        if val_classes != classes:
-            raise ValueError(f"--val-data classes {val_classes} differ from --data classes {classes}")
+    items, _ = list_images(roots, skipped, min_side)
+    empty = [c for k, c in enumerate(classes) if not any(it.label == k for it in items)]
+    if empty:
+        raise ValueError(f"class folder(s) {', '.join(empty)} hold no usable image; {skipped.summary()}")
+    if val_roots:
+        val_items, _ = list_images(val_roots, skipped, min_side)
     else:  # a seeded hold-out
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(s.seed)).tolist()
         n_val = max(1, round(s.val_fraction * len(items)))
@@ -161,11 +184,11 @@ def train(s: Settings, d: common.Dist) -> dict:
     common.log(f"lr {lr:.3g} (effective batch {per_step}), layer decay {s.layer_decay} over {model.num_layers + 1} layers")
 
     # ---- start or resume
+    common.begin_run(out, s, state, d)
     step, start_epoch, start_micro, best = 0, 0, 0, -1.0
     history: dict[str, list] = {"train_loss": [], "val_loss": [], "top1": []}
-    if s.resume:
-        state = common.load_checkpoint(last_path)
-        model.load_state_dict(state["model"])
+    if state is not None:
+        common.load_model_state(model, state["model"], last_path)
         step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
         best, history = state["best"], state["history"]
     elif s.val_before and d.is_main:

@@ -156,7 +156,7 @@ def sam_job(ds: DemoSettings) -> dict:
     s = train_sam.Settings(
         data=",".join(data), out=str(out), checkpoint=start, epochs=ds.sam_epochs, box_shift=4,
         image_size=ds.image_size if ds.checkpoint else 0,
-        warmup_steps=10, seed=ds.seed, progress=ds.progress, val_fraction=0.25, **overrides,
+        warmup_steps=10, seed=ds.seed, progress=ds.progress, overwrite=True, val_fraction=0.25, **overrides,
     )
     t0 = time.time()
     result = train_sam.train(s, common.Dist())
@@ -191,7 +191,7 @@ def florence2_job(ds: DemoSettings) -> dict:
         data=str(train_dir / "qa.jsonl"), val_data=str(val_dir / "qa.jsonl"), out=str(out),
         tokenizer=str(out / "tokenizer"), model="tiny", image_size=96, epochs=ds.florence2_epochs,
         batch_size=16, lr=7e-4, warmup_steps=20, schedule="cosine", freeze_vision=False, max_new_tokens=8,
-        seed=ds.seed, progress=ds.progress,
+        seed=ds.seed, progress=ds.progress, overwrite=True,
     )
     t0 = time.time()
     result = train_florence2.train(s, common.Dist())
@@ -221,7 +221,7 @@ def convmae_job(ds: DemoSettings) -> dict:
     s = train_convmae.Settings(
         data=f"{DEMO_DATA / 'images'},{shapes / 'images'}", val_data=str(held_out / "images"), out=str(out),
         model=str(config), epochs=ds.convmae_epochs,
-        batch_size=16, lr=1.5e-3, warmup_epochs=1.0, eval_images=8, seed=ds.seed, progress=ds.progress,
+        batch_size=16, lr=1.5e-3, warmup_epochs=1.0, eval_images=8, seed=ds.seed, progress=ds.progress, overwrite=True,
     )
     t0 = time.time()
     result = train_convmae.train(s, common.Dist())

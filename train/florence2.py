@@ -7,7 +7,8 @@ the tutorial computes the loss on the padded label positions too; here they are 
 batch's loss does not depend on how long its other answers are.
 
 - Data: a JSONL of `{image, question, answer}` or `{image, prefix, suffix}` (any task, e.g.
-  `<OD>` with `<loc_*>` tokens); bad lines are skipped and counted (`train.florence2_data`).
+  `<OD>` with `<loc_*>` tokens); every line and its image are checked before training (the image
+  decoded once), and bad lines are skipped and counted (`train.florence2_data`).
 - Loss: teacher-forced cross-entropy over the answer tokens `<s> answer </s>`, summed over the
   real tokens of the whole batch (all ranks) and divided by their number.
 - `--freeze-vision` (default) keeps the DaViT tower fixed (and in eval mode: no drop path);
@@ -17,6 +18,8 @@ batch's loss does not depend on how long its other answers are.
   written as a converted `.safetensors` that `miniflorence.load_florence2` reads.
 - `last.pt` (model, optimizer, scheduler, step, RNG) for `--resume`, a NaN/inf guard, tqdm,
   `curves.png`, `metrics.jsonl`; `torchrun --nproc_per_node=N -m train.florence2 ...` runs DDP.
+  A new run into a folder holding another's checkpoints needs `--overwrite`; `--resume` refuses
+  settings that change the run (`train.common.start_run`).
 
 Legend: B batch, T prompt tokens, t answer tokens, V vocabulary, S image side.
 """
@@ -43,7 +46,14 @@ REAL_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "assets" / "to
 
 @dataclass
 class Settings:
-    """Fine-tune Florence-2 on a JSONL of image questions and answers."""
+    """Fine-tune Florence-2 on a JSONL of image questions and answers.
+
+    --data (and --val-data): a JSONL file, one JSON object per line, either
+      {"image": "page.png", "question": "What is the total?", "answer": "12.50"} (answer: a string or a list)
+      or {"image": "street.jpg", "prefix": "<OD>", "suffix": "car<loc_52><loc_330><loc_932><loc_771>"};
+    image paths are relative to the JSONL's folder (or absolute). Every line and its image are
+    checked before training (the image decoded once); bad lines are skipped and counted.
+    """
 
     data: str = ""  # training JSONL
     val_data: str = ""  # evaluation JSONL; "": hold out --val-fraction of the training lines
@@ -75,9 +85,17 @@ class Settings:
     workers: int = 0
     save_every: int = 0  # optimizer steps between last.pt writes; 0: once per epoch
     stop_after: int = 0  # stop after this many optimizer steps (as if interrupted); 0: never
-    resume: bool = False  # continue from OUT/last.pt
+    resume: bool = False  # continue from OUT/last.pt; settings not given are the checkpoint's
+    overwrite: bool = False  # start a new run in an --out that holds one (its checkpoints are replaced)
     val_before: bool = True  # evaluate the starting model (the "before" numbers)
     progress: bool = True
+
+
+# What each setting may be (`train.common.check_settings`; seed, epochs, batch size... are checked there).
+CHOICES = {"schedule": common.SCHEDULES}
+LIMITS = {"val_fraction": "(0,1)", "image_size": ">=0", "max_answer_tokens": ">=1", "lr": ">0", "weight_decay": ">=0",
+          "warmup_steps": ">=0", "clip_grad": ">=0", "dropout": "[0,1)", "num_beams": ">=1", "max_new_tokens": ">=1",
+          "eval_limit": ">=0", "anls_threshold": "[0,1]"}
 
 
 def build_model(s: Settings, vocab_size: int) -> miniflorence.Florence2:
@@ -90,12 +108,15 @@ def build_model(s: Settings, vocab_size: int) -> miniflorence.Florence2:
     elif s.model == "tiny" or s.model in miniflorence.CONFIGS:
         model, config = None, miniflorence.tiny_config() if s.model == "tiny" else miniflorence.CONFIGS[s.model]
     elif s.model.endswith(".json"):
-        model, config = None, miniflorence.Florence2Config.from_dict(json.loads(Path(s.model).read_text()))
+        model, config = None, common.read_config(s.model, miniflorence.Florence2Config.from_dict, "Florence2Config")
     else:
         raise ValueError(f"--model {s.model!r}: 'tiny', one of {sorted(miniflorence.CONFIGS)} or a .json config")
     if model is None:
         config = config.replace(vocab_size=vocab_size)
     if s.image_size:  # the weights do not depend on it (up to 50 x 32 = 1600 px)
+        limit = config.image_pos_embed_size * 32
+        if s.image_size % 32 or s.image_size > limit:
+            raise ValueError(f"--image-size {s.image_size}: must be a multiple of 32 up to {limit}")
         config = config.replace(image_size=s.image_size)
     if s.dropout is not None:
         config = config.replace(dropout=s.dropout, attention_dropout=s.dropout, activation_dropout=s.dropout)
@@ -169,8 +190,10 @@ def export(model: miniflorence.Florence2, path: Path) -> None:
 
 def train(s: Settings, d: common.Dist) -> dict:
     """The whole run; returns the history and the scores before/after. See the module docstring."""
-    out = common.start_run(s, d)
+    out, state = common.start_run(s, d, LIMITS, CHOICES)
     last_path = out / "last.pt"
+    if not s.data:
+        raise ValueError("--data is required: a JSONL file of {image, question, answer} or {image, prefix, suffix}")
 
     # ---- tokenizer, model, data (bad lines skipped and counted)
     tokenizer = miniflorence.Tokenizer.from_dir(s.tokenizer)
@@ -202,11 +225,11 @@ def train(s: Settings, d: common.Dist) -> dict:
     pad_id, start_id = c.pad_token_id, c.decoder_start_token_id
 
     # ---- start or resume
+    common.begin_run(out, s, state, d)
     step, start_epoch, start_micro, best = 0, 0, 0, -1.0
     history: dict[str, list] = {"train_loss": [], "val_loss": [], "similarity": [], "anls": [], "exact": []}
-    if s.resume:
-        state = common.load_checkpoint(last_path)
-        model.load_state_dict(state["model"])
+    if state is not None:
+        common.load_model_state(model, state["model"], last_path)
         step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
         best, history = state["best"], state["history"]
     elif s.val_before and d.is_main:

@@ -10,9 +10,12 @@ Each line of the JSONL file is one example, in either form:
   does), other prefixes are used as they are.
 Image paths are relative to the JSONL file's folder (or absolute).
 
-Bad lines never crash a run: invalid JSON, a missing or non-text field, an empty answer, an image
-that is missing or that PIL cannot open, or an answer longer than `max_answer_tokens` is skipped
-and counted in a `train.common.Skipped`; a file with no usable line is refused with the counts.
+Bad lines never crash a run: every line and its image are checked before training (the image
+decoded once, `train.common.check_image`), and a line that is not UTF-8 text or not JSON, a missing
+or non-text field, an empty answer, an image that is missing or does not decode (truncated,
+not an image), or an answer longer than `max_answer_tokens` is skipped and counted in a
+`train.common.Skipped`; a file with no usable line is refused with the counts, as is a --data
+that is not a file.
 
 Batches follow BART's teacher forcing: `labels` = `<s> answer </s>` right-padded with `<pad>`;
 `decoder_input_ids` = labels shifted right behind the decoder start token `</s>`. Padded label
@@ -30,7 +33,7 @@ from PIL import Image
 
 from miniflorence.processor import TASK_PROMPTS, preprocess_image, task_prompt
 from miniflorence.tokenizer import Tokenizer
-from train.common import Skipped
+from train.common import Skipped, check_image
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,20 @@ def load_examples(
 ) -> list[Example]:
     """Every usable line of a JSONL file (see the module docstring for what is skipped)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder; expected a JSONL file (one {{image, question, answer}} object per line)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such JSONL file")
     examples = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path.name}:{number}"
+        try:
+            line = raw.decode("utf-8-sig")  # a byte-order mark at the start is not part of the JSON
+        except UnicodeDecodeError:
+            skipped.add("not UTF-8 text", where)
+            continue
         if not line.strip():
             continue
-        where = f"{path.name}:{number}"
         try:
             image, prompt, answers = parse_line(line, task_prefix)
         except ValueError as e:
@@ -100,8 +110,8 @@ def load_examples(
             continue
         image_path = path.parent / image
         try:
-            Image.open(image_path).close()  # reads the header only
-        except Exception:  # missing file, not an image, truncated header
+            check_image(image_path)
+        except Exception:  # missing file, not an image, truncated
             skipped.add("unreadable image", f"{where} {image}")
             continue
         if len(tokenizer.encode(answers[0])) > max_answer_tokens:

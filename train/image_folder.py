@@ -1,12 +1,19 @@
 """Image folders and the augmentations of MAE-style pretraining and fine-tuning, in PIL + torch.
 
-Layout: `ROOT/CLASS/**/NAME.{jpg,png,...}` (ImageNet's `train/` and `val/` folders), or images
-directly under ROOT (one class, enough for pretraining). Several roots may be given; classes
-are the sorted union of their first-level folder names.
+Layouts (`folder_layout` tells them apart; files and folders whose names start with "." are ignored):
+- "classes": `ROOT/CLASS/**/NAME.{jpg,jpeg,png,bmp,tif,tiff}` (ImageNet's `train/` and `val/`
+  folders); classes are the sorted union of the roots' first-level folder names
+  (`class_folders`: what `train.convvit` needs, at least 2 classes);
+- "flat": images directly under ROOT (no labels: enough for pretraining);
+- "segmentation": ROOT/images/ + ROOT/masks/, what `train.sam` reads; for pretraining only its
+  images/ count (`pretraining_roots`), never the masks.
+A root with images both directly in it and in sub-folders ("mixed") is taken by pretraining
+(labels unused) and refused for classification.
 
-Bad input never crashes a run: a file that PIL cannot open (not an image, truncated header,
-zero bytes) or an image smaller than `min_side` pixels on its shorter side is skipped and
-counted in a `train.common.Skipped`; a folder with no usable image is refused with the counts.
+Bad input never crashes a run: every image is decoded once before training (`check_image`), and
+a file that does not decode (not an image, zero bytes, truncated) or an image smaller than
+`min_side` pixels on its shorter side is skipped and counted in a `train.common.Skipped`; a folder
+with no usable image is refused with the counts.
 
 The transforms are torchvision's, written out (Alpha-VL/ConvMAE `main_pretrain.py` and
 `util/datasets.py` build them from torchvision): `RandomResizedCrop` (area scale 0.2-1 for
@@ -28,7 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.common import IMAGE_SUFFIXES, Skipped
+from train.common import IMAGE_SUFFIXES, Skipped, check_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,12 +58,68 @@ def image_files(roots: list[str]) -> list[tuple[Path, str]]:
     for root in roots:
         root_path = Path(root)
         if not root_path.is_dir():
-            raise FileNotFoundError(f"{root}: no such folder")
+            raise FileNotFoundError(f"{root}: no such folder (expected a folder of images)")
         for path in sorted(p for p in root_path.rglob("*") if p.is_file()):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
-                rel = path.relative_to(root_path).parts
+            rel = path.relative_to(root_path).parts
+            if path.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in rel):
                 files.append((path, rel[0] if len(rel) > 1 else ""))
     return files
+
+
+def folder_layout(root: str | Path) -> str:
+    """"segmentation" (images/ + masks/ sub-folders), "classes" (every image in a sub-folder),
+    "flat" (every image directly in `root`), "mixed" (both) or "empty" (no image file)."""
+    root = Path(root)
+    if (root / "images").is_dir() and (root / "masks").is_dir():
+        return "segmentation"
+    classes = {c for _, c in image_files([str(root)])}
+    if not classes:
+        return "empty"
+    if classes == {""}:
+        return "flat"
+    return "mixed" if "" in classes else "classes"
+
+
+NO_IMAGES = f"no image files ({', '.join(IMAGE_SUFFIXES)})"
+CLASS_LAYOUT = "one sub-folder of images per class (ROOT/CLASS/*.jpg), at least 2 classes"
+
+
+def pretraining_roots(roots: list[str]) -> tuple[list[str], list[str]]:
+    """The folders whose images pretraining reads, and notes for the log: a segmentation folder
+    gives its images/ only; a root with no image file is an error."""
+    used, notes = [], []
+    for root in roots:
+        layout = folder_layout(root)
+        if layout == "segmentation":
+            used.append(str(Path(root) / "images"))
+            notes.append(f"{root}: a segmentation folder (images/ + masks/); pretraining on its images/ only")
+        elif layout == "empty":
+            raise ValueError(f"{root}: {NO_IMAGES}; expected a folder of images (in it or in sub-folders)")
+        else:
+            used.append(root)
+    return used, notes
+
+
+def class_folders(roots: list[str]) -> list[str]:
+    """The sorted class names of class-folder roots; any other layout, or fewer than 2 classes, is a
+    ValueError saying what was expected."""
+    for root in roots:
+        layout = folder_layout(root)
+        if layout == "segmentation":
+            raise ValueError(f"{root}: a segmentation folder (images/ + masks/, as train.sam reads); "
+                             f"classification needs {CLASS_LAYOUT}")
+        if layout == "empty":
+            raise ValueError(f"{root}: {NO_IMAGES}; classification needs {CLASS_LAYOUT}")
+        loose = [p.name for p, c in image_files([root]) if c == ""]
+        if layout == "flat":
+            raise ValueError(f"{root}: its images lie directly in the folder; classification needs {CLASS_LAYOUT}")
+        if layout == "mixed":
+            raise ValueError(f"{root}: {len(loose)} image(s) lie directly in the folder beside the class "
+                             f"sub-folders (e.g. {', '.join(loose[:3])}); move each into its class's sub-folder")
+    classes = class_names(roots)
+    if len(classes) < 2:
+        raise ValueError(f"{','.join(roots)}: 1 class ({classes[0]}); classification needs {CLASS_LAYOUT}")
+    return classes
 
 
 def class_names(roots: list[str]) -> list[str]:
@@ -66,15 +129,14 @@ def class_names(roots: list[str]) -> list[str]:
 def list_images(roots: list[str], skipped: Skipped, min_side: int = 0) -> tuple[list[ImageItem], list[str]]:
     """Every usable image under `roots` with its class index, and the class names.
 
-    Each file's header is read (no decoding of the pixels: fast on large folders).
+    Each file is decoded once (`check_image`), so that a damaged file is skipped now, not met mid-run.
     """
     files = image_files(roots)
     classes = sorted({c for _, c in files})
     items = []
     for path, cls in files:
         try:
-            with Image.open(path) as im:
-                w, h = im.size
+            w, h = check_image(path)
         except Exception as e:  # PIL raises several kinds (UnidentifiedImageError, OSError, ...)
             skipped.add("unreadable image", f"{path.name} ({type(e).__name__})")
             continue

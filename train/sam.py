@@ -14,6 +14,10 @@ decoder learns, with Dice + BCE (or Dice + focal) on the masks and MSE on the pr
 - AdamW (or SGD), linear warmup + cosine/linear decay, gradient accumulation, gradient clipping, bf16
   autocast on GPU; validation loss + mean IoU each epoch; the best model (by val IoU) written as a
   converted `.safetensors` that `minisam.load_sam` reads; `last.pt` for `--resume`.
+- Data: folders with images/ + masks/ (a PNG mask per image, same name) and .npz files
+  (`train.sam_data`); every image and mask is read once before training, and unusable ones are
+  skipped and counted. A new run into a folder holding another's checkpoints needs `--overwrite`;
+  `--resume` refuses settings that change the run (`train.common.start_run`).
 - `torchrun --nproc_per_node=N -m train.sam ...` runs the same loop with DDP: N processes with
   `--batch-size B` take the same samples per step as one process with N*B (with SGD the weights
   agree to 1e-6; Adam's 1/sqrt(v) scaling turns the rounding noise of zero-gradient parameters,
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minisam
-from checkpoint_format import save_converted
+from checkpoint_format import check_tensors, save_converted
 from minisam.image_encoder import ImageEncoderViT
 from train import common
 from train.losses import mask_iou, segmentation_loss
@@ -44,7 +48,13 @@ from train.sam_data import PromptSettings, SegmentationDataset, index_objects, l
 
 @dataclass
 class Settings:
-    """Fine-tune SAM's mask decoder."""
+    """Fine-tune SAM's mask decoder.
+
+    --data: comma-separated sources, each a folder with images/NAME.{jpg,jpeg,png,bmp,tif,tiff} and
+    masks/NAME.png (binary, or instance ids 0 = background, 1..K objects), or an .npz with rgb
+    (H, W, 3) uint8 and masks ((N, H, W) binary or (H, W) ids). Every image and mask is read once
+    before training: unreadable, mismatched or empty ones are skipped and counted.
+    """
 
     data: str = ""  # comma-separated folders (images/ + masks/) and .npz files
     out: str = "runs/sam"
@@ -80,14 +90,28 @@ class Settings:
     workers: int = 0
     save_every: int = 0  # optimizer steps between last.pt writes; 0: once per epoch
     stop_after: int = 0  # stop after this many optimizer steps (as if interrupted); 0: never
-    resume: bool = False  # continue from OUT/last.pt
+    resume: bool = False  # continue from OUT/last.pt; settings not given are the checkpoint's
+    overwrite: bool = False  # start a new run in an --out that holds one (its checkpoints are replaced)
     val_before: bool = True  # validate the starting model (the "before" IoU)
     progress: bool = True
+
+
+# What each setting may be (`train.common.check_settings`; seed, epochs, batch size... are checked there).
+CHOICES = {"multimask": ("auto", "off", "best", "mean", "min"), "cache": ("memory", "disk", "off"),
+           "optimizer": ("adamw", "sgd"), "prompt": ("box", "points", "both"), "schedule": common.SCHEDULES,
+           "model": tuple(minisam.CONFIGS)}
+LIMITS = {"image_size": ">=0", "lr": ">0", "weight_decay": ">=0", "warmup_steps": ">=0", "clip_grad": ">=0",
+          "iou_loss_weight": ">=0", "n_positive": ">=0", "n_negative": ">=0", "erode_radius": ">=0",
+          "min_distance": ">=0", "box_shift": ">=0", "val_fraction": "(0,1)", "unfreeze_blocks": ">=0",
+          "unfreeze_epoch": ">=0"}
 
 
 def build_model(s: Settings) -> minisam.Sam:
     """The model to fine-tune: a converted checkpoint, or seeded random weights."""
     size = s.image_size or None
+    if size and size % 16:
+        raise ValueError(f"--image-size {size}: SAM's input side must be a multiple of its 16-pixel patches "
+                         "(e.g. 512, 1024)")
     if s.checkpoint:
         return minisam.load_sam(s.checkpoint, image_size=size)
     config = minisam.CONFIGS[s.model]
@@ -139,8 +163,8 @@ def image_features(
         path = cache_dir / f"{r}-{dataset.records[r].name}.pt" if cache_dir else None
         if cache is not None and r in cache:
             f = cache[r]
-        elif path is not None and path.exists():
-            f = torch.load(path, map_location=sam.device, weights_only=True)
+        elif path is not None and path.exists() and (f := cached_features(path)) is not None:
+            f = f.to(sam.device)
         else:
             x = sam.preprocess(dataset.load_image(r).to(sam.device))[None]  # (1, 3, S, S)
             with torch.no_grad(), common.autocast(sam.device, bf16):
@@ -151,6 +175,15 @@ def image_features(
             cache[r] = f
         out.append(f)
     return torch.stack(out)
+
+
+def cached_features(path: Path) -> torch.Tensor | None:
+    """Features from the disk cache, or None when the file is damaged (they are computed again)."""
+    try:
+        return common.load_checkpoint(path)
+    except ValueError as e:  # CheckpointError: a killed write or a damaged disk
+        common.log(f"recomputing damaged cached features: {e}")
+        return None
 
 
 def batch_features(
@@ -212,15 +245,16 @@ def evaluate(
 
 def train(s: Settings, d: common.Dist) -> dict:
     """The whole run; returns the history and the IoU before/after. See the module docstring."""
-    out = common.start_run(s, d)
+    out, state = common.start_run(s, d, LIMITS, CHOICES)
     last_path = out / "last.pt"
-    choices = {"multimask": ("auto", "off", "best", "mean", "min"), "cache": ("memory", "disk", "off"),
-               "optimizer": ("adamw", "sgd"), "prompt": ("box", "points", "both")}
     if not s.data:
         raise ValueError("--data is required: folders with images/ + masks/, or .npz files, comma-separated")
-    for field, allowed in choices.items():
-        if getattr(s, field) not in allowed:
-            raise ValueError(f"--{field} must be one of {allowed}, not {getattr(s, field)!r}")
+    try:  # fail now on an unknown --loss, not at the first step
+        segmentation_loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), None, s.loss)
+    except ValueError as e:
+        raise ValueError(f"--loss: {e}") from None
+    if s.prompt == "points" and s.n_positive + s.n_negative < 1:
+        raise ValueError("--prompt points needs at least one point: --n-positive (and/or --n-negative) >= 1")
 
     # ---- data: every (image, object) pair is a sample; bad input is skipped and counted
     skipped = common.Skipped()
@@ -259,6 +293,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     _, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
     total_steps = steps_per_epoch * s.epochs
     scheduler = common.make_scheduler(optimizer, total_steps, s.warmup_steps, s.schedule)
+    common.begin_run(out, s, state, d)
     cache: dict | None = {} if use_cache else None
     cache_dir = None
     if s.cache == "disk":
@@ -269,10 +304,9 @@ def train(s: Settings, d: common.Dist) -> dict:
     # ---- start or resume
     step, start_epoch, start_micro, best_iou = 0, 0, 0, -1.0
     history: dict[str, list] = {"train_loss": [], "train_iou": [], "val_loss": [], "val_iou": []}
-    if s.resume:
-        state = common.load_checkpoint(last_path)
-        if sorted(state["trainable"]) != sorted(names):
-            raise ValueError(f"{last_path}: trains other parameters than these settings (changed --unfreeze-blocks?)")
+    if state is not None:
+        expected = {n: tuple(named[n].shape) for n in names}
+        check_tensors(expected, state["trainable"], f"{last_path}: the trained tensors")
         for n in names:
             named[n].data.copy_(state["trainable"][n])
         step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)

@@ -1,6 +1,6 @@
 """Segmentation data for SAM fine-tuning (`train.sam`): images + instance masks -> (image, one mask, one prompt).
 
-Two layouts are read:
+Two layouts are read (anything else given as a source is refused with one line saying these):
 - a folder with `images/NAME.{jpg,jpeg,png,bmp,tif,tiff}` and `masks/NAME.png`, the mask either
   binary (one object) or instance ids (0 background, 1..K objects; 8-bit, 16-bit or palette;
   in 8-bit maps 255 beside other ids is VOC's "void" label and ignored);
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
+from minisam.image_io import ImageReadError, read_image
 from train.common import IMAGE_SUFFIXES, Skipped
 from train.prompts import make_prompt
 
@@ -60,9 +61,10 @@ def read_rgb(record: ImageRecord) -> np.ndarray:
             with np.load(record.image) as data:
                 rgb = np.asarray(data["rgb"])
         else:
-            with Image.open(record.image) as im:
-                rgb = np.asarray(im.convert("RGB"))
-    except Exception as e:  # PIL and numpy raise many types for damaged files
+            rgb = read_image(record.image)  # every PIL mode, EXIF orientation (minisam.image_io)
+    except ImageReadError as e:
+        raise BadSampleError(f"unreadable image: {e}") from e
+    except Exception as e:  # numpy raises many types for damaged files
         raise BadSampleError(f"unreadable image: {type(e).__name__}: {e}") from e
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise BadSampleError(f"image is {rgb.dtype} {rgb.shape}, expected uint8 (H, W, 3)")
@@ -115,11 +117,17 @@ def read_masks(record: ImageRecord) -> tuple[list[int], np.ndarray]:
     raise BadSampleError(f"mask mode {mode!r} is neither binary nor instance ids; use a single-channel PNG")
 
 
+LAYOUTS = "a folder with images/ + masks/ (NAME.png per image), or an .npz with rgb + masks"
+
+
 def folder_records(root: str | Path, skipped: Skipped) -> list[ImageRecord]:
     """`root/images/*` paired with `root/masks/<stem>.png`; images without a mask are skipped."""
     root = Path(root)
-    if not (root / "images").is_dir():
-        raise FileNotFoundError(f"{root}: expected an images/ folder (and masks/ beside it)")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder (expected {LAYOUTS})")
+    if not (root / "images").is_dir() or not (root / "masks").is_dir():
+        missing = " and ".join(name for name in ("images/", "masks/") if not (root / name).is_dir())
+        raise ValueError(f"{root}: no {missing} in it; expected {LAYOUTS}")
     records = []
     for path in sorted((root / "images").iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -137,7 +145,11 @@ def load_records(sources: list[str], skipped: Skipped) -> list[ImageRecord]:
     records: list[ImageRecord] = []
     for source in sources:
         if source.endswith(".npz"):
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"{source}: no such file (expected {LAYOUTS})")
             records.append(ImageRecord(Path(source).stem, source, source))
+        elif Path(source).is_file():
+            raise ValueError(f"{source}: a file, not a source of segmentation data; expected {LAYOUTS}")
         else:
             records.extend(folder_records(source, skipped))
     return records

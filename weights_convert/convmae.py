@@ -89,6 +89,13 @@ def infer_config(
         raise CheckpointError(
             f"not a ConvMAE checkpoint: {', '.join(missing)} missing (its keys begin: {sample}, ...)"
         )
+    # The tensors whose shapes give the sizes, and their number of dimensions (stages 1-2 are convolutional).
+    dims = {"patch_embed1.proj.weight": 4, "patch_embed2.proj.weight": 4, "patch_embed3.proj.weight": 4,
+            "pos_embed": 3, "decoder_embed.weight": 2, "head.weight": 2, "blocks1.0.mlp.fc1.weight": 4,
+            "blocks2.0.mlp.fc1.weight": 4, "blocks3.0.mlp.fc1.weight": 2}
+    wrong = [f"{k} {tuple(tensors[k].shape)}" for k, n in dims.items() if k in tensors and tensors[k].ndim != n]
+    if wrong:
+        raise CheckpointError(f"not a ConvMAE checkpoint: {', '.join(wrong)} have the wrong number of dimensions")
     convs = [tensors[f"patch_embed{i}.proj.weight"] for i in (1, 2, 3)]  # (C_out, C_in, p, p)
     embed_dim = tuple(int(w.shape[0]) for w in convs)
     patch_size = tuple(int(w.shape[-1]) for w in convs)
@@ -126,8 +133,11 @@ def infer_config(
 
 def expected_shapes(kind: str, config: ConvMAEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the model `kind` (built on the meta device: no memory, no time)."""
-    with torch.device("meta"):
-        model = MODELS["convmae" if kind == "convmae_encoder" else kind](config)
+    try:
+        with torch.device("meta"):
+            model = MODELS["convmae" if kind == "convmae_encoder" else kind](config)
+    except ValueError as e:  # sizes the model cannot be built with, e.g. an odd decoder width
+        raise CheckpointError(f"the checkpoint's sizes make no {kind} model: {e}") from None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if kind == "convmae_encoder":
         shapes = {k: s for k, s in shapes.items() if not k.startswith(DECODER_PREFIXES)}

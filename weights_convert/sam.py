@@ -12,12 +12,16 @@ Two source layouts are read:
   plus one duplicate, `shared_image_embedding.positional_embedding`, which must equal its twin
   `prompt_encoder.shared_embedding.positional_embedding` (315 keys).
 
-The variant is inferred from the shapes (embedding width and depth of the image encoder; the
-input size from `pos_embed`), or given with `--variant`; a model that is no released variant
-needs its config (`--config C.json`, the fields of `minisam.SamConfig`). Every missing,
-unexpected or mis-shaped tensor is a `CheckpointError` naming it; nothing is written unless the
-whole checkpoint fits.
-`--to-official` writes the official layout (a flat state dict, `.pth`) back.
+A Hugging Face model folder (`python -m weights_convert sam DIR out.safetensors`: config.json
+with model.safetensors, pytorch_model.bin or shards) is read in the Hugging Face layout, and its
+config.json (transformers' `SamConfig` with its vision / prompt-encoder / mask-decoder sub-configs,
+`config_from_hf`) gives the model's size, so any size converts. Otherwise the variant is inferred
+from the shapes (embedding width and depth of the image encoder; the input size from `pos_embed`),
+or given with `--variant`; a model that is no released variant needs its config (`--config C.json`,
+the fields of `minisam.SamConfig`). Every missing, unexpected or mis-shaped tensor is a
+`CheckpointError` naming it; nothing is written unless the whole checkpoint fits.
+`--to-official` writes the official layout (a flat state dict, `.pth`) back; `--to-hf DIR` a
+folder that transformers' `SamModel.from_pretrained(DIR)` loads (`to_hf`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,6 +70,49 @@ HF_RENAMES: list[tuple[str, str]] = [
 HF_HYPERNETWORK_LAYERS = {"0": "proj_in", "1": "layers.0", "2": "proj_out"}
 # HF stores the random Fourier matrix twice; this copy has no official counterpart.
 HF_DUPLICATE = ("shared_image_embedding.positional_embedding", "prompt_encoder.shared_embedding.positional_embedding")
+
+# minisam's SamConfig field <-> transformers' SamConfig (sub-config, field) (configuration_sam.py). A field
+# a config.json leaves out takes transformers' default, which is vit_b's, as SamConfig's defaults are.
+HF_CONFIG_FIELDS: list[tuple[str, str, str]] = [
+    ("image_size", "vision_config", "image_size"),
+    ("patch_size", "vision_config", "patch_size"),
+    ("encoder_embed_dim", "vision_config", "hidden_size"),
+    ("encoder_depth", "vision_config", "num_hidden_layers"),
+    ("encoder_num_heads", "vision_config", "num_attention_heads"),
+    ("encoder_global_attn_indexes", "vision_config", "global_attn_indexes"),
+    ("window_size", "vision_config", "window_size"),
+    ("mlp_ratio", "vision_config", "mlp_ratio"),  # mlp_dim, when given, decides (see hf_derived)
+    ("use_rel_pos", "vision_config", "use_rel_pos"),
+    ("prompt_embed_dim", "prompt_encoder_config", "hidden_size"),
+    ("mask_in_chans", "prompt_encoder_config", "mask_input_channels"),
+    ("decoder_depth", "mask_decoder_config", "num_hidden_layers"),
+    ("decoder_num_heads", "mask_decoder_config", "num_attention_heads"),
+    ("decoder_mlp_dim", "mask_decoder_config", "mlp_dim"),
+    ("attention_downsample_rate", "mask_decoder_config", "attention_downsample_rate"),
+    ("num_multimask_outputs", "mask_decoder_config", "num_multimask_outputs"),
+    ("iou_head_depth", "mask_decoder_config", "iou_head_depth"),
+    ("iou_head_hidden_dim", "mask_decoder_config", "iou_head_hidden_dim"),
+]
+# transformers' fields that minisam implements one value of: a config.json with another is refused. The
+# first value is the one --to-hf writes.
+HF_FIXED: dict[str, dict[str, tuple]] = {
+    "vision_config": {"num_channels": (3,), "hidden_act": ("gelu",), "layer_norm_eps": (1e-6,), "qkv_bias": (True,),
+                      "use_abs_pos": (True,)},
+    "prompt_encoder_config": {"num_point_embeddings": (4,), "hidden_act": ("gelu",), "layer_norm_eps": (1e-6,)},
+    # The official two-way transformer's LayerNorms use PyTorch's 1e-5; transformers' default (and the hub's
+    # configs) say 1e-6. minisam computes the official 1e-5; the difference is far below every tolerance.
+    "mask_decoder_config": {"hidden_act": ("relu",), "layer_norm_eps": (1e-5, 1e-6)},
+}
+
+
+def hf_derived(config: SamConfig) -> dict[str, dict[str, Any]]:
+    """transformers' fields that repeat what other fields say: their only consistent values for `config`."""
+    return {
+        "vision_config": {"mlp_dim": int(config.encoder_embed_dim * config.mlp_ratio),
+                          "output_channels": config.prompt_embed_dim, "num_pos_feats": config.prompt_embed_dim // 2},
+        "prompt_encoder_config": {"image_size": config.image_size, "patch_size": config.patch_size},
+        "mask_decoder_config": {"hidden_size": config.prompt_embed_dim},
+    }
 
 
 def official_to_hf_key(key: str) -> str:
@@ -107,7 +155,11 @@ def infer_config(
     """The `SamConfig` a checkpoint was built with: width and depth pick the variant (or check the
     given `config`), the grid of pos_embed the input size."""
     name = (lambda k: k) if layout == "official" else official_to_hf_key
-    dim = tensors[name("image_encoder.patch_embed.proj.weight")].shape[0]
+    patch_embed = tensors[name("image_encoder.patch_embed.proj.weight")]
+    if patch_embed.ndim != 4:  # (C, 3, p, p)
+        raise CheckpointError(f"{name('image_encoder.patch_embed.proj.weight')} has shape {tuple(patch_embed.shape)}, "
+                              f"not the (width, 3, patch, patch) of a convolution")
+    dim = patch_embed.shape[0]
     prefix = name("image_encoder.blocks.")
     block_ids = {int(m.group(1)) for k in tensors if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     depth = max(block_ids) + 1 if block_ids else 0
@@ -172,6 +224,12 @@ def convert_tensors(
         official_name = {official_to_hf_key(k): k for k in expected}
         tensors = {official_name.get(k, k): v for k, v in tensors.items()}
     check_tensors(expected, tensors, f"SAM {_variant_name(config)} checkpoint (image size {config.image_size})")
+    if image_size is not None and (image_size <= 0 or image_size % config.patch_size):
+        lower = max(image_size // config.patch_size, 1) * config.patch_size
+        raise CheckpointError(
+            f"--image-size {image_size} is not a positive multiple of the patch size {config.patch_size} "
+            f"(e.g. {lower} or {lower + config.patch_size})"
+        )
     if image_size is not None and image_size != config.image_size:
         tensors = resize_for_image_size(tensors, config, image_size)
         config = dataclasses.replace(config, image_size=image_size)
@@ -182,6 +240,80 @@ def to_official(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tor
     """minisam's tensors -> the official state dict: the names are the same, so this only checks them."""
     check_tensors(expected_shapes(SamConfig.from_dict(config)), tensors, "converted SAM file")
     return dict(tensors)
+
+
+def config_from_hf(jsons: dict[str, dict]) -> SamConfig:
+    """The `SamConfig` of a Hugging Face SAM folder, from its config.json (transformers' `SamConfig`).
+
+    HF_CONFIG_FIELDS maps the fields; a field whose value minisam does not implement (HF_FIXED: another
+    activation, no absolute positions, ...) or that contradicts the others (hf_derived: widths, sizes)
+    is a `CheckpointError` naming it.
+    """
+    hf = jsons["config.json"]
+    if hf.get("model_type", "sam") != "sam":
+        raise CheckpointError(f"config.json: model_type {hf.get('model_type')!r} is not 'sam' (transformers' SamModel)")
+    parts = {part: hf.get(part) or {} for part in HF_FIXED}
+    for part, given in parts.items():
+        if not isinstance(given, dict):
+            raise CheckpointError(f"config.json: {part} is not a JSON object")
+        for field, allowed in HF_FIXED[part].items():
+            if field in given and given[field] not in allowed:
+                raise CheckpointError(f"config.json: {part}.{field} is {given[field]!r}; "
+                                      f"minisam's SAM implements {' or '.join(map(repr, allowed))}")
+        for field in ("image_size", "patch_size"):  # transformers allows (h, w) pairs; SAM's are square
+            if isinstance(given.get(field), list):
+                if len(set(given[field])) != 1:
+                    raise CheckpointError(f"config.json: {part}.{field} {given[field]} is not square; minisam's SAM is")
+                given[field] = given[field][0]
+    values = {ours: parts[part][field] for ours, part, field in HF_CONFIG_FIELDS if field in parts[part]}
+    if parts["vision_config"].get("mlp_dim") is not None:
+        values["mlp_ratio"] = parts["vision_config"]["mlp_dim"] / values.get("encoder_embed_dim", 768)
+    try:
+        config = SamConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: describes no SAM model minisam can build: {e}") from None
+    for part, derived in hf_derived(config).items():
+        for field, expected in derived.items():
+            if parts[part].get(field, expected) not in (expected, None):
+                raise CheckpointError(f"config.json: {part}.{field} is {parts[part][field]}; with the other "
+                                      f"fields it must be {expected}")
+    return config
+
+
+def to_hf(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """minisam's tensors -> (JSON files, tensors) of a folder that transformers' `SamModel.from_pretrained` loads.
+
+    The tensors are renamed by HF_RENAMES, with the Fourier matrix under both of its Hugging Face names
+    (315 keys for vit_b, as the hub's files have them); config.json is transformers' `SamConfig`
+    (HF_CONFIG_FIELDS, hf_derived, HF_FIXED), and preprocessor_config.json the `SamImageProcessor`
+    settings of the official preprocessing at this size.
+    """
+    tensors = to_official(config, tensors)
+    c = SamConfig.from_dict(config)
+    hf = {official_to_hf_key(k): v for k, v in tensors.items()}
+    duplicate, twin = HF_DUPLICATE
+    hf[duplicate] = hf[twin]
+    kinds = {"vision_config": "sam_vision_model", "prompt_encoder_config": "sam_prompt_encoder",
+             "mask_decoder_config": "sam_mask_decoder"}
+    parts = {part: {"model_type": kind} for part, kind in kinds.items()}
+    for ours, part, field in HF_CONFIG_FIELDS:
+        value = getattr(c, ours)
+        parts[part][field] = list(value) if isinstance(value, tuple) else value
+    for part, derived in hf_derived(c).items():
+        parts[part].update(derived)
+    for part, fixed in HF_FIXED.items():
+        parts[part].update({field: allowed[0] for field, allowed in fixed.items()})
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in hf.values() if v.is_floating_point()})
+    config_json = {"architectures": ["SamModel"], "model_type": "sam", **parts, "initializer_range": 0.02,
+                   "tie_word_embeddings": True, **({"dtype": dtypes[0]} if len(dtypes) == 1 else {})}
+    size, mean, std = c.image_size, [m / 255 for m in PIXEL_MEAN], [s / 255 for s in PIXEL_STD]
+    preprocessor = {"image_processor_type": "SamImageProcessor", "processor_class": "SamProcessor",
+                    "do_convert_rgb": True, "do_resize": True, "size": {"longest_edge": size}, "resample": 2,
+                    "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": mean,
+                    "image_std": std, "do_pad": True, "pad_size": {"height": size, "width": size},
+                    "mask_size": {"longest_edge": size // 4},  # the low-resolution mask logits
+                    "mask_pad_size": {"height": size // 4, "width": size // 4}}
+    return {"config.json": config_json, "preprocessor_config.json": preprocessor}, hf
 
 
 def describe(config: dict, tensors: dict[str, torch.Tensor]) -> str:
@@ -225,4 +357,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--variant", choices=sorted(CONFIGS), help="check the checkpoint is this variant (default: inferred)")
     size.add_argument("--config", type=read_config_json, help="a JSON of SamConfig fields, for sizes that are no variant")
-    parser.add_argument("--image-size", type=int, help="resize the position tables for this input size (a multiple of 16)")
+    parser.add_argument("--image-size", type=positive_int,
+                        help="resize the position tables for this input size (a multiple of the patch size, 16)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive (an input size such as 1024, 512 or 320)")
+    return value

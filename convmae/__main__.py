@@ -1,0 +1,184 @@
+"""Command line: ConvMAE reconstructions, multi-scale encoder features, and ConvViT top-5 classes.
+
+    python -m convmae convmae_base.safetensors photo.jpg --reconstruct mae.png
+    python -m convmae convmae_base.safetensors photos/ --features features.safetensors
+    python -m convmae convvit_base.safetensors photo.jpg more.jpg            # prints the top-5 classes
+
+The checkpoint is a converted file (`python -m weights_convert convmae ...`); what it holds decides
+what can be asked of it:
+- --reconstruct OUT.png (ConvMAE, FastConvMAE files): the MAE picture, one row per image:
+  original, masked, reconstruction, reconstruction with the visible patches pasted back
+  (convmae/visualize.py; for norm-pix models, the released ones, the picture says that each
+  removed patch's mean and variance come from the original). `--mask-ratio` (0.75) and `--seed`
+  (0) fix the mask, the same for every image, so each row equals a run on that image alone.
+  FastConvMAE shows the first of its complementary views.
+- --features OUT.safetensors (any file): the encoder's feature maps at strides 4, 8, 16 and 32
+  (`ConvViT.forward_multiscale`, the detection backbone's features with global attention), as
+  tensors "s0".."s3" of shape (N, C, H, W), the N images in the order given; the metadata lists
+  the images ("images", JSON), the strides and the input size.
+- ConvViT files with a classifier print the top `--top-k` (5) classes of every image with their
+  probabilities: the class names when the file's metadata has "class_names" (a JSON list), else
+  the class indices.
+
+Images are read with `convmae.image_io.read_image` (every PIL mode, EXIF orientation) and go through
+the official evaluation transform (convmae/transforms.py: shorter side to size / crop_pct, bicubic,
+centre crop, ImageNet normalisation). Everything is checked before anything is written; an
+existing output is refused without --force, an input is never overwritten; a user error is one line
+on stderr with exit status 1 (2 for a malformed command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from checkpoint_format import CheckpointError, save_file_atomic
+from convmae.cli_io import OneLineParser, UserError, bounded, check_outputs, list_images, resolve_device, save_png
+from convmae.convvit import ConvViT
+from convmae.image_io import read_image
+from convmae.load import load_convvit, model_from_tensors, read_convmae_file
+from convmae.model import ConvMAE
+from convmae.transforms import eval_transform
+from convmae.visualize import Reconstruction, picture, reconstruct
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+STRIDES = (4, 8, 16, 32)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m convmae", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path, help="a converted ConvMAE, FastConvMAE or ConvViT file")
+    parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    parser.add_argument("--reconstruct", type=Path, metavar="OUT.png", help="the MAE reconstruction picture")
+    parser.add_argument("--features", type=Path, metavar="OUT.safetensors", help="multi-scale encoder features")
+    parser.add_argument("--top-k", type=bounded(int, 0), default=5, help="classes printed for ConvViT files (0: none)")
+    parser.add_argument("--mask-ratio", type=bounded(float, 0, 1, open_ends=True), default=0.75)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mask of --reconstruct")
+    parser.add_argument("--crop-pct", type=bounded(float, 0, 1, open_ends=True),
+                        help="centre-crop fraction (default: the official 224/256 up to 224 px, else 1)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
+    parser.add_argument("--batch-size", type=bounded(int, 1), default=8, help="images per forward pass")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (fp32: exact)")
+    return parser
+
+
+def class_names(path: Path, num_classes: int) -> list[str]:
+    """The file's "class_names" metadata (a JSON list of num_classes names), else "class 0", "class 1", ..."""
+    with safe_open(str(path), "pt") as f:
+        names = (f.metadata() or {}).get("class_names")
+    try:
+        names = json.loads(names) if names is not None else None
+    except ValueError:
+        names = None
+    if isinstance(names, list) and len(names) == num_classes:
+        return [str(n) for n in names]
+    return [f"class {i}" for i in range(num_classes)]
+
+
+def load_models(args: argparse.Namespace, device: torch.device) -> tuple[str, ConvMAE | None, ConvViT | None]:
+    """The file's kind, the pretraining model (for --reconstruct) and the ConvViT (features, classes) needed."""
+    kind, config, tensors = read_convmae_file(args.checkpoint)
+    dtype = DTYPES[args.dtype]
+    classifies = kind == "convvit" and config.num_classes > 0 and args.top_k > 0
+    if args.reconstruct and kind not in ("convmae", "fastconvmae"):
+        raise UserError(f"{args.checkpoint}: holds a {kind} model, which has no MAE decoder; --reconstruct needs "
+                        "a ConvMAE or FastConvMAE pretraining file")
+    if not (args.reconstruct or args.features or classifies):
+        what = "a ConvViT without a classifier head" if kind == "convvit" else f"a {kind} model"
+        raise UserError(f"{args.checkpoint}: holds {what}; nothing to do: give --reconstruct OUT.png and/or "
+                        "--features OUT.safetensors")
+    mae = model_from_tensors(kind, config, tensors, device=device, dtype=dtype, what=str(args.checkpoint)) \
+        if args.reconstruct else None
+    vit = None
+    if kind == "convvit":
+        vit = model_from_tensors(kind, config, tensors, device=device, dtype=dtype, what=str(args.checkpoint))
+    elif args.features:  # the encoder of a pretraining file, read as the fine-tuning model's (its head unused)
+        vit = load_convvit(args.checkpoint, device=device, dtype=dtype)
+    return kind, mae, vit
+
+
+def run(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    if args.reconstruct is not None and args.reconstruct.suffix.lower() != ".png":
+        raise UserError(f"--reconstruct {args.reconstruct}: the picture is a PNG; name it .png")
+    if args.features is not None and args.features.suffix != ".safetensors":
+        raise UserError(f"--features {args.features}: the features are a safetensors file; name it .safetensors")
+    images = list_images(args.images)
+    outputs = {k: v for k, v in (("--reconstruct", args.reconstruct), ("--features", args.features)) if v}
+    check_outputs(outputs, [*images, args.checkpoint], args.force)
+    kind, mae, vit = load_models(args, device)
+    model = mae if mae is not None else vit
+    size, crop_pct = model.config.image_size, args.crop_pct
+    for path in images:  # decode and transform every image before anything is written
+        rgb = read_image(path)  # an unreadable file: ImageReadError, which names it
+        try:
+            eval_transform(rgb, size, crop_pct)
+        except ValueError as e:
+            raise UserError(f"{path}: {e}") from None
+    names = class_names(args.checkpoint, vit.config.num_classes) if vit is not None and kind == "convvit" else []
+    noise = torch.rand(1, model.config.num_patches, generator=torch.Generator().manual_seed(args.seed))  # (1, L)
+    rows: list[tuple[str, Reconstruction]] = []
+    features: dict[str, list[torch.Tensor]] = {f"s{i}": [] for i in range(len(STRIDES))}
+    with torch.no_grad():
+        for start in range(0, len(images), args.batch_size):
+            batch = images[start : start + args.batch_size]
+            x = torch.stack([eval_transform(read_image(p), size, crop_pct) for p in batch]).to(device)  # (B, 3, S, S)
+            if names and args.top_k > 0:
+                probabilities = vit(x.to(vit.pos_embed.dtype)).float().softmax(dim=-1)  # (B, K)
+                top = probabilities.topk(min(args.top_k, len(names)), dim=-1)
+                for path, p, i in zip(batch, top.values.tolist(), top.indices.tolist()):
+                    print(f"{path}: " + "  ".join(f"{r + 1}. {names[c]} {q:.3f}" for r, (q, c) in enumerate(zip(p, i))))
+            if args.features:
+                maps = vit.forward_multiscale(x.to(vit.pos_embed.dtype))  # {"s0": (B, C1, 4g, 4g), ...}
+                for key, value in maps.items():
+                    features[key].append(value.cpu())
+            if mae is not None:
+                done = reconstruct(mae, x, args.mask_ratio, noise.expand(len(batch), -1).to(device))
+                rows += [(p.name, r) for p, r in zip(batch, done)]
+    # Everything is computed; now write (the picture and the features, each whole).
+    if args.reconstruct:
+        fast = kind == "fastconvmae"
+        views = f"; the first of its {round(1 / (1 - args.mask_ratio))} complementary views" if fast else ""
+        title = f"{kind} {args.checkpoint.name}, mask seed {args.seed}{views}"
+        reconstructions = picture(rows, args.mask_ratio, mae.config.norm_pix_loss, title)
+    if args.features:
+        tensors = {key: torch.cat(values).contiguous() for key, values in features.items()}  # (N, C, H, W) each
+        metadata = {
+            "images": json.dumps([str(p) for p in images]),
+            "strides": ",".join(map(str, STRIDES)),
+            "image_size": str(size),
+            "checkpoint": str(args.checkpoint),
+            "source": "convmae.ConvViT.forward_multiscale",
+        }
+        save_file_atomic(args.features, tensors, metadata)
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
+        print(f"{args.features}: {shapes}")
+    if args.reconstruct:
+        save_png(reconstructions, args.reconstruct)
+        print(f"{args.reconstruct}: reconstructions of {len(rows)} image{'s' if len(rows) > 1 else ''}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (UserError, CheckpointError, ValueError, OSError) as error:  # ImageReadError is a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        print(f"error: out of memory on {args.device}; lower --batch-size", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
