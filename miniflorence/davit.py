@@ -89,7 +89,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, use_
     if use_sdpa:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     attn = (q * scale) @ k.transpose(-2, -1)  # (..., Lq, Lk)
-    return attn.softmax(dim=-1) @ v  # (..., Lq, d)
+    return attn.float().softmax(dim=-1).to(v.dtype) @ v  # (..., Lq, d), softmax in float32 for bf16
 
 
 class WindowAttention(nn.Module):
@@ -111,14 +111,16 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         B, N, C = x.shape
         H, W = size
-        w = self.window_size
+        w, h = self.window_size, self.num_heads
         x = x.view(B, H, W, C)
         pad_b, pad_r = (w - H % w) % w, (w - W % w) % w
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
+        if pad_b or pad_r:  # (at 768 px every stage's grid is a multiple of 12: no copy)
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # (B, Hp, Wp, C)
         Hp = H + pad_b
         windows = rearrange(x, "b (nh wh) (nw ww) c -> (b nh nw) (wh ww) c", wh=w, ww=w)  # (nW, w*w, C)
-        qkv = rearrange(self.qkv(windows), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
-        out = attend(qkv[0], qkv[1], qkv[2], self.scale, self.use_sdpa)  # (nW, h, w*w, d)
+        # a view, not a copy: q, k and v are strided slices of the qkv output, which SDPA reads as they are
+        q, k, v = rearrange(self.qkv(windows), "n t (three h d) -> three n h t d", three=3, h=h)
+        out = attend(q, k, v, self.scale, self.use_sdpa)  # (nW, h, w*w, d)
         out = self.proj(rearrange(out, "n h t d -> n t (h d)"))  # (nW, w*w, C)
         x = rearrange(out, "(b nh nw) (wh ww) c -> b (nh wh) (nw ww) c", b=B, nh=Hp // w, wh=w)  # (B, Hp, Wp, C)
         return x[:, :H, :W, :].reshape(B, N, C)
@@ -140,9 +142,9 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         N = x.shape[1]
-        # channels become the sequence axis: (3, B, g, d, N)
-        qkv = rearrange(self.qkv(x), "b n (three g d) -> three b g d n", three=3, g=self.groups)
-        out = attend(qkv[0], qkv[1], qkv[2], N ** -0.5, self.use_sdpa)  # (B, g, d, N)
+        # channels become the sequence axis: 3 x (B, g, d, N), strided views of the qkv output
+        q, k, v = rearrange(self.qkv(x), "b n (three g d) -> three b g d n", three=3, g=self.groups)
+        out = attend(q, k, v, N ** -0.5, self.use_sdpa)  # (B, g, d, N)
         return self.proj(rearrange(out, "b g d n -> b n (g d)"))  # (B, N, C)
 
 

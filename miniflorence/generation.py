@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from miniflorence.language_model import Florence2LanguageModel, KVCache
+from miniflorence.language_model import Florence2LanguageModel
 
 NEG = -1.0e9  # transformers' "very large negative" score for slots that must not be chosen
 
@@ -90,18 +90,20 @@ def ban_repeated_ngrams(scores: Tensor, sequences: Tensor, n: int) -> Tensor:
     """Set to -inf every token that would complete an n-gram already present in its sequence.
 
     scores (N, V), sequences (N, S). The last n - 1 tokens are the prefix of the next n-gram; each
-    earlier window whose first n - 1 tokens equal that prefix bans its last token.
+    earlier window whose first n - 1 tokens equal that prefix bans its last token. No host sync:
+    windows that do not match scatter into a spare column V, which is dropped.
     """
     N, S = sequences.shape
     if n <= 0 or S < n:
         return scores
+    V = scores.shape[1]
     windows = sequences.unfold(1, n, 1)  # (N, S - n + 1, n)
     prefix = sequences[:, S - n + 1:]  # (N, n - 1)
     matches = (windows[:, :, :-1] == prefix[:, None, :]).all(dim=-1)  # (N, S - n + 1)
-    banned = torch.zeros_like(scores, dtype=torch.bool)  # (N, V)
-    rows, cols = matches.nonzero(as_tuple=True)
-    banned[rows, windows[rows, cols, -1]] = True
-    return scores.masked_fill(banned, float("-inf"))
+    banned_tokens = torch.where(matches, windows[:, :, -1], V)  # (N, S - n + 1)
+    banned = torch.zeros(N, V + 1, dtype=torch.bool, device=scores.device)  # (N, V + 1)
+    banned.scatter_(1, banned_tokens, True)
+    return scores.masked_fill(banned[:, :V], float("-inf"))
 
 
 def force_token(scores: Tensor, token: int) -> Tensor:
@@ -128,22 +130,27 @@ def process_scores(scores: Tensor, sequences: Tensor, max_length: int, options: 
 @torch.no_grad()
 def greedy_search(language_model: Florence2LanguageModel, encoder_hidden_states: Tensor,
                   encoder_attention_mask: Tensor | None, options: GenerationOptions) -> Tensor:
-    """Pick the highest-scoring token at every step -> (B, S) ids, finished rows padded."""
+    """Pick the highest-scoring token at every step -> (B, S) ids, finished rows padded.
+
+    Every buffer is allocated before the loop (token ids (B, L), the static key/value cache); a
+    step reads no value back from the device except the one "has every row ended?" test.
+    """
     B = encoder_hidden_states.shape[0]
-    max_length = 1 + options.max_new_tokens
-    sequences = torch.full((B, 1), options.decoder_start_token_id, dtype=torch.long,
-                           device=encoder_hidden_states.device)  # (B, 1)
-    unfinished = torch.ones(B, dtype=torch.bool, device=sequences.device)
-    cache: KVCache | None = None
-    while True:
-        logits, cache = language_model.decode(sequences[:, -1:], encoder_hidden_states, encoder_attention_mask, cache)
-        scores = process_scores(logits[:, -1].float(), sequences, max_length, options)  # (B, V)
-        next_tokens = scores.argmax(dim=-1)  # (B,)
-        next_tokens = torch.where(unfinished, next_tokens, options.pad_token_id)
-        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)  # (B, S + 1)
+    L = 1 + options.max_new_tokens  # max_length, the decoder start token included
+    device = encoder_hidden_states.device
+    sequences = torch.full((B, L), options.pad_token_id, dtype=torch.long, device=device)  # (B, L)
+    sequences[:, 0] = options.decoder_start_token_id
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    cache = language_model.new_static_cache(encoder_hidden_states, L)
+    for cur_len in range(1, L):  # cur_len tokens so far; this step writes token cur_len
+        logits = language_model.step(sequences[:, cur_len - 1:cur_len], encoder_attention_mask, cache)  # (B, 1, V)
+        scores = process_scores(logits[:, -1].float(), sequences[:, :cur_len], L, options)  # (B, V)
+        next_tokens = torch.where(unfinished, scores.argmax(dim=-1), options.pad_token_id)  # (B,)
+        sequences[:, cur_len] = next_tokens
         unfinished &= next_tokens != options.eos_token_id
-        if not unfinished.any() or sequences.shape[1] >= max_length:
-            return sequences
+        if not unfinished.any():  # the one host sync of a step
+            break
+    return sequences[:, : cur_len + 1]
 
 
 def gather_beams(x: Tensor, index: Tensor) -> Tensor:
@@ -181,12 +188,12 @@ def beam_search(language_model: Florence2LanguageModel, encoder_hidden_states: T
     top_k_slots = torch.arange(C, device=device) < K  # (C,): only the K best candidates may finish
     batch_offset = torch.arange(B, device=device)[:, None] * K  # (B, 1): beam b of sample i is row i*K + b
 
-    cache: KVCache | None = None
+    cache = language_model.new_static_cache(encoder_hidden_states, L)
     cur_len = 1
     while True:
         # a. scores of every next token for every running beam
         flat = running[:, :, :cur_len].reshape(B * K, cur_len)  # (B*K, S)
-        logits, cache = language_model.decode(flat[:, -1:], encoder_hidden_states, encoder_attention_mask, cache)
+        logits = language_model.step(flat[:, -1:], encoder_attention_mask, cache)  # (B*K, 1, V)
         log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
         log_probs = process_scores(log_probs, flat, L, options)
         V = log_probs.shape[-1]
@@ -222,7 +229,7 @@ def beam_search(language_model: Florence2LanguageModel, encoder_hidden_states: T
         is_finished = gather_beams(torch.cat([is_finished, just_finished], dim=1), best)
 
         # e. next step: move the cached keys/values with their beams, then test whether to stop
-        cache.reorder(source_rows.flatten())
+        cache.reorder(source_rows.flatten(), cur_len)
         cur_len += 1
         # transformers' heuristic (decisive with early_stopping=False): once all K hypotheses of a
         # sample are finished, it stops if its best running beam, normalised at the current length,
@@ -230,8 +237,8 @@ def beam_search(language_model: Florence2LanguageModel, encoder_hidden_states: T
         best_running = running_scores[:, :1] / (cur_len - 1) ** lp  # (B, 1)
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, NEG)  # (B, K)
         can_improve &= (best_running > worst_finished).any(dim=-1, keepdim=True)
-        all_done = bool(is_finished.all()) and options.early_stopping
-        if not can_improve.any() or all_done or bool(ended.all()):
+        all_done = is_finished.all() & options.early_stopping
+        if bool(~can_improve.any() | all_done | ended.all()):  # the one host sync of a step
             break
 
     # the best hypothesis of each sample, cut to the longest of them (1 = the decoder start token)

@@ -53,8 +53,10 @@ class LearnedPositionalEmbedding(nn.Embedding):
     def __init__(self, max_positions: int, dim: int) -> None:
         super().__init__(max_positions + POSITION_OFFSET, dim)
 
-    def forward(self, start: int, length: int) -> Tensor:  # type: ignore[override]
-        positions = torch.arange(start, start + length, device=self.weight.device)  # (length,)
+    def forward(self, start: int | Tensor, length: int) -> Tensor:  # type: ignore[override]
+        """Rows of positions start .. start + length - 1; `start` may be a 0-dim tensor (a static cache's
+        position, so that a compiled decoding step serves every step without a host sync)."""
+        positions = torch.arange(length, device=self.weight.device) + start  # (length,)
         return super().forward(positions + POSITION_OFFSET)  # (length, D)
 
 
@@ -92,11 +94,11 @@ class Attention(nn.Module):
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
         else:
-            scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, t, N)
+            scores = (q @ k.transpose(-2, -1)).float() * self.scale  # (B, h, t, N), softmax in float32 for bf16
             if mask is not None:
                 scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
             weights = F.dropout(scores.softmax(dim=-1), p=dropout, training=self.training)
-            out = weights @ v  # (B, h, t, d)
+            out = weights.to(v.dtype) @ v  # (B, h, t, d)
         out = out.transpose(1, 2).reshape(B, t, D)  # (B, t, h * d)
         return self.out_proj(out)
 
@@ -150,7 +152,9 @@ class DecoderLayer(EncoderLayer):
 class KVCache:
     """Per decoder layer: self-attention keys/values (growing) and cross-attention keys/values (fixed).
 
-    Each entry is (B, h, S, d) for self-attention and (B, h, T, d) for cross-attention.
+    Each entry is (B, h, S, d) for self-attention and (B, h, T, d) for cross-attention. Every step
+    concatenates the new keys/values to the old ones: the plain form, used by teacher forcing, the
+    tests and the ONNX decoder step. Generation uses `StaticKVCache`, whose buffers never move.
     """
 
     self_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
@@ -161,13 +165,88 @@ class KVCache:
         """How many decoder tokens are cached (the position of the next token)."""
         return self.self_kv[0][0].shape[2] if self.self_kv else 0
 
-    def reorder(self, beam_index: Tensor) -> None:
+    def start(self) -> int:
+        """Position of the first new token."""
+        return self.length
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add a layer's new keys/values (B, h, t, d) -> all of them (B, h, S, d)."""
+        if len(self.self_kv) > layer:  # a zero-length cache appends too (as in ONNX graphs)
+            k = torch.cat([self.self_kv[layer][0], k], dim=2)  # (B, h, S, d)
+            v = torch.cat([self.self_kv[layer][1], v], dim=2)  # (B, h, S, d)
+            self.self_kv[layer] = (k, v)
+        else:
+            self.self_kv.append((k, v))
+        return k, v
+
+    def self_attention_mask(self, start: int, t: int, device: torch.device) -> Tensor | None:
+        """New query i (at position start + i) may see keys 0 .. start + i."""
+        return causal_mask(t, start, device)
+
+    def advance(self, t: int) -> None:
+        """Nothing to do: the length is that of the stored keys."""
+
+    def reorder(self, beam_index: Tensor, length: int | None = None) -> None:
         """Keep row beam_index[i] of the self-attention cache as row i (beam search).
 
         The cross-attention keys/values are left alone: beam search only moves rows between the beams
         of one sample, which share their encoder states (the original `_reorder_cache` does the same).
         """
         self.self_kv = [(k.index_select(0, beam_index), v.index_select(0, beam_index)) for k, v in self.self_kv]
+
+
+class StaticKVCache:
+    """A preallocated key/value cache for generation: every buffer has its final size from the start.
+
+    Self-attention keys/values of all layers live in two tensors (layers, B, h, L, d) with room for L
+    tokens; step n writes slot n in place and attends to all L slots, the ones not yet written
+    masked out (so every step has the same shapes: one compiled graph serves them all, and no
+    tensor is reallocated or concatenated). The next position is a 0-dim tensor on the model's
+    device, advanced in place: a step needs no value from the host.
+
+    Args:
+        cross_kv: per layer, the cross-attention keys/values (B, h, T, d), computed once.
+        capacity: L, the most decoder tokens this cache will hold (decoder start token included).
+    """
+
+    def __init__(self, cross_kv: list[tuple[Tensor, Tensor]], capacity: int) -> None:
+        B, h, _, d = cross_kv[0][0].shape
+        k0 = cross_kv[0][0]
+        self.cross_kv = cross_kv
+        self.keys = k0.new_zeros(len(cross_kv), B, h, capacity, d)  # (layers, B, h, L, d)
+        self.values = torch.zeros_like(self.keys)  # (layers, B, h, L, d)
+        self.position = torch.zeros((), dtype=torch.long, device=k0.device)  # next slot to write
+        self.slots = torch.arange(capacity, device=k0.device)  # (L,)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def start(self) -> Tensor:
+        """Position of the first new token, a 0-dim tensor."""
+        return self.position
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write a layer's new keys/values (B, h, t, d) at the next t slots -> all L slots (B, h, L, d)."""
+        new_slots = self.position + self.slots[: k.shape[2]]  # (t,)
+        self.keys[layer].index_copy_(2, new_slots, k)
+        self.values[layer].index_copy_(2, new_slots, v)
+        return self.keys[layer], self.values[layer]
+
+    def self_attention_mask(self, start: Tensor, t: int, device: torch.device) -> Tensor:
+        """New query i (at position start + i) may see slots 0 .. start + i: boolean (1, 1, t, L)."""
+        query_pos = start + self.slots[:t, None]  # (t, 1)
+        return (self.slots[None, :] <= query_pos)[None, None]  # (1, 1, t, L)
+
+    def advance(self, t: int) -> None:
+        self.position += t  # in place: the tensor a compiled step reads stays the same object
+
+    def reorder(self, beam_index: Tensor, length: int | None = None) -> None:
+        """Keep row beam_index[i] as row i (beam search), copying only the first `length` slots
+        (all when None): the cache stays where it is."""
+        filled = slice(None, length)
+        self.keys[:, :, :, filled] = self.keys[:, beam_index, :, filled]
+        self.values[:, :, :, filled] = self.values[:, beam_index, :, filled]
 
 
 class Encoder(nn.Module):
@@ -201,26 +280,26 @@ class Decoder(nn.Module):
         self.dropout = dropout
 
     def forward(self, input_ids: Tensor, encoder_hidden_states: Tensor | None, encoder_attention_mask: Tensor | None,
-                cache: KVCache | None) -> tuple[Tensor, KVCache]:
+                cache: KVCache | StaticKVCache | None) -> tuple[Tensor, KVCache | StaticKVCache]:
         """input_ids (B, t) are the new tokens; their positions continue from the cache's length."""
         B, t = input_ids.shape
         if cache is None:  # first step: the cross-attention keys/values are computed once, here
-            cache = KVCache(cross_kv=[layer.encoder_attn.keys_values(encoder_hidden_states) for layer in self.layers])
-        past = cache.length
-        x = self.embed_tokens(input_ids) + self.embed_positions(past, t)  # (B, t, D) + (t, D)
+            cache = KVCache(cross_kv=self.cross_keys_values(encoder_hidden_states))
+        start = cache.start()  # position of the first new token
+        positions = self.embed_positions(start, t)  # (t, D)
+        x = self.embed_tokens(input_ids).to(positions.dtype) + positions  # (B, t, D), the table may be float32
         x = F.dropout(self.layernorm_embedding(x), p=self.dropout, training=self.training)
-        self_mask = causal_mask(t, past, x.device)  # (1, 1, t, past + t)
+        self_mask = cache.self_attention_mask(start, t, x.device)  # (1, 1, t, S) or None
         cross_mask = padding_mask(encoder_attention_mask)  # (B, 1, 1, T)
-        new_self_kv = []
         for i, layer in enumerate(self.layers):
-            k, v = layer.self_attn.keys_values(x)  # 2 x (B, h, t, d)
-            if cache.self_kv:  # append to the cached ones (a zero-length cache works too, as in ONNX graphs)
-                k = torch.cat([cache.self_kv[i][0], k], dim=2)  # (B, h, S, d)
-                v = torch.cat([cache.self_kv[i][1], v], dim=2)  # (B, h, S, d)
-            new_self_kv.append((k, v))
+            k, v = cache.append(i, *layer.self_attn.keys_values(x))  # 2 x (B, h, S, d), this step's included
             x = layer(x, (k, v), self_mask, cache.cross_kv[i], cross_mask)
-        cache.self_kv = new_self_kv
+        cache.advance(t)
         return x, cache  # (B, t, D)
+
+    def cross_keys_values(self, encoder_hidden_states: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every layer's cross-attention keys/values of the encoder states: 2 x (B, h, T, d) per layer."""
+        return [layer.encoder_attn.keys_values(encoder_hidden_states) for layer in self.layers]
 
 
 class EncoderDecoder(nn.Module):
@@ -277,14 +356,25 @@ class Florence2LanguageModel(nn.Module):
         return self.model.encoder(inputs_embeds, attention_mask)
 
     def decode(self, decoder_input_ids: Tensor, encoder_hidden_states: Tensor | None,
-               encoder_attention_mask: Tensor | None = None, cache: KVCache | None = None) -> tuple[Tensor, KVCache]:
+               encoder_attention_mask: Tensor | None = None,
+               cache: KVCache | StaticKVCache | None = None) -> tuple[Tensor, KVCache | StaticKVCache]:
         """New decoder tokens (B, t) -> logits (B, t, V) and the cache extended by them.
 
-        Without a cache the tokens start at position 0 and a new cache is made (cross-attention
-        keys/values included); with one, `encoder_hidden_states` is not read again.
+        Without a cache the tokens start at position 0 and a new `KVCache` is made (cross-attention
+        keys/values included); with one, `encoder_hidden_states` is not read again (it may be None).
         """
         x, cache = self.model.decoder(decoder_input_ids, encoder_hidden_states, encoder_attention_mask, cache)
-        return self.lm_head(x) + self.final_logits_bias, cache  # (B, t, V)
+        # logits in the token table's dtype: float32 also in a bf16 model (`Florence2.to_dtype`)
+        return self.lm_head(x.to(self.lm_head.weight.dtype)) + self.final_logits_bias, cache  # (B, t, V)
+
+    def new_static_cache(self, encoder_hidden_states: Tensor, capacity: int) -> StaticKVCache:
+        """A preallocated cache for generating up to `capacity` decoder tokens from these encoder states."""
+        return StaticKVCache(self.model.decoder.cross_keys_values(encoder_hidden_states), capacity)
+
+    def step(self, decoder_input_ids: Tensor, encoder_attention_mask: Tensor | None, cache: StaticKVCache) -> Tensor:
+        """One generation step on a static cache: new tokens (B, t) -> logits (B, t, V); the cache
+        advances by t. The hot loop of decoding: `Florence2.compile_hot_paths` compiles this method."""
+        return self.decode(decoder_input_ids, None, encoder_attention_mask, cache)[0]
 
     def forward(self, inputs_embeds: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Teacher-forced pass: encoder embeddings (B, T, D), decoder ids (B, t) -> logits (B, t, V)."""

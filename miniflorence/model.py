@@ -72,6 +72,31 @@ class Florence2(nn.Module):
             activation_dropout=c.activation_dropout, use_sdpa=c.use_sdpa,
         )
 
+    def to_dtype(self, dtype: torch.dtype) -> Florence2:
+        """Cast every floating-point weight to `dtype` (e.g. torch.bfloat16), in place, except the
+        two that make the logits: the token table (tied to the output projection) and
+        `final_logits_bias` stay float32. Greedy and beam search compare logits, and bf16 keeps only
+        about 3 significant digits of them: in bf16, near-equal logits tie and the search takes
+        another path. Elsewhere the kernels keep what must stay float32 in float32 (LayerNorm
+        statistics, the attention softmax; the plain-math attention casts to float32 itself).
+        Returns the model.
+        """
+        self.to(dtype)
+        lm = self.language_model
+        lm.model.shared.float()  # one Parameter: the encoder's, the decoder's and lm_head's table
+        lm.final_logits_bias.data = lm.final_logits_bias.float()
+        return self
+
+    def compile_hot_paths(self, **options: bool | str) -> Florence2:
+        """`torch.compile` the two places where inference spends its time, in place: the vision
+        tower, and one decoding step on the static cache (`Florence2LanguageModel.step`, the same
+        graph for every step). Inference only: `options` go to inductor (see
+        `torch._inductor.config`). Returns the model.
+        """
+        self.vision_tower.compile(options=options or None)
+        self.language_model.step = torch.compile(self.language_model.step, options=options or None)
+        return self
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels (H, W multiples of 32) -> image tokens (B, 1 + HW/1024, D).
 
@@ -142,11 +167,15 @@ class Florence2(nn.Module):
         start with the decoder start token, like the official `generate`.
 
         Args:
-            pixel_values, input_ids, attention_mask: as in `encode`.
+            pixel_values, input_ids, attention_mask: as in `encode`; moved to the model's device
+                (and the pixels to its dtype), so processor output can be passed as it is.
             max_new_tokens, num_beams, no_repeat_ngram_size, early_stopping, length_penalty:
                 decoding settings (see `miniflorence.generation.GenerationOptions`); forced
                 BOS/EOS and the special ids come from the config.
         """
+        device = self.image_projection.device
+        pixel_values, input_ids = pixel_values.to(device), input_ids.to(device)
+        attention_mask = attention_mask.to(device) if attention_mask is not None else None
         check_generate_inputs(self, pixel_values, input_ids, attention_mask, max_new_tokens, num_beams,
                               no_repeat_ngram_size)
         c = self.config
@@ -231,6 +260,7 @@ def load_florence2(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
     use_sdpa: bool | None = None,
 ) -> Florence2:
     """The model a converted `.safetensors` file describes, strictly loaded, in eval mode.
@@ -238,7 +268,10 @@ def load_florence2(
     Args:
         path: a file written by `python -m weights_convert florence2 SRC DST`.
         device: where the model goes.
-        dtype: the dtype of its floating-point weights (the file's values, cast).
+        dtype: the dtype of its floating-point weights (the file's values, cast). torch.bfloat16
+            keeps the token table and the logits bias in float32 (see `Florence2.to_dtype`).
+        compile: `torch.compile` the vision tower and the decoding step (`Florence2.compile_hot_paths`);
+            the first image of each size and the first generation pay the compilation.
         use_sdpa: override the attention implementation stored in the file's config.
     """
     config_dict, tensors = read_converted(path, "florence2")
@@ -248,7 +281,8 @@ def load_florence2(
         raise CheckpointError(f"{path}: its config does not describe a Florence-2 model: {e}") from e
     if use_sdpa is not None:
         config = config.replace(use_sdpa=use_sdpa)
-    return florence2_from_tensors(config, tensors, device=device, dtype=dtype, what=str(path))
+    model = florence2_from_tensors(config, tensors, device=device, dtype=dtype, what=str(path))
+    return model.compile_hot_paths() if compile else model
 
 
 def florence2_from_tensors(
@@ -268,4 +302,4 @@ def florence2_from_tensors(
     with torch.device("meta"):
         model = Florence2(config)
     load_strict(model, expand_tied(tensors, SHARED_KEY, TIED_KEYS, what), what)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device).to_dtype(dtype).eval()

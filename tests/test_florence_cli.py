@@ -65,6 +65,37 @@ def test_converted_checkpoint_and_non_rgb_image(tmp_path, capsys) -> None:
     assert isinstance(json.loads(capsys.readouterr().out)["<CAPTION>"], str)
 
 
+def test_bf16_on_a_converted_checkpoint(tmp_path, capsys) -> None:
+    """--dtype bf16: the same pipeline on a bf16 model (logits in float32), a caption comes out."""
+    torch.manual_seed(0)
+    model = Florence2(tiny_config())
+    tensors = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
+    save_converted(tmp_path / "tiny.safetensors", tensors, "florence2", tiny_config().to_dict())
+    code = main([str(tmp_path / "tiny.safetensors"), str(shared_path(*TOKENIZER)), str(shared_path(*CAR)),
+                 "--task", "<CAPTION>", "--max-new-tokens", "8", "--num-beams", "1", "--dtype", "bf16"])
+    assert code == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["<CAPTION>"], str)
+
+
+@pytest.mark.slow
+def test_bf16_compiled_random_weights(capsys, monkeypatch) -> None:
+    """--dtype bf16 --compile end to end (a tiny config stands in for "base"; compiling takes a minute)."""
+    monkeypatch.setitem(CONFIGS, "base", tiny_config())
+    code = main(["--random-weights", "base", str(shared_path(*TOKENIZER)), str(shared_path(*CAR)),
+                 "--task", "<OD>", "--max-new-tokens", "8", "--num-beams", "1", "--dtype", "bf16", "--compile"])
+    assert code == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"<OD>"}
+
+
+def test_bad_fast_path_flags_are_one_line(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--random-weights", "base", "tok", "img.png", "--dtype", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    assert main(["--random-weights", "base", "tok", "img.png", "--device", "gpu0"]) == 1
+    err = capsys.readouterr().err
+    assert "is not a device" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
     save_converted(tmp_path / "sam.safetensors", {"x": torch.zeros(1)}, "sam", {})
     code = main([str(tmp_path / "sam.safetensors"), str(asset_path(*TOKENIZER)), str(asset_path(*CAR))])

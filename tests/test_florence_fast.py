@@ -1,0 +1,205 @@
+"""The fast inference path of Florence-2: static key/value cache, host-sync-free decoding, batched
+generation with padding, bf16 weights, `torch.compile`.
+
+The fp32 path is held to the official model by test_florence_generation.py (ids identical); here the
+fast pieces are held to the plain ones: the static cache to the growing cache, a padded batch to its
+rows run one at a time, bf16 greedy ids to fp32 ids (>= 90% of positions, DESIGN.md's fast-path
+target), and compiled to eager (slow: compiling takes a minute or two).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from official import seeded_florence2_fill
+from torch.profiler import ProfilerActivity, profile
+
+from miniflorence import CONFIGS, Florence2, tiny_config
+from miniflorence.generation import GenerationOptions, greedy_search
+from miniflorence.language_model import StaticKVCache
+
+EOS, PAD = 2, 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small models on a shared CPU: one thread avoids thread-synchronisation stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def seeded_model(config, seed: int = 0) -> Florence2:
+    """Our model with every state-dict tensor drawn from one seeded generator (tests/reference/official.py)."""
+    model = Florence2(config)
+    model.load_state_dict(seeded_florence2_fill(model.state_dict(), seed))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Florence2:
+    return seeded_model(tiny_config(image_size=96), seed=3)
+
+
+def image_prompts(image_size: int, count: int, seed: int = 11) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of 2 images + prompts `<s> ... </s>`; the second prompt shorter and right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        prompt = torch.randint(3, 50265, (2, 9), generator=g)
+        prompt[:, 0], prompt[0, 8] = 0, EOS
+        prompt[1, 4 + i % 4], prompt[1, 5 + i % 4:] = EOS, PAD
+        out.append((torch.randn(2, 3, image_size, image_size, generator=g), prompt))
+    return out
+
+
+# --- the static cache ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_sdpa", [False, True])
+def test_static_cache_equals_growing_cache(tiny: Florence2, use_sdpa: bool) -> None:
+    """Token by token, then 3 tokens in one step: the same logits as the concatenating cache."""
+    lm = copy.deepcopy(tiny.language_model)
+    for module in lm.modules():
+        if hasattr(module, "use_sdpa"):
+            module.use_sdpa = use_sdpa
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(2, 7, 32, generator=g)
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    ids = torch.randint(3, 1000, (2, 6), generator=g)
+    with torch.no_grad():
+        expected, _ = lm.decode(ids, states, mask)  # (2, 6, V), teacher-forced with the growing cache
+        cache = lm.new_static_cache(states, capacity=10)
+        steps = [lm.step(ids[:, i:i + 1], mask, cache) for i in range(3)]
+        steps.append(lm.step(ids[:, 3:], mask, cache))  # 3 new tokens at once: causal inside the step
+    assert isinstance(cache, StaticKVCache) and int(cache.position) == 6 and cache.capacity == 10
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=0, atol=1e-5)
+
+
+def test_greedy_step_reads_back_only_the_eos_test(tiny: Florence2) -> None:
+    """A greedy step reads one value back from the device (has every row ended?) and no
+    data-dependent shape (nonzero and friends would wait for the device too)."""
+    pixel_values, prompt = image_prompts(96, 1)[0]
+    states, mask = tiny.encode(pixel_values, prompt, (prompt != PAD).long())
+    options = GenerationOptions(max_new_tokens=12, num_beams=1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ids = greedy_search(tiny.language_model, states, mask, options)
+    counts = {event.key: event.count for event in prof.key_averages()}
+    steps = ids.shape[1] - 1
+    assert counts.get("aten::_local_scalar_dense", 0) == steps, counts.get("aten::_local_scalar_dense")
+    for op in ("aten::nonzero", "aten::masked_select", "aten::unique", "aten::_unique2"):
+        assert op not in counts, op
+
+
+# --- batched generation with padding -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_padded_batch_equals_rows_one_at_a_time(tiny: Florence2, num_beams: int) -> None:
+    """Prompts of different lengths, right-padded, with the attention mask: each row's ids are those
+    of the row generated alone (without padding); rows that end early are padded after their EOS."""
+    model = copy.deepcopy(tiny)
+    with torch.no_grad():
+        model.language_model.final_logits_bias[0, EOS] = 1.4  # rows end at different steps
+    lengths = []
+    for pixel_values, prompt in image_prompts(96, 3):
+        mask = (prompt != PAD).long()
+        batched = model.generate(pixel_values, prompt, mask, max_new_tokens=20, num_beams=num_beams)
+        for row in range(2):
+            n = int(mask[row].sum())
+            alone = model.generate(pixel_values[row:row + 1], prompt[row:row + 1, :n], max_new_tokens=20,
+                                   num_beams=num_beams)[0]
+            assert torch.equal(batched[row, : len(alone)], alone), (batched[row].tolist(), alone.tolist())
+            assert (batched[row, len(alone):] == PAD).all()
+            lengths.append(len(alone))
+    assert len(set(lengths)) > 1, lengths  # the rows did end at different steps
+
+
+# --- bf16 ------------------------------------------------------------------------------------------
+
+
+def test_to_dtype_keeps_the_logits_in_float32(tiny: Florence2) -> None:
+    model = copy.deepcopy(tiny).to_dtype(torch.bfloat16)
+    lm = model.language_model
+    assert lm.model.shared.weight.dtype == torch.float32 and lm.lm_head.weight is lm.model.shared.weight
+    assert lm.final_logits_bias.dtype == torch.float32
+    assert model.image_projection.dtype == torch.bfloat16
+    assert lm.model.decoder.layers[0].fc1.weight.dtype == torch.bfloat16
+    pixel_values, prompt = image_prompts(96, 1)[0]
+    with torch.no_grad():
+        states, mask = model.encode(pixel_values, prompt, (prompt != PAD).long())
+        logits, _ = lm.decode(torch.full((2, 1), 2), states, mask)
+    assert states.dtype == torch.bfloat16 and logits.dtype == torch.float32
+
+
+def test_bf16_layer_norm_statistics_are_float32() -> None:
+    """A bf16 LayerNorm equals the float32 LayerNorm of the same bf16 input, rounded once: its mean
+    and variance are not accumulated in bf16 (which would be off by far more on 1024 channels)."""
+    g = torch.Generator().manual_seed(0)
+    x = (3.0 + torch.randn(4, 1024, generator=g)).bfloat16()  # a large mean: bf16 sums would drift
+    norm = torch.nn.LayerNorm(1024)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(1024, generator=g))
+        expected = norm(x.float()).bfloat16()
+        got = copy.deepcopy(norm).bfloat16()(x)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+def bf16_agreement(model: Florence2, image_size: int, max_new_tokens: int, batches: int) -> float:
+    """Share of positions where bf16 greedy ids equal fp32 greedy ids, over `batches` x 2 rows.
+
+    Free-running: after the first difference the two continue from different prefixes, so a row
+    that parts early counts as almost all wrong. Rows part where two fp32 logits are closer than
+    bf16 can resolve (random weights make such near-ties common: in the tiny model about 1 row in
+    10 meets one within 32 tokens), hence a sample of 32 rows rather than a handful.
+    """
+    fast = copy.deepcopy(model).to_dtype(torch.bfloat16)
+    same = total = 0
+    for pixel_values, prompt in image_prompts(image_size, batches, seed=5):
+        mask = (prompt != PAD).long()
+        exact = model.generate(pixel_values, prompt, mask, max_new_tokens=max_new_tokens, num_beams=1)
+        got = fast.generate(pixel_values, prompt, mask, max_new_tokens=max_new_tokens, num_beams=1)
+        n = min(exact.shape[1], got.shape[1])
+        same += int((exact[:, :n] == got[:, :n]).sum())
+        total += exact.numel()
+    return same / total
+
+
+def test_bf16_greedy_ids_agree_with_fp32_tiny(tiny: Florence2) -> None:
+    assert bf16_agreement(tiny, 96, max_new_tokens=32, batches=16) >= 0.9
+
+
+@pytest.mark.slow
+def test_bf16_greedy_ids_agree_with_fp32_base_64px() -> None:
+    """Florence-2-base's widths with seeded weights, images of 64x64 (5 image tokens)."""
+    model = seeded_model(CONFIGS["base"].replace(image_size=64), seed=0)
+    assert bf16_agreement(model, 64, max_new_tokens=16, batches=4) >= 0.9
+
+
+# --- torch.compile -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_equals_eager(tiny: Florence2, dtype: torch.dtype) -> None:
+    """compile_hot_paths: the vision tower within the dtype's tolerance, greedy and beam ids equal."""
+    eager = copy.deepcopy(tiny).to_dtype(dtype)
+    compiled = copy.deepcopy(eager).compile_hot_paths()
+    pixel_values, prompt = image_prompts(96, 1)[0]
+    mask = (prompt != PAD).long()
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    with torch.no_grad():
+        expected = eager.vision_tower(pixel_values.to(dtype)).float()
+        got = compiled.vision_tower(pixel_values.to(dtype)).float()
+    assert (got - expected).abs().max() <= tolerance * expected.abs().max()
+    for num_beams in (1, 3):
+        exact = eager.generate(pixel_values, prompt, mask, max_new_tokens=16, num_beams=num_beams)
+        fast = compiled.generate(pixel_values, prompt, mask, max_new_tokens=16, num_beams=num_beams)
+        if dtype == torch.float32:
+            assert torch.equal(fast, exact), (fast.tolist(), exact.tolist())
+        else:  # bf16 rounding differs between fused and unfused kernels: ids may part after a near-tie
+            n = min(fast.shape[1], exact.shape[1])
+            assert (fast[:, :n] == exact[:, :n]).float().mean() >= 0.9
