@@ -11,9 +11,9 @@ Workloads (batch 1, one image, a 12-token prompt):
 - beam3: the same with num_beams=3, tokens/s.
 The length is forced by the weights: these seeded random weights never emit EOS before the limit
 (checked on every run: a row that ends early is counted by the tokens it generated, and a note
-says so), so every implementation generates exactly --new-tokens tokens, the last one the forced EOS. Both use the official decoding settings
-(no_repeat_ngram_size=3, forced BOS/EOS, early stopping). fp32 ids of ours and native must be
-identical (checked); bf16 ids are compared with fp32 ids and the agreement printed.
+says so), so every implementation generates exactly --new-tokens tokens, the last one the forced EOS.
+Both use the official decoding settings (no_repeat_ngram_size=3, forced BOS/EOS, early stopping).
+fp32 ids of ours and native must be identical (checked); bf16 ids are compared with fp32 ids and the agreement printed.
 
 Implementations: native fp32 and native bf16 (`.to(torch.bfloat16)`), ours fp32 and ours bf16
 (`Florence2.to_dtype`), and ours compiled (`compile_hot_paths`: vision tower and decoding step;

@@ -1,7 +1,8 @@
 """Command line: run a Florence-2 task on one image or many, print or write the results, draw them.
 
     python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGE --task "<OD>" [--text ...] [--out pic.png]
-    python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGES_OR_DIRS... --task "<CAPTION>" --batch-size 8 --out results.jsonl
+    python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGES_OR_DIRS... --task "<CAPTION>" --batch-size 8 \
+        --out results.jsonl
     python -m miniflorence CHECKPOINT TOKENIZER_DIR --jsonl requests.jsonl --batch-size 8 --out results.jsonl
     python -m miniflorence --random-weights base TOKENIZER_DIR IMAGE --task "<OD>"   (smoke test)
     python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGE --task "<CAPTION>" --dtype bf16 --compile   (fast path)
@@ -124,8 +125,9 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m miniflorence", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    summary, *details = __doc__.split("\n\n")
+    p = OneLineParser(prog="python -m miniflorence", description=summary,
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(details))
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="CHECKPOINT TOKENIZER_DIR IMAGE_OR_DIR... (no CHECKPOINT with --random-weights, "
                         "no IMAGE with --jsonl)")
@@ -149,8 +151,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "or OCR regions whose <loc_..> tokens repeat come out truncated or wrong: try 0 then")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
-                   help="weights and activations (default fp32, the exact path; bf16 is faster on AMX CPUs and GPUs and "
-                        "keeps the logits in float32)")
+                   help="weights and activations (default fp32, the exact path; bf16 is faster on AMX CPUs and "
+                        "GPUs and keeps the logits in float32)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the vision tower and the decoding step (the first run compiles: minutes)")
     args = p.parse_args(argv)
@@ -241,8 +243,11 @@ def list_problems(problems: list[str], what: str) -> None:
     if len(problems) == 1:
         raise CliError(problems[0])
     if problems:
-        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
-        raise CliError(f"{len(problems)} unusable {what} (nothing was run; fix or remove them):\n  " + "\n  ".join(shown))
+        shown = problems[:MAX_LISTED]
+        if len(problems) > MAX_LISTED:
+            shown.append(f"... and {len(problems) - MAX_LISTED} more")
+        listing = "\n  ".join(shown)
+        raise CliError(f"{len(problems)} unusable {what} (nothing was run; fix or remove them):\n  {listing}")
 
 
 def requests_from_paths(paths: list[str], task: str, text: str | None) -> list[Request]:
@@ -420,7 +425,8 @@ def run(args: argparse.Namespace) -> int:
     n_model = 0 if args.random_weights else 1
     if n_model and Path(args.paths[0]).is_dir():
         raise CliError(f"CHECKPOINT {args.paths[0]} is a folder; expected a .safetensors file converted with "
-                       "`python -m weights_convert florence2 SRC OUT.safetensors` (the order is CHECKPOINT TOKENIZER_DIR)")
+                       "`python -m weights_convert florence2 SRC OUT.safetensors` "
+                       "(the order is CHECKPOINT TOKENIZER_DIR)")
     tokenizer_dir = args.paths[n_model]
     if args.jsonl:
         requests = requests_from_jsonl(Path(args.jsonl), args.task, args.text)
@@ -446,7 +452,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(record["result"], ensure_ascii=False))
         if out is not None:
             drawn = draw_results(image, record["result"][record["task"]])
-            replace_atomically(out, lambda tmp: drawn.save(tmp, format=Image.registered_extensions()[out.suffix.lower()]))
+            image_format = Image.registered_extensions()[out.suffix.lower()]
+            replace_atomically(out, lambda tmp: drawn.save(tmp, format=image_format))
             print(f"wrote {out}", file=sys.stderr)
         return 0
     if out is None:

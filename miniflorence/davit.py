@@ -155,7 +155,9 @@ class SpatialBlock(nn.Module):
                  drop_path: float, eps: float, use_sdpa: bool) -> None:
         super().__init__()
         self.conv1 = Residual(None, DepthwiseConv(dim))
-        self.window_attn = Residual(nn.LayerNorm(dim, eps=eps), WindowAttention(dim, num_heads, window_size, use_sdpa), drop_path)
+        self.window_attn = Residual(
+            nn.LayerNorm(dim, eps=eps), WindowAttention(dim, num_heads, window_size, use_sdpa), drop_path
+        )
         self.conv2 = Residual(None, DepthwiseConv(dim))
         self.ffn = Residual(nn.LayerNorm(dim, eps=eps), Mlp(dim, int(dim * mlp_ratio)), drop_path)
 

@@ -74,7 +74,9 @@ class GenerationOptions:
         if self.do_sample:
             raise ValueError("do_sample=True is not implemented: only greedy and beam search are")
         if self.num_beams < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"need num_beams >= 1 and max_new_tokens >= 1, got {self.num_beams}, {self.max_new_tokens}")
+            raise ValueError(
+                f"need num_beams >= 1 and max_new_tokens >= 1, got {self.num_beams}, {self.max_new_tokens}"
+            )
 
 
 class EncoderDecoderModel(Protocol):

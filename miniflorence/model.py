@@ -220,7 +220,9 @@ def check_generate_inputs(
         raise ValueError(f"pixel_values holds {B} images but input_ids {input_ids.shape[0]} prompts")
     for name, x in (("pixel_values", pixel_values), ("input_ids", input_ids), ("attention_mask", attention_mask)):
         if x is not None and x.device != device:
-            raise ValueError(f"{name} is on {x.device}, the model on {device}: move the inputs with .to({str(device)!r})")
+            raise ValueError(
+                f"{name} is on {x.device}, the model on {device}: move the inputs with .to({str(device)!r})"
+            )
     if not pixel_values.is_floating_point():
         raise ValueError(f"pixel_values must be floats (Processor output), got {pixel_values.dtype}")
     if not bool(torch.isfinite(pixel_values).all()):
@@ -235,7 +237,8 @@ def check_generate_inputs(
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
                              f"input_ids {tuple(input_ids.shape)}: they must match")
-        if not bool(((attention_mask == 0) | (attention_mask == 1)).all()) or not bool(attention_mask.bool().any(1).all()):
+        zeros_and_ones = bool(((attention_mask == 0) | (attention_mask == 1)).all())
+        if not zeros_and_ones or not bool(attention_mask.bool().any(1).all()):
             raise ValueError("attention_mask must hold 0/1 with at least one 1 per row (1 = prompt token, 0 = padding)")
     rows, columns = image_grid(c, H, W)
     if rows < 1 or columns < 1 or max(rows, columns) > c.image_pos_embed_size:

@@ -140,7 +140,8 @@ def _box_instances(found: list[list], image_size: tuple[float, float], as_int: b
 def parse_phrase_grounding(text: str, image_size: tuple[float, float], as_int: bool = True) -> list[dict]:
     """Like `parse_boxes`, minus phrases on the black list (checked before the ASCII filter)."""
     return [
-        {"bbox": dequantize(bins, image_size, as_int).tolist(), "cat_name": phrase.encode("ascii", "ignore").decode("ascii")}
+        {"bbox": dequantize(bins, image_size, as_int).tolist(),
+         "cat_name": phrase.encode("ascii", "ignore").decode("ascii")}
         for phrase, bins in parse_boxes(text)
         if phrase not in BANNED_GROUNDING_PHRASES
     ]

@@ -204,7 +204,10 @@ class Tokenizer:
         if (path / "tokenizer_config.json").is_file():
             config = read_json(path / "tokenizer_config.json", dict)
             entries = config.get("added_tokens_decoder", {})
-            if not isinstance(entries, dict) or not all(isinstance(v, dict) and "content" in v for v in entries.values()):
+            well_formed = isinstance(entries, dict) and all(
+                isinstance(v, dict) and "content" in v for v in entries.values()
+            )
+            if not well_formed:
                 raise ValueError(f"{path / 'tokenizer_config.json'}: added_tokens_decoder is not a table of tokens")
             flags = {v["content"]: v for v in entries.values()}
         # BART's special tokens; `<mask>` swallows the space before it (BartTokenizer's default).
@@ -356,7 +359,10 @@ class Tokenizer:
             return token.encode("utf-8")
 
     def decode(
-        self, ids: list[int] | torch.Tensor, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = False
+        self,
+        ids: list[int] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool = False,
     ) -> str:
         """Token ids -> text. Special tokens appear verbatim unless skipped; invalid UTF-8
         becomes U+FFFD. `clean_up_tokenization_spaces` removes the space before . ? ! , and

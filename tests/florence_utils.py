@@ -51,7 +51,8 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, str]]:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             stat = path.stat()
-            state[str(path.relative_to(folder))] = (stat.st_size, stat.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest())
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            state[str(path.relative_to(folder))] = (stat.st_size, stat.st_mtime_ns, digest)
         else:
             state[str(path.relative_to(folder))] = (0, 0, "folder")
     return state

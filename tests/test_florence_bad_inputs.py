@@ -42,7 +42,8 @@ def work(tmp_path_factory) -> Path:
     """A working folder with everything the cases need (the snapshot covers all of it)."""
     work = tmp_path_factory.mktemp("florence_bad")
     save_tiny_checkpoint(work / "tiny.safetensors", image_size=SIZE)
-    save_tiny_checkpoint(work / "small_vocab.safetensors", image_size=SIZE, vocab_size=300)  # a model trained with a tiny tokenizer
+    # a model trained with a tiny tokenizer
+    save_tiny_checkpoint(work / "small_vocab.safetensors", image_size=SIZE, vocab_size=300)
     save_converted(work / "sam.safetensors", {"x": torch.zeros(1)}, "sam", {})
     (work / "official.pth").write_bytes(b"not converted")
     shutil.copytree(asset_path("tokenizer", "florence2"), work / "tokenizer")
@@ -123,7 +124,8 @@ CASES = [
     ("tokenizer not JSON", [CK, "@broken_tokenizer", CAR], ["broken_tokenizer/vocab.json: not valid JSON"]),
     ("tokenizer too big for the model", ["@small_vocab.safetensors", TOK, CAR],
      ["TOKENIZER_DIR", "ids up to 51288", "300 rows", "the tokenizer the model was trained"]),
-    ("tokenizer with other special ids", [CK, "@swapped_tokenizer", CAR], ["swapped_tokenizer has <s>, <pad>, </s> at ids"]),
+    ("tokenizer with other special ids", [CK, "@swapped_tokenizer", CAR],
+     ["swapped_tokenizer has <s>, <pad>, </s> at ids"]),
     ("checkpoint of another family", ["@sam.safetensors", TOK, CAR], ["sam.safetensors: is a 'sam' checkpoint"]),
     ("checkpoint not converted", ["@official.pth", TOK, CAR], ["official.pth", "python -m weights_convert florence2"]),
     ("checkpoint missing", ["@nowhere.safetensors", TOK, CAR], ["nowhere.safetensors: no such file"]),

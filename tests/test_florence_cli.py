@@ -71,7 +71,7 @@ def test_bf16_on_a_converted_checkpoint(tmp_path, capsys) -> None:
     model = Florence2(tiny_config())
     tensors = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
     save_converted(tmp_path / "tiny.safetensors", tensors, "florence2", tiny_config().to_dict())
-    code = main([str(tmp_path / "tiny.safetensors"), str(shared_path(*TOKENIZER)), str(shared_path(*CAR)),
+    code = main([str(tmp_path / "tiny.safetensors"), str(asset_path(*TOKENIZER)), str(asset_path(*CAR)),
                  "--task", "<CAPTION>", "--max-new-tokens", "8", "--num-beams", "1", "--dtype", "bf16"])
     assert code == 0
     assert isinstance(json.loads(capsys.readouterr().out)["<CAPTION>"], str)
@@ -81,7 +81,7 @@ def test_bf16_on_a_converted_checkpoint(tmp_path, capsys) -> None:
 def test_bf16_compiled_random_weights(capsys, monkeypatch) -> None:
     """--dtype bf16 --compile end to end (a tiny config stands in for "base"; compiling takes a minute)."""
     monkeypatch.setitem(CONFIGS, "base", tiny_config())
-    code = main(["--random-weights", "base", str(shared_path(*TOKENIZER)), str(shared_path(*CAR)),
+    code = main(["--random-weights", "base", str(asset_path(*TOKENIZER)), str(asset_path(*CAR)),
                  "--task", "<OD>", "--max-new-tokens", "8", "--num-beams", "1", "--dtype", "bf16", "--compile"])
     assert code == 0
     assert set(json.loads(capsys.readouterr().out)) == {"<OD>"}
@@ -128,7 +128,8 @@ def test_drawing_boxes_quads_and_polygons() -> None:
 
 @pytest.mark.slow
 def test_module_runs_as_a_program() -> None:
-    done = subprocess.run([sys.executable, "-m", "miniflorence", "--help"], cwd=ROOT, capture_output=True, text=True, check=False)
+    done = subprocess.run([sys.executable, "-m", "miniflorence", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
     assert done.returncode == 0 and "--random-weights" in done.stdout
 
 
@@ -202,7 +203,8 @@ def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) 
     code, one_by_one, err = run_cli([*base, "--batch-size", "1"], capsys)  # to stdout
     assert code == 0, err
     assert [json.loads(line) for line in one_by_one.splitlines()] == batched
-    assert [(b["image"], b["task"], b["text"]) for b in batched] == [(r["image"], r["task"], r.get("text")) for r in REQUESTS]
+    requested = [(r["image"], r["task"], r.get("text")) for r in REQUESTS]
+    assert [(b["image"], b["task"], b["text"]) for b in batched] == requested
     assert len({len(b["generated"]) for b in batched}) > 1  # rows of different lengths were padded together
     for request, record in zip(REQUESTS, batched):
         text = ["--text", request["text"]] if "text" in request else []
@@ -218,7 +220,8 @@ def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) 
 
 def test_images_and_folders_in_one_run(batch_setup: Path, capsys) -> None:
     root = batch_setup
-    code, out, err = run_cli([root / "tiny.safetensors", asset_path(*TOKENIZER), root / "images", root / "images" / "car.png",
+    images = [root / "images", root / "images" / "car.png"]
+    code, out, err = run_cli([root / "tiny.safetensors", asset_path(*TOKENIZER), *images,
                               "--task", "<DocVQA>", "--text", "How many cars?", "--batch-size", "2",
                               "--max-new-tokens", "6", "--num-beams", "1"], capsys)
     assert code == 0, err
@@ -260,8 +263,10 @@ def test_dtype_device_and_compile_flags(batch_setup: Path, capsys) -> None:
 
 
 def test_task_prompts_are_the_ones_training_uses() -> None:
-    """A fine-tune's task token is a prefix, as train.florence2 builds its prompts; official tasks use their template."""
-    _, prompt, _ = parse_line(json.dumps({"image": "a.png", "question": "What is the total?", "answer": "12"}), "<DocVQA>")
+    """A fine-tune's task token is a prefix, as train.florence2 builds its prompts; official tasks use their
+    template."""
+    line = json.dumps({"image": "a.png", "question": "What is the total?", "answer": "12"})
+    _, prompt, _ = parse_line(line, "<DocVQA>")
     assert any_task_prompt("<DocVQA>", "What is the total?") == prompt
     for task, template in TASK_PROMPTS.items():
         text = "a green car" if "{input}" in template else None

@@ -114,7 +114,8 @@ def test_variant_inferred_from_shapes(name: str) -> None:
 
 
 def test_another_family_is_refused(tmp_path) -> None:
-    sam = {"image_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16), "mask_decoder.iou_token.weight": torch.zeros(1, 8)}
+    sam = {"image_encoder.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16),
+           "mask_decoder.iou_token.weight": torch.zeros(1, 8)}
     torch.save(sam, tmp_path / "sam.pth")
     with pytest.raises(CheckpointError, match="not a Florence-2 checkpoint.*image_encoder.patch_embed"):
         convert_tensors(sam)

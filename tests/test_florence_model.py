@@ -60,10 +60,10 @@ def compare(native, ours: Florence2, inputs: dict[str, torch.Tensor]) -> dict[st
         theirs_tokens = native.model.get_image_features(x).pooler_output
         tokens = ours.encode_image(x)
         errors["image tokens"] = (tokens - theirs_tokens).abs().max().item()
-        I = tokens.shape[1]
+        n_image = tokens.shape[1]
         for name, mask in (("no mask", None), ("mask", inputs["attention_mask"])):
-            native_mask = None if mask is None else torch.cat([torch.ones(2, I, dtype=mask.dtype), mask], dim=1)
-            out = native(input_ids=native_input_ids(prompt, I), pixel_values=x, attention_mask=native_mask,
+            native_mask = None if mask is None else torch.cat([torch.ones(2, n_image, dtype=mask.dtype), mask], dim=1)
+            out = native(input_ids=native_input_ids(prompt, n_image), pixel_values=x, attention_mask=native_mask,
                          decoder_input_ids=dec)
             states, _ = ours.encode(x, prompt, mask)
             errors[f"encoder states, {name}"] = (states - out.encoder_last_hidden_state).abs().max().item()

@@ -49,7 +49,10 @@ def make_image(mode: str, width: int, height: int, kind: str, seed: int) -> Imag
         values = np.clip(values, *(np.iinfo(np.uint16).min, np.iinfo(np.uint16).max)) if "16" in mode else values
         return Image.frombytes(mode, (width, height), values.astype(dtype).tobytes())
     size = n * BYTES_PER_PIXEL[mode]
-    data = rng.integers(0, 256, size, dtype=np.uint8) if kind != "constant" else np.full(size, rng.integers(0, 256), np.uint8)
+    if kind == "constant":
+        data = np.full(size, rng.integers(0, 256), np.uint8)
+    else:
+        data = rng.integers(0, 256, size, dtype=np.uint8)
     image = Image.frombytes(mode, (width, height), data.tobytes())
     if mode == "P":
         image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())

@@ -92,7 +92,8 @@ def test_identical_ids_on_hard_corpus(tok: Tokenizer, hf) -> None:
 
 def random_text(rng: random.Random, added: list[str]) -> str:
     """Pieces drawn from tricky characters, added tokens and any assigned code point."""
-    tricky = list(" \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2000\u2028\u3000\u200b\ufeff'sStrRvmlLd09²Ⅻ٣aéßİ中😀\u0301.,!?<>/_-")
+    tricky = list(" \t\n\r\x0b\x0c\x1c\x1f\x85\xa0\u2000\u2028\u3000\u200b\ufeff"
+                  "'sStrRvmlLd09²Ⅻ٣aéßİ中😀\u0301.,!?<>/_-")
     tricky += ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", " <", "<loc_", ">"]
     pieces = []
     for _ in range(rng.randint(0, 16)):
