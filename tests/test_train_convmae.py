@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 from train import common
 from train import convmae as train_convmae
 from train.common import Skipped
-from train.image_folder import ImageFolderDataset, list_images, random_resized_crop_box
+from train.image_folder import ImageFolderDataset, denormalize, list_images, random_resized_crop_box
 
 TINY = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, mlp_ratio=[2, 2, 2],
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -135,11 +135,15 @@ def test_param_groups_no_decay_on_biases_and_norms(setup: dict) -> None:
 
 
 def test_training_lowers_the_loss_and_writes_outputs(setup: dict, tmp_path: Path) -> None:
-    r = train_convmae.train(settings(setup, tmp_path, epochs=3, blr=0.05), common.Dist())
+    r = train_convmae.train(settings(setup, tmp_path, epochs=3, blr=0.05, picture_every=2), common.Dist())
     assert r["recon_after"] < r["recon_before"]
-    for name in ("recon_000.png", "recon_003.png", "curves.png", "metrics.jsonl", "last.pt"):
+    # norm-pix: predicting each patch's own mean; (P - 1) / P, the target being divided by the unbiased std
+    assert r["baseline"] == pytest.approx(1 - 1 / (16 * 16 * 3), abs=1e-5)
+    for name in ("recon_start.png", "recon_002.png", "recon_end.png", "curves.png", "metrics.jsonl", "last.pt"):
         assert (tmp_path / name).is_file(), name
-    assert Image.open(tmp_path / "recon_003.png").size == (4 * 32, 2 * 32)  # 4 columns, one row per fixed image
+    assert not (tmp_path / "recon_001.png").exists() and not (tmp_path / "recon_003.png").exists()
+    width, height = Image.open(tmp_path / "recon_end.png").size
+    assert width == 5 * 128 + 4 * 4 and height > 2 * 128  # 5 titled columns of 128 px tiles, one row per image
     model = convmae.load_convmae(tmp_path / "convmae.safetensors")
     assert isinstance(model, convmae.ConvMAE)
     assert all(torch.equal(v, final_weights(tmp_path)[k]) for k, v in model.state_dict().items())
@@ -215,3 +219,27 @@ def test_bf16_encoder_with_fp32_decoder(setup: dict, monkeypatch: pytest.MonkeyP
     assert seen[-1][1] == torch.bfloat16 and pred.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_pictures_show_what_the_model_predicted(setup: dict) -> None:
+    """Pixel targets: the prediction column is the model's output itself, and the baseline is a
+    flat fill with each image's mean visible colour; norm-pix: the borrowed statistics are a
+    separate, labelled column."""
+    s = settings(setup, setup["root"] / "unused", norm_pix_loss=False)
+    model = train_convmae.build_model(s).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, model.config.num_patches, generator=torch.Generator().manual_seed(0))
+    loss, columns, titles = train_convmae.reconstruct(model, imgs, noise, 0.75)
+    _, pred, mask = model(imgs, 0.75, noise)
+    assert titles == ["original", "input: 25% of patches", "prediction (all patches)", "visible + predicted"]
+    torch.testing.assert_close(columns[:, 2], denormalize(model.unpatchify(pred)))
+    target = model.patchify(imgs)
+    visible = (1 - mask)[..., None]  # (B, L, 1)
+    pixels = 16 * 16  # per patch
+    colour = (target.unflatten(-1, (pixels, 3)) * visible[..., None]).sum((1, 2)) / (visible.sum(1) * pixels)  # (B, 3)
+    flat = colour[:, None, None, :].expand(2, 4, pixels, 3).flatten(2)  # (B, L, P), P = (16 x 16 pixels, 3)
+    expected = (((flat - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+    assert train_convmae.baseline_loss(model, imgs, noise, 0.75) == pytest.approx(expected.item(), rel=1e-5)
+    norm = train_convmae.build_model(settings(setup, setup["root"] / "unused")).eval()
+    _, columns, titles = train_convmae.reconstruct(norm, imgs, noise, 0.75)
+    assert columns.shape[1] == 5 and "true std + mean" in titles[3]

@@ -71,6 +71,19 @@ def test_only_the_decoder_and_unfrozen_blocks_change(setup, tmp_path: Path) -> N
     assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "metrics.jsonl").exists()
 
 
+def test_train_all_trains_every_part_and_refuses_partial_options(setup, tmp_path: Path) -> None:
+    """--train-all (a SAM from scratch, the demo's): encoder, prompt encoder and decoder all change."""
+    start = minisam.load_sam(setup[1]).state_dict()
+    after = train_sam.train(settings(setup, tmp_path, train_all=True, prompt="box", epochs=1), common.Dist())
+    after = after["model"].state_dict()
+    for prefix in ("image_encoder.patch_embed.", "image_encoder.blocks.0.", "image_encoder.neck.",
+                   "prompt_encoder.point_embeddings.", "mask_decoder."):
+        assert any(not torch.equal(after[n], start[n]) for n in start if n.startswith(prefix)), prefix
+    for bad in ({"unfreeze_blocks": 1}, {"lora_rank": 2}):
+        with pytest.raises(ValueError, match="--train-all trains every parameter"):
+            train_sam.train(settings(setup, tmp_path / "bad", train_all=True, overwrite=True, **bad), common.Dist())
+
+
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 def test_the_image_encoder_runs_once_per_image(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str) -> None:
     calls = []

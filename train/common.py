@@ -837,14 +837,14 @@ def maybe_checkpoint(
 
 def end_epoch(
     last_path: str | os.PathLike, snapshot: Callable[[int, int], dict], epoch: int, curves_path: str | os.PathLike,
-    panels: dict[str, dict[str, Sequence[tuple[float, float]]]],
+    panels: dict[str, dict[str, Sequence[tuple[float, float]]]], log_y: Sequence[str] = (),
 ) -> None:
     """After epoch `epoch` (counted from 1) and its evaluation: rank 0 writes `snapshot(epoch, 0)`
-    to `last_path` (resuming starts the next epoch) and the curves (`save_curves`); every
-    rank waits for it."""
+    to `last_path` (resuming starts the next epoch) and the curves (`save_curves`; the panels
+    named in `log_y` on a log scale); every rank waits for it."""
     if _rank() == 0:
         save_checkpoint(last_path, snapshot(epoch, 0))
-        save_curves(curves_path, panels)
+        save_curves(curves_path, panels, log_y=log_y)
     barrier()
 
 
@@ -857,42 +857,67 @@ def _tick(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _plotted(points: Sequence[tuple[float, float]], log: bool) -> list[tuple[float, float]]:
+    """The finite points, as (x, log10 y) on a log axis (dropping y <= 0), else as they are."""
+    return [(x, math.log10(y) if log else y) for x, y in points if math.isfinite(y) and (y > 0 or not log)]
+
+
 def save_curves(
-    path: str | os.PathLike, panels: dict[str, dict[str, Sequence[tuple[float, float]]]], xlabel: str = "step"
+    path: str | os.PathLike, panels: dict[str, dict[str, Sequence[tuple[float, float]]]], xlabel: str = "step",
+    log_y: Sequence[str] = (),
 ) -> None:
-    """Draw one panel per entry of `panels` (title -> {series name -> [(x, y), ...]}) side by side."""
+    """Draw one panel per entry of `panels` (title -> {series name -> [(x, y), ...]}) side by side.
+
+    Panels whose title is in `log_y` have a log-scale y axis (for losses that fall by orders of
+    magnitude); their values <= 0 are left out. Each panel's legend sits on a white box.
+    """
     pw, ph, m = 420, 300, 50  # panel size and margin, pixels
     image = Image.new("RGB", (pw * max(1, len(panels)), ph), "white")
     draw = ImageDraw.Draw(image)
     for k, (title, series) in enumerate(panels.items()):
+        log = title in log_y
         x0, y0, x1, y1 = k * pw + m, 30, (k + 1) * pw - 15, ph - 40  # plot area
-        draw.text((k * pw + m, 8), title, fill="black")
+        draw.text((k * pw + m, 8), title + (" (log scale)" if log else ""), fill="black")
         draw.rectangle((x0, y0, x1, y1), outline="black")
         draw.text(((x0 + x1) // 2 - 10, ph - 18), xlabel, fill="black")
-        points = [p for s in series.values() for p in s if math.isfinite(p[1])]
+        points = [p for s in series.values() for p in _plotted(s, log)]
         if not points:
             continue
         xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
         ymin, ymax = min(p[1] for p in points), max(p[1] for p in points)
         xmax, ymax = (xmax if xmax > xmin else xmin + 1), (ymax if ymax > ymin else ymin + 1e-6)
 
-        def to_px(x: float, y: float) -> tuple[float, float]:  # data -> pixel coordinates of this panel
+        def to_px(x: float, y: float) -> tuple[float, float]:  # plotted coordinates -> pixels of this panel
             return (x0 + (x - xmin) / (xmax - xmin) * (x1 - x0), y1 - (y - ymin) / (ymax - ymin) * (y1 - y0))
 
-        for frac in (0.0, 0.5, 1.0):  # y ticks and x ticks
-            yv, xv = ymin + frac * (ymax - ymin), xmin + frac * (xmax - xmin)
+        y_ticks = [ymin + frac * (ymax - ymin) for frac in (0.0, 0.5, 1.0)]
+        if log:  # the powers of ten in range, else the ends
+            decades = list(range(math.ceil(ymin - 1e-9), math.floor(ymax + 1e-9) + 1))
+            y_ticks = [float(e) for e in decades] if len(decades) >= 2 else [ymin, ymax]
+        for yv in y_ticks:
             _, py = to_px(xmin, yv)
-            draw.text((k * pw + 4, py - 6), _tick(yv), fill="black")
-            px, _ = to_px(xv, ymin)
-            draw.text((px - 8, y1 + 4), _tick(xv), fill="black")
+            draw.line((x0 - 3, py, x0, py), fill="black")
+            draw.text((k * pw + 4, py - 6), _tick(10**yv if log else yv), fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            px, _ = to_px(xmin + frac * (xmax - xmin), ymin)
+            draw.text((px - 8, y1 + 4), _tick(xmin + frac * (xmax - xmin)), fill="black")
         for j, (name, pts) in enumerate(series.items()):
             colour = _COLOURS[j % len(_COLOURS)]
-            xy = [to_px(x, y) for x, y in pts if math.isfinite(y)]
+            xy = [to_px(x, y) for x, y in _plotted(pts, log)]
             if len(xy) > 1:
                 draw.line(xy, fill=colour, width=2)
             for px, py in xy if len(xy) <= 60 else []:
                 draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
-            draw.text((x1 - 110, y0 + 6 + 14 * j), name, fill=colour)
+        # The legend on a white box in the right-hand corner (top or bottom) that hides fewer points.
+        legend_w, legend_h = 12 + 7 * max(len(name) for name in series), 5 + 14 * len(series)
+        lx = x1 - legend_w - 4
+        pixels = [to_px(x, y) for x, y in points]
+        top, bottom = y0 + 3, y1 - 3 - legend_h
+        hidden = {ly: sum(lx <= px and ly <= py <= ly + legend_h for px, py in pixels) for ly in (top, bottom)}
+        ly = top if hidden[top] <= hidden[bottom] else bottom
+        draw.rectangle((lx, ly, x1 - 3, ly + legend_h), fill="white", outline=(180, 180, 180))
+        for j, name in enumerate(series):
+            draw.text((lx + 5, ly + 2 + 14 * j), name, fill=_COLOURS[j % len(_COLOURS)])
     with atomic_file(path) as f:
         image.save(f, format="PNG")
 

@@ -12,8 +12,13 @@ al. 2022, appendix A.1), with the fixes users ask for:
 - loss: MSE on normalised pixels (norm-pix) of the removed patches;
 - bf16 autocast on GPU with the decoder optionally kept in fp32 (the official fp16 runs hit NaN
   losses); a NaN/inf loss stops the run and keeps the last good checkpoint;
-- every epoch: the reconstruction loss of a fixed set of images with fixed masks, and a picture
-  `recon_EEE.png` of original / masked / reconstruction / reconstruction + visible patches;
+- every epoch: the reconstruction loss of a fixed set of images with fixed masks; before training
+  the loss of a baseline that learns nothing (norm-pix: 1.0, predicting each removed patch's own
+  mean; pixel targets: filling the removed patches with the image's mean visible colour); pictures
+  `recon_start.png` and `recon_end.png` (and `recon_EEE.png` every `--picture-every` epochs) of
+  original / input / prediction / visible + predicted patches, titled. What is shown is what the
+  model predicted: a norm-pix model's output is shown as it is (normalised patches), and once
+  more scaled with the true patch mean and std, labelled as borrowed from the original;
   `convmae.safetensors` (loadable by `convmae.load_convmae`, fine-tunable by `train.convvit`),
   `last.pt` for `--resume`, `curves.png`, `metrics.jsonl`. A new run into a folder holding
   another run's checkpoints needs `--overwrite`; `--resume` refuses settings that change the run
@@ -36,9 +41,15 @@ from torch import nn
 
 import convmae
 from checkpoint_format import save_converted
-from train import common
+from train import common, pictures
 from train.common import autocast
-from train.image_folder import ImageFolderDataset, denormalize, list_images, pretraining_roots, sample_generator
+from train.image_folder import (
+    ImageFolderDataset,
+    denormalize,
+    list_images,
+    pretraining_roots,
+    sample_generator,
+)
 
 
 @dataclass
@@ -73,6 +84,7 @@ class Settings:
     fp32_decoder: bool = True  # keep the decoder out of autocast
     min_side: int = -1  # skip images whose shorter side is below this; -1: the input size; 0: keep all
     eval_images: int = 8  # fixed images for the reconstruction loss and the picture
+    picture_every: int = 0  # epochs between pictures recon_EEE.png; 0: only recon_start.png and recon_end.png
     device: str = "auto"
     workers: int = 0
     save_every: int = 0  # optimizer steps between last.pt writes; 0: once per epoch
@@ -146,9 +158,18 @@ def masking_noise(indexes: list[int], seed: int, epoch: int, length: int) -> tor
 
 
 @torch.no_grad()
-def reconstruct(model: convmae.ConvMAE, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> tuple[float, torch.Tensor]:
-    """Loss on fixed images and masks, and a picture tensor (B, 4, 3, H, W) in 0..1:
-    original, masked, reconstruction, reconstruction with the visible patches pasted back."""
+def reconstruct(
+    model: convmae.ConvMAE, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float
+) -> tuple[float, torch.Tensor, list[str]]:
+    """Loss on fixed images and masks, and the picture's columns (B, K, 3, H, W) in 0..1 with their titles.
+
+    Columns: the original; the input (removed patches dark); the prediction for every patch; the
+    visible patches with the prediction in the removed ones. A pixel-target model's prediction is
+    shown as it is. A norm-pix model predicts each patch normalised (zero mean, unit variance over
+    its pixels), which has no colour level or contrast of its own: it is shown as it is around the
+    ImageNet mean colour (x0.5), and in one more column scaled with the true patch std and mean,
+    which are taken from the original (the title says so).
+    """
     was_training = model.training
     model.eval()
     loss, pred, mask = model(imgs, mask_ratio, noise)
@@ -156,22 +177,51 @@ def reconstruct(model: convmae.ConvMAE, imgs: torch.Tensor, noise: torch.Tensor,
     B = imgs.shape[0]
     pred, mask = pred[:B], mask[:B]  # FastConvMAE: view 0
     target = model.patchify(imgs)  # (B, L, P)
-    if model.config.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
     removed = mask[..., None]  # (B, L, 1), 1 = removed
+    visible = round(100 * (1 - mask[0].float().mean().item()))
     masked = model.unpatchify(target * (1 - removed) + removed * -10.0)  # removed patches shown dark
-    recon = model.unpatchify(pred)
-    pasted = model.unpatchify(target * (1 - removed) + pred * removed)
-    rows = torch.stack([imgs, masked, recon, pasted], dim=1)  # (B, 4, 3, H, W)
-    return loss.item(), denormalize(rows)
+    columns, titles = [imgs, masked], ["original", f"input: {visible}% of patches"]
+    if model.config.norm_pix_loss:
+        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+        borrowed = pred * (var + 1e-6) ** 0.5 + mean  # the true patch statistics, from the original
+        columns += [model.unpatchify(0.5 * pred), model.unpatchify(borrowed),
+                    model.unpatchify(target * (1 - removed) + borrowed * removed)]
+        titles += ["prediction (normalised patches)", "prediction x true std + mean", "visible + that"]
+    else:
+        columns += [model.unpatchify(pred), model.unpatchify(target * (1 - removed) + pred * removed)]
+        titles += ["prediction (all patches)", "visible + predicted"]
+    return loss.item(), denormalize(torch.stack(columns, dim=1)), titles  # (B, K, 3, H, W)
 
 
-def save_picture(rows: torch.Tensor, path: Path) -> None:
-    """(B, 4, 3, H, W) in 0..1 -> a PNG grid, one image per row."""
-    B, n, _, H, W = rows.shape
-    grid = (rows.permute(0, 3, 1, 4, 2).reshape(B * H, n * W, 3) * 255).round().byte()  # (B*H, n*W, 3)
-    Image.fromarray(grid.cpu().numpy()).save(path)
+@torch.no_grad()
+def baseline_loss(model: convmae.ConvMAE, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float) -> float:
+    """The loss of a prediction that learns nothing, on the fixed images and masks.
+
+    Norm-pix targets: predicting 0 for every removed patch, i.e. the patch's own mean (loss
+    (P - 1) / P = 0.9987 for 16 px patches: the target is divided by the unbiased std). Pixel targets: every removed pixel filled with the
+    mean colour of the image's visible pixels.
+    """
+    _, mask, _ = model.forward_encoder(imgs, mask_ratio, noise)
+    mask = mask[: imgs.shape[0]]  # (B, L), 1 = removed; FastConvMAE: view 0
+    target = model.patchify(imgs)  # (B, L, P), P = (row, column, channel)
+    if model.config.norm_pix_loss:
+        flat = torch.zeros_like(target)
+    else:
+        pixels = target.unflatten(-1, (-1, 3))  # (B, L, p*p, 3)
+        weights = (1 - mask)[:, :, None, None]  # visible patches
+        colour = (pixels * weights).sum((1, 2)) / (weights.sum((1, 2)) * pixels.shape[2])  # (B, 3)
+        flat = colour[:, None, None, :].expand_as(pixels).flatten(2)  # (B, L, P)
+    return model.forward_loss(imgs, flat, mask).item()
+
+
+def save_picture(columns: torch.Tensor, titles: list[str], path: Path, title: str) -> None:
+    """(B, K, 3, H, W) in 0..1 -> a PNG: one image per row, the K columns titled, each tile at
+    least 128 px (nearest-neighbour, so the 16 px patches stay sharp)."""
+    B, K, _, H, W = columns.shape
+    scale = max(1, -(-128 // W))
+    tiles = [Image.fromarray((columns[b, k].permute(1, 2, 0) * 255).round().byte().cpu().numpy())
+             .resize((W * scale, H * scale), Image.NEAREST) for b in range(B) for k in range(K)]
+    pictures.grid(tiles, K, title=title, column_titles=titles, size=13).save(path)
 
 
 def train(s: Settings, d: common.Dist) -> dict:
@@ -219,9 +269,13 @@ def train(s: Settings, d: common.Dist) -> dict:
         step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
         history = state["history"]
     elif d.is_main:
-        loss0, rows = reconstruct(model, fixed, fixed_noise, s.mask_ratio)
+        loss0, columns, titles = reconstruct(model, fixed, fixed_noise, s.mask_ratio)
         common.log_epoch(history, out / "metrics.jsonl", 0, 0, s.epochs, {"recon_loss": loss0})
-        save_picture(rows, out / "recon_000.png")
+        save_picture(columns, titles, out / "recon_start.png", f"before training: loss {loss0:.3f}")
+    baseline = baseline_loss(model, fixed, fixed_noise, s.mask_ratio)
+    common.log(f"baseline: {baseline:.3f} on the fixed images, by " + (
+        "predicting each removed patch's own mean (norm-pix)" if c.norm_pix_loss
+        else "filling the removed patches with the image's mean visible colour"))
 
     def snapshot(epoch: int, micro: int) -> dict:  # what last.pt holds
         state = common.run_state(optimizer, scheduler, step, epoch, micro, history, s)
@@ -229,7 +283,7 @@ def train(s: Settings, d: common.Dist) -> dict:
 
     def summary(stopped: bool) -> dict:  # what `train` returns
         recon = history["recon_loss"]
-        return {"history": history, "step": step, "stopped": stopped, "skipped": dict(skipped),
+        return {"history": history, "step": step, "stopped": stopped, "skipped": dict(skipped), "baseline": baseline,
                 "recon_before": recon[0][1] if recon else float("nan"),
                 "recon_after": recon[-1][1] if recon else float("nan")}
 
@@ -254,13 +308,18 @@ def train(s: Settings, d: common.Dist) -> dict:
 
         # ---- end of epoch (rank 0): fixed-set reconstruction, picture, exported model, last.pt, curves
         if d.is_main:
-            recon, rows = reconstruct(model, fixed, fixed_noise, s.mask_ratio)
+            recon, columns, titles = reconstruct(model, fixed, fixed_noise, s.mask_ratio)
             common.log_epoch(history, out / "metrics.jsonl", step, epoch + 1, s.epochs, {"recon_loss": recon})
-            save_picture(rows, out / f"recon_{epoch + 1:03d}.png")
+            caption = f"after epoch {epoch + 1} of {s.epochs}: loss {recon:.3f} (baseline {baseline:.3f})"
+            if epoch + 1 == s.epochs:
+                save_picture(columns, titles, out / "recon_end.png", caption)
+            if s.picture_every and (epoch + 1) % s.picture_every == 0:
+                save_picture(columns, titles, out / f"recon_{epoch + 1:03d}.png", caption)
             kind = "fastconvmae" if isinstance(model, convmae.FastConvMAE) else "convmae"
             save_converted(out / "convmae.safetensors", model.state_dict(), "convmae", {**c.to_dict(), "model": kind})
         common.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
-            "loss": {"train": history["train_loss"], "fixed set": history["recon_loss"]},
+            "loss": {"train": history["train_loss"], "fixed set": history["recon_loss"], "baseline": [
+                [0, baseline], [step, baseline]]},
             "learning rate": {"lr": history["lr"]},
         })
     return summary(stopped=False)

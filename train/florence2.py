@@ -348,7 +348,7 @@ def train(s: Settings, d: common.Dist) -> dict:
             "loss": {"train": history["train_loss"], "val": history["val_loss"]},
             "answers": {"similarity": history["similarity"], "ANLS": history["anls"], "exact": history["exact"],
                         **({"mAP@0.5": history["map50"], "mAP@[.5:.95]": history["map"]} if metric == "map50" else {})},
-        })
+        }, log_y=("loss",))
     return summary(stopped=False)
 
 

@@ -8,7 +8,9 @@ decoder learns, with Dice + BCE (or Dice + focal) on the masks and MSE on the pr
 - Frozen encoder => each image embedding is computed once and cached (memory or disk); epochs
   after the first never run the image encoder. With `--unfreeze-blocks K` the last K encoder
   blocks and the neck train too (from epoch `--unfreeze-epoch`: progressive unfreezing) and the
-  cache holds the output of the frozen blocks before them.
+  cache holds the output of the frozen blocks before them. With `--train-all` every parameter
+  trains (patch and position embeddings, all blocks, neck, prompt encoder, mask decoder): for a
+  small SAM trained from random weights (the demo's); the encoder then runs every step, no cache.
 - Points give three masks (`multimask`): train the one with the highest predicted IoU ("best"),
   the average of the three ("mean") or the lowest loss ("min", the paper's choice).
 - Recipes users ask for (each with its source in `--help`): `--loss sam`, the paper's loss
@@ -129,6 +131,7 @@ class Settings:
     cache: str = "memory"  # memory, disk, off
     unfreeze_blocks: int = 0
     unfreeze_epoch: int = 0
+    train_all: bool = False  # train every parameter (whole encoder, prompt encoder, decoder): a SAM from scratch
     bf16: bool = True  # autocast on CUDA only
     device: str = "auto"
     workers: int = 0
@@ -170,10 +173,11 @@ class PromptedDecoder(nn.Module):
     """Cached features + prompts -> low-res masks (B, M, s, s) and IoU predictions (B, M).
 
     The trainable computation in one module, so that DDP can wrap it: the unfrozen encoder
-    blocks and neck (when `n_cached < depth`), the frozen prompt encoder, the mask decoder.
+    blocks and neck (when `n_cached < depth`; the whole encoder when `n_cached` is None), the
+    prompt encoder (frozen unless --train-all), the mask decoder.
     """
 
-    def __init__(self, sam: minisam.Sam, n_cached: int) -> None:
+    def __init__(self, sam: minisam.Sam, n_cached: int | None) -> None:
         super().__init__()
         self.sam, self.n_cached = sam, n_cached
 
@@ -186,22 +190,27 @@ class PromptedDecoder(nn.Module):
         return self.sam.decode_masks(embeddings, sparse, dense, multimask)
 
 
-def encoder_prefix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+def encoder_prefix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int | None) -> torch.Tensor:
     """The frozen part, (B, 3, S, S) -> what the cache holds: the image embeddings (B, 256, H, W)
-    when every block is frozen, else the output (B, H, W, C) of the first `n_cached` blocks."""
+    when every block is frozen, else the output (B, H, W, C) of the first `n_cached` blocks; the
+    images themselves when nothing is frozen (`n_cached` None, --train-all)."""
+    if n_cached is None:
+        return x
     x = encoder.run_blocks(encoder.embed(x), 0, n_cached)
     return encoder.run_neck(x) if n_cached == len(encoder.blocks) else x
 
 
-def encoder_suffix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int) -> torch.Tensor:
+def encoder_suffix(encoder: ImageEncoderViT, x: torch.Tensor, n_cached: int | None) -> torch.Tensor:
     """The trainable rest of the encoder on cached features -> image embeddings (B, 256, H, W)."""
+    if n_cached is None:
+        return encoder(x)
     if n_cached == len(encoder.blocks):
         return x
     return encoder.run_neck(encoder.run_blocks(x, n_cached))
 
 
 def image_features(
-    sam: minisam.Sam, dataset: SegmentationDataset, records: list[int], n_cached: int,
+    sam: minisam.Sam, dataset: SegmentationDataset, records: list[int], n_cached: int | None,
     cache: dict[int, torch.Tensor] | None, cache_dir: Path | None, bf16: bool,
 ) -> torch.Tensor:
     """Frozen-encoder features of the given images, stacked; each computed at most once when cached."""
@@ -234,7 +243,7 @@ def cached_features(path: Path) -> torch.Tensor | None:
 
 
 def batch_features(
-    sam: minisam.Sam, dataset: SegmentationDataset, batch: dict[str, torch.Tensor], n_cached: int,
+    sam: minisam.Sam, dataset: SegmentationDataset, batch: dict[str, torch.Tensor], n_cached: int | None,
     cache: dict | None, cache_dir: Path | None, bf16: bool,
 ) -> torch.Tensor:
     """Cached features, or (cache off) the frozen encoder run on this batch's (augmented) images."""
@@ -335,7 +344,7 @@ def forward_loss(
 @torch.no_grad()
 def evaluate(
     sam: minisam.Sam, step_module: nn.Module, dataset: SegmentationDataset, s: Settings, multimask: str,
-    n_cached: int, cache: dict | None, cache_dir: Path | None,
+    n_cached: int | None, cache: dict | None, cache_dir: Path | None,
 ) -> tuple[float, float]:
     """Validation loss and mean IoU (fixed prompts, no box jitter, one round; LoRA dropout off)."""
     step_module.eval()
@@ -396,7 +405,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     if len(objects) < 2:
         raise ValueError(f"{s.data!r}: fewer than 2 usable objects ({len(objects)}); {skipped.summary()}")
     train_objects, val_objects = split_objects(objects, s.val_fraction, s.seed)
-    use_cache = s.cache != "off"
+    use_cache = s.cache != "off" and not s.train_all  # a training encoder changes the embeddings every step
     prompts = PromptSettings(s.prompt, s.n_positive, s.n_negative, s.erode_radius, s.min_distance, s.box_shift)
     if s.prompts_per_image:  # a sample is an image with K prompts; validation stays one sample per object
         train_set = ImagePromptsDataset(records, train_objects, S, prompts, s.prompts_per_image, s.seed, True,
@@ -417,14 +426,18 @@ def train(s: Settings, d: common.Dist) -> dict:
     depth = len(sam.image_encoder.blocks)
     if not 0 <= s.unfreeze_blocks <= depth:
         raise ValueError(f"--unfreeze-blocks {s.unfreeze_blocks}: the encoder has {depth} blocks")
+    if s.train_all and (s.unfreeze_blocks or s.lora_rank):
+        raise ValueError("--train-all trains every parameter already; leave --unfreeze-blocks and --lora-rank at 0")
     lora_names: list[str] = []
     if s.lora_rank:  # LoRA (Hu et al., 2021): low-rank adapters beside the chosen Linear layers
         lora_names = add_lora(sam, s.lora_targets, s.lora_rank, s.lora_alpha or s.lora_rank, s.lora_dropout)
-    n_cached = min(depth - s.unfreeze_blocks, first_adapted_block(lora_names, depth))
+    n_cached = None if s.train_all else min(depth - s.unfreeze_blocks, first_adapted_block(lora_names, depth))
     unfreezable = tuple(f"image_encoder.blocks.{i}." for i in range(depth - s.unfreeze_blocks, depth))
     unfreezable += ("image_encoder.neck.",) if s.unfreeze_blocks else ()
     named = dict(sam.named_parameters())
-    if s.lora_rank:
+    if s.train_all:  # a SAM from scratch: everything, from the first step
+        early = list(named)
+    elif s.lora_rank:
         early = [n for n in named if n.endswith((".lora_A", ".lora_B"))]
         for pattern in (p for p in s.train_also.split(",") if p):
             matched = [n for n in named if fnmatch.fnmatchcase(n, pattern) and n not in early]
@@ -451,7 +464,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     common.begin_run(out, s, state, d)
     cache: dict | None = {} if use_cache else None
     cache_dir = None
-    if s.cache == "disk":
+    if use_cache and s.cache == "disk":
         key = json.dumps([s.checkpoint or f"random {s.model} seed {s.seed}", sam.config.to_dict(), n_cached])
         cache_dir = out / "cache" / hashlib.sha1(key.encode()).hexdigest()[:12]
         cache_dir.mkdir(parents=True, exist_ok=True)

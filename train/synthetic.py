@@ -3,7 +3,8 @@
 Shapes (`synthetic_shapes`): 1-3 ellipses, rectangles or triangles in random colours on a
 blotchy, noisy background, with an instance-id mask per image, in the images/ + masks/ layout
 that `train.sam_data` reads (SAM fine-tuning) and that `train.image_folder` reads as plain
-images (ConvMAE pretraining).
+images (ConvMAE pretraining). `solid_shapes`: the easy variant the demo's SAM trains on from
+scratch, 1-3 solid shapes in colours far from a plain (mildly noisy) background, never touching.
 
 Detection (`synthetic_detection`): one to `max_shapes` flat-coloured ellipses, rectangles and
 triangles on a blotchy background, in a few sizes on a coarse grid, written as the detection JSONL
@@ -74,6 +75,53 @@ def synthetic_shapes(folder: str | Path, n_images: int, seed: int, size: tuple[i
     return folder
 
 
+
+def _contrasting_colour(rng: random.Random, background: tuple[int, ...], min_distance: float) -> tuple[int, ...]:
+    """A random colour at least `min_distance` (RGB, Euclidean) from `background`."""
+    while True:
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        if sum((a - b) ** 2 for a, b in zip(colour, background)) >= min_distance**2:
+            return colour
+
+
+def solid_shapes(folder: str | Path, n_images: int, seed: int, size: tuple[int, int] = (96, 72)) -> Path:
+    """Like `synthetic_shapes`, but easy to segment: a plain background with mild noise and 1-3
+    solid, high-contrast ellipses, rectangles or triangles that do not overlap (the data of the
+    demo's SAM trained from scratch: learnable in a couple of minutes on a CPU)."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    W, H = size
+    for i in range(n_images):
+        background = tuple(rng.randrange(256) for _ in range(3))
+        image, ids = Image.new("RGB", (W, H), background), Image.new("L", (W, H), 0)
+        draw_img, draw_ids = ImageDraw.Draw(image), ImageDraw.Draw(ids)
+        placed: list[tuple[int, int, int, int]] = []
+        for _ in range(rng.randint(1, 3)):
+            for _attempt in range(20):  # a free spot (boxes 2 px apart), or no shape
+                w, h = rng.randint(W // 6, W // 2), rng.randint(H // 5, H // 2)
+                x, y = rng.randint(0, W - w), rng.randint(0, H - h)
+                if all(x > bx1 + 2 or x + w < bx0 - 2 or y > by1 + 2 or y + h < by0 - 2
+                       for bx0, by0, bx1, by1 in placed):
+                    break
+            else:
+                continue
+            placed.append((x, y, x + w, y + h))
+            k, colour = len(placed), _contrasting_colour(rng, background, 120.0)
+            shape = rng.choice(("ellipse", "rectangle", "triangle"))
+            if shape == "triangle":
+                xy = [(x + rng.randint(0, w), y), (x, y + h), (x + w, y + h)]
+                draw_img.polygon(xy, fill=colour)
+                draw_ids.polygon(xy, fill=k)
+            else:
+                getattr(draw_img, shape)([x, y, x + w, y + h], fill=colour)
+                getattr(draw_ids, shape)([x, y, x + w, y + h], fill=k)
+        pixels = (np.asarray(image, dtype=np.float32) + nrng.normal(0, 8, (H, W, 3))).clip(0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / "images" / f"shape{i:03d}.png")
+        ids.save(folder / "masks" / f"shape{i:03d}.png")
+    return folder
 # ----------------------------------------------------------------------------- detection
 
 SHAPES = ("ellipse", "rectangle", "triangle")
