@@ -30,7 +30,7 @@ from miniflorence.processor import TASK_PROMPTS, any_task_prompt
 from train.florence2_data import parse_line, prompt_text
 
 TOKENIZER = ("tokenizer", "florence2")
-CAR = ("images", "skimage", "chelsea.png")
+CAR = ("images", "sam", "truck.jpg")  # a photo with a car in it (Apache-2.0, tests/assets)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -163,20 +163,26 @@ def batch_setup(tmp_path_factory) -> Path:
     model = save_tiny_checkpoint(root / "tiny.safetensors", image_size=SIZE)
     tokenizer = Tokenizer.from_dir(asset_path(*TOKENIZER))
     processor = Processor(tokenizer, SIZE)
-    for bias in (16.0, 16.3, 16.6, 15.5, 17.0):
-        with torch.no_grad():
-            model.image_projection.copy_(model.image_projection * 30 / model.image_projection.abs().max())
-            model.language_model.final_logits_bias.zero_()
-            model.language_model.final_logits_bias[0, 2] = bias
+    with torch.no_grad():
+        model.image_projection.copy_(model.image_projection * 30 / model.image_projection.abs().max())
+
+    def answer_lengths(num_beams: int) -> set[int]:
         lengths = set()
         for r in REQUESTS:
             inputs = processor.tokenizer(any_task_prompt(r["task"], r.get("text")))
             ids = model.generate(processor.preprocess(root / r["image"]), inputs["input_ids"], inputs["attention_mask"],
-                                 max_new_tokens=12, num_beams=1)
+                                 max_new_tokens=12, num_beams=num_beams)
             lengths.add(ids.shape[1])
-        if len(lengths) > 1:
+        return lengths
+
+    for bias in [15.5 + 0.05 * i for i in range(31)]:  # from answers that all run on to answers that all end
+        with torch.no_grad():
+            model.language_model.final_logits_bias.zero_()
+            model.language_model.final_logits_bias[0, 2] = bias
+        different = all(len(answer_lengths(num_beams)) > 1 for num_beams in (1, 3))  # greedy and beam search
+        if different:
             break
-    assert len(lengths) > 1, "no EOS bias made the answers end at different lengths"
+    assert different, "no EOS bias made the answers end at different lengths"
     tensors = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
     save_converted(root / "tiny.safetensors", tensors, "florence2", model.config.to_dict())
     return root
