@@ -91,9 +91,11 @@ class Florence2(nn.Module):
         """`torch.compile` the two places where inference spends its time, in place: the vision
         tower, and one decoding step on the static cache (`Florence2LanguageModel.step`, the same
         graph for every step). Inference only: `options` go to inductor (see
-        `torch._inductor.config`). Returns the model.
+        `torch._inductor.config`). Returns the model. The vision tower is compiled for static shapes
+        (one graph per image size; the processor gives every image the same size): inductor's dynamic
+        shapes fail on DaViT's window padding arithmetic (torch 2.13: "Invalid ranges [0:-1]").
         """
-        self.vision_tower.compile(options=options or None)
+        self.vision_tower.compile(dynamic=False, options=options or None)
         self.language_model.step = torch.compile(self.language_model.step, options=options or None)
         return self
 

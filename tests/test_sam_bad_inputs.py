@@ -10,7 +10,6 @@ one-image runs, file for file.
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from pathlib import Path
@@ -152,15 +151,6 @@ def test_device_without_cuda(work: Path, capsys, monkeypatch) -> None:
     assert code == 1
     assert_one_line_error(err, "--device cuda", "CUDA is not available")
     assert snapshot(work) == before
-
-
-def test_compile_is_passed_only_when_load_sam_has_it(work: Path, capsys, monkeypatch) -> None:
-    monkeypatch.chdir(work)
-    if "compile" in inspect.signature(load_sam).parameters:
-        pytest.skip("load_sam takes compile=: the flag is exercised by the fast-path tests")
-    code, _, err = run_main([CK, A, "--point", "1,1", "--compile", *OUT], capsys)
-    assert code == 1
-    assert_one_line_error(err, "--compile")
 
 
 # ---- what is written, and only that ---------------------------------------------------------------

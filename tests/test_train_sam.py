@@ -171,10 +171,10 @@ def test_torchrun_two_processes_match_one(setup, tmp_path: Path) -> None:
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     from train import demo
 
-    results = demo.main(["--out", str(tmp_path), "--jobs", "sam", "--sam-epochs", "1", "--synthetic-images", "6",
+    results = demo.main(["--out", str(tmp_path), "--jobs", "sam", "--sam-epochs", "1", "--sam-images", "40",
                          "--no-progress"])
-    r = results["sam"]
-    assert 0.0 <= r["iou_before"] <= 1.0 and 0.0 <= r["iou_after"] <= 1.0
+    iou = results["sam"].result.metrics[0]
+    assert 0.0 <= iou.before <= 1.0 and 0.0 <= iou.after <= 1.0
     for name in ("overlays.png", "curves.png", "best.safetensors", "last.pt"):
         assert (tmp_path / "sam" / name).stat().st_size > 0
     with pytest.raises(SystemExit, match="unknown demo job"):
