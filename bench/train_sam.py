@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import minisam  # noqa: E402
-from checkpoint_format import save_converted  # noqa: E402
+from minivision.checkpoint import save_converted  # noqa: E402
 from train import common  # noqa: E402
 from train import sam as train_sam  # noqa: E402
 from train.synthetic import synthetic_shapes  # noqa: E402

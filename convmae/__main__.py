@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from checkpoint_format import CheckpointError, save_file_atomic
 from convmae.cli_io import OneLineParser, UserError, bounded, check_outputs, list_images, resolve_device, save_png
 from convmae.convvit import ConvViT
 from convmae.image_io import read_image
@@ -45,6 +44,7 @@ from convmae.load import load_convvit, model_from_tensors, read_convmae_file
 from convmae.model import ConvMAE
 from convmae.transforms import eval_transform
 from convmae.visualize import Reconstruction, picture, reconstruct
+from minivision.checkpoint import CheckpointError, save_file_atomic
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STRIDES = (4, 8, 16, 32)

@@ -19,12 +19,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from checkpoint_format import CheckpointError, check_tensors, load_strict, read_converted
 from convmae.config import ConvMAEConfig
 from convmae.convvit import ConvViT
 from convmae.fast import FastConvMAE
 from convmae.model import ConvMAE
 from convmae.pos_embed import resize_pos_embed
+from minivision.checkpoint import CheckpointError, check_tensors, load_strict, read_converted
 
 MODELS: dict[str, type[nn.Module]] = {"convmae": ConvMAE, "fastconvmae": FastConvMAE, "convvit": ConvViT}
 KINDS = (*MODELS, "convmae_encoder")

@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from checkpoint_format import CheckpointError
 from miniflorence.config import CONFIGS
 from miniflorence.images import IMAGE_SUFFIXES, ImageError, read_image
 from miniflorence.model import Florence2, image_grid, load_florence2
@@ -50,6 +49,7 @@ from miniflorence.processor import (
     check_tokenizer,
 )
 from miniflorence.tokenizer import Tokenizer
+from minivision.checkpoint import CheckpointError
 
 COLORS = ("red", "lime", "blue", "orange", "magenta", "cyan", "yellow", "white")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

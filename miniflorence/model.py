@@ -19,7 +19,6 @@ import os
 import torch
 from torch import nn
 
-from checkpoint_format import CheckpointError, expand_tied, load_strict, read_converted
 from miniflorence.config import Florence2Config
 from miniflorence.davit import DaViT
 from miniflorence.generation import GenerationOptions, generate
@@ -29,6 +28,7 @@ from miniflorence.projector import (
     LearnedPositionEmbedding2D,
     project_image_features,
 )
+from minivision.checkpoint import CheckpointError, expand_tied, load_strict, read_converted
 
 # The token table is one Parameter used under four names; converted files store it once, under SHARED_KEY
 # (checkpoint_format.merge_tied / expand_tied).

@@ -50,7 +50,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from checkpoint_format import CheckpointError
 from minisam.automatic import AutomaticMaskGenerator
 from minisam.cli_io import (
     OneLineParser,
@@ -70,6 +69,7 @@ from minisam.masks import coco_decode_rle, rle_to_mask
 from minisam.predictor import SamPredictor, check_boxes_inside, check_points_inside
 from minisam.sam import Sam, load_sam
 from minisam.transforms import ResizeLongestSide
+from minivision.checkpoint import CheckpointError
 
 MASK_COLOUR = np.array([30, 144, 255])  # the blue of the official notebooks
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint_format import CheckpointError, load_strict, read_converted
 from minisam.config import SamConfig
 from minisam.image_encoder import ImageEncoderViT, resize_pos_embed, resize_rel_pos
 from minisam.mask_decoder import MaskDecoder
 from minisam.prompt_encoder import PromptEncoder
 from minisam.two_way_transformer import TwoWayTransformer
+from minivision.checkpoint import CheckpointError, load_strict, read_converted
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)  # ImageNet mean and std in 0-255 RGB
 PIXEL_STD = (58.395, 57.12, 57.375)

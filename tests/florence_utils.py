@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from official import IMAGE_TOKEN_ID
 
-from checkpoint_format import save_converted
 from miniflorence import Florence2, tiny_config
+from minivision.checkpoint import save_converted
 
 
 def native_input_ids(prompt_ids: torch.Tensor, num_image_tokens: int) -> torch.Tensor:

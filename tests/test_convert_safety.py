@@ -29,8 +29,8 @@ from official import fill_sam_random
 
 import convmae
 import minisam
-from checkpoint_format import TEMP_PATTERN, CheckpointError, read_official, remove_stale_temps, save_converted
 from miniflorence import load_florence2
+from minivision.checkpoint import TEMP_PATTERN, CheckpointError, read_official, remove_stale_temps, save_converted
 from weights_convert import sam as convert_sam
 from weights_convert.__main__ import main
 
@@ -310,7 +310,7 @@ def failing_save_file(exception: BaseException):
 
 
 def test_failed_write_leaves_old_content_and_no_temporary(work: Path, monkeypatch) -> None:
-    import checkpoint_format
+    import minivision.checkpoint as checkpoint_format
 
     (work / "out.safetensors").write_bytes(b"old")
     monkeypatch.setattr(checkpoint_format, "save_file", failing_save_file(OSError(28, "No space left on device")))
@@ -321,7 +321,7 @@ def test_failed_write_leaves_old_content_and_no_temporary(work: Path, monkeypatc
 
 
 def test_ctrl_c_during_the_write_leaves_old_content_and_no_temporary(work: Path, monkeypatch) -> None:
-    import checkpoint_format
+    import minivision.checkpoint as checkpoint_format
 
     (work / "out.safetensors").write_bytes(b"old")
     monkeypatch.setattr(checkpoint_format, "save_file", failing_save_file(KeyboardInterrupt()))
@@ -405,7 +405,7 @@ def test_a_conversion_killed_mid_write_leaves_the_destination_alone_and_is_clean
     temporary (its process is gone) and writes the destination."""
     (work / "out.safetensors").write_bytes(b"old")
     script = (
-        "import sys, time, checkpoint_format\n"
+        "import sys, time, minivision.checkpoint as checkpoint_format\n"
         "from pathlib import Path\n"
         "def slow_save(tensors, path, metadata=None):\n"
         "    Path(path).write_bytes(b'half')\n"

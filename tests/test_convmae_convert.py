@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import convmae
-from checkpoint_format import CheckpointError, read_converted, save_converted
+from minivision.checkpoint import CheckpointError, read_converted, save_converted
 from tests.test_convmae_parity import TOL, max_diff, read_fixture
 from weights_convert.__main__ import main as convert_main
 

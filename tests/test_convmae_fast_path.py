@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import convmae
-from checkpoint_format import save_converted
 from convmae.blocks import CBlock, PatchEmbed
 from convmae.masking import TokenBlocks, random_masking, upsample_mask
+from minivision.checkpoint import save_converted
 from tests.test_convmae_parity import convert_fixture, max_diff
 
 TINY = convmae.tiny_config()

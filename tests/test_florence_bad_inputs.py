@@ -21,11 +21,11 @@ from florence_utils import save_tiny_checkpoint, single_thread, snapshot
 from PIL import Image
 from test_florence_read_image import unreadable_files
 
-from checkpoint_format import save_converted
 from miniflorence import Processor, Tokenizer, tiny_config
 from miniflorence.__main__ import main
 from miniflorence.model import check_generate_inputs
 from miniflorence.processor import any_task_prompt, check_task, check_tokenizer
+from minivision.checkpoint import save_converted
 from train.tiny_tokenizer import write_tiny_tokenizer
 
 SIZE = 96  # tiny models read 96x96 images: 10 image tokens

@@ -16,7 +16,6 @@ from conftest import ROOT, asset_path
 from florence_utils import save_tiny_checkpoint, single_thread, snapshot
 from PIL import Image
 
-from checkpoint_format import save_converted
 from miniflorence import (
     CONFIGS,
     Florence2,
@@ -27,6 +26,7 @@ from miniflorence import (
 )
 from miniflorence.__main__ import draw_results, main
 from miniflorence.processor import TASK_PROMPTS, any_task_prompt
+from minivision.checkpoint import save_converted
 from train.florence2_data import parse_line, prompt_text
 
 TOKENIZER = ("tokenizer", "florence2")

@@ -12,9 +12,9 @@ from florence_utils import single_thread
 from official import NATIVE_VOCAB, native_florence2, seeded_florence2_fill
 from safetensors.torch import save_file
 
-from checkpoint_format import CheckpointError, read_converted, save_converted
 from miniflorence import CONFIGS, load_florence2, tiny_config
 from miniflorence.model import SHARED_KEY, TIED_KEYS
+from minivision.checkpoint import CheckpointError, read_converted, save_converted
 from weights_convert.__main__ import main as convert_main
 from weights_convert.florence2 import (
     NATIVE_RENAMES,

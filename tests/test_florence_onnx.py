@@ -25,10 +25,10 @@ from conftest import ROOT
 from florence_utils import single_thread
 from official import seeded_florence2_fill
 
-from checkpoint_format import save_converted
 from miniflorence import Florence2, Florence2Config
 from miniflorence.language_model import KVCache
 from miniflorence.onnx import OnnxFlorence2, export_florence2, kv_names, main
+from minivision.checkpoint import save_converted
 
 # Tiny, NOT official: base's structure (four DaViT stages, 6 blocks, window padding at 96 x 96), narrow.
 CONFIG = Florence2Config(

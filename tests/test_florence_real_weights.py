@@ -18,10 +18,10 @@ from conftest import asset_path, needs_reference
 from florence_utils import single_thread
 from official import native_florence2_config, seeded_florence2_fill
 
-from checkpoint_format import load_strict
 from miniflorence import CONFIGS, Florence2Config
 from miniflorence.davit import DaViT
 from miniflorence.model import TIED_KEYS, florence2_from_tensors
+from minivision.checkpoint import load_strict
 from weights_convert.florence2 import convert_tensors, expected_shapes, rename_native
 
 FOLDER = ("weights", "florence2-base-partial")

@@ -25,9 +25,9 @@ from florence_utils import native_input_ids, single_thread
 from official import fill_sam_random, native_florence2, native_florence2_config
 
 import minisam
-from checkpoint_format import CheckpointError, read_converted, read_model_folder, save_converted
 from miniflorence import Florence2Config, load_florence2, tiny_config
 from miniflorence.model import SHARED_KEY, TIED_KEYS
+from minivision.checkpoint import CheckpointError, read_converted, read_model_folder, save_converted
 from weights_convert import florence2 as convert_florence2
 from weights_convert import sam as convert_sam
 from weights_convert.__main__ import main as convert_main

@@ -1,34 +1,40 @@
 """The direction of dependencies: every module imports, model packages never import the converter,
 no import cycle between modules or packages, and no import hidden inside a function in the packages.
 
-    checkpoint_format  <-  minisam, miniflorence, convmae  <-  weights_convert  <-  train
+    minivision  <-  minisam, miniflorence, convmae  <-  weights_convert, train  <-  bench, tests
+
+`minivision`, the shared leaf, imports no other package of the project and no third-party package
+beyond torch, numpy, pillow and safetensors; nothing in the packages imports tests or bench.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import sys
 from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("minisam", "miniflorence", "convmae", "weights_convert", "train")
+PACKAGES = ("minivision", "minisam", "miniflorence", "convmae", "weights_convert", "train")
 MODEL_PACKAGES = ("minisam", "miniflorence", "convmae")
-FIRST_PARTY = (*PACKAGES, "checkpoint_format")
+FIRST_PARTY = (*PACKAGES, "tests", "bench", "conftest")
 # May import, at module level, these first-party packages (besides themselves).
 ALLOWED = {
-    "checkpoint_format": set(),
-    "minisam": {"checkpoint_format"},
-    "miniflorence": {"checkpoint_format"},
-    "convmae": {"checkpoint_format"},
-    "weights_convert": {"checkpoint_format", *MODEL_PACKAGES},
-    "train": {"checkpoint_format", *MODEL_PACKAGES},
+    "minivision": set(),
+    "minisam": {"minivision"},
+    "miniflorence": {"minivision"},
+    "convmae": {"minivision"},
+    "weights_convert": {"minivision", *MODEL_PACKAGES},
+    "train": {"minivision", *MODEL_PACKAGES},
 }
+# The third-party packages the shared leaf may import (everything else it uses is the standard library).
+LEAF_THIRD_PARTY = {"torch", "numpy", "PIL", "safetensors"}
 
 
 def module_files() -> dict[str, Path]:
-    """Dotted module name -> file, for checkpoint_format and every module of the packages."""
-    files = {"checkpoint_format": ROOT / "checkpoint_format.py"}
+    """Dotted module name -> file, for every module of the packages."""
+    files = {}
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
@@ -165,3 +171,20 @@ def test_model_packages_mention_the_converter_only_in_prose() -> None:
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                     assert not any(n.split(".")[0] == "weights_convert" for n in names), f"{path}: {ast.unparse(node)}"
+
+
+def test_the_shared_leaf_imports_only_torch_numpy_pillow_safetensors_and_the_standard_library() -> None:
+    found = []
+    for path in sorted((ROOT / "minivision").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top != "minivision" and top not in LEAF_THIRD_PARTY and top not in sys.stdlib_module_names:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not found, found

@@ -25,13 +25,13 @@ from PIL import Image
 from test_image_io import a_png_header
 
 import convmae
-from checkpoint_format import save_converted
 from minisam import Sam, SamPredictor, tiny_config
 from minisam.__main__ import build_parser, main
 from minisam.automatic import AutomaticMaskGenerator
 from minisam.cli_io import join_negative_values
 from minisam.image_io import read_image
 from minisam.sam import load_sam
+from minivision.checkpoint import save_converted
 
 
 @pytest.fixture(scope="module")

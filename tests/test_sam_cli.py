@@ -17,12 +17,12 @@ import torch
 from conftest import ROOT, asset_path
 from PIL import Image
 
-from checkpoint_format import save_converted
 from minisam import CONFIGS, Sam, load_sam, tiny_config
 from minisam.__main__ import main
 from minisam.automatic import AutomaticMaskGenerator
 from minisam.masks import coco_decode_rle, rle_to_mask
 from minisam.predictor import SamPredictor
+from minivision.checkpoint import save_converted
 
 
 @pytest.fixture(scope="module")

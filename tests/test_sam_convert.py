@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from sam_utils import official_layout_state, segment_anything, tiny_config_json
 
 import minisam
-from checkpoint_format import CheckpointError, read_converted, read_official
+from minivision.checkpoint import CheckpointError, read_converted, read_official
 from weights_convert.__main__ import main
 from weights_convert.sam import HF_DUPLICATE, convert_tensors, infer_config, official_to_hf_key
 

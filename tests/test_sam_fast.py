@@ -74,7 +74,7 @@ def test_load_sam_dtype_and_cast(tmp_path) -> None:
     """dtype=bfloat16 puts the image encoder in bfloat16; everything else, and every output, stays float32."""
     model = minisam.Sam(minisam.tiny_config()).eval()
     path = tmp_path / "tiny.safetensors"
-    from checkpoint_format import save_converted
+    from minivision.checkpoint import save_converted
 
     save_converted(path, model.state_dict(), "sam", model.config.to_dict())
     half = minisam.load_sam(path, dtype=torch.bfloat16)

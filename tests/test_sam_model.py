@@ -21,8 +21,8 @@ from official import fill_sam_random
 from sam_utils import official_sam, segment_anything, to_minisam
 
 import minisam
-from checkpoint_format import read_converted, save_converted
 from minisam.sam import sam_from_tensors
+from minivision.checkpoint import read_converted, save_converted
 
 PARITY_CASES = [
     pytest.param(("tiny", 160), id="tiny-160"),

@@ -27,7 +27,6 @@ from conftest import ROOT
 from florence_utils import single_thread
 from official import fill_sam_random
 
-from checkpoint_format import save_converted
 from minisam import Sam, SamPredictor, tiny_config
 from minisam.masks import calculate_stability_score
 from minisam.onnx import (
@@ -37,6 +36,7 @@ from minisam.onnx import (
     export_mask_decoder,
     main,
 )
+from minivision.checkpoint import save_converted
 
 CONFIG = tiny_config()  # a tiny encoder in front of the real prompt encoder and decoder
 ORIGINAL_SIZE = (93, 131)  # (H, W): resized to 114 x 160, so the crop and both resizes are exercised

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 import minisam
-from checkpoint_format import save_converted
+from minivision.checkpoint import save_converted
 from tests.conftest import ROOT
 from train import common
 from train import convmae as train_convmae

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import convmae
-from checkpoint_format import save_converted
+from minivision.checkpoint import save_converted
 from tests.conftest import ROOT
 from train import common
 from train import convvit as train_convvit

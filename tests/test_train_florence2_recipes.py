@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import miniflorence
-from checkpoint_format import read_converted
 from miniflorence.model import TIED_KEYS
 from miniflorence.processor import TASK_PROMPTS
+from minivision.checkpoint import read_converted
 from train import common
 from train import florence2 as train_florence2
 from train import lora as train_lora

@@ -12,8 +12,8 @@ from torch import nn
 
 import miniflorence
 import minisam
-from checkpoint_format import CheckpointError, read_converted, save_converted
 from miniflorence.model import TIED_KEYS
+from minivision.checkpoint import CheckpointError, read_converted, save_converted
 from train.lora import (
     TARGET_PRESETS,
     LoRALinear,

@@ -14,8 +14,8 @@ import torch
 from conftest import ROOT
 
 import minisam
-from checkpoint_format import save_converted
 from minisam.image_encoder import PatchEmbed
+from minivision.checkpoint import save_converted
 from train import common
 from train import sam as train_sam
 from train.synthetic import synthetic_shapes

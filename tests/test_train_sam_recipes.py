@@ -17,7 +17,7 @@ from conftest import ROOT
 from torch import nn
 
 import minisam
-from checkpoint_format import read_converted, save_converted
+from minivision.checkpoint import read_converted, save_converted
 from train import common
 from train import lora as train_lora
 from train import sam as train_sam

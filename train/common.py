@@ -55,7 +55,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint_format import CheckpointError, check_tensors
+from minivision.checkpoint import CheckpointError, check_tensors
 
 S = TypeVar("S")
 

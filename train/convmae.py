@@ -42,7 +42,7 @@ from PIL import Image
 from torch import nn
 
 import convmae
-from checkpoint_format import save_converted
+from minivision.checkpoint import save_converted
 from train import common, pictures
 from train.common import bf16_autocast as autocast  # on any device; the run's --precision decides
 from train.image_folder import (

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import convmae
-from checkpoint_format import save_converted
+from minivision.checkpoint import save_converted
 from train import common
 from train.image_folder import ImageFolderDataset, class_folders, list_images
 

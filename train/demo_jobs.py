@@ -51,7 +51,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import minisam
-from checkpoint_format import save_converted
+from minivision.checkpoint import save_converted
 from train import common, pictures
 from train import convmae as train_convmae
 from train import florence2 as train_florence2

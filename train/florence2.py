@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 
 import miniflorence
-from checkpoint_format import save_converted
 from miniflorence.model import TIED_KEYS
 from miniflorence.postprocess import strip_sequence_tokens
+from minivision.checkpoint import save_converted
 from train import common
 from train.detection import collapse_inverted, decode_od, mean_average_precision
 from train.florence2_data import DocDataset, collate, load_examples

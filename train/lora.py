@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from checkpoint_format import FAMILIES, CheckpointError, read_converted, save_converted
+from minivision.checkpoint import FAMILIES, CheckpointError, read_converted, save_converted
 
 LORA_FORMAT = "minivision-lora"
 LORA_FORMAT_VERSION = "1"

@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import minisam
-from checkpoint_format import check_tensors, save_converted
 from minisam.image_encoder import ImageEncoderViT
+from minivision.checkpoint import check_tensors, save_converted
 from train import common
 from train.lora import add_lora, merged_state_dict, save_lora
 from train.losses import mask_iou, sam_loss, segmentation_loss

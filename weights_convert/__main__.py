@@ -36,7 +36,7 @@ from typing import NoReturn
 import torch
 from safetensors.torch import save_file
 
-from checkpoint_format import (
+from minivision.checkpoint import (
     CheckpointError,
     atomic_write,
     read_converted,

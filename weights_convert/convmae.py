@@ -33,9 +33,9 @@ import re
 
 import torch
 
-from checkpoint_format import CheckpointError, check_tensors
 from convmae.config import ConvMAEConfig
 from convmae.load import KINDS, MODELS
+from minivision.checkpoint import CheckpointError, check_tensors
 
 OFFICIAL_WRAPPER = "model"  # the official checkpoints are {"model": state_dict, "optimizer": ..., "epoch": ...}
 

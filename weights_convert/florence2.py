@@ -40,10 +40,10 @@ from typing import Any
 
 import torch
 
-from checkpoint_format import CheckpointError, check_tensors, expand_tied, merge_tied
 from miniflorence.config import CONFIGS, Florence2Config
 from miniflorence.model import SHARED_KEY, TIED_KEYS, Florence2
 from miniflorence.processor import IMAGENET_MEAN, IMAGENET_STD
+from minivision.checkpoint import CheckpointError, check_tensors, expand_tied, merge_tied
 
 OFFICIAL_WRAPPER = None  # the original pytorch_model.bin is a flat state dict
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from checkpoint_format import CheckpointError, check_tensors
 from minisam.config import CONFIGS, SamConfig
 from minisam.sam import PIXEL_MEAN, PIXEL_STD, Sam, resize_for_image_size
+from minivision.checkpoint import CheckpointError, check_tensors
 
 OFFICIAL_WRAPPER = None  # official files are a flat state dict
 
