@@ -171,31 +171,46 @@ def polygon_to_rle(polygon: Sequence[float], height: int, width: int) -> RLE:
     return {"size": [height, width], "counts": counts}
 
 
-def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """A COCO `segmentation` (polygons, compressed or uncompressed RLE) -> (height, width) bool.
+def check_segmentation(segmentation: Any, height: int, width: int) -> RLE | None:
+    """Check a COCO `segmentation` without rasterising it; returns its uncompressed RLE (None for polygons).
 
-    Raises ValueError naming what is wrong with a malformed segmentation or one whose RLE size
-    differs from (height, width).
+    Raises ValueError naming what is wrong: not polygons or an RLE, a polygon of fewer than 3
+    points or non-numbers, an RLE whose size differs from (height, width) or whose runs do not
+    add up to it.
     """
     if isinstance(segmentation, list):
         if not segmentation:
             raise ValueError("segmentation: an empty list of polygons")
-        mask = np.zeros((height, width), dtype=bool)
-        for polygon in segmentation:  # a multi-part object: the union of its parts
+        for polygon in segmentation:
             if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
                 raise ValueError("segmentation: a polygon must be a list of at least 3 x, y pairs")
             if not all(isinstance(c, (int, float)) and math.isfinite(c) for c in polygon):
                 raise ValueError("segmentation: polygon coordinates must be finite numbers")
-            mask |= rle_to_mask(polygon_to_rle(polygon, height, width))
-        return mask
+        return None
     if isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         size = segmentation["size"]
         if list(size) != [height, width]:
             raise ValueError(f"segmentation: RLE size {list(size)} differs from the image's [{height}, {width}]")
         counts = segmentation["counts"]
         rle = coco_decode_rle(segmentation) if isinstance(counts, (str, bytes)) else segmentation
-        return rle_to_mask(rle)
+        if not all(isinstance(c, int) and c >= 0 for c in rle["counts"]) or sum(rle["counts"]) != height * width:
+            raise ValueError(f"segmentation: RLE runs do not add up to {height}x{width} pixels")
+        return rle
     raise ValueError("segmentation: expected a list of polygons or an RLE {size, counts}")
+
+
+def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A COCO `segmentation` (polygons, compressed or uncompressed RLE) -> (height, width) bool.
+
+    Raises ValueError as `check_segmentation` does for a malformed one.
+    """
+    rle = check_segmentation(segmentation, height, width)
+    if rle is not None:
+        return rle_to_mask(rle)
+    mask = np.zeros((height, width), dtype=bool)
+    for polygon in segmentation:  # a multi-part object: the union of its parts
+        mask |= rle_to_mask(polygon_to_rle(polygon, height, width))
+    return mask
 
 
 # ----------------------------------------------------------------------------- the instances JSON
@@ -240,13 +255,23 @@ def is_coco_json(path: str | Path) -> bool:
         return f.read(64).lstrip().startswith(b"{")
 
 
+def default_root(path: Path, images: list) -> Path:
+    """The JSON's folder; for COCO's own layout (annotations/instances_val2017.json beside val2017/)
+    the sibling folder named after the file, when the first image is found there and not beside the JSON."""
+    first = images[0].get("file_name") if images and isinstance(images[0], dict) else None
+    sibling = path.parent.parent / path.stem.split("_", 1)[-1]
+    if isinstance(first, str) and not (path.parent / first).exists() and (sibling / first).exists():
+        return sibling
+    return path.parent
+
+
 def read_instances(path: str | Path, images_root: str | Path | None = None,
                    categories: Sequence[str] = ()) -> CocoInstances:
     """Read a COCO instances JSON (see the module docstring).
 
     Args:
         path: the annotations file.
-        images_root: the folder `file_name` is relative to; None: the JSON's folder.
+        images_root: the folder `file_name` is relative to; None: the JSON's folder (`default_root`).
         categories: names to keep (empty: all); an unknown name is an error listing the known ones.
     """
     path = Path(path)
@@ -257,7 +282,7 @@ def read_instances(path: str | Path, images_root: str | Path | None = None,
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):
         raise ValueError(f"{path}: not a COCO instances file (a JSON object with lists 'images', 'annotations', "
                          "'categories')")
-    root = Path(images_root) if images_root else path.parent
+    root = Path(images_root) if images_root else default_root(path, data["images"])
     try:
         names = {int(c["id"]): str(c["name"]) for c in data.get("categories", [])}
         images = {int(im["id"]): im for im in data["images"]}

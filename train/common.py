@@ -56,6 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from minivision.checkpoint import CheckpointError, check_tensors
+from minivision.parquet import grouped_order
 
 S = TypeVar("S")
 
@@ -762,12 +763,15 @@ def epoch_loader(
     `batch_size * W` that one process takes. `dataset.set_epoch(epoch)` is called first where the
     dataset has it (its per-sample random draws depend on the epoch). The loader draws its workers'
     base seed from its own generator, never from the global RNG, so a resumed run goes on exactly
-    as the uninterrupted one.
+    as the uninterrupted one. A dataset read from parquet shards (`read_groups()` not None) is
+    shuffled row group by row group (`minivision.parquet.grouped_order`), so each is read once.
     """
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     per_step = batch_size * d.world_size * accum_steps
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed + epoch))
+    generator = torch.Generator().manual_seed(seed + epoch)
+    groups = dataset.read_groups() if hasattr(dataset, "read_groups") else None  # parquet: keep row groups together
+    order = grouped_order(groups, generator) if groups else torch.randperm(len(dataset), generator=generator)
     mine = order[: len(dataset) // per_step * per_step][d.rank :: d.world_size].tolist()
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches[start:], num_workers=workers,

@@ -48,8 +48,7 @@ from train.common import bf16_autocast as autocast  # on any device; the run's -
 from train.image_folder import (
     ImageFolderDataset,
     denormalize,
-    list_images,
-    pretraining_roots,
+    pretraining_items,
     sample_generator,
 )
 
@@ -60,12 +59,16 @@ class Settings:
 
     --data (and --val-data): comma-separated folders of images (.jpg .jpeg .png .bmp .tif .tiff),
     directly in each folder or in sub-folders (ImageNet's class folders: labels are unused). A
-    segmentation folder (images/ + masks/, as train.sam reads) gives its images/ only. Each image
-    is decoded once before training; unreadable and too small ones are skipped and counted.
+    segmentation folder (images/ + masks/, as train.sam reads) gives its images/ only. A parquet
+    file, glob or Hugging Face dataset folder (--split) is read by its image column (--columns).
+    Each image is decoded once before training; unreadable and too small ones are skipped and counted.
     """
 
     data: str = ""  # comma-separated image folders (class sub-folders allowed; labels unused)
     val_data: str = ""  # images for the fixed reconstruction check; "": the first training images
+    split: str = ""  # parquet dataset folder: the split of --data ("": train, or the only one)
+    val_split: str = ""  # parquet dataset folder: the split of --val-data ("": as --split)
+    columns: str = ""  # parquet: ROLE=COLUMN override of the image column (image=image)
     out: str = "runs/convmae"
     model: str = "convmae_base"  # a convmae.CONFIGS name, or a .json file of ConvMAEConfig fields
     checkpoint: str | None = None  # a converted ConvMAE/FastConvMAE file to start from
@@ -243,13 +246,13 @@ def train(s: Settings, d: common.Dist) -> dict:
     skipped = common.Skipped()
     min_side = c.image_size if s.min_side < 0 else s.min_side
     if not s.data:
-        raise ValueError("--data is required: comma-separated folders of images")
-    roots, notes = pretraining_roots([p for p in s.data.split(",") if p])
-    val_roots, val_notes = pretraining_roots([p for p in s.val_data.split(",") if p])
+        raise ValueError("--data is required: comma-separated folders of images or parquet datasets")
+    items, notes = pretraining_items([p for p in s.data.split(",") if p], s.split, s.columns, skipped, min_side)
+    val_sources = [p for p in s.val_data.split(",") if p]
+    eval_items, val_notes = (pretraining_items(val_sources, s.val_split or s.split, s.columns, skipped, min_side)
+                             if val_sources else (items, []))
     for note in notes + val_notes:
         common.log(note)
-    items, _ = list_images(roots, skipped, min_side)
-    eval_items = list_images(val_roots, skipped, min_side)[0] if val_roots else items
     train_set = ImageFolderDataset(items, c.image_size, train=True, scale=(0.2, 1.0), seed=s.seed)
     eval_set = ImageFolderDataset(eval_items[: s.eval_images], c.image_size, train=False)
     common.log(

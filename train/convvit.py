@@ -36,8 +36,9 @@ import torch.nn.functional as F
 
 import convmae
 from minivision.checkpoint import save_converted
+from minivision.parquet import is_parquet_source
 from train import common
-from train.image_folder import ImageFolderDataset, class_folders, list_images
+from train.image_folder import ImageFolderDataset, class_folders, classification_classes, classification_items
 
 
 @dataclass
@@ -47,11 +48,16 @@ class Settings:
     --data (and --val-data): comma-separated folders holding one sub-folder of images per class
     (DIR/CLASS/*.jpg, .jpeg, .png, .bmp, .tif, .tiff; ImageNet's train/ and val/), at least 2
     classes. Images directly in DIR, and segmentation folders (images/ + masks/), are refused.
+    Or one parquet file, glob or Hugging Face dataset folder (--split) with columns image and label
+    (a class index or name; names from the datasets ClassLabel metadata where present; --columns).
     Each image is decoded once before training; unreadable and too small ones are skipped and counted.
     """
 
     data: str = ""  # comma-separated folders of class sub-folders (ImageNet's train/)
     val_data: str = ""  # the same layout for evaluation; "": hold out --val-fraction of the images
+    split: str = ""  # parquet dataset folder: the split of --data ("": train, or the only one)
+    val_split: str = ""  # parquet dataset folder: the split of --val-data ("": as --split)
+    columns: str = ""  # parquet: ROLE=COLUMN overrides of image=image,label=label (class index or name)
     val_fraction: float = 0.1
     out: str = "runs/convvit"
     checkpoint: str | None = None  # a converted ConvMAE-family file; None: random weights of `model`
@@ -154,8 +160,9 @@ def train(s: Settings, d: common.Dist) -> dict:
         raise ValueError("--data is required: comma-separated folders of class sub-folders (DIR/CLASS/*.jpg)")
     roots = [p for p in s.data.split(",") if p]
     val_roots = [p for p in s.val_data.split(",") if p]
-    classes = class_folders(roots)
-    if val_roots and class_folders(val_roots) != classes:
+    classes = classification_classes(roots, s.split, s.columns)
+    val_split = s.val_split or s.split
+    if val_roots and not is_parquet_source(val_roots[0]) and class_folders(val_roots) != classes:
         raise ValueError(f"--val-data classes {class_folders(val_roots)} differ from --data classes {classes}")
     model = build_model(s, s.num_classes or len(classes)).to(d.device).train()
     bf16 = common.use_bf16(s.precision, d.device)
@@ -164,12 +171,12 @@ def train(s: Settings, d: common.Dist) -> dict:
     image_size, num_classes = model.config.image_size, model.config.num_classes
     skipped = common.Skipped()
     min_side = image_size if s.min_side < 0 else s.min_side
-    items, _ = list_images(roots, skipped, min_side)
+    items = classification_items(roots, s.split, s.columns, skipped, min_side, classes)
     empty = [c for k, c in enumerate(classes) if not any(it.label == k for it in items)]
-    if empty:
+    if empty and not is_parquet_source(roots[0]):  # (a parquet subset may lack some of its named classes)
         raise ValueError(f"class folder(s) {', '.join(empty)} hold no usable image; {skipped.summary()}")
     if val_roots:
-        val_items, _ = list_images(val_roots, skipped, min_side)
+        val_items = classification_items(val_roots, val_split, s.columns, skipped, min_side, classes)
     else:  # a seeded hold-out
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(s.seed)).tolist()
         n_val = max(1, round(s.val_fraction * len(items)))

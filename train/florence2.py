@@ -50,7 +50,8 @@ from miniflorence.postprocess import strip_sequence_tokens
 from minivision.checkpoint import save_converted
 from train import common
 from train.detection import collapse_inverted, decode_od, mean_average_precision
-from train.florence2_data import DocDataset, collate, load_examples
+from train.florence2_data import DocDataset, collate
+from train.florence2_sources import load_data
 from train.levenshtein import anls, exact_match, similarity
 from train.lora import add_lora, merged_state_dict, save_lora
 
@@ -70,6 +71,9 @@ class Settings:
       processor quantises; an image with no boxes is a negative example whose target is the empty answer);
     image paths are relative to the JSONL's folder (or absolute). Every line and its image are
     checked before training (the image decoded once); bad lines are skipped and counted.
+    Also: a COCO instances JSON (detection: boxes + category names as <OD> targets; --images,
+    --categories), or parquet (a file, glob or Hugging Face dataset folder, --split) with the DocVQA
+    columns image, question, answers (a list) or image, prefix, suffix (--columns renames them).
 
     Recipes and where they come from:
       detection lines: the <OD> task of Florence-2 (Xiao et al., 2023, section 4: boxes as location
@@ -83,8 +87,13 @@ class Settings:
         best_lora.safetensors holds them alone (python -m train.lora apply BASE LORA OUT).
     """
 
-    data: str = ""  # training JSONL
-    val_data: str = ""  # evaluation JSONL; "": hold out --val-fraction of the training lines
+    data: str = ""  # training JSONL, COCO instances JSON (<OD>), or parquet file/glob/dataset folder
+    val_data: str = ""  # evaluation data of the same kinds; "": hold out --val-fraction of the training examples
+    images: str = ""  # COCO --data: the folder its file_names are relative to; "": beside the JSON
+    categories: str = ""  # COCO: comma-separated category names to detect; "": all
+    split: str = ""  # parquet dataset folder: the split of --data ("": train, or the only one)
+    val_split: str = ""  # parquet dataset folder: the split of --val-data ("": as --split)
+    columns: str = ""  # parquet: ROLE=COLUMN overrides of image, question, answers (DocVQA), prefix, suffix
     val_fraction: float = 0.1
     out: str = "runs/florence2"
     tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads (default: the real one)
@@ -246,16 +255,20 @@ def train(s: Settings, d: common.Dist) -> dict:
     out, state = common.start_run(s, d, LIMITS, CHOICES)
     last_path = out / "last.pt"
     if not s.data:
-        raise ValueError("--data is required: a JSONL file of {image, question, answer} or {image, prefix, suffix}")
+        raise ValueError("--data is required: a JSONL file of {image, question, answer} or {image, prefix, suffix}, "
+                         "a COCO instances JSON or parquet")
 
     # ---- tokenizer, model, data (bad lines skipped and counted)
     tokenizer = miniflorence.Tokenizer.from_dir(s.tokenizer)
     model = build_model(s, tokenizer.vocab_size).to(d.device).train()
     c = model.config
     skipped = common.Skipped()
-    examples = load_examples(s.data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)
+    categories = [c for c in s.categories.split(",") if c.strip()]
+    examples = load_data(s.data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped, s.images, categories,
+                         s.split, s.columns)
     if s.val_data:
-        val_examples = load_examples(s.val_data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)
+        val_examples = load_data(s.val_data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped, "", categories,
+                                 s.val_split or s.split, s.columns)
     else:  # a seeded hold-out of the training lines
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(s.seed)).tolist()
         n_val = max(1, round(s.val_fraction * len(examples)))

@@ -73,9 +73,11 @@ class Settings:
     """Fine-tune SAM's mask decoder.
 
     --data: comma-separated sources, each a folder with images/NAME.{jpg,jpeg,png,bmp,tif,tiff} and
-    masks/NAME.png (binary, or instance ids 0 = background, 1..K objects), or an .npz with rgb
-    (H, W, 3) uint8 and masks ((N, H, W) binary or (H, W) ids). Every image and mask is read once
-    before training: unreadable, mismatched or empty ones are skipped and counted.
+    masks/NAME.png (binary, or instance ids 0 = background, 1..K objects), an .npz with rgb
+    (H, W, 3) uint8 and masks ((N, H, W) binary or (H, W) ids), a COCO instances JSON (one sample
+    per object, crowd skipped; --images, --categories), or parquet (a file, glob or Hugging Face
+    dataset folder, --split; columns image + label, a mask image; --columns). Every image and mask
+    is read once before training: unreadable, mismatched or empty ones are skipped and counted.
 
     Recipes and where they come from:
       --loss sam: the SAM paper (Kirillov et al., 2023), section 3 "Losses and training" and appendix A:
@@ -95,7 +97,13 @@ class Settings:
         (python -m train.lora apply BASE best_lora.safetensors OUT merges them into a base file).
     """
 
-    data: str = ""  # comma-separated folders (images/ + masks/) and .npz files
+    data: str = ""  # comma-separated folders (images/ + masks/), .npz files, COCO JSONs, parquet files/globs/folders
+    val_data: str = ""  # validation sources of the same kinds; "": hold out --val-fraction of the images
+    images: str = ""  # COCO: the folder its file_names are relative to; "": beside the JSON
+    categories: str = ""  # COCO: comma-separated category names to train on; "": all
+    split: str = ""  # parquet dataset folder: the split of --data ("": train, or the only one)
+    val_split: str = ""  # parquet dataset folder: the split of --val-data ("": as --split)
+    columns: str = ""  # parquet: ROLE=COLUMN overrides of the columns image=image,label=label (a mask image)
     out: str = "runs/sam"
     checkpoint: str | None = None  # a converted SAM .safetensors; None: random weights of `model`
     model: str = "vit_b"  # minisam.CONFIGS preset used without a checkpoint
@@ -382,7 +390,8 @@ def train(s: Settings, d: common.Dist) -> dict:
     out, state = common.start_run(s, d, LIMITS, CHOICES)
     last_path = out / "last.pt"
     if not s.data:
-        raise ValueError("--data is required: folders with images/ + masks/, or .npz files, comma-separated")
+        raise ValueError("--data is required: folders with images/ + masks/, .npz files, COCO JSONs or parquet "
+                         "(comma-separated)")
     try:  # fail now on an unknown --loss, not at the first step
         if s.loss != "sam":
             segmentation_loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), None, s.loss)
@@ -402,11 +411,22 @@ def train(s: Settings, d: common.Dist) -> dict:
     skipped = common.Skipped()
     sam = build_model(s).to(d.device).eval()
     S = sam.config.image_size
-    records = load_records([p for p in s.data.split(",") if p], skipped)
+    categories = tuple(c for c in s.categories.split(",") if c.strip())
+    records = load_records([p for p in s.data.split(",") if p], skipped, s.images, categories, s.split, s.columns)
+    n_train_records = len(records)  # --val-data's records follow (one list: one embedding cache)
+    records += load_records([p for p in s.val_data.split(",") if p], skipped, "", categories,
+                            s.val_split or s.split, s.columns)
     objects = index_objects(records, S, skipped)
     if len(objects) < 2:
         raise ValueError(f"{s.data!r}: fewer than 2 usable objects ({len(objects)}); {skipped.summary()}")
-    train_objects, val_objects = split_objects(objects, s.val_fraction, s.seed)
+    if s.val_data:
+        train_objects = [o for o in objects if o[0] < n_train_records]
+        val_objects = [o for o in objects if o[0] >= n_train_records]
+        if not train_objects or not val_objects:
+            raise ValueError(f"no usable {'training' if not train_objects else 'validation'} object; "
+                             f"{skipped.summary()}")
+    else:
+        train_objects, val_objects = split_objects(objects, s.val_fraction, s.seed)
     use_cache = s.cache != "off" and not s.train_all  # a training encoder changes the embeddings every step
     prompts = PromptSettings(s.prompt, s.n_positive, s.n_negative, s.erode_radius, s.min_distance, s.box_shift)
     if s.prompts_per_image:  # a sample is an image with K prompts; validation stays one sample per object

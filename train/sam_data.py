@@ -1,6 +1,12 @@
 """Segmentation data for SAM fine-tuning (`train.sam`): images + instance masks -> (image, one mask, one prompt).
 
-Two layouts are read (anything else given as a source is refused with one line saying these):
+Four layouts are read (anything else given as a source is refused with one line saying these):
+- a COCO instances JSON (`minivision.coco`): one sample per object with its own mask (polygons,
+  RLE; overlapping objects keep their own masks), crowd annotations skipped and counted, images
+  under `images` (default: beside the JSON), optionally only some `categories`;
+- a parquet dataset (`minivision.parquet`: a file, glob or dataset folder) with an image column and
+  a label column holding a mask image (binary or instance ids, as below), as in the public SAM
+  fine-tuning tutorials; the columns' names are `columns`' image= and label=;
 - a folder with `images/NAME.{jpg,jpeg,png,bmp,tif,tiff}` and `masks/NAME.png`, the mask either
   binary (one object) or instance ids (0 background, 1..K objects; 8-bit, 16-bit or palette;
   in 8-bit maps 255 beside other ids is VOC's "void" label and ignored);
@@ -33,7 +39,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from minisam.image_io import ImageReadError, read_image
+from minivision.coco import CocoObject, check_segmentation, is_coco_json, read_instances
+from minivision.parquet import ParquetSource, is_parquet_source
 from train.common import IMAGE_SUFFIXES, Skipped
+from train.parquet_data import ParquetCell, open_image, parse_columns, read_groups
 from train.prompts import make_prompt
 
 VOID_ID = 255  # VOC's "void" boundary label in 8-bit id maps: ignored, never an object
@@ -44,12 +53,22 @@ class BadSampleError(ValueError):
 
 
 @dataclass(frozen=True)
+class CocoMasks:
+    """The objects of one COCO image: their annotations, decoded when read (`minivision.coco`)."""
+
+    objects: tuple[CocoObject, ...]
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
 class ImageRecord:
-    """One image and where its masks are: a mask PNG, or an .npz holding both (`image == masks`)."""
+    """One image and where its masks are: a mask PNG, an .npz holding both (`image == masks`), a COCO
+    image's annotations, or the image and label cells of a parquet row."""
 
     name: str
-    image: str
-    masks: str
+    image: str | ParquetCell
+    masks: str | ParquetCell | CocoMasks
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -58,7 +77,10 @@ class ImageRecord:
 def read_rgb(record: ImageRecord) -> np.ndarray:
     """(H, W, 3) uint8; raises BadSampleError for an unreadable image."""
     try:
-        if record.image.endswith(".npz"):
+        if isinstance(record.image, ParquetCell):
+            with record.image.open() as im:
+                rgb = read_image(im)
+        elif record.image.endswith(".npz"):
             with np.load(record.image) as data:
                 rgb = np.asarray(data["rgb"])
         else:
@@ -89,17 +111,22 @@ def _id_map_to_masks(ids: np.ndarray, eight_bit: bool) -> tuple[list[int], np.nd
 
 def read_masks(record: ImageRecord) -> tuple[list[int], np.ndarray]:
     """The objects of an image: (ids, (N, H, W) bool). Raises BadSampleError with the reason."""
+    if isinstance(record.masks, CocoMasks):  # every object its own mask: overlaps are kept
+        m = record.masks
+        masks = np.stack([o.mask(m.height, m.width) for o in m.objects]) if m.objects else np.zeros((0, 1, 1), bool)
+        return [o.id for o in m.objects], masks
+    npz = isinstance(record.masks, str) and record.masks.endswith(".npz")
     try:
-        if record.masks.endswith(".npz"):
+        if npz:
             with np.load(record.masks) as data:
                 masks = np.asarray(data["masks"])
         else:
-            with Image.open(record.masks) as im:
+            with open_image(record.masks) as im:
                 mode = im.mode
                 masks = np.asarray(im)
     except Exception as e:
         raise BadSampleError(f"unreadable mask: {type(e).__name__}: {e}") from e
-    if record.masks.endswith(".npz"):
+    if npz:
         if masks.ndim == 2 and np.issubdtype(masks.dtype, np.integer):
             return _id_map_to_masks(masks, eight_bit=False)
         if masks.ndim == 3 and (masks.dtype == bool or set(np.unique(masks).tolist()) <= {0, 1}):
@@ -118,7 +145,9 @@ def read_masks(record: ImageRecord) -> tuple[list[int], np.ndarray]:
     raise BadSampleError(f"mask mode {mode!r} is neither binary nor instance ids; use a single-channel PNG")
 
 
-LAYOUTS = "a folder with images/ + masks/ (NAME.png per image), or an .npz with rgb + masks"
+LAYOUTS = ("a folder with images/ + masks/ (NAME.png per image), an .npz with rgb + masks, a COCO instances "
+           "JSON, or parquet (a file, glob or dataset folder with image + label (mask image) columns)")
+SAM_COLUMNS = {"image": "image", "label": "label"}  # parquet roles -> default column names
 
 
 def folder_records(root: str | Path, skipped: Skipped) -> list[ImageRecord]:
@@ -141,11 +170,45 @@ def folder_records(root: str | Path, skipped: Skipped) -> list[ImageRecord]:
     return records
 
 
-def load_records(sources: list[str], skipped: Skipped) -> list[ImageRecord]:
-    """Folders and .npz files, in the order given."""
+def coco_records(path: str, skipped: Skipped, images: str = "", categories: tuple[str, ...] = ()) -> list[ImageRecord]:
+    """The images of a COCO instances JSON with their non-crowd objects; malformed annotations are skipped."""
+    data = read_instances(path, images or None, categories)
+    for reason, example in data.skipped:
+        skipped.add(reason, example)
+    records = []
+    for im in data.images:
+        objects = []
+        for obj in im.objects:
+            try:
+                check_segmentation(obj.segmentation, im.height, im.width)
+                objects.append(obj)
+            except ValueError as e:
+                skipped.add("bad segmentation", f"annotation {obj.id} ({e})")
+        if not Path(im.path).is_file():
+            skipped.add("image file missing (is --images right?)", im.path)
+            continue
+        records.append(ImageRecord(Path(im.path).stem, im.path, CocoMasks(tuple(objects), im.height, im.width)))
+    return records
+
+
+def parquet_records(source: str, split: str, columns: str) -> list[ImageRecord]:
+    """One record per row of a parquet source (its image and mask are checked by `index_objects`)."""
+    roles = parse_columns(columns, SAM_COLUMNS)
+    data = ParquetSource(source, [roles["image"], roles["label"]], split)
+    return [ImageRecord(f"row-{i}", ParquetCell(data, i, roles["image"]), ParquetCell(data, i, roles["label"]))
+            for i in range(data.num_rows)]
+
+
+def load_records(sources: list[str], skipped: Skipped, images: str = "", categories: tuple[str, ...] = (),
+                 split: str = "", columns: str = "") -> list[ImageRecord]:
+    """Folders, .npz files, COCO JSONs and parquet sources, in the order given."""
     records: list[ImageRecord] = []
     for source in sources:
-        if source.endswith(".npz"):
+        if is_coco_json(source):
+            records.extend(coco_records(source, skipped, images, categories))
+        elif is_parquet_source(source):
+            records.extend(parquet_records(source, split, columns))
+        elif source.endswith(".npz"):
             if not Path(source).is_file():
                 raise FileNotFoundError(f"{source}: no such file (expected {LAYOUTS})")
             records.append(ImageRecord(Path(source).stem, source, source))
@@ -277,6 +340,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.objects)
 
+    def read_groups(self) -> list[int] | None:
+        """Parquet: each sample's row group (`train.common.epoch_loader` keeps them together)."""
+        return read_groups([self.records[r].image for r, _, _ in self.objects])
+
     def load_image(self, record_index: int) -> torch.Tensor:
         """(3, h, w) float 0..255 resized (not padded, not normalised: `Sam.preprocess` does that)."""
         return resize_image(read_rgb(self.records[record_index]), self.image_size)
@@ -337,6 +404,9 @@ class ImagePromptsDataset(SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def read_groups(self) -> list[int] | None:
+        return read_groups([self.records[r].image for r, _ in self.images])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         r, ks = self.images[index]
