@@ -395,3 +395,12 @@ def test_torchrun_ranks_read_their_own_rows(tmp_path: Path, mae_files: dict) -> 
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert len(rank0) == len(rank1) == 6 and not set(rank0) & set(rank1)
     assert sorted(rank0 + rank1) == list(range(12))
+    # and the public script, with a DataLoader worker per rank (each gets its own row-group cache)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.convvit",
+           "--data", str(mae_files["data"]), "--val-data", str(mae_files["data"]), "--val-split", "validation",
+           "--checkpoint", str(mae_files["mae"]), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2",
+           "--workers", "1", "--no-val-before", "--no-progress", "--device", "cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
