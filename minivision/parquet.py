@@ -39,12 +39,16 @@ INSTALL_HINT = "reading parquet needs pyarrow: pip install 'minivision[data]'"
 _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9]+(?:[_-][A-Za-z]+)*?)(?:[-_.]\d+(?:-of-\d+)?)?(?:-[0-9a-f]{8,})?$")
 
 
+class MissingExtraError(ImportError, ValueError):
+    """An optional extra is not installed. Also a ValueError: the CLIs report it as the one line of a user error."""
+
+
 def pyarrow_parquet() -> Any:
-    """`pyarrow.parquet`, or an ImportError of one line naming the extra to install."""
+    """`pyarrow.parquet`, or a MissingExtraError of one line naming the extra to install."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(INSTALL_HINT) from None
+        raise MissingExtraError(INSTALL_HINT) from None
     return pq
 
 
@@ -186,7 +190,7 @@ def column_names(source: str, split: str = "") -> list[str]:
     files = parquet_files(source, split)
     try:
         return pyarrow_parquet().ParquetFile(files[0]).schema_arrow.names
-    except ImportError:
+    except MissingExtraError:
         raise
     except Exception as e:
         raise ValueError(f"{files[0]}: not a readable parquet file ({type(e).__name__}: {e})") from None
