@@ -369,8 +369,11 @@ def test_parquet_reading_keeps_memory_bounded(tmp_path: Path) -> None:
 TORCHRUN_SCRIPT = """
 import json, sys
 import torch
-from train import common
+from train import common, image_folder
 from train.image_folder import ImageFolderDataset, classification_classes, classification_items
+checked = []  # the rows whose image this rank decodes in the check pass
+decode = image_folder.check_cell_image
+image_folder.check_cell_image = lambda source, row, cell: (checked.append(row), decode(source, row, cell))[1]
 d = common.setup_distributed("cpu")
 skipped = common.Skipped()
 classes = classification_classes([sys.argv[1]], "", "")
@@ -378,13 +381,14 @@ items = classification_items([sys.argv[1]], "", "", skipped, 0, classes)
 dataset = ImageFolderDataset(items, 32, train=True)
 rows = [items[i].path.row for batch in common.epoch_loader(dataset, 0, 0, 2, 1, d).batch_sampler for i in batch]
 with open(f"{sys.argv[2]}/rank{d.rank}.json", "w") as f:
-    json.dump(rows, f)
+    json.dump({"rows": rows, "checked": checked, "items": len(items)}, f)
 common.teardown_distributed()
 """
 
 
 @pytest.mark.slow
 def test_torchrun_ranks_read_their_own_rows(tmp_path: Path, mae_files: dict) -> None:
+    """Under torchrun with 2 processes each rank decodes its own rows in the check pass and trains on its own rows."""
     script = tmp_path / "ranks.py"
     script.write_text(TORCHRUN_SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
@@ -393,8 +397,10 @@ def test_torchrun_ranks_read_their_own_rows(tmp_path: Path, mae_files: dict) -> 
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
-    assert len(rank0) == len(rank1) == 6 and not set(rank0) & set(rank1)
-    assert sorted(rank0 + rank1) == list(range(12))
+    assert rank0["checked"] == list(range(0, 12, 2)) and rank1["checked"] == list(range(1, 12, 2))
+    assert rank0["items"] == rank1["items"] == 12  # both know every usable row after the exchange
+    assert len(rank0["rows"]) == len(rank1["rows"]) == 6 and not set(rank0["rows"]) & set(rank1["rows"])
+    assert sorted(rank0["rows"] + rank1["rows"]) == list(range(12))
     # and the public script, with a DataLoader worker per rank (each gets its own row-group cache)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.convvit",
            "--data", str(mae_files["data"]), "--val-data", str(mae_files["data"]), "--val-split", "validation",

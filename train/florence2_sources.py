@@ -97,7 +97,7 @@ def parquet_examples(source: str, task_prefix: str, tokenizer: Tokenizer, max_an
     data = ParquetSource(source, wanted, split)
     image, first, second = wanted
 
-    def check(i: int, row: dict[str, Any]) -> Example:
+    def check(i: int, row: dict[str, Any]) -> tuple[str, tuple[str, ...]]:  # (prompt, answers)
         missing(row, *wanted)
         if first == roles["question"]:
             answers = [row[second]] if isinstance(row[second], str) else row[second]
@@ -114,6 +114,7 @@ def parquet_examples(source: str, task_prefix: str, tokenizer: Tokenizer, max_an
         check_cell_image(data, i, row[image])
         if too_long(answers[0], tokenizer, max_answer_tokens):
             raise ValueError(f"answer longer than {max_answer_tokens} tokens")
-        return Example(ParquetCell(data, i, image), prompt, tuple(answers))
+        return prompt, tuple(answers)
 
-    return scan_rows(data, check, skipped)
+    return [Example(ParquetCell(data, i, image), prompt, answers)
+            for i, (prompt, answers) in scan_rows(data, check, skipped)]

@@ -226,7 +226,7 @@ def parquet_items(source: str, split: str, columns: str, skipped: Skipped, min_s
     wanted = [roles["image"]] + ([roles["label"]] if classes is not None else [])
     data = ParquetSource(source, wanted, split)
 
-    def check(i: int, row: dict) -> ImageItem:
+    def check(i: int, row: dict) -> int:  # the class index
         missing(row, *wanted)
         label = 0
         if classes is not None:
@@ -240,9 +240,9 @@ def parquet_items(source: str, split: str, columns: str, skipped: Skipped, min_s
         w, h = check_cell_image(data, i, row[roles["image"]])
         if min(w, h) < min_side:
             raise ValueError(f"image smaller than {min_side} px: {w}x{h}")
-        return ImageItem(ParquetCell(data, i, roles["image"]), label)
+        return label
 
-    return scan_rows(data, check, skipped)
+    return [ImageItem(ParquetCell(data, i, roles["image"]), label) for i, label in scan_rows(data, check, skipped)]
 
 
 def load_rgb(path: str | ParquetCell) -> Image.Image:

@@ -6,7 +6,8 @@
 - `scan_rows`: the one pass over a parquet source before training (as the folder readers decode
   every file once): each row is checked by the script's `check` and a bad row (missing field,
   undecodable image) is skipped and counted in a `train.common.Skipped`, like a bad file. The pass
-  streams row group by row group, so its memory is bounded too.
+  streams row group by row group, so its memory is bounded too; under torchrun each rank checks
+  its own rows.
 - `read_groups`: which row group each sample is read from; a dataset that has `read_groups()` is
   shuffled by `train.common.epoch_loader` with `minivision.parquet.grouped_order` (shuffled row
   groups, each one's rows shuffled), so an epoch reads each row group once, not once per row.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch.distributed as dist
 from PIL import Image
 
 from minivision.coco import is_coco_json
@@ -75,14 +77,29 @@ def check_cell_image(source: ParquetSource, row: int, cell: Any) -> tuple[int, i
         raise ValueError(f"unreadable image: {type(e).__name__}") from None
 
 
-def scan_rows(source: ParquetSource, check: Callable[[int, dict[str, Any]], T], skipped: Skipped) -> list[T]:
-    """`check(row number, row)` over every row; a ValueError("reason: detail") skips the row and is counted."""
-    kept = []
-    for i, row in source.iter_rows():
+def scan_rows(source: ParquetSource, check: Callable[[int, dict[str, Any]], T],
+              skipped: Skipped) -> list[tuple[int, T]]:
+    """(row, `check(row number, row)`) of every usable row, in row order; a ValueError("reason: detail")
+    from `check` skips the row and is counted.
+
+    Under torchrun each rank checks its own rows (i % world == rank) and the ranks then exchange
+    what they found (row numbers, `check`'s small results and the reasons), so every rank ends with
+    the same list and counts, having decoded 1/world of the images."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    kept: list[tuple[int, T]] = []
+    bad: list[tuple[int, str]] = []
+    for i, row in source.iter_rows(rank, world):
         try:
-            kept.append(check(i, row))
+            kept.append((i, check(i, row)))
         except ValueError as e:
-            skipped.add(str(e).split(":")[0], f"{Path(source.file_of(i)).name} row {i}")
+            bad.append((i, str(e).split(":")[0]))
+    if world > 1:
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, (kept, bad))
+        kept = sorted((k for part in everyone for k in part[0]), key=lambda k: k[0])
+        bad = sorted((b for part in everyone for b in part[1]), key=lambda b: b[0])
+    for i, reason in bad:
+        skipped.add(reason, f"{Path(source.file_of(i)).name} row {i}")
     return kept
 
 

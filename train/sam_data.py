@@ -113,7 +113,9 @@ def read_masks(record: ImageRecord) -> tuple[list[int], np.ndarray]:
     """The objects of an image: (ids, (N, H, W) bool). Raises BadSampleError with the reason."""
     if isinstance(record.masks, CocoMasks):  # every object its own mask: overlaps are kept
         m = record.masks
-        masks = np.stack([o.mask(m.height, m.width) for o in m.objects]) if m.objects else np.zeros((0, 1, 1), bool)
+        masks = np.zeros((0, m.height, m.width), bool)
+        if m.objects:
+            masks = np.stack([o.mask(m.height, m.width) for o in m.objects])  # (N, H, W) in the JSON's image size
         return [o.id for o in m.objects], masks
     npz = isinstance(record.masks, str) and record.masks.endswith(".npz")
     try:
@@ -177,6 +179,9 @@ def coco_records(path: str, skipped: Skipped, images: str = "", categories: tupl
         skipped.add(reason, example)
     records = []
     for im in data.images:
+        if im.width <= 0 or im.height <= 0:  # the segmentations' frame
+            skipped.add("image without width and height", im.path)
+            continue
         objects = []
         for obj in im.objects:
             try:
