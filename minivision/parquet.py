@@ -16,6 +16,7 @@ the columns asked for, and at most `cache_groups` row groups stay in memory (`Ro
 memory is bounded by a few row groups whatever the dataset's size. `iter_rows(rank, world)`
 streams the rows i with i % world == rank: each DDP rank reads its own rows.
 
+A `ParquetCell` (source, row, column) is a lazy reference to one cell, read through that cache.
 Image cells: the `datasets` Image feature, a struct {bytes, path} (bytes win; a path alone is
 resolved against the parquet file's folder), or the encoded bytes themselves (`image_bytes`).
 Class names: the `datasets` ClassLabel names kept in the schema metadata under b"huggingface"
@@ -25,6 +26,7 @@ Class names: the `datasets` ClassLabel names kept in the schema metadata under b
 from __future__ import annotations
 
 import glob
+import io
 import json
 import re
 from collections import OrderedDict
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 INSTALL_HINT = "reading parquet needs pyarrow: pip install 'minivision[data]'"
 _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9]+(?:[_-][A-Za-z]+)*?)(?:[-_.]\d+(?:-of-\d+)?)?(?:-[0-9a-f]{8,})?$")
@@ -183,6 +186,29 @@ class ParquetSource:
         except (KeyError, TypeError, ValueError):
             return None
         return [str(n) for n in names] if isinstance(names, list) else None
+
+
+@dataclass(frozen=True, eq=False)
+class ParquetCell:
+    """One cell of a parquet source, read when needed (through the source's row-group cache): what a
+    dataset or a list of requests keeps instead of a file path."""
+
+    source: ParquetSource
+    row: int
+    column: str
+
+    def value(self) -> Any:
+        return self.source.row(self.row)[self.column]
+
+    def image_bytes(self) -> bytes:
+        return image_bytes(self.value(), self.source.file_of(self.row))
+
+    def open(self) -> Image.Image:
+        """The cell's image, opened (not yet decoded) with PIL."""
+        return Image.open(io.BytesIO(self.image_bytes()))
+
+    def __str__(self) -> str:
+        return f"{Path(self.source.file_of(self.row)).name} row {self.row}"
 
 
 def column_names(source: str, split: str = "") -> list[str]:

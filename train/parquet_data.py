@@ -1,8 +1,8 @@
 """What the training scripts share to read parquet datasets (`minivision.parquet`) and COCO JSONs.
 
 - `parse_columns`: the `--columns image=img,label=mask` override of a script's default column names.
-- `ParquetCell`: a lazy reference to one image cell (source, row, column), what a dataset keeps
-  instead of a file path; `open_image` opens either.
+- `open_image`: a file path or a lazy `minivision.parquet.ParquetCell` (what a dataset keeps instead
+  of a path), opened with PIL.
 - `scan_rows`: the one pass over a parquet source before training (as the folder readers decode
   every file once): each row is checked by the script's `check` and a bad row (missing field,
   undecodable image) is skipped and counted in a `train.common.Skipped`, like a bad file. The pass
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from minivision.coco import is_coco_json
-from minivision.parquet import ParquetSource, image_bytes, is_parquet_source
+from minivision.parquet import ParquetCell, ParquetSource, image_bytes, is_parquet_source
 from train.common import Skipped, check_image
 
 T = TypeVar("T")
@@ -41,27 +40,6 @@ def parse_columns(text: str, defaults: dict[str, str]) -> dict[str, str]:
             raise ValueError(f"--columns {item!r}: expected ROLE=COLUMN with ROLE one of {', '.join(defaults)}")
         columns[role.strip()] = name.strip()
     return columns
-
-
-@dataclass(frozen=True, eq=False)
-class ParquetCell:
-    """One cell of a parquet source, read when needed (through the source's row-group cache)."""
-
-    source: ParquetSource
-    row: int
-    column: str
-
-    def value(self) -> Any:
-        return self.source.row(self.row)[self.column]
-
-    def image_bytes(self) -> bytes:
-        return image_bytes(self.value(), self.source.file_of(self.row))
-
-    def open(self) -> Image.Image:
-        return Image.open(io.BytesIO(self.image_bytes()))
-
-    def __str__(self) -> str:
-        return f"{Path(self.source.file_of(self.row)).name} row {self.row}"
 
 
 def open_image(ref: str | ParquetCell) -> Image.Image:
