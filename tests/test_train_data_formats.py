@@ -410,3 +410,34 @@ def test_torchrun_ranks_read_their_own_rows(tmp_path: Path, mae_files: dict) -> 
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+
+
+# ----------------------------------------------------------------------------- the Florence-2 batch CLI
+
+
+def test_florence_cli_runs_a_parquet_split(tmp_path: Path, capsys, monkeypatch) -> None:
+    """`python -m miniflorence ... --parquet DIR --split validation --text-column question` (a held-out split)."""
+    from miniflorence import CONFIGS, tiny_config
+    from miniflorence.__main__ import main as florence_cli
+
+    monkeypatch.setitem(CONFIGS, "base", tiny_config())
+    rng = np.random.default_rng(5)
+    images = image_cells([png(noise_image(rng)) for _ in range(3)])
+    write_parquet(tmp_path / "ds" / "data" / "validation-00000-of-00001.parquet",
+                  {"image": images, "question": ["what colour", "what word", "what colour"]}, 2)
+    write_parquet(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet",
+                  {"image": images[:1], "question": ["what colour"]}, 2)
+    tokenizer = ROOT / "tests" / "assets" / "tokenizer" / "florence2"
+    out = tmp_path / "results.jsonl"
+    args = ["--random-weights", "base", str(tokenizer), "--parquet", str(tmp_path / "ds"), "--split", "validation",
+            "--task", "<DocVQA>", "--text-column", "question", "--max-new-tokens", "3", "--num-beams", "1"]
+    assert florence_cli([*args, "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in records] == [f"validation-00000-of-00001.parquet row {i}" for i in range(3)]
+    assert [r["text"] for r in records] == ["what colour", "what word", "what colour"]
+    images[1] = {"bytes": b"broken", "path": None}
+    write_parquet(tmp_path / "ds" / "data" / "validation-00000-of-00001.parquet",
+                  {"image": images, "question": ["what colour", "what word", "what colour"]}, 2)
+    capsys.readouterr()
+    assert florence_cli(args) == 1
+    assert "validation-00000-of-00001.parquet row 1: not a readable image" in capsys.readouterr().err
