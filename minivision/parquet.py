@@ -19,6 +19,7 @@ streams the rows i with i % world == rank: each DDP rank reads its own rows.
 A `ParquetCell` (source, row, column) is a lazy reference to one cell, read through that cache.
 Image cells: the `datasets` Image feature, a struct {bytes, path} (bytes win; a path alone is
 resolved against the parquet file's folder), or the encoded bytes themselves (`image_bytes`).
+`grouped_order` is the epoch shuffle that keeps a row group's rows together (each group read once).
 Class names: the `datasets` ClassLabel names kept in the schema metadata under b"huggingface"
 (`{"info": {"features": {"label": {"names": [...]}}}}`), where present (`class_names`).
 """
@@ -39,7 +40,8 @@ import torch
 from PIL import Image
 
 INSTALL_HINT = "reading parquet needs pyarrow: pip install 'minivision[data]'"
-_SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z0-9]+(?:[_-][A-Za-z]+)*?)(?:[-_.]\d+(?:-of-\d+)?)?(?:-[0-9a-f]{8,})?$")
+_HF_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}(?:-[0-9a-f]+)?$")  # train-00000-of-00002[-hash]
+_NUMBERED = re.compile(r"^(?P<split>.+?)(?:[-_.]\d+.*)?$")  # validation.parquet, test_0.parquet
 
 
 class MissingExtraError(ImportError, ValueError):
@@ -56,21 +58,24 @@ def pyarrow_parquet() -> Any:
 
 
 def is_parquet_source(source: str) -> bool:
-    """A `.parquet` file, a glob of them, or a folder holding parquet files (at most two levels down)."""
+    """A `.parquet` file, a glob of them, or a folder holding parquet files (at most three levels down)."""
     if source.endswith(".parquet"):
         return True
     path = Path(source)
     if path.is_dir():
-        return any(path.glob("*.parquet")) or any(path.glob("*/*.parquet"))
+        return any(any(path.glob(pattern)) for pattern in ("*.parquet", "*/*.parquet", "*/*/*.parquet"))
     return any(ch in source for ch in "*?[") and any(p.endswith(".parquet") for p in glob.glob(source))
 
 
 def split_of(file: Path, root: Path) -> str:
-    """The split a shard belongs to: its name's first word (train-00000-of-00002 -> train), or its folder's."""
+    """The split a shard belongs to: the first word of a hub shard name (train-00000-of-00002 -> train, also
+    inside a config folder such as plain_text/), else its folder's name (train/0000.parquet), else its name's."""
+    match = _HF_SHARD.match(file.stem)
+    if match:
+        return match.group("split")
     if file.parent != root and file.parent.name != "data":
         return file.parent.name
-    match = _SHARD_NAME.match(file.stem)
-    return match.group("split") if match else file.stem
+    return _NUMBERED.match(file.stem).group("split")  # type: ignore[union-attr]  (the pattern matches any name)
 
 
 def parquet_files(source: str, split: str = "") -> list[Path]:

@@ -135,6 +135,15 @@ def test_parquet_sources_splits_and_ranks(tmp_path: Path) -> None:
     assert sum(a != b for a, b in zip(groups, groups[1:])) == len(source.groups) - 1  # each group read once
 
 
+@pytest.mark.parametrize("name, split", [
+    ("data/train-00000-of-00002.parquet", "train"), ("data/validation-00000-of-00001-0123abcd.parquet", "validation"),
+    ("plain_text/test-00000-of-00001.parquet", "test"), ("default/train/0000.parquet", "train"),
+    ("validation.parquet", "validation"), ("test_0.parquet", "test"),
+])
+def test_split_of_hub_file_names(name: str, split: str) -> None:
+    assert parquet.split_of(Path("/ds") / name, Path("/ds")) == split
+
+
 def test_missing_pyarrow_is_one_line(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(ImportError, match=r"^reading parquet needs pyarrow: pip install 'minivision\[data\]'$"):
