@@ -39,9 +39,10 @@ import torch
 
 from miniflorence.processor import TASK_PROMPTS, preprocess_image, task_prompt
 from miniflorence.tokenizer import Tokenizer
+from minivision.parquet import ParquetCell
 from train.common import Skipped, check_image
 from train.detection import od_target, parse_detection_record
-from train.parquet_data import ParquetCell, open_image, read_groups
+from train.parquet_data import open_image, read_groups
 
 
 @dataclass(frozen=True)

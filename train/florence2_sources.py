@@ -22,11 +22,11 @@ import numpy as np
 
 from miniflorence.tokenizer import Tokenizer
 from minivision.coco import is_coco_json, read_instances
-from minivision.parquet import ParquetSource, column_names, is_parquet_source
+from minivision.parquet import ParquetCell, ParquetSource, column_names, is_parquet_source
 from train.common import Skipped, check_image
 from train.detection import check_label, od_target
 from train.florence2_data import Example, load_examples, prompt_text
-from train.parquet_data import ParquetCell, check_cell_image, missing, parse_columns, scan_rows
+from train.parquet_data import check_cell_image, missing, parse_columns, scan_rows
 
 FLORENCE_COLUMNS = {"image": "image", "question": "question", "answers": "answers", "prefix": "prefix",
                     "suffix": "suffix"}

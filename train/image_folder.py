@@ -38,10 +38,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from minivision.parquet import ParquetSource, is_parquet_source
+from minivision.parquet import ParquetCell, ParquetSource, is_parquet_source
 from train.common import IMAGE_SUFFIXES, Skipped, check_image
 from train.parquet_data import (
-    ParquetCell,
     check_cell_image,
     missing,
     open_image,

@@ -40,9 +40,9 @@ from PIL import Image, ImageEnhance
 
 from minisam.image_io import ImageReadError, read_image
 from minivision.coco import CocoObject, check_segmentation, is_coco_json, read_instances
-from minivision.parquet import ParquetSource, is_parquet_source
+from minivision.parquet import ParquetCell, ParquetSource, is_parquet_source
 from train.common import IMAGE_SUFFIXES, Skipped
-from train.parquet_data import ParquetCell, open_image, parse_columns, read_groups
+from train.parquet_data import open_image, parse_columns, read_groups
 from train.prompts import make_prompt
 
 VOID_ID = 255  # VOC's "void" boundary label in 8-bit id maps: ignored, never an object
