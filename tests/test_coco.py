@@ -117,3 +117,15 @@ def test_read_instances(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a COCO instances file"):
         coco.read_instances(tmp_path / "list.json")
+
+
+def test_default_image_root_follows_cocos_own_layout(tmp_path):
+    """annotations/instances_val2017.json beside val2017/: the images are found without --images."""
+    (tmp_path / "val2017").mkdir()
+    (tmp_path / "val2017" / "a.png").write_bytes(b"")
+    (tmp_path / "annotations").mkdir()
+    path = tmp_path / "annotations" / "instances_val2017.json"
+    path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png", "width": 2, "height": 2}],
+                                "annotations": [], "categories": []}))
+    assert coco.read_instances(path).images[0].path == str(tmp_path / "val2017" / "a.png")
+    assert coco.read_instances(path, images_root=tmp_path).images[0].path == str(tmp_path / "a.png")
