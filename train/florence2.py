@@ -263,7 +263,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     model = build_model(s, tokenizer.vocab_size).to(d.device).train()
     c = model.config
     skipped = common.Skipped()
-    categories = [c for c in s.categories.split(",") if c.strip()]
+    categories = [name for name in s.categories.split(",") if name.strip()]
     examples = load_data(s.data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped, s.images, categories,
                          s.split, s.columns)
     if s.val_data:

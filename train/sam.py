@@ -411,7 +411,7 @@ def train(s: Settings, d: common.Dist) -> dict:
     skipped = common.Skipped()
     sam = build_model(s).to(d.device).eval()
     S = sam.config.image_size
-    categories = tuple(c for c in s.categories.split(",") if c.strip())
+    categories = tuple(name for name in s.categories.split(",") if name.strip())
     records = load_records([p for p in s.data.split(",") if p], skipped, s.images, categories, s.split, s.columns)
     n_train_records = len(records)  # --val-data's records follow (one list: one embedding cache)
     records += load_records([p for p in s.val_data.split(",") if p], skipped, "", categories,
