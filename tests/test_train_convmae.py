@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train.common import Skipped
 
 import convmae
 from tests.conftest import ROOT
 from train import common
 from train import convmae as train_convmae
-from train.common import Skipped
 from train.image_folder import ImageFolderDataset, denormalize, list_images, random_resized_crop_box
 
 TINY = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, mlp_ratio=[2, 2, 2],

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from train.common import Skipped
 
 import miniflorence
 from tests.conftest import ROOT, asset_path
 from train import common
 from train import florence2 as train_florence2
-from train.common import Skipped
 from train.florence2_data import DocDataset, collate, load_examples, prompt_text
 from train.levenshtein import anls, distance, exact_match, similarity
 from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train.common import Skipped
 
 import miniflorence
 from miniflorence.model import TIED_KEYS
@@ -18,7 +19,6 @@ from minivision.checkpoint import read_converted
 from train import common
 from train import florence2 as train_florence2
 from train import lora as train_lora
-from train.common import Skipped
 from train.detection import collapse_inverted, od_target
 from train.florence2_data import DocDataset, load_examples
 from train.synthetic import SHAPES, synthetic_detection

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import asset_path
 from PIL import Image, ImageFilter
-
 from train.common import Skipped
+
 from train.sam_data import (
     ImageRecord,
     PromptSettings,
@@ -79,6 +79,7 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
 
 def test_a_dataset_without_usable_samples_is_refused(tmp_path: Path) -> None:
     from train.common import Dist
+
     from train.sam import Settings, train
 
     write_pair(tmp_path, "no_mask", good_image(), None)
