@@ -494,9 +494,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     try:
         write(tmp)
         _fsync(tmp)
+        _user_permissions(tmp)
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def _user_permissions(path: Path) -> None:
+    """Give a written file (or folder) the permissions `open()` would: 0o666 (folders 0o777) masked by the
+    umask. Writers such as safetensors' `save_file` create their file private (0o600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for entry in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
 
 
 def _fsync(path: Path) -> None:
