@@ -60,7 +60,7 @@ from minivision.checkpoint import check_tensors, resolve_weights, save_converted
 from train import distributed, loop, report, run_folder, script
 from train.lora import add_lora, merged_state_dict, save_lora
 from train.losses import mask_iou, sam_loss, segmentation_loss
-from train.prompts import append_points, highest_iou_mask, sample_correction_points
+from train.prompts import correction_prompt
 from train.sam_data import (
     ImagePromptsDataset,
     PromptSettings,
@@ -285,28 +285,6 @@ def prompt_losses(
         mask_loss = per_mask.gather(1, chosen[:, None])[:, 0]
     per_sample = mask_loss + s.iou_loss_weight * iou_loss
     return per_sample.mean(), per_sample.detach(), true_iou.gather(1, chosen[:, None])[:, 0]
-
-
-def correction_prompt(
-    prompt: dict[str, torch.Tensor], low_res: torch.Tensor, iou_pred: torch.Tensor, logits: torch.Tensor,
-    batch: dict[str, torch.Tensor], valid: torch.Tensor, seed: int,
-) -> dict[str, torch.Tensor]:
-    """The next round of interactive training (SAM paper, appendix A): one point drawn uniformly from
-    the error region of the top-scored mask, added to the prompt's points, and that mask's low-res
-    logits (B, 1, s, s) as the mask prompt. Each prompt's draw is seeded by (seed, its sample index),
-    so one process and torchrun ranks, and a resumed run, draw the same points."""
-    best = iou_pred.detach().argmax(1)  # (B,)
-    predicted = logits.detach()[torch.arange(len(best)), best] > 0  # (B, S, S)
-    coords, labels = [], []
-    for b, index in enumerate(batch["index"].tolist()):
-        g = torch.Generator().manual_seed(hash((seed, index)) % 2**63)
-        c, lab = sample_correction_points(predicted[b : b + 1], batch["mask"][b : b + 1] > 0.5, g, valid[b : b + 1])
-        coords.append(c)
-        labels.append(lab)
-    points = (prompt["point_coords"], prompt["point_labels"]) if "point_coords" in prompt else None
-    point_coords, point_labels = append_points(points, torch.cat(coords), torch.cat(labels))  # (B, N+1, 2), (B, N+1)
-    return {**prompt, "point_coords": point_coords, "point_labels": point_labels,
-            "mask_input": highest_iou_mask(low_res.float(), iou_pred)}
 
 
 def forward_loss(

@@ -62,7 +62,8 @@ class TrainSettings:
     progress: bool = True  # a progress bar (only when stderr is a terminal)
 
 
-# Settings renamed since: old name -> (new name, old value -> new value, the old flag's message).
+# Settings renamed since: old name -> (new name, old value -> new value), so that an old last.pt resumes;
+# on the command line the old flags are refused with the new spelling (`RENAMED_FLAGS`).
 # --bf16 (autocast on CUDA only) is --precision auto; --no-bf16 is --precision fp32.
 RENAMED_SETTINGS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "bf16": ("precision", lambda on: "auto" if on else "fp32"),
