@@ -27,7 +27,7 @@ import minisam
 from minivision.checkpoint import CheckpointError, save_converted
 from train import convmae as train_convmae
 from train import convvit as train_convvit
-from train import files
+from train import demo, files
 from train import florence2 as train_florence2
 from train import sam as train_sam
 from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa, synthetic_shapes
@@ -180,19 +180,20 @@ def test_random_weights_must_be_asked_for(script: str, data: dict[str, Path], tm
         SCRIPTS[script].main([*args(script, data, tmp_path / "out"), "--from-scratch", "--checkpoint", "x.safetensors"])
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.parametrize("script", [*SCRIPTS, "demo"])
 def test_help_opens_with_examples_and_every_option_has_help_and_default(
     script: str, capsys: pytest.CaptureFixture
 ) -> None:
+    module = SCRIPTS.get(script, demo)
     with pytest.raises(SystemExit):
-        SCRIPTS[script].main(["--help"])
+        module.main(["--help"])
     text = capsys.readouterr().out
     lines = text.splitlines()
     assert lines[0] == f"usage: python -m train.{script} [--option VALUE ...]" and lines[2] == "examples:"
     assert lines[3].startswith("  python -m ") and f"-m train.{script} " in text.split("\n\n")[1]
     options = text[text.index("\noptions:\n"):]
     entries = re.split(r"\n  (?=--)", options)[1:]  # one per option, its help possibly wrapped
-    assert len(entries) == len(dataclasses.fields(SCRIPTS[script].Settings))
+    assert len(entries) == len(dataclasses.fields(demo.DemoSettings if script == "demo" else module.Settings))
     for entry in entries:
         flag, _, help_text = entry.partition("  ")
         words = " ".join(help_text.split())

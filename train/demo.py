@@ -63,13 +63,18 @@ def table(results: dict[str, TimedResult]) -> str:
 
 
 PROG = "python -m train.demo"
+EXAMPLES = """
+  python -m train.demo                              # all three jobs, a few minutes on a laptop CPU
+  python -m train.demo --jobs sam --sam-epochs 5    # one job, shorter
+  python -m train.demo --jobs sam --checkpoint sam_vit_b.safetensors --image-size 512   # fine-tune a real SAM
+"""
 # What each setting may be (`train.settings.check_settings`); a bad value is one line, as is a job's user error.
 LIMITS = {"sam_epochs": ">=1", "sam_images": ">=40", "florence2_epochs": ">=1", "florence2_pages": ">=1",
           "convmae_epochs": ">=1", "convmae_images": ">=1", "image_size": ">=0", "threads": ">=0"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, TimedResult]:
-    ds = parse_settings(DemoSettings, argv, prog=PROG)
+    ds = parse_settings(DemoSettings, argv, prog=PROG, examples=EXAMPLES)
     jobs = [j for j in ds.jobs.split(",") if j]
     unknown = [j for j in jobs if j not in JOBS]
     if unknown:

@@ -95,19 +95,19 @@ SAM_RECIPE = dict(train_all=True, prompt="box", loss="dice_balanced_bce", lr=3e-
 class DemoSettings:
     """Train a small SAM, Florence-2 and ConvMAE in a few minutes on CPU, offline, and show what they learned."""
 
-    out: str = "demo_out"
+    out: str = "demo_out"  # each job writes its run folder under OUT/<job>/ (replacing an earlier demo's)
     jobs: str = "sam,florence2,convmae"  # comma-separated names from JOBS
     checkpoint: str | None = None  # a converted SAM checkpoint: fine-tune its decoder instead of a small SAM
     image_size: int = 0  # with --checkpoint: run it at this size (0: its own, 1024; 512 is kinder to a CPU)
-    sam_epochs: int = 20
+    sam_epochs: int = 20  # passes over the sam job's training images
     sam_images: int = 400  # synthetic images for the sam job (4 in 5 train, 1 in 5 held out); >= 40 (batches of 32)
-    florence2_epochs: int = 20
+    florence2_epochs: int = 20  # passes over the florence2 job's training pages
     florence2_pages: int = 240  # synthetic training pages (3 questions each)
-    convmae_epochs: int = 60
+    convmae_epochs: int = 60  # passes over the convmae job's training images
     convmae_images: int = 94  # synthetic training images (besides the 2 bundled photos)
-    seed: int = 0
+    seed: int = 0  # seeds the synthetic data and every job
     threads: int = 0  # torch CPU threads; 0: every core (os.cpu_count())
-    progress: bool = True
+    progress: bool = True  # progress bars (only when stderr is a terminal)
 
 
 @dataclass

@@ -143,9 +143,11 @@ def parse_command_line(
     return cls(**{**defaults, **given}), set(given)
 
 
-def parse_settings(cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None) -> S:
+def parse_settings(
+    cls: type[S], argv: Sequence[str] | None = None, prog: str | None = None, examples: str = "",
+) -> S:
     """Build the dataclass `cls` from its defaults and `--field value` overrides (`parse_command_line`)."""
-    return parse_command_line(cls, argv, prog)[0]
+    return parse_command_line(cls, argv, prog, examples)[0]
 
 
 def flag(name: str) -> str:
