@@ -77,7 +77,8 @@ def start_run(
       differ from its own in anything that changes the run (`settings_changes`: all are listed);
     - a new run: OUT must not hold another run's checkpoints (`RUN_FILES`) unless `--overwrite`,
       and it starts from `--checkpoint` unless `--from-scratch` asks for random weights (a run
-      that silently trains random weights wastes hours);
+      that silently trains random weights wastes hours: `check_start`).
+
     Writes nothing (`begin_run` does, once the data are checked too). Returns the folder and the
     checkpoint to resume from (None for a new run).
     """
