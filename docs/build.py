@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
+import miniflorence
 from docs import convmae as convmae_page
 from docs import florence2 as florence2_page
 from docs import sam as sam_page
 from docs import trained
 from docs.walk import DOCS, DocsError, Page
+from miniflorence.model import image_grid
 
 FAMILIES: dict[str, Callable[[], Page]] = {
     "sam": sam_page.build,
@@ -33,19 +35,67 @@ FAMILIES: dict[str, Callable[[], Page]] = {
 }
 
 
+README_PICTURE = "convmae_block_mask.png"
+
+
+def readme_section(steps: dict[str, int]) -> str:
+    """The README's "Read the code" section (docs/readme_section.md, for pasting), with the pages' step counts."""
+    base = miniflorence.CONFIGS["base"]
+    rows, columns = image_grid(base, base.image_size, base.image_size)
+    lines = [
+        "## Read the code",
+        "",
+        "Three walkthroughs follow one real input from pixels to output, in the order the data flows: each step says "
+        "what happens and why (paper section, equation, figure), links to the function that does it (file and "
+        "line), and gives the tensor shapes at the released size. Every file of the family's package appears, in "
+        "the order you meet it.",
+        "",
+        f"- [SAM](docs/sam.md) ({steps['sam']} steps): ViT-B at 1024 px, one photo with a click and a box, to masks.",
+        f"- [Florence-2](docs/florence2.md) ({steps['florence2']} steps): Florence-2-base at 768 px, `<CAPTION>` and "
+        "`<OD>` in one batch, to text and boxes.",
+        f"- [ConvMAE](docs/convmae.md) ({steps['convmae']} steps): ConvMAE-B at 224 px with 75% masking, to the "
+        "reconstruction loss; then FastConvMAE and ConvViT.",
+        "",
+        f"![ConvMAE's block-wise mask carried through the three stages](docs/pictures/{README_PICTURE})",
+        "",
+        "They are generated from the code, never written by hand: `python -m docs.build` runs each model (the "
+        "full-size configurations on PyTorch's meta device, which gives shapes without computing anything; seeded "
+        "small models for the pictures), records the shapes with hooks, finds every linked function with `inspect`, "
+        "and writes `docs/`. `tests/test_docs.py` rebuilds them and fails when a shape changed or a function moved "
+        "(`python -m docs.build --check` says which file is stale).",
+        "",
+        "Some things only trained weights show. `python -m docs.build --checkpoint sam_vit_b.safetensors "
+        "--checkpoint florence2_base.safetensors` (converted files or run folders) also draws, into "
+        "`docs/pictures/trained/`, SAM's token-to-image attention of the clicked point (every tokens → image "
+        "attention of the two-way transformer, per head) and Florence-2's cross-attention of each word of a "
+        f"generated caption over the {rows}x{columns} image grid. What to look for with the released weights: attention "
+        "gathered on the clicked object and on the object each noun names, where a random model's maps are "
+        "scattered. (Drawn on seeded test checkpoints in CI; the released weights are not part of the repository.)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def render(families: list[str] | None = None) -> dict[str, bytes]:
     """Every generated file, relative to docs/ ("sam.md", "pictures/sam_rel_pos.png", ...) -> its bytes."""
     files: dict[str, bytes] = {}
+    steps: dict[str, int] = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the small runs are tiny; one thread is faster on a shared CPU and deterministic
     try:
         for name in families or list(FAMILIES):
-            page = FAMILIES[name]()
+            try:
+                page = FAMILIES[name]()
+            except (AttributeError, TypeError, KeyError, IndexError) as e:  # the model code changed under the page
+                raise DocsError(f"docs/{name}.py no longer matches the model code: {type(e).__name__}: {e}; "
+                                f"update the walkthrough's run in docs/{name}.py") from e
             files[f"{page.name}.md"] = page.markdown().encode("utf-8")
+            steps[page.name] = page.steps
             for picture, data in sorted(page.pictures.items()):
                 files[f"pictures/{picture}"] = data
     finally:
         torch.set_num_threads(threads)
+    if set(steps) == set(FAMILIES):
+        files["readme_section.md"] = readme_section(steps).encode("utf-8")
     return files
 
 

@@ -387,7 +387,8 @@ def write(page: Page, config: Florence2Config, rec: Recorder, post: Recorder, ge
         "or a fine-tuned run's) also draws `docs/pictures/trained/florence2_cross_attention.png`: the model "
         "captions the photo (greedy), then for each generated token the last decoder layer's cross-attention, "
         "averaged over heads, over the image-token grid. What to look for: trained weights put a noun's weight on "
-        "the object it names; the seeded tiny model the tests use spreads it evenly.")
+        "the object it names; the seeded tiny model the tests use gives scattered maps that follow nothing in the "
+        "photo.")
 
 
 def big_model(config: Florence2Config) -> torch.nn.Module:

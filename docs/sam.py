@@ -422,5 +422,5 @@ def trained_section(page: Page) -> None:
         "token, its attention weights over the image-embedding grid in every tokens → image attention of the "
         "two-way transformer (one row per attention, one column per head), drawn over the photo. What to look "
         "for: trained heads put their weight on the clicked object and its edges rather than spreading it over "
-        "the grid; the seeded random model the tests use gives nearly uniform maps."
+        "the grid; the seeded random model the tests use gives scattered maps that follow nothing in the photo."
     )

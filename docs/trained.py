@@ -67,7 +67,6 @@ def draw_checkpoint(path: str | os.PathLike, tokenizer_dir: str | os.PathLike = 
     """The trained-weights pictures for one checkpoint: {"pictures/trained/<name>.png": bytes}."""
     file = weights_file(path)
     family = family_of(file)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if family == "sam":
         return {"pictures/trained/sam_token_to_image.png": draw.png(sam_attention(file))}
     if family == "florence2":
@@ -118,9 +117,8 @@ def sam_attention(path: Path) -> Image.Image:
     resized = transform.apply_image(image)
     point = transform.apply_coords(np.array([[sam_page.POINT]]), image.shape[:2])
     transformer = model.mask_decoder.transformer
-    modules = [(f"layer {i} tokens -> image", layer.cross_attn_token_to_image)
-               for i, layer in enumerate(transformer.layers)]
-    modules.append(("final tokens -> image", transformer.final_attn_token_to_image))
+    modules = [(f"layer {i}", layer.cross_attn_token_to_image) for i, layer in enumerate(transformer.layers)]
+    modules.append(("final", transformer.final_attn_token_to_image))
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def saver(name: str):  # noqa: ANN202 - a forward pre-hook that keeps q and k and changes nothing
@@ -150,8 +148,9 @@ def sam_attention(path: Path) -> Image.Image:
         weights = attention_weights(module, q, k, heads)[0, :, token]  # (h, N)
         for h in range(heads):
             tiles.append((f"{name}, head {h}", over_photo(square, weights[h].view(grid, grid), marker)))
-    notes = [f"{path.name}: the click's token (red) attending to the {grid}x{grid} image embedding; one row per "
-             "attention, one column per head."]
+    notes = [f"{path.name}: the click's token (red) attending to the {grid}x{grid} image embedding (the padded "
+             f"{config.image_size} px input); one row per tokens -> image attention (layer 0, layer 1, ..., final), "
+             "one column per head."]
     return grid_of(tiles, heads, "SAM: token-to-image attention of the clicked point", notes)
 
 

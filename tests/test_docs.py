@@ -8,6 +8,8 @@ last bits (hence a colour step here and there) may differ between CPUs.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
 import re
 from pathlib import Path
 
@@ -60,7 +62,7 @@ def link_problems(markdown: str, docs_dir: Path) -> list[str]:
 def test_committed_markdown_is_what_the_code_gives(rebuilt: dict[str, bytes]) -> None:
     stale, _ = build.compare(rebuilt, DOCS, list(build.FAMILIES))
     assert not stale, "docs are stale; run python -m docs.build:\n" + "\n".join(stale)
-    for page in PAGES:
+    for page in (*PAGES, "readme_section.md"):
         assert (DOCS / page).read_bytes() == rebuilt[page], page
 
 
@@ -69,7 +71,7 @@ def test_pictures_are_drawn_and_referenced(rebuilt: dict[str, bytes]) -> None:
         for rel in PICTURE.findall((DOCS / page).read_text(encoding="utf-8")):
             assert rel in rebuilt, f"{page} shows {rel}, which the build does not draw"
             committed = Image.open(DOCS / rel)
-            assert committed.size == Image.open(__import__("io").BytesIO(rebuilt[rel])).size, rel
+            assert committed.size == Image.open(io.BytesIO(rebuilt[rel])).size, rel
 
 
 def test_every_link_is_on_the_def_line_of_its_name() -> None:
@@ -81,8 +83,6 @@ def test_every_link_is_on_the_def_line_of_its_name() -> None:
 
 def test_every_link_names_the_object_at_that_line() -> None:
     """The shown name resolves in the module of the linked file, and inspect puts it on the linked line."""
-    import inspect
-
     for page in PAGES:
         for name, rel, line in ANCHORED.findall((DOCS / page).read_text(encoding="utf-8")):
             module = rel[: -len(".py")].replace("/", ".").removesuffix(".__init__")
@@ -151,12 +151,12 @@ def test_checkpoint_draws_the_attention_pictures(tmp_path: Path) -> None:
     florence = trained.draw_checkpoint(tmp_path / "florence2.safetensors")
     assert list(sam) == ["pictures/trained/sam_token_to_image.png"]
     assert list(florence) == ["pictures/trained/florence2_cross_attention.png"]
-    sam_picture = Image.open(__import__("io").BytesIO(sam["pictures/trained/sam_token_to_image.png"]))
+    sam_picture = Image.open(io.BytesIO(sam["pictures/trained/sam_token_to_image.png"]))
     config = sam_tiny()
     # one row per tokens -> image attention, one tile per head
     assert sam_picture.width >= config.decoder_num_heads * trained.TILE
     assert sam_picture.height >= (config.decoder_depth + 1) * trained.TILE
-    assert Image.open(__import__("io").BytesIO(florence["pictures/trained/florence2_cross_attention.png"])).width > 0
+    assert Image.open(io.BytesIO(florence["pictures/trained/florence2_cross_attention.png"])).width > 0
 
 
 def test_checkpoint_of_another_kind_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
