@@ -68,8 +68,8 @@ def readme_section(steps: dict[str, int]) -> str:
         "--checkpoint florence2_base.safetensors` (converted files or run folders) also draws, into "
         "`docs/pictures/trained/`, SAM's token-to-image attention of the clicked point (every tokens → image "
         "attention of the two-way transformer, per head) and Florence-2's cross-attention of each word of a "
-        f"generated caption over the {rows}x{columns} image grid. What to look for with the released weights: attention "
-        "gathered on the clicked object and on the object each noun names, where a random model's maps are "
+        f"generated caption over the {rows}x{columns} image grid. What to look for with the released weights: "
+        "attention gathered on the clicked object and on the object each noun names, where a random model's maps are "
         "scattered. (Drawn on seeded test checkpoints in CI; the released weights are not part of the repository.)",
     ]
     return "\n".join(lines) + "\n"
