@@ -164,18 +164,19 @@ def florence2_attention(path: Path, tokenizer_dir: str | os.PathLike) -> Image.I
         raise CheckpointInputError(f"--tokenizer {tokenizer_dir}: {str(e).splitlines()[0]}") from None
     photo = florence2_page.photo()
     inputs = Processor(tokenizer, config.image_size)("<CAPTION>", photo)
-    ids = model.generate(inputs["pixel_values"], inputs["input_ids"], max_new_tokens=16, num_beams=1)
     layer = model.language_model.model.decoder.layers[-1]
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    def keep(module: torch.nn.Module, args: tuple) -> None:
+
+    def keep(module: torch.nn.Module, args: tuple) -> None:  # every step: its query token and the image keys
         seen.append((args[0], args[1]))
 
     handle = layer.encoder_attn.register_forward_pre_hook(keep)
-    try:
-        model(inputs["pixel_values"], inputs["input_ids"], ids[:, :-1])
+    try:  # greedy: step i reads token i and writes token i + 1
+        ids = model.generate(inputs["pixel_values"], inputs["input_ids"], max_new_tokens=16, num_beams=1)
     finally:
         handle.remove()
-    x, k = seen[0]  # queries (1, t, D); keys (1, h, N, d), already projected
+    x = torch.cat([step[0] for step in seen], dim=1)  # queries (1, t, D)
+    k = seen[0][1]  # keys (1, h, N, d), already projected, the same at every step
     attn = layer.encoder_attn
     h = attn.num_heads
     q = attn.q_proj(x).view(1, x.shape[1], h, -1).transpose(1, 2)  # (1, h, t, d)

@@ -115,7 +115,10 @@ def summarize(value: Any) -> str | None:
         return repr(value) if len(value) <= 60 else f"a {len(value)}-character string"
     if isinstance(value, tuple | list) and value:
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            return repr(tuple(value)) if len(value) <= 4 else f"{len(value)} numbers"
+            kind = "ints" if all(isinstance(v, int) for v in value) else "numbers"
+            return repr(tuple(value)) if len(value) <= 4 else f"a list of {len(value)} {kind}"
+        if all(isinstance(v, str) for v in value):
+            return repr(tuple(value)) if len(value) <= 3 else f"a list of {len(value)} strings"
         try:
             array = np.asarray(value, dtype=np.float64)
             return "list of shape (" + ", ".join(map(str, array.shape)) + ")"

@@ -11,12 +11,16 @@ import dataclasses
 import inspect
 import io
 import re
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
 from PIL import Image
+
+if str(ROOT) not in sys.path:  # `docs` is the repository's folder, not an installed package
+    sys.path.insert(0, str(ROOT))
 
 import minisam
 from docs import build, trained
@@ -137,7 +141,7 @@ def seeded_sam_checkpoint(path: Path) -> None:
 
 
 def seeded_florence2_checkpoint(path: Path) -> None:
-    config = florence_tiny()
+    config = florence_tiny(image_size=96)  # a 3x3 image-token grid: the picture's mechanics, quickly
     torch.manual_seed(0)
     state = Florence2(config).state_dict()
     save_converted(path, {k: v for k, v in state.items() if "embed_tokens" not in k and "lm_head" not in k},
