@@ -294,7 +294,7 @@ def write(page: Page, config: ConvMAEConfig, rec: Recorder, fast: Recorder, vit:
         [("patchify", g("convmae.model:ConvMAE.patchify")), ("target", g("convmae.model:ConvMAE.target")),
          ("forward_loss", g("convmae.model:ConvMAE.forward_loss")), ("forward", g("convmae.model:ConvMAE.forward"))])
     page.step(
-        "FastConvMAE: four complementary views at once",
+        f"FastConvMAE: {round(1 / (1 - MASK_RATIO))} complementary views at once",
         "FastConvMAE splits one shuffle into 1 / (1 − mask ratio) disjoint keep-sets, so every token is visible "
         "in exactly one view; the encoder runs on all views, the decoder reconstructs each, the loss sums them "
         "(Fast ConvMAE Sec. 3.1-3.3).",

@@ -273,7 +273,8 @@ def write(page: Page, config: Florence2Config, rec: Recorder, post: Recorder, ge
     page.step(
         "DaViT stage by stage: a convolution opens each stage",
         f"DaViT (Ding et al. 2022, §3) has {n_stages} stages; an overlapping strided convolution opens each one, "
-        "downsampling 4x, then 2x three times, and widening the channels. Between blocks the features travel as "
+        f"downsampling by {', '.join(f'{k}x' for k in config.patch_strides)} and widening the channels. "
+        "Between blocks the features travel as "
         "tokens (B, N, C) with their grid size.",
         ["miniflorence.model:Florence2.encode_image", "miniflorence.davit:DaViT.forward",
          "miniflorence.davit:ConvEmbed.forward"],

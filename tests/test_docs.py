@@ -170,3 +170,10 @@ def test_checkpoint_of_another_kind_is_one_clear_line(tmp_path: Path, capsys: py
     err = capsys.readouterr().err.strip()
     assert err.startswith("docs.build: --checkpoint") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_check_mode_exits_zero_when_current_and_one_when_stale(tmp_path: Path) -> None:
+    assert build.main(["--check", "--only", "convmae"]) == 0
+    assert build.main(["--out", str(tmp_path), "--only", "convmae"]) == 0
+    (tmp_path / "convmae.md").write_text("edited by hand\n")
+    assert build.main(["--check", "--only", "convmae", "--out", str(tmp_path)]) == 1
