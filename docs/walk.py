@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,19 +114,22 @@ def summarize(value: Any) -> str | None:
         return f"{value:.4g}"
     if isinstance(value, str):
         return repr(value) if len(value) <= 60 else f"a {len(value)}-character string"
+    if isinstance(value, Image.Image):
+        return f"a {value.width}x{value.height} {value.mode} image"
     if isinstance(value, tuple | list) and value:
         if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
             kind = "ints" if all(isinstance(v, int) for v in value) else "numbers"
             return repr(tuple(value)) if len(value) <= 4 else f"a list of {len(value)} {kind}"
         if all(isinstance(v, str) for v in value):
             return repr(tuple(value)) if len(value) <= 3 else f"a list of {len(value)} strings"
-        try:
-            array = np.asarray(value, dtype=np.float64)
-            return "list of shape (" + ", ".join(map(str, array.shape)) + ")"
-        except (ValueError, TypeError):
-            pass
+        if all(isinstance(v, list | tuple) for v in value):
+            try:
+                array = np.asarray(value, dtype=np.float64)
+                return "list of shape (" + ", ".join(map(str, array.shape)) + ")"
+            except (ValueError, TypeError):
+                pass
         parts = [summarize(v) for v in value]
-        if len(parts) > 2 and len(set(parts)) == 1 and parts[0] is not None:
+        if len(parts) > 1 and len(set(parts)) == 1 and parts[0] is not None:
             return f"{len(parts)} × [{parts[0]}]"
         if any(p is not None for p in parts):
             return ", ".join(p if p is not None else type(v).__name__ for p, v in zip(parts, value))
@@ -144,9 +148,14 @@ class Call:
     count: int = 1
 
     def render(self) -> str:
-        ins = ", ".join(f"`{n}` {s}" for n, s in self.inputs)
-        out = f" → {self.output}" if self.output else ""
-        return f"{ins}{out}" if ins else (self.output or "")
+        ins = ", ".join(f"`{n}` {code(s)}" for n, s in self.inputs)
+        out = f" → {code(self.output)}" if self.output else ""
+        return f"{ins}{out}" if ins else code(self.output or "")
+
+
+def code(text: str) -> str:
+    """A markdown code span (so that `<OD>` is text, not an HTML tag)."""
+    return f"``{text}``" if "`" in text else f"`{text}`"
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict) -> list[tuple[str, str]]:
@@ -314,7 +323,7 @@ class Page:
             links.append(f"{link(name)} in `{relative(path)}`")
         self.lines += ["Code: " + "; ".join(links) + ".", ""]
         for label, call in shapes or []:
-            self.lines.append(f"- {label}: {call.render()}")
+            self.lines.append(f"- {label.replace('_', chr(92) + '_')}: {call.render()}")
         if shapes:
             self.lines.append("")
         if picture:
@@ -352,8 +361,8 @@ class Page:
         return table
 
     def markdown(self) -> str:
-        lines = []
-        for line in self.lines:
+        lines = [self.lines[0], "", HEADER] if self.lines and self.lines[0].startswith("# ") else [HEADER, ""]
+        for line in self.lines[1:] if lines[0] != HEADER else self.lines:
             lines += self.file_map() if line == FILE_MAP else [line]
         text = "\n".join(lines).rstrip() + "\n"
         return text.replace("\n\n\n", "\n\n")
