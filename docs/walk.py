@@ -315,13 +315,14 @@ class Page:
         """A numbered step: what and why, links to the code, the recorded shapes, an optional picture."""
         self.steps += 1
         self.lines += [f"### {self.steps}. {title}", "", text, ""]
-        links = []
+        by_file: dict[Path, list[str]] = {}
         for name in code:
             path, _ = definition(name)
             if path not in self.files:
                 self.files.append(path)
-            links.append(f"{link(name)} in `{relative(path)}`")
-        self.lines += ["Code: " + "; ".join(links) + ".", ""]
+            by_file.setdefault(path, []).append(link(name))
+        parts = [f"{', '.join(links)} in `{relative(path)}`" for path, links in by_file.items()]
+        self.lines += ["Code: " + "; ".join(parts) + ".", ""]
         for label, call in shapes or []:
             self.lines.append(f"- {label.replace('_', chr(92) + '_')}: {call.render()}")
         if shapes:
@@ -350,7 +351,8 @@ class Page:
         rest = sorted(p for p in package_dir.glob("*.py") if p.resolve() not in on_path)
         rows = []
         for path in on_path:
-            first = next(i for i, line in enumerate(self.lines) if f"in `{relative(path)}`" in line)
+            first = next(i for i, line in enumerate(self.lines)
+                         if line.startswith("Code: ") and f" in `{relative(path)}`" in line)
             number = next(line for line in reversed(self.lines[:first]) if line.startswith("### ")).split(".")[0][4:]
             rows.append([f"[`{relative(path)}`](../{relative(path)})", f"step {number}", module_summary(path)])
         for path in rest:
