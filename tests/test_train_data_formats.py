@@ -26,13 +26,15 @@ from miniflorence import Tokenizer
 from minivision import parquet
 from minivision.checkpoint import save_converted
 from tests.conftest import ROOT
-from train import common
 from train import convmae as train_convmae
 from train import convvit as train_convvit
 from train import florence2 as train_florence2
+from train import florence2_sources, sam_sources
 from train import sam as train_sam
-from train.florence2_sources import load_data
-from train.sam_data import index_objects, load_records, read_masks
+from train.distributed import Dist
+from train.files import load_checkpoint
+from train.report import Skipped
+from train.sam_data import index_objects, read_masks
 from train.tiny_tokenizer import write_tiny_tokenizer
 
 pa = pytest.importorskip("pyarrow", reason="the parquet readers need pyarrow (pip install 'minivision[data]')")
@@ -169,18 +171,18 @@ def sam_settings(data: str, out: Path, start: Path, **kw) -> train_sam.Settings:
 
 def test_sam_reads_coco_objects_with_overlaps_and_counts_crowd(tmp_path: Path, sam_start: Path) -> None:
     path = write_coco(tmp_path / "coco")
-    skipped = common.Skipped()
-    records = load_records([str(path)], skipped)
+    skipped = Skipped()
+    records = sam_sources.load_data([str(path)], skipped)
     assert len(records) == 4 and skipped["crowd annotation"] == 4
     objects = index_objects(records, 64, skipped)
     assert len(objects) == 12  # 3 objects per image, each its own mask
     ids, masks = read_masks(records[0])
     assert ids == [1, 2, 3] and (masks[0] & masks[1]).any()  # the overlap is in both masks
-    dogs = load_records([str(path)], common.Skipped(), categories=("dog",))
+    dogs = sam_sources.load_data([str(path)], Skipped(), categories=("dog",))
     assert [o.category for o in dogs[0].masks.objects] == ["dog"]
-    r = train_sam.train(sam_settings(str(path), tmp_path / "run", sam_start, stop_after=2), common.Dist())
+    r = train_sam.train(sam_settings(str(path), tmp_path / "run", sam_start, stop_after=2), Dist())
     assert r["stopped"]
-    r = train_sam.train(sam_settings(str(path), tmp_path / "run", sam_start, resume=True), common.Dist())
+    r = train_sam.train(sam_settings(str(path), tmp_path / "run", sam_start, resume=True), Dist())
     assert not r["stopped"] and (tmp_path / "run" / "best.safetensors").is_file()
 
 
@@ -200,18 +202,18 @@ def test_sam_reads_parquet_image_and_mask_columns(tmp_path: Path, sam_start: Pat
     write_parquet(tmp_path / "seg" / "test-00000-of-00001.parquet",
                   {"image": image_cells(images[:2]), "label": image_cells(labels[:2])}, 2)
     write_parquet(tmp_path / "renamed.parquet", {"pic": image_cells(images[:4]), "mask": image_cells(labels[:4])}, 2)
-    skipped = common.Skipped()
-    records = load_records([str(tmp_path / "seg")], skipped)  # the train split of the folder
+    skipped = Skipped()
+    records = sam_sources.load_data([str(tmp_path / "seg")], skipped)  # the train split of the folder
     objects = index_objects(records, 64, skipped)
     assert len(records) == 6 and len(objects) == 10 and skipped["unreadable image"] == 1
     s = sam_settings(str(tmp_path / "seg" / "train-*.parquet"), tmp_path / "run", sam_start, epochs=1,
                      val_data=str(tmp_path / "seg"), val_split="test")
-    assert train_sam.train(s, common.Dist())["step"] == 5  # 10 objects, batch 2; validation: the test split
+    assert train_sam.train(s, Dist())["step"] == 5  # 10 objects, batch 2; validation: the test split
     with pytest.raises(ValueError, match="no column image, label; it has pic, mask"):
-        train_sam.train(sam_settings(str(tmp_path / "renamed.parquet"), tmp_path / "run2", sam_start), common.Dist())
+        train_sam.train(sam_settings(str(tmp_path / "renamed.parquet"), tmp_path / "run2", sam_start), Dist())
     s = sam_settings(str(tmp_path / "renamed.parquet"), tmp_path / "run3", sam_start, epochs=1,
                      columns="image=pic,label=mask")
-    assert train_sam.train(s, common.Dist())["step"] > 0
+    assert train_sam.train(s, Dist())["step"] > 0
 
 
 # ----------------------------------------------------------------------------- Florence-2
@@ -226,22 +228,23 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def florence_settings(data: str, out: Path, tokenizer: Path, **kw) -> train_florence2.Settings:
-    base = dict(data=data, out=str(out), tokenizer=str(tokenizer), model="tiny", image_size=64, epochs=1,
+    base = dict(data=data, out=str(out), tokenizer=str(tokenizer), from_scratch=True, model="tiny", image_size=64,
+                epochs=1,
                 batch_size=2, lr=1e-3, max_new_tokens=4, val_before=False, progress=False)
     return train_florence2.Settings(**{**base, **kw})
 
 
 def test_florence_coco_detection_and_map_on_val(tmp_path: Path, tokenizer_dir: Path) -> None:
     path = write_coco(tmp_path / "coco")
-    skipped = common.Skipped()
-    examples = load_data(str(path), "<DocVQA>", Tokenizer.from_dir(tokenizer_dir), 64, skipped)
+    skipped = Skipped()
+    examples = florence2_sources.load_data(str(path), "<DocVQA>", Tokenizer.from_dir(tokenizer_dir), 64, skipped)
     assert len(examples) == 4 and skipped["crowd annotation"] == 4
     assert examples[0].labels == ("cat", "dog", "cat") and examples[0].boxes[0] == (4.0, 4.0, 24.0, 24.0)
     assert examples[0].answers[0].startswith("cat<loc_")
     s = florence_settings(str(path), tmp_path / "run", tokenizer_dir, val_data=str(path), epochs=2, stop_after=1)
-    assert train_florence2.train(s, common.Dist())["stopped"]
+    assert train_florence2.train(s, Dist())["stopped"]
     s = florence_settings(str(path), tmp_path / "run", tokenizer_dir, val_data=str(path), epochs=2, resume=True)
-    r = train_florence2.train(s, common.Dist())
+    r = train_florence2.train(s, Dist())
     assert not r["stopped"] and "map50" in r["best"] and len(r["history"]["map50"]) == 2  # mAP on the COCO val
 
 
@@ -256,14 +259,14 @@ def test_florence_parquet_docvqa_and_prefix_suffix(tmp_path: Path, tokenizer_dir
     write_parquet(tmp_path / "generic.parquet", {"image": images, "prefix": ["<CAPTION>"] * 6,
                                                  "suffix": ["a caption"] * 6}, 3)
     s = florence_settings(str(tmp_path / "docvqa"), tmp_path / "run", tokenizer_dir, val_data=str(tmp_path / "docvqa"))
-    r = train_florence2.train(s, common.Dist())
+    r = train_florence2.train(s, Dist())
     assert r["skipped"] == {"unreadable image": 2, "missing field": 2}  # train and val read the same rows
     assert r["step"] == 2  # 4 usable rows, batch 2
     s = florence_settings(str(tmp_path / "generic.parquet"), tmp_path / "run2", tokenizer_dir)
-    assert train_florence2.train(s, common.Dist())["step"] > 0
+    assert train_florence2.train(s, Dist())["step"] > 0
     s = florence_settings(str(tmp_path / "generic.parquet"), tmp_path / "run3", tokenizer_dir, columns="prefix=p")
     with pytest.raises(ValueError, match="neither the columns question \\+ answers"):
-        train_florence2.train(s, common.Dist())
+        train_florence2.train(s, Dist())
 
 
 # ----------------------------------------------------------------------------- ConvMAE / ConvViT
@@ -295,22 +298,22 @@ def mae_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_convmae_pretrains_on_parquet(tmp_path: Path, mae_files: dict) -> None:
     s = train_convmae.Settings(data=str(mae_files["data"]), val_data=str(mae_files["data"]), val_split="validation",
-                               out=str(tmp_path / "run"), model=str(mae_files["config"]), epochs=1, batch_size=4,
-                               eval_images=2, progress=False)
-    assert train_convmae.train(s, common.Dist())["step"] > 0
+                               out=str(tmp_path / "run"), from_scratch=True, model=str(mae_files["config"]), epochs=1,
+                               batch_size=4, eval_images=2, progress=False)
+    assert train_convmae.train(s, Dist())["step"] > 0
 
 
 def test_convvit_reads_class_names_from_the_metadata(tmp_path: Path, mae_files: dict) -> None:
     s = train_convvit.Settings(data=str(mae_files["data"]), val_data=str(mae_files["data"]), val_split="validation",
                                out=str(tmp_path / "run"), checkpoint=str(mae_files["mae"]), epochs=2, batch_size=3,
                                stop_after=2, val_before=False, progress=False)
-    assert train_convvit.train(s, common.Dist())["stopped"]
+    assert train_convvit.train(s, Dist())["stopped"]
     s = train_convvit.Settings(**{**s.__dict__, "stop_after": 0, "resume": True})
-    r = train_convvit.train(s, common.Dist())
+    r = train_convvit.train(s, Dist())
     assert not r["stopped"] and r["step"] == 8  # 12 rows, batch 3, 2 epochs
     whole = train_convvit.Settings(**{**s.__dict__, "resume": False, "out": str(tmp_path / "whole")})
-    train_convvit.train(whole, common.Dist())
-    resumed, uninterrupted = (common.load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("run", "whole"))
+    train_convvit.train(whole, Dist())
+    resumed, uninterrupted = (load_checkpoint(tmp_path / name / "last.pt")["model"] for name in ("run", "whole"))
     for name, tensor in uninterrupted.items():  # the grouped shuffle is the same after a resume
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
     settings = json.loads((tmp_path / "run" / "settings.json").read_text())
@@ -322,20 +325,21 @@ def test_scripts_say_what_they_read(tmp_path: Path, mae_files: dict) -> None:
     s = train_convvit.Settings(data=str(coco_json), out=str(tmp_path / "run"), checkpoint=str(mae_files["mae"]),
                                progress=False)
     with pytest.raises(ValueError, match="a COCO JSON, which classification does not read; it reads folders"):
-        train_convvit.train(s, common.Dist())
-    s = train_convmae.Settings(data=str(coco_json), out=str(tmp_path / "run2"), model=str(mae_files["config"]),
-                               progress=False)
+        train_convvit.train(s, Dist())
+    s = train_convmae.Settings(data=str(coco_json), out=str(tmp_path / "run2"), from_scratch=True,
+                               model=str(mae_files["config"]), progress=False)
     with pytest.raises(ValueError, match="a COCO JSON, which pretraining does not read"):
-        train_convmae.train(s, common.Dist())
+        train_convmae.train(s, Dist())
 
 
 # ----------------------------------------------------------------------------- memory and torchrun
 
 MEMORY_SCRIPT = """
 import sys
-from train import common
 from minivision.parquet import ParquetSource
+from train.distributed import Dist, epoch_loader
 from train.image_folder import ImageFolderDataset, pretraining_items
+from train.report import Skipped
 
 def status(key):  # kB -> MB, from /proc/self/status
     for line in open("/proc/self/status"):
@@ -347,9 +351,9 @@ def status(key):  # kB -> MB, from /proc/self/status
 ParquetSource(sys.argv[1], ["image"]).row(0)
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
 before = status("VmRSS")
-items, _ = pretraining_items([sys.argv[1]], "", "", common.Skipped(), 0)  # the check pass: every row decoded
+items, _ = pretraining_items([sys.argv[1]], "", "", Skipped(), 0)  # the check pass: every row decoded
 dataset = ImageFolderDataset(items, 32, train=True)
-n = sum(len(batch["image"]) for batch in common.epoch_loader(dataset, 0, 0, 8, 1, common.Dist()))  # one epoch
+n = sum(len(batch["image"]) for batch in epoch_loader(dataset, 0, 0, 8, 1, Dist()))  # one epoch
 print(n, before, status("VmHWM"))
 """
 
@@ -378,20 +382,21 @@ def test_parquet_reading_keeps_memory_bounded(tmp_path: Path) -> None:
 TORCHRUN_SCRIPT = """
 import json, sys
 import torch
-from train import common, image_folder
+from train import distributed, image_folder
 from train.image_folder import ImageFolderDataset, classification_classes, classification_items
+from train.report import Skipped
 checked = []  # the rows whose image this rank decodes in the check pass
 decode = image_folder.check_cell_image
 image_folder.check_cell_image = lambda source, row, cell: (checked.append(row), decode(source, row, cell))[1]
-d = common.setup_distributed("cpu")
-skipped = common.Skipped()
+d = distributed.setup_distributed("cpu")
+skipped = Skipped()
 classes = classification_classes([sys.argv[1]], "", "")
 items = classification_items([sys.argv[1]], "", "", skipped, 0, classes)
 dataset = ImageFolderDataset(items, 32, train=True)
-rows = [items[i].path.row for batch in common.epoch_loader(dataset, 0, 0, 2, 1, d).batch_sampler for i in batch]
+rows = [items[i].path.row for batch in distributed.epoch_loader(dataset, 0, 0, 2, 1, d).batch_sampler for i in batch]
 with open(f"{sys.argv[2]}/rank{d.rank}.json", "w") as f:
     json.dump({"rows": rows, "checked": checked, "items": len(items)}, f)
-common.teardown_distributed()
+distributed.teardown_distributed()
 """
 
 

@@ -18,10 +18,10 @@ Image paths are relative to the JSONL file's folder (or absolute). COCO instance
 datasets are read by `train.florence2_sources` into the same `Example`s.
 
 Bad lines never crash a run: every line and its image are checked before training (the image
-decoded once, `train.common.check_image`), and a line that is not UTF-8 text or not JSON, a missing
+decoded once, `train.report.check_image`), and a line that is not UTF-8 text or not JSON, a missing
 or non-text field, an empty answer, an image that is missing or does not decode (truncated,
 not an image), or an answer longer than `max_answer_tokens` is skipped and counted in a
-`train.common.Skipped`; a file with no usable line is refused with the counts, as is a --data
+`train.report.Skipped`; a file with no usable line is refused with the counts, as is a --data
 that is not a file.
 
 Batches follow BART's teacher forcing: `labels` = `<s> answer </s>` right-padded with `<pad>`;
@@ -40,9 +40,9 @@ import torch
 from miniflorence.processor import TASK_PROMPTS, preprocess_image, task_prompt
 from miniflorence.tokenizer import Tokenizer
 from minivision.parquet import ParquetCell
-from train.common import Skipped, check_image
 from train.detection import od_target, parse_detection_record
 from train.parquet_data import open_image, read_groups
+from train.report import Skipped, check_image
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ class DocDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def read_groups(self) -> list[int] | None:
-        """Parquet: each example's row group (`train.common.epoch_loader` keeps them together)."""
+        """Parquet: each example's row group (`train.distributed.epoch_loader` keeps them together)."""
         return read_groups([ex.image for ex in self.examples])
 
     def __getitem__(self, index: int) -> dict:

@@ -9,7 +9,7 @@
   question, answers (a list; the first is the target, all count in the evaluation; a plain string
   works too), or the generic image, prefix, suffix form of the fine-tuning tutorials; the form is
   chosen by which columns exist; `columns` renames them (e.g. "answers=answer").
-Bad rows and images are skipped and counted in a `train.common.Skipped`, like bad JSONL lines.
+Bad rows and images are skipped and counted in a `train.report.Skipped`, like bad JSONL lines.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import numpy as np
 from miniflorence.tokenizer import Tokenizer
 from minivision.coco import is_coco_json, read_instances
 from minivision.parquet import ParquetCell, ParquetSource, column_names, is_parquet_source
-from train.common import Skipped, check_image
 from train.detection import check_label, od_target
 from train.florence2_data import Example, load_examples, prompt_text
 from train.parquet_data import check_cell_image, missing, parse_columns, scan_rows
+from train.report import Skipped, check_image
 
 FLORENCE_COLUMNS = {"image": "image", "question": "question", "answers": "answers", "prefix": "prefix",
                     "suffix": "suffix"}

@@ -15,7 +15,7 @@ folder (`pretraining_items`, `classification_classes`, `classification_items`).
 
 Bad input never crashes a run: every image is decoded once before training (`check_image`), and
 a file that does not decode (not an image, zero bytes, truncated) or an image smaller than
-`min_side` pixels on its shorter side is skipped and counted in a `train.common.Skipped`; a folder
+`min_side` pixels on its shorter side is skipped and counted in a `train.report.Skipped`; a folder
 with no usable image is refused with the counts.
 
 The transforms are torchvision's, written out (Alpha-VL/ConvMAE `main_pretrain.py` and
@@ -39,7 +39,6 @@ import torch
 from PIL import Image
 
 from minivision.parquet import ParquetCell, ParquetSource, is_parquet_source
-from train.common import IMAGE_SUFFIXES, Skipped, check_image
 from train.parquet_data import (
     check_cell_image,
     missing,
@@ -49,6 +48,7 @@ from train.parquet_data import (
     refuse,
     scan_rows,
 )
+from train.report import IMAGE_SUFFIXES, Skipped, check_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -342,7 +342,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def read_groups(self) -> list[int] | None:
-        """Parquet: each image's row group (`train.common.epoch_loader` keeps them together)."""
+        """Parquet: each image's row group (`train.distributed.epoch_loader` keeps them together)."""
         return read_groups([item.path for item in self.items])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

@@ -5,11 +5,11 @@
   of a path), opened with PIL.
 - `scan_rows`: the one pass over a parquet source before training (as the folder readers decode
   every file once): each row is checked by the script's `check` and a bad row (missing field,
-  undecodable image) is skipped and counted in a `train.common.Skipped`, like a bad file. The pass
+  undecodable image) is skipped and counted in a `train.report.Skipped`, like a bad file. The pass
   streams row group by row group, so its memory is bounded too; under torchrun each rank checks
   its own rows.
 - `read_groups`: which row group each sample is read from; a dataset that has `read_groups()` is
-  shuffled by `train.common.epoch_loader` with `minivision.parquet.grouped_order` (shuffled row
+  shuffled by `train.distributed.epoch_loader` with `minivision.parquet.grouped_order` (shuffled row
   groups, each one's rows shuffled), so an epoch reads each row group once, not once per row.
 - `refuse`: one line for a parquet file or COCO JSON given to a script that cannot read it.
 """
@@ -26,7 +26,7 @@ from PIL import Image
 
 from minivision.coco import is_coco_json
 from minivision.parquet import ParquetCell, ParquetSource, image_bytes, is_parquet_source
-from train.common import Skipped, check_image
+from train.report import Skipped, check_image
 
 T = TypeVar("T")
 
@@ -94,7 +94,8 @@ def row_group(ref: Any) -> int | None:
 
 
 def read_groups(refs: list[Any]) -> list[int] | None:
-    """Each sample's row group, for `train.common.epoch_loader`'s grouped shuffle; None unless all come from parquet."""
+    """Each sample's row group, for the grouped shuffle of `train.distributed.epoch_loader`; None unless all
+    come from parquet."""
     groups = [row_group(ref) for ref in refs]
     return None if not groups or any(g is None for g in groups) else groups  # type: ignore[return-value]
 

@@ -1,12 +1,11 @@
 """Segmentation data for SAM fine-tuning (`train.sam`): images + instance masks -> (image, one mask, one prompt).
 
-Four layouts are read (anything else given as a source is refused with one line saying these):
+Four layouts are read (anything else given as a source is refused with one line saying these);
+`train.sam_sources` lists the records of the first two, `load_records` those of the others:
 - a COCO instances JSON (`minivision.coco`): one sample per object with its own mask (polygons,
-  RLE; overlapping objects keep their own masks), crowd annotations skipped and counted, images
-  under `images` (default: beside the JSON), optionally only some `categories`;
+  RLE; overlapping objects keep their own masks, `CocoMasks`), crowd annotations skipped;
 - a parquet dataset (`minivision.parquet`: a file, glob or dataset folder) with an image column and
-  a label column holding a mask image (binary or instance ids, as below), as in the public SAM
-  fine-tuning tutorials; the columns' names are `columns`' image= and label=;
+  a label column holding a mask image (binary or instance ids, as below), read from its cells;
 - a folder with `images/NAME.{jpg,jpeg,png,bmp,tif,tiff}` and `masks/NAME.png`, the mask either
   binary (one object) or instance ids (0 background, 1..K objects; 8-bit, 16-bit or palette;
   in 8-bit maps 255 beside other ids is VOC's "void" label and ignored);
@@ -18,7 +17,7 @@ several prompts per image, every image with K prompts on its objects (`ImageProm
 input never crashes a run: a missing mask, a mask whose size differs from its image, a mask that is
 neither binary nor instance ids (soft or JPEG-compressed masks, colour masks), an unreadable image,
 or an object that is empty in the model's input frame is skipped and counted in a
-`train.common.Skipped`; a dataset with no sample left is refused with the counts. Images are resized
+`train.report.Skipped`; a dataset with no sample left is refused with the counts. Images are resized
 like SAM's `ResizeLongestSide` (longest side to `image_size`, PIL bilinear) and masks the same way
 (thresholded at 0.5), then zero-padded to a square at the bottom/right.
 
@@ -39,11 +38,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from minisam.image_io import ImageReadError, read_image
-from minivision.coco import CocoObject, check_segmentation, is_coco_json, read_instances
-from minivision.parquet import ParquetCell, ParquetSource, is_parquet_source
-from train.common import IMAGE_SUFFIXES, Skipped
-from train.parquet_data import open_image, parse_columns, read_groups
+from minivision.coco import CocoObject
+from minivision.parquet import ParquetCell
+from train.parquet_data import open_image, read_groups
 from train.prompts import make_prompt
+from train.report import IMAGE_SUFFIXES, Skipped
 
 VOID_ID = 255  # VOC's "void" boundary label in 8-bit id maps: ignored, never an object
 
@@ -149,7 +148,6 @@ def read_masks(record: ImageRecord) -> tuple[list[int], np.ndarray]:
 
 LAYOUTS = ("a folder with images/ + masks/ (NAME.png per image), an .npz with rgb + masks, a COCO instances "
            "JSON, or parquet (a file, glob or dataset folder with image + label (mask image) columns)")
-SAM_COLUMNS = {"image": "image", "label": "label"}  # parquet roles -> default column names
 
 
 def folder_records(root: str | Path, skipped: Skipped) -> list[ImageRecord]:
@@ -172,48 +170,11 @@ def folder_records(root: str | Path, skipped: Skipped) -> list[ImageRecord]:
     return records
 
 
-def coco_records(path: str, skipped: Skipped, images: str = "", categories: tuple[str, ...] = ()) -> list[ImageRecord]:
-    """The images of a COCO instances JSON with their non-crowd objects; malformed annotations are skipped."""
-    data = read_instances(path, images or None, categories)
-    for reason, example in data.skipped:
-        skipped.add(reason, example)
-    records = []
-    for im in data.images:
-        if im.width <= 0 or im.height <= 0:  # the segmentations' frame
-            skipped.add("image without width and height", im.path)
-            continue
-        objects = []
-        for obj in im.objects:
-            try:
-                check_segmentation(obj.segmentation, im.height, im.width)
-                objects.append(obj)
-            except ValueError as e:
-                skipped.add("bad segmentation", f"annotation {obj.id} ({e})")
-        if not Path(im.path).is_file():
-            skipped.add("image file missing (is --images right?)", im.path)
-            continue
-        records.append(ImageRecord(Path(im.path).stem, im.path, CocoMasks(tuple(objects), im.height, im.width)))
-    return records
-
-
-def parquet_records(source: str, split: str, columns: str) -> list[ImageRecord]:
-    """One record per row of a parquet source (its image and mask are checked by `index_objects`)."""
-    roles = parse_columns(columns, SAM_COLUMNS)
-    data = ParquetSource(source, [roles["image"], roles["label"]], split)
-    return [ImageRecord(f"row-{i}", ParquetCell(data, i, roles["image"]), ParquetCell(data, i, roles["label"]))
-            for i in range(data.num_rows)]
-
-
-def load_records(sources: list[str], skipped: Skipped, images: str = "", categories: tuple[str, ...] = (),
-                 split: str = "", columns: str = "") -> list[ImageRecord]:
-    """Folders, .npz files, COCO JSONs and parquet sources, in the order given."""
+def load_records(sources: list[str], skipped: Skipped) -> list[ImageRecord]:
+    """Folders and .npz files, in the order given (COCO JSONs and parquet: `train.sam_sources.load_data`)."""
     records: list[ImageRecord] = []
     for source in sources:
-        if is_coco_json(source):
-            records.extend(coco_records(source, skipped, images, categories))
-        elif is_parquet_source(source):
-            records.extend(parquet_records(source, split, columns))
-        elif source.endswith(".npz"):
+        if source.endswith(".npz"):
             if not Path(source).is_file():
                 raise FileNotFoundError(f"{source}: no such file (expected {LAYOUTS})")
             records.append(ImageRecord(Path(source).stem, source, source))
@@ -346,7 +307,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         return len(self.objects)
 
     def read_groups(self) -> list[int] | None:
-        """Parquet: each sample's row group (`train.common.epoch_loader` keeps them together)."""
+        """Parquet: each sample's row group (`train.distributed.epoch_loader` keeps them together)."""
         return read_groups([self.records[r].image for r, _, _ in self.objects])
 
     def load_image(self, record_index: int) -> torch.Tensor:
