@@ -422,7 +422,7 @@ $("run").addEventListener("click", async () => {
     const answer = await api("POST", "/api/florence/run", JSON.stringify({image: state.imageId, task, text}));
     const value = answer.result[answer.task];
     state.drawn = shapesOf(value);
-    $("answer").textContent = typeof value === "string" ? value : JSON.stringify(value, null, 1);
+    $("answer").textContent = typeof value === "string" ? value : formatAnswer(value);
     say(`${task}: ${(answer.ms / 1000).toFixed(1)} s`);
   } catch (e) {
     say(e.message, "error");
@@ -431,6 +431,13 @@ $("run").addEventListener("click", async () => {
   progress(null);
   redraw();
 });
+
+// A post-processed dict, one line per list item: {"bboxes": [[...], ...], "labels": [...]}.
+function formatAnswer(value) {
+  return Object.entries(value).map(([key, items]) => Array.isArray(items)
+    ? `${key}:\n` + items.map((item, i) => `  ${i}: ${JSON.stringify(item)}`).join("\n")
+    : `${key}: ${JSON.stringify(items)}`).join("\n");
+}
 
 // The shapes of a post-processed answer, as `miniflorence.__main__.draw_results` draws them.
 function shapesOf(value) {
