@@ -33,7 +33,7 @@ PHOTO = STATIC_DIR / "photos" / "truck.jpg"
 
 if not Path(CHROMIUM).exists():
     pytest.skip("no chromium: apt-get install -y chromium (as .ci/run does)", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a test dependency: pip install -e '.[test]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="no playwright: pip install -e '.[test]'")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,14 @@ def browser():
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield browser
         browser.close()
+
+
+def new_page(browser, errors: list[str]):
+    """A page whose JavaScript errors (uncaught exceptions, console.error) are collected in `errors`."""
+    page = browser.new_page(viewport={"width": 1200, "height": 700})
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" and "favicon" not in m.text else None)
+    return page
 
 
 @pytest.fixture()
@@ -82,8 +90,9 @@ def test_sam_page(browser, artifacts: Path, tmp_path: Path) -> None:
     predictor = minisam.SamPredictor(model)
     predictor.set_image(minisam.image_io.read_image(PHOTO))
     app = sam_app.build_app(model, points_per_side=4, name="tiny seeded SAM (test)")
+    errors: list[str] = []
     with serving(app) as base:
-        page = browser.new_page(viewport={"width": 1200, "height": 700})
+        page = new_page(browser, errors)
         page.goto(base)
         page.wait_for_selector("#sam-panel:not([hidden])")
         page.click("#canvas")  # before any image: a message, no request
@@ -169,6 +178,8 @@ def test_sam_page(browser, artifacts: Path, tmp_path: Path) -> None:
         page.wait_for_function("() => document.querySelector('#message').className === 'error'")
         assert "re-open the image" in page.inner_text("#message")
         page.screenshot(path=artifacts / "sam_5_restart_message.png")
+    # the refused requests log "Failed to load resource" (the HTTP status); nothing else may fail
+    assert not [e for e in errors if "Failed to load resource" not in e], errors
 
 
 def boxy_florence(path: Path) -> None:
@@ -196,8 +207,9 @@ def test_florence_page_draws_the_command_lines_boxes(browser, artifacts: Path, t
     model = load_florence2(checkpoint)
     app = florence_app.build_app(model, Tokenizer.from_dir(tokenizer_dir), name="tiny seeded Florence-2 (test)",
                                  max_new_tokens=30)
+    errors: list[str] = []
     with serving(app) as base:
-        page = browser.new_page(viewport={"width": 1200, "height": 700})
+        page = new_page(browser, errors)
         page.goto(base)
         page.wait_for_selector("#florence-panel:not([hidden])")
         options = page.eval_on_selector_all("#task option", "os => os.map(o => o.value)")
@@ -216,3 +228,4 @@ def test_florence_page_draws_the_command_lines_boxes(browser, artifacts: Path, t
         page.click("#run")
         page.wait_for_function("() => document.querySelector('#message').className === 'error'")
         assert "needs a text input" in page.inner_text("#message")
+    assert not [e for e in errors if "Failed to load resource" not in e], errors

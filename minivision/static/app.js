@@ -1,6 +1,7 @@
 // The page of `python -m minisam.app` and `python -m miniflorence.app`: plain JavaScript, no build
 // step, nothing fetched from anywhere but this server. The server says which model family it has
-// (GET /api/info) and the page shows that family's panel.
+// (GET /api/info) and the page shows that family's panel. app.js: what both panels share (opening an
+// image, requests and messages, drawing); sam.js and florence.js: each panel's own controls.
 //
 // Coordinates: the canvas holds the image at its own size (W x H pixels); the browser scales it to fit,
 // so a mouse position is mapped back to image pixels with the canvas's displayed size. Prompts and
@@ -29,6 +30,7 @@ const state = {
   lastDecoderMs: null,
 };
 window.mv = state;
+let drag = null;  // SAM: the mouse drag under way, {x0, y0, x1, y1, moved, negative}
 
 // ---- messages and requests ----------------------------------------------------------------------
 
@@ -226,260 +228,9 @@ function decodeRle(rle) {
   return mask;
 }
 
-// ---- SAM: prompts from the mouse ----------------------------------------------------------------
-
-let drag = null;  // {x0, y0, x1, y1, moved, negative}
-
-function toImage(e) {
-  const rect = canvas.getBoundingClientRect();
-  return [(e.clientX - rect.left) * canvas.width / rect.width, (e.clientY - rect.top) * canvas.height / rect.height];
-}
-
-function inside([x, y]) {
-  return x >= 0 && y >= 0 && x <= state.width && y <= state.height;
-}
-
-function dragBox(d) {
-  return [Math.min(d.x0, d.x1), Math.min(d.y0, d.y1), Math.max(d.x0, d.x1), Math.max(d.y0, d.y1)];
-}
-
-canvas.addEventListener("contextmenu", (e) => e.preventDefault());
-canvas.addEventListener("mousedown", (e) => {
-  if (!state.info || state.info.family !== "sam") return;
-  e.preventDefault();
-  if (!state.imageId) { say("open an image first", "error"); return; }
-  if (!state.ready) { say("the image is still being encoded: wait for it to finish, then click", "error"); return; }
-  const [x, y] = toImage(e);
-  drag = {x0: x, y0: y, x1: x, y1: y, moved: false, negative: e.button === 2 || e.shiftKey};
-});
-window.addEventListener("mousemove", (e) => {
-  if (!drag) return;
-  [drag.x1, drag.y1] = toImage(e);
-  const scale = canvas.getBoundingClientRect().width / canvas.width;
-  if (Math.hypot(drag.x1 - drag.x0, drag.y1 - drag.y0) * scale > 5) drag.moved = true;
-  if (drag.moved) redraw();
-});
-window.addEventListener("mouseup", (e) => {
-  if (!drag) return;
-  const d = drag;
-  drag = null;
-  [d.x1, d.y1] = toImage(e);
-  if (!inside([d.x1, d.y1])) {
-    say("that was outside the image: click or drag on the picture", "error");
-    redraw();
-    return;
-  }
-  if (d.moved) {
-    state.history.push({box: state.box});
-    state.box = dragBox(d).map((v) => Math.round(v));
-  } else {
-    state.history.push("point");
-    state.points.push([Math.floor(d.x0), Math.floor(d.y0), d.negative ? 0 : 1]);
-  }
-  segment();
-});
-
-async function segment() {
-  state.everything = null;
-  if (!state.points.length && !state.box) {
-    state.candidates = null;
-    updateCandidates();
-    redraw();
-    return;
-  }
-  if (state.busy) { say("still working on the last prompt…", "info"); }
-  state.busy = true;
-  redraw();
-  try {
-    const answer = await api("POST", "/api/sam/predict",
-                             JSON.stringify({image: state.imageId, points: state.points, box: state.box}));
-    state.candidates = {masks: answer.masks.map(decodeRle), scores: answer.scores, coco: answer.coco};
-    state.selected = answer.scores.indexOf(Math.max(...answer.scores));
-    state.lastDecoderMs = answer.decoder_ms;
-    $("latency").textContent = `decoder: ${answer.decoder_ms} ms`;
-    say("");
-  } catch (e) {
-    say(e.message, "error");
-    undo(false);  // the prompt that failed is not kept
-  } finally {
-    state.busy = false;
-  }
-  updateCandidates();
-  redraw();
-}
-
-function updateCandidates() {
-  const box = $("candidates");
-  box.textContent = "";
-  const c = state.candidates;
-  $("download-png").disabled = $("download-rle").disabled = !c;
-  if (!c) return;
-  c.scores.forEach((score, i) => {
-    const button = document.createElement("button");
-    button.textContent = `${i + 1}: ${score.toFixed(3)}`;
-    button.className = i === state.selected ? "selected" : "";
-    button.addEventListener("click", () => { state.selected = i; updateCandidates(); redraw(); });
-    box.appendChild(button);
-  });
-}
-
-function undo(again = true) {
-  const last = state.history.pop();
-  if (last === "point") state.points.pop(); else if (last) state.box = last.box;
-  if (again) segment();
-}
-
-$("undo").addEventListener("click", () => undo());
-$("clear").addEventListener("click", () => {
-  Object.assign(state, {points: [], box: null, history: [], candidates: null, everything: null});
-  updateCandidates();
-  redraw();
-});
-
-$("everything").addEventListener("click", async () => {
-  if (!state.ready) { say(state.imageId ? "the image is still being encoded" : "open an image first", "error"); return; }
-  progress("segmenting everything…");
-  try {
-    const answer = await api("POST", "/api/sam/everything", JSON.stringify({image: state.imageId}));
-    // distinct colours: hues spaced by the golden angle
-    state.everything = answer.masks.map((m, i) => ({mask: decodeRle(m.rle), colour: hsv(i * 0.618034 % 1, 0.85, 1)}));
-    state.candidates = null;
-    updateCandidates();
-    say(`${answer.masks.length} masks in ${(answer.ms / 1000).toFixed(1)} s`);
-  } catch (e) {
-    say(e.message, "error");
-  }
-  progress(null);
-  redraw();
-});
-
-function hsv(h, s, v) {
-  const f = (n) => { const k = (n + h * 6) % 6; return Math.round(255 * (v - v * s * Math.max(0, Math.min(k, 4 - k, 1)))); };
-  return [f(5), f(3), f(1)];
-}
-
-function download(blob, name) {
-  const a = document.createElement("a");
-  a.href = URL.createObjectURL(blob);
-  a.download = name;
-  a.click();
-  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
-}
-
-$("download-png").addEventListener("click", () => {
-  const mask = state.candidates.masks[state.selected];
-  const out = document.createElement("canvas");
-  out.width = state.width;
-  out.height = state.height;
-  const c = out.getContext("2d");
-  const pixels = c.createImageData(state.width, state.height);
-  for (let i = 0; i < mask.length; i++) {
-    const v = mask[i] ? 255 : 0;
-    pixels.data.set([v, v, v, 255], 4 * i);
-  }
-  c.putImageData(pixels, 0, 0);
-  out.toBlob((blob) => download(blob, "mask.png"), "image/png");
-});
-
-$("download-rle").addEventListener("click", () => {
-  const c = state.candidates;
-  const record = {segmentation: c.coco[state.selected], predicted_iou: c.scores[state.selected],
-                  point_coords: state.points, box: state.box};
-  download(new Blob([JSON.stringify(record)], {type: "application/json"}), "mask.json");
-});
-
-// ---- Florence-2 ---------------------------------------------------------------------------------
-
-const CUSTOM = "custom…";
-
-function setUpTasks(tasks) {
-  const select = $("task");
-  for (const t of [...tasks.map((t) => t.task), CUSTOM]) {
-    const option = document.createElement("option");
-    option.value = option.textContent = t;
-    select.appendChild(option);
-  }
-  const takesText = Object.fromEntries(tasks.map((t) => [t.task, t.takes_text]));
-  const update = () => {
-    const custom = select.value === CUSTOM;
-    $("custom-task").hidden = !custom;
-    $("task-text").disabled = !(custom || takesText[select.value]);
-    if ($("task-text").disabled) $("task-text").value = "";
-  };
-  select.addEventListener("change", update);
-  select.value = "<OD>";
-  update();
-}
-
-$("run").addEventListener("click", async () => {
-  if (!state.imageId) { say("open an image first", "error"); return; }
-  if (state.busy) { say("wait for the current request to finish", "error"); return; }
-  const task = $("task").value === CUSTOM ? $("custom-task").value.trim() : $("task").value;
-  const text = $("task-text").disabled ? null : $("task-text").value;
-  state.busy = true;
-  progress(`running ${task}…`);
-  try {
-    const answer = await api("POST", "/api/florence/run", JSON.stringify({image: state.imageId, task, text}));
-    const value = answer.result[answer.task];
-    state.drawn = shapesOf(value);
-    $("answer").textContent = typeof value === "string" ? value : formatAnswer(value);
-    say(`${task}: ${(answer.ms / 1000).toFixed(1)} s`);
-  } catch (e) {
-    say(e.message, "error");
-  }
-  state.busy = false;
-  progress(null);
-  redraw();
-});
-
-// A post-processed dict, one line per list item: {"bboxes": [[...], ...], "labels": [...]}.
-function formatAnswer(value) {
-  return Object.entries(value).map(([key, items]) => Array.isArray(items)
-    ? `${key}:\n` + items.map((item, i) => `  ${i}: ${JSON.stringify(item)}`).join("\n")
-    : `${key}: ${JSON.stringify(items)}`).join("\n");
-}
-
-// The shapes of a post-processed answer, as `miniflorence.__main__.draw_results` draws them.
-function shapesOf(value) {
-  const drawn = {boxes: [], quads: [], polygons: []};
-  if (typeof value !== "object" || value === null) return drawn;
-  const boxLabels = value.labels || value.bboxes_labels || [];
-  (value.bboxes || []).forEach((b, i) => drawn.boxes.push([...b, boxLabels[i] || ""]));
-  (value.quad_boxes || []).forEach((q, i) => drawn.quads.push([...q, (value.labels || [])[i] || ""]));
-  const polyLabels = value.labels || value.polygons_labels || [];
-  (value.polygons || []).forEach((polys, i) => polys.forEach((flat) => drawn.polygons.push([flat, polyLabels[i] || ""])));
-  return drawn;
-}
-
-function drawFlorence(drawn) {
-  ctx.lineWidth = Math.max(2, Math.max(canvas.width, canvas.height) / 400);
-  drawn.boxes.forEach(([x0, y0, x1, y1, text], i) => {
-    strokeBox([x0, y0, x1, y1], COLOURS[i % COLOURS.length]);
-    label(text, Math.min(x0, x1), Math.min(y0, y1), COLOURS[i % COLOURS.length]);
-  });
-  drawn.quads.forEach((q, i) => {
-    path(q.slice(0, 8), COLOURS[i % COLOURS.length]);
-    label(q[8], q[0], q[1], COLOURS[i % COLOURS.length]);
-  });
-  drawn.polygons.forEach(([flat, text], i) => {
-    path(flat, COLOURS[i % COLOURS.length]);
-    label(text, flat[0], flat[1], COLOURS[i % COLOURS.length]);
-  });
-}
-
-function path(flat, colour) {
-  if (flat.length < 4) return;
-  ctx.beginPath();
-  ctx.moveTo(flat[0], flat[1]);
-  for (let k = 2; k + 1 < flat.length; k += 2) ctx.lineTo(flat[k], flat[k + 1]);
-  ctx.closePath();
-  ctx.strokeStyle = colour;
-  ctx.stroke();
-}
-
 // ---- start --------------------------------------------------------------------------------------
 
-(async () => {
+window.addEventListener("load", async () => {  // after sam.js and florence.js
   try {
     state.info = await api("GET", "/api/info");
   } catch (e) {
@@ -495,4 +246,4 @@ function path(flat, colour) {
   if (!sam) setUpTasks(state.info.tasks);
   addPhotoButtons(state.info.photos || []);
   say("open an image to start");
-})();
+});
