@@ -8,8 +8,9 @@ module does everything else, with the rules every endpoint shares:
 - It serves only its own files: the static page files are listed once at start-up and looked up
   by exact URL, so no URL (`/../`, `%2e%2e`, absolute paths, symlinks added later) reaches any
   other file.
-- Uploads are capped (`max_upload` bytes, from Content-Length, before anything is read), and a
-  request without a Content-Length or with a body on GET is refused.
+- Uploads are capped (`max_upload` bytes, from Content-Length, before anything is parsed; an
+  oversized body is read away unparsed so the client can read the refusal), and a POST without a
+  Content-Length is refused. The page checks the size itself before uploading.
 - Every error is one line of JSON, `{"error": "..."}`, with a fitting HTTP status; an unexpected
   exception is logged on the server's stderr (with its traceback, for the developer) and the browser
   gets one line naming it, never the traceback. The server keeps running after any request.
@@ -39,6 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 STATIC_DIR = Path(__file__).resolve().parent / "static"  # the page: index.html, app.js, app.css, demo photos
 MAX_UPLOAD = 32 * 1024 * 1024  # bytes of one request body
 MAX_PIXELS = 40_000_000  # pixels of one uploaded image (width x height)
+DRAIN_LIMIT = 256 * 1024 * 1024  # an oversized body up to this is read and dropped (the client sees the 413)
 
 
 class HttpError(Exception):
@@ -170,7 +172,7 @@ class App:
                        for p in sorted(static_dir.rglob("*")) if p.is_file()}
         self.static["/"] = (static_dir / "index.html").resolve()
         photos = [url for url in self.static if url.startswith("/static/photos/") and url.endswith(".jpg")]
-        info = {**info, "photos": photos}  # the page's "try a photo" buttons
+        info = {**info, "photos": photos, "max_upload": max_upload}  # the page's photo buttons, its size check
         self.routes: dict[tuple[str, str], Handler] = {("GET", "/api/info"): lambda request: json_response(info)}
 
     def route(self, method: str, path: str, handler: Handler) -> None:
@@ -198,6 +200,15 @@ class App:
                                        "details")
 
 
+def drain(stream: io.BufferedIOBase, length: int) -> None:
+    """Read and drop `length` bytes (1 MiB at a time), or until the client stops sending."""
+    while length > 0:
+        chunk = stream.read(min(2**20, length))
+        if not chunk:
+            return
+        length -= len(chunk)
+
+
 def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
     class RequestHandler(BaseHTTPRequestHandler):
         server_version = "minivision"
@@ -223,7 +234,9 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
             if length < 0 or length > app.max_upload:
                 message = (f"the upload is {length / 2**20:.1f} MiB; this server takes at most "
                            f"{app.max_upload / 2**20:.1f} MiB (--max-upload-mb)")
-                return self.send(error_response(413, message), close=True)  # the body is never read
+                if length <= DRAIN_LIMIT:  # read it away, so that the client gets to read the answer
+                    drain(self.rfile, length)
+                return self.send(error_response(413, message), close=True)  # never kept, never parsed
             body = self.rfile.read(length) if length else b""
             self.send(app.handle(Request(method, path, query, body)))
 

@@ -71,6 +71,12 @@ async function openImage(blob, name) {
     say(`${name} is not an image (${blob.type}): choose a JPEG, PNG, ... file`, "error");
     return;
   }
+  if (blob.size > state.info.max_upload) {
+    const mib = (n) => (n / 2 ** 20).toFixed(1);
+    say(`${name} is ${mib(blob.size)} MiB; this server takes at most ${mib(state.info.max_upload)} MiB ` +
+        "(start it with a larger --max-upload-mb)", "error");
+    return;
+  }
   const family = state.info.family === "sam" ? "sam" : "florence";
   Object.assign(state, {imageId: null, ready: false, points: [], box: null, history: [], candidates: null,
                         everything: null, drawn: null});
