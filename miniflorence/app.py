@@ -26,7 +26,7 @@ import time
 import torch
 from PIL import Image
 
-from miniflorence.__main__ import CliError, check_task_text, post_process, strip_padding
+from miniflorence.__main__ import CliError, OneLineParser, check_task_text, post_process, strip_padding
 from miniflorence.config import CONFIGS, tiny_config
 from miniflorence.images import ImageError, read_image
 from miniflorence.model import Florence2, load_florence2
@@ -120,7 +120,7 @@ def load_model(args: argparse.Namespace) -> tuple[Florence2, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m miniflorence.app", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m miniflorence.app", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="CHECKPOINT TOKENIZER_DIR (only TOKENIZER_DIR with --random)")
     parser.add_argument("--random", choices=RANDOM_VARIANTS, help="no checkpoint: seeded random weights (smoke test)")
@@ -144,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer_dir = args.paths[-1]
     try:
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    except (OSError, ValueError) as e:
+        print(f"error: TOKENIZER_DIR: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    try:
         torch.device(args.device)
         model, name = load_model(args)
         check_tokenizer(tokenizer, model.config, where=f"TOKENIZER_DIR {tokenizer_dir}")

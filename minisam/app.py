@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from minisam.automatic import AutomaticMaskGenerator
+from minisam.cli_io import OneLineParser
 from minisam.config import CONFIGS, tiny_config
 from minisam.image_io import ImageReadError, read_image
 from minisam.masks import coco_encode_rle, mask_to_rle
@@ -184,7 +185,7 @@ def load_model(args: argparse.Namespace) -> tuple[Sam, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m minisam.app", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m minisam.app", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
                         help="a converted .safetensors (python -m weights_convert sam) or a training run folder")
     parser.add_argument("--random", choices=RANDOM_VARIANTS, help="no checkpoint: seeded random weights (smoke test)")

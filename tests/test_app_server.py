@@ -6,14 +6,18 @@ line of JSON and the server keeps serving. The masks equal `SamPredictor.predict
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from app_utils import raw_get, request, serving, tiny_sam
-from conftest import asset_path
+from app_utils import check_error_line, raw_get, request, serving, tiny_sam
+from cli_utils import assert_one_line_error, run_module
+from conftest import ROOT, asset_path
 from florence_utils import save_tiny_checkpoint
 from PIL import Image
 
@@ -85,7 +89,6 @@ def test_path_traversal_is_refused(sam_server, path: str) -> None:
     status, text = raw_get(base, path)
     assert status in (400, 404), (path, status)
     assert "import" not in text and "root:" not in text
-    from app_utils import check_error_line
     check_error_line(text)
 
 
@@ -226,3 +229,30 @@ def test_florence_runs_a_task_and_refuses_bad_ones(tmp_path: Path) -> None:
             status, value = request(f"{base}/api/florence/run", body)
             assert status in (400, 404) and words in value["error"], (body, value)
         assert request(f"{base}/api/florence/image", b"GIF89a broken")[0] == 415
+
+
+def test_the_command_prints_its_url_and_refuses_bad_settings_in_one_line(tmp_path: Path) -> None:
+    """`python -m minisam.app --random tiny --port 0` serves on 127.0.0.1 and prints the URL; bad settings
+    (no checkpoint, a missing or wrong file, a bad device) are one line on stderr and exit status 1 or 2."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "minisam.app", "--random", "tiny", "--port", "0"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert "open http://127.0.0.1:" in line, line
+        url = line.split("open ")[1].split()[0]
+        status, info = request(f"{url}api/info")
+        assert status == 200 and info["family"] == "sam" and info["model"] == "random tiny"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    for module, args, fragment in [
+        ("minisam.app", [], "give CHECKPOINT or --random"),
+        ("minisam.app", [tmp_path / "missing.safetensors"], "missing.safetensors"),
+        ("minisam.app", ["--random", "tiny", "--device", "nope"], "nope"),
+        ("miniflorence.app", [tmp_path / "missing.safetensors", asset_path("tokenizer", "florence2")], "missing"),
+        ("miniflorence.app", ["--random", "tiny", tmp_path], "TOKENIZER_DIR"),
+    ]:
+        result = run_module(module, *args, "--port", "0", timeout=120)
+        assert result.returncode in (1, 2), result.stderr
+        assert_one_line_error(result.stderr.replace("warning: RANDOM", "WARNING: RANDOM"), fragment)
