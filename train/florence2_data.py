@@ -17,10 +17,10 @@ Each line of the JSONL file is one example, in either form:
 Image paths are relative to the JSONL file's folder (or absolute).
 
 Bad lines never crash a run: every line and its image are checked before training (the image
-decoded once, `train.common.check_image`), and a line that is not UTF-8 text or not JSON, a missing
+decoded once, `train.report.check_image`), and a line that is not UTF-8 text or not JSON, a missing
 or non-text field, an empty answer, an image that is missing or does not decode (truncated,
 not an image), or an answer longer than `max_answer_tokens` is skipped and counted in a
-`train.common.Skipped`; a file with no usable line is refused with the counts, as is a --data
+`train.report.Skipped`; a file with no usable line is refused with the counts, as is a --data
 that is not a file.
 
 Batches follow BART's teacher forcing: `labels` = `<s> answer </s>` right-padded with `<pad>`;
@@ -39,8 +39,8 @@ from PIL import Image
 
 from miniflorence.processor import TASK_PROMPTS, preprocess_image, task_prompt
 from miniflorence.tokenizer import Tokenizer
-from train.common import Skipped, check_image
 from train.detection import od_target, parse_detection_record
+from train.report import Skipped, check_image
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ A root with images both directly in it and in sub-folders ("mixed") is taken by 
 
 Bad input never crashes a run: every image is decoded once before training (`check_image`), and
 a file that does not decode (not an image, zero bytes, truncated) or an image smaller than
-`min_side` pixels on its shorter side is skipped and counted in a `train.common.Skipped`; a folder
+`min_side` pixels on its shorter side is skipped and counted in a `train.report.Skipped`; a folder
 with no usable image is refused with the counts.
 
 The transforms are torchvision's, written out (Alpha-VL/ConvMAE `main_pretrain.py` and
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.common import IMAGE_SUFFIXES, Skipped, check_image
+from train.report import IMAGE_SUFFIXES, Skipped, check_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -12,7 +12,7 @@ several prompts per image, every image with K prompts on its objects (`ImageProm
 input never crashes a run: a missing mask, a mask whose size differs from its image, a mask that is
 neither binary nor instance ids (soft or JPEG-compressed masks, colour masks), an unreadable image,
 or an object that is empty in the model's input frame is skipped and counted in a
-`train.common.Skipped`; a dataset with no sample left is refused with the counts. Images are resized
+`train.report.Skipped`; a dataset with no sample left is refused with the counts. Images are resized
 like SAM's `ResizeLongestSide` (longest side to `image_size`, PIL bilinear) and masks the same way
 (thresholded at 0.5), then zero-padded to a square at the bottom/right.
 
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from minisam.image_io import ImageReadError, read_image
-from train.common import IMAGE_SUFFIXES, Skipped
 from train.prompts import make_prompt
+from train.report import IMAGE_SUFFIXES, Skipped
 
 VOID_ID = 255  # VOC's "void" boundary label in 8-bit id maps: ignored, never an object
 
