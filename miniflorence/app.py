@@ -33,7 +33,7 @@ from miniflorence.model import Florence2, load_florence2
 from miniflorence.processor import TASK_PROMPTS, Processor, any_task_prompt, check_tokenizer
 from miniflorence.tokenizer import Tokenizer
 from minivision import server
-from minivision.checkpoint import CheckpointError
+from minivision.checkpoint import CheckpointError, resolve_weights
 from minivision.server import App, HttpError, Request, Response, Sessions, field_of, json_response
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -101,11 +101,6 @@ def build_app(model: Florence2, tokenizer: Tokenizer, max_upload: int = server.M
     return app
 
 
-def weights_file(path: str) -> str:
-    """The weights file a user named (the lead swaps in `minivision.checkpoint.resolve_weights`: run folders)."""
-    return path
-
-
 def load_model(args: argparse.Namespace) -> tuple[Florence2, str]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.random:
@@ -115,8 +110,8 @@ def load_model(args: argparse.Namespace) -> tuple[Florence2, str]:
         model = Florence2(tiny_config() if args.random == "tiny" else CONFIGS[args.random]).eval()
         model = model.to(device).to_dtype(dtype)
         return (model.compile_hot_paths() if args.compile else model), f"random {args.random}"
-    path = weights_file(args.paths[0])
-    return load_florence2(path, device=device, dtype=dtype, compile=args.compile), path
+    path = resolve_weights(args.paths[0])  # a run folder: its best.safetensors (the run-folder rule)
+    return load_florence2(path, device=device, dtype=dtype, compile=args.compile), str(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,7 @@ from minisam.masks import coco_encode_rle, mask_to_rle
 from minisam.predictor import ImageEmbedding, SamPredictor
 from minisam.sam import Sam, compile_sam, load_sam
 from minivision import server
-from minivision.checkpoint import CheckpointError
+from minivision.checkpoint import CheckpointError, resolve_weights
 from minivision.server import App, HttpError, Request, Response, Sessions, json_response
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -168,11 +168,6 @@ def build_app(model: Sam, max_upload: int = server.MAX_UPLOAD, max_pixels: int =
     return app
 
 
-def weights_file(path: str) -> str:
-    """The weights file a user named (the lead swaps in `minivision.checkpoint.resolve_weights`: run folders)."""
-    return path
-
-
 def load_model(args: argparse.Namespace) -> tuple[Sam, str]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if args.random:
@@ -180,8 +175,8 @@ def load_model(args: argparse.Namespace) -> tuple[Sam, str]:
         torch.manual_seed(args.seed)
         model = Sam(tiny_config() if args.random == "tiny" else CONFIGS[args.random]).eval().to(device).cast(dtype)
         return (compile_sam(model) if args.compile else model), f"random {args.random}"
-    path = weights_file(args.checkpoint)
-    return load_sam(path, device=device, dtype=dtype, compile=args.compile), path
+    path = resolve_weights(args.checkpoint)  # a run folder: its best.safetensors (the run-folder rule)
+    return load_sam(path, device=device, dtype=dtype, compile=args.compile), str(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

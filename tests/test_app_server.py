@@ -26,6 +26,7 @@ from miniflorence import Tokenizer, load_florence2
 from miniflorence import app as florence_app
 from minisam import app as sam_app
 from minisam.masks import coco_decode_rle, rle_to_mask
+from minivision.checkpoint import save_converted
 from minivision.server import STATIC_DIR
 
 PHOTOS = STATIC_DIR / "photos"
@@ -232,17 +233,21 @@ def test_florence_runs_a_task_and_refuses_bad_ones(tmp_path: Path) -> None:
 
 
 def test_the_command_prints_its_url_and_refuses_bad_settings_in_one_line(tmp_path: Path) -> None:
-    """`python -m minisam.app --random tiny --port 0` serves on 127.0.0.1 and prints the URL; bad settings
-    (no checkpoint, a missing or wrong file, a bad device) are one line on stderr and exit status 1 or 2."""
+    """`python -m minisam.app RUN_FOLDER --port 0` serves the run's best.safetensors on 127.0.0.1 and prints
+    the URL; bad settings (no checkpoint, a missing file, a bad device or tokenizer) are one line on stderr."""
+    run = tmp_path / "run"  # a training run folder: the app takes its best.safetensors
+    run.mkdir()
+    model = tiny_sam()
+    save_converted(run / "best.safetensors", model.state_dict(), "sam", model.config.to_dict())
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "minisam.app", "--random", "tiny", "--port", "0"]
+    command = [sys.executable, "-m", "minisam.app", str(run), "--port", "0"]
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
         assert "open http://127.0.0.1:" in line, line
         url = line.split("open ")[1].split()[0]
         status, info = request(f"{url}api/info")
-        assert status == 200 and info["family"] == "sam" and info["model"] == "random tiny"
+        assert status == 200 and info["family"] == "sam" and info["model"] == str(run / "best.safetensors")
     finally:
         process.terminate()
         process.wait(timeout=30)
