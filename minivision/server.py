@@ -31,6 +31,7 @@ import urllib.parse
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -229,9 +230,11 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
                 return self.send(error_response(411, "the request needs a Content-Length"), close=True)
             try:
                 length = int(length_text or 0)
+                if length < 0:
+                    raise ValueError
             except ValueError:
                 return self.send(error_response(400, f"bad Content-Length {length_text[:40]!r}"), close=True)
-            if length < 0 or length > app.max_upload:
+            if length > app.max_upload:
                 message = (f"the upload is {length / 2**20:.1f} MiB; this server takes at most "
                            f"{app.max_upload / 2**20:.1f} MiB (--max-upload-mb)")
                 if length <= DRAIN_LIMIT:  # read it away, so that the client gets to read the answer
@@ -255,6 +258,11 @@ def make_handler(app: App) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(response.body)
             except (BrokenPipeError, ConnectionResetError):  # the browser went away: nothing to tell it
                 self.close_connection = True
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own refusals (a malformed request line, an unsupported method such as PUT,
+            an over-long header) as one line of JSON too, instead of its HTML page."""
+            self.send(error_response(code, message or HTTPStatus(code).phrase), close=True)
 
         def log_message(self, format: str, *args: Any) -> None:  # quieter than the default: errors only
             if args and str(args[1] if len(args) > 1 else "").startswith(("4", "5")):

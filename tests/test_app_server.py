@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -108,6 +109,26 @@ def test_bad_uploads_get_one_line_each_and_the_server_survives(sam_server) -> No
     truncated = (PHOTOS / "dog.jpg").read_bytes()[:3000]
     status, value = request(f"{base}/api/sam/image", truncated)
     assert status == 415, value
+    assert request(f"{base}/api/info")[0] == 200
+
+
+def test_malformed_http_gets_one_line_of_json(sam_server) -> None:
+    """What http.server itself refuses (an unsupported method, a garbled request line) is JSON too."""
+    base, _ = sam_server
+    host, port = base.removeprefix("http://").split(":")
+    for raw in (b"PUT /api/info HTTP/1.1\r\nHost: x\r\n\r\n", b"GARBAGE\r\n\r\n",
+                b"POST /api/sam/image HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n"):
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(raw)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        if answer.startswith(b"HTTP/"):
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split()[1] in (b"400", b"501"), answer
+        else:  # no HTTP version in the request line: http.server answers in HTTP/0.9 style, the body alone
+            body = answer
+        check_error_line(body.decode())
     assert request(f"{base}/api/info")[0] == 200
 
 
