@@ -97,8 +97,15 @@ def test_sam_page(browser, artifacts: Path, tmp_path: Path) -> None:
         page.wait_for_selector("#sam-panel:not([hidden])")
         page.click("#canvas")  # before any image: a message, no request
         assert "open an image" in page.inner_text("#message")
-        page.set_input_files("#file", str(PHOTO))
+        with app.model_lock:  # the encoder waits for the lock: a click now comes while the image is encoding
+            page.set_input_files("#file", str(PHOTO))
+            page.wait_for_function("() => window.mv.imageId !== null")
+            page.wait_for_selector("#progress:not([hidden])")
+            page.mouse.click(*page_xy(page, 320, 200))
+            assert "still being encoded" in page.inner_text("#message")
+            page.screenshot(path=artifacts / "sam_0_encoding.png")
         page.wait_for_function("() => window.mv.ready", timeout=120_000)
+        assert page.evaluate("() => window.mv.points") == []  # the early click was not kept
         page.screenshot(path=artifacts / "sam_1_encoded.png")
 
         # a left click: a foreground point; the mask equals the predictor's best of three
