@@ -63,12 +63,12 @@ class SamImage:
 class SamService:
     """The SAM endpoints; one predictor, used under the app's model lock."""
 
-    def __init__(self, app: App, model: Sam, max_pixels: int, points_per_side: int) -> None:
+    def __init__(self, app: App, model: Sam, max_pixels: int, amg_options: dict[str, Any]) -> None:
         self.app = app
         self.model = model
         self.predictor = SamPredictor(model)
         self.max_pixels = max_pixels
-        self.points_per_side = points_per_side
+        self.amg_options = amg_options  # AutomaticMaskGenerator's settings for "segment everything"
         self.images = Sessions()
         app.route("POST", "/api/sam/image", self.upload)
         app.route("GET", "/api/sam/status", self.status)
@@ -148,8 +148,7 @@ class SamService:
         value = request.json()
         embedding = self.ready_embedding(value)
         entry = self.images.get(value["image"])
-        generator = AutomaticMaskGenerator(self.model, points_per_side=self.points_per_side,
-                                           output_mode="uncompressed_rle")
+        generator = AutomaticMaskGenerator(self.model, output_mode="uncompressed_rle", **self.amg_options)
         with self.app.model_lock:
             start = time.perf_counter()
             records = generator.generate(entry.pixels, embedding=embedding)
@@ -160,11 +159,15 @@ class SamService:
 
 
 def build_app(model: Sam, max_upload: int = server.MAX_UPLOAD, max_pixels: int = server.MAX_PIXELS,
-              points_per_side: int = 32, name: str = "") -> App:
-    """The SAM page's server application for `model` (serve it with `minivision.server.make_server`)."""
+              name: str = "", points_per_side: int = 32, pred_iou_thresh: float = 0.88,
+              stability_score_thresh: float = 0.95, box_nms_thresh: float = 0.7) -> App:
+    """The SAM page's server application for `model` (serve it with `minivision.server.make_server`);
+    the last four settings are `AutomaticMaskGenerator`'s (the official defaults)."""
     info = {"family": "sam", "model": name, "image_size": model.config.image_size}
     app = App(info, max_upload=max_upload)
-    SamService(app, model, max_pixels, points_per_side)
+    SamService(app, model, max_pixels, dict(points_per_side=points_per_side, pred_iou_thresh=pred_iou_thresh,
+                                            stability_score_thresh=stability_score_thresh,
+                                            box_nms_thresh=box_nms_thresh))
     return app
 
 
@@ -189,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the image encoder's dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
     parser.add_argument("--points-per-side", type=int, default=32, help='grid of "segment everything" (official: 32)')
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.88, help='"segment everything" keeps masks above')
+    parser.add_argument("--stability-score-thresh", type=float, default=0.95, help="the same, for stability")
+    parser.add_argument("--box-nms-thresh", type=float, default=0.7, help="the same: box IoU that drops a duplicate")
     server.add_server_arguments(parser)
     return parser
 
@@ -206,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError, RuntimeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    app = build_app(model, int(args.max_upload_mb * 2**20), args.max_pixels, args.points_per_side, name)
+    app = build_app(model, int(args.max_upload_mb * 2**20), args.max_pixels, name, args.points_per_side,
+                    args.pred_iou_thresh, args.stability_score_thresh, args.box_nms_thresh)
     server.serve(app, args.host, args.port, f"SAM ({name})")
     return 0
 

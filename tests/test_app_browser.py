@@ -89,7 +89,8 @@ def test_sam_page(browser, artifacts: Path, tmp_path: Path) -> None:
     model = tiny_sam()
     predictor = minisam.SamPredictor(model)
     predictor.set_image(minisam.image_io.read_image(PHOTO))
-    app = sam_app.build_app(model, points_per_side=4, name="tiny seeded SAM (test)")
+    app = sam_app.build_app(model, name="tiny seeded SAM (test)", points_per_side=4, pred_iou_thresh=0.0,
+                            stability_score_thresh=0.0, box_nms_thresh=1.0)  # an untrained model: keep every mask
     errors: list[str] = []
     with serving(app) as base:
         page = new_page(browser, errors)
@@ -172,6 +173,8 @@ def test_sam_page(browser, artifacts: Path, tmp_path: Path) -> None:
         page.click("#everything")
         page.wait_for_function("() => window.mv.everything !== null", timeout=120_000)
         assert "masks in" in page.inner_text("#message")
+        colours = page.evaluate("() => window.mv.everything.map(m => m.colour.join(','))")
+        assert len(colours) > 1 and len(set(colours)) == len(colours)  # every mask in its own colour
         page.screenshot(path=artifacts / "sam_4_everything.png")
 
         # a second tab with its own image; then the first tab's image is forgotten (as after a restart)
