@@ -12,6 +12,7 @@ n images, B_i prompts of image i, M masks per prompt.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -132,8 +133,19 @@ class Sam(nn.Module):
         image's (h, w)), bilinear to the original (H, W); as the official model.
         """
         S = self.image_encoder.image_size
-        masks = F.interpolate(masks.float(), (S, S), mode="bilinear", align_corners=False)  # float32 in any case
-        masks = masks[..., : input_size[0], : input_size[1]]
+        low_h, low_w = masks.shape[-2:]
+        # Only the top-left input_size block of the (S, S) upscaling survives the crop, so upscale
+        # just the low-res rows and columns it reads: output pixel i reads input pixels
+        # floor((i + 0.5) * low / S - 0.5) and the next one. Cut to r of them and upscaled to
+        # r * S / low pixels, the scale (r / (r * S / low)) and so every kept value is bit for bit
+        # the same; the last output pixels, whose right neighbour the cut clamps, are cropped anyway.
+        r_h = min(low_h, math.ceil(input_size[0] * low_h / S) + 1)
+        r_w = min(low_w, math.ceil(input_size[1] * low_w / S) + 1)
+        if (r_h * S) % low_h or (r_w * S) % low_w:  # no whole number of output pixels: upscale it all
+            r_h, r_w = low_h, low_w
+        size = (r_h * S // low_h, r_w * S // low_w)
+        masks = F.interpolate(masks[..., :r_h, :r_w].float(), size, mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]  # float32 in any case
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
     # ---- stages -------------------------------------------------------------------------------
