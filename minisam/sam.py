@@ -344,13 +344,22 @@ def sam_from_tensors(
     return model.to(device=device, dtype=torch.float32).cast(dtype).eval()
 
 
-def compile_sam(model: Sam) -> Sam:
+def compile_sam(model: Sam, mask_decoder: bool = False) -> Sam:
     """Compile the image encoder with `torch.compile` (in place; returns the model).
 
     The encoder is where the time goes; inductor fuses its element-wise work (LayerNorm, GELU,
     residual adds, the relative-position bias). Shapes are static (one image size per model), so
     nothing recompiles. The state_dict keys do not change (`nn.Module.compile`). The prompt encoder
     and mask decoder stay eager: their shapes change with every number of prompts.
+
+    `mask_decoder=True` compiles the mask decoder too. Worth it where one number of prompts comes
+    back many times, as in the automatic mask generator (64 points per batch, 16 batches for the
+    official 32x32 grid): with many prompts the decoder is memory-bound element-wise work on
+    (prompts, 4096, 256) image tokens and (prompts, 256, 256, 32) upscaled cells (adds,
+    LayerNorms, GELUs, softmaxes), which inductor fuses. The first call of each new number of
+    prompts compiles (a minute or more on a CPU), so an interactive predictor is better off eager.
     """
     model.image_encoder.compile(dynamic=False)
+    if mask_decoder:
+        model.mask_decoder.compile(dynamic=False)
     return model
