@@ -83,11 +83,12 @@ class Sam(nn.Module):
                 mlp_dim=config.decoder_mlp_dim,
                 attention_downsample_rate=config.attention_downsample_rate,
                 use_sdpa=config.use_sdpa,
+                regroup=config.use_sdpa,  # the config's one switch: all fast paths, or the official arithmetic
             ),
             num_multimask_outputs=config.num_multimask_outputs,
             iou_head_depth=config.iou_head_depth,
             iou_head_hidden_dim=config.iou_head_hidden_dim,
-            use_sdpa=config.use_sdpa,
+            regroup=config.use_sdpa,
         )
         # Not in checkpoints (persistent=False), as in the official model.
         pixel_mean, pixel_std = pixel_statistics()
