@@ -223,7 +223,10 @@ class Attention(nn.Module):
         attn = logits.view(B, h, Tk, Tq).softmax(dim=2).view(B, h * Tk, Tq)
         # out_proj(concat_h sum_t a_ht v_ht) = sum_h sum_t a_ht (W_o,h v_ht) + b_o: project the Tk values instead
         v_folded = torch.einsum("bthd,chd->bhtc", v, self.out_proj.weight.view(-1, h, d)).flatten(1, 2)  # (B, h*Tk, C)
-        return torch.baddbmm(self.out_proj.bias, attn.transpose(1, 2), v_folded)  # (B, Tq, h*Tk) @ (B, h*Tk, C)
+        # Each head's weights sum to 1 over its Tk tokens, so the output bias b_o splits into b_o / h on
+        # every folded value: the product then writes its (B, Tq, C) result once, with no bias pass.
+        v_folded = v_folded + self.out_proj.bias / h
+        return attn.transpose(1, 2) @ v_folded  # (B, Tq, h*Tk) @ (B, h*Tk, C)
 
 
 def shared_as_matrix(x: torch.Tensor) -> torch.Tensor:
