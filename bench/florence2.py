@@ -16,9 +16,10 @@ Both use the official decoding settings (no_repeat_ngram_size=3, forced BOS/EOS,
 fp32 ids of ours and native must be identical (checked); bf16 ids are compared with fp32 ids and the agreement printed.
 
 Implementations: native fp32 and native bf16 (`.to(torch.bfloat16)`), ours fp32 and ours bf16
-(`Florence2.to_dtype`), and ours compiled (`compile_hot_paths`: vision tower and decoding step;
-the encoder is not compiled, so its compiled row is left out). Runs are interleaved: round r runs
-every implementation once, in turn, so that a slow minute of a shared machine hits all of them;
+(`Florence2.to_dtype`), and ours compiled (`compile_hot_paths`: the vision tower only, the decoding
+step is not compiled (see its docstring), the encoder neither, so its compiled row is left out). Runs
+are interleaved: round r runs every implementation once, in turn, so that a slow minute of a shared
+machine hits all of them;
 after one warm-up round (for compiled models: the compilation, reported apart) the median of
 --repeats rounds is reported. Ratios: ours against native in the same precision, and against
 native fp32 (> 1: ours is faster). Peak memory: the highest RSS (CPU, sampled every 2 ms) or CUDA
@@ -509,11 +510,11 @@ def decode_bytes_per_token(model: Florence2, encoder_tokens: int, capacity: int)
 def decode_rows(args: argparse.Namespace, ours: dict) -> tuple[list[Row], dict]:
     """Greedy decoding of ours at batch 1 on precomputed encoder states: --new-tokens steps."""
     g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, args.image_size, args.image_size, generator=g)
+    prompt = torch.randint(3, 50265, (1, args.prompt_tokens), generator=g)
+    prompt[:, 0], prompt[:, -1] = 0, EOS
     rows, steps_bytes = [], {}
     for (name, compiled), model in ours.items():
-        pixels = torch.randn(1, 3, args.image_size, args.image_size, generator=g)
-        prompt = torch.randint(3, 50265, (1, args.prompt_tokens), generator=g)
-        prompt[:, 0], prompt[:, -1] = 0, EOS
         with torch.inference_mode():
             states, mask = model.encode(pixels, prompt)
         options = GenerationOptions(max_new_tokens=args.new_tokens, num_beams=1)
