@@ -561,7 +561,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=12)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (3; --quick: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     p.add_argument("--workloads", nargs="+", choices=["vision", "encoder", "decode", "greedy", "beam3", "job"],
@@ -575,8 +575,10 @@ def main() -> None:
                    help="a few minutes: 256 px, 16 new tokens, one round, no compile, vision/decode/greedy/job")
     args = p.parse_args()
     if args.quick:
-        args.image_size, args.new_tokens, args.job_tokens, args.repeats, args.compile = 256, 16, 16, 1, False
+        args.image_size, args.new_tokens, args.job_tokens, args.compile = 256, 16, 16, False
+        args.repeats = args.repeats or 1
         args.workloads = [w for w in args.workloads if w in ("vision", "decode", "greedy", "job")]
+    args.repeats = args.repeats or 3
     if args.image_size % 32:
         p.error(f"--image-size {args.image_size} is not a multiple of 32")
     device = torch.device(args.device)
