@@ -16,14 +16,31 @@ Both use the official decoding settings (no_repeat_ngram_size=3, forced BOS/EOS,
 fp32 ids of ours and native must be identical (checked); bf16 ids are compared with fp32 ids and the agreement printed.
 
 Implementations: native fp32 and native bf16 (`.to(torch.bfloat16)`), ours fp32 and ours bf16
-(`Florence2.to_dtype`), and ours compiled (`compile_hot_paths`: vision tower and decoding step;
-the encoder is not compiled, so its compiled row is left out). Runs are interleaved: round r runs
-every implementation once, in turn, so that a slow minute of a shared machine hits all of them;
+(`Florence2.to_dtype`), and ours compiled (`compile_hot_paths`: the vision tower only, the decoding
+step is not compiled (see its docstring), the encoder neither, so its compiled row is left out). Runs
+are interleaved: round r runs every implementation once, in turn, so that a slow minute of a shared
+machine hits all of them;
 after one warm-up round (for compiled models: the compilation, reported apart) the median of
 --repeats rounds is reported. Ratios: ours against native in the same precision, and against
 native fp32 (> 1: ours is faster). Peak memory: the highest RSS (CPU, sampled every 2 ms) or CUDA
 memory allocated while a run was going, above what the process held before it.
 The last lines are one JSON object per workload.
+
+The job workload (`--workloads job`, or `--quick` for a run of a few minutes): what a user's
+captioning job does, end to end, over --job-images pictures (the photos of tests/assets and resized
+copies of them, written as JPEG/PNG files once): read and decode each file, preprocess, generate
+`<CAPTION>` (greedy, --job-tokens new tokens), decode the ids to text and post-process, at each
+batch size of --job-batches; images/s, ours against transformers' native (its own processor,
+`generate`, `batch_decode` and `post_process_generation`) at the same batch and precision. fp32
+captions of ours must equal native's (checked); bf16 ids are compared with fp32's.
+
+The machine's limits are measured in the same run (before and after the workloads, the better of
+the two reported): fp32 and bf16 GEMM (GFLOP/s), fp32 and bf16 GEMV over a 158 MB / 79 MB matrix
+(GB/s: the streaming rate that bounds a decoding step) and a memory copy. Each workload is printed
+as a fraction of them: the vision tower's GFLOP/s (FLOPs counted by torch's FlopCounterMode)
+against the GEMM rate of its precision, and the decoding step (`decode`: greedy steps of ours at
+batch 1 on precomputed encoder states) as bytes read per token (the decoder weights, the token
+table or its bf16 screen, the cross- and self-attention caches) over time, against the streaming rate.
 """
 
 from __future__ import annotations
@@ -33,6 +50,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +62,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from miniflorence import CONFIGS, Florence2, Florence2Config  # noqa: E402
+from miniflorence import CONFIGS, Florence2, Florence2Config, Processor, Tokenizer, read_image  # noqa: E402
+from miniflorence.generation import GenerationOptions, greedy_search  # noqa: E402
 from miniflorence.model import florence2_from_tensors  # noqa: E402
 from weights_convert.florence2 import convert_tensors  # noqa: E402
 
@@ -178,7 +197,7 @@ def workloads(args: argparse.Namespace, device: torch.device, natives: dict, our
     pixels = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=g).to(device)
     prompt = torch.randint(3, 50265, (args.batch, args.prompt_tokens), generator=g).to(device)
     prompt[:, 0], prompt[:, -1] = 0, EOS
-    out: dict[str, list[Row]] = {"vision": [], "encoder": [], "greedy": [], "beam3": []}
+    out: dict[str, list[Row]] = {"vision": [], "encoder": [], "greedy": [], "beam3": []}  # decode, job: apart
     some = next(iter(ours.values()))
     image_tokens = some.config.num_image_tokens
     native_ids = torch.cat([torch.full((args.batch, image_tokens), 51289, device=device), prompt], dim=1)
@@ -231,7 +250,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def report(name: str, rows: list[Row], args: argparse.Namespace) -> dict:
     """Print one workload's table and return its JSON record."""
-    per = args.new_tokens * args.batch if name in ("greedy", "beam3") else 1
+    per = args.new_tokens * args.batch if name in ("greedy", "beam3", "decode") else 1
     unit = "tokens/s" if per > 1 else "ms"
 
     def value(row: Row) -> float:  # tokens/s, or ms per call
@@ -280,6 +299,261 @@ def report(name: str, rows: list[Row], args: argparse.Namespace) -> dict:
     return record
 
 
+# ---- the machine's limits ---------------------------------------------------------------------------
+
+
+def _best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def machine_limits() -> dict[str, float]:
+    """GEMM GFLOP/s (fp32, bf16), GEMV GB/s over the size of the token table (fp32, bf16), copy GB/s."""
+    g = torch.Generator().manual_seed(0)
+    limits = {}
+    n = 2048
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    for name, dtype in DTYPES.items():
+        x, y = a.to(dtype), b.to(dtype)
+        limits[f"gemm_{name}_gflops"] = 2 * n**3 / _best_seconds(lambda x=x, y=y: x @ y) / 1e9
+    table = torch.randn(51289, 768, generator=g)  # Florence-2's token table
+    for name, dtype in DTYPES.items():
+        w, v = table.to(dtype), torch.randn(1, 768, generator=g).to(dtype)
+        limits[f"gemv_{name}_gbs"] = w.nbytes / _best_seconds(lambda w=w, v=v: torch.nn.functional.linear(v, w)) / 1e9
+    source = torch.randn(64 * 2**20, generator=g)  # 256 MB
+    target = torch.empty_like(source)
+    limits["copy_gbs"] = 2 * source.nbytes / _best_seconds(lambda: target.copy_(source)) / 1e9  # read + write
+    return limits
+
+
+def best_limits(*measured: dict[str, float]) -> dict[str, float]:
+    return {k: round(max(m[k] for m in measured), 1) for k in measured[0]}
+
+
+# ---- the job: files -> captions ---------------------------------------------------------------------
+
+JOB_PHOTOS = ("sam/dog.jpg", "sam/dogs.jpg", "sam/groceries.jpg", "sam/truck.jpg", "skimage/camera.png",
+              "skimage/chelsea.png", "skimage/coffee.png", "skimage/horse.png", "skimage/page.png",
+              "docs/sample_image_donut_document.png", "docs/sample_image_cord_test_receipt_00004.png",
+              "voc/voc_rgb.jpg")
+
+
+def job_files(count: int, folder: Path) -> list[Path]:
+    """`count` picture files: the photos of tests/assets, then copies resized to 3/4 and 1/2 of their size."""
+    from PIL import Image
+
+    images = ROOT / "tests" / "assets" / "images"
+    files = []
+    for k in range(count):
+        source = images / JOB_PHOTOS[k % len(JOB_PHOTOS)]
+        scale = (1.0, 0.75, 0.5)[(k // len(JOB_PHOTOS)) % 3]
+        if scale == 1.0:
+            files.append(source)
+            continue
+        with Image.open(source) as image:
+            image = image.convert("RGB")
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            target = folder / f"{k:03d}_{source.stem}{source.suffix}"
+            image.resize(size, Image.BICUBIC).save(target)
+        files.append(target)
+    return files
+
+
+def native_processor(image_size: int, image_tokens: int) -> object | None:
+    """transformers' Florence2Processor as the checkpoints configure it (tests/test_florence_processor.py)."""
+    try:
+        from transformers import BartTokenizer
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+        from transformers.models.florence2.processing_florence2 import Florence2Processor
+    except ImportError:
+        return None
+    tokenizer = BartTokenizer.from_pretrained(str(TOKENIZER), extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessorPil(
+        size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size},
+        do_center_crop=False, resample=3, rescale_factor=1 / 255, image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    image_processor.image_seq_length = image_tokens
+    kinds = ["ocr", "phrase_grounding", "pure_text", "description_with_bboxes", "description_with_polygons",
+             "polygons", "bboxes", "description_with_bboxes_or_polygons"]
+    return Florence2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                              post_processor_config={kind: {} for kind in kinds})
+
+
+TOKENIZER = ROOT / "tests" / "assets" / "tokenizer" / "florence2"
+TASK = "<CAPTION>"
+
+
+def ours_job(model: Florence2, processor: Processor, files: list[Path], batch: int, new_tokens: int) -> list:
+    """Every file -> (ids, caption result), `batch` images per `generate`."""
+    results = []
+    for i in range(0, len(files), batch):
+        images = [read_image(f) for f in files[i:i + batch]]
+        inputs = processor(TASK, images)
+        ids = model.generate(**inputs, max_new_tokens=new_tokens, num_beams=1)
+        for row, image in zip(ids, images):
+            text = processor.tokenizer.decode(row, skip_special_tokens=False)
+            results.append((row, processor.post_process(TASK, text, image.size)))
+    return results
+
+
+def native_job(model: torch.nn.Module, processor: object, files: list[Path], batch: int, new_tokens: int,
+               dtype: torch.dtype) -> list:
+    from PIL import Image
+
+    results = []
+    for i in range(0, len(files), batch):
+        images = []
+        for f in files[i:i + batch]:
+            with Image.open(f) as image:
+                images.append(image.convert("RGB"))
+        inputs = processor(text=[TASK] * len(images), images=images, return_tensors="pt")
+        ids = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                             pixel_values=inputs["pixel_values"].to(dtype), **native_generate_kwargs(new_tokens, 1))
+        texts = processor.batch_decode(ids, skip_special_tokens=False)
+        for row, text, image in zip(ids, texts, images):
+            results.append((row, processor.post_process_generation(text, task=TASK, image_size=image.size)))
+    return results
+
+
+def job_rows(args: argparse.Namespace, natives: dict, ours: dict, files: list[Path], batch: int) -> list[Row]:
+    some = next(iter(ours.values()))
+    processor = Processor(Tokenizer.from_dir(TOKENIZER), image_size=args.image_size)
+    rows = []
+    native_proc = native_processor(args.image_size, some.config.num_image_tokens) if natives else None
+    for name, model in natives.items():
+        if native_proc is not None:
+            rows.append(Row(f"native {name}", lambda m=model, d=DTYPES[name]: native_job(
+                m, native_proc, files, batch, args.job_tokens, d)))
+    for (name, compiled), model in ours.items():
+        rows.append(Row(f"ours {name}{' compiled' if compiled else ''}",
+                        lambda m=model: ours_job(m, processor, files, batch, args.job_tokens)))
+    return rows
+
+
+def job_ids(results: list) -> torch.Tensor:
+    """The job's (N, S) ids, padded with 1, without the decoder start token."""
+    rows = [r[0].cpu()[1:] for r in results]
+    S = max(len(r) for r in rows)
+    return torch.stack([torch.nn.functional.pad(r, (0, S - len(r)), value=1) for r in rows])
+
+
+def report_job(rows: list[Row], args: argparse.Namespace, batch: int, count: int) -> dict:
+    """Print one batch size's job table and return its JSON record (images/s)."""
+    rate = {row.name: count / statistics.median(row.seconds) for row in rows}
+    print(f"\njob, batch {batch} ({count} images, {TASK}, greedy, {args.job_tokens} tokens; images/s, "
+          "higher is better)")
+    record = {"workload": f"job_batch{batch}", "unit": "images/s", "config": args.config, "image_size": args.image_size,
+              "batch": batch, "images": count, "new_tokens": args.job_tokens, "threads": torch.get_num_threads(),
+              "repeats": args.repeats, "results": {}, "ratios": {}}
+    outputs = {row.name: row.output for row in rows}
+    for row in rows:
+        dtype = row.name.split()[1]
+        ratios = {ref: rate[row.name] / rate[ref] for ref in (f"native {dtype}", "native fp32")
+                  if ref in rate and not row.name.startswith("native")}
+        shown = "  ".join(f"{r:.2f}x {ref}" for ref, r in ratios.items())
+        print(f"{row.name:<24} {rate[row.name]:8.3f} images/s  peak {row.peak_mib:6.0f} MiB  {shown}")
+        record["results"][row.name] = {"images_per_s": round(rate[row.name], 4), "peak_mib": round(row.peak_mib),
+                                       "runs_s": [round(t, 2) for t in row.seconds]}
+        for ref, r in ratios.items():
+            record["ratios"][f"{row.name} / {ref}"] = round(r, 3)
+    reference = outputs.get("ours fp32")
+    if reference is not None:
+        ids = job_ids(reference)
+        record["ids_equal_to_ours_fp32"] = {name: round(agreement(ids, job_ids(out)), 4)
+                                            for name, out in outputs.items() if name != "ours fp32"}
+        print("ids equal to ours fp32 (share of positions): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in record["ids_equal_to_ours_fp32"].items()))
+        if "native fp32" in outputs:
+            same_ids = torch.equal(ids, job_ids(outputs["native fp32"]))
+            same_captions = [r[1] for r in reference] == [r[1] for r in outputs["native fp32"]]
+            record["ours_fp32_equal_native_fp32"] = {"ids": same_ids, "captions": same_captions}
+            print(f"ours fp32 ids equal native fp32 ids: {same_ids}, captions equal: {same_captions}")
+    return record
+
+
+# ---- fractions of the machine's limits ---------------------------------------------------------------
+
+
+def vision_flops(model: Florence2, image_size: int) -> float:
+    """FLOPs of the vision tower + projector for one image (torch's FlopCounterMode: matmuls, convs, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pixels = torch.zeros(1, 3, image_size, image_size)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model.encode_image(pixels)
+    return float(counter.get_total_flops())
+
+
+def decode_bytes_per_token(model: Florence2, encoder_tokens: int, capacity: int) -> int:
+    """Bytes one greedy step at batch 1 reads: decoder weights (the cross-attention keys/values
+    projections are applied once, not per step), the token table (its bf16 screen when the table is
+    float32 and screened), the final logits bias, and the cross- and self-attention caches."""
+    lm = model.language_model
+    decoder = lm.model.decoder
+    size = next(decoder.layers.parameters()).element_size()
+    weights = sum(p.nbytes for n, p in decoder.layers.named_parameters()
+                  if not (".encoder_attn.k_proj" in n or ".encoder_attn.v_proj" in n))
+    weights += decoder.layernorm_embedding.weight.nbytes * 2
+    table = lm.lm_head.weight
+    head = table.nbytes // 2 if table.dtype == torch.float32 and lm.screen_tokens else table.nbytes
+    D, layers = table.shape[1], len(decoder.layers)
+    caches = layers * 2 * (encoder_tokens + capacity) * D * size
+    return weights + head + lm.final_logits_bias.nbytes + caches
+
+
+def decode_rows(args: argparse.Namespace, ours: dict) -> tuple[list[Row], dict]:
+    """Greedy decoding of ours at batch 1 on precomputed encoder states: --new-tokens steps."""
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, args.image_size, args.image_size, generator=g)
+    prompt = torch.randint(3, 50265, (1, args.prompt_tokens), generator=g)
+    prompt[:, 0], prompt[:, -1] = 0, EOS
+    rows, steps_bytes = [], {}
+    for (name, compiled), model in ours.items():
+        with torch.inference_mode():
+            states, mask = model.encode(pixels, prompt)
+        options = GenerationOptions(max_new_tokens=args.new_tokens, num_beams=1)
+        label = f"ours {name}{' compiled' if compiled else ''}"
+        rows.append(Row(label, lambda m=model, s=states, o=options: greedy_search(m.language_model, s, None, o)))
+        steps_bytes[label] = decode_bytes_per_token(model, states.shape[1], 1 + args.new_tokens)
+    return rows, steps_bytes
+
+
+def add_fractions(record: dict, limits: dict, args: argparse.Namespace, flops: float, step_bytes: dict) -> None:
+    """Print and record a workload's rates as fractions of the machine's limits."""
+    if record["workload"] == "vision":
+        record["gflop_per_image"] = round(flops / 1e9, 2)
+        for name, result in record["results"].items():
+            rate = flops / (result["ms"] / 1e3) / 1e9
+            peak = limits[f"gemm_{name.split()[1]}_gflops"]
+            result.update(gflops=round(rate, 1), fraction_of_gemm=round(rate / peak, 3))
+            print(f"vision {name:<22} {rate:7.1f} GFLOP/s = {rate / peak:.2f} of the {name.split()[1]} GEMM rate")
+    if record["workload"] == "decode":
+        for name, result in record["results"].items():
+            seconds_per_token = 1 / result["tokens_per_s"]
+            rate = step_bytes[name] / seconds_per_token / 1e9
+            result.update(bytes_per_token=step_bytes[name], gbs=round(rate, 2),
+                          fraction_of_fp32_gemv=round(rate / limits["gemv_fp32_gbs"], 3),
+                          fraction_of_copy=round(rate / limits["copy_gbs"], 3))
+            print(f"decode {name:<22} {step_bytes[name] / 1e6:6.1f} MB/token at {rate:5.1f} GB/s = "
+                  f"{rate / limits['gemv_fp32_gbs']:.2f} of the fp32 GEMV rate, "
+                  f"{rate / limits['copy_gbs']:.2f} of copy")
+
+
+def run_rows(rows: list[Row], device: torch.device, repeats: int) -> None:
+    """A warm-up round (compiled models compile here), then `repeats` interleaved rounds."""
+    for row in rows:
+        row.warmup_s = row.time_once(device)
+    for _ in range(repeats):
+        for row in rows:
+            row.seconds.append(row.time_once(device))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default="base")
@@ -287,14 +561,24 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=12)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (3; --quick: 1)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
-    p.add_argument("--workloads", nargs="+", choices=["vision", "encoder", "greedy", "beam3"],
-                   default=["vision", "encoder", "greedy", "beam3"])
+    p.add_argument("--workloads", nargs="+", choices=["vision", "encoder", "decode", "greedy", "beam3", "job"],
+                   default=["vision", "encoder", "decode", "greedy", "beam3", "job"])
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out ours compiled")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on CPU")
+    p.add_argument("--job-images", type=int, default=16, help="pictures of the job workload")
+    p.add_argument("--job-batches", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--job-tokens", type=int, default=64, help="new tokens per caption in the job")
+    p.add_argument("--quick", action="store_true",
+                   help="a few minutes: 256 px, 16 new tokens, one round, no compile, vision/decode/greedy/job")
     args = p.parse_args()
+    if args.quick:
+        args.image_size, args.new_tokens, args.job_tokens, args.compile = 256, 16, 16, False
+        args.repeats = args.repeats or 1
+        args.workloads = [w for w in args.workloads if w in ("vision", "decode", "greedy", "job")]
+    args.repeats = args.repeats or 3
     if args.image_size % 32:
         p.error(f"--image-size {args.image_size} is not a multiple of 32")
     device = torch.device(args.device)
@@ -311,16 +595,38 @@ def main() -> None:
           f"{device}{f' ({cpu}, {torch.get_num_threads()} threads)' if device.type == 'cpu' else f' ({cpu})'}, "
           f"torch {torch.__version__}")
     records = []
+    limits_before = machine_limits() if device.type == "cpu" else None
+    flops = vision_flops(ours["fp32", False] if ("fp32", False) in ours else next(iter(ours.values())),
+                         args.image_size) if device.type == "cpu" else 0.0
+    step_bytes: dict = {}
     with torch.inference_mode():
         for name, rows in workloads(args, device, natives, ours).items():
-            for row in rows:  # warm-up round; compiled models compile here
-                row.warmup_s = row.time_once(device)
-            for _ in range(args.repeats):  # interleaved rounds
-                for row in rows:
-                    row.seconds.append(row.time_once(device))
+            run_rows(rows, device, args.repeats)
             if name in ("greedy", "beam3"):
                 count_tokens(rows, args.new_tokens)
             records.append(report(name, rows, args))
+        if "decode" in args.workloads:
+            rows, step_bytes = decode_rows(args, ours)
+            run_rows(rows, device, args.repeats)
+            count_tokens(rows, args.new_tokens)
+            records.append(report("decode", rows, args))
+        if "job" in args.workloads:
+            with tempfile.TemporaryDirectory() as folder:
+                files = job_files(args.job_images, Path(folder))
+                for batch in args.job_batches:
+                    for row in job_rows(args, natives, ours, files[:batch], batch):  # warm-up: one batch
+                        row.time_once(device)
+                    rows = job_rows(args, natives, ours, files, batch)
+                    for _ in range(args.repeats):  # interleaved rounds over the whole job
+                        for row in rows:
+                            row.seconds.append(row.time_once(device))
+                    records.append(report_job(rows, args, batch, len(files)))
+    if limits_before is not None:
+        limits = best_limits(limits_before, machine_limits())
+        print(f"\nmachine limits (better of before/after the workloads): {limits}")
+        for record in records:
+            add_fractions(record, limits, args, flops, step_bytes)
+        records.append({"workload": "machine_limits", "cpu": cpu, "threads": torch.get_num_threads(), **limits})
     print()
     for record in records:
         print(json.dumps(record))

@@ -135,7 +135,9 @@ def greedy_search(language_model: Florence2LanguageModel, encoder_hidden_states:
     """Pick the highest-scoring token at every step -> (B, S) ids, finished rows padded.
 
     Every buffer is allocated before the loop (token ids (B, L), the static key/value cache); a
-    step reads no value back from the device except the one "has every row ended?" test.
+    step reads no value back from the device except the one "has every row ended?" test (and, when
+    the float32 token table is screened, whether the screen decided: `token_choice.ScreenedArgmax`,
+    the same choices as the argmax of the float32 logits with half of their bytes read).
     """
     B = encoder_hidden_states.shape[0]
     L = 1 + options.max_new_tokens  # max_length, the decoder start token included
@@ -144,13 +146,31 @@ def greedy_search(language_model: Florence2LanguageModel, encoder_hidden_states:
     sequences[:, 0] = options.decoder_start_token_id
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     cache = language_model.new_static_cache(encoder_hidden_states, L)
+    screen = language_model.token_screen()
     for cur_len in range(1, L):  # cur_len tokens so far; this step writes token cur_len
-        logits = language_model.step(sequences[:, cur_len - 1:cur_len], encoder_attention_mask, cache)  # (B, 1, V)
-        scores = process_scores(logits[:, -1].float(), sequences[:, :cur_len], L, options)  # (B, V)
-        next_tokens = torch.where(unfinished, scores.argmax(dim=-1), options.pad_token_id)  # (B,)
+        hidden = language_model.step(sequences[:, cur_len - 1:cur_len], encoder_attention_mask, cache)[:, -1]  # (B, D)
+
+        def process(scores: Tensor, n: int = cur_len) -> Tensor:
+            return process_scores(scores, sequences[:, :n], L, options)  # (B, V)
+
+        if screen is None:
+            best = process(language_model.logits(hidden).float()).argmax(dim=-1)  # (B,)
+            decided = torch.ones((), dtype=torch.bool, device=device)
+        else:
+            best, decided = screen.screen(hidden, process)  # (B,), (): the choice is valid if decided
+        next_tokens = torch.where(unfinished, best, options.pad_token_id)  # (B,)
+        still_running = unfinished & (next_tokens != options.eos_token_id)
+        state = int(still_running.any() * 2 + decided)  # the one host sync of a step: 2 = a row runs, 1 = decided
+        if not state & 1:  # the screen left a doubt: this step takes the full float32 logits
+            screen.fallback_steps += 1
+            next_tokens = torch.where(unfinished, screen.exact(hidden, process), options.pad_token_id)
+            still_running = unfinished & (next_tokens != options.eos_token_id)
+            state = int(still_running.any() * 2 + 1)
+        elif screen is not None:
+            screen.screened_steps += 1
         sequences[:, cur_len] = next_tokens
-        unfinished &= next_tokens != options.eos_token_id
-        if not unfinished.any():  # the one host sync of a step
+        unfinished = still_running
+        if not state & 2:
             break
     return sequences[:, : cur_len + 1]
 
@@ -195,8 +215,8 @@ def beam_search(language_model: Florence2LanguageModel, encoder_hidden_states: T
     while True:
         # a. scores of every next token for every running beam
         flat = running[:, :, :cur_len].reshape(B * K, cur_len)  # (B*K, S)
-        logits = language_model.step(flat[:, -1:], encoder_attention_mask, cache)  # (B*K, 1, V)
-        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B*K, V)
+        hidden = language_model.step(flat[:, -1:], encoder_attention_mask, cache)[:, -1]  # (B*K, D)
+        log_probs = F.log_softmax(language_model.logits(hidden).float(), dim=-1)  # (B*K, V)
         log_probs = process_scores(log_probs, flat, L, options)
         V = log_probs.shape[-1]
         total = log_probs.view(B, K, V) + running_scores[:, :, None]  # (B, K, V)

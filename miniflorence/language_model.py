@@ -22,11 +22,16 @@ V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from miniflorence.kv_cache import KeyValueCache, KVCache, StaticKVCache, causal_mask
+from miniflorence.token_choice import ScreenedArgmax
+
+__all__ = ["Florence2LanguageModel", "KVCache", "KeyValueCache", "LayerConfig", "StaticKVCache", "causal_mask"]
 
 POSITION_OFFSET = 2  # BART reserves the first two rows of its position table
 
@@ -36,15 +41,6 @@ def padding_mask(attention_mask: Tensor | None) -> Tensor | None:
     if attention_mask is None:
         return None
     return attention_mask.bool()[:, None, None, :]  # (B, 1, 1, N)
-
-
-def causal_mask(t: int, past: int, device: torch.device) -> Tensor | None:
-    """New query i (at position past + i) may see keys 0 .. past + i: boolean (1, 1, t, past + t)."""
-    if t == 1:
-        return None  # a single new token may see everything before it
-    query_pos = torch.arange(t, device=device)[:, None] + past  # (t, 1)
-    key_pos = torch.arange(past + t, device=device)[None, :]  # (1, past + t)
-    return (key_pos <= query_pos)[None, None]  # (1, 1, t, past + t)
 
 
 class LearnedPositionalEmbedding(nn.Embedding):
@@ -103,19 +99,44 @@ class Attention(nn.Module):
         return self.out_proj(out)
 
 
+@dataclass(frozen=True)
+class LayerConfig:
+    """The sizes and rates of one encoder or decoder layer.
+
+    Args:
+        dim: model width D.
+        num_heads: attention heads h (D = h * d).
+        ffn_dim: hidden width M of the feed-forward network.
+        eps: LayerNorm epsilon.
+        dropout: on each sublayer's output (training only).
+        attention_dropout: on the attention weights.
+        activation_dropout: after the feed-forward GELU.
+        use_sdpa: attention through F.scaled_dot_product_attention instead of the plain math.
+    """
+
+    dim: int
+    num_heads: int
+    ffn_dim: int
+    eps: float = 1e-5
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    use_sdpa: bool = True
+
+
 class EncoderLayer(nn.Module):
     """Post-LN transformer layer: x = LN(x + SelfAttn(x)); x = LN(x + FFN(x))."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float, dropout: float,
-                 attention_dropout: float, activation_dropout: float, use_sdpa: bool) -> None:
+    def __init__(self, config: LayerConfig) -> None:
         super().__init__()
-        self.self_attn = Attention(dim, num_heads, attention_dropout, use_sdpa)
-        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.fc1 = nn.Linear(dim, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, dim)
-        self.final_layer_norm = nn.LayerNorm(dim, eps=eps)
-        self.dropout = dropout
-        self.activation_dropout = activation_dropout
+        c = config
+        self.self_attn = Attention(c.dim, c.num_heads, c.attention_dropout, c.use_sdpa)
+        self.self_attn_layer_norm = nn.LayerNorm(c.dim, eps=c.eps)
+        self.fc1 = nn.Linear(c.dim, c.ffn_dim)
+        self.fc2 = nn.Linear(c.ffn_dim, c.dim)
+        self.final_layer_norm = nn.LayerNorm(c.dim, eps=c.eps)
+        self.dropout = c.dropout
+        self.activation_dropout = c.activation_dropout
 
     def feed_forward(self, x: Tensor) -> Tensor:
         """fc2(dropout(GELU(fc1(x)))), then dropout."""
@@ -132,11 +153,10 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(EncoderLayer):
     """Post-LN decoder layer: causal self-attention, cross-attention to the encoder, feed-forward."""
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, eps: float, dropout: float,
-                 attention_dropout: float, activation_dropout: float, use_sdpa: bool) -> None:
-        super().__init__(dim, num_heads, ffn_dim, eps, dropout, attention_dropout, activation_dropout, use_sdpa)
-        self.encoder_attn = Attention(dim, num_heads, attention_dropout, use_sdpa)
-        self.encoder_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
+    def __init__(self, config: LayerConfig) -> None:
+        super().__init__(config)
+        self.encoder_attn = Attention(config.dim, config.num_heads, config.attention_dropout, config.use_sdpa)
+        self.encoder_attn_layer_norm = nn.LayerNorm(config.dim, eps=config.eps)
 
     def forward(self, x: Tensor, self_kv: tuple[Tensor, Tensor], self_mask: Tensor | None,  # type: ignore[override]
                 cross_kv: tuple[Tensor, Tensor], cross_mask: Tensor | None) -> Tensor:
@@ -146,107 +166,6 @@ class DecoderLayer(EncoderLayer):
         attended = F.dropout(self.encoder_attn(x, *cross_kv, cross_mask), p=self.dropout, training=self.training)
         x = self.encoder_attn_layer_norm(x + attended)
         return self.final_layer_norm(x + self.feed_forward(x))
-
-
-@dataclass
-class KVCache:
-    """Per decoder layer: self-attention keys/values (growing) and cross-attention keys/values (fixed).
-
-    Each entry is (B, h, S, d) for self-attention and (B, h, T, d) for cross-attention. Every step
-    concatenates the new keys/values to the old ones: the plain form, used by teacher forcing, the
-    tests and the ONNX decoder step. Generation uses `StaticKVCache`, whose buffers never move.
-    """
-
-    self_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    cross_kv: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        """How many decoder tokens are cached (the position of the next token)."""
-        return self.self_kv[0][0].shape[2] if self.self_kv else 0
-
-    def start(self) -> int:
-        """Position of the first new token."""
-        return self.length
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Add a layer's new keys/values (B, h, t, d) -> all of them (B, h, S, d)."""
-        if len(self.self_kv) > layer:  # a zero-length cache appends too (as in ONNX graphs)
-            k = torch.cat([self.self_kv[layer][0], k], dim=2)  # (B, h, S, d)
-            v = torch.cat([self.self_kv[layer][1], v], dim=2)  # (B, h, S, d)
-            self.self_kv[layer] = (k, v)
-        else:
-            self.self_kv.append((k, v))
-        return k, v
-
-    def self_attention_mask(self, start: int, t: int, device: torch.device) -> Tensor | None:
-        """New query i (at position start + i) may see keys 0 .. start + i."""
-        return causal_mask(t, start, device)
-
-    def advance(self, t: int) -> None:
-        """Nothing to do: the length is that of the stored keys."""
-
-    def reorder(self, beam_index: Tensor, length: int | None = None) -> None:
-        """Keep row beam_index[i] of the self-attention cache as row i (beam search).
-
-        The cross-attention keys/values are left alone: beam search only moves rows between the beams
-        of one sample, which share their encoder states (the original `_reorder_cache` does the same).
-        """
-        self.self_kv = [(k.index_select(0, beam_index), v.index_select(0, beam_index)) for k, v in self.self_kv]
-
-
-class StaticKVCache:
-    """A preallocated key/value cache for generation: every buffer has its final size from the start.
-
-    Self-attention keys/values of all layers live in two tensors (layers, B, h, L, d) with room for L
-    tokens; step n writes slot n in place and attends to all L slots, the ones not yet written
-    masked out (so every step has the same shapes: one compiled graph serves them all, and no
-    tensor is reallocated or concatenated). The next position is a 0-dim tensor on the model's
-    device, advanced in place: a step needs no value from the host.
-
-    Args:
-        cross_kv: per layer, the cross-attention keys/values (B, h, T, d), computed once.
-        capacity: L, the most decoder tokens this cache will hold (decoder start token included).
-    """
-
-    def __init__(self, cross_kv: list[tuple[Tensor, Tensor]], capacity: int) -> None:
-        B, h, _, d = cross_kv[0][0].shape
-        k0 = cross_kv[0][0]
-        self.cross_kv = cross_kv
-        self.keys = k0.new_zeros(len(cross_kv), B, h, capacity, d)  # (layers, B, h, L, d)
-        self.values = torch.zeros_like(self.keys)  # (layers, B, h, L, d)
-        self.position = torch.zeros((), dtype=torch.long, device=k0.device)  # next slot to write
-        self.slots = torch.arange(capacity, device=k0.device)  # (L,)
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[3]
-
-    def start(self) -> Tensor:
-        """Position of the first new token, a 0-dim tensor."""
-        return self.position
-
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write a layer's new keys/values (B, h, t, d) at the next t slots -> all L slots (B, h, L, d)."""
-        new_slots = self.position + self.slots[: k.shape[2]]  # (t,)
-        self.keys[layer].index_copy_(2, new_slots, k)
-        self.values[layer].index_copy_(2, new_slots, v)
-        return self.keys[layer], self.values[layer]
-
-    def self_attention_mask(self, start: Tensor, t: int, device: torch.device) -> Tensor:
-        """New query i (at position start + i) may see slots 0 .. start + i: boolean (1, 1, t, L)."""
-        query_pos = start + self.slots[:t, None]  # (t, 1)
-        return (self.slots[None, :] <= query_pos)[None, None]  # (1, 1, t, L)
-
-    def advance(self, t: int) -> None:
-        self.position += t  # in place: the tensor a compiled step reads stays the same object
-
-    def reorder(self, beam_index: Tensor, length: int | None = None) -> None:
-        """Keep row beam_index[i] as row i (beam search), copying only the first `length` slots
-        (all when None): the cache stays where it is."""
-        filled = slice(None, length)
-        self.keys[:, :, :, filled] = self.keys[:, beam_index, :, filled]
-        self.values[:, :, :, filled] = self.values[:, beam_index, :, filled]
 
 
 class Encoder(nn.Module):
@@ -280,7 +199,7 @@ class Decoder(nn.Module):
         self.dropout = dropout
 
     def forward(self, input_ids: Tensor, encoder_hidden_states: Tensor | None, encoder_attention_mask: Tensor | None,
-                cache: KVCache | StaticKVCache | None) -> tuple[Tensor, KVCache | StaticKVCache]:
+                cache: KeyValueCache | None) -> tuple[Tensor, KeyValueCache]:
         """input_ids (B, t) are the new tokens; their positions continue from the cache's length."""
         B, t = input_ids.shape
         if cache is None:  # first step: the cross-attention keys/values are computed once, here
@@ -335,17 +254,20 @@ class Florence2LanguageModel(nn.Module):
                  use_sdpa: bool = True) -> None:
         super().__init__()
         shared = nn.Embedding(vocab_size, d_model, padding_idx=pad_token_id)
-        rates = (dropout, attention_dropout, activation_dropout)
-        encoder = Encoder(shared, max_position_embeddings, [
-            EncoderLayer(d_model, encoder_heads, encoder_ffn_dim, layer_norm_eps, *rates, use_sdpa)
-            for _ in range(encoder_layers)], layer_norm_eps, dropout)
-        decoder = Decoder(shared, max_position_embeddings, [
-            DecoderLayer(d_model, decoder_heads, decoder_ffn_dim, layer_norm_eps, *rates, use_sdpa)
-            for _ in range(decoder_layers)], layer_norm_eps, dropout)
+        common = dict(dim=d_model, eps=layer_norm_eps, dropout=dropout, attention_dropout=attention_dropout,
+                      activation_dropout=activation_dropout, use_sdpa=use_sdpa)
+        encoder_layer = LayerConfig(num_heads=encoder_heads, ffn_dim=encoder_ffn_dim, **common)
+        decoder_layer = LayerConfig(num_heads=decoder_heads, ffn_dim=decoder_ffn_dim, **common)
+        encoder = Encoder(shared, max_position_embeddings, [EncoderLayer(encoder_layer) for _ in range(encoder_layers)],
+                          layer_norm_eps, dropout)
+        decoder = Decoder(shared, max_position_embeddings, [DecoderLayer(decoder_layer) for _ in range(decoder_layers)],
+                          layer_norm_eps, dropout)
         self.model = EncoderDecoder(shared, encoder, decoder)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = shared.weight  # tied: one Parameter for input and output embeddings
         self.register_buffer("final_logits_bias", torch.zeros(1, vocab_size))  # persistent, as in the original
+        # greedy search chooses tokens through `token_screen` (same choices as the float32 logits, half the bytes)
+        self.screen_tokens = True
 
     def embed_tokens(self, input_ids: Tensor) -> Tensor:
         """(B, L) token ids -> (B, L, D) embeddings (no scaling)."""
@@ -357,24 +279,43 @@ class Florence2LanguageModel(nn.Module):
 
     def decode(self, decoder_input_ids: Tensor, encoder_hidden_states: Tensor | None,
                encoder_attention_mask: Tensor | None = None,
-               cache: KVCache | StaticKVCache | None = None) -> tuple[Tensor, KVCache | StaticKVCache]:
+               cache: KeyValueCache | None = None) -> tuple[Tensor, KeyValueCache]:
         """New decoder tokens (B, t) -> logits (B, t, V) and the cache extended by them.
 
         Without a cache the tokens start at position 0 and a new `KVCache` is made (cross-attention
         keys/values included); with one, `encoder_hidden_states` is not read again (it may be None).
         """
         x, cache = self.model.decoder(decoder_input_ids, encoder_hidden_states, encoder_attention_mask, cache)
-        # logits in the token table's dtype: float32 also in a bf16 model (`Florence2.to_dtype`)
-        return self.lm_head(x.to(self.lm_head.weight.dtype)) + self.final_logits_bias, cache  # (B, t, V)
+        return self.logits(x), cache  # (B, t, V)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Final decoder states (..., D) -> logits (..., V), in the token table's dtype: float32 also
+        in a bf16 model (`Florence2.to_dtype`)."""
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)) + self.final_logits_bias
 
     def new_static_cache(self, encoder_hidden_states: Tensor, capacity: int) -> StaticKVCache:
         """A preallocated cache for generating up to `capacity` decoder tokens from these encoder states."""
         return StaticKVCache(self.model.decoder.cross_keys_values(encoder_hidden_states), capacity)
 
     def step(self, decoder_input_ids: Tensor, encoder_attention_mask: Tensor | None, cache: StaticKVCache) -> Tensor:
-        """One generation step on a static cache: new tokens (B, t) -> logits (B, t, V); the cache
-        advances by t. The hot loop of decoding: `Florence2.compile_hot_paths` compiles this method."""
-        return self.decode(decoder_input_ids, None, encoder_attention_mask, cache)[0]
+        """One generation step on a static cache: new tokens (B, t) -> final decoder states (B, t, D)
+        (`logits` turns them into logits, `token_screen` into greedy choices); the cache advances by t."""
+        return self.model.decoder(decoder_input_ids, None, encoder_attention_mask, cache)[0]
+
+    def token_screen(self) -> ScreenedArgmax | None:
+        """The greedy chooser that reads a bf16 copy of the float32 token table (`token_choice`), made on
+        first use and remade when the table changes; None when the table is not float32 (a model cast
+        whole to bf16 has only bf16 logits to choose from) or `screen_tokens` is False."""
+        table = self.lm_head.weight
+        if not self.screen_tokens or table.dtype != torch.float32:
+            return None
+        key = (table.data_ptr(), table._version, table.device, self.final_logits_bias.data_ptr(),
+               self.final_logits_bias._version)
+        if getattr(self, "_screen_key", None) != key:
+            with torch.no_grad():
+                self._screen = ScreenedArgmax(table.detach(), self.final_logits_bias.detach())
+            self._screen_key = key
+        return self._screen
 
     def forward(self, inputs_embeds: Tensor, decoder_input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Teacher-forced pass: encoder embeddings (B, T, D), decoder ids (B, t) -> logits (B, t, V)."""
