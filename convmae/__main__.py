@@ -20,7 +20,7 @@ what can be asked of it:
   probabilities: the class names when the file's metadata has "class_names" (a JSON list), else
   the class indices.
 
-Images are read with `convmae.image_io.read_image` (every PIL mode, EXIF orientation) and go through
+Images are read with `minivision.images.read_image` (every PIL mode, EXIF orientation) and go through
 the official evaluation transform (convmae/transforms.py: shorter side to size / crop_pct, bicubic,
 centre crop, ImageNet normalisation). Everything is checked before anything is written; an
 existing output is refused without --force, an input is never overwritten; a user error is one line
@@ -39,12 +39,12 @@ from safetensors import safe_open
 
 from convmae.cli_io import OneLineParser, UserError, bounded, check_outputs, list_images, resolve_device, save_png
 from convmae.convvit import ConvViT
-from convmae.image_io import read_image
 from convmae.load import load_convvit, model_from_tensors, read_convmae_file
 from convmae.model import ConvMAE
 from convmae.transforms import eval_transform
 from convmae.visualize import Reconstruction, picture, reconstruct
 from minivision.checkpoint import CheckpointError, save_file_atomic
+from minivision.images import read_image
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STRIDES = (4, 8, 16, 32)

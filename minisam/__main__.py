@@ -9,7 +9,7 @@
     python -m minisam --random-weights vit_b --image-size 128 photo.jpg --point 10,10 --out mask.png   # smoke test only
 
 Inputs: image files and folders (a folder gives its files with an image suffix, sorted; not its
-subfolders). Images are read with `minisam.image_io.read_image` (every PIL mode, EXIF orientation).
+subfolders). Images are read with `minivision.images.read_image` (every PIL mode, EXIF orientation).
 The image encoder runs on `--batch-size` images at once; each image's results equal a run on it alone.
 
 Prompts (`--point X,Y[,LABEL]`, `--box X0,Y0,X1,Y1`, each repeatable) apply to every image. They
@@ -64,12 +64,12 @@ from minisam.cli_io import (
     save_text,
 )
 from minisam.config import CONFIGS
-from minisam.image_io import read_image
 from minisam.masks import coco_decode_rle, rle_to_mask
 from minisam.predictor import SamPredictor, check_boxes_inside, check_points_inside
 from minisam.sam import Sam, load_sam
 from minisam.transforms import ResizeLongestSide
 from minivision.checkpoint import CheckpointError
+from minivision.images import read_image
 
 MASK_COLOUR = np.array([30, 144, 255])  # the blue of the official notebooks
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

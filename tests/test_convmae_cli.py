@@ -23,12 +23,12 @@ from safetensors.torch import load_file, save_file
 import convmae
 import minisam
 from convmae.__main__ import main
-from convmae.image_io import read_image
 from convmae.load import load_convmae, load_convvit
 from convmae.model import ConvMAE
 from convmae.transforms import eval_transform
 from convmae.visualize import picture, reconstruct
 from minivision.checkpoint import FORMAT_VERSION, save_converted
+from minivision.images import read_image
 
 CLASSES = ["cat", "dog", "truck", "tree", "boat"]
 
