@@ -3,9 +3,10 @@
     python -m convmae convmae_base.safetensors photo.jpg --reconstruct mae.png
     python -m convmae convmae_base.safetensors photos/ --features features.safetensors
     python -m convmae convvit_base.safetensors photo.jpg more.jpg            # prints the top-5 classes
+    python -m convmae runs/convvit/ photos/ --skip-bad                      # a training run folder's best weights
 
-The checkpoint is a converted file (`python -m weights_convert convmae ...`); what it holds decides
-what can be asked of it:
+The checkpoint is a converted file (`python -m weights_convert convmae ...`) or a training run folder
+(its best.safetensors, else last.safetensors); what it holds decides what can be asked of it:
 - --reconstruct OUT.png (ConvMAE, FastConvMAE files): the MAE picture, one row per image:
   original, masked, reconstruction, reconstruction with the visible patches pasted back
   (convmae/visualize.py; for norm-pix models, the released ones, the picture says that each
@@ -22,9 +23,11 @@ what can be asked of it:
 
 Images are read with `minivision.images.read_image` (every PIL mode, EXIF orientation) and go through
 the official evaluation transform (convmae/transforms.py: shorter side to size / crop_pct, bicubic,
-centre crop, ImageNet normalisation). Everything is checked before anything is written; an
-existing output is refused without --force, an input is never overwritten; a user error is one line
-on stderr with exit status 1 (2 for a malformed command line).
+centre crop, ImageNet normalisation). Everything is checked before anything is written: all bad
+images are listed, one line each, and nothing runs (with --skip-bad they are skipped, each named,
+then counted, and the others processed); an existing output is refused without --force, an input
+is never overwritten, a missing output folder is created; a user error is one line on stderr with
+exit status 1 (2 for a malformed command line).
 """
 
 from __future__ import annotations
@@ -37,13 +40,23 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from convmae.cli_io import OneLineParser, UserError, bounded, check_outputs, list_images, resolve_device, save_png
 from convmae.convvit import ConvViT
 from convmae.load import load_convvit, model_from_tensors, read_convmae_file
 from convmae.model import ConvMAE
 from convmae.transforms import eval_transform
 from convmae.visualize import Reconstruction, picture, reconstruct
-from minivision.checkpoint import CheckpointError, save_file_atomic
+from minivision.checkpoint import resolve_weights, save_file_atomic
+from minivision.cli import (
+    OneLineParser,
+    UserError,
+    bounded,
+    check_each,
+    check_outputs,
+    list_images,
+    parse_device,
+    run_command,
+)
+from minivision.files import save_image
 from minivision.images import read_image
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,19 +64,27 @@ STRIDES = (4, 8, 16, 32)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m convmae", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="a converted ConvMAE, FastConvMAE or ConvViT file")
+    summary, examples, *details = __doc__.split("\n\n")
+    parser = OneLineParser(prog="python -m convmae", description=f"{summary}\n\n{examples}",
+                           epilog="\n\n".join(details))
+    parser.add_argument("checkpoint", type=Path,
+                        help="a converted ConvMAE, FastConvMAE or ConvViT file, or a training run folder")
     parser.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     parser.add_argument("--reconstruct", type=Path, metavar="OUT.png", help="the MAE reconstruction picture")
     parser.add_argument("--features", type=Path, metavar="OUT.safetensors", help="multi-scale encoder features")
     parser.add_argument("--top-k", type=bounded(int, 0), default=5, help="classes printed for ConvViT files (0: none)")
-    parser.add_argument("--mask-ratio", type=bounded(float, 0, 1, open_ends=True), default=0.75)
+    parser.add_argument("--mask-ratio", type=bounded(float, 0, 1, open_ends=True), default=0.75,
+                        help="fraction of patches removed in --reconstruct")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask of --reconstruct")
     parser.add_argument("--crop-pct", type=bounded(float, 0, 1, open_ends=True),
                         help="centre-crop fraction (default: the official 224/256 up to 224 px, else 1)")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip (and count) unreadable images and run the rest; without it, every bad image is "
+                             "listed and nothing runs")
     parser.add_argument("--batch-size", type=bounded(int, 1), default=8, help="images per forward pass")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights' dtype (fp32: exact)")
     return parser
 
@@ -103,24 +124,29 @@ def load_models(args: argparse.Namespace, device: torch.device) -> tuple[str, Co
     return kind, mae, vit
 
 
+def check_image(path: Path, size: int, crop_pct: float | None) -> None:
+    """Decode the image and run the evaluation transform once: an unusable one is refused before anything runs."""
+    rgb = read_image(path)  # an unreadable file: ImageReadError, which names it
+    try:
+        eval_transform(rgb, size, crop_pct)
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
 def run(args: argparse.Namespace) -> None:
-    device = resolve_device(args.device)
+    device = parse_device(args.device)
+    args.checkpoint = resolve_weights(args.checkpoint)
     if args.reconstruct is not None and args.reconstruct.suffix.lower() != ".png":
         raise UserError(f"--reconstruct {args.reconstruct}: the picture is a PNG; name it .png")
     if args.features is not None and args.features.suffix != ".safetensors":
         raise UserError(f"--features {args.features}: the features are a safetensors file; name it .safetensors")
     images = list_images(args.images)
-    outputs = {k: v for k, v in (("--reconstruct", args.reconstruct), ("--features", args.features)) if v}
+    outputs = {k: [v] for k, v in (("--reconstruct", args.reconstruct), ("--features", args.features)) if v}
     check_outputs(outputs, [*images, args.checkpoint], args.force)
     kind, mae, vit = load_models(args, device)
     model = mae if mae is not None else vit
     size, crop_pct = model.config.image_size, args.crop_pct
-    for path in images:  # decode and transform every image before anything is written
-        rgb = read_image(path)  # an unreadable file: ImageReadError, which names it
-        try:
-            eval_transform(rgb, size, crop_pct)
-        except ValueError as e:
-            raise UserError(f"{path}: {e}") from None
+    images = check_each(images, lambda path: check_image(path, size, crop_pct), args.skip_bad)
     names = class_names(args.checkpoint, vit.config.num_classes) if vit is not None and kind == "convvit" else []
     noise = torch.rand(1, model.config.num_patches, generator=torch.Generator().manual_seed(args.seed))  # (1, L)
     rows: list[tuple[str, Reconstruction]] = []
@@ -160,24 +186,14 @@ def run(args: argparse.Namespace) -> None:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items())
         print(f"{args.features}: {shapes}")
     if args.reconstruct:
-        save_png(reconstructions, args.reconstruct)
+        save_image(reconstructions, args.reconstruct)
         print(f"{args.reconstruct}: reconstructions of {len(rows)} image{'s' if len(rows) > 1 else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (UserError, CheckpointError, ValueError, OSError) as error:  # ImageReadError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print(f"error: out of memory on {args.device}; lower --batch-size", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run(args), interrupted="interrupted; nothing was written",
+                       out_of_memory="lower --batch-size")
 
 
 if __name__ == "__main__":
