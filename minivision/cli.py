@@ -107,8 +107,11 @@ def run_command(run: Callable[[], int | None], interrupted: str, out_of_memory: 
     """
     try:
         return run() or 0
-    except (UserError, CheckpointError, ValueError) as error:
+    except UserError as error:  # one line, or a list of one line per input
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (CheckpointError, ValueError) as error:  # other libraries' messages may run to several lines
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError:
         print(f"error: out of memory; {out_of_memory}", file=sys.stderr)

@@ -37,7 +37,6 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 import typing
@@ -56,6 +55,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from minivision.checkpoint import CheckpointError, check_tensors
+from minivision.files import atomic_file, remove_stale_temps
 
 S = TypeVar("S")
 
@@ -406,41 +406,19 @@ def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-# A temporary file of ours: the final name + 8 characters of `tempfile.mkstemp` + ".tmp"
-# (`atomic_file` here, `checkpoint_format.save_file_atomic` for .safetensors).
+# The temporary files of earlier versions' writes (final name + 8 characters of `tempfile.mkstemp` +
+# ".tmp"); writes now go through `minivision.files.atomic_file` (`minivision.files.TEMP_PATTERN`).
 TEMP_NAME = re.compile(r".+\.(pt|safetensors|json|jsonl|png)[a-z0-9_]{8}\.tmp")
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> typing.Iterator[typing.BinaryIO]:
-    """A binary file that appears under `path` only once complete.
-
-    It is written to a temporary file in the same folder (`TEMP_NAME`), flushed to disk, then
-    renamed over `path`: `os.replace` is atomic, so `path` always holds the previous content or
-    the new one. An exception (Ctrl-C included) removes the temporary file; one left by a killed
-    process is removed at the next start (`remove_temp_files`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files (`TEMP_NAME`) that killed writes left under `folder`; returns them."""
+    """Delete the temporary files that killed writes left under `folder` (`TEMP_NAME`, and minivision's
+    whose process is gone); returns them."""
     folder = Path(folder)
     found = [p for p in folder.rglob("*.tmp") if p.is_file() and TEMP_NAME.fullmatch(p.name)] if folder.is_dir() else []
     for path in found:
         path.unlink(missing_ok=True)
-    return found
+    return found + remove_stale_temps(folder, recursive=True)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
