@@ -13,8 +13,9 @@ pictures, JSON and JSONL results, ONNX graphs) is written the same way:
        killed process is removed by `remove_stale_temps` (only names of the pattern, only when
        their process is gone, so a write still running in another process is left alone).
 
-The temporary is created with `open()`, so the file gets the permissions of any other program's
-output (0o666 masked by the umask), never the private 0o600 of `tempfile.mkstemp`.
+Every file written gets the permissions of any other program's output, 0o666 masked by the umask
+(`normal_permissions`), never the private 0o600 that `tempfile.mkstemp` and safetensors' writer
+give their files.
 
 The destination's folder is created when missing (the one rule of every command line of the
 project: an output folder that does not exist yet is made).
@@ -56,7 +57,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     tmp = temp_name(path)
     try:
         write(tmp)
-        _fsync(tmp)
+        _fsync_and_open_up(tmp)
         os.replace(tmp, path)
     finally:
         _remove(tmp)
@@ -95,13 +96,27 @@ def save_image(picture: Image.Image | np.ndarray, path: str | os.PathLike, image
     atomic_write(path, lambda tmp: image.save(tmp, format=image_format))
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, or every file of a folder, to the disk (a rename must never expose unwritten bytes)."""
+def _fsync_and_open_up(path: Path) -> None:
+    """Flush a file, or every file of a folder, to the disk (a rename must never expose unwritten bytes),
+    each with `normal_permissions`."""
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    mode = normal_permissions()
     for file in files:
-        if file.is_file():
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def normal_permissions() -> int:
+    """0o666 masked by the process's umask: the mode `open()` gives a new file."""
+    try:  # Linux: read it without changing it (os.umask can only be read by setting it)
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _remove(path: Path) -> None:

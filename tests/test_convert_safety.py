@@ -30,7 +30,8 @@ from official import fill_sam_random
 import convmae
 import minisam
 from miniflorence import load_florence2
-from minivision.checkpoint import TEMP_PATTERN, CheckpointError, read_official, remove_stale_temps, save_converted
+from minivision.checkpoint import CheckpointError, read_official, save_converted
+from minivision.files import TEMP_PATTERN, remove_stale_temps
 from weights_convert import sam as convert_sam
 from weights_convert.__main__ import main
 
