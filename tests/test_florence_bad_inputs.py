@@ -184,6 +184,20 @@ def test_bad_input_is_one_clear_line(work: Path, jsonl_files: Path, capsys, case
     assert snapshot(work) == before, f"{case}: files changed"
 
 
+def test_missing_out_folder_is_created_and_skip_bad_runs_the_rest(work: Path, tmp_path: Path, capsys) -> None:
+    """The one rule of every command: a missing output folder is created. --skip-bad: the readable images run,
+    each unreadable one is named, then counted."""
+    out = tmp_path / "new" / "deeper" / "results.jsonl"
+    args = [CK, TOK, CAR, "@bad/truncated.jpg", "@images/gray.png", "@bad/notes.txt", "--out", str(out), *QUICK]
+    code, _, err = cli(work, args, capsys)
+    assert code == 1 and err.startswith("error: 2 unusable image(s)") and "--skip-bad" in err and not out.exists()
+    code, _, err = cli(work, [*args, "--skip-bad"], capsys)
+    assert code == 0, err
+    assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == [
+        str(work / "images" / "car.png"), str(work / "images" / "gray.png")]
+    assert err.count("skipped: ") == 2 and "skipped 2 of 4 image(s) (--skip-bad)" in err
+
+
 # --- as programs: the exit status and the absence of a traceback, end to end ----------------------
 
 SUBPROCESS_CASES = [
