@@ -205,18 +205,17 @@ def check_outputs(
     protected = {p.resolve() for p in inputs}
     owner: dict[Path, str] = {}
 
-    def named(label: str, path: Path) -> str:
-        return f"{label} {path}" if label.startswith("-") else str(path)
+    def who(label: str, path: Path) -> str:  # "--features f.safetensors", or the image
+        return f"{label} {path}" if label.startswith("-") else label
 
     for label, paths in planned.items():
         for path in paths:
             key = path.resolve()
             if owner.get(key, label) != label:
-                first = owner[key]
-                who = [named(first, path), named(label, path)] if label.startswith("-") else [first, label]
-                raise UserError(f"{who[0]} and {who[1]} would both write {path}: rename one or run them apart")
+                first = who(owner[key], path)
+                raise UserError(f"{first} and {who(label, path)} would both write {path}: rename one or run them apart")
             owner[key] = label
-            where = named(label, path)
+            where = f"{label} {path}" if label.startswith("-") else str(path)
             if key in protected:
                 raise UserError(f"{where}: is an input; refusing to overwrite it")
             if path.exists() and path.is_dir() != folders:
