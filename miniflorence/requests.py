@@ -1,5 +1,6 @@
-"""What `python -m miniflorence` is asked to run: one request per image, from the command line or a
-JSONL file, each task and text checked against the official prompt templates before the model loads.
+"""What `python -m miniflorence` is asked to run: one request per image, from the command line, a
+JSONL file or the rows of a parquet source, each task and text checked against the official prompt
+templates before the model loads.
 
 A request file has one JSON object a line: {"image": path (relative to the file's folder), "task"?:
 token, "text"?: str}; a missing task or text takes --task / --text. Every bad line (and every
@@ -12,17 +13,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from miniflorence.images import read_image
+from PIL import Image
+
+from miniflorence.images import ImageError, read_image
 from miniflorence.processor import TASK_PROMPTS, check_task
 from minivision.cli import UserError, check_each, list_images, list_problems
+from minivision.parquet import ParquetCell, ParquetSource
 
 
 @dataclass(frozen=True)
 class Request:
     """One image to run: `name` is the path as the user wrote it (what the output line shows), `where`
-    the JSONL line it comes from ("" for images on the command line)."""
+    the JSONL line it comes from ("" for images on the command line). A parquet row's image is a
+    `ParquetCell`, read when needed."""
 
-    image: Path
+    image: Path | ParquetCell
     name: str
     task: str
     text: str | None
@@ -91,18 +96,56 @@ def requests_from_jsonl(file: Path, task: str, text: str | None) -> list[Request
     return requests
 
 
+def requests_from_parquet(source: str, split: str, image_column: str, text_column: str | None, task: str,
+                          text: str | None) -> list[Request]:
+    """One request per row of a parquet file, glob or dataset folder (`minivision.parquet`), its image read
+    lazily, its text from `text_column` if given; every bad text is listed and nothing runs."""
+    try:
+        images = ParquetSource(source, [image_column], split)
+        texts = ParquetSource(source, [text_column], split) if text_column else None
+    except (ValueError, OSError) as e:
+        raise UserError(f"--parquet {e}") from None
+    requests, problems = [], []
+    for i, row in texts.iter_rows() if texts else ((i, {}) for i in range(images.num_rows)):
+        cell = ParquetCell(images, i, image_column)
+        row_text = row.get(text_column, text) if texts else text
+        try:
+            check_task_text(task, row_text, str(cell))
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        requests.append(Request(cell, str(cell), task, row_text, str(cell)))
+    list_problems(problems, f"row(s) in {source}")
+    if not requests:
+        raise UserError(f"--parquet {source} holds no row")
+    return requests
+
+
+def request_image(r: Request) -> Path | Image.Image:
+    """A request's image file, or its parquet cell's image decoded (an ImageError if it does not decode)."""
+    if not isinstance(r.image, ParquetCell):
+        return r.image
+    try:
+        image = r.image.open()
+        image.load()
+    except Exception as e:  # no bytes in the cell, not an image, truncated
+        raise ImageError(f"{r.image}: not a readable image ({type(e).__name__}: {e})") from None
+    return image
+
+
 def check_images(requests: list[Request], skip_bad: bool) -> list[Request]:
     """Decode every image once before the model is loaded, so that no run stops half-way -> the requests
     to run: all of them, or (`skip_bad`) those whose image is usable. Bad images are listed once each."""
-    first: dict[Path, Request] = {}
+    first: dict[Path | ParquetCell, Request] = {}
     for r in requests:
         first.setdefault(r.image, r)
 
     def check(r: Request) -> None:
         try:
-            read_image(r.image)
+            read_image(request_image(r))
         except ValueError as e:
-            raise UserError(f"{r.where}: {e}" if r.where else str(e)) from None
+            where = r.where if r.where and r.where != r.name else ""
+            raise UserError(f"{where}: {e}" if where else str(e)) from None
 
     usable = {r.image for r in check_each(list(first.values()), check, skip_bad)}
     return [r for r in requests if r.image in usable]

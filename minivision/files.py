@@ -98,25 +98,33 @@ def save_image(picture: Image.Image | np.ndarray, path: str | os.PathLike, image
 
 def _fsync_and_open_up(path: Path) -> None:
     """Flush a file, or every file of a folder, to the disk (a rename must never expose unwritten bytes),
-    each with `normal_permissions`."""
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    mode = normal_permissions()
-    for file in files:
-        if file.is_file() and not file.is_symlink():
-            os.chmod(file, mode)
-            with open(file, "rb") as f:
+    each with `normal_permissions` (a written folder and its subfolders with the execute bits besides)."""
+    entries = [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]
+    umask = _umask()
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            os.chmod(entry, 0o777 & ~umask)
+        elif entry.is_file():
+            os.chmod(entry, 0o666 & ~umask)
+            with open(entry, "rb") as f:
                 os.fsync(f.fileno())
 
 
 def normal_permissions() -> int:
     """0o666 masked by the process's umask: the mode `open()` gives a new file."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
     try:  # Linux: read it without changing it (os.umask can only be read by setting it)
         with open("/proc/self/status", encoding="ascii") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
         umask = os.umask(0o022)
         os.umask(umask)
-    return 0o666 & ~umask
+        return umask
 
 
 def _remove(path: Path) -> None:

@@ -107,6 +107,30 @@ def test_stale_temporaries_are_found_in_subfolders(tmp_path: Path) -> None:
     assert remove_stale_temps(tmp_path, recursive=True) == [stale] and not stale.exists()
 
 
+def test_training_sweeps_both_temporary_schemes(tmp_path: Path) -> None:
+    """train.files.remove_temp_files: minivision's (process gone) and earlier versions' mkstemp names."""
+    from train.files import remove_temp_files
+
+    ours = [tmp_path / ".last.pt.minivision-999999999-0123abcd.tmp", tmp_path / "last.ptab12cd_4.tmp"]
+    theirs = [tmp_path / "notes.tmp", tmp_path / f".last.pt.minivision-{os.getpid()}-0123abcd.tmp"]  # a live writer
+    for path in ours + theirs:
+        path.write_text("half")
+    assert sorted(remove_temp_files(tmp_path)) == sorted(ours)
+    assert all(p.exists() for p in theirs)
+
+
+def test_a_written_folder_gets_normal_permissions(tmp_path: Path) -> None:
+    def write(tmp: Path) -> None:
+        (tmp / "sub").mkdir(parents=True, mode=0o700)
+        (tmp / "sub" / "f.txt").write_text("x")
+        os.chmod(tmp, 0o700)
+
+    atomic_write(tmp_path / "folder", write)
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~umask()
+    assert (tmp_path / "folder" / "sub").stat().st_mode & 0o777 == 0o777 & ~umask()
+    assert (tmp_path / "folder" / "sub" / "f.txt").stat().st_mode & 0o777 == 0o666 & ~umask()
+
+
 # ---- the run-folder rule ----------------------------------------------------------------------------------
 
 

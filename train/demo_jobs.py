@@ -52,10 +52,11 @@ from PIL import Image, ImageDraw
 
 import minisam
 from minivision.checkpoint import save_converted
-from train import common, pictures
 from train import convmae as train_convmae
 from train import florence2 as train_florence2
+from train import pictures, report
 from train import sam as train_sam
+from train.distributed import Dist
 from train.levenshtein import anls, exact_match, similarity
 from train.prompts import erode
 from train.sam_data import (
@@ -94,19 +95,19 @@ SAM_RECIPE = dict(train_all=True, prompt="box", loss="dice_balanced_bce", lr=3e-
 class DemoSettings:
     """Train a small SAM, Florence-2 and ConvMAE in a few minutes on CPU, offline, and show what they learned."""
 
-    out: str = "demo_out"
+    out: str = "demo_out"  # each job writes its run folder under OUT/<job>/ (replacing an earlier demo's)
     jobs: str = "sam,florence2,convmae"  # comma-separated names from JOBS
     checkpoint: str | None = None  # a converted SAM checkpoint: fine-tune its decoder instead of a small SAM
     image_size: int = 0  # with --checkpoint: run it at this size (0: its own, 1024; 512 is kinder to a CPU)
-    sam_epochs: int = 20
+    sam_epochs: int = 20  # passes over the sam job's training images
     sam_images: int = 400  # synthetic images for the sam job (4 in 5 train, 1 in 5 held out); >= 40 (batches of 32)
-    florence2_epochs: int = 20
+    florence2_epochs: int = 20  # passes over the florence2 job's training pages
     florence2_pages: int = 240  # synthetic training pages (3 questions each)
-    convmae_epochs: int = 60
+    convmae_epochs: int = 60  # passes over the convmae job's training images
     convmae_images: int = 94  # synthetic training images (besides the 2 bundled photos)
-    seed: int = 0
+    seed: int = 0  # seeds the synthetic data and every job
     threads: int = 0  # torch CPU threads; 0: every core (os.cpu_count())
-    progress: bool = True
+    progress: bool = True  # progress bars (only when stderr is a terminal)
 
 
 @dataclass
@@ -227,15 +228,15 @@ def sam_job(ds: DemoSettings) -> JobResult:
     save_converted(start, model.state_dict(), "sam", model.config.to_dict())
     s = train_sam.Settings(data=str(shapes), out=str(out), checkpoint=str(start), epochs=ds.sam_epochs, seed=ds.seed,
                            progress=ds.progress, overwrite=True, **SAM_RECIPE)
-    result = train_sam.train(s, common.Dist())
+    result = train_sam.train(s, Dist())
     trained: minisam.Sam = result["model"].eval()  # the final model (the one the pictures show)
     S = trained.config.image_size
     before, after = result["history"]["val_iou"][0][1], result["history"]["val_iou"][-1][1]
 
     # the same held-out objects train.sam validated on, with the same fixed prompts (no box jitter)
     prompts = PromptSettings(s.prompt, s.n_positive, s.n_negative, box_shift=0)
-    records = load_records([str(shapes)], common.Skipped())
-    _, held_out = split_objects(index_objects(records, S, common.Skipped()), s.val_fraction, s.seed)
+    records = load_records([str(shapes)], report.Skipped())
+    _, held_out = split_objects(index_objects(records, S, report.Skipped()), s.val_fraction, s.seed)
     val_set = SegmentationDataset(records, held_out, S, prompts, s.seed, train=False)
     baseline = box_baseline(val_set)
     picks = np.linspace(0, len(val_set) - 1, 10).round().astype(int).tolist()
@@ -245,8 +246,8 @@ def sam_job(ds: DemoSettings) -> JobResult:
     ]
     # real photos, never seen in training (out of distribution): the largest object of the bundled
     # PASCAL VOC photo (it has a true mask) and SAM's own demo photo with a box around the truck (no true mask)
-    photos = [r for r in load_records([str(DEMO_DATA)], common.Skipped()) if r.name == "voc"]
-    objects = index_objects(photos, S, common.Skipped())
+    photos = [r for r in load_records([str(DEMO_DATA)], report.Skipped()) if r.name == "voc"]
+    objects = index_objects(photos, S, report.Skipped())
     photo_set = SegmentationDataset(photos, objects, S, prompts, s.seed, train=False)
     largest = max(range(len(objects)), key=lambda i: photo_set[i]["mask"].sum().item())
     tiles += [sam_tile(im, m, t, p, f"real photo  IoU {v:.2f}") for im, m, t, p, v in
@@ -255,7 +256,7 @@ def sam_job(ds: DemoSettings) -> JobResult:
     if truck.is_file():
         tiles.append(photo_tile(trained, truck, TRUCK_BOX, "photo, no true mask"))
     else:
-        common.log(f"sam: {truck} not found: the overlays show no SAM demo photo")
+        report.log(f"sam: {truck} not found: the overlays show no SAM demo photo")
     sheet = pictures.grid(tiles, 4, legend=SAM_LEGEND, title=(
         f"A small SAM ({sum(p.numel() for p in trained.parameters()) / 1e6:.2f} M parameters) trained from scratch "
         f"({result['step']} steps, {S} px input) on synthetic shapes, prompted with each object's box: objects of "
@@ -289,11 +290,11 @@ def sam_finetune_job(ds: DemoSettings) -> JobResult:
         image_size=ds.image_size, prompt="box", loss="dice_bce", lr=1e-4, batch_size=4, warmup_steps=10,
         seed=ds.seed, progress=ds.progress, overwrite=True, val_fraction=0.25,
     )
-    result = train_sam.train(s, common.Dist())
+    result = train_sam.train(s, Dist())
     trained = result["model"].eval()
     S = trained.config.image_size
-    records = load_records(data, common.Skipped())
-    _, held_out = split_objects(index_objects(records, S, common.Skipped()), s.val_fraction, s.seed)
+    records = load_records(data, report.Skipped())
+    _, held_out = split_objects(index_objects(records, S, report.Skipped()), s.val_fraction, s.seed)
     val_set = SegmentationDataset(records, held_out, S, PromptSettings("box", box_shift=0), s.seed, train=False)
     picks = np.linspace(0, len(val_set) - 1, min(8, len(val_set))).round().astype(int).tolist()
     tiles = [sam_tile(im, m, t, p, f"held-out  IoU {v:.2f}", scale=1)
@@ -363,9 +364,9 @@ def florence2_job(ds: DemoSettings) -> JobResult:
         data=str(train_dir / "qa.jsonl"), val_data=str(val_dir / "qa.jsonl"), out=str(out),
         tokenizer=str(out / "tokenizer"), model="tiny", image_size=96, epochs=ds.florence2_epochs,
         batch_size=16, lr=7e-4, warmup_steps=20, schedule="cosine", freeze_vision=False, max_new_tokens=8,
-        seed=ds.seed, progress=ds.progress, overwrite=True,
+        seed=ds.seed, progress=ds.progress, overwrite=True, from_scratch=True,
     )
-    result = train_florence2.train(s, common.Dist())
+    result = train_florence2.train(s, Dist())
     h = result["history"]
     examples = [json.loads(line) for line in (val_dir / "qa.jsonl").read_text().splitlines()]
     predictions = json.loads((out / "predictions.json").read_text())  # the last evaluation, in file order
@@ -373,7 +374,7 @@ def florence2_job(ds: DemoSettings) -> JobResult:
     chance = chance_scores(examples)
     per_question = {q: sum(exact_match(p["prediction"], p["answers"]) for p in predictions[k::3]) / VAL_PAGES
                     for k, q in enumerate(QUESTIONS)}
-    common.log("florence2: exact match per question after training: "
+    report.log("florence2: exact match per question after training: "
                + ", ".join(f"{q!r} {v:.2f}" for q, v in per_question.items()))
     n = len(examples)
     metrics = [Metric(f"{name}, {n} held-out questions", h[key][0][1], h[key][-1][1], chance[key], "random answer")
@@ -400,9 +401,9 @@ def convmae_job(ds: DemoSettings) -> JobResult:
     s = train_convmae.Settings(
         data=f"{DEMO_DATA / 'images'},{shapes / 'images'}", val_data=str(held_out / "images"), out=str(out),
         model=str(config), epochs=ds.convmae_epochs, norm_pix_loss=False, batch_size=16, lr=1.5e-3,
-        warmup_epochs=1.0, eval_images=8, seed=ds.seed, progress=ds.progress, overwrite=True,
+        warmup_epochs=1.0, eval_images=8, seed=ds.seed, progress=ds.progress, overwrite=True, from_scratch=True,
     )
-    result = train_convmae.train(s, common.Dist())
+    result = train_convmae.train(s, Dist())
     metric = Metric("MSE on removed patches, 8 held-out images", result["recon_before"], result["recon_after"],
                     result["baseline"], "mean visible colour", higher_is_better=False)
     notes = ["convmae: 75% of each image's 16 px patches are removed; the model predicts their pixels. MSE in "
