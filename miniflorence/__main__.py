@@ -30,6 +30,11 @@ unreadable images, bad lines or unusable settings stop the run with one line eac
 written (with --skip-bad, unreadable images are skipped, each named, then counted, and the others
 run). A folder contributes its image files (by suffix, sorted, not recursive); a missing --out
 folder is created.
+
+With `--out x.jsonl` the run is a resumable job (`minivision.jobs`): each finished image is journaled
+in `x.jsonl.parts/`, a rerun of the same command after a crash does only the rest, and under
+`torchrun --nproc_per_node N -m miniflorence ...` (any number of processes and machines sharing the
+output folder) each process takes every N-th image; the first writes x.jsonl in input order.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from miniflorence.tokenizer import Tokenizer
 from minivision.checkpoint import resolve_weights
 from minivision.cli import OneLineParser, UserError, check_creatable, list_problems, parse_device, run_command
 from minivision.files import atomic_write, save_image
+from minivision.jobs import SKIPPED, Journal, Shard, finish, job_identity, refuse_several_processes, todo
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -266,6 +272,11 @@ def run(args: argparse.Namespace) -> int:
     tokenizer_files = Path(tokenizer_dir)
     inputs += list(tokenizer_files.iterdir()) if tokenizer_files.is_dir() else []
     out = check_out(args, inputs, single and len(requests) == 1)
+    if out is None or out.suffix.lower() != ".jsonl":
+        refuse_several_processes(Shard.from_env(), "the results of a run of several processes go to a file: "
+                                                   "give --out results.jsonl")
+    else:
+        return run_job(args, requests, out, tokenizer_dir, device)
     requests = check_images(requests, args.skip_bad)
     # 2. the tokenizer and the model, and whether they fit each other and the prompts
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -284,25 +295,50 @@ def run(args: argparse.Namespace) -> int:
             save_image(drawn, out, image_format)
             print(f"wrote {out}", file=sys.stderr)
         return 0
-    if out is None:
-        for record, _ in results:
-            print(json.dumps(record, ensure_ascii=False), flush=True)
-        return 0
+    for record, _ in results:
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    return 0
 
-    def write(tmp: Path) -> None:
-        with tmp.open("w", encoding="utf-8") as f:
-            for record, _ in results:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    atomic_write(out, write)
-    print(f"wrote {len(requests)} results to {out}", file=sys.stderr)
+def run_job(args: argparse.Namespace, requests: list[Request], out: Path, tokenizer_dir: str,
+            device: torch.device) -> int:
+    """`--out x.jsonl`: this process's share of the requests, journaled; the first process writes x.jsonl."""
+    settings = {k: getattr(args, k) for k in ("random_weights", "checkpoint", "dtype", "num_beams", "max_new_tokens",
+                                              "no_repeat_ngram_size")}
+    identity = job_identity([f"{r.name}\t{r.task}\t{r.text}" for r in requests], {**settings,
+                                                                                   "tokenizer": tokenizer_dir})
+    journal = Journal(out, identity, Shard.from_env(), lazy=True)
+    mine = [requests[i] for i in todo(len(requests), journal)]
+    index = {id(r): i for i, r in enumerate(requests)}
+    usable = check_images(mine, args.skip_bad, none_left_ok=journal.shard.world > 1)
+    kept = set(map(id, usable))
+    for r in mine:
+        if id(r) not in kept:
+            journal.add(index[id(r)], {SKIPPED: True})
+    if usable:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        model = load_model(args, device)
+        prompts = [tokenizer.encode(any_task_prompt(r.task, r.text)) for r in usable]
+        check_fit(usable, prompts, model, args, tokenizer_dir, tokenizer)
+        processor = Processor(tokenizer, image_size=model.config.image_size)
+        for r, (record, _) in zip(usable, run_batches(usable, model, processor, args, device)):
+            journal.add(index[id(r)], record)
+
+    def write(records: list[dict]) -> None:
+        lines = [json.dumps({k: v for k, v in record.items() if k != "index"}, ensure_ascii=False) + "\n"
+                 for record in records]
+        atomic_write(out, lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"))
+        print(f"wrote {len(records)} results to {out}", file=sys.stderr)
+
+    finish(journal, len(requests), write)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_command(lambda: run(args), interrupted="interrupted (an --out file is written only by a finished run)",
-                       out_of_memory="lower --batch-size or --num-beams")
+    interrupted = ("interrupted; an --out .jsonl is written only by a finished run (rerun the same command: it goes "
+                   "on from its OUT.parts/ journal)")
+    return run_command(lambda: run(args), interrupted=interrupted, out_of_memory="lower --batch-size or --num-beams")
 
 
 if __name__ == "__main__":

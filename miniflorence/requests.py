@@ -133,9 +133,10 @@ def request_image(r: Request) -> Path | Image.Image:
     return image
 
 
-def check_images(requests: list[Request], skip_bad: bool) -> list[Request]:
+def check_images(requests: list[Request], skip_bad: bool, none_left_ok: bool = False) -> list[Request]:
     """Decode every image once before the model is loaded, so that no run stops half-way -> the requests
-    to run: all of them, or (`skip_bad`) those whose image is usable. Bad images are listed once each."""
+    to run: all of them, or (`skip_bad`) those whose image is usable. Bad images are listed once each.
+    `none_left_ok`: a share of a job of several processes may be all bad."""
     first: dict[Path | ParquetCell, Request] = {}
     for r in requests:
         first.setdefault(r.image, r)
@@ -147,5 +148,5 @@ def check_images(requests: list[Request], skip_bad: bool) -> list[Request]:
             where = r.where if r.where and r.where != r.name else ""
             raise UserError(f"{where}: {e}" if where else str(e)) from None
 
-    usable = {r.image for r in check_each(list(first.values()), check, skip_bad)}
+    usable = {r.image for r in check_each(list(first.values()), check, skip_bad, none_left_ok=none_left_ok)}
     return [r for r in requests if r.image in usable]

@@ -37,6 +37,12 @@ is refused unless --force (with --force, an --auto folder loses only its old `<n
 metadata.csv); an output that is one of the inputs is refused even with --force; a missing output
 folder is created. Files are written whole (temporary file, then rename). A user error is one line
 on stderr and exit status 1 (2 for a malformed command line); nothing is written then.
+
+--out-dir runs are resumable jobs (`minivision.jobs`): each finished image is journaled in
+DIR/.minisam.parts/, and the same command run again after a crash does only the rest. Under
+`torchrun --nproc_per_node N -m minisam ... --out-dir DIR` (any number of processes and machines
+sharing DIR) each process takes every N-th image and writes its outputs; the first one removes the
+journal once every image is done.
 """
 
 from __future__ import annotations
@@ -73,6 +79,7 @@ from minivision.cli import (
 )
 from minivision.files import save_image, write_text
 from minivision.images import read_image
+from minivision.jobs import SKIPPED, Journal, Shard, finish, job_identity, refuse_several_processes, todo
 
 MASK_COLOUR = np.array([30, 144, 255])  # the blue of the official notebooks
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -89,6 +96,7 @@ AMG_OPTIONS = (  # the automatic mask generator's options: flag, type, default (
     ("--crop-n-points-downscale-factor", bounded(int, 1), 1, "points per side divided by this in each crop layer"),
     ("--min-mask-region-area", bounded(int, 0), 0, "remove holes and islands smaller than this (pixels; 0: off)"),
 )
+RUN_ONLY = ("paths", "out", "out_dir", "json", "force", "skip_bad", "batch_size", "device", "compile")  # not the job's
 AMG_CSV_HEADER = (  # scripts/amg.py's metadata.csv
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
     "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
@@ -340,12 +348,24 @@ def run(args: argparse.Namespace) -> None:
     images = list_images(args.paths if args.random_weights else args.paths[1:])
     if args.out is not None and len(images) > 1:
         raise UserError(f"--out names the output of one image; for {len(images)} images use --out-dir")
+    shard = Shard.from_env()
+    if args.out is not None:
+        refuse_several_processes(shard, "--out names the output of one image; give --out-dir DIR")
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    journal = Journal(args.out_dir / ".minisam", job_identity([str(p) for p in images], settings), shard, lazy=True) \
+        if args.out_dir is not None else None
+    mine = list(todo(len(images), journal)) if journal else list(range(len(images)))  # this process's, not done
     planned = {str(image): planned_outputs(args, image) for image in images}
     amg_folders = args.auto and args.out_dir is not None and not args.convert_to_rle
-    check_outputs(planned, [*images, *([args.checkpoint] if args.checkpoint else [])], args.force, amg_folders)
+    inputs = [*images, *([args.checkpoint] if args.checkpoint else [])]
+    check_outputs(planned, inputs, True, amg_folders)  # no two images write one file
+    check_outputs({str(images[i]): planned[str(images[i])] for i in mine}, inputs, args.force, amg_folders)
     model = build_model(args, device)
     # decode every image and check every prompt before anything is written
-    images = check_each(images, lambda path: check_image(args, path, model.config.image_size), args.skip_bad)
+    good = check_each(mine, lambda i: check_image(args, images[i], model.config.image_size), args.skip_bad,
+                      none_left_ok=shard.world > 1)
+    for i in sorted(set(mine) - set(good)) if journal else []:
+        journal.add(i, {SKIPPED: True})  # the merge knows it is not coming
     if args.auto:
         options = {flag[2:].replace("-", "_") for flag, *_ in AMG_OPTIONS}
         output_mode = "coco_rle" if args.out is not None or args.convert_to_rle else "binary_mask"
@@ -353,23 +373,29 @@ def run(args: argparse.Namespace) -> None:
         predictor = generator.predictor
     else:
         predictor = SamPredictor(model)
-    for start in range(0, len(images), args.batch_size):
-        batch = images[start : start + args.batch_size]
-        pictures = [read_image(p) for p in batch]
+    for start in range(0, len(good), args.batch_size):
+        batch = good[start : start + args.batch_size]
+        pictures = [read_image(images[i]) for i in batch]
         embeddings = predictor.embed_images(pictures)  # one image-encoder call for the batch
-        for path, picture, embedding in zip(batch, pictures, embeddings):
+        for i, picture, embedding in zip(batch, pictures, embeddings):
             if args.auto:
-                segment_everything(generator, picture, embedding, path, args)
+                segment_everything(generator, picture, embedding, images[i], args)
             else:
                 predictor.set_embedding(embedding)
-                segment_prompts(predictor, picture, path, args)
+                segment_prompts(predictor, picture, images[i], args)
+            if journal:
+                journal.add(i, {"outputs": [str(p) for p in planned[str(images[i])]]})
+    if journal:
+        finish(journal, len(images), lambda records: print(f"{len(records)} images done -> {args.out_dir}/",
+                                                           file=sys.stderr))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv), ("--point", "--box")))
     check_combinations(args, parser)
-    return run_command(lambda: run(args), interrupted="interrupted; the images finished so far are written",
+    interrupted = "interrupted; the images finished so far are written (with --out-dir, the same command does the rest)"
+    return run_command(lambda: run(args), interrupted=interrupted,
                        out_of_memory="lower --batch-size or --points-per-batch")
 
 

@@ -160,12 +160,14 @@ def list_images(inputs: Iterable[str | Path]) -> list[Path]:
     return images
 
 
-def check_each(items: Sequence[T], check: Callable[[T], object], skip_bad: bool, what: str = "image(s)") -> list[T]:
+def check_each(items: Sequence[T], check: Callable[[T], object], skip_bad: bool, what: str = "image(s)",
+               none_left_ok: bool = False) -> list[T]:
     """Run `check` on every item (decode an image, check prompts against it) -> the usable items, in order.
 
     `check` raises ValueError (ImageReadError) or UserError with one line naming the item. Without
     `skip_bad`, any bad item stops the run, all of them listed; with it, each bad item is one
-    `skipped:` line on stderr, then a count, and the run goes on with the rest (unless none is left).
+    `skipped:` line on stderr, then a count, and the run goes on with the rest (unless none is left,
+    which `none_left_ok` allows: one process's share of a job of several).
     """
     good, problems = [], []
     for item in items:
@@ -181,7 +183,7 @@ def check_each(items: Sequence[T], check: Callable[[T], object], skip_bad: bool,
         for problem in problems:
             print(f"skipped: {problem}", file=sys.stderr)
         print(f"skipped {len(problems)} of {len(items)} {what} (--skip-bad)", file=sys.stderr)
-        if not good:
+        if not good and not none_left_ok:
             raise UserError(f"all {len(items)} {what} are unusable; nothing to run")
     return good
 
