@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
+import convmae
 from miniflorence import Florence2, tiny_config
 from minisam import Sam
 from minisam import tiny_config as sam_tiny_config
@@ -28,7 +30,8 @@ from minivision.jobs import parts_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "assets" / "tokenizer" / "florence2"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1",
+       "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
@@ -81,9 +84,9 @@ def test_florence_job_killed_under_torchrun_then_rerun_equals_one_process(tmp_pa
     model = Florence2(tiny_config())
     tensors = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
     save_converted(tmp_path / "tiny.safetensors", tensors, "florence2", tiny_config().to_dict())
-    images = write_images(tmp_path / "images", 32)
+    images = write_images(tmp_path / "images", 24)
     args = [str(tmp_path / "tiny.safetensors"), str(TOKENIZER), *images, "--task", "<CAPTION>", "--num-beams", "1",
-            "--max-new-tokens", "24", "--no-repeat-ngram-size", "0", "--device", "cpu"]
+            "--max-new-tokens", "16", "--no-repeat-ngram-size", "0", "--device", "cpu"]
     out = tmp_path / "sharded" / "results.jsonl"
     kill_mid_job([*TORCHRUN, "-m", "miniflorence", *args, "--out", str(out)], parts_folder(out), out)
     assert 1 <= records_in(parts_folder(out)) < len(images)
@@ -112,6 +115,31 @@ def test_sam_out_dir_job_killed_under_torchrun_then_rerun_equals_one_process(tmp
     for name in names:
         assert (sharded / name).read_bytes() == (one / name).read_bytes(), name
     assert not journal.exists()
+
+
+@pytest.mark.slow
+def test_convmae_features_picture_and_classes_under_torchrun_equal_one_process(tmp_path: Path) -> None:
+    """Per-image side files concatenated in input order; rank 0 prints the top classes in input order."""
+    config = convmae.tiny_config()
+    for seed, (kind, cls) in enumerate([("convmae", convmae.ConvMAE), ("convvit", convmae.ConvViT)]):
+        torch.manual_seed(seed)
+        save_converted(tmp_path / f"{kind}.safetensors", cls(config).state_dict(), "convmae",
+                       {**config.to_dict(), "model": kind})
+    images = write_images(tmp_path / "images", 7, size=40)
+    for folder, launcher in (("sharded", [*TORCHRUN, "-m", "convmae"]), ("one", [sys.executable, "-m", "convmae"])):
+        common = [*images, "--batch-size", "1", "--device", "cpu"]
+        printed = run([*launcher, str(tmp_path / "convvit.safetensors"), *common,
+                       "--features", str(tmp_path / folder / "f.safetensors")]).stdout
+        (tmp_path / folder / "top.txt").write_text(printed)
+        run([*launcher, str(tmp_path / "convmae.safetensors"), *common, "--reconstruct",
+             str(tmp_path / folder / "mae.png")])
+    sharded, one = load_file(tmp_path / "sharded" / "f.safetensors"), load_file(tmp_path / "one" / "f.safetensors")
+    assert sharded.keys() == one.keys() and all(torch.equal(sharded[k], one[k]) for k in one)
+    top = {folder: (tmp_path / folder / "top.txt").read_text().splitlines() for folder in ("sharded", "one")}
+    assert top["sharded"][:7] == top["one"][:7] and len(top["one"]) == 8  # 7 images, then the features' shapes
+    assert [line.split(":")[0] for line in top["one"][:7]] == images
+    assert (tmp_path / "sharded" / "mae.png").read_bytes() == (tmp_path / "one" / "mae.png").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["f.safetensors", "mae.png", "top.txt"]
 
 
 def test_stdout_outputs_are_refused_under_several_processes(tmp_path: Path, capsys, monkeypatch) -> None:
