@@ -22,11 +22,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import convmae
-from miniflorence import Florence2, tiny_config
+from miniflorence import CONFIGS, Florence2, tiny_config
+from miniflorence.__main__ import main
 from minisam import Sam
 from minisam import tiny_config as sam_tiny_config
 from minivision.checkpoint import save_converted
-from minivision.jobs import parts_folder
+from minivision.jobs import Journal, Shard, job_identity, parts_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "tests" / "assets" / "tokenizer" / "florence2"
@@ -143,8 +144,6 @@ def test_convmae_features_picture_and_classes_under_torchrun_equal_one_process(t
 
 
 def test_stdout_outputs_are_refused_under_several_processes(tmp_path: Path, capsys, monkeypatch) -> None:
-    from miniflorence.__main__ import main
-
     images = write_images(tmp_path / "images", 2)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -152,3 +151,25 @@ def test_stdout_outputs_are_refused_under_several_processes(tmp_path: Path, caps
     err = capsys.readouterr().err.strip()
     assert err == "error: WORLD_SIZE=2: the results of a run of several processes go to a file: give --out " \
                   "results.jsonl"
+
+
+def test_a_rerun_keeps_what_the_journal_holds_and_does_the_rest(tmp_path: Path, capsys, monkeypatch) -> None:
+    """One process, in-process: the journal of an interrupted run (one record) is kept as it is."""
+    monkeypatch.setitem(CONFIGS, "base", tiny_config())
+    images = write_images(tmp_path / "images", 3)
+    out = tmp_path / "results.jsonl"
+    args = ["--random-weights", "base", str(TOKENIZER), *images, "--max-new-tokens", "2", "--num-beams", "1",
+            "--out", str(out)]
+    assert main(args) == 0
+    first = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not parts_folder(out).exists()
+    out.unlink()
+    # As if killed after image 1: its record (changed, to tell it apart) is in the journal.
+    identity = job_identity([f"{p}\t<CAPTION>\tNone" for p in images],
+                            {"random_weights": "base", "checkpoint": None, "dtype": "fp32", "num_beams": 1,
+                             "max_new_tokens": 2, "no_repeat_ngram_size": 3, "tokenizer": str(TOKENIZER)})
+    Journal(out, identity, Shard()).add(1, {**first[1], "generated": "from the journal"})
+    assert main(args) == 0
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert again == [first[0], {**first[1], "generated": "from the journal"}, first[2]]
+    assert not parts_folder(out).exists()
