@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -78,9 +79,15 @@ def bounded(kind: type, low: float, high: float = math.inf, open_ends: bool = Fa
 
 
 def parse_device(name: str | None) -> torch.device:
-    """`--device` as a torch.device that exists on this machine (None: cuda when available, else cpu)."""
+    """`--device` as a torch.device that exists on this machine (None: cuda when available, else cpu).
+
+    Under torchrun (LOCAL_RANK set), a plain "cuda" is this process's GPU, cuda:LOCAL_RANK (modulo the
+    GPUs visible), so that the processes of one machine share its GPUs instead of all using the first.
+    """
     if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and torch.cuda.is_available() and os.environ.get("LOCAL_RANK", "").isdigit():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     try:
         device = torch.device(name)
     except RuntimeError:
