@@ -79,7 +79,7 @@ from minivision.cli import (
 )
 from minivision.files import save_image, write_text
 from minivision.images import read_image
-from minivision.jobs import SKIPPED, Journal, Shard, finish, job_identity, refuse_several_processes, todo
+from minivision.jobs import SKIPPED, Journal, Shard, batches, finish, job_identity, refuse_several_processes, todo
 
 MASK_COLOUR = np.array([30, 144, 255])  # the blue of the official notebooks
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -373,8 +373,7 @@ def run(args: argparse.Namespace) -> None:
         predictor = generator.predictor
     else:
         predictor = SamPredictor(model)
-    for start in range(0, len(good), args.batch_size):
-        batch = good[start : start + args.batch_size]
+    for batch in batches(good, args.batch_size):
         pictures = [read_image(images[i]) for i in batch]
         embeddings = predictor.embed_images(pictures)  # one image-encoder call for the batch
         for i, picture, embedding in zip(batch, pictures, embeddings):
