@@ -177,6 +177,11 @@ class Attention(nn.Module):
         """(B, N, 3, h, d) -> (B, H, W, C) with one fused kernel and no head copies."""
         B, _, _, h, d = qkv.shape
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d), strided views of qkv
+        if self.use_rel_pos and q.dtype == torch.bfloat16:
+            # bf16: the bias folded into the dot product (no N x N mask); measured 4x faster on 14x14
+            # windows and 1.3x on global attention on an AMX CPU, while fp32 gains nothing from it.
+            x = folded_rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, H, W, self.scale)
+            return x.transpose(1, 2).reshape(B, H, W, h * d)  # (B, H, W, C)
         bias = None
         if self.use_rel_pos:
             bias = rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, H, W)  # (B, h, N, N)
@@ -265,6 +270,42 @@ def rel_pos_bias(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tens
     rel_w = torch.einsum("bnywc,wkc->bnywk", r_q, Rw)  # (B, h, H, W, W')
     bias = rel_h[..., :, None] + rel_w[..., None, :]  # (B, h, H, W, H', W'), laid out like rel_h
     return bias.view(B, h, N, N)
+
+
+def folded_rel_pos_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    H: int,
+    W: int,
+    scale: float,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v for (B, h, N, d) q, k, v, without building the (N, N) bias.
+
+    The decomposed bias of query n to key m is rel_h[n, row(m)] + rel_w[n, col(m)] (MViTv2 eq. 4).
+    Append rel_h[n] and rel_w[n] to the scaled query, and the one-hot row and column of each key to
+    the key: one dot product then gives the whole logit,
+
+        (q * scale | rel_h | rel_w) . (k | onehot_row | onehot_col) = q.k * scale + bias,
+
+    and the fused kernel runs without a mask, reading no N x N tensor. CPU's fused kernel wants one
+    head dim for q, k and v, so v is zero-padded to the widened dim and the padding cut off after.
+    """
+    B, h, N, d = q.shape
+    Rh = get_rel_pos(H, H, rel_pos_h)  # (H, H', d)
+    Rw = get_rel_pos(W, W, rel_pos_w)  # (W, W', d)
+    r_q = q.reshape(B, h, H, W, d)  # a view: N splits into H, W
+    rel_h = torch.einsum("bnywc,ykc->bnywk", r_q, Rh).reshape(B, h, N, H)  # (B, h, N, H')
+    rel_w = torch.einsum("bnywc,wkc->bnywk", r_q, Rw).reshape(B, h, N, W)  # (B, h, N, W')
+    key = torch.arange(N, device=q.device)
+    key_place = torch.cat([F.one_hot(key // W, H), F.one_hot(key % W, W)], dim=-1).to(q.dtype)  # (N, H' + W')
+    q_wide = torch.cat([q * scale, rel_h, rel_w], dim=-1)  # (B, h, N, d + H' + W')
+    k_wide = torch.cat([k, key_place.expand(B, h, N, H + W)], dim=-1)  # (B, h, N, d + H' + W')
+    v_wide = F.pad(v, (0, H + W))  # (B, h, N, d + H' + W'), zeros after d
+    x = F.scaled_dot_product_attention(q_wide, k_wide, v_wide, scale=1.0)  # (B, h, N, d + H' + W')
+    return x[..., :d]  # (B, h, N, d)
 
 
 def resize_rel_pos(rel_pos: torch.Tensor, length: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from PIL import Image
 from sam_utils import official_sam, segment_anything, to_minisam
 
 import minisam
+from minisam.image_encoder import folded_rel_pos_attention, rel_pos_bias
 from minisam.predictor import SamPredictor
 from minisam.sam import compile_sam
 from minisam.two_way_transformer import Attention
@@ -195,3 +196,23 @@ def test_attention_kernel_and_regrouping_are_separate_flags(fused_and_plain, use
     masks_plain, iou_plain = plain.decode_masks(emb, sparse, dense)
     assert (masks_mixed - masks_plain).abs().max().item() <= 1e-5 * masks_plain.std().item()
     assert (iou_mixed - iou_plain).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("grid", [5, 14])
+def test_folded_rel_pos_attention_equals_the_bias_mask(grid: int) -> None:
+    """The bf16 encoder's attention folds the decomposed bias into the dot product; in fp32 it is the
+    masked kernel's function to float32 rounding (the logits are summed in another order)."""
+    g = torch.Generator().manual_seed(0)
+    B, h, d = 2, 3, 16
+    q, k, v = (torch.randn(B, h, grid * grid, d, generator=g) for _ in range(3))
+    rel_pos_h, rel_pos_w = (torch.randn(2 * grid - 1, d, generator=g) * 0.5 for _ in range(2))
+    bias = rel_pos_bias(q, rel_pos_h, rel_pos_w, grid, grid)  # (B, h, N, N)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    folded = folded_rel_pos_attention(q, k, v, rel_pos_h, rel_pos_w, grid, grid, d**-0.5)
+    # Each logit sums n = d + 2 * grid products in another order: at most n ulps of the sum of their
+    # magnitudes apart. Softmax turns a logit error e into a weight error of at most 2e, and the output is a
+    # mix of v's rows: |error| <= 2 * e * max|v|.
+    n = d + 2 * grid
+    magnitudes = (q.abs() * d**-0.5) @ k.abs().transpose(-2, -1) + bias.abs()  # (B, h, N, N), a bound per logit
+    e = n * torch.finfo(torch.float32).eps * magnitudes.max()
+    assert (folded - expected).abs().max() <= 2 * e * v.abs().max()
