@@ -142,7 +142,11 @@ def test_reconstruction_rows_equal_one_image_runs(work: Path, capsys, monkeypatc
         row = both.shape[0] - singles[0].shape[0]  # one more row of (name band, cells, gap)
         top = 20  # the column titles
         for i, single in enumerate(singles):
-            np.testing.assert_array_equal(both[top + i * row : top + (i + 1) * row], single[top : top + row])
+            # The rows are 8-bit pictures of float32 reconstructions. A batch of two runs other kernels
+            # than one image (other summation orders: differences of a few float32 ulps), which can
+            # move a value across a rounding boundary of the 256 levels: one step, never more.
+            rows = both[top + i * row : top + (i + 1) * row].astype(np.int16)
+            assert np.abs(rows - single[top : top + row].astype(np.int16)).max() <= 1, (kind, i)
 
 
 def test_reconstruction_keeps_the_visible_patches_and_borrows_statistics_only_for_norm_pix(files: Path) -> None:
