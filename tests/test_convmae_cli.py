@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_utils import assert_one_line_error, run_module, snapshot
-from conftest import asset_path
+from helpers.cli import assert_one_line_error, run_module, snapshot
+from helpers.paths import asset_path
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES
+from helpers.paths import FIXTURES
 from safetensors import safe_open
 
 import convmae

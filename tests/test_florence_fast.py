@@ -23,15 +23,6 @@ from miniflorence.language_model import StaticKVCache
 EOS, PAD = 2, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared CPU: one thread avoids thread-synchronisation stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def seeded_model(config, seed: int = 0) -> Florence2:
     """Our model with every state-dict tensor drawn from one seeded generator (tests/reference/official.py)."""
     model = Florence2(config)

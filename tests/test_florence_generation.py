@@ -15,21 +15,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import needs_reference
+from helpers.paths import needs_reference
 from test_florence_language_model import tiny_pair
 
 from miniflorence.generation import GenerationOptions, ban_repeated_ngrams, beam_search, generate, greedy_search
 
 EOS, PAD, START = 2, 1, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared CPU: one thread avoids thread-synchronisation stalls (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def hf_kwargs(options: GenerationOptions) -> dict:
@@ -210,7 +201,7 @@ def image_prompts(image_size: int, count: int, seed: int = 11):
 
 def compare_with_native(native, ours, pixel_values, prompt, options, with_mask: bool = True) -> torch.Tensor:
     """Our `generate` and the native one on the same inputs; asserts identical ids, returns ours."""
-    from florence_utils import native_input_ids
+    from helpers.florence import native_input_ids
 
     mask = (prompt != PAD).long() if with_mask else None
     got = generate(ours, pixel_values, prompt, mask, options)

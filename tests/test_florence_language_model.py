@@ -14,20 +14,10 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path, needs_reference
+from helpers.paths import asset_path, needs_reference
 from official import seeded_florence2_fill
 
 from miniflorence.language_model import Attention, Florence2LanguageModel
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared CPU: one thread avoids thread-synchronisation stalls (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # (vocab, d_model, layers, heads, ffn, max positions): tiny, and Florence-2-base's language model
 WIDTHS = {

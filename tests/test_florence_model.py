@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import needs_reference
-from florence_utils import native_input_ids, single_thread
+from helpers.florence import native_input_ids
+from helpers.paths import needs_reference
 from official import native_florence2
 
 from miniflorence import CONFIGS, Florence2, Florence2Config, tiny_config
@@ -20,12 +20,6 @@ from weights_convert.florence2 import convert_tensors
 
 TOL = 1e-4
 VOCAB = 51289
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def ours_from_native(native, config: Florence2Config) -> Florence2:

@@ -21,8 +21,7 @@ import torch
 for _name in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_name, reason=f"{_name} is not installed: pip install 'minivision[onnx]'")
 
-from conftest import ROOT
-from florence_utils import single_thread
+from helpers.paths import ROOT
 from official import seeded_florence2_fill
 
 from miniflorence import Florence2, Florence2Config
@@ -38,12 +37,6 @@ CONFIG = Florence2Config(
 )
 EOS, PAD = CONFIG.eos_token_id, CONFIG.pad_token_id
 MAX_NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():  # small models on a shared CPU: see florence_utils.single_thread
-        yield
 
 
 def make_model(config: Florence2Config, seed: int) -> Florence2:

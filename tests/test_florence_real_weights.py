@@ -12,10 +12,8 @@ difference once recorded against it.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
-from conftest import asset_path, needs_reference
-from florence_utils import single_thread
+from helpers.paths import asset_path, needs_reference
 from official import native_florence2_config, seeded_florence2_fill
 
 from miniflorence import CONFIGS, Florence2Config
@@ -33,12 +31,6 @@ LANGUAGE_KEYS = (
     "language_model.model.encoder.layers.0.self_attn.out_proj.weight",
     "language_model.model.encoder.layers.0.self_attn.out_proj.bias",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def real_tensors() -> dict[str, torch.Tensor]:

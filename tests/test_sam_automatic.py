@@ -13,9 +13,9 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import asset_path, needs_reference
+from helpers.paths import asset_path, needs_reference
+from helpers.sam import official_sam, segment_anything, to_minisam
 from PIL import Image
-from sam_utils import official_sam, segment_anything, to_minisam
 from test_sam_masks import scipy_cv2_stand_in
 
 from minisam.automatic import AutomaticMaskGenerator

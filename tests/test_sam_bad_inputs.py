@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_utils import assert_one_line_error, run_module, snapshot
-from conftest import asset_path
+from helpers.cli import assert_one_line_error, run_module, snapshot
+from helpers.paths import asset_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image

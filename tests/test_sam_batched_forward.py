@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from florence_utils import single_thread
 from official import fill_sam_random
 
 from minisam import Sam, SamConfig, SamPredictor
@@ -20,12 +19,6 @@ from minisam import Sam, SamConfig, SamPredictor
 CONFIG = SamConfig(
     image_size=160, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,)
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():  # small models on a shared CPU: see florence_utils.single_thread
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, asset_path
+from helpers.paths import ROOT, asset_path
 from PIL import Image
 
 from minisam import CONFIGS, Sam, load_sam, tiny_config

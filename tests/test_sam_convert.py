@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import needs_reference
+from helpers.paths import needs_reference
+from helpers.sam import official_layout_state, segment_anything, tiny_config_json
 from safetensors.torch import save_file
-from sam_utils import official_layout_state, segment_anything, tiny_config_json
 
 import minisam
 from minivision.checkpoint import CheckpointError, read_converted, read_official

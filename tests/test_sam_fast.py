@@ -17,9 +17,9 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path
+from helpers.paths import asset_path
+from helpers.sam import official_sam, segment_anything, to_minisam
 from PIL import Image
-from sam_utils import official_sam, segment_anything, to_minisam
 
 import minisam
 from minisam.predictor import SamPredictor

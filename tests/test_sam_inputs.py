@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path
+from helpers.paths import asset_path
+from helpers.sam import official_sam, segment_anything, to_minisam
 from official import fill_sam_random
 from PIL import Image
-from sam_utils import official_sam, segment_anything, to_minisam
 
 from minisam import Sam, tiny_config
 from minisam.predictor import SamPredictor, prepare_image

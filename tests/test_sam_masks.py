@@ -14,8 +14,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import needs_reference
-from sam_utils import segment_anything
+from helpers.paths import needs_reference
+from helpers.sam import segment_anything
 
 from minisam import amg, masks
 

@@ -23,8 +23,7 @@ for _name in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_name, reason=f"{_name} is not installed: pip install 'minivision[onnx]'")
 
 import onnxruntime
-from conftest import ROOT
-from florence_utils import single_thread
+from helpers.paths import ROOT
 from official import fill_sam_random
 
 from minisam import Sam, SamPredictor, tiny_config
@@ -40,12 +39,6 @@ from minivision.checkpoint import save_converted
 
 CONFIG = tiny_config()  # a tiny encoder in front of the real prompt encoder and decoder
 ORIGINAL_SIZE = (93, 131)  # (H, W): resized to 114 x 160, so the crop and both resizes are exercised
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():  # small models on a shared CPU: see florence_utils.single_thread
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +176,7 @@ def test_single_mask_decoder_selects_like_the_official_rule(predictor, sessions)
 
 def test_wrapper_matches_official_onnx_model(model, predictor, tmp_path) -> None:
     """`SamOnnxDecoder` (PyTorch) equals the official `SamOnnxModel` on the same weights, every option."""
-    from sam_utils import official_sam, segment_anything, to_minisam
+    from helpers.sam import official_sam, segment_anything, to_minisam
 
     segment_anything()
     from segment_anything.utils.onnx import SamOnnxModel

@@ -20,8 +20,7 @@ from train import convmae as train_convmae
 from train import convvit as train_convvit
 from train import sam as train_sam
 
-one_thread = pretrain.one_thread  # the fixtures of the pretraining tests
-setup = pretrain.setup
+setup = pretrain.setup  # the fixture of the pretraining tests
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import needs_reference
+from helpers.paths import needs_reference
 
 from miniflorence.postprocess import post_process, quantize
 from train.detection import (

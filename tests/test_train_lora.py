@@ -4,10 +4,10 @@ LoRA-only file round trip, apply_lora == merge_lora, parameter counts, bad targe
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
+from helpers.sam import TINY_SAM
 from torch import nn
 
 import miniflorence
@@ -31,20 +31,6 @@ from train.lora import (
 )
 
 FLORENCE_SIZE = 64
-# The tiny SAM of tests/test_train_sam.py (not imported from there: that module pulls in the trainer).
-TINY_SAM = dataclasses.replace(
-    minisam.CONFIGS["vit_b"], image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-    encoder_global_attn_indexes=(1,), window_size=2, prompt_embed_dim=32, mask_in_chans=4,
-    decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32,
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_sam(seed: int = 0) -> minisam.Sam:

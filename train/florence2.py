@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import miniflorence
 from miniflorence.model import TIED_KEYS
 from miniflorence.postprocess import strip_sequence_tokens
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minivision.checkpoint import save_converted
 from train import common
 from train.detection import collapse_inverted, decode_od, mean_average_precision
@@ -54,8 +55,8 @@ from train.florence2_data import DocDataset, collate, load_examples
 from train.levenshtein import anls, exact_match, similarity
 from train.lora import add_lora, merged_state_dict, save_lora
 
-# The real Florence-2 tokenizer files, committed with the tests (MIT; tests/assets/ATTRIBUTION.md).
-REAL_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tokenizer" / "florence2"
+# The real Florence-2 tokenizer files, package data of miniflorence (MIT; miniflorence/assets/ATTRIBUTION.md).
+REAL_TOKENIZER = DEFAULT_TOKENIZER_DIR
 
 
 @dataclass
