@@ -95,7 +95,7 @@ def test_top_k_classes(work: Path, capsys, monkeypatch) -> None:
     with torch.no_grad():
         probabilities = model(batch([work / "a.png", work / "b.jpg"])).softmax(-1)
     lines = out.strip().splitlines()
-    for line, p in zip(lines, probabilities):
+    for line, p in zip(lines, probabilities, strict=True):
         best = p.argsort(descending=True)[:5].tolist()
         assert [part.split()[1] for part in line.split(": ", 1)[1].split("  ")] == [CLASSES[i] for i in best]
         assert f"{p[best[0]]:.3f}" in line

@@ -208,7 +208,7 @@ def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) 
     requested = [(r["image"], r["task"], r.get("text")) for r in REQUESTS]
     assert [(b["image"], b["task"], b["text"]) for b in batched] == requested
     assert len({len(b["generated"]) for b in batched}) > 1  # rows of different lengths were padded together
-    for request, record in zip(REQUESTS, batched):
+    for request, record in zip(REQUESTS, batched, strict=True):
         text = ["--text", request["text"]] if "text" in request else []
         code, single, err = run_cli([root / "tiny.safetensors", TOKENIZER, root / request["image"],
                                      "--task", request["task"], *text, "--max-new-tokens", "12",

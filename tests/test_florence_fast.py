@@ -126,19 +126,6 @@ def test_to_dtype_keeps_the_logits_in_float32(tiny: Florence2) -> None:
     assert states.dtype == torch.bfloat16 and logits.dtype == torch.float32
 
 
-def test_bf16_layer_norm_statistics_are_float32() -> None:
-    """A bf16 LayerNorm equals the float32 LayerNorm of the same bf16 input, rounded once: its mean
-    and variance are not accumulated in bf16 (which would be off by far more on 1024 channels)."""
-    g = torch.Generator().manual_seed(0)
-    x = (3.0 + torch.randn(4, 1024, generator=g)).bfloat16()  # a large mean: bf16 sums would drift
-    norm = torch.nn.LayerNorm(1024)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(1024, generator=g))
-        expected = norm(x.float()).bfloat16()
-        got = copy.deepcopy(norm).bfloat16()(x)
-    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
-
-
 def bf16_agreement(model: Florence2, image_size: int, max_new_tokens: int, batches: int) -> float:
     """Share of positions where bf16 greedy ids equal fp32 greedy ids, over `batches` x 2 rows.
 

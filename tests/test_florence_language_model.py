@@ -66,7 +66,7 @@ def attention_path(model: Florence2LanguageModel, use_sdpa: bool):
     try:
         yield model
     finally:
-        for m, flag in zip(attentions, before):
+        for m, flag in zip(attentions, before, strict=True):
             m.use_sdpa = flag
 
 
@@ -102,7 +102,7 @@ def test_sdpa_equals_math() -> None:
         for use_sdpa in (False, True):
             with attention_path(ours, use_sdpa):
                 outputs[use_sdpa] = ours.encode(embeds, mask), ours(embeds, decoder_ids, mask)
-    for math_out, sdpa_out in zip(outputs[False], outputs[True]):
+    for math_out, sdpa_out in zip(outputs[False], outputs[True], strict=True):
         torch.testing.assert_close(sdpa_out, math_out, rtol=0, atol=1e-5)
 
 

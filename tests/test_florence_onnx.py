@@ -105,9 +105,9 @@ def test_graphs_match_pytorch(model, runner) -> None:
         with torch.no_grad():
             expected_logits, cache = model.language_model.decode(ids, expected_states, expected_mask, cache)
         errors[f"logits step {step}"] = assert_close_to_scale(logits, expected_logits)
-        for got, (k, _v) in zip(present[::2], cache.self_kv):
+        for got, (k, _v) in zip(present[::2], cache.self_kv, strict=True):
             assert_close_to_scale(got, k)
-        feeds.update(zip(kv_names("past", layers), present))
+        feeds.update(zip(kv_names("past", layers), present, strict=True))
     print("\nmax abs errors: " + ", ".join(f"{k}={v:.1e}" for k, v in errors.items()))
 
 

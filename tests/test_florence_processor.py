@@ -113,7 +113,7 @@ def test_batch_of_tasks_pads_right(processor: Processor) -> None:
                       [None, TASK_INPUTS["<REGION_TO_CATEGORY>"], None])
     assert batch["pixel_values"].shape == (3, 3, 768, 768) and batch["pixel_values"].dtype == torch.float32
     for row, task, text in zip(range(3), ["<OD>", "<REGION_TO_CATEGORY>", "<CAPTION>"],
-                               [None, TASK_INPUTS["<REGION_TO_CATEGORY>"], None]):
+                               [None, TASK_INPUTS["<REGION_TO_CATEGORY>"], None], strict=True):
         ids = processor.tokenizer.encode(task_prompt(task, text))
         assert batch["input_ids"][row, : len(ids)].tolist() == ids
         assert batch["input_ids"][row, len(ids):].eq(1).all()

@@ -38,7 +38,7 @@ def image() -> np.ndarray:
 
 def assert_same_records(theirs: list[dict], ours: list[dict]) -> None:
     assert len(ours) == len(theirs)
-    for a, b in zip(theirs, ours):
+    for a, b in zip(theirs, ours, strict=True):
         assert set(a) == set(b)
         if isinstance(a["segmentation"], np.ndarray):
             assert b["segmentation"].shape == a["segmentation"].shape

@@ -64,7 +64,7 @@ def test_bf16_masks_match_official_fp32(bf16_pair, name: str) -> None:
             their_masks, their_scores, _ = official.predict(**prompt, multimask_output=multimask)
             our_masks, our_scores, our_low = ours.predict(**prompt, multimask_output=multimask)
             assert our_scores.dtype == np.float32 and our_low.dtype == np.float32
-            for i, (a, b) in enumerate(zip(our_masks, their_masks)):
+            for i, (a, b) in enumerate(zip(our_masks, their_masks, strict=True)):
                 assert 0 < b.sum() < b.size, f"{name} {kind}: degenerate official mask"
                 assert iou(a, b) >= 0.97, f"{name} {kind} multimask={multimask} mask {i}: IoU {iou(a, b):.4f}"
             np.testing.assert_allclose(our_scores, their_scores, atol=0.05)

@@ -126,7 +126,7 @@ def test_forward_matches_official(tiny):
         },
     ]
     for multimask in (True, False):
-        for out_off, out in zip(official(batch, multimask), ours(batch, multimask)):
+        for out_off, out in zip(official(batch, multimask), ours(batch, multimask), strict=True):
             assert_close_to_scale(out["low_res_logits"], out_off["low_res_logits"])
             assert (out["iou_predictions"] - out_off["iou_predictions"]).abs().max() <= 1e-5
             assert out["masks"].shape == out_off["masks"].shape and out["masks"].dtype == torch.bool

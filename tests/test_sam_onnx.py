@@ -129,7 +129,8 @@ def predict(predictor: SamPredictor, prompt: dict) -> tuple[torch.Tensor, torch.
     args = (prompt.get("point_coords"), prompt.get("point_labels"), prompt.get("boxes"), prompt.get("mask_input"))
     single = predictor.predict_torch(*args, multimask_output=False, return_logits=True)
     multi = predictor.predict_torch(*args, multimask_output=True, return_logits=True)
-    return tuple(torch.cat([s, m], dim=1) for s, m in zip(single, multi))  # (1, 4, H, W), (1, 4), (1, 4, h, w)
+    # (1, 4, H, W), (1, 4), (1, 4, h, w)
+    return tuple(torch.cat([s, m], dim=1) for s, m in zip(single, multi, strict=True))
 
 
 def test_image_encoder_matches_pytorch(model, sessions) -> None:

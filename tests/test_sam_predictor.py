@@ -162,7 +162,7 @@ def test_sdpa_model_is_close(tiny_pair, tmp_path) -> None:
         our_masks, our_scores, our_low = ours.predict(**prompt)
         np.testing.assert_allclose(our_scores, their_scores, rtol=0, atol=1e-5)
         np.testing.assert_allclose(our_low, their_low, rtol=0, atol=1e-4 * max(1.0, float(np.abs(their_low).max())))
-        for a, b in zip(our_masks, their_masks):  # a pixel may flip only where the logit is ~0
+        for a, b in zip(our_masks, their_masks, strict=True):  # a pixel may flip only where the logit is ~0
             assert (a & b).sum() / max((a | b).sum(), 1) >= 0.9999
 
 

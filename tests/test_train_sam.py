@@ -142,7 +142,7 @@ def test_torchrun_two_processes_match_one(setup, tmp_path: Path) -> None:
     a = common.load_checkpoint(tmp_path / "one" / "last.pt")
     b = common.load_checkpoint(tmp_path / "two" / "last.pt")
     assert a["step"] == b["step"] >= 2
-    for (step_a, loss_a), (step_b, loss_b) in zip(a["history"]["train_loss"], b["history"]["train_loss"]):
+    for (step_a, loss_a), (step_b, loss_b) in zip(a["history"]["train_loss"], b["history"]["train_loss"], strict=True):
         assert step_a == step_b and loss_a == pytest.approx(loss_b, abs=1e-6)  # losses over the global batch
     for name, tensor in a["trainable"].items():
         torch.testing.assert_close(b["trainable"][name], tensor, rtol=0, atol=1e-6, msg=name)

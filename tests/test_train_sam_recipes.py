@@ -70,7 +70,7 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup, tmp_path: 
     # The merged model (an ordinary Sam, the original keys) gives the LoRA model's outputs.
     merged = minisam.Sam(TINY)
     merged.load_state_dict(train_lora.merged_state_dict(model))
-    for a, b in zip(outputs(model.eval()), outputs(merged.eval())):
+    for a, b in zip(outputs(model.eval()), outputs(merged.eval()), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
     # best.safetensors is that merged model, read by load_sam; best_lora.safetensors + the base = best.

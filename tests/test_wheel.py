@@ -71,7 +71,9 @@ def test_each_command_line_tool_answers_help(venv_python: Path, tmp_path: Path, 
 @pytest.mark.slow
 def test_the_demo_shortest_jobs_train_from_outside_the_checkout(venv_python: Path, tmp_path: Path) -> None:
     """The SAM job (bundled photos) and the Florence-2 job (the default tokenizer), test-sized."""
-    run([str(venv_python), "-m", "train.demo", "--out", "demo", "--jobs", "sam,florence2", "--sam-epochs", "1",
-         "--sam-images", "40", "--florence2-epochs", "1", "--florence2-pages", "32", "--no-progress"], cwd=tmp_path)
+    demo = ["--out", "demo", "--jobs", "sam,florence2", "--sam-epochs", "1", "--sam-images", "40",
+            "--florence2-epochs", "1", "--florence2-pages", "32", "--no-progress"]
+    out = run([str(venv_python), "-m", "train.demo", *demo], cwd=tmp_path).stdout
     for job in ("sam", "florence2"):
-        assert (tmp_path / "demo" / job / "last.safetensors").is_file(), sorted((tmp_path / "demo" / job).iterdir())
+        assert (tmp_path / "demo" / job / "best.safetensors").is_file(), sorted((tmp_path / "demo" / job).iterdir())
+        assert job in out  # a row of the closing table
