@@ -14,13 +14,11 @@ import sys
 import numpy as np
 import pytest
 from helpers.paths import asset_path, needs_reference
-from helpers.sam import official_sam, segment_anything, to_minisam
+from helpers.sam import LOW_FILTERS, official_sam, segment_anything, to_minisam
 from PIL import Image
 from test_sam_masks import scipy_cv2_stand_in
 
 from minisam.automatic import AutomaticMaskGenerator
-
-LOW_FILTERS = dict(points_per_side=6, points_per_batch=16, pred_iou_thresh=0.01, stability_score_thresh=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers.paths import asset_path
-from helpers.sam import official_sam, segment_anything, to_minisam
-from PIL import Image
+from helpers.sam import load_image, official_sam, segment_anything, to_minisam
 
 import minisam
 from minisam.predictor import SamPredictor
 from minisam.sam import compile_sam
 
 IMAGES = ["truck", "groceries", "dog", "dogs"]
-
-
-def load_image(name: str) -> np.ndarray:
-    return np.array(Image.open(asset_path("images", "sam", f"{name}.jpg")).convert("RGB"))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

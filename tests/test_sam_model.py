@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.paths import asset_path
-from helpers.sam import official_sam, segment_anything, to_minisam
+from helpers.sam import official_sam, prompt_sets, segment_anything, to_minisam
 from official import fill_sam_random
 
 import minisam
@@ -39,22 +39,6 @@ def assert_close_to_scale(ours: torch.Tensor, official: torch.Tensor, rel: float
     scale = official.float().std().item()
     assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} x std {scale:.3g}"
     return err
-
-
-def prompt_sets(image_size: int, generator: torch.Generator) -> dict[str, dict]:
-    """Points only, a box only, points + box, points + mask input; 2 prompts each, in the input frame."""
-    grid = image_size // 16
-    points = torch.rand(2, 3, 2, generator=generator) * image_size * 0.7
-    labels = torch.tensor([[1, 0, 1], [1, 1, -1]])
-    corners = torch.rand(2, 2, 2, generator=generator) * image_size * 0.7
-    boxes = torch.cat([corners.min(1).values, corners.max(1).values], dim=1)
-    masks = torch.randn(2, 1, 4 * grid, 4 * grid, generator=generator) * 5
-    return {
-        "points": dict(points=(points, labels), boxes=None, masks=None),
-        "box": dict(points=None, boxes=boxes, masks=None),
-        "points+box": dict(points=(points[:, :2], labels[:, :2]), boxes=boxes, masks=None),
-        "points+mask": dict(points=(points, labels), boxes=None, masks=masks),
-    }
 
 
 @pytest.fixture(scope="module", params=PARITY_CASES)

@@ -12,17 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers.paths import asset_path
-from helpers.sam import official_sam, segment_anything, to_minisam
-from PIL import Image
+from helpers.sam import load_image, official_sam, prompts_for, segment_anything, to_minisam
 
 from minisam.predictor import SamPredictor
 
 IMAGES = ["truck", "groceries", "dog", "dogs"]
-
-
-def load_image(name: str) -> np.ndarray:
-    return np.array(Image.open(asset_path("images", "sam", f"{name}.jpg")).convert("RGB"))
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +26,6 @@ def tiny_pair(tmp_path_factory):
     official = official_sam("tiny", image_size=160, seed=0)
     ours = to_minisam(official, tmp_path_factory.mktemp("tiny"), use_sdpa=False)
     return sa.SamPredictor(official), SamPredictor(ours)
-
-
-def prompts_for(h: int, w: int) -> list[dict]:
-    """Point, box, point + box, several points: placed by fractions of the image size."""
-    points = np.array([[0.3 * w, 0.4 * h], [0.7 * w, 0.6 * h]])
-    labels = np.array([1, 0])
-    box = np.array([0.2 * w, 0.25 * h, 0.6 * w, 0.8 * h])
-    return [
-        dict(point_coords=points[:1], point_labels=labels[:1]),
-        dict(point_coords=points[:1], point_labels=labels[:1], multimask_output=False),
-        dict(box=box, multimask_output=False),
-        dict(box=box),
-        dict(point_coords=points, point_labels=labels, box=box),
-        dict(point_coords=points, point_labels=labels, box=box, multimask_output=False),
-    ]
 
 
 def assert_same_prediction(theirs: tuple, ours: tuple) -> None:

@@ -36,7 +36,7 @@ def venv_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh venv with the wheel built from this checkout installed (no network: --no-index, --no-deps)."""
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"  # a copy: building writes build/ and *.egg-info, which the checkout must not get
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", "dist",
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "__pycache__", "*.egg-info", "build", "dist",
                                                                   "tests", "bench", ".venv", "*_out"))
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"),
          str(source)], cwd=root)
