@@ -1,7 +1,8 @@
 """Shared test set-up: `tests/reference` (the official models) on sys.path, and the fixtures every file shares.
 
 - every test runs on one intra-op thread (`one_thread`, autouse): the models are small, and on a small
-  shared CPU two OpenMP threads that wait on each other make them up to ~100x slower;
+  shared CPU two OpenMP threads that wait on each other make them up to ~100x slower (files of full-width
+  models opt out with `pytestmark = pytest.mark.all_threads`);
 - `tiny_sam_config`: the tiny SAM of the training tests (`helpers.sam.TINY_SAM`);
 - `sam_train_setup`: synthetic shapes and a seeded tiny SAM checkpoint, what train.sam's tests start from.
 
@@ -29,8 +30,12 @@ from train.synthetic import synthetic_shapes
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Every test on one intra-op thread; the previous setting is restored afterwards."""
+def one_thread(request: pytest.FixtureRequest):
+    """Every test on one intra-op thread (the previous setting is restored afterwards), except in files marked
+    `all_threads`: the full-width models (vit_b/l/h, at parity sizes), whose large matmuls use every core."""
+    if request.node.get_closest_marker("all_threads"):
+        yield
+        return
     with single_thread():
         yield
 

@@ -18,6 +18,8 @@ from helpers.convmae import FIXTURE_DIR, convert_fixture, read_fixture
 
 import convmae
 
+pytestmark = pytest.mark.all_threads  # full-width models: their matmuls use every core
+
 TOL, LOSS_TOL = 1e-5, 1e-6
 
 

@@ -23,6 +23,8 @@ import minisam
 from minisam.predictor import SamPredictor
 from minisam.sam import compile_sam
 
+pytestmark = pytest.mark.all_threads  # full-width models: their matmuls use every core
+
 IMAGES = ["truck", "groceries", "dog", "dogs"]
 
 

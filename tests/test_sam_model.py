@@ -24,6 +24,8 @@ import minisam
 from minisam.sam import sam_from_tensors
 from minivision.checkpoint import read_converted, save_converted
 
+pytestmark = pytest.mark.all_threads  # full-width models: their matmuls use every core
+
 PARITY_CASES = [
     pytest.param(("tiny", 160), id="tiny-160"),
     pytest.param(("vit_b", 224), id="vit_b-224"),

@@ -16,6 +16,8 @@ from helpers.sam import load_image, official_sam, prompts_for, segment_anything,
 
 from minisam.predictor import SamPredictor
 
+pytestmark = pytest.mark.all_threads  # full-width models: their matmuls use every core
+
 IMAGES = ["truck", "groceries", "dog", "dogs"]
 
 
