@@ -3,8 +3,8 @@
 - every test runs on one intra-op thread (`one_thread`, autouse): the models are small, and on a small
   shared CPU two OpenMP threads that wait on each other make them up to ~100x slower (files of full-width
   models opt out with `pytestmark = pytest.mark.all_threads`);
-- `tiny_sam_config`: the tiny SAM of the training tests (`helpers.sam.TINY_SAM`);
-- `sam_train_setup`: synthetic shapes and a seeded tiny SAM checkpoint, what train.sam's tests start from.
+- `sam_train_setup`: synthetic shapes and a seeded tiny SAM checkpoint (`helpers.sam.TINY_SAM`, the one tiny
+  SAM config of the training and LoRA tests), what train.sam's tests start from.
 
 Helpers (paths of the committed data, CLI runs, folder snapshots, official models) are in `tests/helpers/`.
 """
@@ -38,11 +38,6 @@ def one_thread(request: pytest.FixtureRequest):
         return
     with single_thread():
         yield
-
-
-@pytest.fixture
-def tiny_sam_config() -> minisam.SamConfig:
-    return TINY_SAM
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from minisam.sam import sam_from_tensors
 from weights_convert import sam as convert_sam
 from weights_convert.__main__ import main as convert_main
 
-# The tiny SAM of the training tests: vit_b's layout at 64 px, width 32 (the `tiny_sam_config` fixture).
+# The tiny SAM of the training and LoRA tests: vit_b's layout at 64 px, width 32.
 TINY_SAM = dataclasses.replace(
     minisam.CONFIGS["vit_b"], image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
     encoder_global_attn_indexes=(1,), window_size=2, prompt_embed_dim=32, mask_in_chans=4,
