@@ -138,7 +138,6 @@ def test_generate_entry_point(biased_pair) -> None:
 
 # --- the whole model against transformers' native Florence-2 -------------------------------------
 
-VOCAB = 51289  # ours; the native table has padding rows up to 51328 (`<image>` = 51289 among them)
 NATIVE_EOS_BIAS = {"no bias": 0.0, "EOS bias": 3.0}  # tiny: rows run to the limit / end at various steps
 
 

@@ -19,7 +19,6 @@ from miniflorence.model import florence2_from_tensors
 from weights_convert.florence2 import convert_tensors
 
 TOL = 1e-4
-VOCAB = 51289
 
 
 def ours_from_native(native, config: Florence2Config) -> Florence2:
