@@ -18,16 +18,19 @@ busy machine slows all of them alike; the medians are reported, and their ratios
   every mask goes through the post-processing (upscaling, stability, boxes, run-length codes,
   NMS), the heaviest case.
 
-Modes: "fp32" (both implementations in float32), "bf16" (minisam's `dtype=torch.bfloat16`: the
-image encoder in bfloat16; the official model under `torch.autocast(bfloat16)`), and "+compile"
+Modes: "fp32" (both implementations in float32), "fp32-exact" (float32 with `use_sdpa=False`:
+every operation of the encoder and decoder the official one, so the AMG records are the official
+ones bit for bit; "fp32" regroups the arithmetic and moves the few mask pixels that lie within
+~1e-5 of a threshold), "bf16" (minisam's `dtype=torch.bfloat16`: the image encoder in bfloat16;
+the official model under `torch.autocast(bfloat16)`), and "+compile"
 (minisam's `compile=True`). Every mode is compared with the official float32 model, and the bf16
 modes also with the official model under autocast.
 
 Random weights: the official model of tests/reference/official.py (seeded), converted into
 minisam, so both compute the same thing; the outputs are compared too. The official package is
-optional: without it only minisam is timed. Peak memory: the most memory one call holds at once
-beyond what existed before it (CUDA: the allocator's peak; CPU: the process's resident memory,
-sampled). The last line of each workload is its JSON record.
+optional: without it only minisam is timed. Peak memory (sampled in the last round): the most
+memory one call holds at once beyond what existed before it (CUDA: the allocator's peak; CPU: the
+process's resident memory, sampled). The last line of each workload is its JSON record.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from minisam.sam import compile_sam, sam_from_tensors  # noqa: E402
 from weights_convert.sam import convert_tensors  # noqa: E402
 
 WORKLOADS = ["encoder", "decoder", "amg"]
-MODES = ["fp32", "fp32+compile", "bf16", "bf16+compile"]
+MODES = ["fp32", "fp32-exact", "fp32+compile", "bf16", "bf16+compile"]
 DEFAULT_IMAGE = ROOT / "tests" / "assets" / "images" / "sam" / "dogs.jpg"
 
 
@@ -97,8 +100,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak memory of one call of `fn`, in MiB, above what was in use before it.
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Peak memory of one call of `fn`, in MiB, above what was in use before it, and what `fn` returned.
 
     CUDA: the allocator's own peak. CPU: the process's resident memory (/proc/self/statm), sampled
     every millisecond by a thread while `fn` runs, after glibc's `malloc_trim` has returned freed
@@ -108,11 +111,11 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        fn()
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        out = fn()
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20, out
     statm = Path("/proc/self/statm")
     if not statm.exists():
-        return float("nan")
+        return float("nan"), fn()
     page = os.sysconf("SC_PAGE_SIZE")
 
     def resident() -> int:
@@ -134,33 +137,40 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        fn()
+        out = fn()
     finally:
         done.set()
         sampler.join()
-    return (max(peak, resident()) - before) / 2**20
+    return (max(peak, resident()) - before) / 2**20, out
 
 
 def run_rounds(
-    fns: dict[str, Callable[[], object]], rounds: int, device: torch.device
+    fns: dict[str, Callable[[], object]], rounds: int, device: torch.device, warmup: str = "all"
 ) -> tuple[dict[str, float], dict[str, object]]:
-    """Median wall time in ms of each `fn()` over `rounds` interleaved rounds, after one warm-up call each."""
+    """Median wall time in ms of each `fn()` over `rounds` interleaved rounds, after one warm-up call each
+    (`warmup="compiled"`: only the compiled modes warm up, e.g. for a 200 s official AMG run)."""
     outputs = {}
     for name, fn in fns.items():  # warm-up (and compilation)
+        if warmup == "compiled" and "compile" not in name:
+            continue
         start = time.perf_counter()
         outputs[name] = fn()
         sync(device)
         print(f"  warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    peaks: dict[str, float] = {}
     for r in range(rounds):
         for name, fn in fns.items():
             sync(device)
             start = time.perf_counter()
-            outputs[name] = fn()
+            if r == rounds - 1:  # the last round also samples the peak memory
+                peaks[name], outputs[name] = peak_memory_mib(fn, device)
+            else:
+                outputs[name] = fn()
             sync(device)
             times[name].append((time.perf_counter() - start) * 1000)
         print(f"  round {r + 1}: " + ", ".join(f"{n} {t[-1] / 1000:.2f} s" for n, t in times.items()), flush=True)
-    return {name: statistics.median(t) for name, t in times.items()}, outputs
+    return {name: statistics.median(t) for name, t in times.items()}, peaks, outputs
 
 
 def report(workload: str, ms: dict[str, float], peaks: dict[str, float], settings: dict,
@@ -180,6 +190,51 @@ def report(workload: str, ms: dict[str, float], peaks: dict[str, float], setting
     record = {"workload": workload, **settings, "ms": {k: round(v, 1) for k, v in ms.items()}, "speedup": ratios,
               "peak_mib": {k: round(v, 1) for k, v in peaks.items()}, **(extra or {})}
     print(json.dumps(record), flush=True)
+
+
+def machine_limits(device: torch.device, repeats: int = 5) -> dict[str, float]:
+    """What this machine does at best, measured now: GEMM GFLOP/s (fp32, bf16), GEMV and copy GB/s (best of 5)."""
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    n = 2048
+    limits = {}
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        limits[f"gemm_{name}_gflops"] = round(2 * n**3 / best(partial(torch.matmul, a, b)) / 1e9, 1)
+    matrix, vector = torch.randn(8192, 8192, device=device), torch.randn(8192, device=device)  # 256 MiB
+    limits["gemv_fp32_gbs"] = round(matrix.numel() * 4 / best(partial(torch.matmul, matrix, vector)) / 1e9, 1)
+    source = torch.randn(64 * 2**20, device=device)  # 256 MiB
+    target = torch.empty_like(source)
+    limits["copy_gbs"] = round(2 * source.numel() * 4 / best(lambda: target.copy_(source)) / 1e9, 1)  # read + write
+    return limits
+
+
+def compare_records(theirs: list[dict], ours: list[dict]) -> dict[str, int]:
+    """How many AMG records equal the reference's, position by position, and how many pixels differ.
+
+    Equal: same mask pixels, area, box, crop box and point, scores within 1e-5 (the parity tests' rule).
+    """
+    same, pixels = 0, 0
+    for a, b in zip(theirs, ours):
+        seg_a, seg_b = np.asarray(a["segmentation"]), np.asarray(b["segmentation"])
+        pixels += int((seg_a != seg_b).sum()) if seg_a.shape == seg_b.shape else seg_a.size
+        same += bool(
+            np.array_equal(seg_a, seg_b) and a["area"] == b["area"] and a["bbox"] == b["bbox"]
+            and a["crop_box"] == b["crop_box"] and a["point_coords"] == b["point_coords"]
+            and abs(a["predicted_iou"] - b["predicted_iou"]) <= 1e-5
+            and abs(a["stability_score"] - b["stability_score"]) <= 1e-5
+        )
+    return {"identical": same, "of": max(len(theirs), len(ours)), "pixels_differing": pixels}
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -204,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-official", action="store_true")
+    parser.add_argument("--warmup", default="all", choices=["all", "compiled"],
+                        help="warm up every implementation, or the compiled modes only (saves a slow official run)")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -217,8 +274,12 @@ def main(argv: list[str] | None = None) -> None:
     ours: dict[str, Sam] = {}
     for mode in args.modes:
         dtype = torch.bfloat16 if mode.startswith("bf16") else torch.float32
-        model = base if mode == "fp32" else copy.deepcopy(base).cast(dtype)
-        ours[f"minisam {mode}"] = compile_sam(model) if mode.endswith("+compile") else model
+        if mode == "fp32-exact":  # every operation the official one: the records are the official ones
+            model = minisam_model(dataclasses.replace(config, use_sdpa=False), official).to(device)
+        else:
+            model = base if mode == "fp32" else copy.deepcopy(base).cast(dtype)
+        # The mask decoder too: the AMG decodes 64 prompts a batch again and again (only the AMG uses it).
+        ours[f"minisam {mode}"] = compile_sam(model, mask_decoder=True) if mode.endswith("+compile") else model
     autocast = {"official fp32": nullcontext}
     if any(mode.startswith("bf16") for mode in args.modes):
         autocast["official bf16 autocast"] = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -230,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = {"variant": args.variant, "image_size": args.image_size, "device": str(device),
                 "threads": torch.get_num_threads(), "rounds": args.rounds, "native_bf16": native_bf16,
                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    limits = machine_limits(device)
+    settings["machine"] = limits
+    print(f"machine limits: {json.dumps(limits)}")
     print(f"{args.variant} at {args.image_size} px on {device} ({torch.get_num_threads()} threads), "
           f"modes {args.modes}, median of {args.rounds} interleaved rounds; "
           f"image {args.image.name} {image.shape[1]}x{image.shape[0]}")
@@ -257,8 +321,7 @@ def main(argv: list[str] | None = None) -> None:
                     fns[name] = partial(run_in, context, partial(set_image, sa.SamPredictor(official)))
         with torch.no_grad():
             print("encoder" + (f" (batch {args.batch})" if args.batch > 1 else " (set_image)"), flush=True)
-            ms, outputs = run_rounds(fns, args.rounds, device)
-            peaks = {name: peak_memory_mib(fn, device) for name, fn in fns.items()}
+            ms, peaks, outputs = run_rounds(fns, args.rounds, device, args.warmup)
         errors = {}
         if "official fp32" in outputs:
             errors = {name: round(max_rel_diff(out, outputs["official fp32"]), 6) for name, out in outputs.items()}
@@ -279,8 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             fns["official fp32"] = lambda: decode(official)
         with torch.no_grad():
             print(f"decoder ({args.boxes} boxes)", flush=True)
-            ms, outputs = run_rounds(fns, args.rounds, device)
-            peaks = {name: peak_memory_mib(fn, device) for name, fn in fns.items()}
+            ms, peaks, outputs = run_rounds(fns, args.rounds, device, args.warmup)
         extra = {}
         if official is not None:
             (l1, i1), (l2, i2) = outputs["minisam fp32"], outputs["official fp32"]
@@ -296,10 +358,15 @@ def main(argv: list[str] | None = None) -> None:
             fns["official fp32"] = partial(sa.SamAutomaticMaskGenerator(official, **options).generate, image)
         with torch.no_grad():
             print(f"amg ({args.points_per_side}² points, {args.points_per_batch} per batch)", flush=True)
-            ms, outputs = run_rounds(fns, args.rounds, device)
-            peaks = {name: peak_memory_mib(fn, device) for name, fn in fns.items()}
+            ms, peaks, outputs = run_rounds(fns, args.rounds, device, args.warmup)
         counts = {name: len(records) for name, records in outputs.items()}
-        report("amg", ms, peaks, {**settings, **options}, {"masks": counts})
+        extra = {"masks": counts}
+        if "official fp32" in outputs:
+            extra["records_vs_official_fp32"] = {
+                name: compare_records(outputs["official fp32"], records)
+                for name, records in outputs.items() if name != "official fp32"
+            }
+        report("amg", ms, peaks, {**settings, **options}, extra)
 
 
 def run_in(context: Callable[[], object], fn: Callable[[], object]) -> object:

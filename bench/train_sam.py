@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import minisam  # noqa: E402
 from minivision.checkpoint import save_converted  # noqa: E402
-from train import common  # noqa: E402
 from train import sam as train_sam  # noqa: E402
+from train.distributed import setup_distributed  # noqa: E402
 from train.synthetic import synthetic_shapes  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main() -> None:
             s = train_sam.Settings(data=str(data), out=str(out), checkpoint=str(tmp / "start.safetensors"),
                                    epochs=args.epochs, batch_size=args.batch_size, val_fraction=0.01,
                                    cache=cache, val_before=False, progress=False, device=args.device)
-            d = common.setup_distributed(args.device)
+            d = setup_distributed(args.device)
             start = time.time()
             train_sam.train(s, d)
             rows[cache] = epoch_times(out, start)

@@ -4,6 +4,8 @@
     python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGES_OR_DIRS... --task "<CAPTION>" --batch-size 8 \
         --out results.jsonl
     python -m miniflorence CHECKPOINT TOKENIZER_DIR --jsonl requests.jsonl --batch-size 8 --out results.jsonl
+    python -m miniflorence CHECKPOINT TOKENIZER_DIR --parquet DocVQA/data --split validation --task "<DocVQA>" \
+        --text-column question --out results.jsonl   (a Hugging Face dataset's held-out split)
     python -m miniflorence --random-weights base TOKENIZER_DIR IMAGE --task "<OD>"   (smoke test)
     python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGE --task "<CAPTION>" --dtype bf16 --compile   (fast path)
 
@@ -20,7 +22,9 @@ Output: with one IMAGE file, the official post-processed dict (`{"<OD>": {"bboxe
 stdout or in the --out file, which is written whole or not at all (a temporary file renamed at the end).
 
 --jsonl lines are {"image": path (relative to the JSONL's folder), "task"?: token, "text"?: str};
-a missing task or text takes --task / --text. Every input is checked before the model is loaded:
+a missing task or text takes --task / --text. --parquet reads the images of a parquet file, glob or
+Hugging Face dataset folder (`minivision.parquet`, needs `pip install 'minivision[data]'`) row group by
+row group, each row's text from --text-column if given. Every input is checked before the model is loaded:
 unreadable images, bad lines or unusable settings stop the run with one line each, and nothing is
 written. A folder contributes its image files (by suffix, sorted, not recursive).
 """
@@ -50,6 +54,7 @@ from miniflorence.processor import (
 )
 from miniflorence.tokenizer import Tokenizer
 from minivision.checkpoint import CheckpointError
+from minivision.parquet import ParquetCell, ParquetSource
 
 COLORS = ("red", "lime", "blue", "orange", "magenta", "cyan", "yellow", "white")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -65,7 +70,7 @@ class Request:
     """One image to run: `name` is the path as the user wrote it (what the output line shows), `where`
     the JSONL line it comes from ("" for images on the command line)."""
 
-    image: Path
+    image: Path | ParquetCell
     name: str
     task: str
     text: str | None
@@ -135,6 +140,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="no checkpoint: seeded random weights of this size (smoke test; output is meaningless)")
     p.add_argument("--jsonl", default=None, metavar="FILE",
                    help='requests, one JSON object a line: {"image": path, "task"?: token, "text"?: str}')
+    p.add_argument("--parquet", default=None, metavar="SOURCE",
+                   help="requests from a parquet file, glob or dataset folder: one per row of --image-column")
+    p.add_argument("--split", default="", help="--parquet dataset folder: the split to read (default: train, or "
+                                                "the only one)")
+    p.add_argument("--image-column", default="image", help="--parquet: the image column (default: image)")
+    p.add_argument("--text-column", default=None, help="--parquet: each row's --text from this column (e.g. "
+                                                        "question; default: --text for every row)")
     p.add_argument("--task", default="<CAPTION>",
                    help='task token: one of the 15 official ones ("<OD>", "<CAPTION>", "<OCR_WITH_REGION>", ...) or '
                         'a fine-tune\'s own token such as "<DocVQA>" (default: <CAPTION>)')
@@ -157,9 +169,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch.compile the vision tower and the decoding step (the first run compiles: minutes)")
     args = p.parse_args(argv)
     fixed = "TOKENIZER_DIR" if args.random_weights else "CHECKPOINT TOKENIZER_DIR"
-    if args.jsonl and len(args.paths) != len(fixed.split()):
-        p.error(f"expected {fixed} (the images come from --jsonl), got {len(args.paths)} path(s)")
-    if not args.jsonl and len(args.paths) <= len(fixed.split()):
+    if args.jsonl and args.parquet:
+        p.error("give --jsonl or --parquet, not both")
+    listed = "--jsonl" if args.jsonl else "--parquet" if args.parquet else None
+    if listed and len(args.paths) != len(fixed.split()):
+        p.error(f"expected {fixed} (the images come from {listed}), got {len(args.paths)} path(s)")
+    if not listed and len(args.paths) <= len(fixed.split()):
         p.error(f"expected {fixed} IMAGE_OR_DIR..., got {len(args.paths)} path(s)")
     return args
 
@@ -308,6 +323,41 @@ def requests_from_jsonl(file: Path, task: str, text: str | None) -> list[Request
     return requests
 
 
+def requests_from_parquet(args: argparse.Namespace) -> list[Request]:
+    """One request per row of a parquet source, its image read lazily; every bad text is listed and nothing runs."""
+    try:
+        images = ParquetSource(args.parquet, [args.image_column], args.split)
+        texts = ParquetSource(args.parquet, [args.text_column], args.split) if args.text_column else None
+    except (ValueError, OSError) as e:
+        raise CliError(f"--parquet {e}") from None
+    requests, problems = [], []
+    for i, row in texts.iter_rows() if texts else ((i, {}) for i in range(images.num_rows)):
+        cell = ParquetCell(images, i, args.image_column)
+        text = row.get(args.text_column, args.text) if texts else args.text
+        try:
+            check_task_text(args.task, text, str(cell))
+        except CliError as e:
+            problems.append(str(e))
+            continue
+        requests.append(Request(cell, str(cell), args.task, text, str(cell)))
+    list_problems(problems, f"row(s) in {args.parquet}")
+    if not requests:
+        raise CliError(f"--parquet {args.parquet} holds no row")
+    return requests
+
+
+def request_image(r: Request) -> Path | Image.Image:
+    """A request's image file, or its parquet cell's image decoded (an ImageError if it does not decode)."""
+    if not isinstance(r.image, ParquetCell):
+        return r.image
+    try:
+        image = r.image.open()
+        image.load()
+    except Exception as e:  # no bytes in the cell, not an image, truncated
+        raise ImageError(f"{r.image}: not a readable image ({type(e).__name__}: {e})") from None
+    return image
+
+
 def check_images(requests: list[Request]) -> None:
     """Decode every image once before the model is loaded, so that no run stops half-way."""
     problems, seen = [], set()
@@ -316,7 +366,7 @@ def check_images(requests: list[Request]) -> None:
             continue
         seen.add(r.image)
         try:
-            read_image(r.image)
+            read_image(request_image(r))
         except ImageError as e:
             problems.append(f"{r.where}: {e}" if r.where else str(e))
     list_problems(problems, "image(s)")
@@ -386,7 +436,7 @@ def run_batches(requests: list[Request], model: Florence2, processor: Processor,
     tokenizer = processor.tokenizer
     for first in range(0, len(requests), args.batch_size):
         batch = requests[first:first + args.batch_size]
-        images = [read_image(r.image) for r in batch]
+        images = [read_image(request_image(r)) for r in batch]
         pixel_values = processor.preprocess(images).to(device)  # (B, 3, S, S)
         prompts = tokenizer([any_task_prompt(r.task, r.text) for r in batch])  # (B, T) ids and mask, right-padded
         ids = model.generate(pixel_values, prompts["input_ids"].to(device), prompts["attention_mask"].to(device),
@@ -420,7 +470,7 @@ def run(args: argparse.Namespace) -> int:
     # 1. what needs no model: the settings, the requests, every image decoded once, --out
     check_numbers(args)
     device = parse_device(args.device)
-    if not args.jsonl:  # with --jsonl, each line's task and text are checked with the line
+    if not args.jsonl and not args.text_column:  # else each line's / row's task and text are checked with it
         check_task_text(args.task, args.text, "--task/--text")
     n_model = 0 if args.random_weights else 1
     if n_model and Path(args.paths[0]).is_dir():
@@ -430,11 +480,15 @@ def run(args: argparse.Namespace) -> int:
     tokenizer_dir = args.paths[n_model]
     if args.jsonl:
         requests = requests_from_jsonl(Path(args.jsonl), args.task, args.text)
+    elif args.parquet:
+        requests = requests_from_parquet(args)
     else:
         requests = requests_from_paths(args.paths[n_model + 1:], args.task, args.text)
-    single = not args.jsonl and len(args.paths) == n_model + 2 and not Path(args.paths[-1]).is_dir()
-    inputs = [Path(p) for p in args.paths[:n_model]] + [r.image for r in requests]
+    listed = args.jsonl or args.parquet
+    single = not listed and len(args.paths) == n_model + 2 and not Path(args.paths[-1]).is_dir()
+    inputs = [Path(p) for p in args.paths[:n_model]] + [r.image for r in requests if isinstance(r.image, Path)]
     inputs += [Path(args.jsonl)] if args.jsonl else []
+    inputs += requests[0].image.source.files if args.parquet else []
     tokenizer_files = Path(tokenizer_dir)
     inputs += list(tokenizer_files.iterdir()) if tokenizer_files.is_dir() else []
     out = check_out(args, inputs, single and len(requests) == 1)

@@ -166,25 +166,27 @@ class AutomaticMaskGenerator:
         data = self._generate_masks(image, embedding)
         if self.min_mask_region_area > 0:
             nms_thresh = max(self.box_nms_thresh, self.crop_nms_thresh)
-            data = self.postprocess_small_regions(data, self.min_mask_region_area, nms_thresh)
-        if self.output_mode == "coco_rle":
-            segmentations = [masks.coco_encode_rle(rle) for rle in data["rles"]]
-        elif self.output_mode == "binary_mask":
-            segmentations = [masks.rle_to_mask(rle) for rle in data["rles"]]
-        else:
-            segmentations = data["rles"]
-        return [
-            {
-                "segmentation": segmentations[i],
-                "area": masks.area_from_rle(data["rles"][i]),
-                "bbox": masks.box_xyxy_to_xywh(data["boxes"][i]).tolist(),
-                "predicted_iou": data["iou_preds"][i].item(),
-                "point_coords": [data["points"][i].tolist()],
-                "stability_score": data["stability_score"][i].item(),
-                "crop_box": masks.box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
-            }
-            for i in range(len(segmentations))
-        ]
+            data = self.postprocess_small_regions(data, self.min_mask_region_area, nms_thresh, image.shape[:2])
+        records = []
+        for i in range(len(data)):
+            mask = masks.unpack_mask(data["bits"][i], image.shape[:2])  # (H, W) bool
+            segmentation: Any = mask
+            if self.output_mode != "binary_mask":  # run-length codes only for the masks returned
+                segmentation = masks.mask_to_rle(torch.from_numpy(mask)[None])[0]
+                if self.output_mode == "coco_rle":
+                    segmentation = masks.coco_encode_rle(segmentation)
+            records.append(
+                {
+                    "segmentation": segmentation,
+                    "area": int(mask.sum()),
+                    "bbox": masks.box_xyxy_to_xywh(data["boxes"][i]).tolist(),
+                    "predicted_iou": data["iou_preds"][i].item(),
+                    "point_coords": [data["points"][i].tolist()],
+                    "stability_score": data["stability_score"][i].item(),
+                    "crop_box": masks.box_xyxy_to_xywh(data["crop_boxes"][i]).tolist(),
+                }
+            )
+        return records
 
     def _generate_masks(self, image: np.ndarray, embedding: ImageEmbedding | None = None) -> MaskData:
         orig_size = image.shape[:2]
@@ -229,7 +231,7 @@ class AutomaticMaskGenerator:
         data["boxes"] = amg.uncrop_boxes_xyxy(data["boxes"], crop_box)
         data["points"] = amg.uncrop_points(data["points"], crop_box)
         crop = torch.tensor([crop_box], dtype=torch.int64, device=data["boxes"].device)  # (1, 4)
-        data["crop_boxes"] = crop.repeat(len(data["rles"]), 1)  # (M, 4)
+        data["crop_boxes"] = crop.repeat(len(data), 1)  # (M, 4)
         return data
 
     def _process_batch(
@@ -267,21 +269,24 @@ class AutomaticMaskGenerator:
         near_edge = amg.is_box_near_crop_edge(data["boxes"], crop_box, [0, 0, orig_w, orig_h])
         if near_edge.any():
             data.filter(~near_edge)
-        data["rles"] = masks.mask_to_rle(amg.uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
+        # Held as packed bits (8 pixels a byte) until NMS has chosen; see `masks.pack_masks`.
+        data["bits"] = masks.pack_masks(amg.uncrop_masks(data["masks"], crop_box, orig_h, orig_w))
         del data["masks"]
         return data
 
     @staticmethod
-    def postprocess_small_regions(data: MaskData, min_area: int, nms_thresh: float) -> MaskData:
+    def postprocess_small_regions(
+        data: MaskData, min_area: int, nms_thresh: float, image_size: tuple[int, int]
+    ) -> MaskData:
         """Fill small holes and remove small islands, then rerun box NMS (edits `data` in place).
 
         Changed masks score 0 and unchanged ones 1, so NMS prefers masks that needed no repair.
         """
-        if len(data["rles"]) == 0:
+        if len(data) == 0:
             return data
         new_masks, scores = [], []
-        for rle in data["rles"]:
-            mask = masks.rle_to_mask(rle)
+        for bits in data["bits"]:
+            mask = masks.unpack_mask(bits, image_size)
             mask, holes_changed = masks.remove_small_regions(mask, min_area, mode="holes")
             mask, islands_changed = masks.remove_small_regions(mask, min_area, mode="islands")
             new_masks.append(torch.as_tensor(mask))
@@ -291,7 +296,7 @@ class AutomaticMaskGenerator:
         keep = amg.batched_nms(boxes.float(), torch.as_tensor(scores), torch.zeros(len(boxes)), nms_thresh)
         for i in keep.tolist():
             if scores[i] == 0.0:  # re-encode only the kept masks that changed
-                data["rles"][i] = masks.mask_to_rle(stacked[i][None])[0]
+                data["bits"][i] = masks.pack_masks(stacked[i][None])[0]
                 data["boxes"][i] = boxes[i]
         data.filter(keep)
         return data

@@ -33,8 +33,11 @@ class SamConfig:
         attention_downsample_rate: the cross-attentions project to `prompt_embed_dim // rate`.
         num_multimask_outputs: masks returned when `multimask_output=True` (one more is predicted).
         iou_head_depth, iou_head_hidden_dim: the IoU prediction MLP.
-        use_sdpa: compute attention with `F.scaled_dot_product_attention` (True) or with the
-            plain softmax(q k^T / sqrt(d)) v math (False); both give the same numbers up to rounding.
+        use_sdpa: the fast paths (True) or the official arithmetic, operation for operation (False);
+            both give the same numbers up to rounding. True computes attention with
+            `F.scaled_dot_product_attention` and lets the mask decoder regroup its products (the
+            modules' separate `regroup` flag: a shared image side projected once, projections
+            folded into the few tokens' side, the upscaling on channels-last cells).
     """
 
     image_size: int = 1024

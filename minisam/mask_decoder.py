@@ -8,7 +8,7 @@ pixel, and the IoU token goes through an MLP to one score per mask. Mask 0 is th
 output, masks 1-3 the ambiguity-aware ones. Mirrors the official
 `segment_anything/modeling/mask_decoder.py`.
 
-Two paths, one flag (`use_sdpa`, the flag of the attentions). False: the official arithmetic,
+Two paths, one flag (`regroup`, as in the two-way transformer). False: the official arithmetic,
 operation for operation. True, the fast path, the same math in another order:
 - one image and no mask prompts (the dense embedding is the "no mask" vector broadcast to every
   prompt): the image side enters the transformer once, with batch 1, instead of B copies;
@@ -37,10 +37,10 @@ class MaskDecoder(nn.Module):
         num_multimask_outputs: int = 3,
         iou_head_depth: int = 3,
         iou_head_hidden_dim: int = 256,
-        use_sdpa: bool = True,
+        regroup: bool = True,
     ) -> None:
         super().__init__()
-        self.use_sdpa = use_sdpa
+        self.regroup = regroup
         self.transformer_dim = transformer_dim
         self.transformer = transformer
         self.num_multimask_outputs = num_multimask_outputs
@@ -106,7 +106,7 @@ class MaskDecoder(nn.Module):
 
         # A batch-stride of 0 is the prompt encoder's "no mask" vector, the same for every prompt.
         shared_image = image_embeddings.shape[0] == 1 and (B == 1 or dense_prompt_embeddings.stride(0) == 0)
-        if self.use_sdpa and shared_image:  # fast path: the transformer broadcasts one image side
+        if self.regroup and shared_image:  # fast path: the transformer broadcasts one image side
             src = image_embeddings + dense_prompt_embeddings[:1]  # (1, C, H, W)
             pos_src = image_pe  # (1, C, H, W)
         else:
@@ -128,7 +128,7 @@ class MaskDecoder(nn.Module):
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )  # (B, M, C/8)
-        if self.use_sdpa:
+        if self.regroup:
             masks = self.upscale_and_predict_cells(src.view(B, h, w, c), hyper_in)  # (B, M, 4H, 4W)
         else:
             src = src.transpose(1, 2).reshape(B, c, h, w)  # (B, C, H, W)

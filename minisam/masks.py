@@ -4,19 +4,19 @@ Kirillov et al., "Segment Anything", 2023, section 4 (the data engine's fully au
 appendix B (mask filtering: predicted IoU, stability, small-region removal). Mirrors the mask half
 of the official `segment_anything/utils/amg.py`; the COCO string code is the one of pycocotools'
 `maskApi.c` (`rleToString` / `rleFrString`) and the connected components replace OpenCV's
-`connectedComponentsWithStats`, both written here so that neither package is needed.
+`connectedComponentsWithStats`, both written here so that neither package is needed. Decoding and
+the compressed string form live in `minivision.coco` (shared with the training data readers) and
+are re-exported here.
 
 Shape legend: B masks, H x W pixels.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
-RLE = dict[str, Any]  # {"size": [H, W], "counts": [background run, foreground run, background run, ...]}
+from minivision.coco import RLE, area_from_rle, coco_decode_rle, coco_encode_rle, rle_to_mask  # noqa: F401 (re-exported)
 
 
 def calculate_stability_score(mask_logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
@@ -62,6 +62,27 @@ def box_xyxy_to_xywh(box: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tenso
     return out
 
 
+# --- packed bits: how the generator holds masks until it knows which ones it returns ----------
+# The official generator run-length encodes every mask as soon as it is made (3,072 masks for a
+# 32x32 grid), although box NMS then drops most of them. A run-length code is a Python list with
+# one number per run, and costs a pass of Python work per mask; masks with ragged edges (e.g.
+# from untrained weights) have ~10^5 runs each. Eight pixels per byte is as compact for any mask,
+# takes one vectorised pass, and the run-length code is made only for the masks that are returned.
+
+
+def pack_masks(masks: torch.Tensor) -> np.ndarray:
+    """(B, H, W) boolean masks -> (B, ceil(H*W / 8)) uint8, pixels in row-major order, 8 per byte."""
+    b, h, w = masks.shape
+    flat = masks.reshape(b, h * w).cpu().numpy()  # (B, H*W) bool
+    return np.packbits(flat, axis=1)
+
+
+def unpack_mask(bits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """One row of `pack_masks` back to its (H, W) boolean mask."""
+    h, w = size
+    return np.unpackbits(bits, count=h * w).view(bool).reshape(h, w)
+
+
 # --- uncompressed run-length encoding (COCO's layout: column-major, background run first) -------
 
 
@@ -83,63 +104,6 @@ def mask_to_rle(masks: torch.Tensor) -> list[RLE]:
         counts.extend((edges[1:] - edges[:-1]).tolist())
         rles.append({"size": [h, w], "counts": counts})
     return rles
-
-
-def rle_to_mask(rle: RLE) -> np.ndarray:
-    """Decode an uncompressed RLE into an (H, W) boolean array."""
-    h, w = rle["size"]
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    if counts.sum() != h * w:
-        raise ValueError(f"RLE counts add up to {counts.sum()} pixels, the size {h}x{w} has {h * w}")
-    values = np.arange(len(counts)) % 2 == 1  # background, foreground, background, ...
-    flat = np.repeat(values, counts)  # (W*H,) column-major
-    return np.ascontiguousarray(flat.reshape(w, h).T)
-
-
-def area_from_rle(rle: RLE) -> int:
-    """Foreground pixels of an uncompressed RLE (the sum of its odd runs)."""
-    return int(sum(rle["counts"][1::2]))
-
-
-def coco_encode_rle(rle: RLE) -> RLE:
-    """The compressed COCO string form of an uncompressed RLE (pycocotools' `frPyObjects`).
-
-    Each count, after the first two, is stored as the difference to the count two places back;
-    every number is written in groups of 5 bits, lowest first, as the characters 48 + value,
-    with bit 0x20 set while more groups follow (a LEB128 variant; the sign lives in bit 0x10).
-    """
-    counts = [int(c) for c in rle["counts"]]
-    chars = []
-    for i, count in enumerate(counts):
-        x = count - counts[i - 2] if i > 2 else count
-        more = True
-        while more:
-            group = x & 0x1F
-            x >>= 5  # arithmetic shift: negative numbers end at -1
-            more = x != -1 if group & 0x10 else x != 0
-            chars.append(chr(48 + (group | 0x20 if more else group)))
-    return {"size": list(rle["size"]), "counts": "".join(chars)}
-
-
-def coco_decode_rle(rle: RLE) -> RLE:
-    """The uncompressed RLE of a compressed COCO one (pycocotools' `rleFrString`)."""
-    text = rle["counts"].encode() if isinstance(rle["counts"], str) else rle["counts"]
-    counts: list[int] = []
-    p = 0
-    while p < len(text):
-        x, shift, more = 0, 0, True
-        while more:
-            group = text[p] - 48
-            x |= (group & 0x1F) << shift
-            more = bool(group & 0x20)
-            p += 1
-            if not more and group & 0x10:
-                x |= -1 << (shift + 5)  # sign-extend
-            shift += 5
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return {"size": list(rle["size"]), "counts": counts}
 
 
 # --- small regions (appendix B: "remove holes and islands smaller than 100 pixels") -----------

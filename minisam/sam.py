@@ -12,6 +12,7 @@ n images, B_i prompts of image i, M masks per prompt.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -82,11 +83,12 @@ class Sam(nn.Module):
                 mlp_dim=config.decoder_mlp_dim,
                 attention_downsample_rate=config.attention_downsample_rate,
                 use_sdpa=config.use_sdpa,
+                regroup=config.use_sdpa,  # the config's one switch: all fast paths, or the official arithmetic
             ),
             num_multimask_outputs=config.num_multimask_outputs,
             iou_head_depth=config.iou_head_depth,
             iou_head_hidden_dim=config.iou_head_hidden_dim,
-            use_sdpa=config.use_sdpa,
+            regroup=config.use_sdpa,
         )
         # Not in checkpoints (persistent=False), as in the official model.
         pixel_mean, pixel_std = pixel_statistics()
@@ -132,8 +134,19 @@ class Sam(nn.Module):
         image's (h, w)), bilinear to the original (H, W); as the official model.
         """
         S = self.image_encoder.image_size
-        masks = F.interpolate(masks.float(), (S, S), mode="bilinear", align_corners=False)  # float32 in any case
-        masks = masks[..., : input_size[0], : input_size[1]]
+        low_h, low_w = masks.shape[-2:]
+        # Only the top-left input_size block of the (S, S) upscaling survives the crop, so upscale
+        # just the low-res rows and columns it reads: output pixel i reads input pixels
+        # floor((i + 0.5) * low / S - 0.5) and the next one. Cut to r of them and upscaled to
+        # r * S / low pixels, the scale (r / (r * S / low)) and so every kept value is bit for bit
+        # the same; the last output pixels, whose right neighbour the cut clamps, are cropped anyway.
+        r_h = min(low_h, math.ceil(input_size[0] * low_h / S) + 1)
+        r_w = min(low_w, math.ceil(input_size[1] * low_w / S) + 1)
+        if (r_h * S) % low_h or (r_w * S) % low_w:  # no whole number of output pixels: upscale it all
+            r_h, r_w = low_h, low_w
+        size = (r_h * S // low_h, r_w * S // low_w)
+        masks = F.interpolate(masks[..., :r_h, :r_w].float(), size, mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]  # float32 in any case
         return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
 
     # ---- stages -------------------------------------------------------------------------------
@@ -332,13 +345,22 @@ def sam_from_tensors(
     return model.to(device=device, dtype=torch.float32).cast(dtype).eval()
 
 
-def compile_sam(model: Sam) -> Sam:
+def compile_sam(model: Sam, mask_decoder: bool = False) -> Sam:
     """Compile the image encoder with `torch.compile` (in place; returns the model).
 
     The encoder is where the time goes; inductor fuses its element-wise work (LayerNorm, GELU,
     residual adds, the relative-position bias). Shapes are static (one image size per model), so
     nothing recompiles. The state_dict keys do not change (`nn.Module.compile`). The prompt encoder
     and mask decoder stay eager: their shapes change with every number of prompts.
+
+    `mask_decoder=True` compiles the mask decoder too. Worth it where one number of prompts comes
+    back many times, as in the automatic mask generator (64 points per batch, 16 batches for the
+    official 32x32 grid): with many prompts the decoder is memory-bound element-wise work on
+    (prompts, 4096, 256) image tokens and (prompts, 256, 256, 32) upscaled cells (adds,
+    LayerNorms, GELUs, softmaxes), which inductor fuses. The first call of each new number of
+    prompts compiles (a minute or more on a CPU), so an interactive predictor is better off eager.
     """
     model.image_encoder.compile(dynamic=False)
+    if mask_decoder:
+        model.mask_decoder.compile(dynamic=False)
     return model

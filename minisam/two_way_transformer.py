@@ -6,9 +6,16 @@ Paper: "Segment Anything" appendix A ("Lightweight mask decoder", figure 14). Ea
 every attention, and the cross-attentions work at half width (`downsample_rate` 2).
 Mirrors the official `segment_anything/modeling/transformer.py`.
 
+Two independent flags choose how the attentions compute (both False: the official arithmetic,
+operation for operation):
+- `use_sdpa`: softmax(q k^T / sqrt(d)) v with `F.scaled_dot_product_attention` instead of the plain
+  math; which kernel, nothing else.
+- `regroup`: the same products in another order where that is cheaper (`Attention` lists them):
+  a shared image side is projected once for all prompts, and between a few tokens and thousands
+  of image cells the projections are folded into the tokens' side so the cells are never projected.
 The image side may come with batch 1 for B prompts (one image, no mask prompts: every prompt
-sees the same image tokens): it is then broadcast, and the image-side work of the first layer's
-attentions (the keys and values of (2), the queries of (4)) is done once instead of B times.
+sees the same image tokens): it is then broadcast, and with `regroup` the image-side work of the
+first layer's attentions is done once instead of B times.
 
 Legend: B prompts, T tokens, N = H*W image cells, C channels, h heads, d head dim.
 """
@@ -33,16 +40,19 @@ class TwoWayTransformer(nn.Module):
         mlp_dim: int,
         attention_downsample_rate: int = 2,
         use_sdpa: bool = True,
+        regroup: bool = True,
     ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             TwoWayAttentionBlock(
                 embedding_dim, num_heads, mlp_dim, attention_downsample_rate,
-                skip_first_layer_pe=(i == 0), use_sdpa=use_sdpa,
+                skip_first_layer_pe=(i == 0), use_sdpa=use_sdpa, regroup=regroup,
             )
             for i in range(depth)
         )
-        self.final_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate, use_sdpa)
+        self.final_attn_token_to_image = Attention(
+            embedding_dim, num_heads, attention_downsample_rate, use_sdpa, regroup
+        )
         self.norm_final_attn = nn.LayerNorm(embedding_dim)
 
     def forward(
@@ -70,16 +80,21 @@ class TwoWayAttentionBlock(nn.Module):
         attention_downsample_rate: int,
         skip_first_layer_pe: bool,
         use_sdpa: bool,
+        regroup: bool,
     ) -> None:
         super().__init__()
-        self.self_attn = Attention(embedding_dim, num_heads, 1, use_sdpa)
+        self.self_attn = Attention(embedding_dim, num_heads, 1, use_sdpa, regroup)
         self.norm1 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, attention_downsample_rate, use_sdpa)
+        self.cross_attn_token_to_image = Attention(
+            embedding_dim, num_heads, attention_downsample_rate, use_sdpa, regroup
+        )
         self.norm2 = nn.LayerNorm(embedding_dim)
         self.mlp = MLPBlock(embedding_dim, mlp_dim, nn.ReLU)
         self.norm3 = nn.LayerNorm(embedding_dim)
         self.norm4 = nn.LayerNorm(embedding_dim)
-        self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate, use_sdpa)
+        self.cross_attn_image_to_token = Attention(
+            embedding_dim, num_heads, attention_downsample_rate, use_sdpa, regroup
+        )
         # The first layer's tokens *are* their positional encodings, so adding them again is skipped,
         # and its self-attention output replaces the tokens instead of being added to them.
         self.skip_first_layer_pe = skip_first_layer_pe
@@ -108,21 +123,34 @@ class TwoWayAttentionBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention whose q/k/v projections may narrow the width by `downsample_rate`.
 
-    Paths: the plain math (`use_sdpa=False`, the official arithmetic); `F.scaled_dot_product_attention`;
-    and, for the cross-attentions between a few tokens and thousands of image cells, the same
-    products regrouped so that the image cells are never projected (`attend_few_queries`,
-    `attend_few_keys`). A head's logit q_t . k_n = (W_q x_t + b_q) . (W_k y_n + b_k) can be
-    computed as (W_k^T q_t) . y_n + q_t . b_k: with h heads and T tokens that is h*T dot products
-    per image cell instead of a C -> C' projection of every cell, cheaper whenever h*T < C'.
+    `use_sdpa` picks the kernel of softmax(q k^T / sqrt(d)) v: `F.scaled_dot_product_attention` or
+    the plain math (the official arithmetic). `regroup` allows three cheaper orders of the same
+    products (each rounds differently, within float32 rounding of the official result):
+    - `attend_shared_keys`: B prompts' tokens attend to one image side shared by all of them
+      (batch 1): its cells are projected once, and all prompts' queries are the rows of one
+      product per head, instead of B copies of the image being projected;
+    - `attend_few_queries`, `attend_few_keys`: between a few tokens and thousands of image cells,
+      one per prompt, the cells are never projected. A head's logit q_t . k_n = (W_q x_t + b_q) .
+      (W_k y_n + b_k) can be computed as (W_k^T q_t) . y_n + q_t . b_k: with h heads and T tokens
+      that is h*T dot products per image cell instead of a C -> C' projection of every cell,
+      cheaper whenever h*T < C'.
     """
 
-    def __init__(self, embedding_dim: int, num_heads: int, downsample_rate: int = 1, use_sdpa: bool = True) -> None:
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        downsample_rate: int = 1,
+        use_sdpa: bool = True,
+        regroup: bool = True,
+    ) -> None:
         super().__init__()
         self.internal_dim = embedding_dim // downsample_rate
         self.num_heads = num_heads
         if self.internal_dim % num_heads:
             raise ValueError(f"{num_heads} heads do not divide the attention width {self.internal_dim}")
         self.use_sdpa = use_sdpa
+        self.regroup = regroup
         self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
         self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
@@ -131,22 +159,36 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B or 1, Tq, C) queries, (B or 1, Tk, C) keys and values -> (B, Tq, C); a batch of 1 is broadcast."""
         h, Tq, Tk = self.num_heads, q.shape[1], k.shape[1]
-        if self.use_sdpa and h * Tq < self.internal_dim < Tk:  # tokens -> image
+        if self.regroup and k.shape[0] == 1 < q.shape[0]:  # tokens -> the shared image
+            return self.attend_shared_keys(q, k, v)
+        if self.regroup and h * Tq < self.internal_dim < Tk:  # tokens -> each prompt's image
             return self.attend_few_queries(q, k, v)
-        if self.use_sdpa and h * Tk < self.internal_dim < Tq:  # image -> tokens
+        if self.regroup and h * Tk < self.internal_dim < Tq:  # image -> tokens
             return self.attend_few_keys(q, k, v)
         q = self.q_proj(q).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, Tq, C') -> (B, h, Tq, d)
         k = self.k_proj(k).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Tk, d)
         v = self.v_proj(v).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Tk, d)
-        if self.use_sdpa:
-            B = max(q.shape[0], k.shape[0])
-            q, k, v = (t.expand(B, -1, -1, -1) for t in (q, k, v))  # views: a shared image side is not copied
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, h, Tq, d)
-        else:
-            attn = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, h, Tq, Tk)
-            out = torch.softmax(attn, dim=-1) @ v  # (B, h, Tq, d)
-        out = out.transpose(1, 2).flatten(2)  # (B, Tq, C')
+        B = max(q.shape[0], k.shape[0])
+        q, k, v = (t.expand(B, -1, -1, -1) for t in (q, k, v))  # views: a shared side is not copied
+        out = self.attend(q, k, v).transpose(1, 2).flatten(2)  # (B, h, Tq, d) -> (B, Tq, C')
         return self.out_proj(out)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v over the last two axes: (..., Tq, d), (..., Tk, d) -> (..., Tq, d)."""
+        if self.use_sdpa:
+            return F.scaled_dot_product_attention(q, k, v)
+        attn = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (..., Tq, Tk)
+        return torch.softmax(attn, dim=-1) @ v
+
+    def attend_shared_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """B prompts' tokens attend to one shared image side: (B, Tq, C), (1, Tk, C) -> (B, Tq, C)."""
+        B, Tq, _ = q.shape
+        h = self.num_heads
+        q = self.q_proj(q).view(B * Tq, h, -1).transpose(0, 1)  # (h, B*Tq, d): every prompt's tokens as rows
+        k = self.k_proj(k[0]).view(k.shape[1], h, -1).transpose(0, 1)  # (h, Tk, d), projected once
+        v = self.v_proj(v[0]).view(v.shape[1], h, -1).transpose(0, 1)  # (h, Tk, d)
+        out = self.attend(q, k, v).transpose(0, 1)  # (B*Tq, h, d)
+        return self.out_proj(out.reshape(B, Tq, -1))  # (B, Tq, C') -> (B, Tq, C)
 
     def attend_few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Tq tokens attend to Tk image cells, which are never projected: (B, Tq, C), (B or 1, Tk, C) -> (B, Tq, C)."""
@@ -181,7 +223,10 @@ class Attention(nn.Module):
         attn = logits.view(B, h, Tk, Tq).softmax(dim=2).view(B, h * Tk, Tq)
         # out_proj(concat_h sum_t a_ht v_ht) = sum_h sum_t a_ht (W_o,h v_ht) + b_o: project the Tk values instead
         v_folded = torch.einsum("bthd,chd->bhtc", v, self.out_proj.weight.view(-1, h, d)).flatten(1, 2)  # (B, h*Tk, C)
-        return torch.baddbmm(self.out_proj.bias, attn.transpose(1, 2), v_folded)  # (B, Tq, h*Tk) @ (B, h*Tk, C)
+        # Each head's weights sum to 1 over its Tk tokens, so the output bias b_o splits into b_o / h on
+        # every folded value: the product then writes its (B, Tq, C) result once, with no bias pass.
+        v_folded = v_folded + self.out_proj.bias / h
+        return attn.transpose(1, 2) @ v_folded  # (B, Tq, h*Tk) @ (B, h*Tk, C)
 
 
 def shared_as_matrix(x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,9 @@ import re
 import secrets
 import shutil
 import struct
+import sys
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from itertools import chain
 from pathlib import Path
@@ -400,6 +402,46 @@ def expand_tied(
     return out
 
 
+# ---- what a user gives as weights ----------------------------------------------------------------
+
+# The loadable weights of a training run folder (`--out` of a training script), in the order preferred.
+RUN_WEIGHTS = ("best.safetensors", "last.safetensors")
+
+
+def resolve_weights(path: str | os.PathLike, quiet: bool = False) -> Path:
+    """The weights file meant by what a user gave (the run-folder rule of every tool of the project).
+
+    A training run folder: its `best.safetensors`, else its `last.safetensors` (which one is said
+    on stderr unless `quiet`). A run's training state (`last.pt`: optimizer and settings, for
+    `--resume`): a `CheckpointError` naming the `.safetensors` to give instead. Anything else (a
+    `.safetensors` file, an official checkpoint, a missing path): itself, for its reader to judge.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in RUN_WEIGHTS if (path / name).is_file()]
+        if found and not quiet:
+            print(f"note: {path} is a training run folder; using its {found[0].name}", file=sys.stderr)
+        return found[0] if found else path
+    if path.is_file() and zipfile.is_zipfile(path) and _is_training_state(path):
+        found = [path.parent / name for name in RUN_WEIGHTS if (path.parent / name).is_file()]
+        instead = f"use {found[0]} (or the run folder {path.parent})" if found else (
+            f"its run has written no {' or '.join(RUN_WEIGHTS)} yet")
+        raise CheckpointError(f"{path}: a training checkpoint (optimizer and settings, for --resume), "
+                              f"not model weights; {instead}")
+    return path
+
+
+def _is_training_state(path: Path) -> bool:
+    """True for a `torch.save`d dict holding "settings" and "optimizer" (a training script's last.pt)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not ours to judge here: the reader reports it
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("settings"), dict) and "optimizer" in obj
+
+
 # ---- writing -----------------------------------------------------------------------------------
 
 
@@ -452,9 +494,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     try:
         write(tmp)
         _fsync(tmp)
+        _user_permissions(tmp)
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def _user_permissions(path: Path) -> None:
+    """Give a written file (or folder) the permissions `open()` would: 0o666 (folders 0o777) masked by the
+    umask. Writers such as safetensors' `save_file` create their file private (0o600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for entry in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
+        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
 
 
 def _fsync(path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from helpers.paths import ROOT
 from PIL import Image
 
-from train import common, demo, pictures
+from train import demo, pictures, report
 from train.demo_jobs import (
     JobResult,
     Metric,
@@ -132,5 +132,5 @@ def test_help_run_as_a_module_shows_the_module() -> None:
 
 
 def test_progress_bars_stay_off_when_output_is_not_a_terminal(capsys: pytest.CaptureFixture) -> None:
-    assert list(common.progress(range(3), desc="epoch 1/1")) == [0, 1, 2]
+    assert list(report.progress(range(3), desc="epoch 1/1")) == [0, 1, 2]
     assert capsys.readouterr().err == ""  # pytest captures stderr: not a terminal, so no bar

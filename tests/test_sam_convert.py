@@ -1,6 +1,6 @@
 """weights_convert sam: official and Hugging Face layouts in, official layout back out, clear errors.
 
-The official-layout state dicts are made from minisam itself (`sam_utils.official_layout_state`),
+The official-layout state dicts are made from minisam itself (`helpers.sam.official_layout_state`),
 so these tests run without segment_anything; two tests compare with the official and the Hugging
 Face model definitions and skip without them.
 """

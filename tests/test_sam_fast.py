@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -22,6 +23,7 @@ from helpers.sam import load_image, official_sam, segment_anything, to_minisam
 import minisam
 from minisam.predictor import SamPredictor
 from minisam.sam import compile_sam
+from minisam.two_way_transformer import Attention
 
 pytestmark = pytest.mark.all_threads  # full-width models: their matmuls use every core
 
@@ -183,3 +185,23 @@ def test_fused_decoder_equals_plain(fused_and_plain, case: str) -> None:
         scale = masks_plain.std().item()
         assert scale > 0.1 and (masks_fused - masks_plain).abs().max().item() <= 1e-5 * scale
         assert (iou_fused - iou_plain).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("use_sdpa, regroup", [(True, False), (False, True)], ids=["sdpa-only", "regroup-only"])
+@torch.no_grad()
+def test_attention_kernel_and_regrouping_are_separate_flags(fused_and_plain, use_sdpa: bool, regroup: bool) -> None:
+    """Each of the two-way transformer's two flags alone still gives the plain math's masks."""
+    _, plain = fused_and_plain
+    mixed = copy.deepcopy(plain)
+    for module in mixed.mask_decoder.modules():
+        if isinstance(module, Attention):
+            module.use_sdpa, module.regroup = use_sdpa, regroup
+    mixed.mask_decoder.regroup = regroup
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(1, 256, 10, 10, generator=g)
+    boxes = (torch.rand(4, 2, 2, generator=g).sort(dim=1).values * 160).permute(0, 2, 1).reshape(-1, 4)
+    sparse, dense = plain.encode_prompts(boxes=boxes)
+    masks_mixed, iou_mixed = mixed.decode_masks(emb, sparse, dense)
+    masks_plain, iou_plain = plain.decode_masks(emb, sparse, dense)
+    assert (masks_mixed - masks_plain).abs().max().item() <= 1e-5 * masks_plain.std().item()
+    assert (iou_mixed - iou_plain).abs().max().item() <= 1e-5

@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.paths import asset_path
 from helpers.sam import official_sam, prompt_sets, segment_anything, to_minisam
 from official import fill_sam_random
@@ -297,6 +298,21 @@ def test_pre_and_postprocess_match_official(name, tiny):
     masks = ours.postprocess_masks(*args)
     assert masks.shape == (2, 3, *image.shape[:2])
     assert torch.equal(masks, official.postprocess_masks(*args))
+
+
+@pytest.mark.parametrize(
+    "input_size, original_size",
+    [((576, 1024), (603, 1072)), ((1024, 683), (1500, 1000)), ((8, 1024), (9, 1152)), ((1024, 1024), (700, 700))],
+)
+def test_postprocess_masks_upscales_only_the_kept_block(input_size, original_size):
+    """Upscaling just the low-res block the crop keeps gives the official values bit for bit."""
+    with torch.device("meta"):  # only the image size (1024) is used
+        model = minisam.Sam(minisam.CONFIGS["vit_b"])
+    low_res = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    full = F.interpolate(low_res, (1024, 1024), mode="bilinear", align_corners=False)  # the official steps
+    full = full[..., : input_size[0], : input_size[1]]
+    expected = F.interpolate(full, original_size, mode="bilinear", align_corners=False)
+    assert torch.equal(model.postprocess_masks(low_res, input_size, original_size), expected)
 
 
 # ---- the torchvision stand-in the official code runs on (tests/reference/stubs) ------------------

@@ -1,7 +1,7 @@
 """minisam.onnx: the exported image encoder and prompt decoder on onnxruntime against minisam in PyTorch.
 
 A tiny SAM (minisam.tiny_config()'s numbers: 160-pixel input, 64-wide 2-block encoder, the real 256-wide
-prompt encoder and mask decoder) with seeded random weights (tests/sam_utils.py). Tolerances as in
+prompt encoder and mask decoder) with seeded random weights (tests/helpers/sam.py). Tolerances as in
 DESIGN.md: embeddings and mask logits within 1e-4 of their standard deviation (max abs), IoU
 predictions within 1e-5, masks identical except where the PyTorch logit is within 1e-4 x its std
 of the 0.0 threshold. The decoder graph is compared with `SamPredictor`, i.e. with the prompt

@@ -1,4 +1,4 @@
-"""SamPredictor against the official one, on the same seeded random weights (tests/sam_utils.py).
+"""SamPredictor against the official one, on the same seeded random weights (tests/helpers/sam.py).
 
 The parity models run the attention as plain math (`use_sdpa=False`), the official arithmetic, so
 masks must be identical pixel for pixel and scores / low-res logits agree to float32 rounding.

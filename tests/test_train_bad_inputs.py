@@ -27,12 +27,13 @@ from helpers.sam import TINY_SAM
 from PIL import Image
 
 import minisam
-from minivision.checkpoint import save_converted
-from train import common
+from minivision.checkpoint import CheckpointError, save_converted
 from train import convmae as train_convmae
 from train import convvit as train_convvit
+from train import files, report, run_folder
 from train import florence2 as train_florence2
 from train import sam as train_sam
+from train.distributed import Dist
 from train.image_folder import class_folders, pretraining_roots
 from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa, synthetic_shapes
 from train.tiny_tokenizer import write_tiny_tokenizer
@@ -75,11 +76,14 @@ def base_args(script: str, data: dict[str, Path]) -> list[str]:
     root = data["root"]
     quick = ["--epochs", "1", "--batch-size", "2", "--no-progress", "--device", "cpu"]
     return {
-        "convmae": ["--data", str(root / "flat"), "--model", str(root / "tiny.json"), "--eval-images", "2"],
-        "convvit": ["--data", str(root / "classes"), "--model", str(root / "tiny.json"), "--no-val-before"],
+        "convmae": ["--data", str(root / "flat"), "--from-scratch", "--model", str(root / "tiny.json"),
+                    "--eval-images", "2"],
+        "convvit": ["--data", str(root / "classes"), "--from-scratch", "--model", str(root / "tiny.json"),
+                    "--no-val-before"],
         "sam": ["--data", str(root / "seg"), "--checkpoint", str(root / "sam.safetensors"), "--no-val-before"],
-        "florence2": ["--data", str(root / "docs" / "qa.jsonl"), "--tokenizer", str(root / "tokenizer"), "--model",
-                      "tiny", "--image-size", "64", "--max-new-tokens", "2", "--no-val-before"],
+        "florence2": ["--data", str(root / "docs" / "qa.jsonl"), "--tokenizer", str(root / "tokenizer"),
+                      "--from-scratch", "--model", "tiny", "--image-size", "64", "--max-new-tokens", "2",
+                      "--no-val-before"],
     }[script] + quick
 
 
@@ -175,9 +179,9 @@ def test_demo_settings_are_checked_too(tmp_path: Path, capsys: pytest.CaptureFix
 def test_the_python_api_refuses_the_same_values(data: dict, tmp_path: Path) -> None:
     s = train_convmae.Settings(data=str(data["root"] / "flat"), out=str(tmp_path / "out"), batch_size=0)
     with pytest.raises(ValueError, match="--batch-size must be >= 1, not 0"):
-        train_convmae.train(s, common.Dist())
+        train_convmae.train(s, Dist())
     with pytest.raises(ValueError, match="--cache must be one of memory, disk, off; not 'ram'"):
-        train_sam.train(train_sam.Settings(data="x", out=str(tmp_path / "out"), cache="ram"), common.Dist())
+        train_sam.train(train_sam.Settings(data="x", out=str(tmp_path / "out"), cache="ram"), Dist())
     assert not (tmp_path / "out").exists()
 
 
@@ -215,8 +219,8 @@ def test_layouts(data: dict, tmp_path: Path) -> None:
 
 def test_convmae_reads_a_segmentation_folder_s_images_not_its_masks(data: dict, tmp_path: Path) -> None:
     s = train_convmae.Settings(data=str(data["root"] / "seg"), out=str(tmp_path), model=str(data["root"] / "tiny.json"),
-                               epochs=1, batch_size=2, eval_images=2, progress=False)
-    assert train_convmae.train(s, common.Dist())["step"] == 3  # 6 images / batch 2; with the 6 masks it would be 6
+                               epochs=1, batch_size=2, eval_images=2, progress=False, from_scratch=True)
+    assert train_convmae.train(s, Dist())["step"] == 3  # 6 images / batch 2; with the 6 masks it would be 6
 
 
 def test_convvit_refuses_a_class_with_no_usable_image(data: dict, tmp_path: Path,
@@ -244,8 +248,8 @@ def test_damaged_images_are_skipped_before_training_not_met_mid_run(data: dict, 
     with Image.open(images / "half.png") as im:
         assert im.size == (48, 40)  # what the header-only check saw: it passed, and the run died mid-epoch
     s = train_convmae.Settings(data=str(images), out=str(tmp_path / "convmae"), model=str(data["root"] / "tiny.json"),
-                               epochs=2, batch_size=2, eval_images=2, progress=False)
-    result = train_convmae.train(s, common.Dist())
+                               epochs=2, batch_size=2, eval_images=2, progress=False, from_scratch=True)
+    result = train_convmae.train(s, Dist())
     assert result["skipped"] == {"unreadable image": 1} and result["step"] == 6
 
     docs = tmp_path / "docs"
@@ -256,8 +260,8 @@ def test_damaged_images_are_skipped_before_training_not_met_mid_run(data: dict, 
     (docs / "qa.jsonl").write_bytes("\n".join([*lines, json.dumps(record)]).encode() + b"\n\xff\xfe not text\n")
     s = train_florence2.Settings(data=str(docs / "qa.jsonl"), out=str(tmp_path / "florence2"),
                                  tokenizer=str(data["root"] / "tokenizer"), image_size=64, epochs=1, batch_size=2,
-                                 max_new_tokens=2, val_before=False, progress=False)
-    result = train_florence2.train(s, common.Dist())
+                                 max_new_tokens=2, val_before=False, progress=False, from_scratch=True)
+    result = train_florence2.train(s, Dist())
     assert result["skipped"] == {"unreadable image": 1, "not UTF-8 text": 1} and result["step"] == 2
 
 
@@ -274,7 +278,7 @@ def stopped_run(data: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
-    assert common.load_checkpoint(run / "last.pt")["step"] == 2  # no test changed the shared run
+    assert files.load_checkpoint(run / "last.pt")["step"] == 2  # no test changed the shared run
     return Path(shutil.copytree(run, tmp_path / "run"))
 
 
@@ -289,14 +293,14 @@ def test_a_new_run_never_replaces_another_unless_asked(data: dict, stopped_run: 
     out = copy_of(stopped_run, tmp_path)
     before = snapshot(out, data["root"])
     line = refused("convmae", [*base_args("convmae", data), "--out", str(out)], capsys)
-    assert f"--out {out}: holds a previous run (last.pt); continue it with --resume, " \
+    assert f"--out {out}: holds a previous run (last.pt, last.safetensors); continue it with --resume, " \
            "or pass --overwrite to start again there" in line
     assert snapshot(out, data["root"]) == before
     line = refused("convmae", [*base_args("convmae", data), "--out", str(out), "--resume", "--overwrite"], capsys)
     assert "--resume and --overwrite: choose one" in line
     assert snapshot(out, data["root"]) == before
     result = train_convmae.main([*base_args("convmae", data), "--out", str(out), "--overwrite"])
-    assert result["step"] == 3 and common.load_checkpoint(out / "last.pt")["settings"]["epochs"] == 1
+    assert result["step"] == 3 and files.load_checkpoint(out / "last.pt")["settings"]["epochs"] == 1
     assert metrics(out) == [("epoch", 0), ("step", 1), ("step", 2), ("step", 3), ("epoch", 3)]  # the old run's are gone
     out_file = tmp_path / "a_file"
     out_file.write_text("mine")
@@ -311,23 +315,23 @@ def test_resume_refuses_settings_that_change_the_run(data: dict, stopped_run: Pa
     argv = ["--out", str(out), "--resume", "--batch-size", "4", "--lr", "0.01", "--mask-ratio", "0.5", "--epochs", "1"]
     line = refused("convmae", argv, capsys)
     assert line.startswith(f"python -m train.convmae: error: {out / 'last.pt'}: --resume with settings that change "
-                           "the run: --mask-ratio: 0.75 -> 0.5, --epochs: 2 -> 1, --batch-size: 2 -> 4, "
+                           "the run: --epochs: 2 -> 1, --batch-size: 2 -> 4, --mask-ratio: 0.75 -> 0.5, "
                            "--lr: None -> 0.01; resume without them (only --epochs may be raised)")
     assert snapshot(out, data["root"]) == before
     # the Python API compares every setting: a different data folder is a change too
-    saved = common.load_checkpoint(out / "last.pt")["settings"]
+    saved = files.load_checkpoint(out / "last.pt")["settings"]
     s = train_convmae.Settings(**{**saved, "out": str(out), "resume": True, "data": str(data["root"] / "seg")})
     with pytest.raises(ValueError, match=re.escape(f"--data: '{data['root'] / 'flat'}' -> '{data['root'] / 'seg'}'")):
-        train_convmae.train(s, common.Dist())
+        train_convmae.train(s, Dist())
     assert snapshot(out, data["root"]) == before
 
 
 def test_resume_refuses_another_number_of_processes(stopped_run: Path, tmp_path: Path) -> None:
     out = copy_of(stopped_run, tmp_path)
-    saved = common.load_checkpoint(out / "last.pt")["settings"]
+    saved = files.load_checkpoint(out / "last.pt")["settings"]
     s = train_convmae.Settings(**{**saved, "out": str(out), "resume": True})
     with pytest.raises(ValueError, match=re.escape("change the run: processes (torchrun --nproc_per_node): 1 -> 2;")):
-        common.start_run(s, common.Dist(rank=0, world_size=2), train_convmae.LIMITS)
+        run_folder.start_run(s, Dist(rank=0, world_size=2), train_convmae.LIMITS)
 
 
 def test_resume_accepts_what_cannot_change_the_run_and_a_raised_epoch_count(
@@ -372,7 +376,7 @@ def test_damaged_or_malicious_last_pt_is_one_line_and_never_runs(
     out = copy_of(stopped_run, tmp_path)
     last = out / "last.pt"
     whole = last.read_bytes()
-    settings = train_convmae.Settings(**{**common.load_checkpoint(last)["settings"], "out": str(out), "resume": True})
+    settings = train_convmae.Settings(**{**files.load_checkpoint(last)["settings"], "out": str(out), "resume": True})
     marker = tmp_path / "created_by_the_pickle"
     cases = {
         "truncated": (whole[: len(whole) // 2], "not a checkpoint written by torch.save (no zip archive; truncated"),
@@ -385,17 +389,17 @@ def test_damaged_or_malicious_last_pt_is_one_line_and_never_runs(
         assert message in refused("convmae", ["--out", str(out), "--resume"], capsys), name
         assert snapshot(out, data["root"]) == before
     last.write_bytes(whole[: len(whole) // 2])  # the Python API reads without mmap: torch's own check
-    with pytest.raises(common.CheckpointError, match="not a readable checkpoint \\(truncated or damaged\\?\\): "
+    with pytest.raises(CheckpointError, match="not a readable checkpoint \\(truncated or damaged\\?\\): "
                                                      "PytorchStreamReader failed"):
-        train_convmae.train(settings, common.Dist())
+        train_convmae.train(settings, Dist())
 
     malicious_checkpoint(last, marker)
     before = snapshot(out, data["root"])
     expected = (f"{last}: holds a Python object (posix.mkdir), not only tensors and plain containers; "
                 "it will not be unpickled")
     assert refused("convmae", ["--out", str(out), "--resume"], capsys).endswith(expected)
-    with pytest.raises(common.CheckpointError) as error:
-        train_convmae.train(settings, common.Dist())
+    with pytest.raises(CheckpointError) as error:
+        train_convmae.train(settings, Dist())
     assert str(error.value) == expected
     assert not marker.exists() and snapshot(out, data["root"]) == before
 
@@ -415,9 +419,9 @@ def test_temporary_files_of_a_killed_write_are_removed_at_the_next_start(stopped
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert common.progress(range(3)).disable  # pytest captures stderr: not a terminal
+    assert report.progress(range(3)).disable  # pytest captures stderr: not a terminal
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    assert not common.progress(range(3)).disable and common.progress(range(3), enabled=False).disable
+    assert not report.progress(range(3)).disable and report.progress(range(3), enabled=False).disable
 
 
 # ----------------------------------------------------------------------------- as a user types it (subprocesses)
@@ -486,7 +490,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_the_checkpoint_survives(data: dic
     found = re.fullmatch(r"interrupted at step (\d+); the last checkpoint is step (\d+); rerun with --resume\n", stderr)
     assert found, stderr
     reached, saved = int(found.group(1)), int(found.group(2))
-    assert common.load_checkpoint(out / "last.pt")["step"] == saved <= reached  # whole, and the step it names
+    assert files.load_checkpoint(out / "last.pt")["step"] == saved <= reached  # whole, and the step it names
     assert saved % 2 == 0 or saved % 3 == 0  # a --save-every or end-of-epoch checkpoint
     assert not list(out.glob("*.tmp"))
     done = run_cli("convmae", ["--out", str(out), "--resume", "--stop-after", str(reached + 2)])

@@ -15,10 +15,11 @@ from helpers.paths import ROOT
 from PIL import Image
 
 import convmae
-from train import common
 from train import convmae as train_convmae
-from train.common import Skipped
+from train import files, loop
+from train.distributed import Dist
 from train.image_folder import ImageFolderDataset, denormalize, list_images, random_resized_crop_box
+from train.report import Skipped
 
 TINY = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, mlp_ratio=[2, 2, 2],
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -44,12 +45,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def settings(setup: dict, out: Path, **changes) -> train_convmae.Settings:
     values = dict(data=str(setup["data"]), out=str(out), model=str(setup["config"]), epochs=2, batch_size=2,
-                  blr=1e-2, warmup_epochs=1.0, eval_images=2, progress=False)
+                  blr=1e-2, warmup_epochs=1.0, eval_images=2, progress=False, from_scratch=True)
     return train_convmae.Settings(**{**values, **changes})
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    return common.load_checkpoint(out / "last.pt")["model"]
+    return files.load_checkpoint(out / "last.pt")["model"]
 
 
 def assert_same_training(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], lr_sum: float) -> None:
@@ -107,9 +108,9 @@ def test_small_images_skipped_in_training_and_kept_on_request(setup: dict, tmp_p
     data = make_images(tmp_path / "data", 4)
     Image.new("RGB", (16, 16), "red").save(data / "tiny.png")
     (data / "garbage.jpg").write_bytes(b"\xff\xd8 truncated")
-    r = train_convmae.train(settings(setup, tmp_path / "a", data=str(data), epochs=1), common.Dist())
+    r = train_convmae.train(settings(setup, tmp_path / "a", data=str(data), epochs=1), Dist())
     assert r["skipped"] == {"image smaller than 32 px": 1, "unreadable image": 1}
-    r = train_convmae.train(settings(setup, tmp_path / "b", data=str(data), epochs=1, min_side=0), common.Dist())
+    r = train_convmae.train(settings(setup, tmp_path / "b", data=str(data), epochs=1, min_side=0), Dist())
     assert r["skipped"] == {"unreadable image": 1}
 
 
@@ -127,7 +128,7 @@ def test_param_groups_no_decay_on_biases_and_norms(setup: dict) -> None:
 
 
 def test_training_lowers_the_loss_and_writes_outputs(setup: dict, tmp_path: Path) -> None:
-    r = train_convmae.train(settings(setup, tmp_path, epochs=3, blr=0.05, picture_every=2), common.Dist())
+    r = train_convmae.train(settings(setup, tmp_path, epochs=3, blr=0.05, picture_every=2), Dist())
     assert r["recon_after"] < r["recon_before"]
     # norm-pix: predicting each patch's own mean; (P - 1) / P, the target being divided by the unbiased std
     assert r["baseline"] == pytest.approx(1 - 1 / (16 * 16 * 3), abs=1e-5)
@@ -136,7 +137,7 @@ def test_training_lowers_the_loss_and_writes_outputs(setup: dict, tmp_path: Path
     assert not (tmp_path / "recon_001.png").exists() and not (tmp_path / "recon_003.png").exists()
     width, height = Image.open(tmp_path / "recon_end.png").size
     assert width == 5 * 128 + 4 * 4 and height > 2 * 128  # 5 titled columns of 128 px tiles, one row per image
-    model = convmae.load_convmae(tmp_path / "convmae.safetensors")
+    model = convmae.load_convmae(tmp_path / "last.safetensors")
     assert isinstance(model, convmae.ConvMAE)
     assert all(torch.equal(v, final_weights(tmp_path)[k]) for k, v in model.state_dict().items())
     # the schedule: lr = blr * batch / 256, linear warmup over epoch 1, then half-cycle cosine to 0
@@ -147,18 +148,18 @@ def test_training_lowers_the_loss_and_writes_outputs(setup: dict, tmp_path: Path
 
 
 def test_fast_convmae_trains_and_fine_tunes_from_its_export(setup: dict, tmp_path: Path) -> None:
-    r = train_convmae.train(settings(setup, tmp_path, fast=True, epochs=1), common.Dist())
+    r = train_convmae.train(settings(setup, tmp_path, fast=True, epochs=1), Dist())
     assert r["step"] == 4
-    assert isinstance(convmae.load_convmae(tmp_path / "convmae.safetensors"), convmae.FastConvMAE)
-    vit = convmae.load_convvit(tmp_path / "convmae.safetensors", num_classes=3)
+    assert isinstance(convmae.load_convmae(tmp_path / "last.safetensors"), convmae.FastConvMAE)
+    vit = convmae.load_convvit(tmp_path / "last.safetensors", num_classes=3)
     assert vit(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
 
 
 def test_resume_is_exact(setup: dict, tmp_path: Path) -> None:
-    full = train_convmae.train(settings(setup, tmp_path / "full"), common.Dist())
-    part = train_convmae.train(settings(setup, tmp_path / "part", stop_after=3), common.Dist())
+    full = train_convmae.train(settings(setup, tmp_path / "full"), Dist())
+    part = train_convmae.train(settings(setup, tmp_path / "part", stop_after=3), Dist())
     assert part["stopped"] and part["step"] == 3
-    resumed = train_convmae.train(settings(setup, tmp_path / "part", resume=True), common.Dist())
+    resumed = train_convmae.train(settings(setup, tmp_path / "part", resume=True), Dist())
     assert resumed["step"] == full["step"] == 8
     a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -168,39 +169,34 @@ def test_resume_is_exact(setup: dict, tmp_path: Path) -> None:
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(
     setup: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    train_convmae.train(settings(setup, tmp_path, epochs=1), common.Dist())
+    train_convmae.train(settings(setup, tmp_path, epochs=1), Dist())
     before = final_weights(tmp_path)
     original = convmae.ConvMAE.forward_loss
     monkeypatch.setattr(convmae.ConvMAE, "forward_loss", lambda self, *a: original(self, *a) * float("nan"))
-    with pytest.raises(common.NonFiniteLossError, match="last good checkpoint"):
-        train_convmae.train(settings(setup, tmp_path, resume=True), common.Dist())
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint"):
+        train_convmae.train(settings(setup, tmp_path, resume=True), Dist())
     after = final_weights(tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
-    one = train_convmae.train(settings(setup, tmp_path / "one", batch_size=4), common.Dist())
+    one = train_convmae.train(settings(setup, tmp_path / "one", batch_size=4), Dist())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "train.convmae", "--data", str(setup["data"]), "--out", str(tmp_path / "two"),
-           "--model", str(setup["config"]), "--epochs", "2", "--batch-size", "2", "--blr", "1e-2",
+           "--from-scratch", "--model", str(setup["config"]), "--epochs", "2", "--batch-size", "2", "--blr", "1e-2",
            "--warmup-epochs", "1", "--eval-images", "2", "--no-progress", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_training(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), lr_sum=4 * 1e-2 * 4 / 256)
-    two = common.load_checkpoint(tmp_path / "two" / "last.pt")["history"]
+    two = files.load_checkpoint(tmp_path / "two" / "last.pt")["history"]
     assert [x for _, x in two["train_loss"]] == pytest.approx([x for _, x in one["history"]["train_loss"]], rel=1e-5)
 
 
-def test_bf16_encoder_with_fp32_decoder(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The autocast wiring (CUDA-only in training), checked with CPU bf16 autocast standing in."""
-    import contextlib
-
-    def cpu_autocast(device: torch.device, enabled: bool):
-        return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-    monkeypatch.setattr(train_convmae, "autocast", cpu_autocast)
+def test_bf16_encoder_with_fp32_decoder(setup: dict) -> None:
+    """The autocast wiring: bf16 autocast (`train.loop.autocast`, on CPU here as on CUDA) for the
+    encoder, the decoder in fp32 unless asked, the loss always in fp32."""
     model = train_convmae.build_model(settings(setup, setup["root"] / "unused"))
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 4)
     seen = []

@@ -16,8 +16,9 @@ from PIL import Image
 
 import convmae
 from minivision.checkpoint import save_converted
-from train import common
 from train import convvit as train_convvit
+from train import files
+from train.distributed import Dist
 
 TINY = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 3], num_heads=2, mlp_ratio=[2, 2, 2],
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -52,7 +53,7 @@ def settings(setup: dict, out: Path, **changes) -> train_convvit.Settings:
 
 
 def last_model(out: Path) -> dict[str, torch.Tensor]:
-    return common.load_checkpoint(out / "last.pt")["model"]
+    return files.load_checkpoint(out / "last.pt")["model"]
 
 
 def test_layer_decay_groups(setup: dict) -> None:
@@ -87,8 +88,8 @@ def test_layer_decay_groups(setup: dict) -> None:
 
 def test_group_learning_rates_follow_the_schedule(setup: dict, tmp_path: Path) -> None:
     s = settings(setup, tmp_path, epochs=1, stop_after=1)
-    train_convvit.train(s, common.Dist())
-    state = common.load_checkpoint(tmp_path / "last.pt")
+    train_convvit.train(s, Dist())
+    state = files.load_checkpoint(tmp_path / "last.pt")
     lr = 0.2 * 3 / 256
     warm = 1 / 6  # step 1 of a 6-step warmup
     for group in state["optimizer"]["param_groups"]:
@@ -97,7 +98,7 @@ def test_group_learning_rates_follow_the_schedule(setup: dict, tmp_path: Path) -
 
 
 def test_fine_tuning_starts_from_the_encoder_and_learns(setup: dict, tmp_path: Path) -> None:
-    r = train_convvit.train(settings(setup, tmp_path, epochs=4, val_before=True), common.Dist())
+    r = train_convvit.train(settings(setup, tmp_path, epochs=4, val_before=True), Dist())
     top1 = [a for _, a in r["history"]["top1"]]
     assert top1[-1] > top1[0] and r["best_top1"] >= 2 / 3
     best = convmae.load_convvit(tmp_path / "best.safetensors")
@@ -115,23 +116,23 @@ def test_bad_images_are_skipped(setup: dict, tmp_path: Path) -> None:
     shutil.copytree(setup["root"] / "train", data)
     (data / "red" / "broken.jpg").write_bytes(b"\x00" * 10)
     Image.new("RGB", (8, 8)).save(data / "blue" / "tiny.png")
-    r = train_convvit.train(settings(setup, tmp_path / "out", data=str(data), epochs=1), common.Dist())
+    r = train_convvit.train(settings(setup, tmp_path / "out", data=str(data), epochs=1), Dist())
     assert r["skipped"] == {"unreadable image": 1, "image smaller than 32 px": 1}
     with pytest.raises(ValueError, match="lie directly in the folder"):  # a flat folder is not a class folder
         flat = str(setup["root"] / "train" / "red")
-        train_convvit.train(settings(setup, tmp_path / "out2", val_data=flat), common.Dist())
+        train_convvit.train(settings(setup, tmp_path / "out2", val_data=flat), Dist())
     two_classes = tmp_path / "two_classes"
     shutil.copytree(setup["root"] / "val" / "red", two_classes / "red")
     shutil.copytree(setup["root"] / "val" / "blue", two_classes / "blue")
     with pytest.raises(ValueError, match="differ"):
-        train_convvit.train(settings(setup, tmp_path / "out3", val_data=str(two_classes)), common.Dist())
+        train_convvit.train(settings(setup, tmp_path / "out3", val_data=str(two_classes)), Dist())
 
 
 def test_resume_is_exact_with_drop_path(setup: dict, tmp_path: Path) -> None:
-    full = train_convvit.train(settings(setup, tmp_path / "full"), common.Dist())
-    part = train_convvit.train(settings(setup, tmp_path / "part", stop_after=9), common.Dist())
+    full = train_convvit.train(settings(setup, tmp_path / "full"), Dist())
+    part = train_convvit.train(settings(setup, tmp_path / "part", stop_after=9), Dist())
     assert part["stopped"]
-    resumed = train_convvit.train(settings(setup, tmp_path / "part", resume=True), common.Dist())
+    resumed = train_convvit.train(settings(setup, tmp_path / "part", resume=True), Dist())
     assert resumed["step"] == full["step"] == 12
     a, b = last_model(tmp_path / "full"), last_model(tmp_path / "part")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -141,7 +142,7 @@ def test_resume_is_exact_with_drop_path(setup: dict, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     """Drop path off: its per-sample draws come from each process's own RNG."""
-    one = train_convvit.train(settings(setup, tmp_path / "one", drop_path=0.0, batch_size=6), common.Dist())
+    one = train_convvit.train(settings(setup, tmp_path / "one", drop_path=0.0, batch_size=6), Dist())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "train.convvit", "--data", str(setup["root"] / "train"), "--val-data", str(setup["root"] / "val"),
            "--out", str(tmp_path / "two"), "--checkpoint", str(setup["root"] / "mae.safetensors"), "--epochs", "2",
@@ -154,6 +155,6 @@ def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     lr_sum = 6 * 0.2 * 6 / 256  # steps x the largest lr: the most an element can move
     assert diffs.max().item() < 0.05 * lr_sum and diffs.mean().item() < 2e-4 * lr_sum, (diffs.max(), diffs.mean())
-    two = common.load_checkpoint(tmp_path / "two" / "last.pt")["history"]
+    two = files.load_checkpoint(tmp_path / "two" / "last.pt")["history"]
     assert [x for _, x in two["train_loss"]] == pytest.approx([x for _, x in one["history"]["train_loss"]], rel=1e-5)
     assert two["top1"] == one["history"]["top1"]

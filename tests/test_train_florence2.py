@@ -15,11 +15,12 @@ from helpers.paths import ROOT
 
 import miniflorence
 from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
-from train import common
+from train import files
 from train import florence2 as train_florence2
-from train.common import Skipped
+from train.distributed import Dist
 from train.florence2_data import DocDataset, collate, load_examples, prompt_text
 from train.levenshtein import anls, distance, exact_match, similarity
+from train.report import Skipped
 from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa
 from train.tiny_tokenizer import write_tiny_tokenizer
 
@@ -37,14 +38,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def settings(setup: dict, out: Path, **changes) -> train_florence2.Settings:
-    values = dict(data=str(setup["data"]), val_data=str(setup["val"]), out=str(out),
+    values = dict(data=str(setup["data"]), val_data=str(setup["val"]), out=str(out), from_scratch=True,
                   tokenizer=str(setup["root"] / "tokenizer"), model="tiny", image_size=SIZE, epochs=2, batch_size=4,
                   lr=1e-3, freeze_vision=False, max_new_tokens=4, val_before=False, progress=False)
     return train_florence2.Settings(**{**values, **changes})
 
 
 def last_state(out: Path) -> dict:
-    return common.load_checkpoint(out / "last.pt")
+    return files.load_checkpoint(out / "last.pt")
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -174,7 +175,7 @@ def test_levenshtein_scores() -> None:
 
 def test_frozen_vision_tower_is_bit_identical(setup: dict, tmp_path: Path) -> None:
     s = settings(setup, tmp_path, freeze_vision=True, epochs=1, val_before=True)
-    r = train_florence2.train(s, common.Dist())
+    r = train_florence2.train(s, Dist())
     assert r["step"] == 3 and len(r["history"]["similarity"]) == 2
     torch.manual_seed(s.seed)
     start = miniflorence.Florence2(miniflorence.tiny_config(vocab_size=setup["tokenizer"].vocab_size, image_size=SIZE))
@@ -193,7 +194,7 @@ def test_frozen_vision_tower_is_bit_identical(setup: dict, tmp_path: Path) -> No
 
 
 def test_unfrozen_vision_tower_trains_and_loss_falls(setup: dict, tmp_path: Path) -> None:
-    r = train_florence2.train(settings(setup, tmp_path, epochs=3), common.Dist())
+    r = train_florence2.train(settings(setup, tmp_path, epochs=3), Dist())
     losses = [x for _, x in r["history"]["val_loss"]]
     assert losses[-1] < losses[0]
     state = last_state(tmp_path)["model"]
@@ -205,10 +206,10 @@ def test_unfrozen_vision_tower_trains_and_loss_falls(setup: dict, tmp_path: Path
 
 def test_resume_is_exact(setup: dict, tmp_path: Path) -> None:
     """With dropout on: the RNG state travels in the checkpoint."""
-    full = train_florence2.train(settings(setup, tmp_path / "full"), common.Dist())
-    part = train_florence2.train(settings(setup, tmp_path / "part", stop_after=4), common.Dist())
+    full = train_florence2.train(settings(setup, tmp_path / "full"), Dist())
+    part = train_florence2.train(settings(setup, tmp_path / "part", stop_after=4), Dist())
     assert part["stopped"] and part["step"] == 4
-    resumed = train_florence2.train(settings(setup, tmp_path / "part", resume=True), common.Dist())
+    resumed = train_florence2.train(settings(setup, tmp_path / "part", resume=True), Dist())
     assert resumed["step"] == full["step"] == 6
     a, b = last_state(tmp_path / "full")["model"], last_state(tmp_path / "part")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -217,10 +218,11 @@ def test_resume_is_exact(setup: dict, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
-    one = train_florence2.train(settings(setup, tmp_path / "one", dropout=0.0, batch_size=4), common.Dist())
+    one = train_florence2.train(settings(setup, tmp_path / "one", dropout=0.0, batch_size=4), Dist())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "train.florence2", "--data", str(setup["data"]), "--val-data", str(setup["val"]),
-           "--out", str(tmp_path / "two"), "--tokenizer", str(setup["root"] / "tokenizer"), "--model", "tiny",
+           "--out", str(tmp_path / "two"), "--tokenizer", str(setup["root"] / "tokenizer"), "--from-scratch",
+           "--model", "tiny",
            "--image-size", str(SIZE), "--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--no-freeze-vision",
            "--max-new-tokens", "4", "--no-val-before", "--no-progress", "--dropout", "0", "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

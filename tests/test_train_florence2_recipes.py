@@ -15,12 +15,13 @@ import miniflorence
 from miniflorence.model import TIED_KEYS
 from miniflorence.processor import TASK_PROMPTS
 from minivision.checkpoint import read_converted
-from train import common
+from train import files
 from train import florence2 as train_florence2
 from train import lora as train_lora
-from train.common import Skipped
 from train.detection import collapse_inverted, od_target
+from train.distributed import Dist
 from train.florence2_data import DocDataset, load_examples
+from train.report import Skipped
 from train.synthetic import SHAPES, synthetic_detection
 from train.tiny_tokenizer import write_tiny_tokenizer
 
@@ -38,7 +39,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def settings(setup: dict, out: Path, **changes) -> train_florence2.Settings:
-    values = dict(data=str(setup["data"]), val_data=str(setup["val"]), out=str(out),
+    values = dict(data=str(setup["data"]), val_data=str(setup["val"]), out=str(out), from_scratch=True,
                   tokenizer=str(setup["root"] / "tokenizer"), model="tiny", image_size=SIZE, epochs=2, batch_size=4,
                   lr=1e-2, freeze_vision=False, max_new_tokens=8, num_beams=1, val_before=False, progress=False)
     return train_florence2.Settings(**{**values, **changes})
@@ -109,9 +110,9 @@ def test_evaluation_decodes_the_generated_boxes(setup: dict, monkeypatch: pytest
 
 def test_lora_trains_only_the_adapters_and_exports_them_merged(setup: dict, tmp_path: Path, capsys) -> None:
     s = settings(setup, tmp_path, lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
-    result = train_florence2.train(s, common.Dist())
+    result = train_florence2.train(s, Dist())
     assert "trainable parameters: " in capsys.readouterr().out and result["step"] == 6
-    state = common.load_checkpoint(tmp_path / "last.pt")["model"]
+    state = files.load_checkpoint(tmp_path / "last.pt")["model"]
     torch.manual_seed(s.seed)
     start = miniflorence.Florence2(miniflorence.tiny_config(vocab_size=setup["tokenizer"].vocab_size, image_size=SIZE))
     for name, tensor in start.state_dict().items():  # every base tensor bit-identical, vision tower included
@@ -138,7 +139,7 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup: dict, tmp_
     assert not train_lora.lora_modules(merged)
     # best_lora.safetensors applied to the starting weights gives best.safetensors.
     base = tmp_path / "base.safetensors"
-    train_florence2.export(start, base, train_florence2.Settings())
+    train_florence2.export(start, base)
     applied_path = tmp_path / "applied.safetensors"
     assert train_lora.main(["apply", str(base), str(tmp_path / "best_lora.safetensors"), str(applied_path)]) == 0
     _, applied = read_converted(applied_path, "florence2")
@@ -149,13 +150,13 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup: dict, tmp_
 
 def test_lora_resume_is_exact(setup: dict, tmp_path: Path) -> None:
     kw = dict(lora_rank=2, lora_dropout=0.1, lora_targets="florence2_all", train_also="image_projection*", epochs=2)
-    full = train_florence2.train(settings(setup, tmp_path / "full", **kw), common.Dist())
-    part = train_florence2.train(settings(setup, tmp_path / "part", stop_after=4, **kw), common.Dist())
+    full = train_florence2.train(settings(setup, tmp_path / "full", **kw), Dist())
+    part = train_florence2.train(settings(setup, tmp_path / "part", stop_after=4, **kw), Dist())
     assert part["stopped"] and part["step"] == 4
-    resumed = train_florence2.train(settings(setup, tmp_path / "part", resume=True, **kw), common.Dist())
+    resumed = train_florence2.train(settings(setup, tmp_path / "part", resume=True, **kw), Dist())
     assert resumed["step"] == full["step"] == 6
-    a = common.load_checkpoint(tmp_path / "full" / "last.pt")["model"]
-    b = common.load_checkpoint(tmp_path / "part" / "last.pt")["model"]
+    a = files.load_checkpoint(tmp_path / "full" / "last.pt")["model"]
+    b = files.load_checkpoint(tmp_path / "part" / "last.pt")["model"]
     assert any(k.startswith("vision_tower.") and k.endswith("lora_A") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["history"] == full["history"]
@@ -163,9 +164,9 @@ def test_lora_resume_is_exact(setup: dict, tmp_path: Path) -> None:
 
 def test_lora_settings_are_checked(setup: dict, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--train-also needs --lora-rank"):
-        train_florence2.train(settings(setup, tmp_path / "a", train_also="image_projection"), common.Dist())
+        train_florence2.train(settings(setup, tmp_path / "a", train_also="image_projection"), Dist())
     with pytest.raises(ValueError, match="matches no nn.Linear"):
-        train_florence2.train(settings(setup, tmp_path / "b", lora_rank=2, lora_targets="nothing.*"), common.Dist())
+        train_florence2.train(settings(setup, tmp_path / "b", lora_rank=2, lora_targets="nothing.*"), Dist())
 
 
 def test_help_names_the_sources_of_the_recipes(capsys) -> None:
@@ -187,7 +188,7 @@ def test_detection_finetuning_raises_map(tmp_path: Path, setup: dict) -> None:
     val = synthetic_detection(tmp_path / "val", 16, seed=1, size=SIZE)
     s = settings(setup, tmp_path / "run", data=str(data), val_data=str(val), epochs=40, batch_size=8, lr=1e-3,
                  clip_grad=0.0, warmup_steps=5, schedule="cosine", dropout=0.0, val_before=True)
-    result = train_florence2.train(s, common.Dist())
+    result = train_florence2.train(s, Dist())
     maps = [value for _, value in result["history"]["map50"]]
     print(f"mAP@0.5 before {maps[0]:.3f}, after {maps[-1]:.3f}, best {max(maps):.3f}")
     assert maps[0] < 0.05 and maps[-1] > maps[0] + 0.15

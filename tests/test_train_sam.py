@@ -15,8 +15,9 @@ from helpers.sam import TINY_SAM
 
 import minisam
 from minisam.image_encoder import PatchEmbed
-from train import common
+from train import files, loop
 from train import sam as train_sam
+from train.distributed import Dist
 
 TINY = TINY_SAM
 
@@ -36,7 +37,7 @@ def settings(setup: tuple[Path, Path], out: Path, **kw) -> train_sam.Settings:
 def test_only_the_decoder_and_unfrozen_blocks_change(setup, tmp_path: Path) -> None:
     start = minisam.load_sam(setup[1]).state_dict()
     s = settings(setup, tmp_path, unfreeze_blocks=1, prompt="points", n_positive=2, n_negative=1)
-    result = train_sam.train(s, common.Dist())
+    result = train_sam.train(s, Dist())
     after = result["model"].state_dict()
     trainable = ("mask_decoder.", "image_encoder.blocks.1.", "image_encoder.neck.")
     for name, tensor in start.items():
@@ -55,14 +56,14 @@ def test_only_the_decoder_and_unfrozen_blocks_change(setup, tmp_path: Path) -> N
 def test_train_all_trains_every_part_and_refuses_partial_options(setup, tmp_path: Path) -> None:
     """--train-all (a SAM from scratch, the demo's): encoder, prompt encoder and decoder all change."""
     start = minisam.load_sam(setup[1]).state_dict()
-    after = train_sam.train(settings(setup, tmp_path, train_all=True, prompt="box", epochs=1), common.Dist())
+    after = train_sam.train(settings(setup, tmp_path, train_all=True, prompt="box", epochs=1), Dist())
     after = after["model"].state_dict()
     for prefix in ("image_encoder.patch_embed.", "image_encoder.blocks.0.", "image_encoder.neck.",
                    "prompt_encoder.point_embeddings.", "mask_decoder."):
         assert any(not torch.equal(after[n], start[n]) for n in start if n.startswith(prefix)), prefix
     for bad in ({"unfreeze_blocks": 1}, {"lora_rank": 2}):
         with pytest.raises(ValueError, match="--train-all trains every parameter"):
-            train_sam.train(settings(setup, tmp_path / "bad", train_all=True, overwrite=True, **bad), common.Dist())
+            train_sam.train(settings(setup, tmp_path / "bad", train_all=True, overwrite=True, **bad), Dist())
 
 
 @pytest.mark.parametrize("cache", ["memory", "disk"])
@@ -77,24 +78,24 @@ def test_the_image_encoder_runs_once_per_image(
         return forward(self, x)
 
     monkeypatch.setattr(PatchEmbed, "forward", counted)
-    result = train_sam.train(settings(setup, tmp_path, epochs=3, cache=cache), common.Dist())
+    result = train_sam.train(settings(setup, tmp_path, epochs=3, cache=cache), Dist())
     assert result["step"] > 3
     n_images = len(list((setup[0] / "images").iterdir()))
     assert sum(calls) == n_images  # train and val images, each once over 3 epochs
     calls.clear()
-    train_sam.train(settings(setup, tmp_path / "off", epochs=2, cache="off"), common.Dist())
+    train_sam.train(settings(setup, tmp_path / "off", epochs=2, cache="off"), Dist())
     assert sum(calls) > 2 * n_images  # without the cache every step runs the encoder
 
 
 def test_resume_gives_the_uninterrupted_weights(setup, tmp_path: Path) -> None:
     kw = dict(unfreeze_blocks=1, unfreeze_epoch=1, accum_steps=2, prompt="both", box_shift=3)
-    full = train_sam.train(settings(setup, tmp_path / "full", **kw), common.Dist())
-    part = train_sam.train(settings(setup, tmp_path / "part", stop_after=2, **kw), common.Dist())
+    full = train_sam.train(settings(setup, tmp_path / "full", **kw), Dist())
+    part = train_sam.train(settings(setup, tmp_path / "part", stop_after=2, **kw), Dist())
     assert part["stopped"] and part["step"] == 2
-    resumed = train_sam.train(settings(setup, tmp_path / "part", resume=True, **kw), common.Dist())
+    resumed = train_sam.train(settings(setup, tmp_path / "part", resume=True, **kw), Dist())
     assert resumed["step"] == full["step"] > 2
-    a = common.load_checkpoint(tmp_path / "full" / "last.pt")
-    b = common.load_checkpoint(tmp_path / "part" / "last.pt")
+    a = files.load_checkpoint(tmp_path / "full" / "last.pt")
+    b = files.load_checkpoint(tmp_path / "part" / "last.pt")
     for name in a["trainable"]:
         assert torch.equal(a["trainable"][name], b["trainable"][name]), name
     for k, state in a["optimizer"]["state"].items():
@@ -113,9 +114,9 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_
 
     monkeypatch.setattr(train_sam, "forward_loss", poisoned)
     s = settings(setup, tmp_path, save_every=2, val_before=False)
-    with pytest.raises(common.NonFiniteLossError, match="last good checkpoint is kept"):
-        train_sam.train(s, common.Dist())
-    assert common.load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    with pytest.raises(loop.NonFiniteLossError, match="last good checkpoint is kept"):
+        train_sam.train(s, Dist())
+    assert files.load_checkpoint(tmp_path / "last.pt")["step"] == 2
     with pytest.raises(SystemExit, match="nan at step 0.*none written yet"):  # poisoned from the start
         train_sam.main(["--data", s.data, "--out", str(tmp_path / "cli"), "--checkpoint", s.checkpoint,
                         "--batch-size", "2", "--no-progress", "--no-val-before"])
@@ -139,8 +140,8 @@ def test_torchrun_two_processes_match_one(setup, tmp_path: Path) -> None:
                           "--out", str(tmp_path / "two"), "--batch-size", "2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    a = common.load_checkpoint(tmp_path / "one" / "last.pt")
-    b = common.load_checkpoint(tmp_path / "two" / "last.pt")
+    a = files.load_checkpoint(tmp_path / "one" / "last.pt")
+    b = files.load_checkpoint(tmp_path / "two" / "last.pt")
     assert a["step"] == b["step"] >= 2
     for (step_a, loss_a), (step_b, loss_b) in zip(a["history"]["train_loss"], b["history"]["train_loss"], strict=True):
         assert step_a == step_b and loss_a == pytest.approx(loss_b, abs=1e-6)  # losses over the global batch
@@ -169,13 +170,13 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
      dict(prompt="box", cache="off", augment=True, loss="dice_balanced_bce", schedule="linear")],
 )
 def test_other_options_train(setup, tmp_path: Path, options: dict) -> None:
-    result = train_sam.train(settings(setup, tmp_path, epochs=1, **options), common.Dist())
+    result = train_sam.train(settings(setup, tmp_path, epochs=1, **options), Dist())
     losses = torch.tensor([loss for _, loss in result["history"]["train_loss"]])
     assert result["step"] > 0 and torch.isfinite(losses).all()
 
 
 def test_bad_settings_are_refused(setup, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--multimask must be one of"):
-        train_sam.train(settings(setup, tmp_path, multimask="bst"), common.Dist())
+        train_sam.train(settings(setup, tmp_path, multimask="bst"), Dist())
     with pytest.raises(ValueError, match="encoder has 2 blocks"):
-        train_sam.train(settings(setup, tmp_path, unfreeze_blocks=3), common.Dist())
+        train_sam.train(settings(setup, tmp_path, unfreeze_blocks=3), Dist())

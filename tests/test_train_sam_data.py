@@ -10,7 +10,7 @@ import torch
 from helpers.paths import asset_path
 from PIL import Image, ImageFilter
 
-from train.common import Skipped
+from train.report import Skipped
 from train.sam_data import (
     ImageRecord,
     PromptSettings,
@@ -78,12 +78,12 @@ def test_bad_inputs_are_skipped_and_counted(tmp_path: Path) -> None:
 
 
 def test_a_dataset_without_usable_samples_is_refused(tmp_path: Path) -> None:
-    from train.common import Dist
+    from train.distributed import Dist
     from train.sam import Settings, train
 
     write_pair(tmp_path, "no_mask", good_image(), None)
     with pytest.raises(ValueError, match="fewer than 2 usable objects.*missing mask"):
-        train(Settings(data=str(tmp_path), out=str(tmp_path / "run"), model="vit_b", image_size=64), Dist())
+        train(Settings(data=str(tmp_path), out=str(tmp_path / "run"), from_scratch=True, image_size=64), Dist())
 
 
 def test_mask_modes(tmp_path: Path) -> None:

@@ -18,9 +18,10 @@ from torch import nn
 
 import minisam
 from minivision.checkpoint import read_converted
-from train import common
+from train import files
 from train import lora as train_lora
 from train import sam as train_sam
+from train.distributed import Dist
 
 TINY = TINY_SAM
 
@@ -54,7 +55,7 @@ def outputs(model: minisam.Sam, seed: int = 1) -> tuple[torch.Tensor, torch.Tens
 def test_lora_trains_only_the_adapters_and_exports_them_merged(setup, tmp_path: Path, capsys) -> None:
     start = minisam.load_sam(setup[1]).state_dict()
     s = settings(setup, tmp_path, lora_rank=2, lora_alpha=4.0, lora_targets="sam")
-    result = train_sam.train(s, common.Dist())
+    result = train_sam.train(s, Dist())
     assert "trainable parameters: " in capsys.readouterr().out
     model = result["model"]
     after = model.state_dict()
@@ -89,13 +90,13 @@ def test_lora_resume_gives_the_uninterrupted_weights(setup, tmp_path: Path) -> N
     kw = dict(lora_rank=2, lora_dropout=0.1, lora_targets="sam_decoder",
               train_also="mask_decoder.iou_prediction_head.*", unfreeze_blocks=1, unfreeze_epoch=1, accum_steps=2,
               prompt="both")
-    full = train_sam.train(settings(setup, tmp_path / "full", **kw), common.Dist())
-    part = train_sam.train(settings(setup, tmp_path / "part", stop_after=2, **kw), common.Dist())
+    full = train_sam.train(settings(setup, tmp_path / "full", **kw), Dist())
+    part = train_sam.train(settings(setup, tmp_path / "part", stop_after=2, **kw), Dist())
     assert part["stopped"] and part["step"] == 2
-    resumed = train_sam.train(settings(setup, tmp_path / "part", resume=True, **kw), common.Dist())
+    resumed = train_sam.train(settings(setup, tmp_path / "part", resume=True, **kw), Dist())
     assert resumed["step"] == full["step"] > 2
-    a = common.load_checkpoint(tmp_path / "full" / "last.pt")
-    b = common.load_checkpoint(tmp_path / "part" / "last.pt")
+    a = files.load_checkpoint(tmp_path / "full" / "last.pt")
+    b = files.load_checkpoint(tmp_path / "part" / "last.pt")
     assert any(n.endswith("lora_A") for n in a["trainable"])
     assert "image_encoder.blocks.1.mlp.lin1.weight" in a["trainable"]  # an unfrozen block trains fully
     for name in a["trainable"]:
@@ -105,13 +106,13 @@ def test_lora_resume_gives_the_uninterrupted_weights(setup, tmp_path: Path) -> N
 
 def test_lora_settings_are_checked(setup, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="matches no nn.Linear"):
-        train_sam.train(settings(setup, tmp_path, lora_rank=2, lora_targets="nothing.*"), common.Dist())
+        train_sam.train(settings(setup, tmp_path, lora_rank=2, lora_targets="nothing.*"), Dist())
     with pytest.raises(ValueError, match="--train-also needs --lora-rank"):
-        train_sam.train(settings(setup, tmp_path, train_also="mask_decoder.*"), common.Dist())
+        train_sam.train(settings(setup, tmp_path, train_also="mask_decoder.*"), Dist())
     with pytest.raises(ValueError, match="--train-also 'nope' matches no parameter"):
-        train_sam.train(settings(setup, tmp_path, lora_rank=2, train_also="nope"), common.Dist())
+        train_sam.train(settings(setup, tmp_path, lora_rank=2, train_also="nope"), Dist())
     with pytest.raises(ValueError, match="--lora-dropout must be in"):
-        train_sam.train(settings(setup, tmp_path, lora_rank=2, lora_dropout=1.0), common.Dist())
+        train_sam.train(settings(setup, tmp_path, lora_rank=2, lora_dropout=1.0), Dist())
 
 
 def test_the_lora_cache_holds_the_blocks_before_the_first_adapter() -> None:
@@ -142,7 +143,7 @@ def test_loss_sam_equals_a_hand_computation() -> None:
     target = (torch.rand(B, S, S) > 0.6).float()
     size = torch.tensor([[16, 12], [10, 16]])  # (h, w): padding on the right of the first, below the second
     batch = {"mask": target, "size": size, "point_coords": torch.zeros(B, 1, 2), "point_labels": torch.ones(B, 1)}
-    s = train_sam.Settings(loss="sam", bf16=False)
+    s = train_sam.Settings(loss="sam", precision="fp32")
     module = FixedDecoder(low_res, iou_pred)
     loss, per_prompt, iou = train_sam.forward_loss(module, torch.zeros(B, 1), batch, s, "min", S)
 
@@ -182,7 +183,7 @@ def test_iterative_points_are_drawn_in_the_error_region_and_feed_back_the_mask()
     batch = {"mask": target, "size": torch.tensor([[16, 16]] * B), "box": torch.tensor([[2.0, 3.0, 8.0, 10.0]] * B),
              "index": torch.arange(B)}
     module = FixedDecoder(low_res, iou_pred)
-    s = train_sam.Settings(loss="sam", bf16=False)
+    s = train_sam.Settings(loss="sam", precision="fp32")
     train_sam.forward_loss(module, torch.zeros(B, 1), batch, s, "min", S, rounds=3, seed=7)
     assert [multimask for _, multimask in module.prompts] == [True, False, False]  # later rounds: one mask
     first, second, third = (p for p, _ in module.prompts)
@@ -214,11 +215,11 @@ def test_iterative_points_are_drawn_in_the_error_region_and_feed_back_the_mask()
 
 def test_loss_sam_and_iterative_points_train(setup, tmp_path: Path) -> None:
     result = train_sam.train(settings(setup, tmp_path, epochs=1, loss="sam", prompt="points", iterative_points=2),
-                             common.Dist())
+                             Dist())
     losses = torch.tensor([loss for _, loss in result["history"]["train_loss"]])
     assert result["step"] > 0 and torch.isfinite(losses).all()
     with pytest.raises(ValueError, match="--loss sam trains the lowest-loss mask"):
-        train_sam.train(settings(setup, tmp_path / "bad", loss="sam", multimask="best"), common.Dist())
+        train_sam.train(settings(setup, tmp_path / "bad", loss="sam", multimask="best"), Dist())
 
 
 def test_help_names_the_sources_of_the_recipes(capsys) -> None:
@@ -236,11 +237,11 @@ def test_help_names_the_sources_of_the_recipes(capsys) -> None:
 def test_a_batch_of_images_equals_accumulated_single_images(setup, tmp_path: Path, options: dict) -> None:
     kw = dict(prompts_per_image=3, optimizer="sgd", lr=0.5, warmup_steps=0, clip_grad=0.0, schedule="constant",
               stop_after=1, val_before=False, **options)
-    together = train_sam.train(settings(setup, tmp_path / "batch", batch_size=3, **kw), common.Dist())
-    apart = train_sam.train(settings(setup, tmp_path / "accum", batch_size=1, accum_steps=3, **kw), common.Dist())
+    together = train_sam.train(settings(setup, tmp_path / "batch", batch_size=3, **kw), Dist())
+    apart = train_sam.train(settings(setup, tmp_path / "accum", batch_size=1, accum_steps=3, **kw), Dist())
     assert together["step"] == apart["step"] == 1
-    a = common.load_checkpoint(tmp_path / "batch" / "last.pt")["trainable"]
-    b = common.load_checkpoint(tmp_path / "accum" / "last.pt")["trainable"]
+    a = files.load_checkpoint(tmp_path / "batch" / "last.pt")["trainable"]
+    b = files.load_checkpoint(tmp_path / "accum" / "last.pt")["trainable"]
     start = minisam.load_sam(setup[1]).state_dict()
     assert any(not torch.equal(a[n], start[n]) for n in a), "the step changed nothing"
     for name in a:
@@ -249,7 +250,7 @@ def test_a_batch_of_images_equals_accumulated_single_images(setup, tmp_path: Pat
 
 def test_image_batches_train_without_the_cache_and_with_augmentation(setup, tmp_path: Path) -> None:
     result = train_sam.train(settings(setup, tmp_path, epochs=1, prompts_per_image=2, cache="off", augment=True,
-                                      prompt="both", unfreeze_blocks=1), common.Dist())
+                                      prompt="both", unfreeze_blocks=1), Dist())
     assert result["step"] == 4  # 9 training images, 2 per step
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result["history"]["train_loss"])
 
@@ -269,8 +270,8 @@ def test_torchrun_with_lora_and_image_batches_matches_one_process(setup, tmp_pat
                           "--out", str(tmp_path / "two"), "--batch-size", "2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    a = common.load_checkpoint(tmp_path / "one" / "last.pt")
-    b = common.load_checkpoint(tmp_path / "two" / "last.pt")
+    a = files.load_checkpoint(tmp_path / "one" / "last.pt")
+    b = files.load_checkpoint(tmp_path / "two" / "last.pt")
     assert a["step"] == b["step"] >= 2
     for name, tensor in a["trainable"].items():
         torch.testing.assert_close(b["trainable"][name], tensor, rtol=0, atol=1e-6, msg=name)

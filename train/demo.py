@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from train import common
+from train import report
 from train.demo_jobs import DemoSettings, JobResult, convmae_job, florence2_job, sam_job
+from train.loop import NonFiniteLossError
+from train.settings import check_settings, one_line, parse_settings
 
 JOBS: dict[str, Callable[[DemoSettings], JobResult]] = {
     "sam": sam_job,
@@ -61,28 +63,33 @@ def table(results: dict[str, TimedResult]) -> str:
 
 
 PROG = "python -m train.demo"
-# What each setting may be (`train.common.check_settings`); a bad value is one line, as is a job's user error.
+EXAMPLES = """
+  python -m train.demo                              # all three jobs, a few minutes on a laptop CPU
+  python -m train.demo --jobs sam --sam-epochs 5    # one job, shorter
+  python -m train.demo --jobs sam --checkpoint sam_vit_b.safetensors --image-size 512   # fine-tune a real SAM
+"""
+# What each setting may be (`train.settings.check_settings`); a bad value is one line, as is a job's user error.
 LIMITS = {"sam_epochs": ">=1", "sam_images": ">=40", "florence2_epochs": ">=1", "florence2_pages": ">=1",
           "convmae_epochs": ">=1", "convmae_images": ">=1", "image_size": ">=0", "threads": ">=0"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, TimedResult]:
-    ds = common.parse_settings(DemoSettings, argv, prog=PROG)
+    ds = parse_settings(DemoSettings, argv, prog=PROG, examples=EXAMPLES)
     jobs = [j for j in ds.jobs.split(",") if j]
     unknown = [j for j in jobs if j not in JOBS]
     if unknown:
         raise SystemExit(f"unknown demo job(s) {unknown}; available: {sorted(JOBS)}")
     results = {}
     try:
-        common.check_settings(ds, LIMITS, {})
+        check_settings(ds, LIMITS, {})
         torch.set_num_threads(ds.threads or os.cpu_count() or 1)  # every core unless told otherwise
         for job in jobs:
-            common.log(f"demo job {job!r}")
+            report.log(f"demo job {job!r}")
             wall, cpu = time.perf_counter(), time.process_time()
             result = JOBS[job](ds)
             results[job] = TimedResult(result, time.perf_counter() - wall, time.process_time() - cpu)
-    except (ValueError, OSError, common.NonFiniteLossError) as e:
-        raise SystemExit(f"{PROG}: error: {common.one_line(e)}") from None
+    except (ValueError, OSError, NonFiniteLossError) as e:
+        raise SystemExit(f"{PROG}: error: {one_line(e)}") from None
     print("\n" + table(results), flush=True)
     return results
 

@@ -28,7 +28,11 @@ batch's loss does not depend on how long its other answers are.
 - `last.pt` (model, optimizer, scheduler, step, RNG) for `--resume`, a NaN/inf guard, tqdm,
   `curves.png`, `metrics.jsonl`; `torchrun --nproc_per_node=N -m train.florence2 ...` runs DDP.
   A new run into a folder holding another's checkpoints needs `--overwrite`; `--resume` refuses
-  settings that change the run (`train.common.start_run`).
+  settings that change the run (`train.run_folder.start_run`).
+- The run folder holds `best.safetensors` (best by ANLS, or mAP@0.5) and `last.safetensors`, the
+  converted files `miniflorence.load_florence2`, `python -m miniflorence` and `--checkpoint` of
+  another run read (as does the folder itself). The start: `--checkpoint`, or random weights of
+  `--model` only when asked for with `--from-scratch`.
 
 Legend: B batch, T prompt tokens, t answer tokens, V vocabulary, S image side.
 """
@@ -48,19 +52,32 @@ import miniflorence
 from miniflorence.model import TIED_KEYS
 from miniflorence.postprocess import strip_sequence_tokens
 from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
-from minivision.checkpoint import save_converted
-from train import common
+from minivision.checkpoint import resolve_weights, save_converted
+from train import distributed, loop, report, run_folder, script
 from train.detection import collapse_inverted, decode_od, mean_average_precision
-from train.florence2_data import DocDataset, collate, load_examples
+from train.florence2_data import DocDataset, collate
+from train.florence2_sources import load_data
 from train.levenshtein import anls, exact_match, similarity
 from train.lora import add_lora, merged_state_dict, save_lora
+from train.settings import TrainSettings, read_config
 
 # The real Florence-2 tokenizer files, package data of miniflorence (MIT; miniflorence/assets/ATTRIBUTION.md).
 REAL_TOKENIZER = DEFAULT_TOKENIZER_DIR
 
+EXAMPLES = """
+  python -m weights_convert florence2 Florence-2-base-ft/ florence2_base_ft.safetensors   # the official weights, once
+  python -m train.florence2 --data docvqa_train.jsonl --checkpoint florence2_base_ft.safetensors --out runs/docvqa
+  python -m train.florence2 --out runs/docvqa --resume                     # continue an interrupted run
+  python -m train.florence2 --data more.jsonl --checkpoint runs/docvqa --out runs/docvqa2   # from a run (its best)
+  python -m train.florence2 --data boxes.jsonl --checkpoint florence2_base_ft.safetensors --lora-rank 8 --out runs/od
+  python -m miniflorence runs/docvqa tokenizer/ page.png --task "<DocVQA>" --text "What is the total?"
+  torchrun --nproc_per_node=2 -m train.florence2 --data docvqa_train.jsonl --checkpoint runs/docvqa --out runs/ddp
+  python -m train.florence2 --data docvqa_train.jsonl --from-scratch --model tiny --lr 1e-3 --out runs/tiny
+"""
+
 
 @dataclass
-class Settings:
+class Settings(TrainSettings):
     """Fine-tune Florence-2 on a JSONL of image questions and answers.
 
     --data (and --val-data): a JSONL file, one JSON object per line, either
@@ -71,6 +88,9 @@ class Settings:
       processor quantises; an image with no boxes is a negative example whose target is the empty answer);
     image paths are relative to the JSONL's folder (or absolute). Every line and its image are
     checked before training (the image decoded once); bad lines are skipped and counted.
+    Also: a COCO instances JSON (detection: boxes + category names as <OD> targets; --images,
+    --categories), or parquet (a file, glob or Hugging Face dataset folder, --split) with the DocVQA
+    columns image, question, answers (a list) or image, prefix, suffix (--columns renames them).
 
     Recipes and where they come from:
       detection lines: the <OD> task of Florence-2 (Xiao et al., 2023, section 4: boxes as location
@@ -84,51 +104,42 @@ class Settings:
         best_lora.safetensors holds them alone (python -m train.lora apply BASE LORA OUT).
     """
 
-    data: str = ""  # training JSONL
-    val_data: str = ""  # evaluation JSONL; "": hold out --val-fraction of the training lines
-    val_fraction: float = 0.1
-    out: str = "runs/florence2"
+    data: str = ""  # training JSONL, COCO instances JSON (<OD>), or parquet file/glob/dataset folder
+    val_data: str = ""  # evaluation data of the same kinds; "": hold out --val-fraction of the training examples
+    images: str = ""  # COCO --data: the folder its file_names are relative to; "": beside the JSON
+    categories: str = ""  # COCO: comma-separated category names to detect; "": all
+    split: str = ""  # parquet dataset folder: the split of --data ("": train, or the only one)
+    val_split: str = ""  # parquet dataset folder: the split of --val-data ("": as --split)
+    columns: str = ""  # parquet: ROLE=COLUMN overrides of image, question, answers (DocVQA), prefix, suffix
+    val_fraction: float = 0.1  # the share of training examples held out when there is no --val-data (seeded)
+    out: str = "runs/florence2"  # the run folder: settings.json, metrics.jsonl, last.pt, best/last.safetensors
     tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads (default: the real one)
-    checkpoint: str | None = None  # a converted Florence-2 .safetensors; None: random weights of `model`
-    model: str = "tiny"  # without a checkpoint: "tiny", a miniflorence.CONFIGS name, or a .json of config fields
+    model: str = "tiny"  # built with --from-scratch: "tiny", a miniflorence.CONFIGS name, or a .json of config fields
     image_size: int = 0  # the input side (a multiple of 32); 0: the config's (768 for the released models)
     task_prefix: str = "<DocVQA>"  # put before each question (not before `prefix` records)
     max_answer_tokens: int = 64  # longer answers are skipped and counted
-    seed: int = 0
-    epochs: int = 7
-    batch_size: int = 6  # per process
-    accum_steps: int = 1
-    lr: float = 1e-6
-    weight_decay: float = 0.01  # torch's AdamW default, as the tutorial
-    warmup_steps: int = 0
+    epochs: int = 7  # passes over the training data (the tutorial's 7)
+    batch_size: int = 6  # samples per process and micro-batch (the tutorial's 6)
+    lr: float = 1e-6  # peak learning rate (the tutorial's)
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0
     schedule: str = "linear"  # linear, cosine, constant
-    clip_grad: float = 1.0  # max gradient norm; 0: off
-    freeze_vision: bool = True
+    freeze_vision: bool = True  # keep the DaViT vision tower fixed (and in eval mode)
     lora_rank: int = 0  # LoRA (Hu et al., 2021) adapters of this rank on --lora-targets; 0: no LoRA
     lora_alpha: float = 0.0  # LoRA scaling alpha / rank; 0: alpha = rank
     lora_targets: str = "florence2"  # presets florence2 (language q/v), florence2_vision, florence2_all, or globs
     lora_dropout: float = 0.0  # dropout on the LoRA adapters' input
     train_also: str = ""  # with LoRA: glob patterns of parameters that train fully too (e.g. image_projection*)
-    dropout: float | None = None  # override the language model's dropout probabilities (e.g. 0)
-    num_beams: int = 3
-    max_new_tokens: int = 64
+    dropout: float | None = None  # override the language model's dropout probabilities (e.g. 0); none: the config's
+    num_beams: int = 3  # beam search width of the evaluation's generation (1: greedy)
+    max_new_tokens: int = 64  # the longest generated answer in the evaluation
     eval_limit: int = 0  # evaluate at most this many examples; 0: all
-    anls_threshold: float = 0.5
-    bf16: bool = True  # autocast on CUDA only
-    device: str = "auto"
-    workers: int = 0
-    save_every: int = 0  # optimizer steps between last.pt writes; 0: once per epoch
-    stop_after: int = 0  # stop after this many optimizer steps (as if interrupted); 0: never
-    resume: bool = False  # continue from OUT/last.pt; settings not given are the checkpoint's
-    overwrite: bool = False  # start a new run in an --out that holds one (its checkpoints are replaced)
+    anls_threshold: float = 0.5  # ANLS counts a similarity below this as 0 (the DocVQA metric's 0.5)
     val_before: bool = True  # evaluate the starting model (the "before" numbers)
-    progress: bool = True
 
-
-# What each setting may be (`train.common.check_settings`; seed, epochs, batch size... are checked there).
-CHOICES = {"schedule": common.SCHEDULES}
-LIMITS = {"val_fraction": "(0,1)", "image_size": ">=0", "max_answer_tokens": ">=1", "lr": ">0", "weight_decay": ">=0",
-          "warmup_steps": ">=0", "clip_grad": ">=0", "dropout": "[0,1)", "num_beams": ">=1", "max_new_tokens": ">=1",
+# What each setting may be (`train.settings.check_settings`; seed, epochs, batch size... are checked there).
+CHOICES = {"schedule": loop.SCHEDULES}
+LIMITS = {"val_fraction": "(0,1)", "image_size": ">=0", "max_answer_tokens": ">=1", "lr": ">0",
+          "warmup_steps": ">=0", "dropout": "[0,1)", "num_beams": ">=1", "max_new_tokens": ">=1",
           "eval_limit": ">=0", "anls_threshold": "[0,1]", "lora_rank": ">=0", "lora_alpha": ">=0",
           "lora_dropout": "[0,1)"}
 
@@ -136,14 +147,14 @@ LIMITS = {"val_fraction": "(0,1)", "image_size": ">=0", "max_answer_tokens": ">=
 def build_model(s: Settings, vocab_size: int) -> miniflorence.Florence2:
     """A converted checkpoint, or seeded random weights sized for the tokenizer."""
     if s.checkpoint:
-        model = miniflorence.load_florence2(s.checkpoint)
+        model = miniflorence.load_florence2(resolve_weights(s.checkpoint))
         if vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {vocab_size} tokens, the model {model.config.vocab_size}")
         config = model.config
     elif s.model == "tiny" or s.model in miniflorence.CONFIGS:
         model, config = None, miniflorence.tiny_config() if s.model == "tiny" else miniflorence.CONFIGS[s.model]
     elif s.model.endswith(".json"):
-        model, config = None, common.read_config(s.model, miniflorence.Florence2Config.from_dict, "Florence2Config")
+        model, config = None, read_config(s.model, miniflorence.Florence2Config.from_dict, "Florence2Config")
     else:
         raise ValueError(f"--model {s.model!r}: 'tiny', one of {sorted(miniflorence.CONFIGS)} or a .json config")
     if model is None:
@@ -177,7 +188,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, pad_id: int
 
 def global_token_count(labels: torch.Tensor, pad_id: int, device: torch.device) -> int:
     """Real (non-pad) label tokens in this micro-batch, summed over every process."""
-    n = common.sum_over_ranks(torch.tensor([float((labels != pad_id).sum())], device=device))
+    n = distributed.sum_over_ranks(torch.tensor([float((labels != pad_id).sum())], device=device))
     return max(1, int(n.item()))
 
 
@@ -195,7 +206,7 @@ def evaluate(model: miniflorence.Florence2, dataset: DocDataset, s: Settings, to
     for first in range(0, n, s.batch_size):
         batch = collate([dataset[i] for i in range(first, min(first + s.batch_size, n))], pad_id, start_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        with common.autocast(device, s.bf16):
+        with loop.autocast(device, loop.use_bf16(s.precision, device)):
             logits = model(
                 batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"], batch["attention_mask"]
             )
@@ -233,30 +244,38 @@ def scores(result: dict) -> dict[str, float]:
     return {"val_loss": result["loss"], **{k: result[k] for k in names if k in result}}
 
 
-def export(model: miniflorence.Florence2, path: Path, s: Settings) -> None:
-    """The converted format: LoRA merged, the tied token table stored once (`language_model.model.shared`);
-    with LoRA also the adapters alone, beside it (`best_lora.safetensors`)."""
+def export(model: miniflorence.Florence2, path: Path) -> None:
+    """The converted format: LoRA merged, the tied token table stored once (`language_model.model.shared`)."""
     tensors = {k: v for k, v in merged_state_dict(model).items() if k not in TIED_KEYS}
     save_converted(path, tensors, "florence2", model.config.to_dict())
+
+
+def save_best(model: miniflorence.Florence2, out: Path, s: Settings) -> None:
+    """best.safetensors, and with LoRA best_lora.safetensors (the adapters alone)."""
+    export(model, out / "best.safetensors")
     if s.lora_rank:
-        save_lora(path.with_name("best_lora.safetensors"), model, "florence2", s.lora_targets)
+        save_lora(out / "best_lora.safetensors", model, "florence2", s.lora_targets)
 
 
-def train(s: Settings, d: common.Dist) -> dict:
+def train(s: Settings, d: distributed.Dist) -> dict:
     """The whole run; returns the history and the scores before/after. See the module docstring."""
-    out, state = common.start_run(s, d, LIMITS, CHOICES)
+    out, state = run_folder.start_run(s, d, LIMITS, CHOICES)
     last_path = out / "last.pt"
     if not s.data:
-        raise ValueError("--data is required: a JSONL file of {image, question, answer} or {image, prefix, suffix}")
+        raise ValueError("--data is required: a JSONL file of {image, question, answer} or {image, prefix, suffix}, "
+                         "a COCO instances JSON or parquet")
 
     # ---- tokenizer, model, data (bad lines skipped and counted)
     tokenizer = miniflorence.Tokenizer.from_dir(s.tokenizer)
     model = build_model(s, tokenizer.vocab_size).to(d.device).train()
-    c = model.config
-    skipped = common.Skipped()
-    examples = load_examples(s.data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)
+    c, bf16 = model.config, loop.use_bf16(s.precision, d.device)
+    skipped = report.Skipped()
+    categories = [name for name in s.categories.split(",") if name.strip()]
+    examples = load_data(s.data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped, s.images, categories,
+                         s.split, s.columns)
     if s.val_data:
-        val_examples = load_examples(s.val_data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped)
+        val_examples = load_data(s.val_data, s.task_prefix, tokenizer, s.max_answer_tokens, skipped, "", categories,
+                                 s.val_split or s.split, s.columns)
     else:  # a seeded hold-out of the training lines
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(s.seed)).tolist()
         n_val = max(1, round(s.val_fraction * len(examples)))
@@ -264,7 +283,7 @@ def train(s: Settings, d: common.Dist) -> dict:
         examples = [examples[i] for i in sorted(order[n_val:])]
     train_set = DocDataset(examples, tokenizer, c.image_size)
     val_set = DocDataset(val_examples, tokenizer, c.image_size)
-    common.log(f"{len(train_set)} train / {len(val_set)} val examples; skipped: {skipped.summary()}")
+    report.log(f"{len(train_set)} train / {len(val_set)} val examples; skipped: {skipped.summary()}")
 
     # ---- what trains: everything, or everything but the vision tower; with LoRA the adapters (and
     # --train-also) only. --freeze-vision also keeps the tower in eval mode (no drop path).
@@ -286,31 +305,31 @@ def train(s: Settings, d: common.Dist) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     trained, total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     lora_note = f"; LoRA rank {s.lora_rank} on {len(lora_names)} layers" if s.lora_rank else ""
-    common.log(f"trainable parameters: {trained:,} of {total:,} ({100 * trained / total:.2f}%){lora_note}")
+    report.log(f"trainable parameters: {trained:,} of {total:,} ({100 * trained / total:.2f}%){lora_note}")
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
-    _, steps_per_epoch = common.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
+    _, steps_per_epoch = distributed.steps_per_epoch(len(train_set), s.batch_size, s.accum_steps, d)
     total_steps = steps_per_epoch * s.epochs
-    scheduler = common.make_scheduler(optimizer, total_steps, s.warmup_steps, s.schedule)
-    ddp = common.wrap_ddp(model, d)
+    scheduler = loop.make_scheduler(optimizer, total_steps, s.warmup_steps, s.schedule)
+    ddp = distributed.wrap_ddp(model, d)
     running = torch.zeros((), device=d.device)  # W x this rank's share of the step's loss, over its micro-batches
     pad_id, start_id = c.pad_token_id, c.decoder_start_token_id
 
     # ---- start or resume
-    common.begin_run(out, s, state, d)
+    run_folder.begin_run(out, s, state, d)
     step, start_epoch, start_micro, best = 0, 0, 0, -1.0
     history: dict[str, list] = {"train_loss": [], "val_loss": [], "similarity": [], "anls": [], "exact": [],
                                 "map50": [], "map": []}
     metric = "map50" if any(ex.boxes for ex in val_set.examples) else "anls"  # what picks the best model
     if state is not None:
-        common.load_model_state(model, state["model"], last_path)
-        step, start_epoch, start_micro = common.resume(state, optimizer, scheduler)
+        run_folder.load_model_state(model, state["model"], last_path)
+        step, start_epoch, start_micro = run_folder.resume(state, optimizer, scheduler)
         best, history = state["best"], state["history"]
     elif s.val_before and d.is_main:
         r = evaluate(model, val_set, s, tokenizer, d.device)
-        common.log_epoch(history, out / "metrics.jsonl", 0, 0, s.epochs, scores(r))
+        report.log_epoch(history, out / "metrics.jsonl", 0, 0, s.epochs, scores(r))
 
     def snapshot(epoch: int, micro: int) -> dict:  # what last.pt holds
-        state = common.run_state(optimizer, scheduler, step, epoch, micro, history, s)
+        state = run_folder.run_state(optimizer, scheduler, step, epoch, micro, history, s)
         return {"model": model.state_dict(), "best": best, **state}
 
     def summary(stopped: bool) -> dict:  # what `train` returns
@@ -318,47 +337,49 @@ def train(s: Settings, d: common.Dist) -> dict:
                 "step": step, "stopped": stopped, "skipped": dict(skipped)}
 
     collate_fn = functools.partial(collate, pad_id=pad_id, decoder_start_id=start_id)
+    save_last = functools.partial(export, model)  # last.safetensors, beside each last.pt
     for epoch in range(start_epoch, s.epochs):
         first = start_micro if epoch == start_epoch else 0  # a resumed epoch goes on where it stopped
-        loader = common.epoch_loader(train_set, epoch, s.seed, s.batch_size, s.accum_steps, d, first, s.workers,
+        loader = distributed.epoch_loader(train_set, epoch, s.seed, s.batch_size, s.accum_steps, d, first, s.workers,
                                      collate_fn)
-        bar = common.progress(loader, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
+        bar = report.progress(loader, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=s.progress)
         for micro, batch in enumerate(bar, start=first):
             batch = {k: v.to(d.device) for k, v in batch.items()}
             n_tokens = global_token_count(batch["labels"], pad_id, d.device)
             sync = (micro + 1) % s.accum_steps == 0  # the last micro-batch of an optimizer step
-            with common.no_sync_unless(ddp, sync):
-                with common.autocast(d.device, s.bf16):
+            with distributed.no_sync_unless(ddp, sync):
+                with loop.autocast(d.device, bf16):
                     logits = ddp(batch["pixel_values"], batch["input_ids"], batch["decoder_input_ids"],
                                  batch["attention_mask"])  # (B, t, V)
                 loss = masked_cross_entropy(logits, batch["labels"], pad_id, n_tokens)  # this rank's share
                 # DDP averages gradients over the W ranks; W x the shares = the whole batch's mean.
-                running += common.backward(loss * d.world_size / s.accum_steps, step, d.device, last_path)
+                running += loop.backward(loss * d.world_size / s.accum_steps, step, d.device, last_path)
             if sync:
-                step, used_lr, grad_norm = common.optimizer_step(optimizer, scheduler, params, s.clip_grad)
-                common.log_step(history, bar, out / "metrics.jsonl", step, {"train_loss": running}, used_lr, grad_norm)
-                if common.maybe_checkpoint(last_path, snapshot, epoch, micro + 1, step, s.save_every, s.stop_after):
+                step, used_lr, grad_norm = loop.optimizer_step(optimizer, scheduler, params, s.clip_grad)
+                report.log_step(history, bar, out / "metrics.jsonl", step, {"train_loss": running}, used_lr, grad_norm)
+                if run_folder.maybe_checkpoint(last_path, snapshot, epoch, micro + 1, step, s.save_every,
+                                               s.stop_after, save_last):
                     return summary(stopped=True)
 
         # ---- evaluation by generation (rank 0), best model in the converted format, last.pt, curves
         if d.is_main:
             r = evaluate(model, val_set, s, tokenizer, d.device)
-            common.log_epoch(history, out / "metrics.jsonl", step, epoch + 1, s.epochs, scores(r))
+            report.log_epoch(history, out / "metrics.jsonl", step, epoch + 1, s.epochs, scores(r))
             (out / "predictions.json").write_text(json.dumps(r["examples"][:200], indent=1))
             if r.get(metric, best) > best:  # (with --eval-limit the evaluated part may hold no box)
                 best = r[metric]
-                export(model, out / "best.safetensors", s)
-                common.log(f"new best {metric} {best:.3f}: wrote {out / 'best.safetensors'}")
-        common.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
+                save_best(model, out, s)
+                report.log(f"new best {metric} {best:.3f}: wrote {out / 'best.safetensors'}")
+        run_folder.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
             "loss": {"train": history["train_loss"], "val": history["val_loss"]},
             "answers": {"similarity": history["similarity"], "ANLS": history["anls"], "exact": history["exact"],
                         **({"mAP@0.5": history["map50"], "mAP@[.5:.95]": history["map"]} if metric == "map50" else {})},
-        }, log_y=("loss",))
+        }, save_last, log_y=("loss",))
     return summary(stopped=False)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return common.run_script(Settings, train, argv)
+    return script.run_script(Settings, train, argv, EXAMPLES)
 
 
 if __name__ == "__main__":

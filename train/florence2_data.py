@@ -14,13 +14,14 @@ Each line of the JSONL file is one example, in either form:
   mAP evaluation. An image with no boxes (`"boxes": [], "labels": []`) is a negative example:
   its target is the empty answer (`<s></s>`), which teaches the model to write no box there; in
   evaluation it adds no ground truth, and every box predicted on it is a false positive.
-Image paths are relative to the JSONL file's folder (or absolute).
+Image paths are relative to the JSONL file's folder (or absolute). COCO instances JSONs and parquet
+datasets are read by `train.florence2_sources` into the same `Example`s.
 
 Bad lines never crash a run: every line and its image are checked before training (the image
-decoded once, `train.common.check_image`), and a line that is not UTF-8 text or not JSON, a missing
+decoded once, `train.report.check_image`), and a line that is not UTF-8 text or not JSON, a missing
 or non-text field, an empty answer, an image that is missing or does not decode (truncated,
 not an image), or an answer longer than `max_answer_tokens` is skipped and counted in a
-`train.common.Skipped`; a file with no usable line is refused with the counts, as is a --data
+`train.report.Skipped`; a file with no usable line is refused with the counts, as is a --data
 that is not a file.
 
 Batches follow BART's teacher forcing: `labels` = `<s> answer </s>` right-padded with `<pad>`;
@@ -35,17 +36,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from miniflorence.processor import TASK_PROMPTS, preprocess_image, task_prompt
 from miniflorence.tokenizer import Tokenizer
-from train.common import Skipped, check_image
+from minivision.parquet import ParquetCell
 from train.detection import od_target, parse_detection_record
+from train.parquet_data import open_image, read_groups
+from train.report import Skipped, check_image
 
 
 @dataclass(frozen=True)
 class Example:
-    image: str
+    image: str | ParquetCell  # a file, or an image cell of a parquet dataset (`train.florence2_sources`)
     prompt: str
     answers: tuple[str, ...]  # the first is the training target
     boxes: tuple[tuple[float, ...], ...] | None = None  # detection: the ground truth (x1, y1, x2, y2) pixels
@@ -162,10 +164,14 @@ class DocDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def read_groups(self) -> list[int] | None:
+        """Parquet: each example's row group (`train.distributed.epoch_loader` keeps them together)."""
+        return read_groups([ex.image for ex in self.examples])
+
     def __getitem__(self, index: int) -> dict:
         ex = self.examples[index]
         try:
-            with Image.open(ex.image) as im:
+            with open_image(ex.image) as im:
                 pixels = preprocess_image(im, self.image_size)
         except Exception as e:
             raise ValueError(f"{ex.image}: cannot decode the image ({e}); remove its line and restart") from e

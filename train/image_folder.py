@@ -8,11 +8,14 @@ Layouts (`folder_layout` tells them apart; files and folders whose names start w
 - "segmentation": ROOT/images/ + ROOT/masks/, what `train.sam` reads; for pretraining only its
   images/ count (`pretraining_roots`), never the masks.
 A root with images both directly in it and in sub-folders ("mixed") is taken by pretraining
-(labels unused) and refused for classification.
+(labels unused) and refused for classification. A parquet dataset (`minivision.parquet`: a file,
+glob or dataset folder) with an image column and, for classification, a label column (a class index
+or name; the names from the `datasets` ClassLabel metadata where present) is read instead of a
+folder (`pretraining_items`, `classification_classes`, `classification_items`).
 
 Bad input never crashes a run: every image is decoded once before training (`check_image`), and
 a file that does not decode (not an image, zero bytes, truncated) or an image smaller than
-`min_side` pixels on its shorter side is skipped and counted in a `train.common.Skipped`; a folder
+`min_side` pixels on its shorter side is skipped and counted in a `train.report.Skipped`; a folder
 with no usable image is refused with the counts.
 
 The transforms are torchvision's, written out (Alpha-VL/ConvMAE `main_pretrain.py` and
@@ -35,7 +38,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from train.common import IMAGE_SUFFIXES, Skipped, check_image
+from minivision.parquet import ParquetCell, ParquetSource, is_parquet_source
+from train.parquet_data import (
+    check_cell_image,
+    missing,
+    open_image,
+    parse_columns,
+    read_groups,
+    refuse,
+    scan_rows,
+)
+from train.report import IMAGE_SUFFIXES, Skipped, check_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,7 +56,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ImageItem:
-    path: str
+    path: str | ParquetCell
     label: int
 
 
@@ -149,9 +162,91 @@ def list_images(roots: list[str], skipped: Skipped, min_side: int = 0) -> tuple[
     return items, classes
 
 
-def load_rgb(path: str) -> Image.Image:
+# ----------------------------------------------------------------------------- parquet datasets
+
+IMAGE_COLUMNS = {"image": "image", "label": "label"}  # parquet roles -> default column names
+READS = "folders of images (or of class sub-folders) and parquet datasets (image + label columns)"
+
+
+def pretraining_items(sources: list[str], split: str, columns: str, skipped: Skipped,
+                      min_side: int) -> tuple[list[ImageItem], list[str]]:
+    """The images of folders (`pretraining_roots`) and parquet sources, labels unused; and notes for the log."""
+    folders = [src for src in sources if not is_parquet_source(src)]
+    for folder in folders:
+        refuse(folder, "pretraining", READS)  # a COCO JSON
+    items: list[ImageItem] = []
+    roots, notes = pretraining_roots(folders)
+    if roots:
+        items += list_images(roots, skipped, min_side)[0]
+    for source in (src for src in sources if is_parquet_source(src)):
+        items += parquet_items(source, split, columns, skipped, min_side, None)
+    if not items:
+        raise ValueError(f"{','.join(sources)}: no usable image; {skipped.summary()}")
+    return items, notes
+
+
+def classification_classes(sources: list[str], split: str, columns: str) -> list[str]:
+    """Class names: of class folders (`class_folders`), or of one parquet source's label column (the
+    ClassLabel names in its metadata; else 0..max of integer labels, or the sorted names of text ones)."""
+    if not any(is_parquet_source(src) for src in sources):
+        for source in sources:
+            refuse(source, "classification", READS)
+        return class_folders(sources)
+    if len(sources) != 1:
+        raise ValueError(f"{','.join(sources)}: a parquet dataset must be the only --data (or --val-data) source")
+    label = parse_columns(columns, IMAGE_COLUMNS)["label"]
+    data = ParquetSource(sources[0], [label], split)
+    names = data.class_names(label)
+    if names:
+        return names
+    values = {row[label] for _, row in data.iter_rows() if row[label] is not None}
+    if values and all(isinstance(v, int) and v >= 0 for v in values):
+        return [str(i) for i in range(max(values) + 1)]
+    if values and all(isinstance(v, str) for v in values):
+        return sorted(values)
+    raise ValueError(f"{sources[0]}: the {label} column holds neither class indexes nor class names")
+
+
+def classification_items(sources: list[str], split: str, columns: str, skipped: Skipped, min_side: int,
+                         classes: list[str]) -> list[ImageItem]:
+    """The labelled images of class folders or of one parquet source."""
+    if is_parquet_source(sources[0]):
+        items = parquet_items(sources[0], split, columns, skipped, min_side, classes)
+        if not items:
+            raise ValueError(f"{sources[0]}: no usable image; {skipped.summary()}")
+        return items
+    return list_images(sources, skipped, min_side)[0]
+
+
+def parquet_items(source: str, split: str, columns: str, skipped: Skipped, min_side: int,
+                  classes: list[str] | None) -> list[ImageItem]:
+    """The rows of a parquet source whose image decodes (and, with `classes`, whose label is one of them)."""
+    roles = parse_columns(columns, IMAGE_COLUMNS)
+    wanted = [roles["image"]] + ([roles["label"]] if classes is not None else [])
+    data = ParquetSource(source, wanted, split)
+
+    def check(i: int, row: dict) -> int:  # the class index
+        missing(row, *wanted)
+        label = 0
+        if classes is not None:
+            value = row[roles["label"]]
+            if isinstance(value, int) and 0 <= value < len(classes):
+                label = value
+            elif isinstance(value, str) and value in classes:
+                label = classes.index(value)
+            else:
+                raise ValueError(f"label not among the {len(classes)} classes: {value!r}")
+        w, h = check_cell_image(data, i, row[roles["image"]])
+        if min(w, h) < min_side:
+            raise ValueError(f"image smaller than {min_side} px: {w}x{h}")
+        return label
+
+    return [ImageItem(ParquetCell(data, i, roles["image"]), label) for i, label in scan_rows(data, check, skipped)]
+
+
+def load_rgb(path: str | ParquetCell) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return im.convert("RGB")
     except Exception as e:
         raise ValueError(f"{path}: cannot decode the image ({e}); remove it and restart") from e
@@ -245,6 +340,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def read_groups(self) -> list[int] | None:
+        """Parquet: each image's row group (`train.distributed.epoch_loader` keeps them together)."""
+        return read_groups([item.path for item in self.items])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = self.items[index]

@@ -17,7 +17,8 @@ river-segmentation tutorial) do the same with a few pixels of box jitter. Here:
   uniformly from the error region between the previous prediction and the ground truth - a
   foreground point (label 1) where the prediction missed the object (false negative), a
   background point (label 0) where it spilled over (false positive) - and the previous mask
-  logits of the highest-IoU-scored mask are fed back as `mask_input`.
+  logits of the highest-IoU-scored mask are fed back as `mask_input`; `correction_prompt` makes
+  the next round's prompt of a whole batch from them (`train.sam --iterative-points`).
 
 Masks are (H, W) bool tensors in the model's input frame (after `ResizeLongestSide`); points
 are (x, y) pixel centres in that frame, as `PromptEncoder` expects. Every random draw takes a
@@ -227,3 +228,25 @@ def append_points(
     if points is None:
         return coords, labels
     return torch.cat([points[0], coords.to(points[0].dtype)], dim=1), torch.cat([points[1], labels], dim=1)
+
+
+def correction_prompt(
+    prompt: dict[str, torch.Tensor], low_res: torch.Tensor, iou_pred: torch.Tensor, logits: torch.Tensor,
+    batch: dict[str, torch.Tensor], valid: torch.Tensor, seed: int,
+) -> dict[str, torch.Tensor]:
+    """The next round of interactive training (SAM paper, appendix A): one point drawn uniformly from
+    the error region of the top-scored mask, added to the prompt's points, and that mask's low-res
+    logits (B, 1, s, s) as the mask prompt. Each prompt's draw is seeded by (seed, its sample index),
+    so one process and torchrun ranks, and a resumed run, draw the same points."""
+    best = iou_pred.detach().argmax(1)  # (B,)
+    predicted = logits.detach()[torch.arange(len(best)), best] > 0  # (B, S, S)
+    coords, labels = [], []
+    for b, index in enumerate(batch["index"].tolist()):
+        g = torch.Generator().manual_seed(hash((seed, index)) % 2**63)
+        c, lab = sample_correction_points(predicted[b : b + 1], batch["mask"][b : b + 1] > 0.5, g, valid[b : b + 1])
+        coords.append(c)
+        labels.append(lab)
+    points = (prompt["point_coords"], prompt["point_labels"]) if "point_coords" in prompt else None
+    point_coords, point_labels = append_points(points, torch.cat(coords), torch.cat(labels))  # (B, N+1, 2), (B, N+1)
+    return {**prompt, "point_coords": point_coords, "point_labels": point_labels,
+            "mask_input": highest_iou_mask(low_res.float(), iou_pred)}

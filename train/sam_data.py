@@ -1,6 +1,11 @@
 """Segmentation data for SAM fine-tuning (`train.sam`): images + instance masks -> (image, one mask, one prompt).
 
-Two layouts are read (anything else given as a source is refused with one line saying these):
+Four layouts are read (anything else given as a source is refused with one line saying these);
+`train.sam_sources` lists the records of the first two, `load_records` those of the others:
+- a COCO instances JSON (`minivision.coco`): one sample per object with its own mask (polygons,
+  RLE; overlapping objects keep their own masks, `CocoMasks`), crowd annotations skipped;
+- a parquet dataset (`minivision.parquet`: a file, glob or dataset folder) with an image column and
+  a label column holding a mask image (binary or instance ids, as below), read from its cells;
 - a folder with `images/NAME.{jpg,jpeg,png,bmp,tif,tiff}` and `masks/NAME.png`, the mask either
   binary (one object) or instance ids (0 background, 1..K objects; 8-bit, 16-bit or palette;
   in 8-bit maps 255 beside other ids is VOC's "void" label and ignored);
@@ -12,7 +17,7 @@ several prompts per image, every image with K prompts on its objects (`ImageProm
 input never crashes a run: a missing mask, a mask whose size differs from its image, a mask that is
 neither binary nor instance ids (soft or JPEG-compressed masks, colour masks), an unreadable image,
 or an object that is empty in the model's input frame is skipped and counted in a
-`train.common.Skipped`; a dataset with no sample left is refused with the counts. Images are resized
+`train.report.Skipped`; a dataset with no sample left is refused with the counts. Images are resized
 like SAM's `ResizeLongestSide` (longest side to `image_size`, PIL bilinear) and masks the same way
 (thresholded at 0.5), then zero-padded to a square at the bottom/right.
 
@@ -33,8 +38,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 from minisam.image_io import ImageReadError, read_image
-from train.common import IMAGE_SUFFIXES, Skipped
+from minivision.coco import CocoObject
+from minivision.parquet import ParquetCell
+from train.parquet_data import open_image, read_groups
 from train.prompts import make_prompt
+from train.report import IMAGE_SUFFIXES, Skipped
 
 VOID_ID = 255  # VOC's "void" boundary label in 8-bit id maps: ignored, never an object
 
@@ -44,12 +52,22 @@ class BadSampleError(ValueError):
 
 
 @dataclass(frozen=True)
+class CocoMasks:
+    """The objects of one COCO image: their annotations, decoded when read (`minivision.coco`)."""
+
+    objects: tuple[CocoObject, ...]
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
 class ImageRecord:
-    """One image and where its masks are: a mask PNG, or an .npz holding both (`image == masks`)."""
+    """One image and where its masks are: a mask PNG, an .npz holding both (`image == masks`), a COCO
+    image's annotations, or the image and label cells of a parquet row."""
 
     name: str
-    image: str
-    masks: str
+    image: str | ParquetCell
+    masks: str | ParquetCell | CocoMasks
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -58,7 +76,10 @@ class ImageRecord:
 def read_rgb(record: ImageRecord) -> np.ndarray:
     """(H, W, 3) uint8; raises BadSampleError for an unreadable image."""
     try:
-        if record.image.endswith(".npz"):
+        if isinstance(record.image, ParquetCell):
+            with record.image.open() as im:
+                rgb = read_image(im)
+        elif record.image.endswith(".npz"):
             with np.load(record.image) as data:
                 rgb = np.asarray(data["rgb"])
         else:
@@ -89,17 +110,24 @@ def _id_map_to_masks(ids: np.ndarray, eight_bit: bool) -> tuple[list[int], np.nd
 
 def read_masks(record: ImageRecord) -> tuple[list[int], np.ndarray]:
     """The objects of an image: (ids, (N, H, W) bool). Raises BadSampleError with the reason."""
+    if isinstance(record.masks, CocoMasks):  # every object its own mask: overlaps are kept
+        m = record.masks
+        masks = np.zeros((0, m.height, m.width), bool)
+        if m.objects:
+            masks = np.stack([o.mask(m.height, m.width) for o in m.objects])  # (N, H, W) in the JSON's image size
+        return [o.id for o in m.objects], masks
+    npz = isinstance(record.masks, str) and record.masks.endswith(".npz")
     try:
-        if record.masks.endswith(".npz"):
+        if npz:
             with np.load(record.masks) as data:
                 masks = np.asarray(data["masks"])
         else:
-            with Image.open(record.masks) as im:
+            with open_image(record.masks) as im:
                 mode = im.mode
                 masks = np.asarray(im)
     except Exception as e:
         raise BadSampleError(f"unreadable mask: {type(e).__name__}: {e}") from e
-    if record.masks.endswith(".npz"):
+    if npz:
         if masks.ndim == 2 and np.issubdtype(masks.dtype, np.integer):
             return _id_map_to_masks(masks, eight_bit=False)
         if masks.ndim == 3 and (masks.dtype == bool or set(np.unique(masks).tolist()) <= {0, 1}):
@@ -118,7 +146,8 @@ def read_masks(record: ImageRecord) -> tuple[list[int], np.ndarray]:
     raise BadSampleError(f"mask mode {mode!r} is neither binary nor instance ids; use a single-channel PNG")
 
 
-LAYOUTS = "a folder with images/ + masks/ (NAME.png per image), or an .npz with rgb + masks"
+LAYOUTS = ("a folder with images/ + masks/ (NAME.png per image), an .npz with rgb + masks, a COCO instances "
+           "JSON, or parquet (a file, glob or dataset folder with image + label (mask image) columns)")
 
 
 def folder_records(root: str | Path, skipped: Skipped) -> list[ImageRecord]:
@@ -142,7 +171,7 @@ def folder_records(root: str | Path, skipped: Skipped) -> list[ImageRecord]:
 
 
 def load_records(sources: list[str], skipped: Skipped) -> list[ImageRecord]:
-    """Folders and .npz files, in the order given."""
+    """Folders and .npz files, in the order given (COCO JSONs and parquet: `train.sam_sources.load_data`)."""
     records: list[ImageRecord] = []
     for source in sources:
         if source.endswith(".npz"):
@@ -277,6 +306,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.objects)
 
+    def read_groups(self) -> list[int] | None:
+        """Parquet: each sample's row group (`train.distributed.epoch_loader` keeps them together)."""
+        return read_groups([self.records[r].image for r, _, _ in self.objects])
+
     def load_image(self, record_index: int) -> torch.Tensor:
         """(3, h, w) float 0..255 resized (not padded, not normalised: `Sam.preprocess` does that)."""
         return resize_image(read_rgb(self.records[record_index]), self.image_size)
@@ -337,6 +370,9 @@ class ImagePromptsDataset(SegmentationDataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def read_groups(self) -> list[int] | None:
+        return read_groups([self.records[r].image for r, _ in self.images])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         r, ks = self.images[index]

@@ -1,4 +1,4 @@
-"""The shared training module: settings from the command line, checkpoints, RNG, schedule, curves."""
+"""The training scripts' shared modules: settings from the command line, checkpoints, RNG, schedule, curves."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train import common
+from train import files, loop, report, settings
 
 
 @dataclass
@@ -26,14 +26,14 @@ class Example:
 
 
 def test_settings_defaults_and_overrides() -> None:
-    assert common.parse_settings(Example, []) == Example()
-    s = common.parse_settings(Example, ["--steps", "7", "--lr", "0.5", "--no-flag", "--path", "x.pt", "--name", "b"])
+    assert settings.parse_settings(Example, []) == Example()
+    s = settings.parse_settings(Example, ["--steps", "7", "--lr", "0.5", "--no-flag", "--path", "x.pt", "--name", "b"])
     assert s == Example(name="b", steps=7, lr=0.5, flag=False, path="x.pt")
-    assert common.parse_settings(Example, ["--path", "none"]).path is None
+    assert settings.parse_settings(Example, ["--path", "none"]).path is None
     with pytest.raises(SystemExit):
-        common.parse_settings(Example, ["--stpes", "7"])  # a misspelt option is an error
+        settings.parse_settings(Example, ["--stpes", "7"])  # a misspelt option is an error
     with pytest.raises(SystemExit):
-        common.parse_settings(Example, ["--steps", "seven"])
+        settings.parse_settings(Example, ["--steps", "seven"])
 
 
 def test_checkpoints_are_atomic_and_load_with_weights_only(tmp_path: Path) -> None:
@@ -42,44 +42,44 @@ def test_checkpoints_are_atomic_and_load_with_weights_only(tmp_path: Path) -> No
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 3)).sum().backward()
     optimizer.step()
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 5, "rng": common.rng_state()}
-    common.save_checkpoint(path, state)
-    common.save_checkpoint(path, state)  # overwriting goes through a temporary file + rename
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 5, "rng": loop.rng_state()}
+    files.save_checkpoint(path, state)
+    files.save_checkpoint(path, state)  # overwriting goes through a temporary file + rename
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left
-    loaded = common.load_checkpoint(path)
+    loaded = files.load_checkpoint(path)
     assert loaded["step"] == 5 and torch.equal(loaded["model"]["weight"], model.weight)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        common.load_checkpoint(tmp_path / "missing.pt")
+        files.load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_rng_state_round_trip(tmp_path: Path) -> None:
-    common.seed_everything(3)
-    common.save_checkpoint(tmp_path / "rng.pt", {"rng": common.rng_state()})
+    loop.seed_everything(3)
+    files.save_checkpoint(tmp_path / "rng.pt", {"rng": loop.rng_state()})
     expected = (random.random(), np.random.rand(), torch.rand(2))
     random.random(), np.random.rand(), torch.rand(5)  # move every generator on
-    common.set_rng_state(common.load_checkpoint(tmp_path / "rng.pt")["rng"])
+    loop.set_rng_state(files.load_checkpoint(tmp_path / "rng.pt")["rng"])
     got = (random.random(), np.random.rand(), torch.rand(2))
     assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
 
 
 def test_learning_rate_schedule() -> None:
-    f = [common.lr_factor(i, 110, 10, "cosine") for i in range(111)]
+    f = [loop.lr_factor(i, 110, 10, "cosine") for i in range(111)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.5) and f[110] == pytest.approx(0.0, abs=1e-12)
-    assert common.lr_factor(60, 110, 10, "linear") == pytest.approx(0.5)
+    assert loop.lr_factor(60, 110, 10, "linear") == pytest.approx(0.5)
     with pytest.raises(ValueError, match="schedule"):
-        common.lr_factor(50, 110, 10, "step")
+        loop.lr_factor(50, 110, 10, "step")
 
 
 def test_nan_guard_message() -> None:
-    common.check_finite(torch.tensor(1.0), 0, torch.device("cpu"), "x")
-    with pytest.raises(common.NonFiniteLossError, match="inf at step 7.*last.pt"):
-        common.check_finite(torch.tensor(float("inf")), 7, torch.device("cpu"), "runs/last.pt")
+    loop.check_finite(torch.tensor(1.0), 0, torch.device("cpu"), "x")
+    with pytest.raises(loop.NonFiniteLossError, match="inf at step 7.*last.pt"):
+        loop.check_finite(torch.tensor(float("inf")), 7, torch.device("cpu"), "runs/last.pt")
 
 
 def test_curves_png(tmp_path: Path) -> None:
     path = tmp_path / "curves.png"
-    common.save_curves(path, {"loss": {"train": [(1, 2.0), (2, 1.5), (3, float("nan"))], "val": [(3, 1.0)]},
+    report.save_curves(path, {"loss": {"train": [(1, 2.0), (2, 1.5), (3, float("nan"))], "val": [(3, 1.0)]},
                               "IoU": {"val": []}})
     with Image.open(path) as im:
         assert im.size == (840, 300)
