@@ -27,7 +27,7 @@ def eval_transform(rgb: np.ndarray, size: int, crop_pct: float | None = None) ->
     """(H, W, 3) uint8 RGB -> (3, size, size) float, normalised with the ImageNet mean and std.
 
     Args:
-        rgb: the picture (`convmae.image_io.read_image` gives it).
+        rgb: the picture (`minivision.images.read_image` gives it).
         size: the model's input size.
         crop_pct: fraction of the resized shorter side kept by the centre crop (default: the official one).
     """

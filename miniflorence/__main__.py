@@ -9,7 +9,8 @@
     python -m miniflorence --random-weights base TOKENIZER_DIR IMAGE --task "<OD>"   (smoke test)
     python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGE --task "<CAPTION>" --dtype bf16 --compile   (fast path)
 
-CHECKPOINT is a file converted with `python -m weights_convert florence2`. A task is one of the 15
+CHECKPOINT is a file converted with `python -m weights_convert florence2`, or a training run folder
+(its best.safetensors, else last.safetensors). A task is one of the 15
 official task tokens (its prompt template is filled with --text where it takes one), or a
 fine-tune's own token such as "<DocVQA>", sent as a prefix of --text the way `train.florence2`
 trains it. Mirrors the usage samples of the official model cards (processor -> generate(num_beams=3)
@@ -26,55 +27,48 @@ a missing task or text takes --task / --text. --parquet reads the images of a pa
 Hugging Face dataset folder (`minivision.parquet`, needs `pip install 'minivision[data]'`) row group by
 row group, each row's text from --text-column if given. Every input is checked before the model is loaded:
 unreadable images, bad lines or unusable settings stop the run with one line each, and nothing is
-written. A folder contributes its image files (by suffix, sorted, not recursive).
+written (with --skip-bad, unreadable images are skipped, each named, then counted, and the others
+run). A folder contributes its image files (by suffix, sorted, not recursive); a missing --out
+folder is created.
+
+With `--out x.jsonl` the run is a resumable job (`minivision.jobs`): each finished image is journaled
+in `x.jsonl.parts/`, a rerun of the same command after a crash does only the rest, and under
+`torchrun --nproc_per_node N -m miniflorence ...` (any number of processes and machines sharing the
+output folder) each process takes every N-th image; the first writes x.jsonl in input order.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from miniflorence.config import CONFIGS
-from miniflorence.images import IMAGE_SUFFIXES, ImageError, read_image
+from miniflorence.draw import draw_results
+from miniflorence.images import read_image
 from miniflorence.model import Florence2, image_grid, load_florence2
-from miniflorence.processor import (
-    TASK_PROMPTS,
-    Processor,
-    any_task_prompt,
-    check_task,
-    check_tokenizer,
+from miniflorence.processor import TASK_PROMPTS, Processor, any_task_prompt, check_tokenizer
+from miniflorence.requests import (
+    Request,
+    check_images,
+    check_task_text,
+    request_image,
+    requests_from_jsonl,
+    requests_from_parquet,
+    requests_from_paths,
 )
 from miniflorence.tokenizer import Tokenizer
-from minivision.checkpoint import CheckpointError
-from minivision.parquet import ParquetCell, ParquetSource
+from minivision.checkpoint import resolve_weights
+from minivision.cli import OneLineParser, UserError, check_creatable, list_problems, parse_device, run_command
+from minivision.files import atomic_write, save_image
+from minivision.jobs import SKIPPED, Journal, Shard, finish, job_identity, refuse_several_processes, todo
 
-COLORS = ("red", "lime", "blue", "orange", "magenta", "cyan", "yellow", "white")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MAX_LISTED = 10  # bad inputs listed one per line before "... and N more"
-
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 1."""
-
-
-@dataclass(frozen=True)
-class Request:
-    """One image to run: `name` is the path as the user wrote it (what the output line shows), `where`
-    the JSONL line it comes from ("" for images on the command line)."""
-
-    image: Path | ParquetCell
-    name: str
-    task: str
-    text: str | None
-    where: str = ""
 
 
 def random_model(name: str) -> Florence2:
@@ -83,59 +77,15 @@ def random_model(name: str) -> Florence2:
     return Florence2(CONFIGS[name]).eval()
 
 
-def draw_results(image: Image.Image, answer: dict | str) -> Image.Image:
-    """The image with every box, OCR quad and polygon of a post-processed answer drawn and labelled.
-
-    Args:
-        image: the original image (coordinates are in its pixels).
-        answer: the value under the task key, e.g. {"bboxes": [[x1, y1, x2, y2]], "labels": ["car"]};
-            plain-text answers draw nothing.
-    """
-    out = image.convert("RGB")
-    if not isinstance(answer, dict):
-        return out
-    draw = ImageDraw.Draw(out)
-
-    def label(i: int, xy: tuple[float, float], text: str) -> None:
-        if text:
-            draw.text((xy[0] + 2, xy[1] + 1), str(text), fill=COLORS[i % len(COLORS)])
-
-    box_labels = answer.get("labels", answer.get("bboxes_labels", []))
-    for i, box in enumerate(answer.get("bboxes", [])):
-        x1, y1, x2, y2 = box
-        draw.rectangle([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], outline=COLORS[i % len(COLORS)], width=2)
-        label(i, (x1, y1), box_labels[i] if i < len(box_labels) else "")
-    for i, quad in enumerate(answer.get("quad_boxes", [])):
-        points = [(quad[k], quad[k + 1]) for k in range(0, 8, 2)]
-        draw.polygon(points, outline=COLORS[i % len(COLORS)], width=2)
-        label(i, points[0], answer.get("labels", [""] * (i + 1))[i])
-    poly_labels = answer.get("labels", answer.get("polygons_labels", []))
-    for i, polygons in enumerate(answer.get("polygons", [])):
-        for flat in polygons:  # one object may have several polygons, each [x0, y0, x1, y1, ...]
-            points = [(flat[k], flat[k + 1]) for k in range(0, len(flat) - 1, 2)]
-            if len(points) >= 2:
-                draw.polygon(points, outline=COLORS[i % len(COLORS)], width=2)
-                label(i, points[0], poly_labels[i] if i < len(poly_labels) else "")
-    return out
-
-
 # --- arguments --------------------------------------------------------------------------------
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the usage block is what --help is for)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     summary, *details = __doc__.split("\n\n")
-    p = OneLineParser(prog="python -m miniflorence", description=summary,
-                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(details))
+    p = OneLineParser(prog="python -m miniflorence", description=summary, epilog="\n\n".join(details))
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="CHECKPOINT TOKENIZER_DIR IMAGE_OR_DIR... (no CHECKPOINT with --random-weights, "
-                        "no IMAGE with --jsonl)")
+                        "no IMAGE with --jsonl or --parquet)")
     p.add_argument("--random-weights", choices=sorted(CONFIGS),
                    help="no checkpoint: seeded random weights of this size (smoke test; output is meaningless)")
     p.add_argument("--jsonl", default=None, metavar="FILE",
@@ -144,7 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="requests from a parquet file, glob or dataset folder: one per row of --image-column")
     p.add_argument("--split", default="", help="--parquet dataset folder: the split to read (default: train, or "
                                                 "the only one)")
-    p.add_argument("--image-column", default="image", help="--parquet: the image column (default: image)")
+    p.add_argument("--image-column", default="image", help="--parquet: the image column")
     p.add_argument("--text-column", default=None, help="--parquet: each row's --text from this column (e.g. "
                                                         "question; default: --text for every row)")
     p.add_argument("--task", default="<CAPTION>",
@@ -161,6 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="forbid any N-token sequence from occurring twice in an answer (default 3, the official "
                         "setting; 0 turns it off). It corrupts long structured answers for some users - many boxes "
                         "or OCR regions whose <loc_..> tokens repeat come out truncated or wrong: try 0 then")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) unreadable images and run the rest; without it, every bad image is listed "
+                        "and nothing runs")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                    help="weights and activations (default fp32, the exact path; bf16 is faster on AMX CPUs and "
@@ -179,27 +132,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def parse_device(name: str | None) -> torch.device:
-    """--device as a torch.device that exists on this machine."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CliError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-            raise CliError(f"--device {name}: CUDA is not available ({why}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CliError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s), numbered from 0")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise CliError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise CliError(f"--device {name}: only cpu, cuda[:N] and mps are supported")
-    return device
-
-
 def check_numbers(args: argparse.Namespace) -> None:
     for flag, value, least, hint in (
         ("--num-beams", args.num_beams, 1, "1 = greedy search, 3 = the official setting"),
@@ -208,24 +140,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         ("--batch-size", args.batch_size, 1, "images per forward pass"),
     ):
         if value < least:
-            raise CliError(f"{flag} {value}: must be at least {least} ({hint})")
-
-
-def check_task_text(task: str, text: str | None, where: str) -> None:
-    """One line naming `where` (the flag or the JSONL line) when the task or its text is wrong."""
-    try:
-        check_task(task)
-    except ValueError as e:
-        raise CliError(f"{where}: {e}") from None
-    if task not in TASK_PROMPTS:
-        return  # a fine-tune's token: the text, if any, follows it as it is
-    template = TASK_PROMPTS[task]
-    if "{input}" in template and (text is None or not text.strip()):
-        raise CliError(f"{where}: task {task} needs a text input (--text or \"text\"); its prompt is {template!r}")
-    if "{input}" not in template and text is not None:
-        readers = ", ".join(t for t, p in TASK_PROMPTS.items() if "{input}" in p)
-        raise CliError(f"{where}: task {task} takes no text input (its prompt is fixed: {template!r}); drop the "
-                       f"text, or use a task that reads one: {readers}")
+            raise UserError(f"{flag} {value}: must be at least {least} ({hint})")
 
 
 def check_out(args: argparse.Namespace, inputs: list[Path], single: bool) -> Path | None:
@@ -234,142 +149,19 @@ def check_out(args: argparse.Namespace, inputs: list[Path], single: bool) -> Pat
         return None
     out = Path(args.out)
     if out.is_dir():
-        raise CliError(f"--out {out} is a folder; give a file such as {out / 'results.jsonl'}")
-    if not out.parent.is_dir():
-        raise CliError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+        raise UserError(f"--out {out} is a folder; give a file such as {out / 'results.jsonl'}")
+    check_creatable(f"--out {out}", out.parent)  # a missing folder is created when the results are written
     resolved = out.resolve()
     for path in inputs:
         if path.resolve() == resolved:
-            raise CliError(f"--out {out} is one of the inputs ({path}); choose another file")
+            raise UserError(f"--out {out} is one of the inputs ({path}); choose another file")
     writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
     if out.suffix.lower() != ".jsonl" and out.suffix.lower() not in writable:
-        raise CliError(f"--out {out}: give a .jsonl file for the results, or an image file (.png, .jpg) for the "
+        raise UserError(f"--out {out}: give a .jsonl file for the results, or an image file (.png, .jpg) for the "
                        "drawing of a single image")
     if out.suffix.lower() != ".jsonl" and not single:
-        raise CliError(f"--out {out} draws one image; for several images give a .jsonl file for the results")
+        raise UserError(f"--out {out} draws one image; for several images give a .jsonl file for the results")
     return out
-
-
-# --- requests ---------------------------------------------------------------------------------
-
-
-def list_problems(problems: list[str], what: str) -> None:
-    """Raise one CliError naming the bad input, or listing the first ones, one a line (nothing has run yet)."""
-    if len(problems) == 1:
-        raise CliError(problems[0])
-    if problems:
-        shown = problems[:MAX_LISTED]
-        if len(problems) > MAX_LISTED:
-            shown.append(f"... and {len(problems) - MAX_LISTED} more")
-        listing = "\n  ".join(shown)
-        raise CliError(f"{len(problems)} unusable {what} (nothing was run; fix or remove them):\n  {listing}")
-
-
-def requests_from_paths(paths: list[str], task: str, text: str | None) -> list[Request]:
-    """Image files as given, folders expanded to their image files (sorted, not recursive)."""
-    requests, problems = [], []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                problems.append(f"{path}: a folder without image files ({', '.join(IMAGE_SUFFIXES)})")
-            requests += [Request(p, str(p), task, text) for p in found]
-        elif not path.exists():
-            problems.append(f"{path}: no such file")
-        else:
-            requests.append(Request(path, name, task, text))
-    list_problems(problems, "image path(s)")
-    return requests
-
-
-def requests_from_jsonl(file: Path, task: str, text: str | None) -> list[Request]:
-    """The lines of a requests file; every bad line is listed and nothing runs."""
-    if not file.is_file():
-        raise CliError(f"--jsonl {file}: {'is a folder' if file.is_dir() else 'no such file'}")
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise CliError(f"--jsonl {file}: not UTF-8 text ({e.reason})") from None
-    requests, problems = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{file.name}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: invalid JSON ({e.msg})")
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"]:
-            problems.append(f'{where}: expected an object with "image": path, got {line.strip()[:60]}')
-            continue
-        unknown = sorted(set(record) - {"image", "task", "text"})
-        wrong_type = [k for k in ("task", "text") if k in record and not isinstance(record[k], str | None)]
-        if unknown or wrong_type or record.get("task", task) is None:
-            problems.append(f'{where}: fields are "image", "task" (a string) and "text" (a string or null), got '
-                            f"{', '.join(unknown + wrong_type) or 'task null'}")
-            continue
-        line_task, line_text = record.get("task", task), record.get("text", text)
-        try:
-            check_task_text(line_task, line_text, where)
-        except CliError as e:
-            problems.append(str(e))
-            continue
-        requests.append(Request(file.parent / record["image"], record["image"], line_task, line_text, where))
-    list_problems(problems, f"line(s) in {file}")
-    if not requests:
-        raise CliError(f"--jsonl {file} holds no request")
-    return requests
-
-
-def requests_from_parquet(args: argparse.Namespace) -> list[Request]:
-    """One request per row of a parquet source, its image read lazily; every bad text is listed and nothing runs."""
-    try:
-        images = ParquetSource(args.parquet, [args.image_column], args.split)
-        texts = ParquetSource(args.parquet, [args.text_column], args.split) if args.text_column else None
-    except (ValueError, OSError) as e:
-        raise CliError(f"--parquet {e}") from None
-    requests, problems = [], []
-    for i, row in texts.iter_rows() if texts else ((i, {}) for i in range(images.num_rows)):
-        cell = ParquetCell(images, i, args.image_column)
-        text = row.get(args.text_column, args.text) if texts else args.text
-        try:
-            check_task_text(args.task, text, str(cell))
-        except CliError as e:
-            problems.append(str(e))
-            continue
-        requests.append(Request(cell, str(cell), args.task, text, str(cell)))
-    list_problems(problems, f"row(s) in {args.parquet}")
-    if not requests:
-        raise CliError(f"--parquet {args.parquet} holds no row")
-    return requests
-
-
-def request_image(r: Request) -> Path | Image.Image:
-    """A request's image file, or its parquet cell's image decoded (an ImageError if it does not decode)."""
-    if not isinstance(r.image, ParquetCell):
-        return r.image
-    try:
-        image = r.image.open()
-        image.load()
-    except Exception as e:  # no bytes in the cell, not an image, truncated
-        raise ImageError(f"{r.image}: not a readable image ({type(e).__name__}: {e})") from None
-    return image
-
-
-def check_images(requests: list[Request]) -> None:
-    """Decode every image once before the model is loaded, so that no run stops half-way."""
-    problems, seen = [], set()
-    for r in requests:
-        if r.image in seen:
-            continue
-        seen.add(r.image)
-        try:
-            read_image(request_image(r))
-        except ImageError as e:
-            problems.append(f"{r.where}: {e}" if r.where else str(e))
-    list_problems(problems, "image(s)")
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -382,17 +174,14 @@ def load_model(args: argparse.Namespace, device: torch.device) -> Florence2:
               file=sys.stderr)
         model = random_model(args.random_weights).to(device).to_dtype(dtype)
         return model.compile_hot_paths() if args.compile else model
-    try:
-        return load_florence2(args.paths[0], device=device, dtype=dtype, compile=args.compile)
-    except CheckpointError as e:
-        raise CliError(str(e)) from None
+    return load_florence2(args.checkpoint, device=device, dtype=dtype, compile=args.compile)
 
 
 def load_tokenizer(path: str) -> Tokenizer:
     try:
         return Tokenizer.from_dir(path)
     except (OSError, ValueError) as e:
-        raise CliError(f"TOKENIZER_DIR: {e}") from None
+        raise UserError(f"TOKENIZER_DIR: {e}") from None
 
 
 def check_fit(requests: list[Request], prompts: list[list[int]], model: Florence2, args: argparse.Namespace,
@@ -402,12 +191,13 @@ def check_fit(requests: list[Request], prompts: list[list[int]], model: Florence
     try:
         check_tokenizer(tokenizer, c, where=f"TOKENIZER_DIR {tokenizer_dir}")
     except ValueError as e:
-        raise CliError(str(e)) from None
+        raise UserError(str(e)) from None
     if max(tokenizer.decoder) + 1 < c.vocab_size:
         print(f"note: TOKENIZER_DIR {tokenizer_dir} has {max(tokenizer.decoder) + 1} token ids, the model "
               f"{c.vocab_size}; ids beyond the tokenizer cannot be decoded", file=sys.stderr)
     if args.max_new_tokens > c.max_position_embeddings:
-        raise CliError(f"--max-new-tokens {args.max_new_tokens}: this model writes at most {c.max_position_embeddings}")
+        limit = c.max_position_embeddings
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: this model writes at most {limit}")
     rows, columns = image_grid(c, c.image_size, c.image_size)
     room = c.max_position_embeddings - (1 + rows * columns)  # prompt tokens that fit beside the image tokens
     problems = [f"{r.name}: the prompt has {len(p)} tokens, at most {room} fit beside the image"
@@ -446,24 +236,12 @@ def run_batches(requests: list[Request], model: Florence2, processor: Processor,
             try:
                 generated = tokenizer.decode(strip_padding(row, model.config.pad_token_id), skip_special_tokens=False)
             except ValueError as e:
-                raise CliError(f"{r.name}: the model generated ids that TOKENIZER_DIR lacks ({e}): the tokenizer "
+                raise UserError(f"{r.name}: the model generated ids that TOKENIZER_DIR lacks ({e}): the tokenizer "
                                "does not fit this model") from None
             result = post_process(processor, r.task, generated, image.size)
             yield {"image": r.name, "task": r.task, "text": r.text, "generated": generated, "result": result}, image
         if args.out and len(requests) > args.batch_size:
             print(f"{min(first + args.batch_size, len(requests))}/{len(requests)} images", file=sys.stderr)
-
-
-def replace_atomically(out: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary file beside `out`, then rename it to `out`; on any failure
-    (Ctrl-C included) the temporary file is removed and `out` is untouched."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:
@@ -473,26 +251,33 @@ def run(args: argparse.Namespace) -> int:
     if not args.jsonl and not args.text_column:  # else each line's / row's task and text are checked with it
         check_task_text(args.task, args.text, "--task/--text")
     n_model = 0 if args.random_weights else 1
-    if n_model and Path(args.paths[0]).is_dir():
-        raise CliError(f"CHECKPOINT {args.paths[0]} is a folder; expected a .safetensors file converted with "
-                       "`python -m weights_convert florence2 SRC OUT.safetensors` "
-                       "(the order is CHECKPOINT TOKENIZER_DIR)")
+    args.checkpoint = resolve_weights(args.paths[0]) if n_model else None  # a run folder: its best.safetensors
+    if n_model and args.checkpoint.is_dir():
+        raise UserError(f"CHECKPOINT {args.paths[0]} is a folder; expected a .safetensors file converted with "
+                        "`python -m weights_convert florence2 SRC OUT.safetensors`, or a training run folder "
+                        "(the order is CHECKPOINT TOKENIZER_DIR)")
     tokenizer_dir = args.paths[n_model]
     if args.jsonl:
         requests = requests_from_jsonl(Path(args.jsonl), args.task, args.text)
     elif args.parquet:
-        requests = requests_from_parquet(args)
+        requests = requests_from_parquet(args.parquet, args.split, args.image_column, args.text_column, args.task,
+                                         args.text)
     else:
         requests = requests_from_paths(args.paths[n_model + 1:], args.task, args.text)
     listed = args.jsonl or args.parquet
     single = not listed and len(args.paths) == n_model + 2 and not Path(args.paths[-1]).is_dir()
-    inputs = [Path(p) for p in args.paths[:n_model]] + [r.image for r in requests if isinstance(r.image, Path)]
+    inputs = [args.checkpoint] * n_model + [r.image for r in requests if isinstance(r.image, Path)]
     inputs += [Path(args.jsonl)] if args.jsonl else []
     inputs += requests[0].image.source.files if args.parquet else []
     tokenizer_files = Path(tokenizer_dir)
     inputs += list(tokenizer_files.iterdir()) if tokenizer_files.is_dir() else []
     out = check_out(args, inputs, single and len(requests) == 1)
-    check_images(requests)
+    if out is None or out.suffix.lower() != ".jsonl":
+        refuse_several_processes(Shard.from_env(), "the results of a run of several processes go to a file: "
+                                                   "give --out results.jsonl")
+    else:
+        return run_job(args, requests, out, tokenizer_dir, device)
+    requests = check_images(requests, args.skip_bad)
     # 2. the tokenizer and the model, and whether they fit each other and the prompts
     tokenizer = load_tokenizer(tokenizer_dir)
     model = load_model(args, device)
@@ -507,34 +292,53 @@ def run(args: argparse.Namespace) -> int:
         if out is not None:
             drawn = draw_results(image, record["result"][record["task"]])
             image_format = Image.registered_extensions()[out.suffix.lower()]
-            replace_atomically(out, lambda tmp: drawn.save(tmp, format=image_format))
+            save_image(drawn, out, image_format)
             print(f"wrote {out}", file=sys.stderr)
         return 0
-    if out is None:
-        for record, _ in results:
-            print(json.dumps(record, ensure_ascii=False), flush=True)
-        return 0
+    for record, _ in results:
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    return 0
 
-    def write(tmp: Path) -> None:
-        with tmp.open("w", encoding="utf-8") as f:
-            for record, _ in results:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    replace_atomically(out, write)
-    print(f"wrote {len(requests)} results to {out}", file=sys.stderr)
+def run_job(args: argparse.Namespace, requests: list[Request], out: Path, tokenizer_dir: str,
+            device: torch.device) -> int:
+    """`--out x.jsonl`: this process's share of the requests, journaled; the first process writes x.jsonl."""
+    settings = {k: getattr(args, k) for k in ("random_weights", "checkpoint", "dtype", "num_beams", "max_new_tokens",
+                                              "no_repeat_ngram_size")}
+    identity = job_identity([f"{r.name}\t{r.task}\t{r.text}" for r in requests], {**settings,
+                                                                                   "tokenizer": tokenizer_dir})
+    journal = Journal(out, identity, Shard.from_env(), lazy=True)
+    mine = [requests[i] for i in todo(len(requests), journal)]
+    index = {id(r): i for i, r in enumerate(requests)}
+    usable = check_images(mine, args.skip_bad, none_left_ok=journal.shard.world > 1)
+    kept = set(map(id, usable))
+    for r in mine:
+        if id(r) not in kept:
+            journal.add(index[id(r)], {SKIPPED: True})
+    if usable:
+        tokenizer = load_tokenizer(tokenizer_dir)
+        model = load_model(args, device)
+        prompts = [tokenizer.encode(any_task_prompt(r.task, r.text)) for r in usable]
+        check_fit(usable, prompts, model, args, tokenizer_dir, tokenizer)
+        processor = Processor(tokenizer, image_size=model.config.image_size)
+        for r, (record, _) in zip(usable, run_batches(usable, model, processor, args, device)):
+            journal.add(index[id(r)], record)
+
+    def write(records: list[dict]) -> None:
+        lines = [json.dumps({k: v for k, v in record.items() if k != "index"}, ensure_ascii=False) + "\n"
+                 for record in records]
+        atomic_write(out, lambda tmp: tmp.write_text("".join(lines), encoding="utf-8"))
+        print(f"wrote {len(records)} results to {out}", file=sys.stderr)
+
+    finish(journal, len(requests), write)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except CliError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted (an --out file is written only by a finished run)", file=sys.stderr)
-        return 130
+    interrupted = ("interrupted; an --out .jsonl is written only by a finished run (rerun the same command: it goes "
+                   "on from its OUT.parts/ journal)")
+    return run_command(lambda: run(args), interrupted=interrupted, out_of_memory="lower --batch-size or --num-beams")
 
 
 if __name__ == "__main__":

@@ -42,13 +42,9 @@ width, h heads, d head width, L cached decoder tokens, V vocabulary.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import logging
 import os
 import sys
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +54,17 @@ from torch import Tensor, nn
 
 from miniflorence.language_model import KVCache
 from miniflorence.model import Florence2, load_florence2
+from minivision.onnx import (
+    MIN_OPSET,
+    SUMMARY_FILE,
+    check_graph,
+    check_opset,
+    export_graph,
+    export_main,
+    write_export,
+)
 
-VISION_FILE, ENCODER_FILE, DECODER_FILE, SUMMARY_FILE = "vision.onnx", "encoder.onnx", "decoder.onnx", "export.json"
-MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 and newer
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
-CHECK_TOLERANCE = 1e-3  # relative difference beyond which the export's self-check fails
+VISION_FILE, ENCODER_FILE, DECODER_FILE = "vision.onnx", "encoder.onnx", "decoder.onnx"
 
 
 class VisionForOnnx(nn.Module):
@@ -136,42 +138,6 @@ def graph_interfaces(layers: int) -> dict[str, dict[str, list[str]]]:
     }
 
 
-def missing_onnx_packages() -> list[str]:
-    """The packages of the `[onnx]` extra that cannot be imported."""
-    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
-
-
-def check_opset(opset: int) -> None:
-    """`opset` must be one the exporter writes (18 up to the newest the installed onnx knows)."""
-    import onnx
-
-    newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
-        raise ValueError(f"--opset {opset}: must be between {MIN_OPSET} and {newest} (the newest this onnx knows)")
-
-
-def export_graph(
-    module: nn.Module,
-    example: tuple[Any, ...],
-    path: Path,
-    names: dict[str, list[str]],
-    dynamic_shapes: tuple[Any, ...],
-    opset: int,
-) -> None:
-    """Trace `module` with torch.export and write it to `path` (weights in a side file only past 2 GB)."""
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's own deprecation and tracing notices
-        program = torch.onnx.export(
-            module, example, input_names=names["inputs"], output_names=names["outputs"],
-            dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False,
-        )
-    written = next(entry.version for entry in program.model_proto.opset_import if entry.domain == "")
-    if written != opset:
-        raise ValueError(f"--opset {opset}: the exporter wrote opset {written} instead")
-    program.save(str(path))
-
-
 def example_inputs(model: Florence2, image_size: int) -> dict[str, tuple[Any, ...]]:
     """Inputs to trace and check each graph with: batch 2 (torch.export specialises sizes 0 and 1), 3 cached tokens."""
     c = model.config
@@ -207,30 +173,6 @@ def dynamic_shapes(layers: int) -> dict[str, tuple[Any, ...]]:
     }
 
 
-def flatten(values: tuple[Any, ...]) -> list[Tensor]:
-    """Graph inputs or outputs in ONNX order: nested lists are spliced in."""
-    out: list[Tensor] = []
-    for v in values:
-        out.extend(v if isinstance(v, (list, tuple)) else [v])
-    return out
-
-
-def onnxruntime_error(path: Path, module: nn.Module, example: tuple[Any, ...], input_names: list[str]) -> float:
-    """Largest (max abs difference / largest magnitude) over the outputs, onnxruntime vs PyTorch."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {name: t.numpy() for name, t in zip(input_names, flatten(example))})
-    with torch.no_grad():
-        expected = module(*example)
-    expected = flatten(expected if isinstance(expected, tuple) else (expected,))
-    errors = [
-        (torch.from_numpy(g).double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-12)
-        for g, e in zip(got, expected)
-    ]
-    return float(max(errors))
-
-
 def export_florence2(
     model: Florence2, out_dir: str | os.PathLike, image_size: int | None = None, opset: int = MIN_OPSET,
     check: bool = True,
@@ -255,23 +197,20 @@ def export_florence2(
     grid_limit = c.image_pos_embed_size * 32
     if image_size % 32 or not 32 <= image_size <= grid_limit:
         raise ValueError(f"--image-size {image_size}: must be a multiple of 32 between 32 and {grid_limit}")
-    out_dir = prepare_out_dir(out_dir)
     model = model.float().eval()
     modules = {"vision": VisionForOnnx(model), "encoder": EncoderForOnnx(model), "decoder": DecoderStepForOnnx(model)}
     files = {"vision": VISION_FILE, "encoder": ENCODER_FILE, "decoder": DECODER_FILE}
     names = graph_interfaces(c.decoder_layers)
     examples = example_inputs(model, image_size)
     shapes = dynamic_shapes(c.decoder_layers)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
-        tmp = Path(tmp)
+
+    def build(tmp: Path) -> dict:
         for role, module in modules.items():
-            export_graph(module.eval(), examples[role], tmp / files[role], names[role], shapes[role], opset)
+            export_graph(module.eval(), examples[role], tmp / files[role], names[role]["inputs"],
+                         names[role]["outputs"], shapes[role], opset)
             if check:
-                error = onnxruntime_error(tmp / files[role], module, examples[role], names[role]["inputs"])
-                print(f"{files[role]}: onnxruntime vs PyTorch, max abs difference {error:.1e} of the largest value")
-                if not error <= CHECK_TOLERANCE:
-                    raise ValueError(f"{files[role]}: onnxruntime differs from PyTorch by {error:.1e}")
-        summary = {
+                check_graph(tmp / files[role], module, examples[role], names[role]["inputs"])
+        return {
             "family": "florence2",
             "config": c.to_dict(),
             "image_size": image_size,
@@ -279,24 +218,9 @@ def export_florence2(
             "opset": opset,
             "graphs": {role: {"file": files[role], **names[role]} for role in files},
         }
-        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        for path in sorted(tmp.iterdir()):
-            os.replace(path, out_dir / path.name)
+
+    out_dir = write_export(out_dir, build)
     return {**{role: out_dir / name for role, name in files.items()}, "summary": out_dir / SUMMARY_FILE}
-
-
-def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
-    """The output folder, created if absent; a clear error if it is a file or cannot be written."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: exists and is not a folder; give an output folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{out_dir}: cannot create the output folder ({error.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"{out_dir}: the output folder is not writable")
-    return out_dir
 
 
 # ---- running the export: greedy generation on onnxruntime, numpy only --------------------------------
@@ -405,20 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    missing = missing_onnx_packages()
-    if missing:
-        print(f"error: ONNX export needs {', '.join(missing)}: pip install 'minivision[onnx]'", file=sys.stderr)
-        return 1
-    try:
-        model = load_florence2(args.checkpoint)
-        paths = export_florence2(model, args.out_dir, args.image_size, args.opset, not args.no_check)
-    except (OSError, ValueError) as error:  # missing or wrong checkpoint (CheckpointError), bad folder or options
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for path in paths.values():
-        print(f"wrote {path}")
-    return 0
+    def export(args: argparse.Namespace) -> dict[str, Path]:
+        return export_florence2(load_florence2(args.checkpoint), args.out_dir, args.image_size, args.opset,
+                                not args.no_check)
+
+    return export_main(build_parser(), argv, export)
 
 
 if __name__ == "__main__":

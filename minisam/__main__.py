@@ -9,7 +9,10 @@
     python -m minisam --random-weights vit_b --image-size 128 photo.jpg --point 10,10 --out mask.png   # smoke test only
 
 Inputs: image files and folders (a folder gives its files with an image suffix, sorted; not its
-subfolders). Images are read with `minisam.image_io.read_image` (every PIL mode, EXIF orientation).
+subfolders; a training run folder as CHECKPOINT gives its best.safetensors). Images are read with
+`minivision.images.read_image` (every PIL mode, EXIF orientation). Every image is decoded and every
+prompt checked against it first: all bad images are listed, one line each, and nothing runs; with
+--skip-bad they are skipped (each named, then counted) and the others processed.
 The image encoder runs on `--batch-size` images at once; each image's results equal a run on it alone.
 
 Prompts (`--point X,Y[,LABEL]`, `--box X0,Y0,X1,Y1`, each repeatable) apply to every image. They
@@ -34,6 +37,12 @@ is refused unless --force (with --force, an --auto folder loses only its old `<n
 metadata.csv); an output that is one of the inputs is refused even with --force; a missing output
 folder is created. Files are written whole (temporary file, then rename). A user error is one line
 on stderr and exit status 1 (2 for a malformed command line); nothing is written then.
+
+--out-dir runs are resumable jobs (`minivision.jobs`): each finished image is journaled in
+DIR/.minisam.parts/, and the same command run again after a crash does only the rest. Under
+`torchrun --nproc_per_node N -m minisam ... --out-dir DIR` (any number of processes and machines
+sharing DIR) each process takes every N-th image and writes its outputs; the first one removes the
+journal once every image is done.
 """
 
 from __future__ import annotations
@@ -51,28 +60,43 @@ import torch
 from PIL import Image, ImageDraw
 
 from minisam.automatic import AutomaticMaskGenerator
-from minisam.cli_io import (
-    OneLineParser,
-    UserError,
-    bounded,
-    check_outputs,
-    join_negative_values,
-    list_images,
-    numbers,
-    resolve_device,
-    save_png,
-    save_text,
-)
+from minisam.cli_io import join_negative_values, numbers
 from minisam.config import CONFIGS
-from minisam.image_io import read_image
 from minisam.masks import coco_decode_rle, rle_to_mask
 from minisam.predictor import SamPredictor, check_boxes_inside, check_points_inside
 from minisam.sam import Sam, load_sam
 from minisam.transforms import ResizeLongestSide
-from minivision.checkpoint import CheckpointError
+from minivision.checkpoint import resolve_weights
+from minivision.cli import (
+    OneLineParser,
+    UserError,
+    bounded,
+    check_each,
+    check_outputs,
+    list_images,
+    parse_device,
+    run_command,
+)
+from minivision.files import save_image, write_text
+from minivision.images import read_image
+from minivision.jobs import SKIPPED, Journal, Shard, finish, job_identity, refuse_several_processes, todo
 
 MASK_COLOUR = np.array([30, 144, 255])  # the blue of the official notebooks
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+AMG_OPTIONS = (  # the automatic mask generator's options: flag, type, default (amg.py's), help
+    ("--points-per-side", bounded(int, 1), 32, "points sampled along one side of the image (grid of N x N)"),
+    ("--points-per-batch", bounded(int, 1), 64, "points decoded together (memory vs speed)"),
+    ("--pred-iou-thresh", bounded(float, 0, 1), 0.88, "keep masks whose predicted IoU is at least this"),
+    ("--stability-score-thresh", bounded(float, 0, 1), 0.95, "keep masks whose stability score is at least this"),
+    ("--stability-score-offset", bounded(float, 0), 1.0, "logit offset of the stability score"),
+    ("--box-nms-thresh", bounded(float, 0, 1), 0.7, "box IoU above which the weaker of two masks is dropped"),
+    ("--crop-n-layers", bounded(int, 0, 8), 0, "layers of image crops also segmented (0: the whole image only)"),
+    ("--crop-nms-thresh", bounded(float, 0, 1), 0.7, "box IoU for dropping duplicate masks between crops"),
+    ("--crop-overlap-ratio", bounded(float, 0, 1), 512 / 1500, "overlap of neighbouring crops (of the crop size)"),
+    ("--crop-n-points-downscale-factor", bounded(int, 1), 1, "points per side divided by this in each crop layer"),
+    ("--min-mask-region-area", bounded(int, 0), 0, "remove holes and islands smaller than this (pixels; 0: off)"),
+)
+RUN_ONLY = ("paths", "out", "out_dir", "json", "force", "skip_bad", "batch_size", "device", "compile")  # not the job's
 AMG_CSV_HEADER = (  # scripts/amg.py's metadata.csv
     "id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,stability_score,"
     "crop_box_x0,crop_box_y0,crop_box_w,crop_box_h"
@@ -83,9 +107,11 @@ AMG_CSV_HEADER = (  # scripts/amg.py's metadata.csv
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m minisam", description=__doc__.split("\n\n")[0])
+    summary, examples, *details = __doc__.split("\n\n")
+    parser = OneLineParser(prog="python -m minisam", description=f"{summary}\n\n{examples}",
+                           epilog="\n\n".join(details))
     parser.add_argument("paths", nargs="+", metavar="[CHECKPOINT] IMAGE_OR_DIR",
-                        help="converted checkpoint, then images or folders")
+                        help="converted checkpoint (or a training run folder), then images or folders")
     parser.add_argument("--random-weights", metavar="VARIANT", choices=sorted(CONFIGS),
                         help="no checkpoint: a randomly initialised model (smoke tests only; masks are meaningless)")
     parser.add_argument("--image-size", type=bounded(int, 16), help="model input size (default: the checkpoint's)")
@@ -98,27 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--multimask", action="store_true", help="three candidate masks instead of one")
     amg = parser.add_argument_group("--auto: segment everything (the options of the official scripts/amg.py)")
     amg.add_argument("--auto", action="store_true", help="run the automatic mask generator")
-    amg.add_argument("--points-per-side", type=bounded(int, 1), default=32)
-    amg.add_argument("--points-per-batch", type=bounded(int, 1), default=64)
-    amg.add_argument("--pred-iou-thresh", type=bounded(float, 0, 1), default=0.88)
-    amg.add_argument("--stability-score-thresh", type=bounded(float, 0, 1), default=0.95)
-    amg.add_argument("--stability-score-offset", type=bounded(float, 0), default=1.0)
-    amg.add_argument("--box-nms-thresh", type=bounded(float, 0, 1), default=0.7)
-    amg.add_argument("--crop-n-layers", type=bounded(int, 0, 8), default=0)
-    amg.add_argument("--crop-nms-thresh", type=bounded(float, 0, 1), default=0.7)
-    amg.add_argument("--crop-overlap-ratio", type=bounded(float, 0, 1), default=512 / 1500)
-    amg.add_argument("--crop-n-points-downscale-factor", type=bounded(int, 1), default=1)
-    amg.add_argument("--min-mask-region-area", type=bounded(int, 0), default=0)
+    for flag, kind, default, text in AMG_OPTIONS:
+        amg.add_argument(flag, type=kind, default=default, help=text)
     amg.add_argument("--convert-to-rle", action="store_true", help="with --out-dir: one COCO RLE JSON per image")
     out = parser.add_argument_group("output")
     where = out.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="output PNG of one image (masks, or the overlay with --auto)")
-    where.add_argument("--out-dir", type=Path, help="output folder for any number of images")
+    where.add_argument("--out-dir", type=Path, help="output folder for any number of images (created if missing)")
     out.add_argument("--json", type=Path, help="records file of --auto --out (default: OUT with .json)")
     out.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
     run = parser.add_argument_group("running")
+    run.add_argument("--skip-bad", action="store_true",
+                     help="skip (and count) unreadable images and images a prompt does not fit, run the rest; "
+                          "without it, every bad image is listed and nothing runs")
     run.add_argument("--batch-size", type=bounded(int, 1), default=1, help="images per image-encoder call")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available, else cpu)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
                      help="the image encoder's dtype (fp32: exact; bf16: fast where the CPU or GPU has bf16 matmuls)")
     run.add_argument("--compile", action="store_true",
@@ -232,7 +252,7 @@ def segment_prompts(predictor: SamPredictor, image: np.ndarray, path: Path, args
     base = output_base(args, path)
     files = mask_paths(args, base)
     for mask, file in zip(masks, files):
-        save_png(mask.astype(np.uint8) * 255, file)
+        save_image(mask.astype(np.uint8) * 255, file)
     overlay = image.copy()
     colours = [MASK_COLOUR, *np.random.default_rng(0).integers(0, 256, size=(len(shown), 3))]
     for i, colour in zip(shown, colours):
@@ -246,7 +266,7 @@ def segment_prompts(predictor: SamPredictor, image: np.ndarray, path: Path, args
         draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(255, 255, 255))
     for box in boxes if boxes is not None else []:
         draw.rectangle(box.tolist(), outline=(0, 200, 0), width=max(2, size // 400))
-    save_png(np.asarray(picture), sibling(base, "_overlay.png"))
+    save_image(np.asarray(picture), sibling(base, "_overlay.png"))
     summary = {
         "image": str(path),
         "height": image.shape[0],
@@ -262,7 +282,7 @@ def segment_prompts(predictor: SamPredictor, image: np.ndarray, path: Path, args
         "shown": shown,
         "overlay": sibling(base, "_overlay.png").name,
     }
-    save_text(json.dumps(summary) + "\n", base.with_suffix(".json"))
+    write_text(base.with_suffix(".json"), json.dumps(summary) + "\n")
     for file, score, mask in zip(files, scores, masks):
         print(f"{file}: predicted IoU {score:.4f}, {int(mask.sum())} pixels ({path})")
 
@@ -274,7 +294,7 @@ def segment_everything(
     records = generator.generate(image, embedding)
     base = output_base(args, path)
     if args.out_dir is not None and args.convert_to_rle:
-        save_text(json.dumps(records), base.with_suffix(".json"))
+        write_text(base.with_suffix(".json"), json.dumps(records))
         print(f"{path}: {len(records)} masks -> {base.with_suffix('.json')}")
     elif args.out_dir is not None:
         folder = base.with_suffix("")
@@ -284,20 +304,20 @@ def segment_everything(
                 old.unlink()
         rows = [AMG_CSV_HEADER]
         for i, record in enumerate(records):
-            save_png(record["segmentation"].astype(np.uint8) * 255, folder / f"{i}.png")
+            save_image(record["segmentation"].astype(np.uint8) * 255, folder / f"{i}.png")
             values = [i, record["area"], *record["bbox"], *record["point_coords"][0], record["predicted_iou"],
                       record["stability_score"], *record["crop_box"]]
             rows.append(",".join(str(v) for v in values))
-        save_text("\n".join(rows), folder / "metadata.csv")  # as amg.py: no newline at the end
+        write_text(folder / "metadata.csv", "\n".join(rows))  # as amg.py: no newline at the end
         print(f"{path}: {len(records)} mask{'' if len(records) == 1 else 's'} -> {folder}/")
     else:
         overlay = image.copy()
         colours = np.random.default_rng(0).integers(0, 256, size=(len(records), 3))
         for record, colour in sorted(zip(records, colours), key=lambda rc: -rc[0]["area"]):  # small masks on top
             paint(overlay, rle_to_mask(coco_decode_rle(record["segmentation"])), colour, alpha=0.35)
-        save_png(overlay, base)
+        save_image(overlay, base)
         json_path = args.json or base.with_suffix(".json")
-        save_text(json.dumps(records), json_path)
+        write_text(json_path, json.dumps(records))
         print(f"{path}: {len(records)} masks -> {base} (overlay), {json_path} (records, COCO RLE)")
 
 
@@ -315,7 +335,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Sam:
         warning = f"WARNING: RANDOM WEIGHTS ({args.random_weights}, seed {args.seed}): the masks are meaningless"
         print(warning, file=sys.stderr)
         return Sam(config).eval().to(device).cast(dtype)
-    return load_sam(args.paths[0], device=device, dtype=dtype, compile=args.compile, image_size=args.image_size)
+    return load_sam(args.checkpoint, device=device, dtype=dtype, compile=args.compile, image_size=args.image_size)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -323,65 +343,60 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("give --point and/or --box, or --auto")
     if len(args.box) > 1 and args.point:
         raise UserError("several --box take no --point: each box gets its own mask")
-    device = resolve_device(args.device)
-    inputs = args.paths if args.random_weights else args.paths[1:]
-    images = list_images(inputs)
+    device = parse_device(args.device)
+    args.checkpoint = None if args.random_weights else resolve_weights(args.paths[0])
+    images = list_images(args.paths if args.random_weights else args.paths[1:])
     if args.out is not None and len(images) > 1:
         raise UserError(f"--out names the output of one image; for {len(images)} images use --out-dir")
-    checkpoint = [] if args.random_weights else [Path(args.paths[0])]
-    planned = {image: planned_outputs(args, image) for image in images}
+    shard = Shard.from_env()
+    if args.out is not None:
+        refuse_several_processes(shard, "--out names the output of one image; give --out-dir DIR")
+    settings = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    journal = Journal(args.out_dir / ".minisam", job_identity([str(p) for p in images], settings), shard, lazy=True) \
+        if args.out_dir is not None else None
+    mine = list(todo(len(images), journal)) if journal else list(range(len(images)))  # this process's, not done
+    planned = {str(image): planned_outputs(args, image) for image in images}
     amg_folders = args.auto and args.out_dir is not None and not args.convert_to_rle
-    check_outputs(planned, [*images, *checkpoint], args.force, folders=amg_folders)
+    inputs = [*images, *([args.checkpoint] if args.checkpoint else [])]
+    check_outputs(planned, inputs, True, amg_folders)  # no two images write one file
+    check_outputs({str(images[i]): planned[str(images[i])] for i in mine}, inputs, args.force, amg_folders)
     model = build_model(args, device)
-    for path in images:  # decode every image and check every prompt before anything is written
-        check_image(args, path, model.config.image_size)
+    # decode every image and check every prompt before anything is written
+    good = check_each(mine, lambda i: check_image(args, images[i], model.config.image_size), args.skip_bad,
+                      none_left_ok=shard.world > 1)
+    for i in sorted(set(mine) - set(good)) if journal else []:
+        journal.add(i, {SKIPPED: True})  # the merge knows it is not coming
     if args.auto:
-        generator = AutomaticMaskGenerator(
-            model,
-            points_per_side=args.points_per_side,
-            points_per_batch=args.points_per_batch,
-            pred_iou_thresh=args.pred_iou_thresh,
-            stability_score_thresh=args.stability_score_thresh,
-            stability_score_offset=args.stability_score_offset,
-            box_nms_thresh=args.box_nms_thresh,
-            crop_n_layers=args.crop_n_layers,
-            crop_nms_thresh=args.crop_nms_thresh,
-            crop_overlap_ratio=args.crop_overlap_ratio,
-            crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
-            min_mask_region_area=args.min_mask_region_area,
-            output_mode="coco_rle" if args.out is not None or args.convert_to_rle else "binary_mask",
-        )
+        options = {flag[2:].replace("-", "_") for flag, *_ in AMG_OPTIONS}
+        output_mode = "coco_rle" if args.out is not None or args.convert_to_rle else "binary_mask"
+        generator = AutomaticMaskGenerator(model, **{k: getattr(args, k) for k in options}, output_mode=output_mode)
         predictor = generator.predictor
     else:
         predictor = SamPredictor(model)
-    for start in range(0, len(images), args.batch_size):
-        batch = images[start : start + args.batch_size]
-        pictures = [read_image(p) for p in batch]
+    for start in range(0, len(good), args.batch_size):
+        batch = good[start : start + args.batch_size]
+        pictures = [read_image(images[i]) for i in batch]
         embeddings = predictor.embed_images(pictures)  # one image-encoder call for the batch
-        for path, picture, embedding in zip(batch, pictures, embeddings):
+        for i, picture, embedding in zip(batch, pictures, embeddings):
             if args.auto:
-                segment_everything(generator, picture, embedding, path, args)
+                segment_everything(generator, picture, embedding, images[i], args)
             else:
                 predictor.set_embedding(embedding)
-                segment_prompts(predictor, picture, path, args)
+                segment_prompts(predictor, picture, images[i], args)
+            if journal:
+                journal.add(i, {"outputs": [str(p) for p in planned[str(images[i])]]})
+    if journal:
+        finish(journal, len(images), lambda records: print(f"{len(records)} images done -> {args.out_dir}/",
+                                                           file=sys.stderr))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv), ("--point", "--box")))
     check_combinations(args, parser)
-    try:
-        run(args)
-    except (UserError, CheckpointError, ValueError, OSError) as error:  # ImageReadError is a ValueError
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except torch.OutOfMemoryError:
-        print(f"error: out of memory on {args.device}; lower --batch-size or --points-per-batch", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted; the images finished so far are written", file=sys.stderr)
-        return 130
-    return 0
+    interrupted = "interrupted; the images finished so far are written (with --out-dir, the same command does the rest)"
+    return run_command(lambda: run(args), interrupted=interrupted,
+                       out_of_memory="lower --batch-size or --points-per-batch")
 
 
 if __name__ == "__main__":

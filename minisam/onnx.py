@@ -45,31 +45,22 @@ Legend: B images, N points, C = 256 channels, H/W image-embedding grid (S/16), M
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import logging
 import os
 import sys
-import tempfile
-import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minisam.sam import PIXEL_MEAN, PIXEL_STD, Sam, load_sam
+from minivision.onnx import MIN_OPSET, SUMMARY_FILE, check_graph, check_opset, export_graph, export_main, write_export
 
 ENCODER_FILE = "image_encoder.onnx"
 DECODER_FILE = "mask_decoder.onnx"
-SUMMARY_FILE = "export.json"
 ENCODER_INPUTS, ENCODER_OUTPUTS = ["x"], ["image_embeddings"]
 DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
 DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
-CHECK_TOLERANCE = 1e-3  # relative difference beyond which the self-check fails
-MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 and newer
-ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 class SamOnnxDecoder(nn.Module):
@@ -200,61 +191,6 @@ def example_decoder_inputs(model: Sam) -> tuple[torch.Tensor, ...]:
     )
 
 
-def missing_onnx_packages() -> list[str]:
-    """The packages of the `[onnx]` extra that cannot be imported."""
-    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
-
-
-def check_opset(opset: int) -> None:
-    """`opset` must be one the exporter writes (18 up to the newest the installed onnx knows)."""
-    import onnx
-
-    newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
-        raise ValueError(f"--opset {opset}: must be between {MIN_OPSET} and {newest} (the newest this onnx knows)")
-
-
-def export_graph(
-    module: nn.Module,
-    example: tuple[torch.Tensor, ...],
-    path: Path,
-    input_names: list[str],
-    output_names: list[str],
-    dynamic_shapes: tuple[dict[int, Any], ...],
-    opset: int,
-) -> None:
-    """Trace `module` with torch.export and write it to `path` (weights in a side file only past 2 GB)."""
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's own deprecation and tracing notices
-        program = torch.onnx.export(
-            module, example, input_names=input_names, output_names=output_names,
-            dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True, verbose=False,
-        )
-    written = next(entry.version for entry in program.model_proto.opset_import if entry.domain == "")
-    if written != opset:
-        raise ValueError(f"--opset {opset}: the exporter wrote opset {written} instead")
-    program.save(str(path))
-
-
-def onnxruntime_error(
-    path: Path, module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str]
-) -> float:
-    """Run the graph with onnxruntime and the module with PyTorch on `example`.
-
-    Returns the largest difference, each output's max abs difference over its largest magnitude.
-    """
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {name: t.numpy() for name, t in zip(input_names, example)})
-    with torch.no_grad():
-        expected = module(*example)
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    errors = [(torch.from_numpy(g) - e).abs().max() / e.abs().max().clamp_min(1e-12) for g, e in zip(got, expected)]
-    return float(max(errors))
-
-
 def export_image_encoder(model: Sam, path: str | os.PathLike, opset: int = MIN_OPSET) -> None:
     """Write the image encoder, x (B, 3, S, S) -> image_embeddings (B, 256, S/16, S/16), to `path`."""
     S = model.config.image_size
@@ -302,24 +238,17 @@ def export_sam(
         the written paths by role: "image_encoder", "mask_decoder", "summary".
     """
     check_opset(opset)
-    out_dir = prepare_out_dir(out_dir)
     model = model.float().eval()
     S = model.config.image_size
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
-        tmp = Path(tmp)
+
+    def build(tmp: Path) -> dict:
         export_image_encoder(model, tmp / ENCODER_FILE, opset)
         decoder = export_mask_decoder(model, tmp / DECODER_FILE, opset, return_single_mask, use_stability_score)
         if check:
             image = torch.randn(1, 3, S, S, generator=torch.Generator().manual_seed(0))
-            for name, module, inputs, names in (
-                (ENCODER_FILE, model.image_encoder, (image,), ENCODER_INPUTS),
-                (DECODER_FILE, decoder, example_decoder_inputs(model), DECODER_INPUTS),
-            ):
-                error = onnxruntime_error(tmp / name, module, inputs, names)
-                print(f"{name}: onnxruntime vs PyTorch, max abs difference {error:.1e} of the largest value")
-                if not error <= CHECK_TOLERANCE:
-                    raise ValueError(f"{name}: onnxruntime differs from PyTorch by {error:.1e} of the largest value")
-        summary = {
+            check_graph(tmp / ENCODER_FILE, model.image_encoder, (image,), ENCODER_INPUTS)
+            check_graph(tmp / DECODER_FILE, decoder, example_decoder_inputs(model), DECODER_INPUTS)
+        return {
             "family": "sam",
             "config": model.config.to_dict(),
             "image_size": S,
@@ -331,25 +260,10 @@ def export_sam(
             "image_encoder": {"file": ENCODER_FILE, "inputs": ENCODER_INPUTS, "outputs": ENCODER_OUTPUTS},
             "mask_decoder": {"file": DECODER_FILE, "inputs": DECODER_INPUTS, "outputs": DECODER_OUTPUTS},
         }
-        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        for path in sorted(tmp.iterdir()):  # the graphs, their weight side files if any, the summary
-            os.replace(path, out_dir / path.name)
+
+    out_dir = write_export(out_dir, build)
     files = {"image_encoder": ENCODER_FILE, "mask_decoder": DECODER_FILE, "summary": SUMMARY_FILE}
     return {role: out_dir / name for role, name in files.items()}
-
-
-def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
-    """The output folder, created if absent; a clear error if it is a file or cannot be written."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir}: exists and is not a folder; give an output folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{out_dir}: cannot create the output folder ({error.strerror})") from None
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"{out_dir}: the output folder is not writable")
-    return out_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,22 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    missing = missing_onnx_packages()
-    if missing:
-        print(f"error: ONNX export needs {', '.join(missing)}: pip install 'minivision[onnx]'", file=sys.stderr)
-        return 1
-    try:
+    def export(args: argparse.Namespace) -> dict[str, Path]:
         model = load_sam(args.checkpoint, image_size=args.image_size)
-        paths = export_sam(
-            model, args.out_dir, args.return_single_mask, args.use_stability_score, args.opset, check=not args.no_check
-        )
-    except (OSError, ValueError) as error:  # missing or wrong checkpoint (CheckpointError), bad folder or options
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for path in paths.values():
-        print(f"wrote {path}")
-    return 0
+        return export_sam(model, args.out_dir, args.return_single_mask, args.use_stability_score, args.opset,
+                          check=not args.no_check)
+
+    return export_main(build_parser(), argv, export)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ What this predictor adds to the official one is input checking, each decision do
   scaled to uint8 with rounding (x / 257); float, bool and other integer images are refused, because
   their range (0-1 or 0-255?) cannot be guessed; an empty image, or one so thin that its short side
   would shrink to zero pixels, is refused; a 1x1 image works. PIL images are accepted too.
-  A PIL image or a file path is read with `minisam.image_io.read_image` (every PIL mode, EXIF
+  A PIL image or a file path is read with `minivision.images.read_image` (every PIL mode, EXIF
   orientation; see there).
 - prompts: coordinates must be finite; shapes are checked and a wrong one is a ValueError that
   names the argument; labels must be 1 (foreground), 0 (background) or -1 (ignored).
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from minisam.image_io import read_image
 from minisam.sam import Sam
 from minisam.transforms import ResizeLongestSide
+from minivision.images import read_image
 
 POINT_LABELS = (-1, 0, 1)  # ignored, background, foreground
 
@@ -185,7 +185,7 @@ class SamPredictor:
 
         Args:
             image: the picture, pixel values 0-255; or a PIL image or an image file's path
-                (read with `minisam.image_io.read_image`).
+                (read with `minivision.images.read_image`).
             image_format: "RGB" or "BGR" (e.g. from OpenCV); flipped when it is not the model's.
         """
         pixels, original_size = self._resized_pixels(image, image_format)

@@ -6,5 +6,11 @@ of the project, so the dependency arrows keep pointing one way:
     minivision  <-  minisam, miniflorence, convmae  <-  weights_convert, train  <-  bench, tests
 
 Modules:
-    checkpoint  the converted-checkpoint format (.safetensors with the config in the metadata)
+    checkpoint    the converted-checkpoint format (.safetensors with the config in the metadata),
+                  official checkpoints, and `resolve_weights` (a run folder -> its weights file)
+    model_folder  a model folder as Hugging Face downloads it
+    images        the one image reader (every PIL mode, EXIF; alpha dropped or composited onto white)
+    files         writing files whole (temporary file, fsync, rename; normal permissions)
+    cli           the command lines' plumbing: one-line errors, devices, inputs (--skip-bad), outputs
+    onnx          the ONNX export helpers (the [onnx] extra is imported only inside them)
 """

@@ -12,12 +12,11 @@ converter (`weights_convert`) can both import it without importing each other:
 `map_location="cpu"`; a pickle that holds anything but tensors is refused, never unpickled. Any
 missing, unexpected, mis-shaped or non-finite (NaN, inf) tensor is a `CheckpointError` that names
 the tensors; nothing is ever loaded partially. A model folder as Hugging Face downloads it
-(config.json and model.safetensors / pytorch_model.bin, sharded or not) is read by `read_model_folder`.
+(config.json and model.safetensors / pytorch_model.bin, sharded or not) is read by
+`minivision.model_folder.read_model_folder`.
 
-Writes are atomic: the bytes go to a temporary file beside the destination, named
-`.NAME.minivision-PID-XXXXXXXX.tmp`, which is renamed over NAME only once it is complete, and removed
-if the write fails or is interrupted; `remove_stale_temps` deletes those a killed process left
-(only names of that pattern, only when their process is gone).
+Writes are atomic (`minivision.files.atomic_write`: a temporary file beside the destination,
+renamed over it only once complete, removed if the write fails or is interrupted).
 
 Memory: `read_converted` reads each tensor from the file straight into its own allocation, and
 `load_strict` hands those very tensors to the model (`assign=True`), so a loaded model holds one
@@ -31,18 +30,17 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
 import struct
 import sys
 import warnings
-import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import chain
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from minivision.files import atomic_write
 
 FORMAT_VERSION = "1"
 FAMILIES = ("sam", "florence2", "convmae")
@@ -59,12 +57,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: wrong family, damaged, or tensors that do not fit."""
 
 
-def _list(keys: Sequence[str], limit: int = 12) -> str:
+def list_names(keys: Sequence[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     """The first sentence of another library's error message (theirs often run to paragraphs)."""
     text = " ".join(str(error).split())
     sentence = text.split(". ")[0].rstrip(".") if text else "(no message)"
@@ -87,7 +85,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
             bad.append(f"{name} ({nan} NaN, {int(torch.isinf(flat).sum())} inf of {flat.numel()})")
     if bad:
         raise CheckpointError(
-            f"{what}: {len(bad)} tensor(s) hold NaN or infinite values: {_list(sorted(bad), 6)}; "
+            f"{what}: {len(bad)} tensor(s) hold NaN or infinite values: {list_names(sorted(bad), 6)}; "
             f"the weights are damaged (or were saved after training diverged)"
         )
 
@@ -140,13 +138,6 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str,
 
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 is a zip archive
-# The weight files of a Hugging Face model folder, in the order transformers looks for them.
-FOLDER_WEIGHTS = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 
 
 def looks_like_safetensors(path: str | os.PathLike) -> bool:
@@ -162,12 +153,12 @@ def read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     The content decides how it is read, not the suffix. Wrappers such as `{"model": sd}` or
     `{"state_dict": sd}` are unwrapped; non-tensor entries (epoch counters) are dropped. A pickle
     that holds objects other than tensors is refused without being unpickled (`weights_only=True`),
-    and so is any tensor with NaN or infinite values. A model folder is `read_model_folder`'s.
+    and so is any tensor with NaN or infinite values. A model folder is `minivision.model_folder`'s.
     """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(
-            f"{path}: is a folder; give the checkpoint file in it (or read it with read_model_folder)"
+            f"{path}: is a folder; give the checkpoint file in it (model folders: minivision.model_folder)"
         )
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -206,9 +197,9 @@ def _torch_load(path: Path) -> object:
         if "Weights only load failed" in message:
             reason = "a pickle that the tensors-only loader cannot read; it was not unpickled"
         elif zipped:
-            reason = f"truncated or damaged; {_first_line(e)}"
+            reason = f"truncated or damaged; {first_line(e)}"
         else:
-            reason = f"truncated, damaged, or no torch.save file at all; {_first_line(e)}"
+            reason = f"truncated, damaged, or no torch.save file at all; {first_line(e)}"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 
 
@@ -223,67 +214,6 @@ def _tensors_of(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors")
     return tensors
-
-
-def read_model_folder(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, torch.Tensor], list[Path]]:
-    """A model folder as Hugging Face downloads it -> (its JSON files by name, tensors, the files read).
-
-    config.json is required; the weights are the first of `FOLDER_WEIGHTS` present (the order
-    transformers uses). A sharded `*.index.json` names, for every tensor, the shard that holds it:
-    every shard must be present and hold exactly the tensors the index gives it. The other JSON
-    files beside config.json (preprocessor_config.json, generation_config.json, tokenizer files)
-    are returned too, for the converter to read what it needs from them.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such folder")
-    if not (folder / "config.json").is_file():
-        found = sorted(p.name for p in folder.iterdir() if p.suffix in (".pth", ".pt", ".bin", ".safetensors"))
-        hint = f"; it holds {_list(found, 4)}: give one of those files instead" if found else ""
-        raise CheckpointError(
-            f"{folder}: is a folder without config.json, not a model folder (expected config.json with "
-            f"model.safetensors, pytorch_model.bin or a sharded *.index.json, as Hugging Face downloads them){hint}"
-        )
-    jsons = {}
-    for file in sorted(folder.glob("*.json")):
-        try:
-            jsons[file.name] = json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            if file.name == "config.json" or file.name in FOLDER_WEIGHTS:
-                raise CheckpointError(f"{file}: not readable JSON: {_first_line(e)}") from None
-    if not isinstance(jsons["config.json"], dict):
-        raise CheckpointError(f"{folder / 'config.json'}: holds no JSON object")
-    weights = next((folder / name for name in FOLDER_WEIGHTS if (folder / name).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: has config.json but no weights (one of {', '.join(FOLDER_WEIGHTS)})")
-    if not weights.name.endswith(".index.json"):
-        return jsons, read_official(weights), [folder / "config.json", weights]
-    weight_map = jsons.get(weights.name, {}).get("weight_map") if isinstance(jsons.get(weights.name), dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{weights}: has no weight_map (tensor name -> shard file)")
-    by_shard: dict[str, set[str]] = {}
-    for key, shard in weight_map.items():
-        by_shard.setdefault(str(shard), set()).add(key)
-    bad = sorted(s for s in by_shard if Path(s).name != s or s.startswith("."))
-    if bad:
-        raise CheckpointError(f"{weights}: shard names must be plain file names in the folder: {_list(bad, 4)}")
-    absent = sorted(s for s in by_shard if not (folder / s).is_file())
-    if absent:
-        raise CheckpointError(
-            f"{weights}: {len(absent)} shard(s) absent from the folder (incomplete download?): {_list(absent, 4)}"
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    for shard, keys in sorted(by_shard.items()):
-        found = read_official(folder / shard)
-        missing, unlisted = sorted(keys - set(found)), sorted(set(found) - keys)
-        if missing or unlisted:
-            raise CheckpointError(
-                f"{folder / shard}: does not hold what {weights.name} says"
-                + (f"; missing: {_list(missing, 6)}" if missing else "")
-                + (f"; not in the index: {_list(unlisted, 6)}" if unlisted else "")
-            )
-        tensors.update(found)
-    return jsons, tensors, [folder / "config.json", weights, *(folder / s for s in sorted(by_shard))]
 
 
 def read_converted(path: str | os.PathLike, family: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -320,6 +250,79 @@ def read_converted(path: str | os.PathLike, family: str) -> tuple[dict, dict[str
     return config, tensors
 
 
+# ---- what a user gives: a weights file, a training run folder, or a training checkpoint ----------
+
+RUN_WEIGHTS = ("best.safetensors", "last.safetensors")  # a run folder's loadable weights, in order of preference
+RUN_MARKERS = ("settings.json", "last.pt", "metrics.jsonl")  # what makes a folder a training run folder
+
+
+def resolve_weights(path: str | os.PathLike, quiet: bool = False) -> Path:
+    """The weights file meant by what a user gave (the run-folder rule of every tool of the project).
+
+    - a training run folder (`--out` of a training script): its `best.safetensors`, else its
+      `last.safetensors`; which one is said on stderr (unless `quiet`);
+    - a training checkpoint (a run's `last.pt`: optimizer, step and settings; for `--resume`, not
+      for loading): a `CheckpointError` naming the run's `.safetensors` to give instead;
+    - anything else (a `.safetensors` file, an official checkpoint, a Hugging Face model folder, a
+      missing path): itself, for the reader to accept or refuse.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in RUN_WEIGHTS if (path / name).is_file()]
+        if found:
+            if not quiet:
+                print(f"note: {path} is a training run folder; using its {found[0].name}", file=sys.stderr)
+            return found[0]
+        if any((path / name).exists() for name in RUN_MARKERS):
+            raise CheckpointError(
+                f"{path}: a training run folder without loadable weights ({' or '.join(RUN_WEIGHTS)}); "
+                f"the run has not finished an evaluation yet, or was written by an older version"
+            )
+        return path
+    if path.is_file() and not looks_like_safetensors(path) and _is_training_state(path):
+        folder = path.parent
+        found = [folder / name for name in RUN_WEIGHTS if (folder / name).is_file()]
+        instead = f"use {found[0]} (or the run folder {folder} itself)" if found else (
+            f"its weights are {folder / RUN_WEIGHTS[0]} or {folder / RUN_WEIGHTS[1]}, which this run has not written"
+        )
+        raise CheckpointError(
+            f"{path}: a training checkpoint (optimizer and settings, for --resume), not model weights; {instead}"
+        )
+    return path
+
+
+def _is_training_state(path: Path) -> bool:
+    """True for a `torch.save`d dict with "settings" beside "model" or "optimizer" (a training script's last.pt).
+
+    Read with `mmap=True`: the tensors stay in the file, so this costs little even for a large checkpoint.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != ZIP_MAGIC:
+                return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  (not ours to judge here: the reader reports what is wrong)
+        return False
+    return isinstance(state, Mapping) and "settings" in state and ("model" in state or "optimizer" in state)
+
+
+def converted_family(path: str | os.PathLike) -> str | None:
+    """The family named in a converted file's metadata (`save_converted`), or None for any other file."""
+    path = Path(path)
+    try:
+        if not (path.is_file() and looks_like_safetensors(path)):
+            return None
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error, AttributeError):
+        return None
+    family = metadata.get("family")
+    return family if isinstance(family, str) else None
+
+
 # ---- checking and loading ----------------------------------------------------------------------
 
 
@@ -334,11 +337,11 @@ def check_tensors(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tor
     )
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_list(missing)}")
+        problems.append(f"{len(missing)} missing: {list_names(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_list(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {list_names(unexpected)}")
     if misshaped:
-        problems.append(f"{len(misshaped)} mis-shaped: {_list(misshaped)}")
+        problems.append(f"{len(misshaped)} mis-shaped: {list_names(misshaped)}")
     if problems:
         raise CheckpointError(f"{what} does not fit: " + "; ".join(problems))
 
@@ -365,7 +368,7 @@ def load_strict(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], wh
     left = [n for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_meta]
     if left:
         raise CheckpointError(
-            f"{what}: still on the meta device after loading (not in the file and not set): {_list(left)}"
+            f"{what}: still on the meta device after loading (not in the file and not set): {list_names(left)}"
         )
 
 
@@ -402,46 +405,6 @@ def expand_tied(
     return out
 
 
-# ---- what a user gives as weights ----------------------------------------------------------------
-
-# The loadable weights of a training run folder (`--out` of a training script), in the order preferred.
-RUN_WEIGHTS = ("best.safetensors", "last.safetensors")
-
-
-def resolve_weights(path: str | os.PathLike, quiet: bool = False) -> Path:
-    """The weights file meant by what a user gave (the run-folder rule of every tool of the project).
-
-    A training run folder: its `best.safetensors`, else its `last.safetensors` (which one is said
-    on stderr unless `quiet`). A run's training state (`last.pt`: optimizer and settings, for
-    `--resume`): a `CheckpointError` naming the `.safetensors` to give instead. Anything else (a
-    `.safetensors` file, an official checkpoint, a missing path): itself, for its reader to judge.
-    """
-    path = Path(path)
-    if path.is_dir():
-        found = [path / name for name in RUN_WEIGHTS if (path / name).is_file()]
-        if found and not quiet:
-            print(f"note: {path} is a training run folder; using its {found[0].name}", file=sys.stderr)
-        return found[0] if found else path
-    if path.is_file() and zipfile.is_zipfile(path) and _is_training_state(path):
-        found = [path.parent / name for name in RUN_WEIGHTS if (path.parent / name).is_file()]
-        instead = f"use {found[0]} (or the run folder {path.parent})" if found else (
-            f"its run has written no {' or '.join(RUN_WEIGHTS)} yet")
-        raise CheckpointError(f"{path}: a training checkpoint (optimizer and settings, for --resume), "
-                              f"not model weights; {instead}")
-    return path
-
-
-def _is_training_state(path: Path) -> bool:
-    """True for a `torch.save`d dict holding "settings" and "optimizer" (a training script's last.pt)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not ours to judge here: the reader reports it
-        return False
-    return isinstance(obj, dict) and isinstance(obj.get("settings"), dict) and "optimizer" in obj
-
-
 # ---- writing -----------------------------------------------------------------------------------
 
 
@@ -467,86 +430,3 @@ def save_file_atomic(
 ) -> None:
     """`safetensors.torch.save_file` through `atomic_write`."""
     atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata))
-
-
-# ---- atomic writes: a temporary name beside the destination, renamed when complete -----------------
-
-TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.minivision-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
-
-
-def temp_name(path: str | os.PathLike) -> Path:
-    """A fresh temporary path beside `path`: `.NAME.minivision-PID-XXXXXXXX.tmp` (matches TEMP_PATTERN)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.minivision-{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` to fill a temporary file (or folder) beside `path`, then rename it to `path`.
-
-    Whatever happens, `path` holds either its old content or the complete new one: the temporary is
-    flushed to disk before the rename and removed if `write` fails or the process is interrupted
-    (Ctrl-C included). The folder of `path` must exist.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: no such folder")
-    tmp = temp_name(path)
-    try:
-        write(tmp)
-        _fsync(tmp)
-        _user_permissions(tmp)
-        os.replace(tmp, path)
-    finally:
-        _remove(tmp)
-
-
-def _user_permissions(path: Path) -> None:
-    """Give a written file (or folder) the permissions `open()` would: 0o666 (folders 0o777) masked by the
-    umask. Writers such as safetensors' `save_file` create their file private (0o600)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    for entry in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
-        os.chmod(entry, (0o777 if entry.is_dir() else 0o666) & ~mask)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or every file of a folder, to the disk (a rename must never expose unwritten bytes)."""
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    for file in files:
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries a killed write left in `folder`: names of TEMP_PATTERN whose process is
-    gone. Anything else, and the temporaries of a write still running, stay. Returns what was removed."""
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for entry in sorted(folder.iterdir()):
-        match = TEMP_PATTERN.match(entry.name)
-        if match and not _process_alive(int(match.group("pid"))):
-            _remove(entry)
-            removed.append(entry)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid() or os.name != "posix":  # elsewhere os.kill(pid, 0) is no harmless probe
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # it exists (someone else's), or we cannot tell: leave its files alone
-    return True

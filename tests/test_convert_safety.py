@@ -30,7 +30,8 @@ from official import fill_sam_random
 import convmae
 import minisam
 from miniflorence import load_florence2
-from minivision.checkpoint import TEMP_PATTERN, CheckpointError, read_official, remove_stale_temps, save_converted
+from minivision.checkpoint import CheckpointError, read_official, save_converted
+from minivision.files import TEMP_PATTERN, remove_stale_temps
 from weights_convert import sam as convert_sam
 from weights_convert.__main__ import main
 
@@ -146,9 +147,12 @@ def test_dst_suffix_says_what_is_right(work: Path, how: str) -> None:
     assert "converted.safetensors" in line and "--to-official" in line
     line = expect_refusal(["sam", "ours.safetensors", "back.txt", "--to-official"], how, work, "back.txt")
     assert ".pth" in line and ".safetensors" in line
-    expect_refusal(["sam", "model.pth", "missing/out.safetensors", *CONFIG], how, work, "missing")
+    (work / "notes.txt").write_text("a file where a folder would go")
+    expect_refusal(["sam", "model.pth", "notes.txt/out.safetensors", *CONFIG], how, work, "notes.txt is a file")
     (work / "folder.safetensors").mkdir()
     expect_refusal(["sam", "model.pth", "folder.safetensors", *CONFIG], how, work, "is a folder")
+    status, _, err = cli(["sam", "model.pth", "missing/out.safetensors", *CONFIG], how)  # a missing folder is made
+    assert status == 0 and (work / "missing" / "out.safetensors").is_file(), err
 
 
 def test_to_official_writes_only_its_output(work: Path) -> None:

@@ -127,14 +127,15 @@ CASES = [
     ("checkpoint missing", ["@nowhere.safetensors", TOK, CAR], ["nowhere.safetensors: no such file"]),
     ("checkpoint is a folder", ["@tokenizer", TOK, CAR], ["CHECKPOINT", "tokenizer is a folder"]),
     ("arguments swapped", [TOK, CK, CAR], ["tokenizer is a folder"]),
-    ("out in a missing folder", [CK, TOK, CAR, "--out", "@nowhere/pic.png"], ["nowhere does not exist"]),
+    ("out under a file", [CK, TOK, CAR, "--out", "@images/gray.png/pic.png"], ["cannot create the folder",
+                                                                              "gray.png is a file"]),
     ("out is a folder", [CK, TOK, CAR, "--out", "@out"], ["--out", "is a folder"]),
     ("out of an unknown kind", [CK, TOK, CAR, "--out", "@out/results.txt"], ["results.txt", ".jsonl"]),
     ("out drawing for several images", [CK, TOK, CAR, "@images/gray.png", "--out", "@out/pic.png"],
      ["pic.png draws one image", ".jsonl"]),
     ("out overwrites an input", [CK, TOK, CAR, "@images/gray.png", "--out", "@images/gray.png"],
      ["gray.png is one of the inputs"]),
-    ("device that does not exist", [CK, TOK, CAR, "--device", "gpu0"], ["--device 'gpu0' is not a device"]),
+    ("device that does not exist", [CK, TOK, CAR, "--device", "gpu0"], ["--device gpu0: not a device"]),
     ("missing jsonl", [CK, TOK, "--jsonl", "@nowhere.jsonl"], ["--jsonl", "nowhere.jsonl: no such file"]),
     ("empty jsonl", [CK, TOK, "--jsonl", "@empty.jsonl"], ["empty.jsonl holds no request"]),
     ("tokenizer that does not fit, found at decoding", [CK, "@tiny_tokenizer", CAR, "--out", "@out/r.jsonl", *QUICK],
@@ -179,13 +180,27 @@ def test_bad_input_is_one_clear_line(work: Path, jsonl_files: Path, capsys, case
     assert snapshot(work) == before, f"{case}: files changed"
 
 
+def test_missing_out_folder_is_created_and_skip_bad_runs_the_rest(work: Path, tmp_path: Path, capsys) -> None:
+    """The one rule of every command: a missing output folder is created. --skip-bad: the readable images run,
+    each unreadable one is named, then counted."""
+    out = tmp_path / "new" / "deeper" / "results.jsonl"
+    args = [CK, TOK, CAR, "@bad/truncated.jpg", "@images/gray.png", "@bad/notes.txt", "--out", str(out), *QUICK]
+    code, _, err = cli(work, args, capsys)
+    assert code == 1 and err.startswith("error: 2 unusable image(s)") and "--skip-bad" in err and not out.exists()
+    code, _, err = cli(work, [*args, "--skip-bad"], capsys)
+    assert code == 0, err
+    assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == [
+        str(work / "images" / "car.png"), str(work / "images" / "gray.png")]
+    assert err.count("skipped: ") == 2 and "skipped 2 of 4 image(s) (--skip-bad)" in err
+
+
 # --- as programs: the exit status and the absence of a traceback, end to end ----------------------
 
 SUBPROCESS_CASES = [
     ("missing image", [CK, TOK, "@images/nowhere.png"], 1, "nowhere.png: no such file"),
     ("tokenizer too big for the model", ["@small_vocab.safetensors", TOK, CAR], 1, "300 rows"),
     ("bad number", [CK, TOK, CAR, "--num-beams", "x"], 2, "invalid int value"),
-    ("out in a missing folder", [CK, TOK, CAR, "--out", "@nowhere/results.jsonl"], 1, "does not exist"),
+    ("out under a file", [CK, TOK, CAR, "--out", "@images/gray.png/results.jsonl"], 1, "gray.png is a file"),
 ]
 
 

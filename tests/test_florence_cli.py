@@ -92,7 +92,7 @@ def test_bad_fast_path_flags_are_one_line(capsys) -> None:
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
     assert main(["--random-weights", "base", "tok", "img.png", "--device", "gpu0"]) == 1
     err = capsys.readouterr().err
-    assert "is not a device" in err and len(err.strip().splitlines()) == 1, err
+    assert "--device gpu0: not a device" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:

@@ -161,7 +161,7 @@ def test_cli_errors_are_one_line(args, message, checkpoint, tmp_path, capsys) ->
 
 
 def test_cli_without_the_onnx_extra(checkpoint, tmp_path, capsys, monkeypatch) -> None:
-    monkeypatch.setattr("miniflorence.onnx.missing_onnx_packages", lambda: ["onnxruntime"])
+    monkeypatch.setattr("minivision.onnx.missing_onnx_packages", lambda: ["onnxruntime"])
     assert main([str(checkpoint), str(tmp_path / "out")]) == 1
     assert "pip install 'minivision[onnx]'" in capsys.readouterr().err
 

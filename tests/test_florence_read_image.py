@@ -164,8 +164,8 @@ def unreadable_files(folder: Path) -> dict[str, tuple[Path, str]]:
         "folder": (folder / "a_folder.png", "is a folder"),
         "text": (folder / "notes.txt", "not an image file"),
         "empty": (folder / "empty.png", "not an image file"),
-        "truncated png": (folder / "truncated.png", "truncated or corrupt"),
-        "truncated jpeg": (folder / "truncated.jpg", "truncated or corrupt"),
+        "truncated png": (folder / "truncated.png", "damaged or truncated"),
+        "truncated jpeg": (folder / "truncated.jpg", "damaged or truncated"),
         "bomb": (folder / "bomb.png", "decompression-bomb"),
         "big": (folder / "big.png", "decompression-bomb"),
     }

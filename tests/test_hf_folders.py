@@ -27,7 +27,8 @@ from official import fill_sam_random, native_florence2, native_florence2_config
 import minisam
 from miniflorence import Florence2Config, load_florence2, tiny_config
 from miniflorence.model import SHARED_KEY, TIED_KEYS
-from minivision.checkpoint import CheckpointError, read_converted, read_model_folder, save_converted
+from minivision.checkpoint import CheckpointError, read_converted, save_converted
+from minivision.model_folder import read_model_folder
 from weights_convert import florence2 as convert_florence2
 from weights_convert import sam as convert_sam
 from weights_convert.__main__ import main as convert_main

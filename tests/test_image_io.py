@@ -1,7 +1,8 @@
-"""The image readers (minisam.image_io and its twin convmae.image_io): every PIL mode, files, and bad files.
+"""The one image reader (minivision.images, alpha="drop": SAM's and ConvMAE's rule): every PIL mode, files,
+and bad files. Florence-2's rule (alpha="white") is tested in test_florence_read_image.py.
 
 Property-based over modes, sizes and pixel values (hypothesis): the result is always (H, W, 3)
-uint8 and follows the documented rule of its mode. Both twins must give the same answers.
+uint8 and follows the documented rule of its mode.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import convmae.image_io
-import minisam.image_io
+from minivision.images import ImageReadError, read_image
 
-READERS = [minisam.image_io, convmae.image_io]
 SIZES = st.tuples(st.integers(1, 64), st.integers(1, 64))  # (W, H); larger sizes in test_large_image
 
 
@@ -33,8 +32,8 @@ def expected_rgb(image: Image.Image) -> np.ndarray:
         full = 65535.0 if mode == "I" else 1.0
         if values.min() >= 0 and values.max() <= full:
             grey = np.round(values * 255 / full).astype(np.uint8)
-        elif values.max() == values.min():
-            grey = np.zeros(values.shape, np.uint8)
+        elif values.max() == values.min():  # a constant outside the range: clipped to it
+            grey = np.where(values > full, 255, 0).astype(np.uint8)
         else:
             grey = np.round((values - values.min()) * 255 / (values.max() - values.min())).astype(np.uint8)
     elif mode in ("L", "1"):
@@ -74,19 +73,12 @@ def pil_images(draw: st.DrawFn) -> Image.Image:
     return image
 
 
-@pytest.mark.parametrize("reader", READERS, ids=["minisam", "convmae"])
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(image=pil_images())
-def test_every_mode_follows_its_rule(reader, image: Image.Image) -> None:
-    rgb = reader.read_image(image)
+def test_every_mode_follows_its_rule(image: Image.Image) -> None:
+    rgb = read_image(image)
     assert rgb.dtype == np.uint8 and rgb.shape == (image.height, image.width, 3)
     np.testing.assert_array_equal(rgb, expected_rgb(image))
-
-
-@settings(max_examples=40, deadline=None)
-@given(image=pil_images())
-def test_the_twins_agree(image: Image.Image) -> None:
-    np.testing.assert_array_equal(minisam.image_io.read_image(image), convmae.image_io.read_image(image))
 
 
 def test_sixteen_bit_is_not_white(tmp_path: Path) -> None:
@@ -94,12 +86,12 @@ def test_sixteen_bit_is_not_white(tmp_path: Path) -> None:
     path = tmp_path / "grey16.png"
     Image.fromarray(np.full((4, 5), 32768, np.uint16)).save(path)
     assert Image.open(path).mode == "I;16"
-    np.testing.assert_array_equal(minisam.image_io.read_image(path), np.full((4, 5, 3), 128, np.uint8))
+    np.testing.assert_array_equal(read_image(path), np.full((4, 5, 3), 128, np.uint8))
 
 
 def test_large_image() -> None:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 65536, size=(3000, 4000), dtype=np.uint16))
-    rgb = minisam.image_io.read_image(image)
+    rgb = read_image(image)
     assert rgb.shape == (3000, 4000, 3)
     np.testing.assert_array_equal(rgb[::997, ::997, 1], expected_rgb(image)[::997, ::997, 1])
 
@@ -122,8 +114,8 @@ def test_files_read_like_their_images(tmp_path: Path, suffix: str, mode: str) ->
     image.save(path)
     with Image.open(path) as stored:
         expected = expected_rgb(stored)  # what the file holds after its own (lossy for JPEG) encoding
-    np.testing.assert_array_equal(minisam.image_io.read_image(path), expected)
-    np.testing.assert_array_equal(convmae.image_io.read_image(str(path)), expected)
+    np.testing.assert_array_equal(read_image(path), expected)
+    np.testing.assert_array_equal(read_image(str(path)), expected)
 
 
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
@@ -133,7 +125,7 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     path = tmp_path / "sideways.jpg"
     Image.fromarray(pixels).save(path, exif=exif, quality=100)
-    rgb = minisam.image_io.read_image(path)
+    rgb = read_image(path)
     assert rgb.shape == (40, 20, 3)  # shown upright: 20 wide, 40 tall
     assert rgb[:8].mean() > 200 and rgb[-8:].mean() < 50  # the band is now at the top
 
@@ -160,8 +152,6 @@ def bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
     empty.write_bytes(b"")
     bomb = folder / "bomb.png"
     bomb.write_bytes(a_png_header(30000, 30000))
-    nan = folder / "nan.tif"
-    Image.fromarray(np.array([[0.5, np.nan]], np.float32), mode="F").save(nan)
     (folder / "sub").mkdir()
     return {
         "missing": (folder / "missing.png", "no such file"),
@@ -170,16 +160,14 @@ def bad_files(folder: Path) -> dict[str, tuple[Path, str]]:
         "text": (text, "not an image"),
         "truncated": (truncated, "damaged or truncated"),
         "bomb": (bomb, "decompression bomb"),
-        "nan": (nan, "NaN"),
     }
 
 
-@pytest.mark.parametrize("reader", READERS, ids=["minisam", "convmae"])
-@pytest.mark.parametrize("case", ["missing", "folder", "empty", "text", "truncated", "bomb", "nan"])
-def test_bad_files_are_one_line_errors(tmp_path: Path, reader, case: str) -> None:
+@pytest.mark.parametrize("case", ["missing", "folder", "empty", "text", "truncated", "bomb"])
+def test_bad_files_are_one_line_errors(tmp_path: Path, case: str) -> None:
     path, fragment = bad_files(tmp_path)[case]
-    with pytest.raises(reader.ImageReadError) as error:
-        reader.read_image(path)
+    with pytest.raises(ImageReadError) as error:
+        read_image(path)
     message = str(error.value)
     assert str(path) in message and fragment in message and "\n" not in message
     assert isinstance(error.value, ValueError)
@@ -187,4 +175,18 @@ def test_bad_files_are_one_line_errors(tmp_path: Path, reader, case: str) -> Non
 
 def test_empty_pil_image_is_refused() -> None:
     with pytest.raises(ValueError, match="no pixels"):
-        minisam.image_io.read_image(Image.new("RGB", (0, 3)))
+        read_image(Image.new("RGB", (0, 3)))
+
+
+def test_float_nan_and_infinities_have_a_defined_picture(tmp_path: Path) -> None:
+    """NaN ("no data" in depth and float maps) is black, +-inf the ends of the stretched finite range."""
+    path = tmp_path / "nan.tif"
+    Image.fromarray(np.array([[0.5, np.nan, 2.5, np.inf, -np.inf]], np.float32), mode="F").save(path)
+    np.testing.assert_array_equal(read_image(path)[0, :, 0], [0, 0, 255, 255, 0])
+
+
+def test_florence_rule_composites_alpha_onto_white() -> None:
+    """The same reader with alpha="white": a transparent red pixel is white, an opaque one red; "drop" keeps red."""
+    image = Image.fromarray(np.array([[[255, 0, 0, 0], [255, 0, 0, 255]]], np.uint8), mode="RGBA")
+    np.testing.assert_array_equal(read_image(image, alpha="white")[0], [[255, 255, 255], [255, 0, 0]])
+    np.testing.assert_array_equal(read_image(image)[0], [[255, 0, 0], [255, 0, 0]])

@@ -30,6 +30,8 @@ ALLOWED = {
 }
 # The third-party packages the shared leaf may import (everything else it uses is the standard library).
 LEAF_THIRD_PARTY = {"torch", "numpy", "PIL", "safetensors"}
+# Optional extras ([onnx], [data]): the leaf may import them only inside the functions that need them.
+LEAF_OPTIONAL = {"onnx", "onnxruntime", "onnxscript", "pyarrow"}
 
 
 def module_files() -> dict[str, Path]:
@@ -173,20 +175,15 @@ def test_model_packages_mention_the_converter_only_in_prose() -> None:
                     assert not any(n.split(".")[0] == "weights_convert" for n in names), f"{path}: {ast.unparse(node)}"
 
 
-# Optional extras the leaf may import inside a function (with its one-line "pip install 'minivision[x]'" error).
-LEAF_OPTIONAL_EXTRAS = {"pyarrow"}
-
-
 def test_the_shared_leaf_imports_only_torch_numpy_pillow_safetensors_and_the_standard_library() -> None:
+    """...and, inside the functions that need them, the optional extras (onnx, pyarrow)."""
     found = []
     for path in sorted((ROOT / "minivision").rglob("*.py")):
         tree = ast.parse(path.read_text())
         in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
                         for n in ast.walk(f)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import) and id(node) in in_functions and \
-                    {a.name.split(".")[0] for a in node.names} <= LEAF_OPTIONAL_EXTRAS:
-                continue
+            allowed = LEAF_THIRD_PARTY | (LEAF_OPTIONAL if id(node) in in_functions else set())
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and not node.level:
@@ -195,6 +192,6 @@ def test_the_shared_leaf_imports_only_torch_numpy_pillow_safetensors_and_the_sta
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top != "minivision" and top not in LEAF_THIRD_PARTY and top not in sys.stdlib_module_names:
+                if top != "minivision" and top not in allowed and top not in sys.stdlib_module_names:
                     found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
     assert not found, found

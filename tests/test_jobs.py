@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from minivision.jobs import JobError, Journal, Shard, job_identity, parts_folder, todo
+from minivision.jobs import (
+    SKIPPED,
+    JobError,
+    Journal,
+    Shard,
+    batches,
+    finish,
+    job_identity,
+    parts_folder,
+    refuse_several_processes,
+    todo,
+)
 
 
 def test_shards_cover_every_input_once() -> None:
@@ -66,3 +77,31 @@ def test_wait_for_returns_when_every_input_is_journaled_and_remove_clears_it(tmp
     assert rank0.wait_for(2, poll_s=0.01) == {0: {"v": 0}, 1: {"v": 1}}
     rank0.remove()
     assert not parts_folder(out).exists()
+
+
+def test_a_lazy_journal_writes_nothing_before_its_first_record(tmp_path) -> None:
+    out = tmp_path / "new" / "results.jsonl"
+    journal = Journal(out, job_identity(["a", "b"], {}), Shard(), lazy=True)
+    assert list(todo(2, journal)) == [0, 1] and not (tmp_path / "new").exists()
+    journal.add(1, {"v": 1})
+    assert sorted(p.name for p in parts_folder(out).iterdir()) == ["job.json", "rank0.jsonl"]
+
+
+def test_finish_merges_in_input_order_without_the_skipped_and_removes_the_journal(tmp_path, capsys) -> None:
+    out = tmp_path / "results.jsonl"
+    ident = job_identity(["a", "b", "c"], {})
+    rank0, rank1 = Journal(out, ident, Shard(0, 2), lazy=True), Journal(out, ident, Shard(1, 2), lazy=True)
+    assert finish(rank1, 3, lambda records: pytest.fail("only rank 0 merges")) is False
+    rank1.add(1, {SKIPPED: True})
+    rank0.add(2, {"v": 2})
+    rank0.add(0, {"v": 0})
+    merged = []
+    assert finish(rank0, 3, merged.extend) is True
+    assert merged == [{"index": 0, "v": 0}, {"index": 2, "v": 2}] and not parts_folder(out).exists()
+
+
+def test_batches_and_refusing_several_processes() -> None:
+    assert list(batches(iter([0, 2, 4, 6, 8]), 2)) == [[0, 2], [4, 6], [8]]
+    refuse_several_processes(Shard(0, 1), "stdout")
+    with pytest.raises(JobError, match="WORLD_SIZE=2: give --out"):
+        refuse_several_processes(Shard(1, 2), "give --out")

@@ -29,9 +29,9 @@ from minisam import Sam, SamPredictor, tiny_config
 from minisam.__main__ import build_parser, main
 from minisam.automatic import AutomaticMaskGenerator
 from minisam.cli_io import join_negative_values
-from minisam.image_io import read_image
 from minisam.sam import load_sam
 from minivision.checkpoint import save_converted
+from minivision.images import read_image
 
 
 @pytest.fixture(scope="module")

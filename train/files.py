@@ -1,21 +1,18 @@
 """Files a run writes: atomically (a crash never leaves half a file), with the user's umask, and
 checkpoints read back without ever running code.
 
-- `atomic_file`: a temporary file in the same folder, flushed to disk, renamed over the target;
-  its permissions follow the umask like any `open()` (not `mkstemp`'s private 0600);
-  `remove_temp_files` deletes those a killed process left;
+- `atomic_file`: the project's one atomic writer, `minivision.files.atomic_file` (a temporary file
+  beside the target, flushed to disk, renamed over it; permissions follow the umask like any
+  `open()`); `remove_temp_files` deletes the temporaries a killed process left;
 - `save_checkpoint` / `load_checkpoint`: `torch.save` through `atomic_file`, and
   `torch.load(weights_only=True, map_location="cpu")` with one-line errors for a damaged file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
-import tempfile
-import typing
 import warnings
 import zipfile
 from pathlib import Path
@@ -24,50 +21,23 @@ from typing import Any
 import torch
 
 from minivision.checkpoint import CheckpointError
+from minivision.files import atomic_file, remove_stale_temps
 
-# A temporary file of ours: the final name + 8 characters of `tempfile.mkstemp` + ".tmp"
-# (`atomic_file` here; `minivision.checkpoint.atomic_write` names its own, for .safetensors).
+__all__ = ["atomic_file", "load_checkpoint", "remove_temp_files", "save_checkpoint"]
+
+# The temporary files of earlier versions' writes (the final name + 8 characters of `tempfile.mkstemp`
+# + ".tmp"); writes now go through `minivision.files` (`.NAME.minivision-PID-XXXXXXXX.tmp`).
 TEMP_NAME = re.compile(r".+\.(pt|safetensors|json|jsonl|png)[a-z0-9_]{8}\.tmp")
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> typing.Iterator[typing.BinaryIO]:
-    """A binary file that appears under `path` only once complete.
-
-    It is written to a temporary file in the same folder (`TEMP_NAME`), flushed to disk, then
-    renamed over `path`: `os.replace` is atomic, so `path` always holds the previous content or
-    the new one. An exception (Ctrl-C included) removes the temporary file; one left by a killed
-    process is removed at the next start (`remove_temp_files`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.chmod(fd, 0o666 & ~_umask())  # mkstemp makes it private (0600); outputs get what open() would give
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it: set back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files (`TEMP_NAME`) that killed writes left under `folder`; returns them."""
+    """Delete the temporary files that killed writes left under `folder` (minivision's whose process is
+    gone, and earlier versions' `TEMP_NAME`); returns them."""
     folder = Path(folder)
     found = [p for p in folder.rglob("*.tmp") if p.is_file() and TEMP_NAME.fullmatch(p.name)] if folder.is_dir() else []
     for path in found:
         path.unlink(missing_ok=True)
-    return found
+    return found + remove_stale_temps(folder, recursive=True)
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from minivision.checkpoint import FAMILIES, CheckpointError, read_converted, save_converted
+from minivision.checkpoint import FAMILIES, CheckpointError, read_converted, save_converted, save_file_atomic
 
 LORA_FORMAT = "minivision-lora"
 LORA_FORMAT_VERSION = "1"
@@ -289,15 +289,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora(path: str | os.PathLike, model: nn.Module, family: str, targets: str | Sequence[str]) -> None:
     """Write the adapters of `model` alone (a few MB) with `lora_metadata` to a .safetensors file."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = lora_metadata(model, family, targets)
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_file_atomic(path, tensors, metadata)  # minivision.files.atomic_write: fsync, rename, cleanup
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
-from minisam.image_io import ImageReadError, read_image
 from minivision.coco import CocoObject
+from minivision.images import ImageReadError, read_image
 from minivision.parquet import ParquetCell
 from train.parquet_data import open_image, read_groups
 from train.prompts import make_prompt
@@ -83,7 +83,7 @@ def read_rgb(record: ImageRecord) -> np.ndarray:
             with np.load(record.image) as data:
                 rgb = np.asarray(data["rgb"])
         else:
-            rgb = read_image(record.image)  # every PIL mode, EXIF orientation (minisam.image_io)
+            rgb = read_image(record.image)  # every PIL mode, EXIF orientation (minivision.images)
     except ImageReadError as e:
         raise BadSampleError(f"unreadable image: {e}") from e
     except Exception as e:  # numpy raises many types for damaged files

@@ -8,8 +8,11 @@
 This is where every file is read and written, and where the converter makes sure it can never
 lose anything: it refuses a destination that is its source (under any spelling, through links),
 an existing destination unless `--force`, and a destination whose suffix would mislead; it writes
-through a temporary file that is renamed into place only when complete (`checkpoint_format.atomic_write`),
-and removes the temporaries a killed run left. Every user error is one line on stderr, `error: ...`.
+through a temporary file that is renamed into place only when complete (`minivision.files.atomic_write`),
+and removes the temporaries a killed run left; a missing destination folder is created. A training
+run folder or its last.pt as SRC is answered with the file to use instead (its best.safetensors is
+already converted), and so is a file that is already converted. Every user error is one line on
+stderr, `error: ...`.
 
 The family modules (`sam.py`, `florence2.py`, `convmae.py`) work on dicts of tensors only:
     add_arguments(parser)                         the family's options, named as convert_tensors' keywords
@@ -31,21 +34,22 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from safetensors.torch import save_file
 
 from minivision.checkpoint import (
     CheckpointError,
-    atomic_write,
+    converted_family,
     read_converted,
-    read_model_folder,
     read_official,
-    remove_stale_temps,
+    resolve_weights,
     save_converted,
     save_file_atomic,
 )
+from minivision.cli import OneLineParser, UserError, check_creatable, run_command
+from minivision.files import atomic_write, remove_stale_temps
+from minivision.model_folder import read_model_folder
 from weights_convert import convmae, florence2, sam
 
 FAMILIES = {
@@ -57,18 +61,6 @@ COMMON = ("family", "src", "dst", "to_official", "to_hf", "force")  # the argume
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")  # what --to-official writes (torch.save, or safetensors)
 HF_WEIGHTS = "model.safetensors"  # the weights file of a folder --to-hf writes, and the JSON files it may write:
 HF_FILES = (HF_WEIGHTS, "config.json", "generation_config.json", "preprocessor_config.json")
-
-
-class UsageError(Exception):
-    """A command line that asks for something the converter refuses to do (the message says what is right)."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with its errors as one line on stderr (no usage block), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        sys.exit(2)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -104,46 +96,44 @@ def same_file(a: Path, b: Path) -> bool:
 
 def check_source(src: Path, want_file: bool) -> None:
     if not src.exists():
-        raise UsageError(f"{src}: no such file or folder")
+        raise UserError(f"{src}: no such file or folder")
     if want_file and not src.is_file():
-        raise UsageError(f"{src}: is not a file; give one of our converted .safetensors files")
+        raise UserError(f"{src}: is not a file; give one of our converted .safetensors files")
 
 
 def check_file_destination(dst: Path, sources: list[Path], force: bool, to_official: bool) -> None:
     """Refuse a destination that is a source, exists (without --force), or whose name says another format."""
     if any(same_file(dst, s) for s in sources):
-        raise UsageError(f"{dst}: is the source; write the result to another file")
+        raise UserError(f"{dst}: is the source; write the result to another file")
     if to_official and dst.suffix not in OFFICIAL_SUFFIXES:
-        raise UsageError(
+        raise UserError(
             f"{dst}: --to-official writes {', '.join(OFFICIAL_SUFFIXES[:3])} (torch.save) or .safetensors; "
             f"name the output with one of those suffixes"
         )
     if not to_official and dst.suffix != ".safetensors":
-        raise UsageError(
+        raise UserError(
             f"{dst}: a converted file is a safetensors file; name it {dst.stem}.safetensors "
             f"(--to-official writes the official .pth layout)"
         )
     if dst.is_dir():
-        raise UsageError(f"{dst}: is a folder; give a file name")
-    if not dst.parent.is_dir():
-        raise UsageError(f"{dst}: the folder {dst.parent} does not exist; create it first")
+        raise UserError(f"{dst}: is a folder; give a file name")
+    check_creatable(str(dst), dst.parent)
     if dst.exists() and not force:
-        raise UsageError(f"{dst}: exists; pass --force to replace it")
+        raise UserError(f"{dst}: exists; pass --force to replace it")
 
 
 def check_folder_destination(out: Path, src: Path, names: list[str], force: bool) -> None:
     """Refuse an output folder that is a file, holds the source under a name we write, or (without --force)
     holds anything at all."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: is a file; --to-hf writes a folder")
-    if not out.parent.is_dir():
-        raise UsageError(f"{out}: the folder {out.parent} does not exist; create it first")
+        raise UserError(f"{out}: is a file; --to-hf writes a folder")
+    check_creatable(str(out), out.parent)
     if any(same_file(out / name, src) for name in names):
-        raise UsageError(
+        raise UserError(
             f"{out}: writing {', '.join(names)} there would replace the source {src}; choose another folder"
         )
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(
+        raise UserError(
             f"{out}: exists and is not empty; pass --force to write the model's files into it "
             f"({', '.join(names)}; its other files stay)"
         )
@@ -159,10 +149,10 @@ def read_source(family: str, src: Path, options: dict) -> tuple[dict[str, torch.
         return read_official(src), options
     module = FAMILIES[family][0]
     if not hasattr(module, "config_from_hf"):
-        raise UsageError(f"{src}: is a folder; {family} checkpoints are single files, give the file")
+        raise UserError(f"{src}: is a folder; {family} checkpoints are single files, give the file")
     given = [f"--{k.replace('_', '-')}" for k in ("variant", "config") if options.get(k) is not None]
     if given:
-        raise UsageError(
+        raise UserError(
             f"{src}: the model folder's config.json gives the model's config; leave out {', '.join(given)}"
         )
     jsons, tensors, _ = read_model_folder(src)
@@ -175,7 +165,12 @@ def read_source(family: str, src: Path, options: dict) -> tuple[dict[str, torch.
 
 def convert(family: str, src: Path, dst: Path, options: dict, force: bool) -> str:
     """Official `src` (a file or a model folder) -> our `dst`; returns the report."""
+    src = resolve_weights(src, quiet=True)  # a run's last.pt: the error names its .safetensors
     check_source(src, want_file=False)
+    found = converted_family(src)
+    if found is not None:
+        raise UserError(f"{src}: is already converted (a {found} checkpoint of this project); load it as it is, "
+                        f"or convert it back with --to-official")
     sources = [src] + ([p for p in src.iterdir() if p.is_file()] if src.is_dir() else [])
     check_file_destination(dst, sources, force, to_official=False)
     remove_stale_temps(dst.parent)
@@ -191,6 +186,7 @@ def convert(family: str, src: Path, dst: Path, options: dict, force: bool) -> st
 
 def export_official(family: str, src: Path, dst: Path, force: bool) -> str:
     """Our `src` -> the official layout in `dst` (torch.save, or safetensors by the suffix); returns the report."""
+    src = resolve_weights(src)  # a run folder: its best.safetensors
     check_source(src, want_file=True)
     check_file_destination(dst, [src], force, to_official=True)
     remove_stale_temps(dst.parent)
@@ -214,6 +210,7 @@ def export_hf(family: str, src: Path, out: Path, force: bool) -> str:
     A new (or empty) folder is built beside `out` under a temporary name and renamed into place
     whole; with --force, each file goes into the existing folder atomically and its other files stay.
     """
+    src = resolve_weights(src)  # a run folder: its best.safetensors
     check_source(src, want_file=True)
     module = FAMILIES[family][0]
     check_folder_destination(out, src, list(HF_FILES), force)
@@ -271,24 +268,18 @@ def main(argv: list[str] | None = None) -> int:
                 + ", ".join("--" + k.replace("_", "-") for k in given)
             )
     src = Path(args.src)
-    try:
+
+    def run() -> None:
         if args.to_official:
             dst, report = args.dst, export_official(args.family, src, Path(args.dst), args.force)
         elif to_hf:
             dst, report = to_hf, export_hf(args.family, src, Path(to_hf), args.force)
         else:
             dst, report = args.dst, convert(args.family, src, Path(args.dst), options, args.force)
-    except (CheckpointError, UsageError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
-    except OSError as e:  # permissions, a full disk, a vanished file: the environment's answer, in one line
-        print(f"error: {e.filename or args.dst or to_hf}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"error: interrupted; {args.dst or to_hf} was not written and the source is untouched", file=sys.stderr)
-        return 130
-    print(f"wrote {dst}: {report}")
-    return 0
+        print(f"wrote {dst}: {report}")
+
+    interrupted = f"error: interrupted; {args.dst or to_hf} was not written and the source is untouched"
+    return run_command(run, interrupted, out_of_memory="the conversion runs on the CPU; free some memory")
 
 
 if __name__ == "__main__":
