@@ -26,6 +26,7 @@ from miniflorence import app as florence_app
 from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minisam import app as sam_app
 from minivision.checkpoint import save_converted
+from minivision.images import read_image
 from minivision.server import STATIC_DIR
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -87,7 +88,7 @@ def expected(predictor: minisam.SamPredictor, points: list, box: list | None) ->
 def test_sam_page(browser, artifacts: Path, tmp_path: Path) -> None:
     model = tiny_sam()
     predictor = minisam.SamPredictor(model)
-    predictor.set_image(minisam.image_io.read_image(PHOTO))
+    predictor.set_image(read_image(PHOTO))
     app = sam_app.build_app(model, name="tiny seeded SAM (test)", points_per_side=4, pred_iou_thresh=0.0,
                             stability_score_thresh=0.0, box_nms_thresh=1.0)  # an untrained model: keep every mask
     errors: list[str] = []

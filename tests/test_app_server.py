@@ -28,6 +28,7 @@ from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minisam import app as sam_app
 from minisam.masks import coco_decode_rle, rle_to_mask
 from minivision.checkpoint import save_converted
+from minivision.images import read_image
 from minivision.server import STATIC_DIR
 
 PHOTOS = STATIC_DIR / "photos"
@@ -65,7 +66,7 @@ def sam_server(sam_model: minisam.Sam):
 
 def expected_masks(model: minisam.Sam, image: Path, points: list, box: list | None = None) -> tuple:
     predictor = minisam.SamPredictor(model)
-    predictor.set_image(minisam.image_io.read_image(image))
+    predictor.set_image(read_image(image))
     coords = np.array([p[:2] for p in points], dtype=np.float64) if points else None
     labels = np.array([p[2] for p in points]) if points else None
     return predictor.predict(coords, labels, None if box is None else np.array(box), multimask_output=True)
