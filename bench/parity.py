@@ -8,14 +8,14 @@ Measured on 2 shared CPU cores (load 10-17): 27 min in full (19 of them SAM vit_
 
 What each family is compared against (the same pairs the tests build, with the tests' own helpers):
 - SAM: the official `segment_anything` model with seeded random weights (tests/reference/official.py),
-  converted in memory by `weights_convert.sam` (tests/sam_utils.py `to_minisam`), minisam's default settings
+  converted in memory by `weights_convert.sam` (tests/helpers/sam.py `to_minisam`), minisam's default settings
   (fused attention). Per real photo (the SAM demo images): the image embedding of both predictors, the
-  prompt encoder and mask decoder on the tests' four prompt sets (tests/test_sam_model.py `prompt_sets`), and
-  the predictors' masks on the tests' six prompts (tests/test_sam_predictor.py `prompts_for`); the automatic
+  prompt encoder and mask decoder on the tests' four prompt sets (tests/helpers/sam.py `prompt_sets`), and
+  the predictors' masks on the tests' six prompts (tests/helpers/sam.py `prompts_for`); the automatic
   mask generator on dogs.jpg with the tests' lowered filters (random weights predict low IoUs).
 - Florence-2: transformers' native `Florence2ForConditionalGeneration` with seeded weights, EOS-steered as in
-  tests/test_florence_generation.py `native_pair`, converted by `weights_convert.florence2`; stage outputs
-  as tests/test_florence_model.py `compare`; token ids of our `generate` and the native `generate`.
+  tests/helpers/florence.py `native_pair`, converted by `weights_convert.florence2`; stage outputs
+  as tests/helpers/florence.py `compare`; token ids of our `generate` and the native `generate`.
   Real weights: DaViT stage 0 of the Florence-2-base partial export against `ref_car224_stage0.npz`, and the
   real tensors' placement after conversion (tests/test_florence_real_weights.py).
 - ConvMAE: the official outputs stored in tests/fixtures/convmae (PROVENANCE.md), each fixture converted by
@@ -102,9 +102,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def sam_rows(variant: str, size: int, photos: list[str], automatic: bool) -> None:
-    from sam_utils import to_minisam
-    from test_sam_model import prompt_sets
-    from test_sam_predictor import load_image, prompts_for
+    from helpers.sam import load_image, prompt_sets, prompts_for, to_minisam
 
     from minisam.predictor import SamPredictor
 
@@ -166,8 +164,7 @@ def sam_rows(variant: str, size: int, photos: list[str], automatic: bool) -> Non
 def automatic_rows(
     name: str, sa: object, theirs_model: torch.nn.Module, ours_model: torch.nn.Module, size: int
 ) -> None:
-    from test_sam_automatic import LOW_FILTERS
-    from test_sam_predictor import load_image
+    from helpers.sam import LOW_FILTERS, load_image
 
     from minisam.automatic import AutomaticMaskGenerator
 
@@ -195,15 +192,16 @@ def automatic_rows(
 
 @torch.no_grad()
 def florence_rows(config_name: str, compare_size: int, generate_size: int, batches: int, new_tokens: int) -> None:
-    from florence_utils import native_input_ids
-    from test_florence_generation import (
+    from helpers.florence import (
         PAD,
+        batch,
+        compare,
         hf_kwargs,
         image_prompts,
+        native_input_ids,
         native_pair,
         set_eos_bias,
     )
-    from test_florence_model import batch, compare
 
     from miniflorence import CONFIGS, tiny_config
     from miniflorence.generation import GenerationOptions, generate
@@ -244,7 +242,7 @@ def florence_rows(config_name: str, compare_size: int, generate_size: int, batch
 
 @torch.no_grad()
 def florence_real_weight_rows() -> None:
-    from test_florence_real_weights import real_stage0, real_tensors, stage0
+    from helpers.florence import real_stage0, real_tensors, stage0
     from transformers.models.florence2.modeling_florence2 import Florence2VisionBackbone
 
     from miniflorence import CONFIGS, Florence2Config
@@ -292,7 +290,7 @@ def florence_real_weight_rows() -> None:
 
 @torch.no_grad()
 def convmae_rows() -> None:
-    from test_convmae_parity import convert_fixture
+    from helpers.convmae import convert_fixture
 
     import convmae
 
@@ -347,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                              "at 256), no vit_l / vit_h, shorter Florence-2-base generation")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    from florence_utils import single_thread
+    from helpers.threads import single_thread
 
     start, sections = time.perf_counter(), []
 

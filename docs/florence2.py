@@ -24,11 +24,11 @@ from miniflorence.generation import GenerationOptions
 from miniflorence.model import Florence2
 from miniflorence.postprocess import quantize
 from miniflorence.processor import Processor, preprocess_image
-from miniflorence.tokenizer import Tokenizer
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer
 
 VOC = ROOT / "tests" / "assets" / "images" / "voc"
 IMAGE = VOC / "voc_rgb.jpg"
-TOKENIZER = ROOT / "tests" / "assets" / "tokenizer" / "florence2"
+TOKENIZER = DEFAULT_TOKENIZER_DIR  # package data of miniflorence
 TASKS = ("<CAPTION>", "<OD>")
 SMALL_SIZE = 192  # the seeded DaViT stage that draws the dual-attention picture
 SEED = 0

@@ -22,15 +22,14 @@ from safetensors import safe_open
 from docs import draw
 from docs import florence2 as florence2_page
 from docs import sam as sam_page
-from docs.walk import ROOT
 from miniflorence.model import image_grid, load_florence2
 from miniflorence.processor import Processor
-from miniflorence.tokenizer import Tokenizer
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer
 from minisam.sam import load_sam
 from minisam.transforms import ResizeLongestSide
 from minivision import checkpoint
 
-TOKENIZER = ROOT / "tests" / "assets" / "tokenizer" / "florence2"
+TOKENIZER = DEFAULT_TOKENIZER_DIR  # package data of miniflorence
 TILE = 128
 
 

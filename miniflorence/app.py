@@ -26,14 +26,16 @@ import time
 import torch
 from PIL import Image
 
-from miniflorence.__main__ import CliError, OneLineParser, check_task_text, post_process, strip_padding
+from miniflorence.__main__ import post_process, strip_padding
 from miniflorence.config import CONFIGS, tiny_config
 from miniflorence.images import ImageError, read_image
 from miniflorence.model import Florence2, load_florence2
 from miniflorence.processor import TASK_PROMPTS, Processor, any_task_prompt, check_tokenizer
+from miniflorence.requests import check_task_text
 from miniflorence.tokenizer import Tokenizer
 from minivision import server
 from minivision.checkpoint import CheckpointError, resolve_weights
+from minivision.cli import OneLineParser, UserError
 from minivision.server import App, HttpError, Request, Response, Sessions, field_of, json_response
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -72,7 +74,7 @@ class FlorenceService:
         text = text if (text and text.strip()) or task not in TASK_PROMPTS else None  # an empty box = no text
         try:
             check_task_text(task, text, "the task")
-        except CliError as e:
+        except UserError as e:
             raise HttpError(400, str(e)) from None
         tokenizer = self.processor.tokenizer
         prompts = tokenizer([any_task_prompt(task, text)])  # (1, T) ids and mask, as the command line builds them

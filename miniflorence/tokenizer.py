@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 BOS, PAD, EOS, UNK, MASK = "<s>", "<pad>", "</s>", "<unk>", "<mask>"
+# The real Florence-2 tokenizer files (MIT), shipped as package data: miniflorence/assets/ATTRIBUTION.md.
+DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 # transformers' `clean_up_tokenization`, applied in this order.
 CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]

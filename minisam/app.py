@@ -35,14 +35,14 @@ import numpy as np
 import torch
 
 from minisam.automatic import AutomaticMaskGenerator
-from minisam.cli_io import OneLineParser
 from minisam.config import CONFIGS, tiny_config
-from minisam.image_io import ImageReadError, read_image
 from minisam.masks import coco_encode_rle, mask_to_rle
 from minisam.predictor import ImageEmbedding, SamPredictor
 from minisam.sam import Sam, compile_sam, load_sam
 from minivision import server
 from minivision.checkpoint import CheckpointError, resolve_weights
+from minivision.cli import OneLineParser
+from minivision.images import ImageReadError, read_image
 from minivision.server import App, HttpError, Request, Response, Sessions, json_response
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

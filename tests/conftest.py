@@ -1,35 +1,51 @@
-"""Shared test set-up: where the committed test data is, and `tests/reference` (the official models) on sys.path.
+"""Shared test set-up: `tests/reference` (the official models) on sys.path, and the fixtures every file shares.
 
-Everything the tests read is committed: `tests/assets` (copies of the permissively licensed files of the
-project's shared data, listed with their licences in `tests/assets/ATTRIBUTION.md` and their hashes in
-`tests/assets/SHA256SUMS`) and `tests/fixtures` (reference tensors from the official code). A missing file is a
-failure, never a skip.
+- every test runs on one intra-op thread (`one_thread`, autouse): the models are small, and on a small
+  shared CPU two OpenMP threads that wait on each other make them up to ~100x slower (files of full-width
+  models opt out with `pytestmark = pytest.mark.all_threads`);
+- `sam_train_setup`: synthetic shapes and a seeded tiny SAM checkpoint (`helpers.sam.TINY_SAM`, the one tiny
+  SAM config of the training and LoRA tests), what train.sam's tests start from.
+
+Helpers (paths of the committed data, CLI runs, folder snapshots, official models) are in `tests/helpers/`.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+import torch
+from helpers.paths import REFERENCE
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = Path(__file__).resolve().parent / "assets"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-REFERENCE = Path(__file__).resolve().parent / "reference"
 if str(REFERENCE) not in sys.path:
     sys.path.insert(0, str(REFERENCE))
 
+from helpers.sam import TINY_SAM  # imports tests/reference/official.py
+from helpers.threads import single_thread
 
-def asset_path(*parts: str) -> Path:
-    """A committed file or folder under tests/assets; its absence fails the test (the checkout is incomplete)."""
-    path = ASSETS.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(f"{path} is missing: tests/assets is part of the repository (see tests/assets/SHA256SUMS)")
-    return path
+import minisam
+from minivision.checkpoint import save_converted
+from train.synthetic import synthetic_shapes
 
 
-def needs_reference(module: str) -> ModuleType:
-    """Import an official implementation the test compares against, or skip naming the extra that installs it."""
-    return pytest.importorskip(module, reason=f"{module} is a test reference: pip install -e '.[reference]'")
+@pytest.fixture(autouse=True)
+def one_thread(request: pytest.FixtureRequest):
+    """Every test on one intra-op thread (the previous setting is restored afterwards), except in files marked
+    `all_threads`: the full-width models (vit_b/l/h, at parity sizes), whose large matmuls use every core."""
+    if request.node.get_closest_marker("all_threads"):
+        yield
+        return
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def sam_train_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(12 synthetic shape images with masks, a seeded tiny SAM checkpoint in the converted format)."""
+    root = tmp_path_factory.mktemp("sam_train")
+    data = synthetic_shapes(root / "data", 12, seed=0, size=(48, 36))
+    torch.manual_seed(0)
+    start = root / "start.safetensors"
+    save_converted(start, minisam.Sam(TINY_SAM).state_dict(), "sam", TINY_SAM.to_dict())
+    return data, start

@@ -16,16 +16,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from app_utils import serving, tiny_sam
-from cli_utils import run_module
-from conftest import asset_path
+from helpers.app import serving, tiny_sam
+from helpers.cli import run_module
 from PIL import Image
 
 import minisam
 from miniflorence import Florence2, Tokenizer, load_florence2, tiny_config
 from miniflorence import app as florence_app
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minisam import app as sam_app
 from minivision.checkpoint import save_converted
+from minivision.images import read_image
 from minivision.server import STATIC_DIR
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -85,10 +86,9 @@ def expected(predictor: minisam.SamPredictor, points: list, box: list | None) ->
 
 
 def test_sam_page(browser, artifacts: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     model = tiny_sam()
     predictor = minisam.SamPredictor(model)
-    predictor.set_image(minisam.image_io.read_image(PHOTO))
+    predictor.set_image(read_image(PHOTO))
     app = sam_app.build_app(model, name="tiny seeded SAM (test)", points_per_side=4, pred_iou_thresh=0.0,
                             stability_score_thresh=0.0, box_nms_thresh=1.0)  # an untrained model: keep every mask
     errors: list[str] = []
@@ -195,7 +195,7 @@ def test_sam_page(browser, artifacts: Path, tmp_path: Path) -> None:
 def boxy_florence(path: Path) -> None:
     """A tiny seeded Florence-2 whose answers are mostly <loc_k> tokens (its final_logits_bias favours them),
     so that <OD> yields boxes to draw; written as weights_convert writes files."""
-    tokenizer = Tokenizer.from_dir(asset_path("tokenizer", "florence2"))
+    tokenizer = Tokenizer.from_dir(DEFAULT_TOKENIZER_DIR)
     torch.manual_seed(0)
     model = Florence2(tiny_config()).eval()
     locs = [tokenizer.encode(f"<loc_{k}>", add_special_tokens=False)[0] for k in range(1000)]
@@ -206,10 +206,9 @@ def boxy_florence(path: Path) -> None:
 
 
 def test_florence_page_draws_the_command_lines_boxes(browser, artifacts: Path, tmp_path: Path) -> None:
-    torch.set_num_threads(1)
     checkpoint = tmp_path / "boxy.safetensors"
     boxy_florence(checkpoint)
-    tokenizer_dir = asset_path("tokenizer", "florence2")
+    tokenizer_dir = DEFAULT_TOKENIZER_DIR
     cli = run_module("miniflorence", checkpoint, tokenizer_dir, PHOTO, "--task", "<OD>", "--max-new-tokens", "30")
     assert cli.returncode == 0, cli.stderr
     want = json.loads(cli.stdout)["<OD>"]
@@ -230,7 +229,7 @@ def test_florence_page_draws_the_command_lines_boxes(browser, artifacts: Path, t
         page.click("#run")
         page.wait_for_function("() => window.mv.drawn !== null", timeout=120_000)
         drawn = page.evaluate("() => window.mv.drawn.boxes")
-        assert drawn == [[*b, label] for b, label in zip(want["bboxes"], want["labels"])]
+        assert drawn == [[*b, label] for b, label in zip(want["bboxes"], want["labels"], strict=True)]
         page.screenshot(path=artifacts / "florence_1_od.png")
 
         # a task that needs text, run without it: one message

@@ -15,19 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from app_utils import check_error_line, raw_get, request, serving, tiny_sam
-from cli_utils import assert_one_line_error, run_module
-from conftest import ROOT, asset_path
-from florence_utils import save_tiny_checkpoint
+from helpers.app import check_error_line, raw_get, request, serving, tiny_sam
+from helpers.cli import assert_one_line_error, run_module
+from helpers.florence import save_tiny_checkpoint
+from helpers.paths import ROOT
 from PIL import Image
 
 import minisam
 from miniflorence import Tokenizer, load_florence2
 from miniflorence import app as florence_app
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minisam import app as sam_app
 from minisam.masks import coco_decode_rle, rle_to_mask
 from minivision.checkpoint import save_converted
+from minivision.images import read_image
 from minivision.server import STATIC_DIR
 
 PHOTOS = STATIC_DIR / "photos"
@@ -53,7 +54,6 @@ def upload(base: str, path: Path, family: str = "sam") -> str:
 
 @pytest.fixture(scope="module")
 def sam_model() -> minisam.Sam:
-    torch.set_num_threads(1)
     return tiny_sam()
 
 
@@ -66,7 +66,7 @@ def sam_server(sam_model: minisam.Sam):
 
 def expected_masks(model: minisam.Sam, image: Path, points: list, box: list | None = None) -> tuple:
     predictor = minisam.SamPredictor(model)
-    predictor.set_image(minisam.image_io.read_image(image))
+    predictor.set_image(read_image(image))
     coords = np.array([p[:2] for p in points], dtype=np.float64) if points else None
     labels = np.array([p[2] for p in points]) if points else None
     return predictor.predict(coords, labels, None if box is None else np.array(box), multimask_output=True)
@@ -210,7 +210,7 @@ def test_two_clients_at_once(sam_server, sam_model: minisam.Sam) -> None:
         t.join(timeout=300)
     assert not errors, errors
     for name, answers in results.items():
-        for x, (status, value) in zip((100, 300, 500), answers):
+        for x, (status, value) in zip((100, 300, 500), answers, strict=True):
             assert status == 200, value
             masks, _, _ = expected_masks(sam_model, jobs[name], [[x, 150, 1]])
             np.testing.assert_array_equal(rle_to_mask(value["masks"][0]), masks[0])
@@ -234,7 +234,7 @@ def test_an_internal_error_is_one_line_and_the_server_survives(sam_server, monke
 def test_florence_runs_a_task_and_refuses_bad_ones(tmp_path: Path) -> None:
     checkpoint = tmp_path / "tiny.safetensors"
     save_tiny_checkpoint(checkpoint)
-    tokenizer = Tokenizer.from_dir(asset_path("tokenizer", "florence2"))
+    tokenizer = Tokenizer.from_dir(DEFAULT_TOKENIZER_DIR)
     model = load_florence2(checkpoint)
     app = florence_app.build_app(model, tokenizer, max_new_tokens=20)
     with serving(app) as base:
@@ -276,7 +276,7 @@ def test_the_command_prints_its_url_and_refuses_bad_settings_in_one_line(tmp_pat
         ("minisam.app", [], "give CHECKPOINT or --random"),
         ("minisam.app", [tmp_path / "missing.safetensors"], "missing.safetensors"),
         ("minisam.app", ["--random", "tiny", "--device", "nope"], "nope"),
-        ("miniflorence.app", [tmp_path / "missing.safetensors", asset_path("tokenizer", "florence2")], "missing"),
+        ("miniflorence.app", [tmp_path / "missing.safetensors", DEFAULT_TOKENIZER_DIR], "missing"),
         ("miniflorence.app", ["--random", "tiny", tmp_path], "TOKENIZER_DIR"),
     ]:
         result = run_module(module, *args, "--port", "0", timeout=120)

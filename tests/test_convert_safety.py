@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.cli import snapshot
 from official import fill_sam_random
 
 import convmae
@@ -58,18 +58,6 @@ def work(tmp_path: Path, small_state, monkeypatch) -> Path:
     return tmp_path
 
 
-def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
-    """Every file and folder under `folder` (hidden ones too): relative name -> (mtime_ns, sha256 or 'dir')."""
-    state = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_dir():
-            state[str(path.relative_to(folder))] = (path.stat().st_mtime_ns, "dir")
-        else:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "dangling link"
-            state[str(path.relative_to(folder))] = (path.lstat().st_mtime_ns, digest)
-    return state
-
-
 def cli(args: list[str], how: str) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of `python -m weights_convert ARGS` in the current directory."""
     if how == "subprocess":
@@ -88,7 +76,7 @@ def cli(args: list[str], how: str) -> tuple[int, str, str]:
 
 def expect_refusal(args: list[str], how: str, folder: Path, names: str, *, code: int | None = None) -> str:
     """Run a command that must be refused; returns its one line of stderr."""
-    before = snapshot(folder)
+    before = snapshot(folder, folder_times=True)
     status, out, err = cli(args, how)
     assert status != 0 and (code is None or status == code), (status, out, err)
     assert "Traceback" not in out + err, err
@@ -96,7 +84,7 @@ def expect_refusal(args: list[str], how: str, folder: Path, names: str, *, code:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert names in lines[0], f"{names!r} not named in: {lines[0]}"
     assert "weights_only=False" not in err
-    assert snapshot(folder) == before, "the refused command changed the folder"
+    assert snapshot(folder, folder_times=True) == before, "the refused command changed the folder"
     return lines[0]
 
 
@@ -144,10 +132,10 @@ def test_existing_dst_needs_force(work: Path, how: str) -> None:
     (work / "out.safetensors").write_bytes(b"precious")
     line = expect_refusal(["sam", "model.pth", "out.safetensors", *CONFIG], how, work, "out.safetensors")
     assert "--force" in line
-    before = snapshot(work)
+    before = snapshot(work, folder_times=True)
     status, _, err = cli(["sam", "model.pth", "out.safetensors", *CONFIG, "--force"], how)
     assert status == 0, err
-    after = snapshot(work)
+    after = snapshot(work, folder_times=True)
     assert {k: v for k, v in after.items() if k != "out.safetensors"} == {k: v for k, v in before.items()
                                                                           if k != "out.safetensors"}
     assert minisam.load_sam(work / "out.safetensors").config == SMALL
@@ -168,10 +156,10 @@ def test_dst_suffix_says_what_is_right(work: Path, how: str) -> None:
 
 
 def test_to_official_writes_only_its_output(work: Path) -> None:
-    before = snapshot(work)
+    before = snapshot(work, folder_times=True)
     status, _, err = cli(["sam", "ours.safetensors", "back.pth", "--to-official"], "in_process")
     assert status == 0, err
-    after = snapshot(work)
+    after = snapshot(work, folder_times=True)
     assert set(after) - set(before) == {"back.pth"} and all(after[k] == before[k] for k in before)
 
 
@@ -318,10 +306,10 @@ def test_failed_write_leaves_old_content_and_no_temporary(work: Path, monkeypatc
 
     (work / "out.safetensors").write_bytes(b"old")
     monkeypatch.setattr(checkpoint_format, "save_file", failing_save_file(OSError(28, "No space left on device")))
-    before = snapshot(work)
+    before = snapshot(work, folder_times=True)
     status, _, err = cli(["sam", "model.pth", "out.safetensors", *CONFIG, "--force"], "in_process")
     assert status == 1 and "No space left on device" in err and len(err.strip().splitlines()) == 1
-    assert snapshot(work) == before
+    assert snapshot(work, folder_times=True) == before
 
 
 def test_ctrl_c_during_the_write_leaves_old_content_and_no_temporary(work: Path, monkeypatch) -> None:
@@ -329,10 +317,10 @@ def test_ctrl_c_during_the_write_leaves_old_content_and_no_temporary(work: Path,
 
     (work / "out.safetensors").write_bytes(b"old")
     monkeypatch.setattr(checkpoint_format, "save_file", failing_save_file(KeyboardInterrupt()))
-    before = snapshot(work)
+    before = snapshot(work, folder_times=True)
     status, _, err = cli(["sam", "model.pth", "out.safetensors", *CONFIG, "--force"], "in_process")
     assert status == 130 and "interrupted" in err and len(err.strip().splitlines()) == 1
-    assert snapshot(work) == before
+    assert snapshot(work, folder_times=True) == before
 
 
 def dead_pid() -> int:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_utils import assert_one_line_error, run_module, snapshot
-from conftest import asset_path
+from helpers.cli import assert_one_line_error, run_module, snapshot
+from helpers.paths import asset_path
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -95,7 +95,7 @@ def test_top_k_classes(work: Path, capsys, monkeypatch) -> None:
     with torch.no_grad():
         probabilities = model(batch([work / "a.png", work / "b.jpg"])).softmax(-1)
     lines = out.strip().splitlines()
-    for line, p in zip(lines, probabilities):
+    for line, p in zip(lines, probabilities, strict=True):
         best = p.argsort(descending=True)[:5].tolist()
         assert [part.split()[1] for part in line.split(": ", 1)[1].split("  ")] == [CLASSES[i] for i in best]
         assert f"{p[best[0]]:.3f}" in line
@@ -142,7 +142,11 @@ def test_reconstruction_rows_equal_one_image_runs(work: Path, capsys, monkeypatc
         row = both.shape[0] - singles[0].shape[0]  # one more row of (name band, cells, gap)
         top = 20  # the column titles
         for i, single in enumerate(singles):
-            np.testing.assert_array_equal(both[top + i * row : top + (i + 1) * row], single[top : top + row])
+            # The rows are 8-bit pictures of float32 reconstructions. A batch of two runs other kernels
+            # than one image (other summation orders: differences of a few float32 ulps), which can
+            # move a value across a rounding boundary of the 256 levels: one step, never more.
+            rows = both[top + i * row : top + (i + 1) * row].astype(np.int16)
+            assert np.abs(rows - single[top : top + row].astype(np.int16)).max() <= 1, (kind, i)
 
 
 def test_reconstruction_keeps_the_visible_patches_and_borrows_statistics_only_for_norm_pix(files: Path) -> None:

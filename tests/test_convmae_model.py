@@ -157,7 +157,7 @@ def test_noise_makes_masking_deterministic() -> None:
     imgs, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 16)
     with torch.no_grad():
         first, second = model(imgs, 0.75, noise), model(imgs, 0.75, noise.clone())
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
 @pytest.mark.parametrize("cls", [convmae.ConvMAE, convmae.FastConvMAE])

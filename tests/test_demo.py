@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.paths import ROOT
 from PIL import Image
 
-from tests.conftest import ROOT
 from train import demo, pictures, report
 from train.demo_jobs import (
     JobResult,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers.paths import ROOT
 from PIL import Image
 
 if str(ROOT) not in sys.path:  # `docs` is the repository's folder, not an installed package
@@ -98,7 +98,7 @@ def test_every_link_names_the_object_at_that_line() -> None:
 
 
 def test_walkthroughs_cover_every_file_of_the_model_packages() -> None:
-    for page, package in zip(PAGES, ("minisam", "miniflorence", "convmae")):
+    for page, package in zip(PAGES, ("minisam", "miniflorence", "convmae"), strict=True):
         text = (DOCS / page).read_text(encoding="utf-8")
         for path in sorted((ROOT / package).glob("*.py")):
             assert f"(../{package}/{path.name})" in text, f"{page} does not mention {package}/{path.name}"

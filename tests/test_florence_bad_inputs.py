@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, asset_path
-from florence_utils import save_tiny_checkpoint, single_thread, snapshot
+from helpers.cli import snapshot
+from helpers.florence import save_tiny_checkpoint
+from helpers.paths import ROOT, asset_path
 from PIL import Image
 from test_florence_read_image import unreadable_files
 
@@ -25,16 +26,11 @@ from miniflorence import Processor, Tokenizer, tiny_config
 from miniflorence.__main__ import main
 from miniflorence.model import check_generate_inputs
 from miniflorence.processor import any_task_prompt, check_task, check_tokenizer
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minivision.checkpoint import save_converted
 from train.tiny_tokenizer import write_tiny_tokenizer
 
 SIZE = 96  # tiny models read 96x96 images: 10 image tokens
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +42,7 @@ def work(tmp_path_factory) -> Path:
     save_tiny_checkpoint(work / "small_vocab.safetensors", image_size=SIZE, vocab_size=300)
     save_converted(work / "sam.safetensors", {"x": torch.zeros(1)}, "sam", {})
     (work / "official.pth").write_bytes(b"not converted")
-    shutil.copytree(asset_path("tokenizer", "florence2"), work / "tokenizer")
+    shutil.copytree(DEFAULT_TOKENIZER_DIR, work / "tokenizer")
     write_tiny_tokenizer(["What is the total?"], work / "tiny_tokenizer")
     swapped = work / "swapped_tokenizer"  # <pad> and </s> exchanged: fits the table, not the model
     shutil.copytree(work / "tokenizer", swapped)

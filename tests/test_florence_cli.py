@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, asset_path
-from florence_utils import save_tiny_checkpoint, single_thread, snapshot
+from helpers.cli import snapshot
+from helpers.florence import save_tiny_checkpoint
+from helpers.paths import ROOT, asset_path
 from PIL import Image
 
 from miniflorence import (
@@ -26,24 +27,19 @@ from miniflorence import (
 )
 from miniflorence.__main__ import draw_results, main
 from miniflorence.processor import TASK_PROMPTS, any_task_prompt
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minivision.checkpoint import save_converted
 from train.florence2_data import parse_line, prompt_text
 
-TOKENIZER = ("tokenizer", "florence2")
+TOKENIZER = DEFAULT_TOKENIZER_DIR  # package data
 CAR = ("images", "sam", "truck.jpg")  # a photo with a car in it (Apache-2.0, tests/assets)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def test_random_weights_end_to_end(tmp_path, capsys, monkeypatch) -> None:
     """--random-weights through the whole pipeline; a tiny config stands in for "base" to stay fast."""
     monkeypatch.setitem(CONFIGS, "base", tiny_config())
     out = tmp_path / "od.png"
-    code = main(["--random-weights", "base", str(asset_path(*TOKENIZER)), str(asset_path(*CAR)),
+    code = main(["--random-weights", "base", str(TOKENIZER), str(asset_path(*CAR)),
                  "--task", "<OD>", "--max-new-tokens", "12", "--num-beams", "2", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0
@@ -59,7 +55,7 @@ def test_converted_checkpoint_and_non_rgb_image(tmp_path, capsys) -> None:
     tensors = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
     save_converted(tmp_path / "tiny.safetensors", tensors, "florence2", tiny_config().to_dict())
     Image.open(asset_path(*CAR)).convert("LA").save(tmp_path / "gray.png")  # grey + alpha
-    code = main([str(tmp_path / "tiny.safetensors"), str(asset_path(*TOKENIZER)), str(tmp_path / "gray.png"),
+    code = main([str(tmp_path / "tiny.safetensors"), str(TOKENIZER), str(tmp_path / "gray.png"),
                  "--task", "<CAPTION>", "--max-new-tokens", "8", "--num-beams", "1"])
     assert code == 0
     assert isinstance(json.loads(capsys.readouterr().out)["<CAPTION>"], str)
@@ -71,7 +67,7 @@ def test_bf16_on_a_converted_checkpoint(tmp_path, capsys) -> None:
     model = Florence2(tiny_config())
     tensors = {k: v for k, v in model.state_dict().items() if "embed_tokens" not in k and "lm_head" not in k}
     save_converted(tmp_path / "tiny.safetensors", tensors, "florence2", tiny_config().to_dict())
-    code = main([str(tmp_path / "tiny.safetensors"), str(asset_path(*TOKENIZER)), str(asset_path(*CAR)),
+    code = main([str(tmp_path / "tiny.safetensors"), str(TOKENIZER), str(asset_path(*CAR)),
                  "--task", "<CAPTION>", "--max-new-tokens", "8", "--num-beams", "1", "--dtype", "bf16"])
     assert code == 0
     assert isinstance(json.loads(capsys.readouterr().out)["<CAPTION>"], str)
@@ -79,9 +75,12 @@ def test_bf16_on_a_converted_checkpoint(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_bf16_compiled_random_weights(capsys, monkeypatch) -> None:
-    """--dtype bf16 --compile end to end (a tiny config stands in for "base"; compiling takes a minute)."""
-    monkeypatch.setitem(CONFIGS, "base", tiny_config())
-    code = main(["--random-weights", "base", str(asset_path(*TOKENIZER)), str(asset_path(*CAR)),
+    """--dtype bf16 --compile end to end (a tiny config at 96 px stands in for "base"; compiling takes a minute).
+
+    96 px, the size of test_florence_fast.py's compiled tiny model: still several windows with padding
+    in every stage, and a vision tower 64x cheaper to run than at base's 768 px."""
+    monkeypatch.setitem(CONFIGS, "base", tiny_config(image_size=96))
+    code = main(["--random-weights", "base", str(TOKENIZER), str(asset_path(*CAR)),
                  "--task", "<OD>", "--max-new-tokens", "8", "--num-beams", "1", "--dtype", "bf16", "--compile"])
     assert code == 0
     assert set(json.loads(capsys.readouterr().out)) == {"<OD>"}
@@ -98,7 +97,7 @@ def test_bad_fast_path_flags_are_one_line(capsys) -> None:
 
 def test_bad_checkpoint_is_a_clear_error(tmp_path, capsys) -> None:
     save_converted(tmp_path / "sam.safetensors", {"x": torch.zeros(1)}, "sam", {})
-    code = main([str(tmp_path / "sam.safetensors"), str(asset_path(*TOKENIZER)), str(asset_path(*CAR))])
+    code = main([str(tmp_path / "sam.safetensors"), str(TOKENIZER), str(asset_path(*CAR))])
     assert code == 1
     assert "is a 'sam' checkpoint, not 'florence2'" in capsys.readouterr().err
 
@@ -161,7 +160,7 @@ def batch_setup(tmp_path_factory) -> Path:
     car.convert("RGBA").resize((64, 64)).save(root / "images" / "rgba.png")
     (root / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in REQUESTS), encoding="utf-8")
     model = save_tiny_checkpoint(root / "tiny.safetensors", image_size=SIZE)
-    tokenizer = Tokenizer.from_dir(asset_path(*TOKENIZER))
+    tokenizer = Tokenizer.from_dir(TOKENIZER)
     processor = Processor(tokenizer, SIZE)
     with torch.no_grad():
         model.image_projection.copy_(model.image_projection * 30 / model.image_projection.abs().max())
@@ -198,7 +197,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) -> None:
     """--jsonl in batches of 3 (one of 3 with padded prompts, one of 2) = batches of 1 = the single-image CLI."""
     root = batch_setup
-    base = [root / "tiny.safetensors", asset_path(*TOKENIZER), "--jsonl", root / "requests.jsonl",
+    base = [root / "tiny.safetensors", TOKENIZER, "--jsonl", root / "requests.jsonl",
             "--max-new-tokens", "12", "--num-beams", str(num_beams)]
     before = snapshot(root)
     code, _, err = run_cli([*base, "--batch-size", "3", "--out", root / "batched.jsonl"], capsys)
@@ -212,9 +211,9 @@ def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) 
     requested = [(r["image"], r["task"], r.get("text")) for r in REQUESTS]
     assert [(b["image"], b["task"], b["text"]) for b in batched] == requested
     assert len({len(b["generated"]) for b in batched}) > 1  # rows of different lengths were padded together
-    for request, record in zip(REQUESTS, batched):
+    for request, record in zip(REQUESTS, batched, strict=True):
         text = ["--text", request["text"]] if "text" in request else []
-        code, single, err = run_cli([root / "tiny.safetensors", asset_path(*TOKENIZER), root / request["image"],
+        code, single, err = run_cli([root / "tiny.safetensors", TOKENIZER, root / request["image"],
                                      "--task", request["task"], *text, "--max-new-tokens", "12",
                                      "--num-beams", str(num_beams)], capsys)
         assert code == 0, err
@@ -227,7 +226,7 @@ def test_batch_equals_one_image_runs(batch_setup: Path, capsys, num_beams: int) 
 def test_images_and_folders_in_one_run(batch_setup: Path, capsys) -> None:
     root = batch_setup
     images = [root / "images", root / "images" / "car.png"]
-    code, out, err = run_cli([root / "tiny.safetensors", asset_path(*TOKENIZER), *images,
+    code, out, err = run_cli([root / "tiny.safetensors", TOKENIZER, *images,
                               "--task", "<DocVQA>", "--text", "How many cars?", "--batch-size", "2",
                               "--max-new-tokens", "6", "--num-beams", "1"], capsys)
     assert code == 0, err
@@ -243,14 +242,14 @@ def test_generation_options_reach_generate(batch_setup: Path, capsys) -> None:
     """The CLI's answer equals `Florence2.generate` called with the same options through the Python API."""
     root = batch_setup
     model = load_florence2(root / "tiny.safetensors")
-    processor = Processor(Tokenizer.from_dir(asset_path(*TOKENIZER)), SIZE)
+    processor = Processor(Tokenizer.from_dir(TOKENIZER), SIZE)
     image = root / "images" / "car.png"
     for options in ({"num_beams": 2, "no_repeat_ngram_size": 0, "max_new_tokens": 7},
                     {"num_beams": 1, "no_repeat_ngram_size": 1, "max_new_tokens": 9}):
         inputs = processor("<OD>", image)
         ids = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], **options)
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-        code, out, err = run_cli([root / "tiny.safetensors", asset_path(*TOKENIZER), image, image, "--task", "<OD>",
+        code, out, err = run_cli([root / "tiny.safetensors", TOKENIZER, image, image, "--task", "<OD>",
                                   *flags], capsys)
         assert code == 0, err
         expected = processor.tokenizer.decode(ids[0], skip_special_tokens=False)
@@ -259,7 +258,7 @@ def test_generation_options_reach_generate(batch_setup: Path, capsys) -> None:
 
 def test_dtype_device_and_compile_flags(batch_setup: Path, capsys) -> None:
     root = batch_setup
-    base = [root / "tiny.safetensors", asset_path(*TOKENIZER), root / "images" / "car.png", "--max-new-tokens", "4",
+    base = [root / "tiny.safetensors", TOKENIZER, root / "images" / "car.png", "--max-new-tokens", "4",
             "--num-beams", "1", "--device", "cpu"]
     code, out, err = run_cli([*base, "--dtype", "bf16"], capsys)
     assert code == 0 and "<CAPTION>" in json.loads(out), err

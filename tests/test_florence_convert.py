@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import needs_reference
-from florence_utils import single_thread
+from helpers.paths import needs_reference
 from official import NATIVE_VOCAB, native_florence2, seeded_florence2_fill
 from safetensors.torch import save_file
 
@@ -22,12 +21,6 @@ from weights_convert.florence2 import (
     expected_shapes,
     rename_native,
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def original_state(config=None, seed: int = 0) -> dict[str, torch.Tensor]:

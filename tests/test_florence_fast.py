@@ -23,15 +23,6 @@ from miniflorence.language_model import StaticKVCache
 EOS, PAD = 2, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared CPU: one thread avoids thread-synchronisation stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def seeded_model(config, seed: int = 0) -> Florence2:
     """Our model with every state-dict tensor drawn from one seeded generator (tests/reference/official.py)."""
     model = Florence2(config)
@@ -133,19 +124,6 @@ def test_to_dtype_keeps_the_logits_in_float32(tiny: Florence2) -> None:
         states, mask = model.encode(pixel_values, prompt, (prompt != PAD).long())
         logits, _ = lm.decode(torch.full((2, 1), 2), states, mask)
     assert states.dtype == torch.bfloat16 and logits.dtype == torch.float32
-
-
-def test_bf16_layer_norm_statistics_are_float32() -> None:
-    """A bf16 LayerNorm equals the float32 LayerNorm of the same bf16 input, rounded once: its mean
-    and variance are not accumulated in bf16 (which would be off by far more on 1024 channels)."""
-    g = torch.Generator().manual_seed(0)
-    x = (3.0 + torch.randn(4, 1024, generator=g)).bfloat16()  # a large mean: bf16 sums would drift
-    norm = torch.nn.LayerNorm(1024)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.1 * torch.randn(1024, generator=g))
-        expected = norm(x.float()).bfloat16()
-        got = copy.deepcopy(norm).bfloat16()(x)
-    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
 
 
 def bf16_agreement(model: Florence2, image_size: int, max_new_tokens: int, batches: int) -> float:

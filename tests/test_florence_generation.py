@@ -15,30 +15,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import needs_reference
+from helpers.florence import hf_kwargs, image_prompts, native_pair, set_eos_bias
+from helpers.paths import needs_reference
 from test_florence_language_model import tiny_pair
 
 from miniflorence.generation import GenerationOptions, ban_repeated_ngrams, beam_search, generate, greedy_search
 
 EOS, PAD, START = 2, 1, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared CPU: one thread avoids thread-synchronisation stalls (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def hf_kwargs(options: GenerationOptions) -> dict:
-    """The same settings, spelled for transformers' `generate`."""
-    return dict(max_new_tokens=options.max_new_tokens, num_beams=options.num_beams, do_sample=False,
-                no_repeat_ngram_size=options.no_repeat_ngram_size, early_stopping=options.early_stopping,
-                length_penalty=options.length_penalty, forced_bos_token_id=options.forced_bos_token_id,
-                forced_eos_token_id=options.forced_eos_token_id, decoder_start_token_id=options.decoder_start_token_id,
-                eos_token_id=options.eos_token_id, pad_token_id=options.pad_token_id)
 
 
 @pytest.fixture(scope="module")
@@ -155,62 +138,12 @@ def test_generate_entry_point(biased_pair) -> None:
 
 # --- the whole model against transformers' native Florence-2 -------------------------------------
 
-VOCAB = 51289  # ours; the native table has padding rows up to 51328 (`<image>` = 51289 among them)
 NATIVE_EOS_BIAS = {"no bias": 0.0, "EOS bias": 3.0}  # tiny: rows run to the limit / end at various steps
-
-
-def steer_native(native) -> float:
-    """Make the last decoder LayerNorm output a constant 1 in feature 0 (weight 0, bias 1), so that
-    column 0 of the tied token table acts as a logit bias: -1e4 for the native padding rows (our
-    51289-row table has none, so they must neither win nor weigh in the softmax). Returns the EOS
-    row's original value in that column; `set_eos_bias` adds to it. Done before conversion, so our
-    model gets the same weights."""
-    lm = native.model.language_model
-    with torch.no_grad():
-        norm = lm.decoder.layers[-1].final_layer_norm
-        norm.weight[0], norm.bias[0] = 0.0, 1.0
-        lm.shared.weight[VOCAB:] = 0.0
-        lm.shared.weight[VOCAB:, 0] = -1.0e4
-    assert native.lm_head.weight is lm.shared.weight  # the output projection is the same table
-    return lm.shared.weight[EOS, 0].item()
-
-
-def set_eos_bias(native, ours, base: float, bias: float) -> None:
-    with torch.no_grad():
-        native.model.language_model.shared.weight[EOS, 0] = base + bias
-        ours.language_model.model.shared.weight[EOS, 0] = base + bias
-
-
-def native_pair(config, seed: int):
-    """transformers' native model with seeded (steered) weights, and ours converted from it."""
-    needs_reference("transformers")
-    from official import native_florence2
-
-    from miniflorence.model import florence2_from_tensors
-    from weights_convert.florence2 import convert_tensors
-
-    native = native_florence2(config, seed=seed)
-    base = steer_native(native)
-    _, tensors = convert_tensors(native.state_dict(), config=config)
-    ours = florence2_from_tensors(config, {k: v.clone() for k, v in tensors.items()})  # not sharing native's tensors
-    return native, ours, base
-
-
-def image_prompts(image_size: int, count: int, seed: int = 11):
-    """Batches of 2 images + prompts `<s> ... </s>`; the second prompt shorter and right-padded."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(count):
-        prompt = torch.randint(3, 50265, (2, 9), generator=g)
-        prompt[:, 0], prompt[0, 8] = 0, EOS
-        prompt[1, 4 + i % 4], prompt[1, 5 + i % 4:] = EOS, PAD
-        out.append((torch.randn(2, 3, image_size, image_size, generator=g), prompt))
-    return out
 
 
 def compare_with_native(native, ours, pixel_values, prompt, options, with_mask: bool = True) -> torch.Tensor:
     """Our `generate` and the native one on the same inputs; asserts identical ids, returns ours."""
-    from florence_utils import native_input_ids
+    from helpers.florence import native_input_ids
 
     mask = (prompt != PAD).long() if with_mask else None
     got = generate(ours, pixel_values, prompt, mask, options)

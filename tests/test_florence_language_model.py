@@ -14,20 +14,10 @@ import functools
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path, needs_reference
+from helpers.paths import asset_path, needs_reference
 from official import seeded_florence2_fill
 
 from miniflorence.language_model import Attention, Florence2LanguageModel
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small models on a shared CPU: one thread avoids thread-synchronisation stalls (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # (vocab, d_model, layers, heads, ffn, max positions): tiny, and Florence-2-base's language model
 WIDTHS = {
@@ -76,7 +66,7 @@ def attention_path(model: Florence2LanguageModel, use_sdpa: bool):
     try:
         yield model
     finally:
-        for m, flag in zip(attentions, before):
+        for m, flag in zip(attentions, before, strict=True):
             m.use_sdpa = flag
 
 
@@ -112,7 +102,7 @@ def test_sdpa_equals_math() -> None:
         for use_sdpa in (False, True):
             with attention_path(ours, use_sdpa):
                 outputs[use_sdpa] = ours.encode(embeds, mask), ours(embeds, decoder_ids, mask)
-    for math_out, sdpa_out in zip(outputs[False], outputs[True]):
+    for math_out, sdpa_out in zip(outputs[False], outputs[True], strict=True):
         torch.testing.assert_close(sdpa_out, math_out, rtol=0, atol=1e-5)
 
 

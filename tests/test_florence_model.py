@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import needs_reference
-from florence_utils import native_input_ids, single_thread
+from helpers.florence import batch, compare
+from helpers.paths import needs_reference
 from official import native_florence2
 
 from miniflorence import CONFIGS, Florence2, Florence2Config, tiny_config
@@ -19,58 +19,11 @@ from miniflorence.model import florence2_from_tensors
 from weights_convert.florence2 import convert_tensors
 
 TOL = 1e-4
-VOCAB = 51289
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def ours_from_native(native, config: Florence2Config) -> Florence2:
     _, tensors = convert_tensors(native.state_dict(), config=config)
     return florence2_from_tensors(config, {k: v.clone() for k, v in tensors.items()})  # not sharing native's tensors
-
-
-def batch(image_size: int, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Two images; prompts `<s> ... </s>` of 9 and 7 tokens, the second right-padded with <pad>."""
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(3, 50265, (2, 9), generator=g)
-    prompt[:, 0] = 0
-    prompt[0, 8] = 2
-    prompt[1, 6], prompt[1, 7:] = 2, 1
-    decoder = torch.randint(3, VOCAB, (2, 6), generator=g)
-    decoder[:, 0] = 2
-    return {
-        "pixel_values": torch.randn(2, 3, image_size, image_size, generator=g),
-        "input_ids": prompt,
-        "attention_mask": (prompt != 1).long(),
-        "decoder_input_ids": decoder,
-    }
-
-
-def compare(native, ours: Florence2, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Max abs differences of every stage, with and without the prompt attention mask."""
-    x, prompt, dec = inputs["pixel_values"], inputs["input_ids"], inputs["decoder_input_ids"]
-    errors = {}
-    with torch.no_grad():
-        theirs_grid = native.model.vision_tower(x).last_hidden_state.permute(0, 2, 3, 1)  # (B, H, W, C)
-        errors["vision features"] = (ours.vision_tower(x) - theirs_grid).abs().max().item()
-        theirs_tokens = native.model.get_image_features(x).pooler_output
-        tokens = ours.encode_image(x)
-        errors["image tokens"] = (tokens - theirs_tokens).abs().max().item()
-        n_image = tokens.shape[1]
-        for name, mask in (("no mask", None), ("mask", inputs["attention_mask"])):
-            native_mask = None if mask is None else torch.cat([torch.ones(2, n_image, dtype=mask.dtype), mask], dim=1)
-            out = native(input_ids=native_input_ids(prompt, n_image), pixel_values=x, attention_mask=native_mask,
-                         decoder_input_ids=dec)
-            states, _ = ours.encode(x, prompt, mask)
-            errors[f"encoder states, {name}"] = (states - out.encoder_last_hidden_state).abs().max().item()
-            logits = ours(x, prompt, dec, mask)
-            assert logits.shape == (2, dec.shape[1], VOCAB)
-            errors[f"logits, {name}"] = (logits - out.logits[..., :VOCAB]).abs().max().item()
-    return errors
 
 
 @pytest.fixture(scope="module")

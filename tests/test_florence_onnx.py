@@ -21,8 +21,7 @@ import torch
 for _name in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_name, reason=f"{_name} is not installed: pip install 'minivision[onnx]'")
 
-from conftest import ROOT
-from florence_utils import single_thread
+from helpers.paths import ROOT
 from official import seeded_florence2_fill
 
 from miniflorence import Florence2, Florence2Config
@@ -38,12 +37,6 @@ CONFIG = Florence2Config(
 )
 EOS, PAD = CONFIG.eos_token_id, CONFIG.pad_token_id
 MAX_NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():  # small models on a shared CPU: see florence_utils.single_thread
-        yield
 
 
 def make_model(config: Florence2Config, seed: int) -> Florence2:
@@ -112,9 +105,9 @@ def test_graphs_match_pytorch(model, runner) -> None:
         with torch.no_grad():
             expected_logits, cache = model.language_model.decode(ids, expected_states, expected_mask, cache)
         errors[f"logits step {step}"] = assert_close_to_scale(logits, expected_logits)
-        for got, (k, _v) in zip(present[::2], cache.self_kv):
+        for got, (k, _v) in zip(present[::2], cache.self_kv, strict=True):
             assert_close_to_scale(got, k)
-        feeds.update(zip(kv_names("past", layers), present))
+        feeds.update(zip(kv_names("past", layers), present, strict=True))
     print("\nmax abs errors: " + ", ".join(f"{k}={v:.1e}" for k, v in errors.items()))
 
 

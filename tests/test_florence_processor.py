@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path, needs_reference
+from helpers.paths import asset_path, needs_reference
 from PIL import Image
 
 from miniflorence.images import ImageError
@@ -33,14 +33,14 @@ from miniflorence.processor import (
     preprocess_image,
     task_prompt,
 )
-from miniflorence.tokenizer import AddedToken, Tokenizer, bytes_to_unicode
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR, AddedToken, Tokenizer, bytes_to_unicode
 
-TOKENIZER_DIR = ("tokenizer", "florence2")
+TOKENIZER_DIR = DEFAULT_TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")
 def processor() -> Processor:
-    return Processor(Tokenizer.from_dir(asset_path(*TOKENIZER_DIR)))
+    return Processor(Tokenizer.from_dir(TOKENIZER_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def reference():
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.florence2.processing_florence2 import Florence2Processor
 
-    tokenizer = BartTokenizer.from_pretrained(str(asset_path(*TOKENIZER_DIR)),
+    tokenizer = BartTokenizer.from_pretrained(str(TOKENIZER_DIR),
                                               extra_special_tokens={"image_token": "<image>"})
     image_processor = CLIPImageProcessorPil(  # Florence-2's preprocessor_config.json
         size={"height": 768, "width": 768}, crop_size={"height": 768, "width": 768}, do_center_crop=False,
@@ -113,7 +113,7 @@ def test_batch_of_tasks_pads_right(processor: Processor) -> None:
                       [None, TASK_INPUTS["<REGION_TO_CATEGORY>"], None])
     assert batch["pixel_values"].shape == (3, 3, 768, 768) and batch["pixel_values"].dtype == torch.float32
     for row, task, text in zip(range(3), ["<OD>", "<REGION_TO_CATEGORY>", "<CAPTION>"],
-                               [None, TASK_INPUTS["<REGION_TO_CATEGORY>"], None]):
+                               [None, TASK_INPUTS["<REGION_TO_CATEGORY>"], None], strict=True):
         ids = processor.tokenizer.encode(task_prompt(task, text))
         assert batch["input_ids"][row, : len(ids)].tolist() == ids
         assert batch["input_ids"][row, len(ids):].eq(1).all()

@@ -11,20 +11,15 @@ difference once recorded against it.
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
 import torch
-from conftest import asset_path, needs_reference
-from florence_utils import single_thread
+from helpers.florence import real_stage0, real_tensors, stage0
+from helpers.paths import needs_reference
 from official import native_florence2_config, seeded_florence2_fill
 
 from miniflorence import CONFIGS, Florence2Config
-from miniflorence.davit import DaViT
 from miniflorence.model import TIED_KEYS, florence2_from_tensors
-from minivision.checkpoint import load_strict
 from weights_convert.florence2 import convert_tensors, expected_shapes, rename_native
 
-FOLDER = ("weights", "florence2-base-partial")
 LANGUAGE_KEYS = (
     "language_model.model.encoder.embed_positions.weight",
     "language_model.model.encoder.layernorm_embedding.weight",
@@ -33,46 +28,6 @@ LANGUAGE_KEYS = (
     "language_model.model.encoder.layers.0.self_attn.out_proj.weight",
     "language_model.model.encoder.layers.0.self_attn.out_proj.bias",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-def real_tensors() -> dict[str, torch.Tensor]:
-    with np.load(asset_path(*FOLDER, "florence2_base_partial_weights.npz")) as f:
-        return {k: torch.from_numpy(f[k]) for k in f.files}
-
-
-def part(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def stage0(tower, pixels: torch.Tensor) -> torch.Tensor:
-    """convs.0 -> blocks.0.0 -> convs.1.norm, as a (1, 128, 56, 56) map (the fixture's layout)."""
-    with torch.no_grad():
-        x, size = tower.convs[0](pixels, (pixels.shape[2], pixels.shape[3]))  # (1, 56*56, 128)
-        x = tower.blocks[0][0](x, size)
-        x = tower.convs[1].norm(x)  # the LayerNorm that opens stage 1
-    return x.transpose(1, 2).reshape(1, -1, *size)  # (1, 128, 56, 56)
-
-
-def real_stage0() -> tuple[DaViT, torch.Tensor, torch.Tensor]:
-    """Our stage 0 with the real weights (strict loads of exactly the exported parts), and the fixture."""
-    real = real_tensors()
-    with np.load(asset_path(*FOLDER, "ref_car224_stage0.npz")) as f:
-        pixels, expected = torch.from_numpy(f["pixel_values"]), torch.from_numpy(f["stage0_ln_out"])
-    c = CONFIGS["base"]
-    tower = DaViT(dims=c.dims[:2], depths=(1, 1), heads=c.heads[:2], channel_groups=c.channel_groups[:2],
-                  window_size=c.window_size, patch_sizes=c.patch_sizes[:2], patch_strides=c.patch_strides[:2],
-                  patch_paddings=c.patch_paddings[:2], patch_prenorm=c.patch_prenorm[:2], mlp_ratio=c.mlp_ratio,
-                  drop_path_rate=0.0).eval()
-    load_strict(tower.convs[0], part(real, "vision_tower.convs.0."), "convs.0")
-    load_strict(tower.blocks[0][0], part(real, "vision_tower.blocks.0.0."), "blocks.0.0")
-    load_strict(tower.convs[1].norm, part(real, "vision_tower.convs.1.norm."), "convs.1.norm")
-    return tower, pixels, expected
 
 
 def test_davit_stage0_reproduces_the_official_output() -> None:

@@ -13,25 +13,25 @@ import unicodedata
 
 import pytest
 import torch
-from conftest import asset_path, needs_reference
+from helpers.paths import needs_reference
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from miniflorence.processor import TASK_PROMPTS
-from miniflorence.tokenizer import Tokenizer, _is_space, gpt2_pattern
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR, Tokenizer, _is_space, gpt2_pattern
 
-TOKENIZER_DIR = ("tokenizer", "florence2")
+TOKENIZER_DIR = DEFAULT_TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer.from_dir(asset_path(*TOKENIZER_DIR))
+    return Tokenizer.from_dir(TOKENIZER_DIR)
 
 
 @pytest.fixture(scope="module")
 def hf():
     transformers = needs_reference("transformers")
-    reference = transformers.BartTokenizer.from_pretrained(str(asset_path(*TOKENIZER_DIR)))
+    reference = transformers.BartTokenizer.from_pretrained(str(TOKENIZER_DIR))
     assert len(reference) == 51289  # the 1,029-token trap (vocab_file=...) would fail here
     return reference
 
@@ -162,7 +162,7 @@ def test_decode_encode_round_trip(raw: str, seed: int) -> None:
     # `<mask>` swallows the whitespace before it (lstrip, as in BART); that alone is lossy.
     assume(not any(i > 0 and _is_space(text[i - 1]) for i in _find_all(text, "<mask>")))
     if not _ROUND_TRIP:  # hypothesis forbids function-scoped fixtures; load once per session
-        _ROUND_TRIP.append(Tokenizer.from_dir(asset_path(*TOKENIZER_DIR)))
+        _ROUND_TRIP.append(Tokenizer.from_dir(TOKENIZER_DIR))
     tok = _ROUND_TRIP[0]
     assert tok.decode(tok.encode(text)) == f"<s>{text}</s>"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
@@ -212,7 +212,7 @@ def test_tokenizer_json_gives_the_same_ids(tok: Tokenizer, hf, tmp_path) -> None
 
 @pytest.mark.parametrize("missing", ["vocab.json", "merges.txt", "added_tokens.json"])
 def test_missing_file_is_named(missing: str, tmp_path) -> None:
-    source = asset_path(*TOKENIZER_DIR)
+    source = TOKENIZER_DIR
     for name in ("vocab.json", "merges.txt", "added_tokens.json"):
         if name != missing:
             shutil.copy(source / name, tmp_path / name)

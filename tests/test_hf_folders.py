@@ -20,8 +20,8 @@ import sys
 
 import pytest
 import torch
-from conftest import needs_reference
-from florence_utils import native_input_ids, single_thread
+from helpers.florence import native_input_ids
+from helpers.paths import needs_reference
 from official import fill_sam_random, native_florence2, native_florence2_config
 
 import minisam
@@ -34,12 +34,6 @@ from weights_convert import sam as convert_sam
 from weights_convert.__main__ import main as convert_main
 
 VOCAB = 51289  # our Florence-2 token table; the native one pads it to 51328 (<image> = 51289 first)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def transformers_classes(*names: str) -> list:

@@ -14,11 +14,11 @@ import importlib
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+from helpers.paths import ROOT
 
 PACKAGES = ("minivision", "minisam", "miniflorence", "convmae", "weights_convert", "train")
 MODEL_PACKAGES = ("minisam", "miniflorence", "convmae")
-FIRST_PARTY = (*PACKAGES, "tests", "bench", "conftest")
+FIRST_PARTY = (*PACKAGES, "tests", "bench", "conftest", "helpers")
 # May import, at module level, these first-party packages (besides themselves).
 ALLOWED = {
     "minivision": set(),

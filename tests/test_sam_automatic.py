@@ -13,14 +13,12 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import asset_path, needs_reference
+from helpers.paths import asset_path, needs_reference
+from helpers.sam import LOW_FILTERS, official_sam, segment_anything, to_minisam
 from PIL import Image
-from sam_utils import official_sam, segment_anything, to_minisam
 from test_sam_masks import scipy_cv2_stand_in
 
 from minisam.automatic import AutomaticMaskGenerator
-
-LOW_FILTERS = dict(points_per_side=6, points_per_batch=16, pred_iou_thresh=0.01, stability_score_thresh=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +36,7 @@ def image() -> np.ndarray:
 
 def assert_same_records(theirs: list[dict], ours: list[dict]) -> None:
     assert len(ours) == len(theirs)
-    for a, b in zip(theirs, ours):
+    for a, b in zip(theirs, ours, strict=True):
         assert set(a) == set(b)
         if isinstance(a["segmentation"], np.ndarray):
             assert b["segmentation"].shape == a["segmentation"].shape

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cli_utils import assert_one_line_error, run_module, snapshot
-from conftest import asset_path
+from helpers.cli import assert_one_line_error, run_module, snapshot
+from helpers.paths import asset_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -250,7 +250,7 @@ def test_predictor_and_generator_take_paths_and_pil_images(work: Path, checkpoin
     expected = predictor.predict(*prompt)
     for image in (work / "c16.png", str(work / "c16.png"), Image.open(work / "c16.png")):
         predictor.set_image(image)  # a 16-bit PNG: PIL's convert("RGB") would make it almost white
-        for got, want in zip(predictor.predict(*prompt), expected):
+        for got, want in zip(predictor.predict(*prompt), expected, strict=True):
             np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="truncated.png"):
         predictor.set_image(work / "bad" / "truncated.png")

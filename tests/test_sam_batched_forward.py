@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from florence_utils import single_thread
 from official import fill_sam_random
 
 from minisam import Sam, SamConfig, SamPredictor
@@ -20,12 +19,6 @@ from minisam import Sam, SamConfig, SamPredictor
 CONFIG = SamConfig(
     image_size=160, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=(1,)
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():  # small models on a shared CPU: see florence_utils.single_thread
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def records(predictor: SamPredictor) -> tuple[list[dict], list[np.ndarray]]:
         {"mask_inputs": torch.randn(1, 1, mask_side, mask_side, generator=g).numpy() * 4},  # a mask alone
     ]
     batch = []
-    for image, prompt in zip(images, prompts):
+    for image, prompt in zip(images, prompts, strict=True):
         size = image.shape[:2]
         resized = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)  # (3, h, w)
         record = {"image": resized, "original_size": size}
@@ -76,7 +69,7 @@ def test_forward_equals_the_predictor_per_image(model, multimask: bool) -> None:
     outputs = model(batch, multimask_output=multimask)
     assert len(outputs) == len(batch)
     masks_per_prompt = 3 if multimask else 1
-    for record, image, out in zip(batch, images, outputs):
+    for record, image, out in zip(batch, images, outputs, strict=True):
         predictor.set_image(image)
         masks, iou, low_res = predictor.predict_torch(
             record.get("point_coords"), record.get("point_labels"), record.get("boxes"), record.get("mask_inputs"),
@@ -98,7 +91,7 @@ def test_forward_accepts_uint8_images_and_prompts_on_the_model_device(model) -> 
     as_float = model(batch, multimask_output=False)
     for record in batch:
         record["image"] = record["image"].to(torch.uint8)
-    for got, expected in zip(model(batch, multimask_output=False), as_float):
+    for got, expected in zip(model(batch, multimask_output=False), as_float, strict=True):
         assert torch.equal(got["masks"], expected["masks"])
 
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, asset_path
+from helpers.paths import ROOT, asset_path
 from PIL import Image
 
 from minisam import CONFIGS, Sam, load_sam, tiny_config
@@ -100,7 +100,7 @@ def test_auto_writes_overlay_and_records(checkpoint, image_path, tmp_path) -> No
     )
     expected = generator.generate(np.array(Image.open(image_path).convert("RGB")))
     assert len(records) == len(expected) > 0
-    for record, reference in zip(records, expected):
+    for record, reference in zip(records, expected, strict=True):
         np.testing.assert_array_equal(rle_to_mask(coco_decode_rle(record["segmentation"])), reference["segmentation"])
         assert record["bbox"] == reference["bbox"] and record["area"] == reference["area"]
     assert Image.open(out).size == (150, 100)

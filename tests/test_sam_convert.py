@@ -1,6 +1,6 @@
 """weights_convert sam: official and Hugging Face layouts in, official layout back out, clear errors.
 
-The official-layout state dicts are made from minisam itself (`sam_utils.official_layout_state`),
+The official-layout state dicts are made from minisam itself (`helpers.sam.official_layout_state`),
 so these tests run without segment_anything; two tests compare with the official and the Hugging
 Face model definitions and skip without them.
 """
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import needs_reference
+from helpers.paths import needs_reference
+from helpers.sam import official_layout_state, segment_anything, tiny_config_json
 from safetensors.torch import save_file
-from sam_utils import official_layout_state, segment_anything, tiny_config_json
 
 import minisam
 from minivision.checkpoint import CheckpointError, read_converted, read_official

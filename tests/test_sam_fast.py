@@ -18,9 +18,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path
-from PIL import Image
-from sam_utils import official_sam, segment_anything, to_minisam
+from helpers.sam import load_image, official_sam, segment_anything, to_minisam
 
 import minisam
 from minisam.image_encoder import folded_rel_pos_attention, rel_pos_bias
@@ -28,11 +26,9 @@ from minisam.predictor import SamPredictor
 from minisam.sam import compile_sam
 from minisam.two_way_transformer import Attention
 
+pytestmark = pytest.mark.all_threads  # full-width models: their matmuls use every core
+
 IMAGES = ["truck", "groceries", "dog", "dogs"]
-
-
-def load_image(name: str) -> np.ndarray:
-    return np.array(Image.open(asset_path("images", "sam", f"{name}.jpg")).convert("RGB"))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,7 +63,7 @@ def test_bf16_masks_match_official_fp32(bf16_pair, name: str) -> None:
             their_masks, their_scores, _ = official.predict(**prompt, multimask_output=multimask)
             our_masks, our_scores, our_low = ours.predict(**prompt, multimask_output=multimask)
             assert our_scores.dtype == np.float32 and our_low.dtype == np.float32
-            for i, (a, b) in enumerate(zip(our_masks, their_masks)):
+            for i, (a, b) in enumerate(zip(our_masks, their_masks, strict=True)):
                 assert 0 < b.sum() < b.size, f"{name} {kind}: degenerate official mask"
                 assert iou(a, b) >= 0.97, f"{name} {kind} multimask={multimask} mask {i}: IoU {iou(a, b):.4f}"
             np.testing.assert_allclose(our_scores, their_scores, atol=0.05)
@@ -101,15 +97,26 @@ def test_load_sam_dtype_and_cast(tmp_path) -> None:
 # ---- torch.compile -------------------------------------------------------------------------------
 
 
+def ulp(dtype: torch.dtype, magnitude: float) -> float:
+    """The spacing of `dtype`'s numbers at `magnitude`: eps * 2**floor(log2(magnitude))."""
+    return torch.finfo(dtype).eps * 2.0 ** np.floor(np.log2(magnitude))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_compiled_encoder_equals_eager(dtype: torch.dtype, rel: float) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_encoder_equals_eager(dtype: torch.dtype) -> None:
     """The compiled encoder is as close to the exact float32 result as the eager one in `dtype` is.
 
-    Both are held to `rel * std` of the float32 eager embedding. In bfloat16 the compiled and
-    eager embeddings are not compared with each other: inductor keeps fused element-wise work in
-    float32 where eager rounds after every op, so the two differ by up to two roundings (one ulp
-    of bfloat16 is 0.031 at |x| = 4), while each is within one rounding of the float32 result.
+    float32: DESIGN.md's SAM tolerance, 1e-4 of the embedding's std, for eager, compiled, and the
+    two against each other.
+    bfloat16: two bf16 ulps at the embedding's largest magnitude. The embedding is the output of the
+    neck (conv, LayerNorm, conv, LayerNorm); each of these four ops rounds its result to bf16 (half
+    an ulp) and the LayerNorms carry their inputs' errors onto the embedding's scale, so the neck
+    alone contributes up to 4 x 1/2 = 2 ulps of max |embedding| (the blocks' roundings before it are
+    normalised away to well below that). max |embedding| ~ 4 (unit std), so the bound is 2 x 2^-5.
+    Compiled and eager bf16 are not compared with each other: inductor keeps fused element-wise work
+    in float32 where eager rounds after every op, so each is within the bound of float32, not of
+    the other. (Eager, measured on an AMX CPU: 0.8 to 0.97 ulp over six seeds.)
     """
     torch.manual_seed(0)
     exact = minisam.Sam(minisam.tiny_config()).eval()
@@ -124,7 +131,10 @@ def test_compiled_encoder_equals_eager(dtype: torch.dtype, rel: float) -> None:
         expected = exact.encode_image(image)
         got_eager, got_compiled = eager.encode_image(image), compiled.encode_image(image)
     assert got_eager.dtype == got_compiled.dtype == dtype
-    tolerance = rel * expected.std().item()
+    if dtype == torch.float32:
+        tolerance = 1e-4 * expected.std().item()
+    else:
+        tolerance = 2 * ulp(dtype, expected.abs().max().item())
     assert (got_eager.float() - expected).abs().max().item() <= tolerance
     assert (got_compiled.float() - expected).abs().max().item() <= tolerance
     if dtype == torch.float32:

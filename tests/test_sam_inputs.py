@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path
+from helpers.paths import asset_path
+from helpers.sam import official_sam, segment_anything, to_minisam
 from official import fill_sam_random
 from PIL import Image
-from sam_utils import official_sam, segment_anything, to_minisam
 
 from minisam import Sam, tiny_config
 from minisam.predictor import SamPredictor, prepare_image
@@ -50,7 +50,7 @@ def predict(predictor, image: np.ndarray, image_format: str = "RGB", **prompt) -
 
 
 def assert_same(a: tuple, b: tuple) -> None:
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -229,7 +229,7 @@ def test_predict_torch_checks_and_keeps_official_behaviour(pair, photo) -> None:
     official.set_image(photo)
     ours.set_image(photo)
     # No prompt at all: allowed by the low-level call, as in the official code.
-    for a, b in zip(official.predict_torch(None, None), ours.predict_torch(None, None)):
+    for a, b in zip(official.predict_torch(None, None), ours.predict_torch(None, None), strict=True):
         assert torch.equal(a, b)
     boxes = torch.tensor([[10.0, 10.0, 80.0, 90.0], [20.0, 5.0, 150.0, 100.0]])
     points = torch.tensor([[[30.0, 30.0]], [[40.0, 60.0]], [[5.0, 5.0]]])

@@ -14,8 +14,8 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import needs_reference
-from sam_utils import segment_anything
+from helpers.paths import needs_reference
+from helpers.sam import segment_anything
 
 from minisam import amg, masks
 
@@ -46,7 +46,7 @@ def test_point_grids(official_amg, n: int) -> None:
     n_layers = 3 if n >= 8 else 0  # a layer with fewer than one point a side is an error in both
     ours_grids = amg.build_all_layer_point_grids(n, n_layers, 2)
     their_grids = official_amg.build_all_layer_point_grids(n, n_layers, 2)
-    for ours, theirs in zip(ours_grids, their_grids):
+    for ours, theirs in zip(ours_grids, their_grids, strict=True):
         np.testing.assert_array_equal(ours, theirs)
 
 
@@ -100,7 +100,7 @@ def test_rle_round_trip(official_amg) -> None:
     m[2, 0, 0] = True  # a mask whose first pixel is set starts with a 0 count
     ours, theirs = masks.mask_to_rle(m), official_amg.mask_to_rle_pytorch(m)
     assert ours == theirs
-    for rle, mask in zip(ours, m):
+    for rle, mask in zip(ours, m, strict=True):
         np.testing.assert_array_equal(masks.rle_to_mask(rle), official_amg.rle_to_mask(rle))
         np.testing.assert_array_equal(masks.rle_to_mask(rle), mask.numpy())
         assert masks.area_from_rle(rle) == official_amg.area_from_rle(rle) == int(mask.sum())

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import asset_path
+from helpers.paths import asset_path
+from helpers.sam import official_sam, prompt_sets, segment_anything, to_minisam
 from official import fill_sam_random
-from sam_utils import official_sam, segment_anything, to_minisam
 
 import minisam
 from minisam.sam import sam_from_tensors
 from minivision.checkpoint import read_converted, save_converted
+
+pytestmark = pytest.mark.all_threads  # full-width models: their matmuls use every core
 
 PARITY_CASES = [
     pytest.param(("tiny", 160), id="tiny-160"),
@@ -40,22 +42,6 @@ def assert_close_to_scale(ours: torch.Tensor, official: torch.Tensor, rel: float
     scale = official.float().std().item()
     assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} x std {scale:.3g}"
     return err
-
-
-def prompt_sets(image_size: int, generator: torch.Generator) -> dict[str, dict]:
-    """Points only, a box only, points + box, points + mask input; 2 prompts each, in the input frame."""
-    grid = image_size // 16
-    points = torch.rand(2, 3, 2, generator=generator) * image_size * 0.7
-    labels = torch.tensor([[1, 0, 1], [1, 1, -1]])
-    corners = torch.rand(2, 2, 2, generator=generator) * image_size * 0.7
-    boxes = torch.cat([corners.min(1).values, corners.max(1).values], dim=1)
-    masks = torch.randn(2, 1, 4 * grid, 4 * grid, generator=generator) * 5
-    return {
-        "points": dict(points=(points, labels), boxes=None, masks=None),
-        "box": dict(points=None, boxes=boxes, masks=None),
-        "points+box": dict(points=(points[:, :2], labels[:, :2]), boxes=boxes, masks=None),
-        "points+mask": dict(points=(points, labels), boxes=None, masks=masks),
-    }
 
 
 @pytest.fixture(scope="module", params=PARITY_CASES)
@@ -127,7 +113,7 @@ def test_forward_matches_official(tiny):
         },
     ]
     for multimask in (True, False):
-        for out_off, out in zip(official(batch, multimask), ours(batch, multimask)):
+        for out_off, out in zip(official(batch, multimask), ours(batch, multimask), strict=True):
             assert_close_to_scale(out["low_res_logits"], out_off["low_res_logits"])
             assert (out["iou_predictions"] - out_off["iou_predictions"]).abs().max() <= 1e-5
             assert out["masks"].shape == out_off["masks"].shape and out["masks"].dtype == torch.bool

@@ -1,7 +1,7 @@
 """minisam.onnx: the exported image encoder and prompt decoder on onnxruntime against minisam in PyTorch.
 
 A tiny SAM (minisam.tiny_config()'s numbers: 160-pixel input, 64-wide 2-block encoder, the real 256-wide
-prompt encoder and mask decoder) with seeded random weights (tests/sam_utils.py). Tolerances as in
+prompt encoder and mask decoder) with seeded random weights (tests/helpers/sam.py). Tolerances as in
 DESIGN.md: embeddings and mask logits within 1e-4 of their standard deviation (max abs), IoU
 predictions within 1e-5, masks identical except where the PyTorch logit is within 1e-4 x its std
 of the 0.0 threshold. The decoder graph is compared with `SamPredictor`, i.e. with the prompt
@@ -23,8 +23,7 @@ for _name in ("onnx", "onnxscript", "onnxruntime"):
     pytest.importorskip(_name, reason=f"{_name} is not installed: pip install 'minivision[onnx]'")
 
 import onnxruntime
-from conftest import ROOT
-from florence_utils import single_thread
+from helpers.paths import ROOT
 from official import fill_sam_random
 
 from minisam import Sam, SamPredictor, tiny_config
@@ -40,12 +39,6 @@ from minivision.checkpoint import save_converted
 
 CONFIG = tiny_config()  # a tiny encoder in front of the real prompt encoder and decoder
 ORIGINAL_SIZE = (93, 131)  # (H, W): resized to 114 x 160, so the crop and both resizes are exercised
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():  # small models on a shared CPU: see florence_utils.single_thread
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +129,8 @@ def predict(predictor: SamPredictor, prompt: dict) -> tuple[torch.Tensor, torch.
     args = (prompt.get("point_coords"), prompt.get("point_labels"), prompt.get("boxes"), prompt.get("mask_input"))
     single = predictor.predict_torch(*args, multimask_output=False, return_logits=True)
     multi = predictor.predict_torch(*args, multimask_output=True, return_logits=True)
-    return tuple(torch.cat([s, m], dim=1) for s, m in zip(single, multi))  # (1, 4, H, W), (1, 4), (1, 4, h, w)
+    # (1, 4, H, W), (1, 4), (1, 4, h, w)
+    return tuple(torch.cat([s, m], dim=1) for s, m in zip(single, multi, strict=True))
 
 
 def test_image_encoder_matches_pytorch(model, sessions) -> None:
@@ -183,7 +177,7 @@ def test_single_mask_decoder_selects_like_the_official_rule(predictor, sessions)
 
 def test_wrapper_matches_official_onnx_model(model, predictor, tmp_path) -> None:
     """`SamOnnxDecoder` (PyTorch) equals the official `SamOnnxModel` on the same weights, every option."""
-    from sam_utils import official_sam, segment_anything, to_minisam
+    from helpers.sam import official_sam, segment_anything, to_minisam
 
     segment_anything()
     from segment_anything.utils.onnx import SamOnnxModel

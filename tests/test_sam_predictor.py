@@ -1,4 +1,4 @@
-"""SamPredictor against the official one, on the same seeded random weights (tests/sam_utils.py).
+"""SamPredictor against the official one, on the same seeded random weights (tests/helpers/sam.py).
 
 The parity models run the attention as plain math (`use_sdpa=False`), the official arithmetic, so
 masks must be identical pixel for pixel and scores / low-res logits agree to float32 rounding.
@@ -12,17 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path
-from PIL import Image
-from sam_utils import official_sam, segment_anything, to_minisam
+from helpers.sam import load_image, official_sam, prompts_for, segment_anything, to_minisam
 
 from minisam.predictor import SamPredictor
 
+pytestmark = pytest.mark.all_threads  # full-width models: their matmuls use every core
+
 IMAGES = ["truck", "groceries", "dog", "dogs"]
-
-
-def load_image(name: str) -> np.ndarray:
-    return np.array(Image.open(asset_path("images", "sam", f"{name}.jpg")).convert("RGB"))
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +28,6 @@ def tiny_pair(tmp_path_factory):
     official = official_sam("tiny", image_size=160, seed=0)
     ours = to_minisam(official, tmp_path_factory.mktemp("tiny"), use_sdpa=False)
     return sa.SamPredictor(official), SamPredictor(ours)
-
-
-def prompts_for(h: int, w: int) -> list[dict]:
-    """Point, box, point + box, several points: placed by fractions of the image size."""
-    points = np.array([[0.3 * w, 0.4 * h], [0.7 * w, 0.6 * h]])
-    labels = np.array([1, 0])
-    box = np.array([0.2 * w, 0.25 * h, 0.6 * w, 0.8 * h])
-    return [
-        dict(point_coords=points[:1], point_labels=labels[:1]),
-        dict(point_coords=points[:1], point_labels=labels[:1], multimask_output=False),
-        dict(box=box, multimask_output=False),
-        dict(box=box),
-        dict(point_coords=points, point_labels=labels, box=box),
-        dict(point_coords=points, point_labels=labels, box=box, multimask_output=False),
-    ]
 
 
 def assert_same_prediction(theirs: tuple, ours: tuple) -> None:
@@ -162,7 +143,7 @@ def test_sdpa_model_is_close(tiny_pair, tmp_path) -> None:
         our_masks, our_scores, our_low = ours.predict(**prompt)
         np.testing.assert_allclose(our_scores, their_scores, rtol=0, atol=1e-5)
         np.testing.assert_allclose(our_low, their_low, rtol=0, atol=1e-4 * max(1.0, float(np.abs(their_low).max())))
-        for a, b in zip(our_masks, their_masks):  # a pixel may flip only where the logit is ~0
+        for a, b in zip(our_masks, their_masks, strict=True):  # a pixel may flip only where the logit is ~0
             assert (a & b).sum() / max((a | b).sum(), 1) >= 0.9999
 
 

@@ -18,19 +18,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.paths import ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
 import convmae
 from miniflorence import CONFIGS, Florence2, tiny_config
 from miniflorence.__main__ import main
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minisam import Sam
 from minisam import tiny_config as sam_tiny_config
 from minivision.checkpoint import save_converted
 from minivision.jobs import Journal, Shard, job_identity, parts_folder
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "tests" / "assets" / "tokenizer" / "florence2"
+TOKENIZER = DEFAULT_TOKENIZER_DIR
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -9,7 +9,6 @@ no file was created, modified or deleted (a snapshot of the data and the output 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -23,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.paths import ROOT
+from helpers.sam import TINY_SAM
 from PIL import Image
 
 import minisam
 from minivision.checkpoint import CheckpointError, save_converted
-from tests.conftest import ROOT
 from train import convmae as train_convmae
 from train import convvit as train_convvit
 from train import files, report, run_folder
@@ -40,20 +40,7 @@ from train.tiny_tokenizer import write_tiny_tokenizer
 
 TINY_CONVMAE = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, mlp_ratio=[2, 2, 2],
                     decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-TINY_SAM = dataclasses.replace(
-    minisam.CONFIGS["vit_b"], image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-    encoder_global_attn_indexes=(1,), window_size=2, prompt_embed_dim=32, mask_in_chans=4,
-    decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32,
-)
 SCRIPTS = {"convmae": train_convmae, "convvit": train_convvit, "sam": train_sam, "florence2": train_florence2}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def noise_images(folder: Path, n: int, seed: int) -> Path:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.paths import ROOT
 from PIL import Image
 
 import convmae
-from tests.conftest import ROOT
 from train import convmae as train_convmae
 from train import files, loop
 from train.distributed import Dist
@@ -23,14 +23,6 @@ from train.report import Skipped
 
 TINY = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, mlp_ratio=[2, 2, 2],
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: extra threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_images(folder: Path, n: int, size: tuple[int, int] = (48, 40), seed: int = 0) -> Path:

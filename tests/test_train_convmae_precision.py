@@ -21,8 +21,7 @@ from train import loop, settings
 from train import sam as train_sam
 from train.distributed import Dist
 
-one_thread = pretrain.one_thread  # the fixtures of the pretraining tests
-setup = pretrain.setup
+setup = pretrain.setup  # the fixture of the pretraining tests
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.paths import ROOT
 from PIL import Image
 
 import convmae
 from minivision.checkpoint import save_converted
-from tests.conftest import ROOT
 from train import convvit as train_convvit
 from train import files
 from train.distributed import Dist
@@ -23,14 +23,6 @@ from train.distributed import Dist
 TINY = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 3], num_heads=2, mlp_ratio=[2, 2, 2],
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: extra threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

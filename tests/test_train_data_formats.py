@@ -13,19 +13,21 @@ import json
 import os
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers.paths import ROOT
 from PIL import Image
 
 import convmae
 import minisam
 from miniflorence import Tokenizer
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minivision import parquet
 from minivision.checkpoint import save_converted
-from tests.conftest import ROOT
 from train import convmae as train_convmae
 from train import convvit as train_convvit
 from train import florence2 as train_florence2
@@ -48,14 +50,6 @@ TINY_SAM = minisam.SamConfig(
 )
 TINY_MAE = dict(image_size=32, embed_dim=[16, 24, 32], depth=[1, 1, 2], num_heads=2, mlp_ratio=[2, 2, 2],
                 decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -134,7 +128,7 @@ def test_parquet_sources_splits_and_ranks(tmp_path: Path) -> None:
     order = parquet.grouped_order([source.group_of(i) for i in range(20)], torch.Generator().manual_seed(0))
     assert sorted(order.tolist()) == list(range(20))
     groups = [source.group_of(i) for i in order.tolist()]
-    assert sum(a != b for a, b in zip(groups, groups[1:])) == len(source.groups) - 1  # each group read once
+    assert sum(a != b for a, b in pairwise(groups)) == len(source.groups) - 1  # each group read once
 
 
 @pytest.mark.parametrize("name, split", [
@@ -441,7 +435,7 @@ def test_florence_cli_runs_a_parquet_split(tmp_path: Path, capsys, monkeypatch) 
                   {"image": images, "question": ["what colour", "what word", "what colour"]}, 2)
     write_parquet(tmp_path / "ds" / "data" / "train-00000-of-00001.parquet",
                   {"image": images[:1], "question": ["what colour"]}, 2)
-    tokenizer = ROOT / "tests" / "assets" / "tokenizer" / "florence2"
+    tokenizer = DEFAULT_TOKENIZER_DIR
     out = tmp_path / "results.jsonl"
     args = ["--random-weights", "base", str(tokenizer), "--parquet", str(tmp_path / "ds"), "--split", "validation",
             "--task", "<DocVQA>", "--text-column", "question", "--max-new-tokens", "3", "--num-beams", "1"]

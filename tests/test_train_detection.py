@@ -9,7 +9,7 @@ import io
 
 import numpy as np
 import pytest
-from conftest import needs_reference
+from helpers.paths import needs_reference
 
 from miniflorence.postprocess import post_process, quantize
 from train.detection import (
@@ -111,7 +111,7 @@ def random_dataset(seed: int, n_images: int = 14, tied_scores: bool = False) -> 
         g_labels = list(rng.choice(classes, n_gt))
         gts.append({"boxes": g_boxes, "labels": g_labels})
         p_boxes, p_labels = [], []
-        for box, label in zip(g_boxes, g_labels):
+        for box, label in zip(g_boxes, g_labels, strict=True):
             if label == "d" or rng.random() < 0.2:
                 continue  # missed
             for _ in range(int(rng.integers(1, 3))):  # sometimes a duplicate
@@ -139,13 +139,13 @@ def pycocotools_map(preds: list, gts: list) -> dict:
     classes = sorted({c for g in gts for c in g["labels"]})
     cat_id = {c: k + 1 for k, c in enumerate(classes)}
     images, annotations, results = [], [], []
-    for i, (p, g) in enumerate(zip(preds, gts)):
+    for i, (p, g) in enumerate(zip(preds, gts, strict=True)):
         images.append({"id": i + 1, "width": 1000, "height": 1000})
-        for box, label in zip(g["boxes"], g["labels"]):
+        for box, label in zip(g["boxes"], g["labels"], strict=True):
             w, h = box[2] - box[0], box[3] - box[1]
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cat_id[label],
                                 "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0})
-        for box, label, score in zip(p["boxes"], p["labels"], p["scores"]):
+        for box, label, score in zip(p["boxes"], p["labels"], p["scores"], strict=True):
             if label in cat_id:  # COCO evaluates the ground truth's categories only
                 results.append({"image_id": i + 1, "category_id": cat_id[label], "score": float(score),
                                 "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})

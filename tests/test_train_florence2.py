@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.paths import ROOT
 
 import miniflorence
-from tests.conftest import ROOT, asset_path
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from train import files
 from train import florence2 as train_florence2
 from train.distributed import Dist
@@ -24,14 +25,6 @@ from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa
 from train.tiny_tokenizer import write_tiny_tokenizer
 
 SIZE = 64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: extra threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +150,7 @@ def test_prompt_text_for_task_tokens() -> None:
 
 
 def test_real_tokenizer_reads_detection_targets(setup: dict, tmp_path: Path) -> None:
-    tok = miniflorence.Tokenizer.from_dir(asset_path("tokenizer", "florence2"))
+    tok = miniflorence.Tokenizer.from_dir(DEFAULT_TOKENIZER_DIR)
     image = setup["data"].parent / "pages" / "page0000.png"
     path = tmp_path / "od.jsonl"
     record = {"image": str(image), "prefix": "<OD>", "suffix": "car<loc_52><loc_330><loc_932><loc_771>"}

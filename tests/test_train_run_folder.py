@@ -44,14 +44,6 @@ SCRIPTS = {"sam": train_sam, "florence2": train_florence2, "convmae": train_conv
 QUICK = ["--epochs", "1", "--batch-size", "2", "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: extra threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny data of each script, a converted tiny SAM and a ConvMAE config."""

@@ -3,7 +3,6 @@ the converted best checkpoint, and DDP under torchrun matching one process."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -11,40 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers.paths import ROOT
+from helpers.sam import TINY_SAM
 
 import minisam
 from minisam.image_encoder import PatchEmbed
-from minivision.checkpoint import save_converted
 from train import files, loop
 from train import sam as train_sam
 from train.distributed import Dist
-from train.synthetic import synthetic_shapes
 
-TINY = dataclasses.replace(
-    minisam.CONFIGS["vit_b"], image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-    encoder_global_attn_indexes=(1,), window_size=2, prompt_embed_dim=32, mask_in_chans=4,
-    decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32,
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
+TINY = TINY_SAM
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("sam_train")
-    data = synthetic_shapes(root / "data", 12, seed=0, size=(48, 36))
-    torch.manual_seed(0)
-    model = minisam.Sam(TINY)
-    start = root / "start.safetensors"
-    save_converted(start, model.state_dict(), "sam", TINY.to_dict())
-    return data, start
+def setup(sam_train_setup: tuple[Path, Path]) -> tuple[Path, Path]:
+    return sam_train_setup  # (data, start checkpoint): tests/conftest.py
 
 
 def settings(setup: tuple[Path, Path], out: Path, **kw) -> train_sam.Settings:
@@ -155,14 +135,15 @@ def test_torchrun_two_processes_match_one(setup, tmp_path: Path) -> None:
     one = subprocess.run([sys.executable, "-m", "train.sam", *common_args, "--out", str(tmp_path / "one"),
                           "--batch-size", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "train.sam", *common_args,
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "train.sam", *common_args,
                           "--out", str(tmp_path / "two"), "--batch-size", "2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     a = files.load_checkpoint(tmp_path / "one" / "last.pt")
     b = files.load_checkpoint(tmp_path / "two" / "last.pt")
     assert a["step"] == b["step"] >= 2
-    for (step_a, loss_a), (step_b, loss_b) in zip(a["history"]["train_loss"], b["history"]["train_loss"]):
+    for (step_a, loss_a), (step_b, loss_b) in zip(a["history"]["train_loss"], b["history"]["train_loss"], strict=True):
         assert step_a == step_b and loss_a == pytest.approx(loss_b, abs=1e-6)  # losses over the global batch
     for name, tensor in a["trainable"].items():
         torch.testing.assert_close(b["trainable"][name], tensor, rtol=0, atol=1e-6, msg=name)

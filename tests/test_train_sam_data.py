@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import asset_path
+from helpers.paths import asset_path
 from PIL import Image, ImageFilter
 
 from train.report import Skipped

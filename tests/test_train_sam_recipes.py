@@ -4,7 +4,6 @@ single-image batches (SGD, fp32)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -13,41 +12,23 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from helpers.paths import ROOT
+from helpers.sam import TINY_SAM
 from torch import nn
 
 import minisam
-from minivision.checkpoint import read_converted, save_converted
+from minivision.checkpoint import read_converted
 from train import files
 from train import lora as train_lora
 from train import sam as train_sam
 from train.distributed import Dist
-from train.synthetic import synthetic_shapes
 
-TINY = dataclasses.replace(
-    minisam.CONFIGS["vit_b"], image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
-    encoder_global_attn_indexes=(1,), window_size=2, prompt_embed_dim=32, mask_in_chans=4,
-    decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32,
-)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
+TINY = TINY_SAM
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("sam_recipes")
-    data = synthetic_shapes(root / "data", 12, seed=0, size=(48, 36))
-    torch.manual_seed(0)
-    model = minisam.Sam(TINY)
-    start = root / "start.safetensors"
-    save_converted(start, model.state_dict(), "sam", TINY.to_dict())
-    return data, start
+def setup(sam_train_setup: tuple[Path, Path]) -> tuple[Path, Path]:
+    return sam_train_setup  # (data, start checkpoint): tests/conftest.py
 
 
 def settings(setup: tuple[Path, Path], out: Path, **kw) -> train_sam.Settings:
@@ -90,7 +71,7 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup, tmp_path: 
     # The merged model (an ordinary Sam, the original keys) gives the LoRA model's outputs.
     merged = minisam.Sam(TINY)
     merged.load_state_dict(train_lora.merged_state_dict(model))
-    for a, b in zip(outputs(model.eval()), outputs(merged.eval())):
+    for a, b in zip(outputs(model.eval()), outputs(merged.eval()), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
     # best.safetensors is that merged model, read by load_sam; best_lora.safetensors + the base = best.
@@ -284,7 +265,8 @@ def test_torchrun_with_lora_and_image_batches_matches_one_process(setup, tmp_pat
     one = subprocess.run([sys.executable, "-m", "train.sam", *args, "--out", str(tmp_path / "one"),
                           "--batch-size", "4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", "-m", "train.sam", *args,
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "train.sam", *args,
                           "--out", str(tmp_path / "two"), "--batch-size", "2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -25,7 +25,7 @@ recognise a few large shapes and colours (the corner first, then colour, then th
 is what the demo can honestly show. Scores are on held-out pages; exact match is the number to
 watch (answering from the question alone would score about 0.2). The tokenizer is a tiny
 byte-level BPE made from the demo's own text (`train.tiny_tokenizer`), so the demo needs no file
-outside the repository; the real Florence-2 tokenizer (`tests/assets/tokenizer/florence2`)
+outside the repository; the real Florence-2 tokenizer (`miniflorence/assets/tokenizer`, package data)
 works with `train.florence2`.
 Chance is answering with a random answer of the right kind (a random word for the word question,
 ...), computed exactly. `pages.png`: held-out pages with question, true answer and prediction;
@@ -85,7 +85,7 @@ from train.tiny_tokenizer import write_tiny_tokenizer
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 # SAM's demo photos (Apache-2.0); repoint here when they move into the repository.
-SAM_DEMO_IMAGES = Path(__file__).resolve().parents[1] / "tests" / "assets" / "images" / "sam"
+SAM_DEMO_IMAGES = DEMO_DATA / "sam"  # truck.jpg, a copy of tests/assets/images/sam/truck.jpg
 TRUCK_BOX = (100.0, 250.0, 1720.0, 850.0)  # the truck in truck.jpg (1800 x 1200), x1 y1 x2 y2
 # A small ConvMAE for the demo: 64 px input, strides 2 x 2 x 2 (an 8 x 8 grid of 8 px patches), narrow and shallow.
 SMALL_CONVMAE = {"image_size": 64, "patch_size": [2, 2, 2], "embed_dim": [32, 48, 96], "depth": [1, 1, 4],

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 import miniflorence
 from miniflorence.model import TIED_KEYS
 from miniflorence.postprocess import strip_sequence_tokens
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minivision.checkpoint import resolve_weights, save_converted
 from train import distributed, loop, report, run_folder, script
 from train.detection import collapse_inverted, decode_od, mean_average_precision
@@ -60,8 +61,8 @@ from train.levenshtein import anls, exact_match, similarity
 from train.lora import add_lora, merged_state_dict, save_lora
 from train.settings import TrainSettings, read_config
 
-# The real Florence-2 tokenizer files, committed with the tests (MIT; tests/assets/ATTRIBUTION.md).
-REAL_TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "assets" / "tokenizer" / "florence2"
+# The real Florence-2 tokenizer files, package data of miniflorence (MIT; miniflorence/assets/ATTRIBUTION.md).
+REAL_TOKENIZER = DEFAULT_TOKENIZER_DIR
 
 EXAMPLES = """
   python -m weights_convert florence2 Florence-2-base-ft/ florence2_base_ft.safetensors   # the official weights, once

@@ -1,7 +1,7 @@
 """A small byte-level BPE tokenizer made from a handful of texts, in the Florence-2 file format.
 
 For demos and tests that want a vocabulary made for their own few texts (a handful of tokens per
-answer learns in seconds; the real Florence-2 tokenizer is in tests/assets). The vocabulary is
+answer learns in seconds; the real Florence-2 tokenizer is miniflorence/assets/tokenizer). The vocabulary is
 BART's four special tokens at BART's ids (`<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3), the 256 byte
 symbols (so any text can be encoded and decoded exactly), and one merge chain per distinct word of
 the given texts, so that those words become few tokens; optional added tokens (e.g. Florence-2's

@@ -13,16 +13,25 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import official
 import pytest
 import torch
 from official import fill_sam_random, import_segment_anything
+from PIL import Image
 
 import minisam
+from helpers.paths import asset_path
 from minisam.sam import sam_from_tensors
 from weights_convert import sam as convert_sam
 from weights_convert.__main__ import main as convert_main
 
+# The tiny SAM of the training and LoRA tests: vit_b's layout at 64 px, width 32.
+TINY_SAM = dataclasses.replace(
+    minisam.CONFIGS["vit_b"], image_size=64, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+    encoder_global_attn_indexes=(1,), window_size=2, prompt_embed_dim=32, mask_in_chans=4,
+    decoder_num_heads=2, decoder_mlp_dim=64, iou_head_hidden_dim=32,
+)
 
 def segment_anything() -> ModuleType:
     """The official package, or skip the test when it is not installed."""
@@ -82,3 +91,41 @@ def to_minisam(
     assert convert_main(["sam", str(src), str(dst), *config]) == 0
     src.unlink()
     return minisam.load_sam(dst, image_size=image_size, use_sdpa=use_sdpa)
+
+
+def load_image(name: str) -> np.ndarray:
+    return np.array(Image.open(asset_path("images", "sam", f"{name}.jpg")).convert("RGB"))
+
+
+def prompts_for(h: int, w: int) -> list[dict]:
+    """Point, box, point + box, several points: placed by fractions of the image size."""
+    points = np.array([[0.3 * w, 0.4 * h], [0.7 * w, 0.6 * h]])
+    labels = np.array([1, 0])
+    box = np.array([0.2 * w, 0.25 * h, 0.6 * w, 0.8 * h])
+    return [
+        dict(point_coords=points[:1], point_labels=labels[:1]),
+        dict(point_coords=points[:1], point_labels=labels[:1], multimask_output=False),
+        dict(box=box, multimask_output=False),
+        dict(box=box),
+        dict(point_coords=points, point_labels=labels, box=box),
+        dict(point_coords=points, point_labels=labels, box=box, multimask_output=False),
+    ]
+
+
+def prompt_sets(image_size: int, generator: torch.Generator) -> dict[str, dict]:
+    """Points only, a box only, points + box, points + mask input; 2 prompts each, in the input frame."""
+    grid = image_size // 16
+    points = torch.rand(2, 3, 2, generator=generator) * image_size * 0.7
+    labels = torch.tensor([[1, 0, 1], [1, 1, -1]])
+    corners = torch.rand(2, 2, 2, generator=generator) * image_size * 0.7
+    boxes = torch.cat([corners.min(1).values, corners.max(1).values], dim=1)
+    masks = torch.randn(2, 1, 4 * grid, 4 * grid, generator=generator) * 5
+    return {
+        "points": dict(points=(points, labels), boxes=None, masks=None),
+        "box": dict(points=None, boxes=boxes, masks=None),
+        "points+box": dict(points=(points[:, :2], labels[:, :2]), boxes=boxes, masks=None),
+        "points+mask": dict(points=(points, labels), boxes=None, masks=masks),
+    }
+
+
+LOW_FILTERS = dict(points_per_side=6, points_per_batch=16, pred_iou_thresh=0.01, stability_score_thresh=0.05)
