@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from conftest import asset_path
+from helpers.paths import asset_path
 from official import seeded_florence2_fill
 
 from miniflorence import Florence2, Processor, Tokenizer, read_image, tiny_config
