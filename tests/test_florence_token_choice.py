@@ -19,6 +19,7 @@ from official import seeded_florence2_fill
 from miniflorence import Florence2, Processor, Tokenizer, read_image, tiny_config
 from miniflorence.generation import GenerationOptions, process_scores
 from miniflorence.token_choice import ScreenedArgmax
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 
 PAD = 1
 PHOTOS = [("sam", "dog.jpg"), ("sam", "dogs.jpg"), ("sam", "groceries.jpg"), ("sam", "truck.jpg"),
@@ -133,7 +134,7 @@ def test_bf16_batch8_job_agrees_with_fp32() -> None:
     fast-path target), and every caption post-processes."""
     model = seeded_model(5, image_size=96)
     fast = copy.deepcopy(model).to_dtype(torch.bfloat16)
-    processor = Processor(Tokenizer.from_dir(asset_path("tokenizer", "florence2")), image_size=96)
+    processor = Processor(Tokenizer.from_dir(DEFAULT_TOKENIZER_DIR), image_size=96)
     images = [read_image(asset_path("images", *photo)) for photo in PHOTOS]
     inputs = processor("<CAPTION>", images)
     assert inputs["pixel_values"].shape[0] == 8

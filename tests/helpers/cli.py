@@ -27,6 +27,12 @@ def snapshot(folder: Path, folder_times: bool = False) -> dict[str, tuple[int, i
     return state
 
 
+def contents(folder: Path) -> dict[str, tuple[int, str]]:
+    """Every file under `folder` -> (size, sha256): what two runs into two folders must both write
+    (a snapshot without the times, which differ between the runs)."""
+    return {name: (size, digest) for name, (size, _, digest) in snapshot(folder).items() if digest != "folder"}
+
+
 def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m module args...` from the repository root, with this checkout first on the path."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
