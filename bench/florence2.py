@@ -65,6 +65,7 @@ sys.path.insert(0, str(ROOT))
 from miniflorence import CONFIGS, Florence2, Florence2Config, Processor, Tokenizer, read_image  # noqa: E402
 from miniflorence.generation import GenerationOptions, greedy_search  # noqa: E402
 from miniflorence.model import florence2_from_tensors  # noqa: E402
+from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR  # noqa: E402
 from weights_convert.florence2 import convert_tensors  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -385,7 +386,7 @@ def native_processor(image_size: int, image_tokens: int) -> object | None:
                               post_processor_config={kind: {} for kind in kinds})
 
 
-TOKENIZER = ROOT / "tests" / "assets" / "tokenizer" / "florence2"
+TOKENIZER = DEFAULT_TOKENIZER_DIR  # the real Florence-2 tokenizer files, package data of miniflorence
 TASK = "<CAPTION>"
 
 
