@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="weights and activations (default fp32, the exact path; bf16 is faster on AMX CPUs and "
                         "GPUs and keeps the logits in float32)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the vision tower and the decoding step (the first run compiles: minutes)")
+                   help="torch.compile the vision tower (the first run compiles: minutes)")
     args = p.parse_args(argv)
     fixed = "TOKENIZER_DIR" if args.random_weights else "CHECKPOINT TOKENIZER_DIR"
     if args.jsonl and args.parquet:

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of --random")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the vision tower and the decoding step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the vision tower")
     parser.add_argument("--num-beams", type=int, default=3, help="1 = greedy (default 3, the official setting)")
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     server.add_server_arguments(parser)

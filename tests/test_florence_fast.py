@@ -13,14 +13,13 @@ import copy
 
 import pytest
 import torch
+from helpers.florence import EOS, PAD, image_prompts
 from official import seeded_florence2_fill
 from torch.profiler import ProfilerActivity, profile
 
 from miniflorence import CONFIGS, Florence2, tiny_config
 from miniflorence.generation import GenerationOptions, greedy_search
 from miniflorence.language_model import StaticKVCache
-
-EOS, PAD = 2, 1
 
 
 def seeded_model(config, seed: int = 0) -> Florence2:
@@ -34,17 +33,6 @@ def seeded_model(config, seed: int = 0) -> Florence2:
 def tiny() -> Florence2:
     return seeded_model(tiny_config(image_size=96), seed=3)
 
-
-def image_prompts(image_size: int, count: int, seed: int = 11) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of 2 images + prompts `<s> ... </s>`; the second prompt shorter and right-padded."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(count):
-        prompt = torch.randint(3, 50265, (2, 9), generator=g)
-        prompt[:, 0], prompt[0, 8] = 0, EOS
-        prompt[1, 4 + i % 4], prompt[1, 5 + i % 4:] = EOS, PAD
-        out.append((torch.randn(2, 3, image_size, image_size, generator=g), prompt))
-    return out
 
 
 # --- the static cache ----------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def native_pair(config, seed: int):
     return native, ours, base
 
 
-def image_prompts(image_size: int, count: int, seed: int = 11):
+def image_prompts(image_size: int, count: int, seed: int = 11) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of 2 images + prompts `<s> ... </s>`; the second prompt shorter and right-padded."""
     g = torch.Generator().manual_seed(seed)
     out = []
