@@ -177,10 +177,18 @@ def test_sam_page(browser, artifacts: Path, tmp_path: Path) -> None:
         assert len(colours) > 1 and len(set(colours)) == len(colours)  # every mask in its own colour
         page.screenshot(path=artifacts / "sam_4_everything.png")
 
-        # a second tab with its own image; then the first tab's image is forgotten (as after a restart)
-        other = browser.new_page()
+        # a second tab with its own image, chosen before the page has its server's info (GET /api/info is
+        # held back until the file is set): the image waits for it; then the first tab's image is forgotten
+        # (as after a restart)
+        other = new_page(browser, errors)
+        held = []
+        other.route("**/api/info", lambda route: held.append(route))
         other.goto(base)
+        while not held:
+            other.wait_for_timeout(20)
         other.set_input_files("#file", str(STATIC_DIR / "photos" / "dog.jpg"))
+        held[0].continue_()
+        other.wait_for_function("() => window.mv.imageId !== null")  # uploaded, not lost
         other.wait_for_function("() => window.mv.ready", timeout=120_000)
         assert other.evaluate("() => window.mv.imageId") != page.evaluate("() => window.mv.imageId")
         page.evaluate("() => { window.mv.imageId = 'from-before-a-restart'; }")

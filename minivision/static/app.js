@@ -30,6 +30,10 @@ const state = {
   lastDecoderMs: null,
 };
 window.mv = state;
+// Settles once GET /api/info has answered (true) or failed (false): an image opened in the first moments,
+// before the page knows its server, waits for it instead of being lost.
+let pageStarted;
+const started = new Promise((resolve) => { pageStarted = resolve; });
 let drag = null;  // SAM: the mouse drag under way, {x0, y0, x1, y1, moved, negative}
 
 // ---- messages and requests ----------------------------------------------------------------------
@@ -66,6 +70,7 @@ function progress(text) {
 // ---- opening an image ---------------------------------------------------------------------------
 
 async function openImage(blob, name) {
+  if (!(await started)) return;  // the message of the failed start stays on the page
   if (state.busy) { say("wait for the current request to finish", "error"); return; }
   if (blob.type && !blob.type.startsWith("image/")) {
     say(`${name} is not an image (${blob.type}): choose a JPEG, PNG, ... file`, "error");
@@ -241,6 +246,7 @@ window.addEventListener("load", async () => {  // after sam.js and florence.js
     state.info = await api("GET", "/api/info");
   } catch (e) {
     say(e.message, "error");
+    pageStarted(false);
     return;
   }
   const sam = state.info.family === "sam";
@@ -252,4 +258,5 @@ window.addEventListener("load", async () => {  // after sam.js and florence.js
   if (!sam) setUpTasks(state.info.tasks);
   addPhotoButtons(state.info.photos || []);
   say("open an image to start");
+  pageStarted(true);
 });
