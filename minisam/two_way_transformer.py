@@ -60,8 +60,10 @@ class TwoWayTransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B or 1, C, H, W) image, (B or 1, C, H, W) its positional encoding, (B, T, C) tokens
         -> (tokens, image (B, N, C))."""
-        image_embedding = image_embedding.flatten(2).permute(0, 2, 1)  # (B, C, H, W) -> (B, N, C)
-        image_pe = image_pe.flatten(2).permute(0, 2, 1)  # (B, N, C)
+        # Channels last, in memory too: every later sum with these runs over contiguous rows (a transposed
+        # operand broadcast over B prompts makes each of those sums several times slower).
+        image_embedding = image_embedding.flatten(2).transpose(1, 2).contiguous()  # (B, C, H, W) -> (B, N, C)
+        image_pe = image_pe.flatten(2).transpose(1, 2).contiguous()  # (B, N, C)
         queries, keys = point_embedding, image_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=image_pe)
