@@ -104,8 +104,17 @@ class Florence2(nn.Module):
         """(B, 3, H, W) normalised pixels (H, W multiples of 32) -> image tokens (B, 1 + HW/1024, D).
 
         The pixels are cast to the model's dtype, so float32 processor output feeds a bf16 model.
+        The vision tower takes the images one at a time: its matmuls have thousands of rows per image
+        already, and the arrays of a whole batch (hundreds of MB at 768 px) are memory the allocator
+        takes fresh from the system at every layer, where one image's are reused. Measured on 2 cores,
+        base, 8 images at 768 px: 9.5 s as a batch, 4.9 s one by one (bf16); fp32 21.5 s and 13.6 s,
+        with bit-identical results (a row of a matmul does not depend on the other rows).
         """
-        grid = self.vision_tower(pixel_values.to(self.image_projection.dtype))  # (B, H/32, W/32, C)
+        pixel_values = pixel_values.to(self.image_projection.dtype)
+        if torch.compiler.is_exporting():  # an exported graph (ONNX) keeps its batch axis free
+            grid = self.vision_tower(pixel_values)  # (B, H/32, W/32, C)
+        else:
+            grid = torch.cat([self.vision_tower(image[None]) for image in pixel_values])  # (B, H/32, W/32, C)
         return project_image_features(grid, self.image_pos_embed, self.visual_temporal_embed,
                                       self.image_projection, self.image_proj_norm)  # (B, I, D)
 
