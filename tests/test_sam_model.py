@@ -153,6 +153,14 @@ def test_sdpa_and_plain_attention_gradients_agree(tiny):
     used = [k for k, g in plain.items() if g is not None]  # box prompts leave the point embeddings unused
     assert used == [k for k, g in fused.items() if g is not None] and "image_encoder.blocks.1.attn.rel_pos_h" in used
     for key in used:
+        if key.startswith("mask_decoder.transformer.") and key.endswith("k_proj.bias"):
+            # A key bias adds the same q . b_k to all logits of a query, which softmax ignores: its
+            # exact gradient is 0 and both paths return float32 noise (~1e-8, sign and size differ
+            # with any change of rounding upstream). What holds is that the noise is negligible: at
+            # most 1e-4 of the gradient of the same attention's query bias, the rule of every other tensor.
+            scale = plain[key.replace("k_proj", "q_proj")].abs().max()
+            assert max(fused[key].abs().max(), plain[key].abs().max()) <= 1e-4 * scale, key
+            continue
         assert (fused[key] - plain[key]).abs().max() <= 1e-4 * plain[key].abs().max() + 1e-7, key
 
 
