@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.cli import assert_one_line_error, run_module, snapshot
+from helpers.cli import assert_one_line_error, run_main, run_module, snapshot
 from helpers.paths import asset_path
 from PIL import Image
 from safetensors import safe_open
@@ -71,15 +71,6 @@ def work(tmp_path: Path, files: Path) -> Path:
     return tmp_path
 
 
-def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def batch(paths: list[Path], size: int = 64) -> torch.Tensor:
     return torch.stack([eval_transform(read_image(p), size) for p in paths])  # (B, 3, S, S)
 
@@ -89,7 +80,7 @@ def batch(paths: list[Path], size: int = 64) -> torch.Tensor:
 
 def test_top_k_classes(work: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(work)
-    code, out, err = run_main(["named.safetensors", "a.png", "b.jpg"], capsys)
+    code, out, err = run_main(main, ["named.safetensors", "a.png", "b.jpg"], capsys)
     assert code == 0, err
     model = load_convvit(work / "named.safetensors")
     with torch.no_grad():
@@ -99,7 +90,7 @@ def test_top_k_classes(work: Path, capsys, monkeypatch) -> None:
         best = p.argsort(descending=True)[:5].tolist()
         assert [part.split()[1] for part in line.split(": ", 1)[1].split("  ")] == [CLASSES[i] for i in best]
         assert f"{p[best[0]]:.3f}" in line
-    code, out, _ = run_main(["convvit.safetensors", "a.png", "--top-k", "2"], capsys)
+    code, out, _ = run_main(main, ["convvit.safetensors", "a.png", "--top-k", "2"], capsys)
     assert code == 0 and out.count("class ") == 2  # no names in the file: the indices
 
 
@@ -107,7 +98,7 @@ def test_features_equal_the_encoder_and_one_image_runs(work: Path, capsys, monke
     monkeypatch.chdir(work)
     images = ["a.png", "b.jpg", "c16.png"]
     for kind in ("convmae", "convvit"):
-        code, _, err = run_main([f"{kind}.safetensors", *images, "--features", f"{kind}.features.safetensors",
+        code, _, err = run_main(main, [f"{kind}.safetensors", *images, "--features", f"{kind}.features.safetensors",
                                  "--batch-size", "2", "--top-k", "0"], capsys)
         assert code == 0, err
         got = load_file(work / f"{kind}.features.safetensors")
@@ -121,7 +112,7 @@ def test_features_equal_the_encoder_and_one_image_runs(work: Path, capsys, monke
             meta = f.metadata()
         assert json.loads(meta["images"]) == images and meta["strides"] == "4,8,16,32"
         for i, image in enumerate(images):
-            assert run_main([f"{kind}.safetensors", image, "--features", f"one_{i}.safetensors", "--top-k", "0"],
+            assert run_main(main, [f"{kind}.safetensors", image, "--features", f"one_{i}.safetensors", "--top-k", "0"],
                             capsys)[0] == 0
             one = load_file(work / f"one_{i}.safetensors")
             for key in got:
@@ -133,11 +124,11 @@ def test_reconstruction_rows_equal_one_image_runs(work: Path, capsys, monkeypatc
     monkeypatch.chdir(work)
     for kind in ("convmae", "fastconvmae"):
         argv = [f"{kind}.safetensors", "a.png", "b.jpg", "--reconstruct", "both.png", "--force"]
-        assert run_main(argv, capsys)[0] == 0
+        assert run_main(main, argv, capsys)[0] == 0
         both = np.asarray(Image.open(work / "both.png"))
         singles = []
         for image in ("a.png", "b.jpg"):
-            assert run_main([f"{kind}.safetensors", image, "--reconstruct", "one.png", "--force"], capsys)[0] == 0
+            assert run_main(main, [f"{kind}.safetensors", image, "--reconstruct", "one.png", "--force"], capsys)[0] == 0
             singles.append(np.asarray(Image.open(work / "one.png")))
         row = both.shape[0] - singles[0].shape[0]  # one more row of (name band, cells, gap)
         top = 20  # the column titles
@@ -206,7 +197,7 @@ def test_bad_input_is_one_line_and_writes_nothing(work: Path, case: str, capsys,
     argv, expected_code, fragments = BAD_CASES[case]
     monkeypatch.chdir(work)
     before = snapshot(work)
-    code, _, err = run_main(argv, capsys)
+    code, _, err = run_main(main, argv, capsys)
     assert code == expected_code, err
     assert_one_line_error(err, *fragments)
     assert snapshot(work) == before
@@ -217,7 +208,7 @@ def test_device_without_cuda(work: Path, capsys, monkeypatch) -> None:
         pytest.skip("this machine has CUDA")
     monkeypatch.chdir(work)
     before = snapshot(work)
-    code, _, err = run_main(["convvit.safetensors", "a.png", "--device", "cuda"], capsys)
+    code, _, err = run_main(main, ["convvit.safetensors", "a.png", "--device", "cuda"], capsys)
     assert code == 1
     assert_one_line_error(err, "--device cuda", "CUDA is not available")
     assert snapshot(work) == before

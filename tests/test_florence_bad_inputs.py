@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.cli import snapshot
+from helpers.cli import run_main, snapshot
 from helpers.florence import save_tiny_checkpoint
 from helpers.paths import ROOT, asset_path
 from PIL import Image
@@ -68,12 +68,7 @@ def work(tmp_path_factory) -> Path:
 def cli(work: Path, args: list[str], capsys) -> tuple[int, str, str]:
     """Run `python -m miniflorence` in-process with paths relative to `work`; (code, stdout, stderr)."""
     expanded = [str(work / a[1:]) if a.startswith("@") else a for a in args]  # "@x" = the file x in work
-    try:
-        code = main(expanded)
-    except SystemExit as e:  # argparse
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(main, expanded, capsys)
 
 
 CK, TOK, CAR = "@tiny.safetensors", "@tokenizer", "@images/car.png"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.cli import assert_one_line_error, contents, run_module, snapshot
+from helpers.cli import assert_one_line_error, contents, run_main, run_module, snapshot
 from helpers.paths import asset_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -69,15 +69,6 @@ def work(tmp_path: Path, photo: Image.Image, checkpoint: Path) -> Path:
     save_converted(tmp_path / "convmae.safetensors", convmae.ConvMAE(c).state_dict(), "convmae", config)
     (tmp_path / "existing.png").write_bytes(b"keep me")
     return tmp_path
-
-
-def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 CK, A = "sam.safetensors", "a.png"
@@ -136,7 +127,7 @@ def test_bad_input_is_one_line_and_writes_nothing(work: Path, case: str, capsys,
     argv, expected_code, fragments = BAD_CASES[case]
     monkeypatch.chdir(work)
     before = snapshot(work)
-    code, _, err = run_main(argv, capsys)
+    code, _, err = run_main(main, argv, capsys)
     assert code == expected_code, err
     assert_one_line_error(err, *fragments)
     assert snapshot(work) == before
@@ -147,7 +138,7 @@ def test_device_without_cuda(work: Path, capsys, monkeypatch) -> None:
         pytest.skip("this machine has CUDA")
     monkeypatch.chdir(work)
     before = snapshot(work)
-    code, _, err = run_main([CK, A, "--point", "1,1", "--device", "cuda", *OUT], capsys)
+    code, _, err = run_main(main, [CK, A, "--point", "1,1", "--device", "cuda", *OUT], capsys)
     assert code == 1
     assert_one_line_error(err, "--device cuda", "CUDA is not available")
     assert snapshot(work) == before
@@ -159,7 +150,7 @@ def test_device_without_cuda(work: Path, capsys, monkeypatch) -> None:
 def test_out_into_a_missing_folder_is_created(work: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(work)
     before = snapshot(work)
-    code, out, err = run_main([CK, A, "--point", "40,50", "--out", "new/deeper/mask.png"], capsys)
+    code, out, err = run_main(main, [CK, A, "--point", "40,50", "--out", "new/deeper/mask.png"], capsys)
     assert code == 0, err
     written = set(snapshot(work)) - set(before)
     files = {"new/deeper/mask.png", "new/deeper/mask_overlay.png", "new/deeper/mask.json"}
@@ -169,7 +160,7 @@ def test_out_into_a_missing_folder_is_created(work: Path, capsys, monkeypatch) -
 
 def test_force_replaces_only_the_outputs(work: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(work)
-    assert run_main([CK, A, "--point", "40,50", "--out", "existing.png", "--force"], capsys)[0] == 0
+    assert run_main(main, [CK, A, "--point", "40,50", "--out", "existing.png", "--force"], capsys)[0] == 0
     assert Image.open(work / "existing.png").size == (150, 100)
     # --auto with --force clears an earlier run's numbered masks in its folder, and nothing else.
     folder = work / "amg" / "a"
@@ -178,8 +169,8 @@ def test_force_replaces_only_the_outputs(work: Path, capsys, monkeypatch) -> Non
         (folder / name).write_text("old")
     argv = [CK, A, "--auto", "--points-per-side", "2", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
             "--out-dir", "amg"]
-    assert run_main(argv, capsys)[0] == 1  # exists: refused without --force
-    assert run_main([*argv, "--force"], capsys)[0] == 0
+    assert run_main(main, argv, capsys)[0] == 1  # exists: refused without --force
+    assert run_main(main, [*argv, "--force"], capsys)[0] == 0
     names = sorted(p.name for p in folder.iterdir())
     rows = (folder / "metadata.csv").read_text().splitlines()
     assert "57.png" not in names and "my notes.txt" in names and len(rows) - 1 == len(names) - 2
@@ -196,11 +187,11 @@ def test_batch_equals_one_image_runs(work: Path, checkpoint: Path, capsys, monke
     monkeypatch.chdir(work)
     prompt = ["--point", "40,30", "--point", "20,40,0", "--box", "5,5,60,45", "--multimask"]
     images = ["a.png", "b.jpg", "c16.png"]
-    assert run_main([CK, *images, *prompt, "--batch-size", "2", "--out-dir", "batch"], capsys)[0] == 0
+    assert run_main(main, [CK, *images, *prompt, "--batch-size", "2", "--out-dir", "batch"], capsys)[0] == 0
     predictor = SamPredictor(load_sam(checkpoint))
     for image in images:
         stem = Path(image).stem
-        assert run_main([CK, image, *prompt, "--out", f"single/{stem}.png"], capsys)[0] == 0
+        assert run_main(main, [CK, image, *prompt, "--out", f"single/{stem}.png"], capsys)[0] == 0
         for name in (f"{stem}_0.png", f"{stem}_1.png", f"{stem}_2.png", f"{stem}_overlay.png", f"{stem}.json"):
             assert (work / "batch" / name).read_bytes() == (work / "single" / name).read_bytes(), name
         predictor.set_image(read_image(image))
@@ -220,13 +211,13 @@ def test_auto_batch_writes_amg_layout_and_equals_one_image_runs(
     monkeypatch.chdir(work)
     options = ["--auto", "--points-per-side", "3", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
     images = ["a.png", "b.jpg"]
-    assert run_main([CK, *images, *options, "--batch-size", "2", "--out-dir", "batch"], capsys)[0] == 0
-    assert run_main([CK, *images, *options, "--convert-to-rle", "--out-dir", "rle"], capsys)[0] == 0
+    assert run_main(main, [CK, *images, *options, "--batch-size", "2", "--out-dir", "batch"], capsys)[0] == 0
+    assert run_main(main, [CK, *images, *options, "--convert-to-rle", "--out-dir", "rle"], capsys)[0] == 0
     model = load_sam(checkpoint)
     generator = AutomaticMaskGenerator(model, points_per_side=3, pred_iou_thresh=0, stability_score_thresh=0)
     for image in images:
         stem = Path(image).stem
-        assert run_main([CK, image, *options, "--out-dir", f"single_{stem}"], capsys)[0] == 0
+        assert run_main(main, [CK, image, *options, "--out-dir", f"single_{stem}"], capsys)[0] == 0
         batch, single = work / "batch" / stem, work / f"single_{stem}" / stem
         assert contents(batch) == contents(single)
         records = generator.generate(read_image(image))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.cli import run_main
 from PIL import Image
 from safetensors import safe_open
 
@@ -29,15 +30,6 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def run(main, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +60,7 @@ def images(tmp_path: Path) -> Path:
 def test_outputs_get_normal_permissions(tmp_path: Path, sam_weights: Path, capsys) -> None:
     """A converted checkpoint, a PNG and a JSON come out 0o666 & ~umask, not mkstemp's private 0o600."""
     expected = 0o666 & ~umask()
-    code, _, err = run(weights_convert.__main__.main,
+    code, _, err = run_main(weights_convert.__main__.main,
                        ["sam", str(sam_weights), str(tmp_path / "back.safetensors"), "--to-official"], capsys)
     assert code == 0, err
     save_converted(tmp_path / "converted.safetensors", {"x": torch.zeros(2)}, "sam", {})
@@ -166,18 +158,19 @@ def test_resolve_weights(run_folder: Path, sam_weights: Path, tmp_path: Path, ca
 
 def test_every_tool_follows_the_rule(run_folder: Path, images: Path, tmp_path: Path, capsys) -> None:
     good = [str(images / "a.png")]
-    code, _, err = run(minisam.__main__.main, [str(run_folder), *good, "--point", "5,5", "--out-dir",
+    code, _, err = run_main(minisam.__main__.main, [str(run_folder), *good, "--point", "5,5", "--out-dir",
                                                str(tmp_path / "masks")], capsys)
     assert code == 0 and "best.safetensors" in err, err
-    code, _, err = run(minisam.__main__.main, [str(run_folder / "last.pt"), *good, "--point", "5,5", "--out",
+    code, _, err = run_main(minisam.__main__.main, [str(run_folder / "last.pt"), *good, "--point", "5,5", "--out",
                                                str(tmp_path / "m.png")], capsys)
     assert code == 1 and "last.pt: a training checkpoint" in err and "best.safetensors" in err, err
     convert = weights_convert.__main__.main
-    code, _, err = run(convert, ["sam", str(run_folder / "last.pt"), str(tmp_path / "x.safetensors")], capsys)
+    code, _, err = run_main(convert, ["sam", str(run_folder / "last.pt"), str(tmp_path / "x.safetensors")], capsys)
     assert code == 1 and "best.safetensors" in err and len(err.strip().splitlines()) == 1, err
-    code, _, err = run(convert, ["sam", str(run_folder / "best.safetensors"), str(tmp_path / "x.safetensors")], capsys)
+    best = str(run_folder / "best.safetensors")
+    code, _, err = run_main(convert, ["sam", best, str(tmp_path / "x.safetensors")], capsys)
     assert code == 1 and "already converted" in err and len(err.strip().splitlines()) == 1, err
-    code, _, err = run(convert, ["sam", str(run_folder), str(tmp_path / "x.safetensors")], capsys)
+    code, _, err = run_main(convert, ["sam", str(run_folder), str(tmp_path / "x.safetensors")], capsys)
     assert code == 1 and "already converted" in err, err
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -188,13 +181,13 @@ def test_every_tool_follows_the_rule(run_folder: Path, images: Path, tmp_path: P
 def test_sam_lists_every_bad_image_or_skips_them(sam_weights: Path, images: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "masks"
     argv = [str(sam_weights), str(images), "--point", "5,5", "--out-dir", str(out)]
-    code, _, err = run(minisam.__main__.main, argv, capsys)
+    code, _, err = run_main(minisam.__main__.main, argv, capsys)
     assert code == 1 and "Traceback" not in err and not out.exists()
     lines = err.strip().splitlines()
     assert lines[0].startswith("error: 3 unusable image(s)") and "--skip-bad" in lines[0]
     assert [line.split(":")[0].strip() for line in lines[1:]] == [str(images / n) for n in
                                                                  ("empty.jpg", "notes.png", "truncated.png")]
-    code, _, err = run(minisam.__main__.main, [*argv, "--skip-bad"], capsys)
+    code, _, err = run_main(minisam.__main__.main, [*argv, "--skip-bad"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".png" and "_" not in p.stem) == ["a.png", "b.png"]
     assert err.count("skipped: ") == 3 and "skipped 3 of 5 image(s) (--skip-bad)" in err
@@ -206,9 +199,9 @@ def test_convmae_skips_bad_images(images: Path, tmp_path: Path, capsys) -> None:
     save_converted(weights, convmae.ConvViT(c).state_dict(), "convmae", {**c.to_dict(), "model": "convvit"})
     features = tmp_path / "new" / "features.safetensors"  # a missing output folder is created
     argv = [str(weights), str(images), "--features", str(features), "--top-k", "0"]
-    code, _, err = run(convmae.__main__.main, argv, capsys)
+    code, _, err = run_main(convmae.__main__.main, argv, capsys)
     assert code == 1 and err.startswith("error: 3 unusable image(s)") and not features.exists(), err
-    code, _, err = run(convmae.__main__.main, [*argv, "--skip-bad"], capsys)
+    code, _, err = run_main(convmae.__main__.main, [*argv, "--skip-bad"], capsys)
     assert code == 0 and "skipped 3 of 5" in err, err
     with safe_open(str(features), "pt") as f:
         assert f.get_tensor("s0").shape[0] == 2
@@ -218,7 +211,7 @@ def test_convmae_skips_bad_images(images: Path, tmp_path: Path, capsys) -> None:
 def test_help_opens_with_examples_and_shows_defaults(capsys) -> None:
     for main, first in ((minisam.__main__.main, "python -m minisam sam_vit_b.safetensors"),
                         (convmae.__main__.main, "python -m convmae convmae_base.safetensors")):
-        code, out, _ = run(main, ["--help"], capsys)
+        code, out, _ = run_main(main, ["--help"], capsys)
         assert code == 0
         head = out.split("options:")[0]
         assert first in head, head

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from helpers.paths import ROOT
@@ -31,6 +32,16 @@ def contents(folder: Path) -> dict[str, tuple[int, str]]:
     """Every file under `folder` -> (size, sha256): what two runs into two folders must both write
     (a snapshot without the times, which differ between the runs)."""
     return {name: (size, digest) for name, (size, _, digest) in snapshot(folder).items() if digest != "folder"}
+
+
+def run_main(main: Callable[[list[str]], int | None], argv: list[str], capsys) -> tuple[int | str | None, str, str]:
+    """(exit status, stdout, stderr) of a command's `main(argv)` run in-process; argparse's exit counts as a status."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
