@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from miniflorence.kv_cache import KeyValueCache, KVCache, StaticKVCache, causal_mask
+from miniflorence.linear import Linear
 from miniflorence.token_choice import ScreenedArgmax
 
 __all__ = ["Florence2LanguageModel", "KVCache", "KeyValueCache", "LayerConfig", "StaticKVCache", "causal_mask"]
@@ -70,10 +71,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.dropout = dropout
         self.use_sdpa = use_sdpa
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def split_heads(self, x: Tensor) -> Tensor:
         B, N, _ = x.shape
@@ -132,8 +133,8 @@ class EncoderLayer(nn.Module):
         c = config
         self.self_attn = Attention(c.dim, c.num_heads, c.attention_dropout, c.use_sdpa)
         self.self_attn_layer_norm = nn.LayerNorm(c.dim, eps=c.eps)
-        self.fc1 = nn.Linear(c.dim, c.ffn_dim)
-        self.fc2 = nn.Linear(c.ffn_dim, c.dim)
+        self.fc1 = Linear(c.dim, c.ffn_dim)
+        self.fc2 = Linear(c.ffn_dim, c.dim)
         self.final_layer_norm = nn.LayerNorm(c.dim, eps=c.eps)
         self.dropout = c.dropout
         self.activation_dropout = c.activation_dropout

@@ -35,8 +35,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from miniflorence.linear import linear
 
 UNIT_ROUNDOFF_FP32 = 2.0**-24
 BF16_RESULT_ROUNDING = 2.0**-8  # relative: half a bf16 ulp is 2^-9 of the value; doubled for slack
@@ -64,6 +65,8 @@ class ScreenedArgmax:
         self.row_norm = table.double().norm(dim=1).float()  # |w|, (V,)
         self.row_norm_bf16 = self.table_bf16.double().norm(dim=1).float()  # |w^|, (V,)
         self.row_error = rounding.norm(dim=1).float()  # |e_w|, (V,)
+        # the bound per token is |x^| * row_weight_of_x + (|e_x| + gamma |x|) * |w| + 2^-8 |l~| (see `radius`)
+        self.row_weight_of_x = self.row_error + self.gamma * self.row_norm_bf16  # (V,)
         self.candidates = min(candidates, table.shape[0] - 1)
         self.screened_steps = 0  # statistics: steps decided by the screen ...
         self.fallback_steps = 0  # ... and steps that needed the full float32 logits
@@ -79,16 +82,17 @@ class ScreenedArgmax:
         x_norm = x.double().norm(dim=1, keepdim=True).float()  # (B, 1)
         x_bf16_norm = x_bf16.double().norm(dim=1, keepdim=True).float()  # (B, 1)
         error_norm = (x_bf16 - x).double().norm(dim=1, keepdim=True).float()  # (B, 1)
-        bound = (x_bf16_norm * self.row_error + error_norm * self.row_norm
-                 + self.gamma * (x_bf16_norm * self.row_norm_bf16 + x_norm * self.row_norm)
-                 + BF16_RESULT_ROUNDING * screen.abs())  # (B, V)
-        return 2 * bound + torch.finfo(torch.float32).tiny
+        # |x^| (|e_w| + gamma |w^|) + (|e_x| + gamma |x|) |w| + 2^-8 |l~|, grouped by row so that it
+        # is three passes over (B, V)
+        bound = torch.addcmul(x_bf16_norm * self.row_weight_of_x, error_norm + self.gamma * x_norm, self.row_norm)
+        bound.add_(screen.abs(), alpha=BF16_RESULT_ROUNDING)  # (B, V)
+        return bound.mul_(2).add_(torch.finfo(torch.float32).tiny)
 
     def screen(self, hidden: Tensor, process: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
         """hidden (B, D) final decoder states; `process` maps (B, V) scores to processed scores (the
         logits processors) -> (B,) the argmax of process(float32 logits), valid where the second
         result, a 0-dim bool tensor, is True (else use `exact`). Reads nothing back from the device."""
-        screen = F.linear(hidden.to(torch.bfloat16), self.table_bf16).float() + self.bias  # (B, V)
+        screen = linear(hidden.to(torch.bfloat16), self.table_bf16).float() + self.bias  # (B, V)
         radius = self.radius(hidden, screen)
         upper, lower = process(screen + radius), process(screen - radius)  # (B, V) each
         best_lower = lower.max(dim=1, keepdim=True).values  # (B, 1): the float32 maximum is at least this

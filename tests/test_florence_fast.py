@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers.florence import EOS, PAD, image_prompts
 from official import seeded_florence2_fill
 from torch.profiler import ProfilerActivity, profile
@@ -169,3 +170,32 @@ def test_compiled_equals_eager(tiny: Florence2, dtype: torch.dtype) -> None:
         else:  # bf16 rounding differs between fused and unfused kernels: ids may part after a near-tie
             n = min(fast.shape[1], exact.shape[1])
             assert (fast[:, :n] == exact[:, :n]).float().mean() >= 0.9
+
+
+# --- one-row products of bf16 weights --------------------------------------------------------------
+
+
+def test_one_row_bf16_products_take_the_matrix_vector_kernel() -> None:
+    """A single bf16 row on a CPU is multiplied by `torch.addmv` / `torch.mv` (the faster weight reader at
+    batch 1), with F.linear's result to bf16 accuracy; float32 and several rows are F.linear exactly."""
+    from miniflorence.linear import Linear, linear
+
+    g = torch.Generator().manual_seed(0)
+    layer = Linear(96, 80)
+    for x in (torch.randn(1, 1, 96, generator=g), torch.randn(96, generator=g), torch.randn(3, 96, generator=g)):
+        for dtype in (torch.float32, torch.bfloat16):
+            w, b, v = layer.weight.detach().to(dtype), layer.bias.detach().to(dtype), x.to(dtype)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                got, got_no_bias = linear(v, w, b), linear(v, w)
+            kernels = {e.key for e in prof.key_averages()}
+            one_bf16_row = dtype == torch.bfloat16 and x.numel() == 96
+            assert ({"aten::addmv", "aten::mv"} <= kernels) == one_bf16_row, kernels
+            assert got.shape == (*x.shape[:-1], 80) and got.dtype == dtype
+            expected, expected_no_bias = F.linear(v, w, b), F.linear(v, w)
+            if one_bf16_row:  # the same sums in another order, each rounded to bf16 once
+                torch.testing.assert_close(got.float(), expected.float(), rtol=2**-7, atol=1e-2)
+                torch.testing.assert_close(got_no_bias.float(), expected_no_bias.float(), rtol=2**-7, atol=1e-2)
+            else:
+                assert torch.equal(got, expected) and torch.equal(got_no_bias, expected_no_bias)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
