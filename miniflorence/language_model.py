@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from miniflorence.kv_cache import KeyValueCache, KVCache, StaticKVCache, causal_mask
-from miniflorence.linear import Linear
+from miniflorence.linear import Linear, StackedLinears
 from miniflorence.token_choice import ScreenedArgmax
 
 __all__ = ["Florence2LanguageModel", "KVCache", "KeyValueCache", "LayerConfig", "StaticKVCache", "causal_mask"]
@@ -75,6 +75,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(dim, dim)
         self.q_proj = Linear(dim, dim)
         self.out_proj = Linear(dim, dim)
+        self.stacked = StackedLinears()  # q, k, v in one product when decoding one bf16 row (not a module)
 
     def split_heads(self, x: Tensor) -> Tensor:
         B, N, _ = x.shape
@@ -83,10 +84,21 @@ class Attention(nn.Module):
     def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))  # 2 x (B, h, N, d)
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """x (B, t, D) queries; k, v (B, h, N, d); mask boolean, broadcastable to (B, h, t, N)."""
+    def queries_keys_values(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of the same tokens (self-attention): 3 x (B, h, N, d). A decoding step at batch 1 in
+        bf16 takes them from one product with the three weights stacked (`linear.StackedLinears`)."""
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if not StackedLinears.applies(x, layers):
+            return self.split_heads(self.q_proj(x)), *self.keys_values(x)
+        q, k, v = self.stacked(x, layers)
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
+
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, q: Tensor | None = None) -> Tensor:
+        """x (B, t, D) queries; k, v (B, h, N, d); mask boolean, broadcastable to (B, h, t, N); q (B, h, t, d)
+        the projected queries when the caller has them already (else they are projected from x)."""
         B, t, D = x.shape
-        q = self.split_heads(self.q_proj(x))  # (B, h, t, d)
+        if q is None:
+            q = self.split_heads(self.q_proj(x))  # (B, h, t, d)
         dropout = self.dropout if self.training else 0.0
         if self.use_sdpa:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=self.scale)
@@ -160,9 +172,10 @@ class DecoderLayer(EncoderLayer):
         self.encoder_attn_layer_norm = nn.LayerNorm(config.dim, eps=config.eps)
 
     def forward(self, x: Tensor, self_kv: tuple[Tensor, Tensor], self_mask: Tensor | None,  # type: ignore[override]
-                cross_kv: tuple[Tensor, Tensor], cross_mask: Tensor | None) -> Tensor:
-        """x (B, t, D); self_kv: keys/values of all S decoder tokens so far (this step's included)."""
-        attended = F.dropout(self.self_attn(x, *self_kv, self_mask), p=self.dropout, training=self.training)
+                cross_kv: tuple[Tensor, Tensor], cross_mask: Tensor | None, queries: Tensor | None = None) -> Tensor:
+        """x (B, t, D); self_kv: keys/values of all S decoder tokens so far (this step's included);
+        queries: this step's self-attention queries (B, h, t, d) when the caller projected them."""
+        attended = F.dropout(self.self_attn(x, *self_kv, self_mask, queries), p=self.dropout, training=self.training)
         x = self.self_attn_layer_norm(x + attended)
         attended = F.dropout(self.encoder_attn(x, *cross_kv, cross_mask), p=self.dropout, training=self.training)
         x = self.encoder_attn_layer_norm(x + attended)
@@ -212,8 +225,9 @@ class Decoder(nn.Module):
         self_mask = cache.self_attention_mask(start, t, x.device)  # (1, 1, t, S) or None
         cross_mask = padding_mask(encoder_attention_mask)  # (B, 1, 1, T)
         for i, layer in enumerate(self.layers):
-            k, v = cache.append(i, *layer.self_attn.keys_values(x))  # 2 x (B, h, S, d), this step's included
-            x = layer(x, (k, v), self_mask, cache.cross_kv[i], cross_mask)
+            q, k, v = layer.self_attn.queries_keys_values(x)  # 3 x (B, h, t, d)
+            k, v = cache.append(i, k, v)  # 2 x (B, h, S, d), this step's included
+            x = layer(x, (k, v), self_mask, cache.cross_kv[i], cross_mask, q)
         cache.advance(t)
         return x, cache  # (B, t, D)
 

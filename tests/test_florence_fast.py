@@ -199,3 +199,38 @@ def test_one_row_bf16_products_take_the_matrix_vector_kernel() -> None:
                 assert torch.equal(got, expected) and torch.equal(got_no_bias, expected_no_bias)
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_stacked_query_key_value_product() -> None:
+    """One bf16 row without autograd: q, k, v come from one product with the stacked weights, equal to
+    the three products to bf16 accuracy; an in-place weight update is seen; with autograd, with
+    several rows, in float32 or for a LoRA-wrapped projection the three products are used."""
+    from miniflorence.language_model import Attention
+
+    attention = Attention(64, 4, 0.0, True).to(torch.bfloat16).eval()
+    x = torch.randn(1, 1, 64).to(torch.bfloat16)
+
+    def separate() -> list[torch.Tensor]:
+        return [attention.split_heads(p(x)) for p in (attention.q_proj, attention.k_proj, attention.v_proj)]
+
+    with torch.no_grad():
+        for _ in range(2):
+            got = attention.queries_keys_values(x)
+            assert attention.stacked.weight is not None and attention.stacked.weight.shape == (192, 64)
+            for a, b in zip(got, separate()):
+                torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-2)
+            attention.k_proj.weight.mul_(2)  # an in-place update: the stack is remade
+    stacked = attention.stacked.weight
+    with torch.enable_grad():
+        for a, b in zip(attention.queries_keys_values(x), separate()):
+            assert torch.equal(a, b) and a.requires_grad
+    with torch.no_grad():
+        for rows in (x.expand(3, 1, 64), x.float()):
+            model = attention if rows.dtype == torch.bfloat16 else copy.deepcopy(attention).float()
+            expected = [model.split_heads(p(rows)) for p in (model.q_proj, model.k_proj, model.v_proj)]
+            for a, b in zip(model.queries_keys_values(rows), expected):
+                assert torch.equal(a, b)
+        attention.q_proj = torch.nn.Linear(64, 64).to(torch.bfloat16)  # e.g. a wrapper: not a plain Linear
+        for a, b in zip(attention.queries_keys_values(x), separate()):
+            assert torch.equal(a, b)
+    assert attention.stacked.weight is stacked  # nothing was restacked on those paths
