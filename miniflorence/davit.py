@@ -166,12 +166,42 @@ class ChannelAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
+    TOKENS_PER_PASS = 4096
+
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        if (self.use_sdpa and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+                and not torch.compiler.is_exporting()):
+            return self.in_passes(x)
         N = x.shape[1]
         # channels become the sequence axis: 3 x (B, g, d, N), strided views of the qkv output
         q, k, v = rearrange(self.qkv(x), "b n (three g d) -> three b g d n", three=3, g=self.groups)
         out = attend(q, k, v, N ** -0.5, self.use_sdpa)  # (B, g, d, N)
         return self.proj(rearrange(out, "b g d n -> b n (g d)"))  # (B, N, C)
+
+    def in_passes(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` in bf16 on a CPU, `TOKENS_PER_PASS` positions at a time, with the fused kernel's
+        arithmetic: on a CPU it computes a reduced-precision attention in float32, q and k each scaled
+        by sqrt(scale) (up to one pass: the same numbers; over several, the scores are summed pass by
+        pass, a float32 rounding difference).
+
+        Done at once, the kernel makes float32 copies of the whole q, k and v and of the output
+        (stage 0 at 768 px: 36864 positions, 19 MB each), which come fresh from the system at every
+        call; a pass holds a few MB, reused. The scores sum over all positions, so pass 1 computes
+        q, k, v and accumulates them; pass 2 mixes each position's channels and projects it.
+        """
+        B, N, C = x.shape
+        g = self.groups
+        root_scale = (N**-0.5) ** 0.5  # on q and on k, as the fused kernel applies the scale
+        scores, values = None, []
+        for part in x.split(self.TOKENS_PER_PASS, dim=1):
+            q, k, v = rearrange(self.qkv(part), "b n (three g d) -> three b g d n", three=3, g=g)  # (B, g, d, n)
+            q, k = q.float() * root_scale, k.float() * root_scale
+            product = q @ k.transpose(-2, -1)  # (B, g, d, d)
+            scores = product if scores is None else scores + product
+            values.append(v)
+        attn = scores.softmax(dim=-1)  # (B, g, d, d), float32
+        outs = [self.proj(rearrange((attn @ v.float()).to(x.dtype), "b g d n -> b n (g d)")) for v in values]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, N, C)
 
 
 class SpatialBlock(nn.Module):

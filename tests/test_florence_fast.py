@@ -234,3 +234,39 @@ def test_stacked_query_key_value_product() -> None:
         for a, b in zip(attention.queries_keys_values(x), separate()):
             assert torch.equal(a, b)
     assert attention.stacked.weight is stacked  # nothing was restacked on those paths
+
+
+# --- the vision tower in passes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dim", "groups", "tokens"), [(16, 2, 576), (128, 4, 2304)])
+def test_channel_attention_in_passes_is_the_fused_kernels_arithmetic(dim: int, groups: int, tokens: int) -> None:
+    """bf16 on a CPU: in one pass, the very numbers of F.scaled_dot_product_attention on the strided q, k, v
+    (a float32 attention, q and k each scaled by sqrt(scale)); in several passes, the same up to the
+    float32 summation order of the scores: as close to the float32 module as the fused kernel."""
+    from einops import rearrange
+
+    from miniflorence.davit import ChannelAttention, attend
+
+    g = torch.Generator().manual_seed(dim)
+    module = ChannelAttention(dim, groups, use_sdpa=True).eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    x = torch.randn(1, tokens, dim, generator=g)
+    fast = copy.deepcopy(module).to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    with torch.no_grad():
+        reference = module(x, None)  # float32: the plain path
+        q, k, v = rearrange(fast.qkv(xb), "b n (three g d) -> three b g d n", three=3, g=groups)
+        fused = fast.proj(rearrange(attend(q, k, v, tokens**-0.5, True), "b g d n -> b n (g d)"))
+        one_pass = fast(xb, None)
+        fast.TOKENS_PER_PASS = 100  # several passes, the last one shorter
+        passes = fast(xb, None)
+    assert torch.equal(one_pass, fused)
+
+    def error(y: torch.Tensor) -> float:
+        return ((y.float() - reference).norm() / reference.norm()).item()
+
+    assert error(passes) <= 1.02 * error(fused) and error(fused) < 0.02
+    assert (passes.float() - fused.float()).abs().max().item() <= 2 * 2**-8 * fused.abs().max().item()
