@@ -75,6 +75,19 @@ class ScreenedArgmax:
         """The full float32 logits (B, V) of hidden (B, D): what the screen avoids."""
         return hidden.float() @ self.table.T + self.bias
 
+    def screen_logits(self, hidden: Tensor) -> Tensor:
+        """The screened logits l~ of hidden (B, D) -> (B, V) float32, bias added: products of bf16 numbers
+        summed in float32 and rounded to bf16, whichever kernel computes them. One row takes the
+        matrix-vector kernel (`linear`); a few rows on a CPU take the table as the left operand,
+        table @ x^T, which reads it faster than x @ table^T does for 2 to 16 rows (torch 2.13, 2
+        cores: 3.9 against 5.6 ms at 8 rows)."""
+        x = hidden.to(torch.bfloat16)  # (B, D)
+        if 1 < x.shape[0] <= 16 and x.device.type == "cpu":
+            logits = (self.table_bf16 @ x.T).T.contiguous()  # (B, V)
+        else:
+            logits = linear(x, self.table_bf16)  # (B, V)
+        return logits.float() + self.bias
+
     def radius(self, hidden: Tensor, screen: Tensor) -> Tensor:
         """(B, V) bound on |float32 logit - screened logit| (the file header's sum, doubled)."""
         x = hidden.float()  # (B, D)
@@ -92,7 +105,7 @@ class ScreenedArgmax:
         """hidden (B, D) final decoder states; `process` maps (B, V) scores to processed scores (the
         logits processors) -> (B,) the argmax of process(float32 logits), valid where the second
         result, a 0-dim bool tensor, is True (else use `exact`). Reads nothing back from the device."""
-        screen = linear(hidden.to(torch.bfloat16), self.table_bf16).float() + self.bias  # (B, V)
+        screen = self.screen_logits(hidden)  # (B, V)
         radius = self.radius(hidden, screen)
         upper, lower = process(screen + radius), process(screen - radius)  # (B, V) each
         best_lower = lower.max(dim=1, keepdim=True).values  # (B, 1): the float32 maximum is at least this

@@ -49,11 +49,12 @@ def full_argmax(screen: ScreenedArgmax, hidden: torch.Tensor, process=lambda s: 
     return process(hidden.float() @ screen.table.T + screen.bias).argmax(dim=1)
 
 
-@pytest.mark.parametrize("rows", [64, 1])
+@pytest.mark.parametrize("rows", [64, 8, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_screen_picks_the_float32_argmax(tiny: Florence2, dtype: torch.dtype, rows: int) -> None:
     """Seeded tiny table (the real vocabulary), 512 hidden states of a LayerNorm'd scale, fp32 or bf16,
-    screened 64 rows at a time or one by one (a single row takes the matrix-vector kernel)."""
+    screened 64, 8 or 1 rows at a time (8 rows take the table as the left operand, 1 the
+    matrix-vector kernel)."""
     lm = tiny.language_model
     screen = ScreenedArgmax(lm.lm_head.weight.detach(), lm.final_logits_bias)
     hidden = torch.randn(512, 32, generator=torch.Generator().manual_seed(0)).to(dtype)
