@@ -232,8 +232,11 @@ class Decoder(nn.Module):
         return x, cache  # (B, t, D)
 
     def cross_keys_values(self, encoder_hidden_states: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Every layer's cross-attention keys/values of the encoder states: 2 x (B, h, T, d) per layer."""
-        return [layer.encoder_attn.keys_values(encoder_hidden_states) for layer in self.layers]
+        """Every layer's cross-attention keys/values of the encoder states: 2 x (B, h, T, d) per layer,
+        each head's (T, d) block contiguous (computed once, read at every decoding step: as views of
+        the (B, T, D) projections they are read 1.5-2 ms slower per step at batch 8)."""
+        return [tuple(t.contiguous() for t in layer.encoder_attn.keys_values(encoder_hidden_states))
+                for layer in self.layers]
 
 
 class EncoderDecoder(nn.Module):
