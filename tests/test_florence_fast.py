@@ -217,21 +217,21 @@ def test_stacked_query_key_value_product() -> None:
         for _ in range(2):
             got = attention.queries_keys_values(x)
             assert attention.stacked.weight is not None and attention.stacked.weight.shape == (192, 64)
-            for a, b in zip(got, separate()):
+            for a, b in zip(got, separate(), strict=True):
                 torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-2)
             attention.k_proj.weight.mul_(2)  # an in-place update: the stack is remade
     stacked = attention.stacked.weight
     with torch.enable_grad():
-        for a, b in zip(attention.queries_keys_values(x), separate()):
+        for a, b in zip(attention.queries_keys_values(x), separate(), strict=True):
             assert torch.equal(a, b) and a.requires_grad
     with torch.no_grad():
         for rows in (x.expand(3, 1, 64), x.float()):
             model = attention if rows.dtype == torch.bfloat16 else copy.deepcopy(attention).float()
             expected = [model.split_heads(p(rows)) for p in (model.q_proj, model.k_proj, model.v_proj)]
-            for a, b in zip(model.queries_keys_values(rows), expected):
+            for a, b in zip(model.queries_keys_values(rows), expected, strict=True):
                 assert torch.equal(a, b)
         attention.q_proj = torch.nn.Linear(64, 64).to(torch.bfloat16)  # e.g. a wrapper: not a plain Linear
-        for a, b in zip(attention.queries_keys_values(x), separate()):
+        for a, b in zip(attention.queries_keys_values(x), separate(), strict=True):
             assert torch.equal(a, b)
     assert attention.stacked.weight is stacked  # nothing was restacked on those paths
 
