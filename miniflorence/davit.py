@@ -159,14 +159,14 @@ class ChannelAttention(nn.Module):
     softmax scale is N^-0.5 (the number of spatial tokens), not the group width.
     """
 
+    TOKENS_PER_PASS = 4096  # positions per pass of `in_passes`
+
     def __init__(self, dim: int, groups: int, use_sdpa: bool) -> None:
         super().__init__()
         self.groups = groups
         self.use_sdpa = use_sdpa
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-
-    TOKENS_PER_PASS = 4096
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         if (self.use_sdpa and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
