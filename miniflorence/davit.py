@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from minivision.passes import in_passes
+
 Size = tuple[int, int]
 
 
@@ -92,9 +94,8 @@ class DepthwiseConv(nn.Module):
 class Mlp(nn.Module):
     """Linear -> GELU -> Linear, stored as `net.fc1` / `net.fc2` like the original.
 
-    Tokens go through it `TOKENS_PER_PASS` at a time: each token's result is the same, and the hidden
-    activations (4x the width) of the first stages' large grids stay a few MB, which the allocator
-    reuses, instead of tens of MB that come fresh from the system, page by page, at every call
+    Tokens go through it `TOKENS_PER_PASS` at a time (`minivision.passes`: the same numbers): the
+    hidden activations (4x the width) of the first stages' large grids stay a few MB instead of tens
     (stage 0 at 768 px: 36864 tokens x 512 hidden).
     """
 
@@ -105,9 +106,7 @@ class Mlp(nn.Module):
         self.net = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
-        if x.shape[1] <= self.TOKENS_PER_PASS or torch.compiler.is_exporting():
-            return self.net(x)
-        return torch.cat([self.net(part) for part in x.split(self.TOKENS_PER_PASS, dim=1)], dim=1)  # (B, N, C)
+        return in_passes(self.net, x, self.TOKENS_PER_PASS, dim=1)  # (B, N, C)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, use_sdpa: bool) -> torch.Tensor:

@@ -29,6 +29,7 @@ from miniflorence.projector import (
     project_image_features,
 )
 from minivision.checkpoint import CheckpointError, expand_tied, load_strict, read_converted
+from minivision.passes import in_passes
 
 # The token table is one Parameter used under four names; converted files store it once, under SHARED_KEY
 # (checkpoint_format.merge_tied / expand_tied).
@@ -105,16 +106,10 @@ class Florence2(nn.Module):
 
         The pixels are cast to the model's dtype, so float32 processor output feeds a bf16 model.
         The vision tower takes the images one at a time: its matmuls have thousands of rows per image
-        already, and the arrays of a whole batch (hundreds of MB at 768 px) are memory the allocator
-        takes fresh from the system at every layer, where one image's are reused. Measured on 2 cores,
-        base, 8 images at 768 px: 9.5 s as a batch, 4.9 s one by one (bf16); fp32 21.5 s and 13.6 s,
-        with bit-identical results (a row of a matmul does not depend on the other rows).
+        already (`minivision.passes`: the same numbers, arrays the allocator reuses).
         """
         pixel_values = pixel_values.to(self.image_projection.dtype)
-        if torch.compiler.is_exporting():  # an exported graph (ONNX) keeps its batch axis free
-            grid = self.vision_tower(pixel_values)  # (B, H/32, W/32, C)
-        else:
-            grid = torch.cat([self.vision_tower(image[None]) for image in pixel_values])  # (B, H/32, W/32, C)
+        grid = in_passes(self.vision_tower, pixel_values, 1)  # (B, H/32, W/32, C)
         return project_image_features(grid, self.image_pos_embed, self.visual_temporal_embed,
                                       self.image_projection, self.image_proj_norm)  # (B, I, D)
 

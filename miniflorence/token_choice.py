@@ -61,12 +61,11 @@ class ScreenedArgmax:
         self.table_bf16 = table.to(torch.bfloat16)  # (V, D)
         D = table.shape[1]
         self.gamma = D * UNIT_ROUNDOFF_FP32 / (1 - D * UNIT_ROUNDOFF_FP32)
-        rounding = (self.table_bf16.float() - table).double()
         self.row_norm = table.double().norm(dim=1).float()  # |w|, (V,)
-        self.row_norm_bf16 = self.table_bf16.double().norm(dim=1).float()  # |w^|, (V,)
-        self.row_error = rounding.norm(dim=1).float()  # |e_w|, (V,)
+        row_norm_bf16 = self.table_bf16.double().norm(dim=1).float()  # |w^|, (V,)
+        row_error = (self.table_bf16.float() - table).double().norm(dim=1).float()  # |e_w|, (V,)
         # the bound per token is |x^| * row_weight_of_x + (|e_x| + gamma |x|) * |w| + 2^-8 |l~| (see `radius`)
-        self.row_weight_of_x = self.row_error + self.gamma * self.row_norm_bf16  # (V,)
+        self.row_weight_of_x = row_error + self.gamma * row_norm_bf16  # (V,)
         self.candidates = min(candidates, table.shape[0] - 1)
         self.screened_steps = 0  # statistics: steps decided by the screen ...
         self.fallback_steps = 0  # ... and steps that needed the full float32 logits

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from minisam.common import LayerNorm2d, MLPBlock
+from minivision.passes import in_passes
 
 
 class ImageEncoderViT(nn.Module):
@@ -66,16 +67,10 @@ class ImageEncoderViT(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed pixels -> (B, 256, H, W) image embeddings.
-
-        A batch runs image by image: each image's matmuls have thousands of rows already, and a whole
-        batch's arrays are memory the allocator takes fresh from the system at every block, where one
-        image's are reused (ViT-B, 4 images at 1024 px, 2 cores: bf16 6.8-7.6 s as a batch, 5.2-5.7 s
-        one by one; fp32 1.04x; bit-identical results). An exported graph (ONNX) keeps the batch axis.
-        """
-        if x.shape[0] > 1 and not torch.compiler.is_exporting():
-            return torch.cat([self(image[None]) for image in x])
-        return self.run_neck(self.run_blocks(self.embed(x)))  # (B, 256, H, W)
+        """(B, 3, S, S) preprocessed pixels -> (B, 256, H, W) image embeddings, image by image: each
+        image's matmuls have thousands of rows already (`minivision.passes`: the same numbers, arrays
+        the allocator reuses)."""
+        return in_passes(lambda images: self.run_neck(self.run_blocks(self.embed(images))), x, 1)  # (B, 256, H, W)
 
     # ---- stages, callable on their own (fine-tuning caches the output of the frozen blocks)
 

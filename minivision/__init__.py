@@ -13,4 +13,5 @@ Modules:
     files         writing files whole (temporary file, fsync, rename; normal permissions)
     cli           the command lines' plumbing: one-line errors, devices, inputs (--skip-bad), outputs
     onnx          the ONNX export helpers (the [onnx] extra is imported only inside them)
+    passes        large inputs in slices (`in_passes`): arrays the allocator reuses instead of fresh pages
 """

@@ -24,6 +24,7 @@ import weights_convert.__main__
 from minisam import Sam, tiny_config
 from minivision.checkpoint import CheckpointError, resolve_weights, save_converted
 from minivision.files import TEMP_PATTERN, atomic_file, atomic_write, remove_stale_temps, save_image, write_json
+from minivision.passes import in_passes
 
 
 def umask() -> int:
@@ -220,3 +221,23 @@ def test_help_opens_with_examples_and_shows_defaults(capsys) -> None:
     for parser in (minisam.__main__.build_parser(), convmae.__main__.build_parser()):
         undocumented = [a.dest for a in parser._actions if not a.help]
         assert not undocumented, undocumented
+
+
+def test_in_passes_slices_a_rowwise_computation() -> None:
+    """The same result as one call, from ceil(n / size) calls on slices (the last one shorter); an input
+    no longer than `size` is one call."""
+    linear = torch.nn.Linear(8, 5)
+    x = torch.randn(3, 10, 8)
+    calls = []
+
+    def fn(part: torch.Tensor) -> torch.Tensor:
+        calls.append(part.shape)
+        return linear(part)
+
+    with torch.no_grad():
+        expected = linear(x)
+        got = in_passes(fn, x, 4, dim=1)
+        assert calls == [(3, 4, 8), (3, 4, 8), (3, 2, 8)]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        calls.clear()
+        assert torch.equal(in_passes(fn, x, 3), linear(x)) and calls == [(3, 10, 8)]

@@ -1,0 +1,26 @@
+"""Large inputs in passes: a row-wise computation over slices of an input, concatenated.
+
+On a CPU, an array of tens or hundreds of MB is memory that the allocator takes fresh from the
+system (zeroed, page by page) every time it is needed, where arrays of a few MB are reused. A
+computation whose output rows depend only on their own input rows (an image encoder over a batch of
+images, an MLP over tokens) can run over slices of its input instead, with the same result: each
+row of a matmul is the same sums whatever the other rows are. Measured on 2 cores (AMX): SAM ViT-B,
+4 images at 1024 px, bf16 6.8-7.6 s as a batch, 5.2-5.7 s one by one; Florence-2-base's vision
+tower, 8 images at 768 px, bf16 9.5 s as a batch, 4.9 s one by one (fp32 21.5 and 13.6 s).
+
+Under `torch.export` (ONNX) the whole input goes through at once, so that the exported graph keeps
+its batch axis free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def in_passes(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int, dim: int = 0) -> torch.Tensor:
+    """fn(x), computed over slices of `size` entries of dimension `dim` and concatenated along it."""
+    if x.shape[dim] <= size or torch.compiler.is_exporting():
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(size, dim=dim)], dim=dim)
