@@ -64,6 +64,29 @@ def test_screen_picks_the_float32_argmax(tiny: Florence2, dtype: torch.dtype, ro
     assert screen.screened_steps > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_radius_bounds_every_tokens_error(tiny: Florence2, dtype: torch.dtype) -> None:
+    """The radius the screen decides with, c + 2^-7 |l~| (file header), bounds |float32 logit - screened
+    logit| of every token, for hidden states of a LayerNorm'd scale and 30x larger; and the screen
+    decides on such states (its test is not so loose that every step falls back)."""
+    from miniflorence.token_choice import BF16_RESULT_ROUNDING, TINY
+
+    lm = tiny.language_model
+    screen = ScreenedArgmax(lm.lm_head.weight.detach(), lm.final_logits_bias)
+    g = torch.Generator().manual_seed(7)
+    for scale in (1.0, 30.0):
+        hidden = (scale * torch.randn(64, 32, generator=g)).to(dtype)
+        with torch.no_grad():
+            screened = screen.screen_logits(hidden)  # (64, V)
+            exact = hidden.double() @ screen.table.double().T + screen.bias.double()  # (64, V)
+            twice_x_bf16_norm, twice_x_error = screen.bound_terms(hidden)
+            c = twice_x_bf16_norm * screen.max_row_weight_of_x + twice_x_error * screen.max_row_norm + TINY
+            radius = c + 2 * BF16_RESULT_ROUNDING * screened.abs()
+            assert ((exact - screened.double()).abs() <= radius.double()).all()
+            _, decided = screen.screen(hidden, lambda s: s)
+        assert bool(decided)
+
+
 def test_near_ties_are_resolved_in_float32() -> None:
     """Pairs of rows that differ below bf16's resolution: the bf16 logits tie, the float32 ones do not.
     The screen must pick the float32 winner; with K = 1 candidate it cannot decide and falls back."""
