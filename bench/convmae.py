@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import convmae  # noqa: E402
+from minivision.memory import reuse_freed_memory  # noqa: E402
 from train.convmae import PretrainStep, param_groups  # noqa: E402
 from train.convvit import layer_decay_groups  # noqa: E402
 
@@ -231,6 +232,7 @@ def bench_workload(kind: str, precision: str, args: argparse.Namespace, device: 
         "workload": f"{kind}_{'finetune' if kind == 'convvit' else 'pretrain'}_step", "precision": precision,
         "batch": args.batch, "image_size": args.image_size, "rounds": args.rounds, "device": describe(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "freed_memory_reused": bool(args.reuse_freed_memory),
     }
     for name in steps:
         key = name.replace("+", "_")
@@ -280,11 +282,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    parser.add_argument("--reuse-freed-memory", action="store_true",
+                        help="glibc keeps freed memory for reuse, for the whole process, official and ours alike "
+                             "(minivision.memory: what our training scripts do)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    reused = args.reuse_freed_memory and reuse_freed_memory()
     device = torch.device(args.device)
-    print(f"{describe(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}", flush=True)
+    print(f"{describe(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+          f"{', freed memory reused (both)' if reused else ''}", flush=True)
     for precision in args.precisions:
         for kind in args.workloads:
             bench_workload(kind, precision, args, device)

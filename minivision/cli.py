@@ -25,6 +25,7 @@ import torch
 
 from minivision.checkpoint import CheckpointError
 from minivision.images import IMAGE_SUFFIXES
+from minivision.memory import reuse_freed_memory
 
 T = TypeVar("T")
 
@@ -112,8 +113,10 @@ def run_command(run: Callable[[], int | None], interrupted: str, out_of_memory: 
 
     UserError, CheckpointError, an unreadable image (ImageReadError, a ValueError), another
     ValueError and OSError (a full disk, permissions) -> `error: ...`, 1; out of memory -> the
-    `out_of_memory` hint, 1; Ctrl-C -> `interrupted`, 130.
+    `out_of_memory` hint, 1; Ctrl-C -> `interrupted`, 130. The command owns its process, so the
+    allocator keeps freed memory for reuse (`minivision.memory`).
     """
+    reuse_freed_memory()
     try:
         return run() or 0
     except UserError as error:  # one line, or a list of one line per input

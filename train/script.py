@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from minivision.memory import reuse_freed_memory
 from train.distributed import Dist, rank, setup_distributed, teardown_distributed
 from train.loop import NonFiniteLossError
 from train.run_folder import interrupted_message, settings_to_resume
@@ -54,6 +55,7 @@ def run_script(
         s, given = parse_command_line(settings_cls, argv, examples=examples)
         if s.resume:
             s = settings_to_resume(s, given)
+        reuse_freed_memory()  # the steps' large arrays come back from the heap, not fresh from the system
         return train(s, setup_distributed(s.device))
     except (KeyboardInterrupt, Exception) as e:
         if interrupted or isinstance(e, KeyboardInterrupt):
