@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -258,15 +261,12 @@ print(applied, faults[-1])
 """
 
 
-@pytest.mark.skipif(not (os.uname().sysname == "Linux" and __import__("platform").libc_ver()[0] == "glibc"),
+@pytest.mark.skipif(not (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"),
                     reason="the setting is glibc's")
 def test_freed_memory_is_reused_not_fetched_fresh() -> None:
     """minivision.memory: with the setting, a step's large array comes back from the heap (no page faults
     once the heap has settled, after a few steps: the last of 12); by default every allocation of it is
     fresh pages (one fault per 4 KB)."""
-    import subprocess
-    import sys
-
     def run(mode: str) -> tuple[str, int]:
         out = subprocess.run([sys.executable, "-c", REUSE_CHECK, mode], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).resolve().parents[1]).stdout.split()
