@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from miniflorence.linear import Linear
 from minivision.passes import in_passes
 
 Size = tuple[int, int]
@@ -103,7 +104,7 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim)))
+        self.net = nn.Sequential(OrderedDict(fc1=Linear(dim, hidden), act=nn.GELU(), fc2=Linear(hidden, dim)))
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         return in_passes(self.net, x, self.TOKENS_PER_PASS, dim=1)  # (B, N, C)
@@ -130,8 +131,8 @@ class WindowAttention(nn.Module):
         self.window_size = window_size
         self.scale = (dim // num_heads) ** -0.5
         self.use_sdpa = use_sdpa
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         B, N, C = x.shape
@@ -164,8 +165,8 @@ class ChannelAttention(nn.Module):
         super().__init__()
         self.groups = groups
         self.use_sdpa = use_sdpa
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         if (self.use_sdpa and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)

@@ -201,6 +201,36 @@ def test_one_row_bf16_products_take_the_matrix_vector_kernel() -> None:
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
+def test_several_bf16_rows_take_the_bias_inside_the_product() -> None:
+    """Several contiguous bf16 rows on a CPU without autograd: oneDNN's linear with the bias inside the
+    product, bit for bit F.linear's result (the vision tower's and a batch's shapes); strided inputs,
+    autograd, float32 and no bias take F.linear."""
+    from miniflorence.linear import FUSED_BIAS, linear
+
+    if not FUSED_BIAS:
+        pytest.skip("this torch has no oneDNN linear")
+    g = torch.Generator().manual_seed(1)
+
+    def kernels(*args) -> set[str]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            linear(*args)
+        return {e.key for e in prof.key_averages()}
+
+    for rows, inputs, outputs in ((2, 96, 80), (8, 768, 768), (576, 128, 384), (300, 512, 2048), (37, 2048, 512)):
+        x = torch.randn(1, rows, inputs, generator=g).bfloat16()
+        w = (torch.randn(outputs, inputs, generator=g) / inputs**0.5).bfloat16()
+        b = torch.randn(outputs, generator=g).bfloat16()
+        with torch.no_grad():
+            assert torch.equal(linear(x, w, b), F.linear(x, w, b)), (rows, inputs, outputs)
+            assert "mkldnn::_linear_pointwise" in kernels(x, w, b)
+            strided = torch.cat([x, x], dim=1)[:, ::2]  # the same rows, every other one of a larger array
+            assert "mkldnn::_linear_pointwise" not in kernels(strided, w, b)
+            assert torch.equal(linear(strided, w, b), F.linear(strided, w, b))
+            assert "mkldnn::_linear_pointwise" not in kernels(x.float(), w.float(), b.float())
+            assert "mkldnn::_linear_pointwise" not in kernels(x, w)
+        assert "mkldnn::_linear_pointwise" not in kernels(x, w.requires_grad_(), b)  # autograd: F.linear
+
+
 def test_stacked_query_key_value_product() -> None:
     """One bf16 row without autograd: q, k, v come from one product with the stacked weights, equal to
     the three products to bf16 accuracy; an in-place weight update is seen; with autograd, with
