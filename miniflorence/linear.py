@@ -13,10 +13,10 @@ the bias as part of the product (`torch.ops.mkldnn._linear_pointwise`, the op to
 CPUs). `F.linear` first writes the bias into the whole output and the matrix product then reads it
 back; here the product adds it as it stores each result. The numbers are the same, bit for bit
 (float32 sums, one rounding to bf16; see the test): the Florence-2 vision tower at 768 px in bf16,
-0.586 -> 0.543 s per image (2 cores, one interleaved A/B run). It takes contiguous inputs without
-autograd (the op has no backward), outside torch.compile and torch.export. float32 (whose results
-must equal the official model's, through the same kernel), other devices and the rest take
-`F.linear`.
+0.595 -> 0.560 s per image (2 cores, one interleaved A/B run; 0.586 -> 0.543 in another). It
+takes contiguous inputs without autograd (the op has no backward), outside torch.compile and
+torch.export. float32 (whose results must equal the official model's, through the same kernel),
+other devices and the rest take `F.linear`.
 """
 
 from __future__ import annotations
