@@ -159,7 +159,7 @@ class ChannelAttention(nn.Module):
     softmax scale is N^-0.5 (the number of spatial tokens), not the group width.
     """
 
-    TOKENS_PER_PASS = 4096  # positions per pass of `in_passes`
+    TOKENS_PER_PASS = 4096  # positions per pass of `attend_in_passes`
 
     def __init__(self, dim: int, groups: int, use_sdpa: bool) -> None:
         super().__init__()
@@ -171,14 +171,14 @@ class ChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor, size: Size) -> torch.Tensor:
         if (self.use_sdpa and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
                 and not torch.compiler.is_exporting()):
-            return self.in_passes(x)
+            return self.attend_in_passes(x)
         N = x.shape[1]
         # channels become the sequence axis: 3 x (B, g, d, N), strided views of the qkv output
         q, k, v = rearrange(self.qkv(x), "b n (three g d) -> three b g d n", three=3, g=self.groups)
         out = attend(q, k, v, N ** -0.5, self.use_sdpa)  # (B, g, d, N)
         return self.proj(rearrange(out, "b g d n -> b n (g d)"))  # (B, N, C)
 
-    def in_passes(self, x: torch.Tensor) -> torch.Tensor:
+    def attend_in_passes(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` in bf16 on a CPU, `TOKENS_PER_PASS` positions at a time, with the fused kernel's
         arithmetic: on a CPU it computes a reduced-precision attention in float32, q and k each scaled
         by sqrt(scale) (up to one pass: the same numbers; over several, the scores are summed pass by

@@ -14,4 +14,5 @@ Modules:
     cli           the command lines' plumbing: one-line errors, devices, inputs (--skip-bad), outputs
     onnx          the ONNX export helpers (the [onnx] extra is imported only inside them)
     passes        large inputs in slices (`in_passes`): arrays the allocator reuses instead of fresh pages
+    memory        glibc keeps freed memory for the next step (`reuse_freed_memory`, set by the command lines)
 """
