@@ -25,7 +25,6 @@ official / ours (> 1: ours is faster), the peak memory of a step over what was a
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import platform
 import statistics
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import convmae  # noqa: E402
-from minivision.memory import reuse_freed_memory  # noqa: E402
+from minivision.memory import malloc_info, reuse_freed_memory  # noqa: E402
 from train.convmae import PretrainStep, param_groups  # noqa: E402
 from train.convvit import layer_decay_groups  # noqa: E402
 
@@ -140,13 +139,6 @@ def finetune_step(model: torch.nn.Module, ours: bool, bf16: bool, imgs: torch.Te
     return step
 
 
-class MallocInfo(ctypes.Structure):
-    """glibc's `struct mallinfo2`: what malloc has handed out, over all arenas."""
-
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 class PeakMemory:
     """Peak memory of what runs inside, over its value at entry: CUDA's allocator peak, or on CPU the
     bytes in use by malloc (glibc `mallinfo2`: heap blocks in use + mmapped blocks), sampled every
@@ -154,21 +146,17 @@ class PeakMemory:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak_mib = device, 0.0
-        try:
-            self.libc = ctypes.CDLL("libc.so.6")
-            self.libc.mallinfo2.restype = MallocInfo
-        except (OSError, AttributeError):
-            self.libc = None
+        self.counted = malloc_info() is not None  # glibc's counters, where there are some
 
     def in_use_mib(self) -> float:
-        info = self.libc.mallinfo2()
+        info = malloc_info()
         return (info.uordblks + info.hblkhd) / 2**20
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device) / 2**20
-        elif self.libc is not None:
+        elif self.counted:
             self.base = self.top = self.in_use_mib()
             self.running = True
             self.thread = threading.Thread(target=self.sample, daemon=True)
@@ -183,7 +171,7 @@ class PeakMemory:
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
             self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20 - self.base
-        elif self.libc is not None:
+        elif self.counted:
             self.running = False
             self.thread.join()
             self.peak_mib = self.top - self.base
