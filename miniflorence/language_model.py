@@ -77,6 +77,10 @@ class Attention(nn.Module):
         self.out_proj = Linear(dim, dim)
         self.stacked = StackedLinears()  # q, k, v in one product when decoding one bf16 row (not a module)
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        self.stacked = StackedLinears()  # a cast or a move: the stacked copy is stale
+        return super()._apply(fn, recurse)
+
     def split_heads(self, x: Tensor) -> Tensor:
         B, N, _ = x.shape
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, d)

@@ -17,6 +17,13 @@ back; here the product adds it as it stores each result. The numbers are the sam
 takes contiguous inputs without autograd (the op has no backward), outside torch.compile and
 torch.export. float32 (whose results must equal the official model's, through the same kernel),
 other devices and the rest take `F.linear`.
+
+A `Linear` module gives oneDNN its weight in oneDNN's own blocked layout for this CPU
+(`PackedWeight`, made once with `torch.ops.mkldnn._reorder_linear_weight`), so the product no longer
+reorders the weight at every call: the same numbers, bit for bit, at half the time for a decoding
+step's rows (8 rows x 768x768: 62 -> 33 us; a base decoder's 96 MB of weights, cold, 9.3 -> 6.7 ms)
+and ~10% less for the vision tower's. The price is a second copy of those weights while the model
+runs in bf16 on a CPU (kept beside the module, never saved; remade when the weight changes).
 """
 
 from __future__ import annotations
@@ -52,11 +59,76 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+PACKED_WEIGHTS = FUSED_BIAS and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class SeenTensors:
+    """The tensors a cached copy was made from, and whether they are still what they were: the same
+    storage (held here, so no new tensor can take its address), not changed in place since (torch's
+    version counter: an optimizer step, `load_state_dict`, any in-place op outside `.data`), same dtype,
+    shape and device. Inference tensors keep no version counter: a copy of them is never made. The
+    modules that hold such copies drop them in `_apply` (`.to()`, `.float()`, `to_dtype`), so a cast
+    leaves no old weights alive."""
+
+    def __init__(self, tensors: list[Tensor]) -> None:
+        self.tensors = [t.detach() for t in tensors]  # shares each storage and version counter
+        self.versions = [t._version for t in tensors]
+
+    @staticmethod
+    def trackable(tensors: list[Tensor]) -> bool:
+        return not any(t.is_inference() for t in tensors)
+
+    def still(self, tensors: list[Tensor]) -> bool:
+        return len(tensors) == len(self.tensors) and all(
+            t.data_ptr() == seen.data_ptr() and t._version == version and t.dtype == seen.dtype
+            and t.shape == seen.shape and t.device == seen.device
+            for t, seen, version in zip(tensors, self.tensors, self.versions, strict=True))
+
+
+class PackedWeight:
+    """A `Linear`'s bf16 weight in oneDNN's blocked layout for this CPU (see the file header): made on
+    first use, remade whenever the weight changes (a new tensor, an in-place update, a cast); copies
+    and pickles of the module start without it."""
+
+    def __init__(self) -> None:
+        self.seen: SeenTensors | None = None
+        self.packed: Tensor | None = None
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        """weight (O, I) -> the same weight, packed; the weight itself when it cannot be tracked."""
+        if not SeenTensors.trackable([weight]):
+            return weight
+        if self.seen is None or not self.seen.still([weight]):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self.seen = SeenTensors([weight])
+        return self.packed
+
+    def __deepcopy__(self, memo: dict) -> PackedWeight:
+        return PackedWeight()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
 class Linear(nn.Linear):
     """nn.Linear whose bf16 products on a CPU take `linear`'s kernels (one row: matrix-vector; more:
-    the bias inside the product)."""
+    the bias inside the product, with the weight packed for oneDNN)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.packed_weight = PackedWeight()  # not a parameter or buffer: never in the state dict
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        self.packed_weight = PackedWeight()  # a cast or a move: the old packed weight is stale
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
+        if PACKED_WEIGHTS and not is_one_bf16_row(x) and takes_fused_bias(x, self.weight, self.bias):
+            weight = self.packed_weight(self.weight)  # (O, I), oneDNN's layout
+            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")  # (..., O)
         return linear(x, self.weight, self.bias)
 
 
@@ -71,22 +143,31 @@ class StackedLinears:
     """
 
     def __init__(self) -> None:
-        self.key: tuple | None = None
+        self.seen: SeenTensors | None = None
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
 
     @staticmethod
     def applies(x: Tensor, layers: tuple[nn.Module, ...]) -> bool:
         return (is_one_bf16_row(x) and not torch.is_grad_enabled()
-                and all(type(layer) is Linear and layer.bias is not None for layer in layers))
+                and all(type(layer) is Linear and layer.bias is not None for layer in layers)
+                and SeenTensors.trackable([t for layer in layers for t in (layer.weight, layer.bias)]))
 
     def __call__(self, x: Tensor, layers: tuple[Linear, ...]) -> tuple[Tensor, ...]:
         """x (..., I) -> each layer's output (..., O_i), from one product."""
         tensors = [t for layer in layers for t in (layer.weight, layer.bias)]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if key != self.key:
+        if self.seen is None or not self.seen.still(tensors):
             self.weight = torch.cat([layer.weight for layer in layers])  # (sum O_i, I)
             self.bias = torch.cat([layer.bias for layer in layers])  # (sum O_i,)
-            self.key = key
+            self.seen = SeenTensors(tensors)
         out = linear(x, self.weight, self.bias)  # (..., sum O_i)
         return out.split([layer.out_features for layer in layers], dim=-1)
+
+    def __deepcopy__(self, memo: dict) -> StackedLinears:
+        return StackedLinears()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()

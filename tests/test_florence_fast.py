@@ -231,6 +231,47 @@ def test_several_bf16_rows_take_the_bias_inside_the_product() -> None:
         assert "mkldnn::_linear_pointwise" not in kernels(x, w.requires_grad_(), b)  # autograd: F.linear
 
 
+def test_linear_modules_pack_their_bf16_weight_once() -> None:
+    """A `Linear` gives oneDNN its weight packed once (not reordered at every call), bit for bit
+    F.linear's result; the packed copy is remade after an in-place update or a cast, is never in the
+    state dict, and copies start without it; inference-tensor weights are not packed and still right."""
+    import pickle
+
+    from miniflorence import linear as fast_linear
+
+    if not fast_linear.PACKED_WEIGHTS:
+        pytest.skip("this torch has no oneDNN weight packing")
+    g = torch.Generator().manual_seed(2)
+    layer = fast_linear.Linear(768, 384).to(torch.bfloat16)
+    x = torch.randn(8, 1, 768, generator=g).bfloat16()
+
+    def packs_made(fn) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn()
+        return sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_reorder_linear_weight")
+
+    with torch.no_grad():
+        assert packs_made(lambda: layer(x)) == 1
+        assert packs_made(lambda: layer(x)) == 0  # reused
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.weight.mul_(-2)  # an in-place update: seen through the version counter
+        assert packs_made(lambda: layer(x)) == 1
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.float().to(torch.bfloat16)  # a cast round trip: new tensors
+        assert layer.packed_weight.seen is None
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin.packed_weight.seen is None
+        with torch.no_grad():
+            assert torch.equal(twin(x), F.linear(x, twin.weight, twin.bias))
+    with torch.inference_mode():
+        frozen = fast_linear.Linear(96, 80).to(torch.bfloat16)  # inference tensors: no version counter
+        rows = torch.randn(5, 96, generator=g).bfloat16()
+        assert packs_made(lambda: frozen(rows)) == 0
+        assert torch.equal(frozen(rows), F.linear(rows, frozen.weight, frozen.bias))
+
+
 def test_stacked_query_key_value_product() -> None:
     """One bf16 row without autograd: q, k, v come from one product with the stacked weights, equal to
     the three products to bf16 accuracy; an in-place weight update is seen; with autograd, with
