@@ -275,7 +275,7 @@ def test_linear_modules_pack_their_bf16_weight_once() -> None:
 def test_stacked_query_key_value_product() -> None:
     """One bf16 row without autograd: q, k, v come from one product with the stacked weights, equal to
     the three products to bf16 accuracy; an in-place weight update is seen; with autograd, with
-    several rows, in float32 or for a LoRA-wrapped projection the three products are used."""
+    strided rows, in float32 or for a LoRA-wrapped projection the three products are used."""
     from miniflorence.language_model import Attention
 
     attention = Attention(64, 4, 0.0, True).to(torch.bfloat16).eval()
@@ -296,7 +296,7 @@ def test_stacked_query_key_value_product() -> None:
         for a, b in zip(attention.queries_keys_values(x), separate(), strict=True):
             assert torch.equal(a, b) and a.requires_grad
     with torch.no_grad():
-        for rows in (x.expand(3, 1, 64), x.float()):
+        for rows in (x.expand(3, 1, 64), x.float()):  # strided rows; float32
             model = attention if rows.dtype == torch.bfloat16 else copy.deepcopy(attention).float()
             expected = [model.split_heads(p(rows)) for p in (model.q_proj, model.k_proj, model.v_proj)]
             for a, b in zip(model.queries_keys_values(rows), expected, strict=True):
@@ -305,6 +305,27 @@ def test_stacked_query_key_value_product() -> None:
         for a, b in zip(attention.queries_keys_values(x), separate(), strict=True):
             assert torch.equal(a, b)
     assert attention.stacked.weight is stacked  # nothing was restacked on those paths
+
+
+def test_stacked_query_key_value_product_of_several_rows_is_bit_exact() -> None:
+    """Several contiguous bf16 rows without autograd (a batch's decoding step): q, k, v from one oneDNN
+    product over the stacked, packed weight, bit for bit the three products' numbers."""
+    from miniflorence import linear as fast_linear
+    from miniflorence.language_model import Attention
+
+    if not fast_linear.PACKED_WEIGHTS:
+        pytest.skip("this torch has no oneDNN weight packing")
+    g = torch.Generator().manual_seed(3)
+    for dim, heads in ((64, 4), (768, 12)):
+        attention = Attention(dim, heads, 0.0, True).to(torch.bfloat16).eval()
+        for shape in ((2, 1, dim), (8, 1, dim), (3, 5, dim), (8, 587, dim)):
+            x = torch.randn(*shape, generator=g).bfloat16()
+            with torch.no_grad():
+                expected = [attention.split_heads(p(x)) for p in (attention.q_proj, attention.k_proj, attention.v_proj)]
+                got = attention.queries_keys_values(x)
+            assert attention.stacked.packed is not None
+            for a, b in zip(got, expected, strict=True):
+                assert torch.equal(a, b), (dim, shape)
 
 
 # --- the vision tower in passes ----------------------------------------------------------------------
