@@ -39,7 +39,12 @@ freed, and every new one comes fresh, zeroed page by page. `--reuse-freed-memory
 for reuse, for the whole process, so native and ours alike (`minivision.memory`; our command lines
 do this); the default measures both as a plain Python process runs them. Transformers' Florence-2
 gains far more from it than ours (2 cores, the job at batch 8 in bf16: native 0.54 -> 0.88 images/s,
-ours 1.01 -> 1.07), so the ratios depend on it: the JSON lines record which was used.
+ours 1.01 -> 1.07), so the ratios depend on it: the JSON lines record which was used. That state
+also carries over from one implementation to the next in one process: transformers' bf16 job ran
+0.60 images/s in a process of its own, 0.54 after ours had run, 0.43-0.47 in the full interleaved
+run with the fp32 models. `--fresh-processes` runs every timed job in a new process (spawned in
+turn, round by round, so still interleaved), which builds the same seeded model, warms up on one
+batch and times the whole job: the way a user's job starts, with nothing left behind by another.
 
 The machine's limits are measured in the same run (before and after the workloads, the better of
 the two reported): fp32 and bf16 GEMM (GFLOP/s), fp32 and bf16 GEMV over a 158 MB / 79 MB matrix
@@ -445,6 +450,69 @@ def job_rows(args: argparse.Namespace, natives: dict, ours: dict, files: list[Pa
     return rows
 
 
+@dataclass
+class FreshProcessRow(Row):
+    """A job row whose every run is a new Python process (`--fresh-processes`): it builds the same
+    seeded model, runs the warm-up batch, then the timed job, and sends back its time, peak memory
+    and results. No implementation inherits the allocator state another one left behind."""
+
+    spec: dict = field(default_factory=dict)
+
+    def time_once(self, device: torch.device) -> float:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            got = pool.apply(job_in_this_process, (self.spec,))
+        self.peak_mib = max(self.peak_mib, got["peak_mib"])
+        self.output = [(torch.tensor(ids), caption) for ids, caption in got["results"]]
+        return got["seconds"]
+
+
+def fresh_process_rows(args: argparse.Namespace, natives: dict, ours: dict, files: list[Path], batch: int) -> list[Row]:
+    """The job's rows (`job_rows`' names, in its order), each run in a process of its own."""
+    common = {"config": args.config, "image_size": args.image_size, "threads": torch.get_num_threads(),
+              "reuse": args.reuse_freed_memory, "files": [str(f) for f in files], "batch": batch,
+              "tokens": args.job_tokens}
+    names = [("native", name) for name in natives] + [("ours", name) for name, compiled in ours if not compiled]
+    return [FreshProcessRow(f"{kind} {name}", lambda: None, spec={**common, "kind": kind, "dtype": name})
+            for kind, name in names]
+
+
+def job_in_this_process(spec: dict) -> dict:
+    """One timed job run in a fresh process: build the models as `build_models` does (the same seeded
+    weights), keep the one asked for, warm up on one batch, time the whole job once."""
+    torch.set_num_threads(spec["threads"])
+    if spec["reuse"]:
+        reuse_freed_memory()
+    device = torch.device("cpu")
+    args = argparse.Namespace(config=spec["config"], image_size=spec["image_size"], dtypes=[spec["dtype"]],
+                              compile=False)
+    natives, ours = build_models(args, device)
+    files, batch, tokens = [Path(f) for f in spec["files"]], spec["batch"], spec["tokens"]
+    if spec["kind"] == "native":
+        model, dtype = natives.pop(spec["dtype"]), DTYPES[spec["dtype"]]
+        processor = native_processor(spec["image_size"], next(iter(ours.values())).config.num_image_tokens)
+        ours.clear()
+
+        def run(some: list[Path]) -> list:
+            return native_job(model, processor, some, batch, tokens, dtype)
+    else:
+        model = ours.pop((spec["dtype"], False))
+        natives.clear()
+        processor = Processor(Tokenizer.from_dir(TOKENIZER), image_size=spec["image_size"])
+
+        def run(some: list[Path]) -> list:
+            return ours_job(model, processor, some, batch, tokens)
+    with torch.inference_mode():
+        run(files[:batch])  # warm-up
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            results = run(files)
+            seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mib": memory.peak_mib,
+            "results": [(ids.tolist(), caption) for ids, caption in results]}
+
+
 def job_ids(results: list) -> torch.Tensor:
     """The job's (N, S) ids, padded with 1, without the decoder start token."""
     rows = [r[0].cpu()[1:] for r in results]
@@ -592,6 +660,8 @@ def main() -> None:
     p.add_argument("--reuse-freed-memory", action="store_true",
                    help="glibc keeps freed memory for reuse, for the whole process, native and ours alike "
                         "(minivision.memory: what `python -m miniflorence` does)")
+    p.add_argument("--fresh-processes", action="store_true",
+                   help="the job: every run of every implementation in a new process, in turn (CPU; see above)")
     p.add_argument("--quick", action="store_true",
                    help="a few minutes: 256 px, 16 new tokens, one round, no compile, vision/decode/greedy/job")
     args = p.parse_args()
@@ -600,6 +670,8 @@ def main() -> None:
         args.repeats = args.repeats or 1
         args.workloads = [w for w in args.workloads if w in ("vision", "decode", "greedy", "job")]
     args.repeats = args.repeats or 3
+    if args.fresh_processes and args.device != "cpu":
+        p.error("--fresh-processes times CPU jobs")
     if args.image_size % 32:
         p.error(f"--image-size {args.image_size} is not a multiple of 32")
     device = torch.device(args.device)
@@ -636,9 +708,12 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as folder:
                 files = job_files(args.job_images, Path(folder))
                 for batch in args.job_batches:
-                    for row in job_rows(args, natives, ours, files[:batch], batch):  # warm-up: one batch
-                        row.time_once(device)
-                    rows = job_rows(args, natives, ours, files, batch)
+                    if args.fresh_processes:  # each run warms up in its own process
+                        rows = fresh_process_rows(args, natives, ours, files, batch)
+                    else:
+                        for row in job_rows(args, natives, ours, files[:batch], batch):  # warm-up: one batch
+                            row.time_once(device)
+                        rows = job_rows(args, natives, ours, files, batch)
                     for _ in range(args.repeats):  # interleaved rounds over the whole job
                         for row in rows:
                             row.seconds.append(row.time_once(device))
@@ -651,7 +726,9 @@ def main() -> None:
         records.append({"workload": "machine_limits", "cpu": cpu, "threads": torch.get_num_threads(), **limits})
     print()
     for record in records:
-        print(json.dumps({**record, "freed_memory_reused": reused}))
+        print(json.dumps({**record, "freed_memory_reused": reused,
+                          **({"fresh_processes": True} if record["workload"].startswith("job") and args.fresh_processes
+                             else {})}))
 
 
 if __name__ == "__main__":
