@@ -468,12 +468,17 @@ class FreshProcessRow(Row):
         return got["seconds"]
 
 
-def fresh_process_rows(args: argparse.Namespace, natives: dict, ours: dict, files: list[Path], batch: int) -> list[Row]:
-    """The job's rows (`job_rows`' names, in its order), each run in a process of its own."""
+def fresh_process_rows(args: argparse.Namespace, files: list[Path], batch: int) -> list[Row]:
+    """The job's rows (`job_rows`' names, in its order), each run in a process of its own; this process
+    holds no model (a parent's memory was measured to slow its children: transformers' bf16 job took
+    35 s spawned from the full bench, 25 s from a small parent, 21.5 s run directly)."""
     common = {"config": args.config, "image_size": args.image_size, "threads": torch.get_num_threads(),
               "reuse": args.reuse_freed_memory, "files": [str(f) for f in files], "batch": batch,
               "tokens": args.job_tokens}
-    names = [("native", name) for name in natives] + [("ours", name) for name, compiled in ours if not compiled]
+    import importlib.util
+
+    has_native = importlib.util.find_spec("transformers") is not None and (ROOT / "tests" / "reference").is_dir()
+    names = [("native", name) for name in args.dtypes if has_native] + [("ours", name) for name in args.dtypes]
     return [FreshProcessRow(f"{kind} {name}", lambda: None, spec={**common, "kind": kind, "dtype": name})
             for kind, name in names]
 
@@ -670,15 +675,18 @@ def main() -> None:
         args.repeats = args.repeats or 1
         args.workloads = [w for w in args.workloads if w in ("vision", "decode", "greedy", "job")]
     args.repeats = args.repeats or 3
-    if args.fresh_processes and args.device != "cpu":
-        p.error("--fresh-processes times CPU jobs")
+    if args.fresh_processes and (args.device != "cpu" or args.workloads != ["job"]):
+        p.error("--fresh-processes times CPU jobs only: give it --workloads job")
     if args.image_size % 32:
         p.error(f"--image-size {args.image_size} is not a multiple of 32")
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     reused = bool(args.reuse_freed_memory and reuse_freed_memory())
-    natives, ours = build_models(args, device)
+    if args.fresh_processes:  # the parent holds no model: each run builds its own, in a process of its own
+        natives, ours = {}, {}
+    else:
+        natives, ours = build_models(args, device)
     if device.type == "cpu":  # bf16 is fast only with AMX / AVX512-BF16 (torch's capability says which kernels run)
         cpu_info = Path("/proc/cpuinfo").read_text().splitlines()
         model_name = next((line.split(":", 1)[1].strip() for line in cpu_info if line.startswith("model name")), "?")
@@ -691,10 +699,10 @@ def main() -> None:
     records = []
     limits_before = machine_limits() if device.type == "cpu" else None
     flops = vision_flops(ours["fp32", False] if ("fp32", False) in ours else next(iter(ours.values())),
-                         args.image_size) if device.type == "cpu" else 0.0
+                         args.image_size) if device.type == "cpu" and ours else 0.0
     step_bytes: dict = {}
     with torch.inference_mode():
-        for name, rows in workloads(args, device, natives, ours).items():
+        for name, rows in (workloads(args, device, natives, ours) if ours else {}).items():
             run_rows(rows, device, args.repeats)
             if name in ("greedy", "beam3"):
                 count_tokens(rows, args.new_tokens)
@@ -709,7 +717,7 @@ def main() -> None:
                 files = job_files(args.job_images, Path(folder))
                 for batch in args.job_batches:
                     if args.fresh_processes:  # each run warms up in its own process
-                        rows = fresh_process_rows(args, natives, ours, files, batch)
+                        rows = fresh_process_rows(args, files, batch)
                     else:
                         for row in job_rows(args, natives, ours, files[:batch], batch):  # warm-up: one batch
                             row.time_once(device)
