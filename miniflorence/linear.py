@@ -142,9 +142,8 @@ class StackedLinears:
     (fewer kernel launches, one longer stream); with several bf16 rows, one oneDNN product over the
     stacked weight, packed, gives the three products' numbers bit for bit (each output column sums
     the same way) in fewer calls: base, 6 layers' q, k, v at 8 rows, cold, 2.45 -> 1.88 ms per step
-    (of ~26 ms). Only plain
-    `Linear`s are stacked (a LoRA or other wrapper computes more than its weight) and only without
-    autograd (the stack is a copy).
+    (of ~26 ms). Only plain `Linear`s are stacked (a LoRA or other wrapper computes more than its
+    weight) and only without autograd (the stack is a copy).
     """
 
     def __init__(self) -> None:
@@ -157,8 +156,7 @@ class StackedLinears:
     def applies(x: Tensor, layers: tuple[nn.Module, ...]) -> bool:
         if torch.is_grad_enabled() or not all(type(layer) is Linear and layer.bias is not None for layer in layers):
             return False
-        first = layers[0]
-        several_rows = PACKED_WEIGHTS and takes_fused_bias(x, first.weight, first.bias)
+        several_rows = PACKED_WEIGHTS and all(takes_fused_bias(x, layer.weight, layer.bias) for layer in layers)
         return ((is_one_bf16_row(x) or several_rows)
                 and SeenTensors.trackable([t for layer in layers for t in (layer.weight, layer.bias)]))
 
