@@ -58,7 +58,9 @@ table or its bf16 screen, the cross- and self-attention caches) over time, again
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -475,8 +477,6 @@ def fresh_process_rows(args: argparse.Namespace, files: list[Path], batch: int) 
     common = {"config": args.config, "image_size": args.image_size, "threads": torch.get_num_threads(),
               "reuse": args.reuse_freed_memory, "files": [str(f) for f in files], "batch": batch,
               "tokens": args.job_tokens}
-    import importlib.util
-
     has_native = importlib.util.find_spec("transformers") is not None and (ROOT / "tests" / "reference").is_dir()
     names = [("native", name) for name in args.dtypes if has_native] + [("ours", name) for name in args.dtypes]
     return [FreshProcessRow(f"{kind} {name}", lambda: None, spec={**common, "kind": kind, "dtype": name})
@@ -567,10 +567,7 @@ def vision_flops(model: Florence2, image_size: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     def linear_pointwise(x: tuple, weight: tuple, *args: object, **kwargs: object) -> int:  # shapes
-        rows = 1
-        for n in x[:-1]:
-            rows *= n
-        return 2 * rows * weight[0] * weight[1]
+        return 2 * math.prod(x[:-1]) * weight[0] * weight[1]  # x (..., I), weight (O, I)
 
     mapping = {}  # bf16 products go to oneDNN's linear (miniflorence/linear.py), which the counter does not know
     if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
@@ -734,9 +731,10 @@ def main() -> None:
         records.append({"workload": "machine_limits", "cpu": cpu, "threads": torch.get_num_threads(), **limits})
     print()
     for record in records:
-        print(json.dumps({**record, "freed_memory_reused": reused,
-                          **({"fresh_processes": True} if record["workload"].startswith("job") and args.fresh_processes
-                             else {})}))
+        record["freed_memory_reused"] = reused
+        if args.fresh_processes and record["workload"].startswith("job"):
+            record["fresh_processes"] = True
+        print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -86,26 +86,19 @@ class SeenTensors:
             for t, seen, version in zip(tensors, self.tensors, self.versions, strict=True))
 
 
-class PackedWeight:
-    """A `Linear`'s bf16 weight in oneDNN's blocked layout for this CPU (see the file header): made on
-    first use, remade whenever the weight changes (a new tensor, an in-place update, a cast); copies
-    and pickles of the module start without it."""
+class CopyOfWeights:
+    """A copy made from a module's weights and kept beside it (not a parameter or buffer: never in the
+    state dict): made on first use, remade when the weights it came from are `stale`; copies and
+    pickles of the module start without it."""
 
     def __init__(self) -> None:
         self.seen: SeenTensors | None = None
-        self.packed: Tensor | None = None
 
-    def __call__(self, weight: Tensor) -> Tensor:
-        """weight (O, I) -> the same weight, packed; the weight itself when it cannot be tracked."""
-        if not SeenTensors.trackable([weight]):
-            return weight
-        if self.seen is None or not self.seen.still([weight]):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            self.seen = SeenTensors([weight])
-        return self.packed
+    def stale(self, tensors: list[Tensor]) -> bool:
+        return self.seen is None or not self.seen.still(tensors)
 
-    def __deepcopy__(self, memo: dict) -> PackedWeight:
-        return PackedWeight()
+    def __deepcopy__(self, memo: dict) -> CopyOfWeights:
+        return type(self)()
 
     def __getstate__(self) -> dict:
         return {}
@@ -114,13 +107,30 @@ class PackedWeight:
         self.__init__()
 
 
+class PackedWeight(CopyOfWeights):
+    """A `Linear`'s bf16 weight in oneDNN's blocked layout for this CPU (see the file header)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.packed: Tensor | None = None
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        """weight (O, I) -> the same weight, packed; the weight itself when it cannot be tracked."""
+        if not SeenTensors.trackable([weight]):
+            return weight
+        if self.stale([weight]):
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self.seen = SeenTensors([weight])
+        return self.packed
+
+
 class Linear(nn.Linear):
     """nn.Linear whose bf16 products on a CPU take `linear`'s kernels (one row: matrix-vector; more:
     the bias inside the product, with the weight packed for oneDNN)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.packed_weight = PackedWeight()  # not a parameter or buffer: never in the state dict
+        self.packed_weight = PackedWeight()
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
         self.packed_weight = PackedWeight()  # a cast or a move: the old packed weight is stale
@@ -133,7 +143,7 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-class StackedLinears:
+class StackedLinears(CopyOfWeights):
     """Several `Linear`s of the same input as one product: their weights and biases stacked, made on
     first use and remade whenever one of them changes (a new tensor, an in-place update, a cast).
 
@@ -147,7 +157,7 @@ class StackedLinears:
     """
 
     def __init__(self) -> None:
-        self.seen: SeenTensors | None = None
+        super().__init__()
         self.weight: Tensor | None = None
         self.bias: Tensor | None = None
         self.packed: Tensor | None = None  # the stacked weight in oneDNN's layout, made for several rows
@@ -163,7 +173,7 @@ class StackedLinears:
     def __call__(self, x: Tensor, layers: tuple[Linear, ...]) -> tuple[Tensor, ...]:
         """x (..., I) -> each layer's output (..., O_i), from one product."""
         tensors = [t for layer in layers for t in (layer.weight, layer.bias)]
-        if self.seen is None or not self.seen.still(tensors):
+        if self.stale(tensors):
             self.weight = torch.cat([layer.weight for layer in layers])  # (sum O_i, I)
             self.bias = torch.cat([layer.bias for layer in layers])  # (sum O_i,)
             self.packed = None
@@ -175,12 +185,3 @@ class StackedLinears:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # (..., sum O_i)
         return out.split([layer.out_features for layer in layers], dim=-1)
-
-    def __deepcopy__(self, memo: dict) -> StackedLinears:
-        return StackedLinears()
-
-    def __getstate__(self) -> dict:
-        return {}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
