@@ -114,21 +114,81 @@ class CBlock(nn.Module):
     def forward(self, x: torch.Tensor, blocks: TokenBlocks) -> torch.Tensor:
         """x: (V, N, n, C), the positions `blocks` describes, channels last."""
         y = pointwise(self.conv1, self.norm1(x))  # (V, N, n, C)
-        y = blocks.from_map(self.depthwise(blocks.to_map(y)))  # masked positions enter as zeros
+        y = self.depthwise(y, blocks)  # (V, N, n, C); masked positions enter as zeros
         x = x + self.drop_path(pointwise(self.conv2, y))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def depthwise(self, x: torch.Tensor) -> torch.Tensor:
-        """The 5x5 depthwise convolution of a (V, C, H, W) map, computed in float32, also under autocast.
+    def depthwise(self, y: torch.Tensor, blocks: TokenBlocks) -> torch.Tensor:
+        """The 5x5 depthwise convolution of the blocks' features (V, N, n, C), scattered into a map of zeros,
+        at the blocks' positions. Computed in float32, also under autocast.
 
         It is memory-bound (25 multiply-adds per output), so bf16 saves little where it has kernels,
         and CPUs without native bf16 (no AVX512-BF16 / AMX) have none: there a bf16 depthwise
         convolution runs ~30x slower than the float32 one (measured on an AVX2 CPU, 2 threads).
         """
-        with torch.autocast(x.device.type, enabled=False):
-            conv = self.attn
-            y = F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=conv.padding, groups=conv.groups)
-        return y.to(x.dtype)
+        conv = self.attn
+        with torch.autocast(y.device.type, enabled=False):
+            x = blocks.to_map(y.float())  # (V, C, H, W); the blocks converted, not the whole map
+            weight, bias = conv.weight.float(), conv.bias.float()
+            if (y.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                    and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
+                out = DepthwiseAtBlocks.apply(x, weight, bias, blocks)
+            else:
+                out = blocks.from_map(F.conv2d(x, weight, bias, padding=conv.padding, groups=conv.groups))
+        return out.to(y.dtype)
+
+
+class DepthwiseAtBlocks(torch.autograd.Function):
+    """`from_map(conv2d(x, weight, bias, padding=2, groups=C))` for a 5x5 depthwise convolution, with a
+    backward that asks for each gradient on its own and reads only the blocks for the weight's.
+
+    On a CPU `F.conv2d`'s backward has oneDNN compute all three gradients in one call, and the weight
+    gradient there runs over the whole map, although the output's gradient is zero outside the blocks
+    (only the blocks are kept). Here:
+    - input gradient: oneDNN on the map, as before (the same bits);
+    - weight gradient: oneDNN on the blocks alone, each block with the 2 positions around it that
+      its outputs read (`TokenBlocks.windows`), where those windows hold no more positions than the
+      map (stage 1 at mask ratio 0.75: as many), else on the map (the same bits as before);
+    - bias gradient: a sum over the blocks' rows (oneDNN's own sum in its weight-gradient kernel was
+      the slow part).
+    Measured (float32, channels last, 2 cores, AMX), FastConvMAE-B's stage-1 map (32, 256, 56, 56):
+    the three gradients in one call 380-390 ms; on their own 38 (input) + 263 (weight, whole map) +
+    4 ms; the weight gradient from the windows 59 ms. The weight and bias gradients are the same
+    sums in another order (float32 rounding).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, blocks: TokenBlocks):
+        ctx.save_for_backward(x, weight)
+        ctx.blocks = blocks
+        reach = weight.shape[-1] // 2
+        return blocks.from_map(F.conv2d(x, weight, bias, padding=reach, groups=weight.shape[0]))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        blocks: TokenBlocks = ctx.blocks
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        C, reach, s = weight.shape[0], weight.shape[-1] // 2, blocks.scale
+        V, H, W = blocks.shape
+
+        def conv_gradient(out_grad: torch.Tensor, inputs: torch.Tensor, padding: int, which: int) -> torch.Tensor:
+            mask = [which == 0, which == 1, False]  # 0: input, 1: weight
+            return torch.ops.aten.convolution_backward(
+                out_grad, inputs, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], C, mask
+            )[which]
+
+        from_windows = V * blocks.tokens * (s + 2 * reach) ** 2 <= V * H * W
+        grad_map = blocks.to_map(grad) if needs_x or not from_windows else None  # (V, C, H, W), zero outside
+        grad_x = conv_gradient(grad_map, x, reach, 0) if needs_x else None
+        grad_weight = None
+        if needs_weight and from_windows:
+            grad_blocks = grad.reshape(-1, s, s, C).permute(0, 3, 1, 2)  # (V * Lk, C, s, s), channels last
+            grad_weight = conv_gradient(grad_blocks, blocks.windows(x, reach), 0, 1)
+        elif needs_weight:
+            grad_weight = conv_gradient(grad_map, x, reach, 1)
+        grad_bias = grad.reshape(-1, C).sum(0) if needs_bias else None  # (C,)
+        return grad_x, grad_weight, grad_bias, None
 
 
 class Mlp(nn.Module):
@@ -157,14 +217,19 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, d)
-        if self.use_sdpa and not (q.requires_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+        bf16_training_on_cpu = q.requires_grad and q.dtype == torch.bfloat16 and q.device.type == "cpu"
+        if self.use_sdpa and not bf16_training_on_cpu:
             x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        elif self.use_sdpa:
+            # bf16 training on a CPU: the fused kernel's backward is slow there. Forward and backward of 196
+            # tokens x 16 heads x 32 (the decoder, batch 8): 32 ms fused, 21 ms written out; 49 x 12 x 64 (the
+            # encoder): 8.6 ms and 1.9 ms (2 cores, AMX). As in the fused kernel, the scale goes on q, not on
+            # the (B, h, N, N) scores: at batch 32 x 196 tokens, forward and backward 131 against 108 ms.
+            # Under autocast the softmax runs in float32, as in the official code.
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+            x = attn.softmax(dim=-1) @ v  # (B, h, N, d)
         else:
-            # Also bf16 training on a CPU: the fused kernel's backward is slow there. Forward and backward
-            # of 196 tokens x 16 heads x 32 (the decoder, batch 8): 32 ms fused, 21 ms this way; 49 x 12 x 64
-            # (the encoder): 8.6 ms and 1.9 ms (2 cores, AMX). Under autocast the softmax runs in float32,
-            # the official arithmetic.
-            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, N, N)
+            attn = (q @ k.transpose(-2, -1)) * self.scale  # (B, h, N, N), the official arithmetic
             x = attn.softmax(dim=-1) @ v  # (B, h, N, d)
         x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, h * d)
         return self.proj(x)

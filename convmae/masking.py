@@ -116,12 +116,13 @@ class TokenBlocks:
         cols = (ids % grid_size)[..., None, None] * scale + offsets[None, :]  # (V, Lk, 1, s) map column
         sequence = torch.arange(V, device=ids.device)[:, None, None, None]  # (V, 1, 1, 1)
         self.index = ((sequence * H + rows) * W + cols).flatten()  # (V * Lk * s * s,) into the (V * H * W) map
+        self.ids, self.grid_size = ids, grid_size
 
     def to_map(self, x: torch.Tensor) -> torch.Tensor:
         """(V, Lk, n, C) -> (V, C, H, W) in channels-last memory, zero outside the blocks."""
         V, H, W = self.shape
         C = x.shape[-1]
-        dense = x.new_zeros(V * H * W, C).index_copy(0, self.index, x.reshape(-1, C))
+        dense = x.new_zeros(V * H * W, C).index_copy_(0, self.index, x.reshape(-1, C))  # in place: no copy of the zeros
         return dense.view(V, H, W, C).permute(0, 3, 1, 2)  # a view: channels stay the fastest dimension
 
     def from_map(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,3 +130,19 @@ class TokenBlocks:
         V, C = x.shape[:2]
         rows = x.permute(0, 2, 3, 1).reshape(-1, C).index_select(0, self.index)  # (V * Lk * n, C)
         return rows.view(V, self.tokens, self.scale**2, C)
+
+    def windows(self, x: torch.Tensor, reach: int) -> torch.Tensor:
+        """(V, C, H, W) map -> (V * Lk, C, s + 2 reach, s + 2 reach) in channels-last memory: every block
+        with the `reach` positions around it (what a (2 reach + 1)-wide convolution's outputs at the
+        block read), zeros beyond the map's edge."""
+        V, H, W = self.shape
+        C, side = x.shape[1], self.scale + 2 * reach
+        offsets = torch.arange(side, device=self.ids.device) - reach
+        rows = (self.ids // self.grid_size)[..., None, None] * self.scale + offsets[:, None]  # (V, Lk, side, 1)
+        cols = (self.ids % self.grid_size)[..., None, None] * self.scale + offsets[None, :]  # (V, Lk, 1, side)
+        outside = ((rows < 0) | (rows >= H) | (cols < 0) | (cols >= W)).flatten()  # (V * Lk * side * side,)
+        sequence = torch.arange(V, device=self.ids.device)[:, None, None, None]
+        index = ((sequence * H + rows.clamp(0, H - 1)) * W + cols.clamp(0, W - 1)).flatten()
+        picked = x.permute(0, 2, 3, 1).reshape(-1, C).index_select(0, index)  # (V * Lk * side * side, C)
+        picked.index_fill_(0, outside.nonzero().flatten(), 0)
+        return picked.view(-1, side, side, C).permute(0, 3, 1, 2)

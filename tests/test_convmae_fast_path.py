@@ -6,6 +6,9 @@
 - bf16 (autocast, and a bf16 model from `load_convmae(dtype=torch.bfloat16)`): the loss within 1% of
   fp32 on the official fixtures (ConvMAE and FastConvMAE), and of the official loss stored there.
 - `compile=True` gives the eager outputs within float32 rounding (slow: compiling takes a while).
+- The training-only kernels: the depthwise convolution's backward from the blocks (`DepthwiseAtBlocks`,
+  `TokenBlocks.windows`) against autograd of the plain convolution, and the written-out attention of
+  bf16 training on a CPU against the fused kernel.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import convmae
-from convmae.blocks import CBlock, PatchEmbed
+from convmae.blocks import Attention, CBlock, DepthwiseAtBlocks, PatchEmbed
 from convmae.masking import TokenBlocks, random_masking, upsample_mask
 from minivision.checkpoint import save_converted
 from tests.test_convmae_parity import convert_fixture, max_diff
@@ -174,3 +177,57 @@ def test_compile_equals_eager(cls: type, tmp_path: Path) -> None:
     assert grads_a.keys() == grads_b.keys()
     for k in grads_a:
         torch.testing.assert_close(grads_b[k], grads_a[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize(("grid", "scale", "kept"), [(5, 4, 6), (4, 2, 3), (3, 4, 9), (4, 4, 1)])
+def test_depthwise_at_blocks_matches_autograd_of_the_plain_convolution(grid: int, scale: int, kept: int) -> None:
+    """The outputs at the blocks bit for bit, the three gradients within float64 rounding, and gradcheck;
+    (5, 4, 6) and (4, 4, 1) take the weight gradient from the windows, the others from the map."""
+    torch.manual_seed(0)
+    V, C = 3, 6
+    blocks = TokenBlocks(torch.stack([torch.randperm(grid * grid)[:kept] for _ in range(V)]), grid, scale)
+    rows = torch.randn(V, kept, scale * scale, C, dtype=torch.float64)
+    weight = torch.randn(C, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    plain_rows, rows = rows.clone().requires_grad_(), rows.clone().requires_grad_()
+    plain = blocks.from_map(F.conv2d(blocks.to_map(plain_rows), weight, bias, padding=2, groups=C))
+    ours = DepthwiseAtBlocks.apply(blocks.to_map(rows), weight, bias, blocks)
+    assert torch.equal(ours, plain)
+    grad = torch.randn_like(plain)
+    expected = torch.autograd.grad(plain, (plain_rows, weight, bias), grad)
+    for got, want in zip(torch.autograd.grad(ours, (rows, weight, bias), grad), expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    x = blocks.to_map(rows.detach()).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, w, b: DepthwiseAtBlocks.apply(a, w, b, blocks), (x, weight, bias))
+
+
+def test_token_blocks_windows_are_the_zero_padded_map_around_each_block() -> None:
+    torch.manual_seed(0)
+    V, C, grid, scale = 2, 3, 4, 4
+    ids = torch.stack([torch.randperm(grid * grid)[:5] for _ in range(V)])
+    x = torch.randn(V, C, grid * scale, grid * scale).contiguous(memory_format=torch.channels_last)
+    windows = TokenBlocks(ids, grid, scale).windows(x, reach=2)  # (V * 5, C, 8, 8)
+    assert windows.shape == (V * 5, C, 8, 8) and windows.is_contiguous(memory_format=torch.channels_last)
+    padded = F.pad(x, (2, 2, 2, 2))
+    for v in range(V):
+        for k, token in enumerate(ids[v].tolist()):
+            row, col = token // grid * scale, token % grid * scale
+            assert torch.equal(windows[v * 5 + k], padded[v, :, row:row + 8, col:col + 8])
+
+
+def test_bf16_training_attention_on_cpu_matches_the_fused_kernel() -> None:
+    """bf16 training on a CPU writes the attention out (scale on q, as the fused kernel does): within bf16
+    rounding of the float32 fused kernel, forward and input gradient."""
+    torch.manual_seed(0)
+    attn = Attention(64, 4)
+    x = torch.randn(2, 10, 64)
+    reference_x = x.clone().requires_grad_()
+    reference = attn(reference_x)
+    reference.square().sum().backward()
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert max_diff(out.float(), reference) <= 0.02 * reference.abs().max().item()
+    assert max_diff(x.grad, reference_x.grad) <= 0.03 * reference_x.grad.abs().max().item()
