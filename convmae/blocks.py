@@ -128,65 +128,71 @@ class CBlock(nn.Module):
         """
         conv = self.attn
         with torch.autocast(y.device.type, enabled=False):
-            x = blocks.to_map(y.float())  # (V, C, H, W); the blocks converted, not the whole map
-            weight, bias = conv.weight.float(), conv.bias.float()
+            x, weight, bias = y.float(), conv.weight.float(), conv.bias.float()
             if (y.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
                     and (x.requires_grad or weight.requires_grad or bias.requires_grad)):
                 out = DepthwiseAtBlocks.apply(x, weight, bias, blocks)
             else:
-                out = blocks.from_map(F.conv2d(x, weight, bias, padding=conv.padding, groups=conv.groups))
+                out = F.conv2d(blocks.to_map(x), weight, bias, padding=conv.padding, groups=conv.groups)
+                out = blocks.from_map(out)
         return out.to(y.dtype)
 
 
 class DepthwiseAtBlocks(torch.autograd.Function):
-    """`from_map(conv2d(x, weight, bias, padding=2, groups=C))` for a 5x5 depthwise convolution, with a
-    backward that asks for each gradient on its own and reads only the blocks for the weight's.
+    """`from_map(conv2d(to_map(x), weight, bias, padding=2, groups=C))` for a 5x5 depthwise convolution,
+    for training on a CPU: the same outputs, computed and differentiated with less work.
 
-    On a CPU `F.conv2d`'s backward has oneDNN compute all three gradients in one call, and the weight
-    gradient there runs over the whole map, although the output's gradient is zero outside the blocks
-    (only the blocks are kept). Here:
-    - input gradient: oneDNN on the map, as before (the same bits);
-    - weight gradient: oneDNN on the blocks alone, each block with the 2 positions around it that
-      its outputs read (`TokenBlocks.windows`), where those windows hold no more positions than the
-      map (stage 1 at mask ratio 0.75: as many), else on the map (the same bits as before);
-    - bias gradient: a sum over the blocks' rows (oneDNN's own sum in its weight-gradient kernel was
-      the slow part).
-    Measured (float32, channels last, 2 cores, AMX), FastConvMAE-B's stage-1 map (32, 256, 56, 56):
-    the three gradients in one call 380-390 ms; on their own 38 (input) + 263 (weight, whole map) +
-    4 ms; the weight gradient from the windows 59 ms. The weight and bias gradients are the same
-    sums in another order (float32 rounding).
+    - Where the blocks' windows hold no more positions than the map (`TokenBlocks.windows_are_smaller`:
+      stage 1 at mask ratio 0.75), the convolution runs on the windows, each block with the 2 positions
+      around it that its outputs read, instead of on the whole map: it computes the blocks' outputs
+      only (a quarter of the map's), and backward takes the input gradient as the windows' gradient
+      summed back into the blocks (`TokenBlocks.add_windows`). Elsewhere it runs on the map.
+    - Backward asks oneDNN for the input and the weight gradient on their own and sums the bias
+      gradient over the blocks' rows: `F.conv2d`'s backward has oneDNN compute all three in one call,
+      whose weight-gradient kernel sums the bias far more slowly than a plain sum does.
+    Measured (float32, channels last, 2 cores, AMX), FastConvMAE-B's stage-1 map (32, 256, 56, 56),
+    1568 blocks of 4 x 4: forward 39-50 ms on the map, 29 + 8 ms to gather the 8 x 8 windows and
+    convolve them; the three gradients in one call 380-390 ms on the map; on their own 38 (input) +
+    263 (weight) + 4 ms on the map, 33 + 12 (input, summed back) + 59 (weight) ms on the windows.
+    The outputs are the same bits; the gradients are the same sums in other orders (float32 rounding).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, blocks: TokenBlocks):
-        ctx.save_for_backward(x, weight)
-        ctx.blocks = blocks
-        reach = weight.shape[-1] // 2
-        return blocks.from_map(F.conv2d(x, weight, bias, padding=reach, groups=weight.shape[0]))
+        C, reach = weight.shape[0], weight.shape[-1] // 2
+        ctx.blocks, ctx.on_windows = blocks, blocks.windows_are_smaller(reach)
+        if ctx.on_windows:
+            inputs = blocks.windows(x, reach)  # (V * Lk, C, s + 4, s + 4)
+            out = F.conv2d(inputs, weight, bias, groups=C)  # (V * Lk, C, s, s), channels last
+            out = out.permute(0, 2, 3, 1).reshape(x.shape)  # (V, Lk, n, C), a view
+        else:
+            inputs = blocks.to_map(x)  # (V, C, H, W)
+            out = blocks.from_map(F.conv2d(inputs, weight, bias, padding=reach, groups=C))
+        ctx.save_for_backward(inputs, weight)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        inputs, weight = ctx.saved_tensors
         blocks: TokenBlocks = ctx.blocks
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         C, reach, s = weight.shape[0], weight.shape[-1] // 2, blocks.scale
-        V, H, W = blocks.shape
+        if ctx.on_windows:
+            grad_out, padding = grad.reshape(-1, s, s, C).permute(0, 3, 1, 2), 0  # (V * Lk, C, s, s)
+        else:
+            grad_out, padding = blocks.to_map(grad), reach  # (V, C, H, W), zero outside the blocks
 
-        def conv_gradient(out_grad: torch.Tensor, inputs: torch.Tensor, padding: int, which: int) -> torch.Tensor:
-            mask = [which == 0, which == 1, False]  # 0: input, 1: weight
+        def conv_gradient(which: int) -> torch.Tensor:  # 0: input, 1: weight
+            mask = [which == 0, which == 1, False]
             return torch.ops.aten.convolution_backward(
-                out_grad, inputs, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], C, mask
+                grad_out, inputs, weight, None, [1, 1], [padding, padding], [1, 1], False, [0, 0], C, mask
             )[which]
 
-        from_windows = V * blocks.tokens * (s + 2 * reach) ** 2 <= V * H * W
-        grad_map = blocks.to_map(grad) if needs_x or not from_windows else None  # (V, C, H, W), zero outside
-        grad_x = conv_gradient(grad_map, x, reach, 0) if needs_x else None
-        grad_weight = None
-        if needs_weight and from_windows:
-            grad_blocks = grad.reshape(-1, s, s, C).permute(0, 3, 1, 2)  # (V * Lk, C, s, s), channels last
-            grad_weight = conv_gradient(grad_blocks, blocks.windows(x, reach), 0, 1)
-        elif needs_weight:
-            grad_weight = conv_gradient(grad_map, x, reach, 1)
+        grad_x = None
+        if needs_x:
+            grad_inputs = conv_gradient(0)
+            grad_x = blocks.add_windows(grad_inputs, reach) if ctx.on_windows else blocks.from_map(grad_inputs)
+        grad_weight = conv_gradient(1) if needs_weight else None
         grad_bias = grad.reshape(-1, C).sum(0) if needs_bias else None  # (C,)
         return grad_x, grad_weight, grad_bias, None
 

@@ -117,6 +117,7 @@ class TokenBlocks:
         sequence = torch.arange(V, device=ids.device)[:, None, None, None]  # (V, 1, 1, 1)
         self.index = ((sequence * H + rows) * W + cols).flatten()  # (V * Lk * s * s,) into the (V * H * W) map
         self.ids, self.grid_size = ids, grid_size
+        self._window_index: dict[int, torch.Tensor] = {}  # reach -> `window_index(reach)`
 
     def to_map(self, x: torch.Tensor) -> torch.Tensor:
         """(V, Lk, n, C) -> (V, C, H, W) in channels-last memory, zero outside the blocks."""
@@ -131,18 +132,44 @@ class TokenBlocks:
         rows = x.permute(0, 2, 3, 1).reshape(-1, C).index_select(0, self.index)  # (V * Lk * n, C)
         return rows.view(V, self.tokens, self.scale**2, C)
 
-    def windows(self, x: torch.Tensor, reach: int) -> torch.Tensor:
-        """(V, C, H, W) map -> (V * Lk, C, s + 2 reach, s + 2 reach) in channels-last memory: every block
-        with the `reach` positions around it (what a (2 reach + 1)-wide convolution's outputs at the
-        block read), zeros beyond the map's edge."""
+    def windows_are_smaller(self, reach: int) -> bool:
+        """Whether the blocks' windows (below) hold no more positions than the map: stage 1 (s = 4) at mask
+        ratio 0.75 holds as many; stage 2 (s = 2) or every token kept would hold 2.25 to 4 times more."""
         V, H, W = self.shape
-        C, side = x.shape[1], self.scale + 2 * reach
+        return self.tokens * (self.scale + 2 * reach) ** 2 <= H * W
+
+    def window_index(self, reach: int) -> torch.Tensor:
+        """(V * Lk * side * side,) for side = s + 2 reach: the row of `x.reshape(-1, C)` (x the blocks'
+        features) at each position of each block's window, or one past the last row where the position
+        is masked or beyond the map's edge."""
+        if reach in self._window_index:
+            return self._window_index[reach]
+        V, H, W = self.shape
+        side, rows_in_blocks = self.scale + 2 * reach, self.index.numel()
+        row_at = torch.full((V * H * W,), rows_in_blocks, dtype=torch.long, device=self.index.device)
+        row_at[self.index] = torch.arange(rows_in_blocks, device=self.index.device)  # map position -> row
         offsets = torch.arange(side, device=self.ids.device) - reach
         rows = (self.ids // self.grid_size)[..., None, None] * self.scale + offsets[:, None]  # (V, Lk, side, 1)
         cols = (self.ids % self.grid_size)[..., None, None] * self.scale + offsets[None, :]  # (V, Lk, 1, side)
-        outside = ((rows < 0) | (rows >= H) | (cols < 0) | (cols >= W)).flatten()  # (V * Lk * side * side,)
+        inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)  # (V, Lk, side, side)
         sequence = torch.arange(V, device=self.ids.device)[:, None, None, None]
-        index = ((sequence * H + rows.clamp(0, H - 1)) * W + cols.clamp(0, W - 1)).flatten()
-        picked = x.permute(0, 2, 3, 1).reshape(-1, C).index_select(0, index)  # (V * Lk * side * side, C)
-        picked.index_fill_(0, outside.nonzero().flatten(), 0)
-        return picked.view(-1, side, side, C).permute(0, 3, 1, 2)
+        position = (sequence * H + rows.clamp(0, H - 1)) * W + cols.clamp(0, W - 1)  # (V, Lk, side, side)
+        self._window_index[reach] = torch.where(inside, row_at[position], rows_in_blocks).flatten()
+        return self._window_index[reach]
+
+    def windows(self, x: torch.Tensor, reach: int) -> torch.Tensor:
+        """(V, Lk, n, C) -> (V * Lk, C, side, side), side = s + 2 reach, in channels-last memory: every
+        block with the `reach` positions around it, what a (2 reach + 1)-wide convolution's outputs at
+        the block read on the map (zeros where the map has them)."""
+        C, side = x.shape[-1], self.scale + 2 * reach
+        rows = torch.cat([x.reshape(-1, C), x.new_zeros(1, C)])  # (V * Lk * n + 1, C): the last row is zero
+        return rows.index_select(0, self.window_index(reach)).view(-1, side, side, C).permute(0, 3, 1, 2)
+
+    def add_windows(self, windows: torch.Tensor, reach: int) -> torch.Tensor:
+        """The transpose of `windows`: (V * Lk, C, side, side) channels last -> (V, Lk, n, C), each block
+        position the sum of its copies in every window."""
+        V, C = self.shape[0], windows.shape[1]
+        rows_in_blocks = self.index.numel()
+        sums = windows.new_zeros(rows_in_blocks + 1, C)
+        sums.index_add_(0, self.window_index(reach), windows.permute(0, 2, 3, 1).reshape(-1, C))
+        return sums[:rows_in_blocks].view(V, self.tokens, self.scale**2, C)

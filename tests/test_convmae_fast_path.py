@@ -182,37 +182,43 @@ def test_compile_equals_eager(cls: type, tmp_path: Path) -> None:
 @pytest.mark.parametrize(("grid", "scale", "kept"), [(5, 4, 6), (4, 2, 3), (3, 4, 9), (4, 4, 1)])
 def test_depthwise_at_blocks_matches_autograd_of_the_plain_convolution(grid: int, scale: int, kept: int) -> None:
     """The outputs at the blocks bit for bit, the three gradients within float64 rounding, gradcheck;
-    (5, 4, 6) and (4, 4, 1) take the weight gradient from the windows, the others from the map."""
+    (5, 4, 6) and (4, 4, 1) run on the blocks' windows, the others on the map."""
     torch.manual_seed(0)
-    V, C = 3, 6
+    V, C = 2, 4
     blocks = TokenBlocks(torch.stack([torch.randperm(grid * grid)[:kept] for _ in range(V)]), grid, scale)
+    assert blocks.windows_are_smaller(2) == (scale == 4 and kept * 64 <= grid * grid * 16)
     rows = torch.randn(V, kept, scale * scale, C, dtype=torch.float64)
     weight = torch.randn(C, 1, 5, 5, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(C, dtype=torch.float64, requires_grad=True)
     plain_rows, rows = rows.clone().requires_grad_(), rows.clone().requires_grad_()
     plain = blocks.from_map(F.conv2d(blocks.to_map(plain_rows), weight, bias, padding=2, groups=C))
-    ours = DepthwiseAtBlocks.apply(blocks.to_map(rows), weight, bias, blocks)
+    ours = DepthwiseAtBlocks.apply(rows, weight, bias, blocks)
     assert torch.equal(ours, plain)
     grad = torch.randn_like(plain)
     expected = torch.autograd.grad(plain, (plain_rows, weight, bias), grad)
     for got, want in zip(torch.autograd.grad(ours, (rows, weight, bias), grad), expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
-    x = blocks.to_map(rows.detach())  # the weight's and the bias's gradients, numerically (the input's is oneDNN's)
-    assert torch.autograd.gradcheck(lambda w, b: DepthwiseAtBlocks.apply(x, w, b, blocks), (weight, bias))
+    x = rows.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, w, b: DepthwiseAtBlocks.apply(a, w, b, blocks), (x, weight, bias))
 
 
 def test_token_blocks_windows_are_the_zero_padded_map_around_each_block() -> None:
+    """`windows` reads the blocks' features where the map has them and zeros elsewhere (masked positions,
+    beyond the edge); `add_windows` is its transpose: <windows(x), w> = <x, add_windows(w)>."""
     torch.manual_seed(0)
     V, C, grid, scale = 2, 3, 4, 4
     ids = torch.stack([torch.randperm(grid * grid)[:5] for _ in range(V)])
-    x = torch.randn(V, C, grid * scale, grid * scale).contiguous(memory_format=torch.channels_last)
-    windows = TokenBlocks(ids, grid, scale).windows(x, reach=2)  # (V * 5, C, 8, 8)
+    blocks = TokenBlocks(ids, grid, scale)
+    x = torch.randn(V, 5, scale * scale, C, dtype=torch.float64)
+    windows = blocks.windows(x, reach=2)  # (V * 5, C, 8, 8)
     assert windows.shape == (V * 5, C, 8, 8) and windows.is_contiguous(memory_format=torch.channels_last)
-    padded = F.pad(x, (2, 2, 2, 2))
+    padded = F.pad(blocks.to_map(x), (2, 2, 2, 2))
     for v in range(V):
         for k, token in enumerate(ids[v].tolist()):
             row, col = token // grid * scale, token % grid * scale
             assert torch.equal(windows[v * 5 + k], padded[v, :, row:row + 8, col:col + 8])
+    w = torch.randn_like(windows).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close((windows * w).sum(), (x * blocks.add_windows(w, reach=2)).sum(), atol=1e-12, rtol=0)
 
 
 def test_bf16_training_attention_on_cpu_matches_the_fused_kernel() -> None:
