@@ -134,8 +134,8 @@ class TokenBlocks:
 
     def windows_are_smaller(self, reach: int) -> bool:
         """Whether the blocks' windows (below) hold no more positions than the map: stage 1 (s = 4) at mask
-        ratio 0.75 holds as many; stage 2 (s = 2) or every token kept would hold 2.25 to 4 times more."""
-        V, H, W = self.shape
+        ratio 0.75 holds as many; stage 2 (s = 2), or every token kept, would hold 2.25 to 9 times more."""
+        _, H, W = self.shape
         return self.tokens * (self.scale + 2 * reach) ** 2 <= H * W
 
     def window_index(self, reach: int) -> torch.Tensor:
