@@ -4,6 +4,7 @@
     python bench/convmae.py --workloads convmae fastconvmae convvit --precisions fp32 --rounds 3
     python bench/convmae.py --compile --precisions fp32             # ours also with torch.compile
     python bench/convmae.py --device cuda --batch 128 --precisions bf16
+    python bench/convmae.py --workloads fastconvmae --precisions bf16 --rounds 5 --fresh-processes
 
 One training step: forward, loss, backward and the AdamW step, for each implementation in turn,
 round after round (the order alternates), so that both see the same machine load; the medians
@@ -13,6 +14,10 @@ official recipes' optimizer (`torch.optim.AdamW` with its default implementation
 folder only ours is timed. Ours: the same weights (the official state_dict, loaded strictly) and
 what `train.convmae` / `train.convvit` run: the fused AdamW (where the device has it). Both draw
 their masks from the same seeded `torch.rand`, so their fp32 losses agree; they are printed.
+
+`--fresh-processes` (CPU): every timed step runs in a new process, spawned in turn round by round (still
+interleaved), which builds the same seeded model, warms up and times one step; the parent holds no model.
+No column then inherits the allocator state or the memory another one left behind.
 
 Precisions: fp32, or bf16 autocast over the whole model for both (ours: `train.convmae
 --precision bf16 --no-fp32-decoder`; ours keeps its depthwise convolutions in fp32 there, see
@@ -33,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -201,26 +206,99 @@ def bench_workload(kind: str, precision: str, args: argparse.Namespace, device: 
             step()
         print(f"  {kind} {precision} {name}: warm-up {time.perf_counter() - start:.1f} s, "
               f"first loss {first_loss[name]:.6f}", flush=True)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    fwd_bwd: dict[str, list[float]] = {name: [] for name in steps}
-    peak: dict[str, float] = {name: 0.0 for name in steps}
+    rounds = Rounds(list(steps))
     for r in range(args.rounds):
-        order = list(steps) if r % 2 == 0 else list(reversed(steps))
-        for name in order:
+        for name in rounds.order(r):
             with PeakMemory(device) as memory:
                 start = time.perf_counter()
                 fb, _ = steps[name]()
-                times[name].append(time.perf_counter() - start)
-            fwd_bwd[name].append(fb)
-            peak[name] = max(peak[name], memory.peak_mib)
-        line = "  ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in steps)
-        print(f"  round {r + 1}/{args.rounds}: {line}", flush=True)
+                seconds = time.perf_counter() - start
+            rounds.add(name, seconds, fb, memory.peak_mib)
+        rounds.print_round(r, args.rounds)
+    return summarize(kind, precision, args, device, rounds, first_loss)
 
+
+@dataclass
+class Rounds:
+    """The timed steps of every column, round by round (the order alternates between rounds)."""
+
+    names: list[str]
+    times: dict[str, list[float]] = field(default_factory=dict)
+    fwd_bwd: dict[str, list[float]] = field(default_factory=dict)
+    peak: dict[str, float] = field(default_factory=dict)
+
+    def order(self, r: int) -> list[str]:
+        return list(self.names) if r % 2 == 0 else self.names[::-1]
+
+    def add(self, name: str, seconds: float, fwd_bwd: float, peak_mib: float) -> None:
+        self.times.setdefault(name, []).append(seconds)
+        self.fwd_bwd.setdefault(name, []).append(fwd_bwd)
+        self.peak[name] = max(self.peak.get(name, 0.0), peak_mib)
+
+    def print_round(self, r: int, total: int) -> None:
+        line = "  ".join(f"{n} {self.times[n][-1] * 1e3:.0f} ms" for n in self.names)
+        print(f"  round {r + 1}/{total}: {line}", flush=True)
+
+
+def bench_workload_in_fresh_processes(kind: str, precision: str, args: argparse.Namespace) -> dict:
+    """`--fresh-processes`: every timed step in a new process, spawned in turn round by round (still
+    interleaved), which builds the same seeded model, warms up and times one step. No column inherits
+    the allocator state, or the memory, of another, nor of this process (which holds no model)."""
+    import multiprocessing
+
+    names = (["official"] if (ROOT / "tests" / "reference").is_dir() else []) + ["ours"]
+    spec = {"kind": kind, "bf16": precision == "bf16", "batch": args.batch, "image_size": args.image_size,
+            "warmup": args.warmup, "threads": torch.get_num_threads(), "reuse": args.reuse_freed_memory}
+    rounds, first_loss = Rounds(names), {}
+    for r in range(args.rounds):
+        for name in rounds.order(r):
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                got = pool.apply(step_in_this_process, ({**spec, "column": name},))
+            if got is None:  # the official code is not there after all
+                rounds.names.remove(name)
+                continue
+            rounds.add(name, got["seconds"], got["fwd_bwd"], got["peak_mib"])
+            first_loss[name] = got["first_loss"]
+        rounds.print_round(r, args.rounds)
+    return summarize(kind, precision, args, torch.device("cpu"), rounds, first_loss)
+
+
+def step_in_this_process(spec: dict) -> dict | None:
+    """One timed step of one column in a fresh process: the seeded model (ours with the official weights, as
+    `bench_workload` builds it), `warmup` untimed steps, then one timed step."""
+    torch.set_num_threads(spec["threads"])
+    if spec["reuse"]:
+        reuse_freed_memory()
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    official = official_model(spec["kind"])
+    if official is None and spec["column"] == "official":
+        return None
+    model = official.train() if spec["column"] == "official" else ours_model(spec["kind"], official, device, False)
+    official = None  # ours holds its own copies of the weights
+    imgs = torch.randn(spec["batch"], 3, spec["image_size"], spec["image_size"])
+    make = finetune_step if spec["kind"] == "convvit" else pretrain_step
+    step = make(model, spec["column"] != "official", spec["bf16"], imgs, seed=1)
+    first_loss = step()[1]
+    for _ in range(spec["warmup"] - 1):
+        step()
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        fwd_bwd, _ = step()
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "fwd_bwd": fwd_bwd, "peak_mib": memory.peak_mib, "first_loss": first_loss}
+
+
+def summarize(kind: str, precision: str, args: argparse.Namespace, device: torch.device, rounds: Rounds,
+              first_loss: dict[str, float]) -> dict:
+    """The JSON record of a workload: medians over the rounds, ratios official / ours, peaks, first losses."""
+    steps = rounds.names
+    times, fwd_bwd, peak = rounds.times, rounds.fwd_bwd, rounds.peak
     result = {
         "workload": f"{kind}_{'finetune' if kind == 'convvit' else 'pretrain'}_step", "precision": precision,
         "batch": args.batch, "image_size": args.image_size, "rounds": args.rounds, "device": describe(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "freed_memory_reused": bool(args.reuse_freed_memory),
+        "freed_memory_reused": bool(args.reuse_freed_memory), "fresh_processes": bool(args.fresh_processes),
     }
     for name in steps:
         key = name.replace("+", "_")
@@ -270,6 +348,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (at least 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    parser.add_argument("--fresh-processes", action="store_true",
+                        help="every timed step in a new process (CPU, no --compile): no column inherits another's "
+                             "allocator state or memory")
     parser.add_argument("--reuse-freed-memory", action="store_true",
                         help="glibc keeps freed memory for reuse, for the whole process, official and ours alike "
                              "(minivision.memory: what our training scripts do)")
@@ -280,9 +361,14 @@ def main() -> None:
     device = torch.device(args.device)
     print(f"{describe(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}"
           f"{', freed memory reused (both)' if reused else ''}", flush=True)
+    if args.fresh_processes and (device.type != "cpu" or args.compile):
+        parser.error("--fresh-processes times CPU steps without --compile")
     for precision in args.precisions:
         for kind in args.workloads:
-            bench_workload(kind, precision, args, device)
+            if args.fresh_processes:
+                bench_workload_in_fresh_processes(kind, precision, args)
+            else:
+                bench_workload(kind, precision, args, device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
