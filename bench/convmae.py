@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -218,14 +218,14 @@ def bench_workload(kind: str, precision: str, args: argparse.Namespace, device: 
     return summarize(kind, precision, args, device, rounds, first_loss)
 
 
-@dataclass
 class Rounds:
     """The timed steps of every column, round by round (the order alternates between rounds)."""
 
-    names: list[str]
-    times: dict[str, list[float]] = field(default_factory=dict)
-    fwd_bwd: dict[str, list[float]] = field(default_factory=dict)
-    peak: dict[str, float] = field(default_factory=dict)
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.times: dict[str, list[float]] = {}
+        self.fwd_bwd: dict[str, list[float]] = {}
+        self.peak: dict[str, float] = {}
 
     def order(self, r: int) -> list[str]:
         return list(self.names) if r % 2 == 0 else self.names[::-1]
