@@ -40,6 +40,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +56,19 @@ from train.convvit import layer_decay_groups  # noqa: E402
 Step = Callable[[], tuple[float, float]]  # one training step -> (forward + backward seconds, loss)
 
 
-def official_model(kind: str) -> torch.nn.Module | None:
-    """The official base model of `kind` (tests/reference/official.py), or None when `../shared` is absent."""
+def official_code() -> ModuleType:
+    """tests/reference/official.py, which builds the official models from `../shared`."""
     sys.path.insert(0, str(ROOT / "tests" / "reference"))
     try:
         import official
     finally:
         sys.path.pop(0)
+    return official
+
+
+def official_model(kind: str) -> torch.nn.Module | None:
+    """The official base model of `kind` (tests/reference/official.py), or None when `../shared` is absent."""
+    official = official_code()
     kwargs = {"norm_pix_loss": True} if kind != "convvit" else {"global_pool": True, "drop_path_rate": 0.1}
     try:
         return official.official_convmae(kind, **kwargs)
@@ -228,7 +235,7 @@ class Rounds:
         self.peak: dict[str, float] = {}
 
     def order(self, r: int) -> list[str]:
-        return list(self.names) if r % 2 == 0 else self.names[::-1]
+        return self.names if r % 2 == 0 else self.names[::-1]
 
     def add(self, name: str, seconds: float, fwd_bwd: float, peak_mib: float) -> None:
         self.times.setdefault(name, []).append(seconds)
@@ -246,7 +253,7 @@ def bench_workload_in_fresh_processes(kind: str, precision: str, args: argparse.
     the allocator state, or the memory, of another, nor of this process (which holds no model)."""
     import multiprocessing
 
-    names = (["official"] if (ROOT / "tests" / "reference").is_dir() else []) + ["ours"]
+    names = (["official"] if official_code().CONVMAE_OFFICIAL.is_dir() else []) + ["ours"]
     spec = {"kind": kind, "bf16": precision == "bf16", "batch": args.batch, "image_size": args.image_size,
             "warmup": args.warmup, "threads": torch.get_num_threads(), "reuse": args.reuse_freed_memory}
     rounds, first_loss = Rounds(names), {}
@@ -254,16 +261,13 @@ def bench_workload_in_fresh_processes(kind: str, precision: str, args: argparse.
         for name in rounds.order(r):
             with multiprocessing.get_context("spawn").Pool(1) as pool:
                 got = pool.apply(step_in_this_process, ({**spec, "column": name},))
-            if got is None:  # the official code is not there after all
-                rounds.names.remove(name)
-                continue
             rounds.add(name, got["seconds"], got["fwd_bwd"], got["peak_mib"])
             first_loss[name] = got["first_loss"]
         rounds.print_round(r, args.rounds)
     return summarize(kind, precision, args, torch.device("cpu"), rounds, first_loss)
 
 
-def step_in_this_process(spec: dict) -> dict | None:
+def step_in_this_process(spec: dict) -> dict:
     """One timed step of one column in a fresh process: the seeded model (ours with the official weights, as
     `bench_workload` builds it), `warmup` untimed steps, then one timed step."""
     torch.set_num_threads(spec["threads"])
@@ -272,8 +276,6 @@ def step_in_this_process(spec: dict) -> dict | None:
     device = torch.device("cpu")
     torch.manual_seed(0)
     official = official_model(spec["kind"])
-    if official is None and spec["column"] == "official":
-        return None
     model = official.train() if spec["column"] == "official" else ours_model(spec["kind"], official, device, False)
     official = None  # ours holds its own copies of the weights
     imgs = torch.randn(spec["batch"], 3, spec["image_size"], spec["image_size"])

@@ -108,16 +108,24 @@ class TokenBlocks:
 
     def __init__(self, ids: torch.Tensor, grid_size: int, scale: int) -> None:
         V, Lk = ids.shape
-        self.tokens, self.scale = Lk, scale
+        self.ids, self.grid_size, self.tokens, self.scale = ids, grid_size, Lk, scale
         self.shape = (V, grid_size * scale, grid_size * scale)  # (V, H, W)
-        H, W = self.shape[1:]
-        offsets = torch.arange(scale, device=ids.device)
-        rows = (ids // grid_size)[..., None, None] * scale + offsets[:, None]  # (V, Lk, s, 1) map row
-        cols = (ids % grid_size)[..., None, None] * scale + offsets[None, :]  # (V, Lk, 1, s) map column
-        sequence = torch.arange(V, device=ids.device)[:, None, None, None]  # (V, 1, 1, 1)
-        self.index = ((sequence * H + rows) * W + cols).flatten()  # (V * Lk * s * s,) into the (V * H * W) map
-        self.ids, self.grid_size = ids, grid_size
+        rows, cols = self.positions(torch.arange(scale, device=ids.device))  # (V, Lk, s, 1), (V, Lk, 1, s)
+        self.index = self.flat(rows, cols).flatten()  # (V * Lk * s * s,) into the (V * H * W) map
         self._window_index: dict[int, torch.Tensor] = {}  # reach -> `window_index(reach)`
+
+    def positions(self, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """offsets (k,) from each token's top-left map position -> its map rows (V, Lk, k, 1) and columns
+        (V, Lk, 1, k): a k x k square per token."""
+        rows = (self.ids // self.grid_size)[..., None, None] * self.scale + offsets[:, None]
+        cols = (self.ids % self.grid_size)[..., None, None] * self.scale + offsets[None, :]
+        return rows, cols
+
+    def flat(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Map rows and columns (V, Lk, k, k after broadcasting) -> positions in the (V * H * W) map."""
+        V, H, W = self.shape
+        sequence = torch.arange(V, device=self.ids.device)[:, None, None, None]  # (V, 1, 1, 1)
+        return (sequence * H + rows) * W + cols
 
     def to_map(self, x: torch.Tensor) -> torch.Tensor:
         """(V, Lk, n, C) -> (V, C, H, W) in channels-last memory, zero outside the blocks."""
@@ -148,12 +156,9 @@ class TokenBlocks:
         side, rows_in_blocks = self.scale + 2 * reach, self.index.numel()
         row_at = torch.full((V * H * W,), rows_in_blocks, dtype=torch.long, device=self.index.device)
         row_at[self.index] = torch.arange(rows_in_blocks, device=self.index.device)  # map position -> row
-        offsets = torch.arange(side, device=self.ids.device) - reach
-        rows = (self.ids // self.grid_size)[..., None, None] * self.scale + offsets[:, None]  # (V, Lk, side, 1)
-        cols = (self.ids % self.grid_size)[..., None, None] * self.scale + offsets[None, :]  # (V, Lk, 1, side)
+        rows, cols = self.positions(torch.arange(side, device=self.ids.device) - reach)  # from `reach` above/left
         inside = (rows >= 0) & (rows < H) & (cols >= 0) & (cols < W)  # (V, Lk, side, side)
-        sequence = torch.arange(V, device=self.ids.device)[:, None, None, None]
-        position = (sequence * H + rows.clamp(0, H - 1)) * W + cols.clamp(0, W - 1)  # (V, Lk, side, side)
+        position = self.flat(rows.clamp(0, H - 1), cols.clamp(0, W - 1))  # (V, Lk, side, side)
         self._window_index[reach] = torch.where(inside, row_at[position], rows_in_blocks).flatten()
         return self._window_index[reach]
 
