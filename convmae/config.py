@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from minivision.configs import check_divisible, check_flags, check_numbers, check_whole
+
 # Old field name -> current one (converted files written before `image_size` and `use_sdpa`).
 RENAMED_FIELDS = {"img_size": "image_size", "fused_attention": "use_sdpa"}
 
@@ -63,19 +65,21 @@ class ConvMAEConfig:
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep tuples so the config stays hashable and comparable.
         for name in ("patch_size", "embed_dim", "depth", "mlp_ratio"):
-            value = tuple(getattr(self, name))
-            if len(value) != 3:
-                raise ValueError(f"{name} needs one value per stage (3), got {value}")
-            object.__setattr__(self, name, value)
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 3:
+                raise ValueError(f"ConvMAEConfig.{name} needs one value per stage (3), got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        # Every size a positive whole number before any arithmetic with it (a 0 would divide by zero below).
+        check_whole(self, ("image_size", "patch_size", "embed_dim", "num_heads", "in_chans", "decoder_embed_dim",
+                           "decoder_num_heads"))
+        check_whole(self, ("depth", "decoder_depth", "num_classes"), minimum=0)
+        check_numbers(self, ("mlp_ratio",), low=0, low_open=True)
+        check_numbers(self, ("drop_path_rate",), low=0, high=1, high_open=True)
+        check_flags(self, ("norm_pix_loss", "global_pool", "use_sdpa"))
         if self.image_size % self.total_stride:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the total stride {self.total_stride}")
-        if self.embed_dim[2] % self.num_heads:
-            raise ValueError(f"embed_dim[2]={self.embed_dim[2]} is not divisible by num_heads={self.num_heads}")
-        if self.decoder_embed_dim % self.decoder_num_heads:
-            raise ValueError(
-                f"decoder_embed_dim={self.decoder_embed_dim} is not divisible by "
-                f"decoder_num_heads={self.decoder_num_heads}"
-            )
+        check_divisible(self, "embed_dim[2]", self.embed_dim[2], "num_heads", self.num_heads)
+        check_divisible(self, "decoder_embed_dim", self.decoder_embed_dim, "decoder_num_heads", self.decoder_num_heads)
 
     @property
     def total_stride(self) -> int:

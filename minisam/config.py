@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from minivision.configs import check_divisible, check_flags, check_numbers, check_whole
+
 
 @dataclass(frozen=True)
 class SamConfig:
@@ -61,16 +63,40 @@ class SamConfig:
     use_sdpa: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "encoder_global_attn_indexes", tuple(int(i) for i in self.encoder_global_attn_indexes))
+        indexes = self.encoder_global_attn_indexes
+        if not isinstance(indexes, (tuple, list)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                             for i in indexes):
+            raise ValueError(f"SamConfig.encoder_global_attn_indexes is {indexes!r}; it must be a list of block "
+                             f"numbers (e.g. [2, 5, 8, 11])")
+        object.__setattr__(self, "encoder_global_attn_indexes", tuple(indexes))
+        # Every size a positive whole number before any arithmetic with it (a 0 would divide by zero below).
+        check_whole(self, ("image_size", "patch_size", "encoder_embed_dim", "encoder_depth", "encoder_num_heads",
+                           "prompt_embed_dim", "mask_in_chans", "decoder_depth", "decoder_num_heads",
+                           "decoder_mlp_dim", "attention_downsample_rate", "num_multimask_outputs",
+                           "iou_head_depth", "iou_head_hidden_dim"))
+        check_whole(self, ("window_size",), minimum=0)  # 0: every block attends globally
+        check_numbers(self, ("mlp_ratio",), low=0, low_open=True)
+        check_flags(self, ("use_rel_pos", "use_sdpa"))
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.encoder_embed_dim % self.encoder_num_heads:
-            raise ValueError(
-                f"encoder_embed_dim {self.encoder_embed_dim} is not divisible by {self.encoder_num_heads} heads"
-            )
+        check_divisible(self, "encoder_embed_dim", self.encoder_embed_dim, "encoder_num_heads", self.encoder_num_heads)
+        # The mask decoder's attentions: self-attention at the full width, the cross-attentions at width / rate.
+        check_divisible(self, "prompt_embed_dim", self.prompt_embed_dim, "decoder_num_heads", self.decoder_num_heads)
+        check_divisible(self, "prompt_embed_dim // attention_downsample_rate",
+                        self.prompt_embed_dim // self.attention_downsample_rate, "decoder_num_heads",
+                        self.decoder_num_heads)
         bad = [i for i in self.encoder_global_attn_indexes if not 0 <= i < self.encoder_depth]
         if bad:
             raise ValueError(f"global attention indexes {bad} are outside the {self.encoder_depth} encoder blocks")
+
+    @property
+    def global_blocks(self) -> tuple[int, ...]:
+        """The encoder blocks that attend over the whole image grid, whose relative-position tables
+        therefore span it (2 * grid - 1 rows): those in `encoder_global_attn_indexes`, and every block
+        when `window_size` is 0 (the official `Block` attends globally for a window of 0)."""
+        if self.window_size == 0:
+            return tuple(range(self.encoder_depth))
+        return self.encoder_global_attn_indexes
 
     @property
     def image_embedding_size(self) -> int:

@@ -270,17 +270,21 @@ def resize_for_image_size(
 
     `pos_embed` (1, G, G, C) is resampled bicubically to the new grid g = image_size / patch_size;
     the global-attention blocks' `rel_pos_h/w` (2G - 1, d) are linearly interpolated to (2g - 1, d),
-    exactly what the official `get_rel_pos` would do on every forward pass. Windowed blocks'
-    tables depend on the window only and are kept. Returns a new dict; the input is untouched.
+    exactly what the official `get_rel_pos` would do on every forward pass. The global blocks are
+    `config.global_blocks`: with `window_size` 0 that is every block. Windowed blocks' tables depend
+    on the window only and are kept. Returns a new dict; the input is untouched. A tensor that is
+    absent is left to the strict load, which names it.
     """
+    dataclasses.replace(config, image_size=image_size)  # a ValueError naming a size that is no positive multiple
     grid = image_size // config.patch_size
     out = dict(tensors)
-    out["image_encoder.pos_embed"] = resize_pos_embed(tensors["image_encoder.pos_embed"], grid)
+    if "image_encoder.pos_embed" in tensors:
+        out["image_encoder.pos_embed"] = resize_pos_embed(tensors["image_encoder.pos_embed"], grid)
     if config.use_rel_pos:
-        for i in config.encoder_global_attn_indexes:
+        for i in config.global_blocks:
             for axis in ("h", "w"):
                 key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
-                if tensors[key].shape[0] != 2 * grid - 1:
+                if key in tensors and tensors[key].shape[0] != 2 * grid - 1:
                     out[key] = resize_rel_pos(tensors[key], 2 * grid - 1)
     return out
 
@@ -315,8 +319,16 @@ def load_sam(
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its config does not describe a SAM model: {e}") from e
     if image_size is not None and image_size != config.image_size:
+        try:
+            resized = dataclasses.replace(config, image_size=image_size)
+        except ValueError as e:
+            raise CheckpointError(
+                f"{path}: cannot run at image size {image_size}: {e}; this checkpoint was made for image size "
+                f"{config.image_size} with {config.patch_size}-pixel patches, so give a positive multiple of "
+                f"{config.patch_size} (or leave the image size out to run at {config.image_size})"
+            ) from None
         tensors = resize_for_image_size(tensors, config, image_size)
-        config = dataclasses.replace(config, image_size=image_size)
+        config = resized
     if use_sdpa is not None:
         config = dataclasses.replace(config, use_sdpa=use_sdpa)
     model = sam_from_tensors(config, tensors, device=device, dtype=dtype, what=str(path))

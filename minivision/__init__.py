@@ -9,6 +9,7 @@ Modules:
     checkpoint    the converted-checkpoint format (.safetensors with the config in the metadata),
                   official checkpoints, and `resolve_weights` (a run folder -> its weights file)
     model_folder  a model folder as Hugging Face downloads it
+    configs       the model configs' shared checks (positive sizes, widths divisible by heads), one line each
     images        the one image reader (every PIL mode, EXIF; alpha dropped or composited onto white)
     files         writing files whole (temporary file, fsync, rename; normal permissions)
     cli           the command lines' plumbing: one-line errors, devices, inputs (--skip-bad), outputs

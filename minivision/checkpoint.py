@@ -194,6 +194,14 @@ def _torch_load(path: Path) -> object:
             ) from None
         with open(path, "rb") as f:
             zipped = f.read(4) == ZIP_MAGIC
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if not zipped and not head.startswith(b"\x80"):  # neither torch.save's zip nor its older pickle (protocol 2+)
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint (it is no PyTorch checkpoint at all: torch.save writes "
+                f"a zip archive, or before PyTorch 1.6 a pickle, and this file begins {head!r}); give the "
+                f"checkpoint file itself (.pth, .pt, .bin or .safetensors)"
+            ) from None
         if "Weights only load failed" in message:
             reason = "a pickle that the tensors-only loader cannot read; it was not unpickled"
         elif zipped:
@@ -223,6 +231,13 @@ def read_converted(path: str | os.PathLike, family: str) -> tuple[dict, dict[str
     one with NaN or infinite values each raise a `CheckpointError` that says which.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.safetensors"))
+        hint = f"give one of its files ({list_names(inside, 4)})" if inside else (
+            f"give a converted .safetensors file (`python -m weights_convert {family} SRC OUT.safetensors`), "
+            f"or a training run folder (it holds {' or '.join(RUN_WEIGHTS)})"
+        )
+        raise CheckpointError(f"{path}: is a folder with no checkpoint in it; {hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix != ".safetensors":
@@ -308,19 +323,54 @@ def _is_training_state(path: Path) -> bool:
     return isinstance(state, Mapping) and "settings" in state and ("model" in state or "optimizer" in state)
 
 
-def converted_family(path: str | os.PathLike) -> str | None:
-    """The family named in a converted file's metadata (`save_converted`), or None for any other file."""
+def _converted_metadata(path: str | os.PathLike) -> dict:
+    """The `__metadata__` of a safetensors file's header (nothing else is read), or {} for any other file."""
     path = Path(path)
     try:
         if not (path.is_file() and looks_like_safetensors(path)):
-            return None
+            return {}
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
             metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
     except (OSError, ValueError, struct.error, AttributeError):
-        return None
-    family = metadata.get("family")
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def converted_family(path: str | os.PathLike) -> str | None:
+    """The family named in a converted file's metadata (`save_converted`), or None for any other file."""
+    family = _converted_metadata(path).get("family")
     return family if isinstance(family, str) else None
+
+
+def converted_config(path: str | os.PathLike) -> dict | None:
+    """The config dict in a converted file's metadata, read from its header alone (no tensors), or None
+    for any other file or an unreadable config. Unchecked: the family's config class checks it on loading."""
+    try:
+        config = json.loads(_converted_metadata(path).get("config", ""))
+    except (TypeError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def check_complete(path: str | os.PathLike) -> None:
+    """Raise a `CheckpointError` when a safetensors file is shorter than its header says (a truncated copy)
+    or its header is unreadable; reads the header only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+    except (OSError, ValueError, struct.error, AttributeError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (damaged?): {first_line(e)}") from None
+    needed = 8 + header_len + max(ends, default=0)
+    if needed > size:
+        raise CheckpointError(
+            f"{path}: damaged: its header describes {needed} bytes but the file has {size} (truncated, e.g. an "
+            f"interrupted copy or download); copy or convert it again"
+        )
 
 
 # ---- checking and loading ----------------------------------------------------------------------

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import minisam
-from minivision.checkpoint import check_tensors, resolve_weights, save_converted
+from minivision.checkpoint import check_tensors, converted_config, resolve_weights, save_converted
 from train import distributed, loop, report, run_folder, script
 from train.lora import add_lora, merged_state_dict, save_lora
 from train.losses import mask_iou, sam_loss, segmentation_loss
@@ -189,12 +189,15 @@ def check_recipe(s: Settings) -> None:
 def build_model(s: Settings) -> minisam.Sam:
     """The model to fine-tune: a converted checkpoint (or a run folder's), or seeded random weights."""
     size = s.image_size or None
-    if size and size % 16:
-        raise ValueError(f"--image-size {size}: SAM's input side must be a multiple of its 16-pixel patches "
-                         "(e.g. 512, 1024)")
-    if s.checkpoint:
-        return minisam.load_sam(resolve_weights(s.checkpoint), image_size=size)
+    path = resolve_weights(s.checkpoint) if s.checkpoint else None
     config = minisam.CONFIGS[s.model]
+    patch = (converted_config(path) or {}).get("patch_size") if path else config.patch_size  # the model's own
+    if size and isinstance(patch, int) and patch > 0 and size % patch:
+        lower = max(size // patch, 1) * patch
+        raise ValueError(f"--image-size {size}: SAM's input side must be a multiple of its {patch}-pixel patches "
+                         f"(e.g. {lower} or {lower + patch})")
+    if path:
+        return minisam.load_sam(path, image_size=size)
     if size:
         config = dataclasses.replace(config, image_size=size)
     torch.manual_seed(s.seed)

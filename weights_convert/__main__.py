@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from minivision.checkpoint import (
     CheckpointError,
+    check_complete,
     converted_family,
     read_converted,
     read_official,
@@ -169,6 +170,7 @@ def convert(family: str, src: Path, dst: Path, options: dict, force: bool) -> st
     check_source(src, want_file=False)
     found = converted_family(src)
     if found is not None:
+        check_complete(src)  # a truncated copy is damaged, not "already converted"
         raise UserError(f"{src}: is already converted (a {found} checkpoint of this project); load it as it is, "
                         f"or convert it back with --to-official")
     sources = [src] + ([p for p in src.iterdir() if p.is_file()] if src.is_dir() else [])
@@ -194,7 +196,7 @@ def export_official(family: str, src: Path, dst: Path, force: bool) -> str:
     config, tensors = read_converted(src, family)
     try:
         official = dict(sorted(module.to_official(config, tensors).items()))
-    except CheckpointError as e:
+    except ValueError as e:  # a CheckpointError, or a config (e.g. hand-edited metadata) its class refuses
         raise CheckpointError(f"{src}: {e}") from None
     if dst.suffix == ".safetensors":  # safetensors stores tied tensors once each: copies
         save_file_atomic(dst, {k: v.contiguous().clone() for k, v in official.items()})
@@ -218,7 +220,7 @@ def export_hf(family: str, src: Path, out: Path, force: bool) -> str:
     config, tensors = read_converted(src, family)
     try:
         files, hf = module.to_hf(config, tensors)
-    except CheckpointError as e:
+    except ValueError as e:  # a CheckpointError, or a config (e.g. hand-edited metadata) its class refuses
         raise CheckpointError(f"{src}: {e}") from None
     names = [HF_WEIGHTS, *files]
     assert set(names) <= set(HF_FILES), names  # what check_folder_destination checked

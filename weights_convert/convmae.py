@@ -128,7 +128,10 @@ def infer_config(
     try:
         return ConvMAEConfig(**values)
     except ValueError as e:
-        raise CheckpointError(f"the checkpoint's sizes make no valid ConvMAE config: {e}") from e
+        raise CheckpointError(
+            f"the checkpoint's sizes with --num-heads {num_heads} and --decoder-num-heads {decoder_num_heads} "
+            f"make no valid ConvMAE config: {e}"
+        ) from e
 
 
 def expected_shapes(kind: str, config: ConvMAEConfig, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -189,7 +192,9 @@ def convert_tensors(
 def to_official(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our tensors -> the official state dict: the names are the official ones, so this only checks them."""
     values = dict(config)
-    kind = values.pop("model")
+    kind = values.pop("model", None)
+    if kind not in KINDS:
+        raise CheckpointError(f"its config names no ConvMAE model (\"model\": {kind!r}); expected one of {KINDS}")
     check_tensors(expected_shapes(kind, ConvMAEConfig.from_dict(values), tensors), tensors, f"converted {kind} file")
     return dict(tensors)
 
@@ -214,9 +219,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the model a pretraining checkpoint makes (default: convmae; fastconvmae for EasyCV); "
         "convvit and convmae_encoder files are recognised from their keys",
     )
-    parser.add_argument("--num-heads", type=int, default=12, help="stage-3 attention heads (not in the weights)")
-    parser.add_argument("--decoder-num-heads", type=int, default=16, help="MAE decoder heads (not in the weights)")
+    parser.add_argument("--num-heads", type=head_count, default=12,
+                        help="stage-3 attention heads (not in the weights)")
+    parser.add_argument("--decoder-num-heads", type=head_count, default=16,
+                        help="MAE decoder heads (not in the weights)")
     parser.add_argument(
         "--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True,
         help="the model was trained on per-patch normalised pixels (--no-norm-pix-loss: on raw pixels)",
     )
+
+
+def head_count(text: str) -> int:
+    """argparse type of --num-heads / --decoder-num-heads: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of attention heads") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"{value} heads: give a positive number that divides the width (the base model has 12, its decoder 16)"
+        )
+    return value

@@ -237,6 +237,8 @@ def convert_tensors(
     if image_size is not None and image_size != config.image_size:
         tensors = resize_for_image_size(tensors, config, image_size)
         config = dataclasses.replace(config, image_size=image_size)
+        # Nothing is written unless the resized checkpoint fits the model at its new size too.
+        check_tensors(expected_shapes(config), tensors, f"SAM checkpoint resized to image size {image_size}")
     return config.to_dict(), tensors
 
 
