@@ -307,7 +307,7 @@ def load_sam(
             encoder and mask decoder stay float32 (see `Sam.cast`).
         compile: compile the image encoder with `torch.compile` (see `compile_sam`); the first
             image then takes a while (about a minute for vit_b on a CPU), later ones are faster.
-        image_size: run at another input size than the checkpoint's (a multiple of 16, e.g. 512):
+        image_size: run at another input size than the checkpoint's (a multiple of its patch size, e.g. 512):
             the absolute position embedding is resized once here (bicubic) and the global blocks'
             relative-position tables interpolated (linear, as the official `get_rel_pos`); masks are
             then (image_size / 4)² low-res logits. Expect some quality loss far from the trained size.
