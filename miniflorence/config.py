@@ -15,6 +15,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+from minivision.configs import check_divisible, check_flags, check_numbers, check_whole
+
 
 @dataclass(frozen=True)
 class Florence2Config:
@@ -78,17 +80,39 @@ class Florence2Config:
         stages = len(self.dims)
         per_stage = ("depths", "heads", "channel_groups", "patch_sizes", "patch_strides",
                      "patch_paddings", "patch_prenorm")
+        for name in ("dims", *per_stage):
+            if not isinstance(getattr(self, name), tuple):
+                raise ValueError(f"Florence2Config.{name} is {getattr(self, name)!r}; it needs one value per stage")
         for name in per_stage:
             if len(getattr(self, name)) != stages:
                 raise ValueError(f"Florence2Config.{name} has {len(getattr(self, name))} entries, dims has {stages}")
-        for dim, h, g in zip(self.dims, self.heads, self.channel_groups):
-            if dim % h or dim % g:
-                raise ValueError(f"stage width {dim} is not divisible by heads {h} and channel groups {g}")
-        if self.d_model % self.encoder_heads or self.d_model % self.decoder_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by the attention heads")
+        # Every size a positive whole number before any arithmetic with it (a 0 would divide by zero below).
+        check_whole(self, ("dims", "heads", "channel_groups", "window_size", "patch_sizes", "patch_strides",
+                           "image_size", "projection_dim", "image_pos_embed_size", "max_temporal_embeddings",
+                           "vocab_size", "d_model", "encoder_heads", "decoder_heads", "encoder_ffn_dim",
+                           "decoder_ffn_dim", "max_position_embeddings"))
+        check_whole(self, ("depths", "patch_paddings", "encoder_layers", "decoder_layers", "pad_token_id",
+                           "bos_token_id", "eos_token_id", "decoder_start_token_id"), minimum=0)
+        check_numbers(self, ("mlp_ratio", "layer_norm_eps"), low=0, low_open=True)
+        check_numbers(self, ("drop_path_rate", "dropout", "attention_dropout", "activation_dropout"),
+                      low=0, high=1, high_open=True)
+        check_flags(self, ("use_sdpa",))
+        for i, flag in enumerate(self.patch_prenorm):
+            if not isinstance(flag, bool):
+                raise ValueError(f"Florence2Config.patch_prenorm[{i}] is {flag!r}; it must be true or false")
+        for i, (dim, h, g) in enumerate(zip(self.dims, self.heads, self.channel_groups, strict=True)):
+            check_divisible(self, f"dims[{i}]", dim, f"heads[{i}]", h)
+            check_divisible(self, f"dims[{i}]", dim, f"channel_groups[{i}]", g)
+        check_divisible(self, "d_model", self.d_model, "encoder_heads", self.encoder_heads)
+        check_divisible(self, "d_model", self.d_model, "decoder_heads", self.decoder_heads)
         if self.projection_dim != self.d_model:
             raise ValueError(f"projection_dim {self.projection_dim} must equal d_model {self.d_model}: "
                              "image tokens are fed to the language encoder as they are")
+        special = {name: getattr(self, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id",
+                                                          "decoder_start_token_id")}
+        outside = {name: token for name, token in special.items() if token >= self.vocab_size}
+        if outside:
+            raise ValueError(f"Florence2Config special token ids {outside} are not below vocab_size {self.vocab_size}")
 
     @property
     def image_dim(self) -> int:

@@ -21,6 +21,7 @@ import torch
 from helpers.sam import official_layout_state
 
 import convmae
+import miniflorence
 import minisam
 from minivision.checkpoint import CheckpointError, read_converted, read_official, read_safetensors, save_converted
 from minivision.cli import run_command
@@ -76,8 +77,32 @@ def test_sam_config_refuses_impossible_sizes(change: dict, says: str) -> None:
     assert says in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (dict(heads=(0, 2, 3, 4)), "Florence2Config.heads[0] is 0; it must be a positive whole number"),
+        (dict(decoder_heads=0), "Florence2Config.decoder_heads is 0"),
+        (dict(encoder_heads=-4), "Florence2Config.encoder_heads is -4"),
+        (dict(dims=(16, 32, 48, -64)), "Florence2Config.dims[3] is -64"),
+        (dict(channel_groups=(2, 2, 5, 4)), "Florence2Config.dims[2] 48 is not divisible by channel_groups[2] 5"),
+        (dict(decoder_heads=5), "Florence2Config.d_model 32 is not divisible by decoder_heads 5"),
+        (dict(window_size=0), "Florence2Config.window_size is 0"),
+        (dict(depths=(1, 1, -2, 1)), "Florence2Config.depths[2] is -2; it must be a whole number >= 0"),
+        (dict(patch_prenorm=(False, 1, True, True)), "Florence2Config.patch_prenorm[1] is 1; it must be true or false"),
+        (dict(dropout=1.0), "Florence2Config.dropout is 1.0; it must be a number in [0, 1)"),
+        (dict(pad_token_id=51289), "special token ids {'pad_token_id': 51289} are not below vocab_size 51289"),
+        (dict(heads=4), "Florence2Config.heads is 4; it needs one value per stage"),
+    ],
+)
+def test_florence2_config_refuses_impossible_sizes(change: dict, says: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        miniflorence.tiny_config(**change)
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_the_presets_and_their_json_round_trips_pass() -> None:
-    for config in [*minisam.CONFIGS.values(), SAM, *convmae.CONFIGS.values(), CONVMAE]:
+    for config in [*minisam.CONFIGS.values(), SAM, *convmae.CONFIGS.values(), CONVMAE,
+                   *miniflorence.CONFIGS.values(), miniflorence.tiny_config()]:
         assert type(config).from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
