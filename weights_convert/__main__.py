@@ -71,12 +71,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     for family, (module, help_text) in FAMILIES.items():
         p = subparsers.add_parser(family, help=help_text, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("src", help="the official checkpoint (.pth/.pt/.bin/.safetensors) or a Hugging Face model "
-                                   "folder; ours with --to-official / --to-hf")
+        has_hf = hasattr(module, "to_hf")  # the families with a Hugging Face layout (folders in and out)
+        src_help = ("the official checkpoint (.pth/.pt/.bin/.safetensors) or a Hugging Face model folder; ours with "
+                    "--to-official / --to-hf") if has_hf else ("the official checkpoint (.pth/.pt/.bin/.safetensors); "
+                                                               "ours with --to-official")
+        p.add_argument("src", help=src_help)
         p.add_argument("dst", nargs="?", help="our .safetensors; with --to-official the official layout "
                                               "(.pth/.pt/.bin, or .safetensors)")
         p.add_argument("--to-official", action="store_true", help="convert one of our files back to the official one")
-        if hasattr(module, "to_hf"):
+        if has_hf:
             p.add_argument("--to-hf", metavar="OUT_FOLDER", help="write one of our files as a Hugging Face folder")
         p.add_argument("--force", action="store_true", help="replace an existing destination (never the source)")
         module.add_arguments(p)
