@@ -326,6 +326,20 @@ def test_resume_refuses_settings_that_change_the_run(data: dict, stopped_run: Pa
     assert snapshot(out, data["root"]) == before
 
 
+def test_resume_refuses_a_stop_after_at_or_before_the_resumed_step(data: dict, stopped_run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """--stop-after 2 (or 1) on a run checkpointed at step 2 would never be reached: refused, not ignored."""
+    out = copy_of(stopped_run, tmp_path)
+    before = snapshot(out, data["root"])
+    for stop_after in (1, 2):
+        line = refused("convmae", ["--out", str(out), "--resume", "--stop-after", str(stop_after)], capsys)
+        assert line.endswith(f"--stop-after {stop_after}: the run resumes at step 2, already past it; give a step "
+                             "after it (--stop-after 3 or more), or leave it out")
+        assert snapshot(out, data["root"]) == before
+    result = train_convmae.main(["--out", str(out), "--resume", "--stop-after", "3"])
+    assert result["stopped"] and result["step"] == 3
+
+
 def test_resume_refuses_another_number_of_processes(stopped_run: Path, tmp_path: Path) -> None:
     out = copy_of(stopped_run, tmp_path)
     saved = files.load_checkpoint(out / "last.pt")["settings"]
