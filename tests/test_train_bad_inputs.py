@@ -30,11 +30,12 @@ import minisam
 from minivision.checkpoint import CheckpointError, save_converted
 from train import convmae as train_convmae
 from train import convvit as train_convvit
-from train import files, report, run_folder
+from train import files, report, run_folder, script
 from train import florence2 as train_florence2
 from train import sam as train_sam
 from train.distributed import Dist
 from train.image_folder import class_folders, pretraining_roots
+from train.settings import TrainSettings
 from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa, synthetic_shapes
 from train.tiny_tokenizer import write_tiny_tokenizer
 
@@ -482,6 +483,46 @@ def test_malicious_last_pt_through_the_cli(data: dict, stopped_run: Path, tmp_pa
         f"python -m train.convmae: error: {out / 'last.pt'}: holds a Python object (posix.mkdir), not only tensors "
         "and plain containers; it will not be unpickled")
     assert not marker.exists() and snapshot(out) == before
+
+
+def test_ctrl_c_in_process_exits_130_and_puts_the_sigint_handler_back(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    def train(s: TrainSettings, d: Dist) -> dict:
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C mid-run
+        return {}
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stop:
+        script.run_script(TrainSettings, train, ["--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "interrupted at step 0; no checkpoint was written yet; rerun to start again\n"
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+SECOND_CTRL_C = """
+import signal, sys
+from train import script
+from train.settings import TrainSettings
+
+def message_after_a_second_ctrl_c(out):  # the user presses Ctrl-C again while the run winds down
+    signal.raise_signal(signal.SIGINT)
+    return "interrupted at step 0; no checkpoint was written yet; rerun to start again"
+
+def train(s, d):
+    signal.raise_signal(signal.SIGINT)  # the first Ctrl-C, mid-run
+
+script.interrupted_message = message_after_a_second_ctrl_c
+script.run_script(TrainSettings, train, ["--out", sys.argv[1], "--device", "cpu"])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_winding_down_gives_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", SECOND_CTRL_C, str(tmp_path / "run")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted at step 0; no checkpoint was written yet; rerun to start again\n"
 
 
 @pytest.mark.slow
