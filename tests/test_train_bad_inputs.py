@@ -78,9 +78,9 @@ def base_args(script: str, data: dict[str, Path]) -> list[str]:
     quick = ["--epochs", "1", "--batch-size", "2", "--no-progress", "--device", "cpu"]
     return {
         "convmae": ["--data", str(root / "flat"), "--from-scratch", "--model", str(root / "tiny.json"),
-                    "--eval-images", "2"],
+                    "--eval-images", "2", "--warmup-epochs", "0.5"],
         "convvit": ["--data", str(root / "classes"), "--from-scratch", "--model", str(root / "tiny.json"),
-                    "--no-val-before"],
+                    "--no-val-before", "--warmup-epochs", "0.5"],
         "sam": ["--data", str(root / "seg"), "--checkpoint", str(root / "sam.safetensors"), "--no-val-before"],
         "florence2": ["--data", str(root / "docs" / "qa.jsonl"), "--tokenizer", str(root / "tokenizer"),
                       "--from-scratch", "--model", "tiny", "--image-size", "64", "--max-new-tokens", "2",
@@ -218,9 +218,30 @@ def test_layouts(data: dict, tmp_path: Path) -> None:
         class_folders([str(one)])
 
 
+@pytest.mark.parametrize(("script", "default"), [("convmae", 40), ("convvit", 5)])
+def test_a_warmup_longer_than_the_run_is_refused(data: dict, tmp_path: Path, script: str, default: int,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """`--epochs 1` with the recipe's warmup (40 epochs for convmae) would end with the learning rate at
+    1/40 of its peak, silently: refused, naming both options and what would be right."""
+    out = tmp_path / "out"
+    before = snapshot(data["root"])
+    line = refused(script, [*base_args(script, data), "--out", str(out), "--epochs", "2", "--warmup-epochs", "3"],
+                   capsys)
+    assert line.endswith("--warmup-epochs 3 is longer than --epochs 2: the learning rate would reach only 0.67 of "
+                         "its peak by the end and little would train; give --warmup-epochs at most 2 (e.g. "
+                         "--warmup-epochs 0.2, a tenth of the run) or raise --epochs")
+    s = SCRIPTS[script].Settings(data=str(data["root"] / "classes"), out=str(out), epochs=1, from_scratch=True,
+                                 model=str(data["root"] / "tiny.json"))
+    with pytest.raises(ValueError, match=f"^--warmup-epochs {default} is longer than --epochs 1: .* reach only "
+                                         f"{1 / default:.2g} of its peak"):
+        SCRIPTS[script].train(s, Dist())  # the default warmup, on the Python API
+    assert snapshot(data["root"]) == before and not out.exists()
+
+
 def test_convmae_reads_a_segmentation_folder_s_images_not_its_masks(data: dict, tmp_path: Path) -> None:
     s = train_convmae.Settings(data=str(data["root"] / "seg"), out=str(tmp_path), model=str(data["root"] / "tiny.json"),
-                               epochs=1, batch_size=2, eval_images=2, progress=False, from_scratch=True)
+                               epochs=1, warmup_epochs=0.5, batch_size=2, eval_images=2, progress=False,
+                               from_scratch=True)
     assert train_convmae.train(s, Dist())["step"] == 3  # 6 images / batch 2; with the 6 masks it would be 6
 
 
@@ -249,7 +270,8 @@ def test_damaged_images_are_skipped_before_training_not_met_mid_run(data: dict, 
     with Image.open(images / "half.png") as im:
         assert im.size == (48, 40)  # what the header-only check saw: it passed, and the run died mid-epoch
     s = train_convmae.Settings(data=str(images), out=str(tmp_path / "convmae"), model=str(data["root"] / "tiny.json"),
-                               epochs=2, batch_size=2, eval_images=2, progress=False, from_scratch=True)
+                               epochs=2, warmup_epochs=0.5, batch_size=2, eval_images=2, progress=False,
+                               from_scratch=True)
     result = train_convmae.train(s, Dist())
     assert result["skipped"] == {"unreadable image": 1} and result["step"] == 6
 
@@ -495,7 +517,8 @@ def test_ctrl_c_in_process_exits_130_and_puts_the_sigint_handler_back(tmp_path: 
     with pytest.raises(SystemExit) as stop:
         script.run_script(TrainSettings, train, ["--out", str(tmp_path / "run"), "--device", "cpu"])
     assert stop.value.code == 130
-    assert capsys.readouterr().err == "interrupted at step 0; no checkpoint was written yet; rerun to start again\n"
+    err = capsys.readouterr().err  # (the step: where the last run in this process stood)
+    assert re.fullmatch(r"interrupted at step \d+; no checkpoint was written yet; rerun to start again\n", err), err
     assert signal.getsignal(signal.SIGINT) is before
 
 

@@ -88,7 +88,7 @@ class Settings(TrainSettings):
     weight_decay: float = 0.05  # AdamW weight decay (not on 1-D parameters and pos_embed)
     drop_path: float = 0.1  # stochastic depth rate of the last block
     smoothing: float = 0.1  # label smoothing of the training loss
-    warmup_epochs: float = 5.0  # epochs of linear warmup from 0
+    warmup_epochs: float = 5.0  # epochs of linear warmup from 0 (at most --epochs)
     clip_grad: float = 0.0  # max gradient norm; 0: off
     min_scale: float = 0.08  # RandomResizedCrop area scale (min_scale, 1)
     min_side: int = -1  # skip images whose shorter side is below this; -1: the input size; 0: keep all
@@ -163,6 +163,7 @@ def export(model: convmae.ConvViT, path: Path) -> None:
 def train(s: Settings, d: distributed.Dist) -> dict:
     """The whole run; returns the history and the top-1 accuracy before/after."""
     out, state = run_folder.start_run(s, d, LIMITS, CHOICES)
+    loop.check_warmup(s.epochs, s.warmup_epochs)  # a warmup past the run's end would leave it untrained
     last_path = out / "last.pt"
 
     # ---- the layout, the model (its input size decides which images are too small), then the data
