@@ -458,8 +458,13 @@ def expand_tied(
 # ---- writing -----------------------------------------------------------------------------------
 
 
-def save_converted(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], family: str, config: Mapping) -> None:
-    """Write our format: tensors plus `{"family", "config" (JSON), "format_version"}` metadata.
+def save_converted(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], family: str, config: Mapping,
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    """Write our format: tensors plus `{"family", "config" (JSON), "format_version"}` metadata, and
+    `extra` string entries beside them (e.g. a classifier's "class_names", a JSON list, which
+    `python -m convmae` prints); `extra` cannot replace those three.
 
     The write is atomic (`atomic_write`), so an interrupted conversion never leaves a half-written
     file under the final name.
@@ -471,6 +476,10 @@ def save_converted(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
         "config": json.dumps(dict(config), sort_keys=True),
         "format_version": FORMAT_VERSION,
     }
+    clashing = sorted(set(extra or {}) & set(metadata))
+    if clashing:
+        raise ValueError(f"extra metadata may not replace {', '.join(clashing)}")
+    metadata.update(extra or {})
     # safetensors wants contiguous tensors that do not share storage (tied weights are stored once each).
     save_file_atomic(path, {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata)
 

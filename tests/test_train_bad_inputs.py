@@ -30,11 +30,12 @@ import minisam
 from minivision.checkpoint import CheckpointError, save_converted
 from train import convmae as train_convmae
 from train import convvit as train_convvit
-from train import files, report, run_folder
+from train import files, report, run_folder, script
 from train import florence2 as train_florence2
 from train import sam as train_sam
 from train.distributed import Dist
 from train.image_folder import class_folders, pretraining_roots
+from train.settings import TrainSettings
 from train.synthetic import COLOURS, CORNERS, QUESTIONS, WORDS, synthetic_docqa, synthetic_shapes
 from train.tiny_tokenizer import write_tiny_tokenizer
 
@@ -77,9 +78,9 @@ def base_args(script: str, data: dict[str, Path]) -> list[str]:
     quick = ["--epochs", "1", "--batch-size", "2", "--no-progress", "--device", "cpu"]
     return {
         "convmae": ["--data", str(root / "flat"), "--from-scratch", "--model", str(root / "tiny.json"),
-                    "--eval-images", "2"],
+                    "--eval-images", "2", "--warmup-epochs", "0.5"],
         "convvit": ["--data", str(root / "classes"), "--from-scratch", "--model", str(root / "tiny.json"),
-                    "--no-val-before"],
+                    "--no-val-before", "--warmup-epochs", "0.5"],
         "sam": ["--data", str(root / "seg"), "--checkpoint", str(root / "sam.safetensors"), "--no-val-before"],
         "florence2": ["--data", str(root / "docs" / "qa.jsonl"), "--tokenizer", str(root / "tokenizer"),
                       "--from-scratch", "--model", "tiny", "--image-size", "64", "--max-new-tokens", "2",
@@ -217,9 +218,30 @@ def test_layouts(data: dict, tmp_path: Path) -> None:
         class_folders([str(one)])
 
 
+@pytest.mark.parametrize(("script", "default"), [("convmae", 40), ("convvit", 5)])
+def test_a_warmup_longer_than_the_run_is_refused(data: dict, tmp_path: Path, script: str, default: int,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """`--epochs 1` with the recipe's warmup (40 epochs for convmae) would end with the learning rate at
+    1/40 of its peak, silently: refused, naming both options and what would be right."""
+    out = tmp_path / "out"
+    before = snapshot(data["root"])
+    line = refused(script, [*base_args(script, data), "--out", str(out), "--epochs", "2", "--warmup-epochs", "3"],
+                   capsys)
+    assert line.endswith("--warmup-epochs 3 is longer than --epochs 2: the learning rate would reach only 0.67 of "
+                         "its peak by the end and little would train; give --warmup-epochs at most 2 (e.g. "
+                         "--warmup-epochs 0.2, a tenth of the run) or raise --epochs")
+    s = SCRIPTS[script].Settings(data=str(data["root"] / "classes"), out=str(out), epochs=1, from_scratch=True,
+                                 model=str(data["root"] / "tiny.json"))
+    with pytest.raises(ValueError, match=f"^--warmup-epochs {default} is longer than --epochs 1: .* reach only "
+                                         f"{1 / default:.2g} of its peak"):
+        SCRIPTS[script].train(s, Dist())  # the default warmup, on the Python API
+    assert snapshot(data["root"]) == before and not out.exists()
+
+
 def test_convmae_reads_a_segmentation_folder_s_images_not_its_masks(data: dict, tmp_path: Path) -> None:
     s = train_convmae.Settings(data=str(data["root"] / "seg"), out=str(tmp_path), model=str(data["root"] / "tiny.json"),
-                               epochs=1, batch_size=2, eval_images=2, progress=False, from_scratch=True)
+                               epochs=1, warmup_epochs=0.5, batch_size=2, eval_images=2, progress=False,
+                               from_scratch=True)
     assert train_convmae.train(s, Dist())["step"] == 3  # 6 images / batch 2; with the 6 masks it would be 6
 
 
@@ -248,7 +270,8 @@ def test_damaged_images_are_skipped_before_training_not_met_mid_run(data: dict, 
     with Image.open(images / "half.png") as im:
         assert im.size == (48, 40)  # what the header-only check saw: it passed, and the run died mid-epoch
     s = train_convmae.Settings(data=str(images), out=str(tmp_path / "convmae"), model=str(data["root"] / "tiny.json"),
-                               epochs=2, batch_size=2, eval_images=2, progress=False, from_scratch=True)
+                               epochs=2, warmup_epochs=0.5, batch_size=2, eval_images=2, progress=False,
+                               from_scratch=True)
     result = train_convmae.train(s, Dist())
     assert result["skipped"] == {"unreadable image": 1} and result["step"] == 6
 
@@ -324,6 +347,20 @@ def test_resume_refuses_settings_that_change_the_run(data: dict, stopped_run: Pa
     with pytest.raises(ValueError, match=re.escape(f"--data: '{data['root'] / 'flat'}' -> '{data['root'] / 'seg'}'")):
         train_convmae.train(s, Dist())
     assert snapshot(out, data["root"]) == before
+
+
+def test_resume_refuses_a_stop_after_at_or_before_the_resumed_step(data: dict, stopped_run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """--stop-after 2 (or 1) on a run checkpointed at step 2 would never be reached: refused, not ignored."""
+    out = copy_of(stopped_run, tmp_path)
+    before = snapshot(out, data["root"])
+    for stop_after in (1, 2):
+        line = refused("convmae", ["--out", str(out), "--resume", "--stop-after", str(stop_after)], capsys)
+        assert line.endswith(f"--stop-after {stop_after}: the run resumes at step 2, already past it; give a step "
+                             "after it (--stop-after 3 or more), or leave it out")
+        assert snapshot(out, data["root"]) == before
+    result = train_convmae.main(["--out", str(out), "--resume", "--stop-after", "3"])
+    assert result["stopped"] and result["step"] == 3
 
 
 def test_resume_refuses_another_number_of_processes(stopped_run: Path, tmp_path: Path) -> None:
@@ -468,6 +505,47 @@ def test_malicious_last_pt_through_the_cli(data: dict, stopped_run: Path, tmp_pa
         f"python -m train.convmae: error: {out / 'last.pt'}: holds a Python object (posix.mkdir), not only tensors "
         "and plain containers; it will not be unpickled")
     assert not marker.exists() and snapshot(out) == before
+
+
+def test_ctrl_c_in_process_exits_130_and_puts_the_sigint_handler_back(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    def train(s: TrainSettings, d: Dist) -> dict:
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C mid-run
+        return {}
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stop:
+        script.run_script(TrainSettings, train, ["--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err  # (the step: where the last run in this process stood)
+    assert re.fullmatch(r"interrupted at step \d+; no checkpoint was written yet; rerun to start again\n", err), err
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+SECOND_CTRL_C = """
+import signal, sys
+from train import script
+from train.settings import TrainSettings
+
+def message_after_a_second_ctrl_c(out):  # the user presses Ctrl-C again while the run winds down
+    signal.raise_signal(signal.SIGINT)
+    return "interrupted at step 0; no checkpoint was written yet; rerun to start again"
+
+def train(s, d):
+    signal.raise_signal(signal.SIGINT)  # the first Ctrl-C, mid-run
+
+script.interrupted_message = message_after_a_second_ctrl_c
+script.run_script(TrainSettings, train, ["--out", sys.argv[1], "--device", "cpu"])
+"""
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_winding_down_gives_no_traceback(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", SECOND_CTRL_C, str(tmp_path / "run")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "interrupted at step 0; no checkpoint was written yet; rerun to start again\n"
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers.paths import ROOT
 from PIL import Image
+from safetensors import safe_open
 
 import convmae
 from minivision.checkpoint import save_converted
@@ -158,3 +159,23 @@ def test_torchrun_two_processes_match_one(setup: dict, tmp_path: Path) -> None:
     two = files.load_checkpoint(tmp_path / "two" / "last.pt")["history"]
     assert [x for _, x in two["train_loss"]] == pytest.approx([x for _, x in one["history"]["train_loss"]], rel=1e-5)
     assert two["top1"] == one["history"]["top1"]
+
+
+def test_the_exported_files_name_the_classes_and_the_cli_prints_them(setup: dict, tmp_path: Path, capsys) -> None:
+    """The class folders' names go into best/last.safetensors ("class_names"); `python -m convmae` on
+    the run folder prints them, not "class 0"; a larger --num-classes names the extra outputs "class N"."""
+    from convmae.__main__ import main as convmae_cli
+
+    out = tmp_path / "run"
+    train_convvit.train(settings(setup, out, epochs=1, val_before=True), Dist())
+    for name in ("best.safetensors", "last.safetensors"):
+        with safe_open(str(out / name), "pt") as f:
+            assert json.loads(f.metadata()["class_names"]) == ["blue", "green", "red"]
+    capsys.readouterr()
+    image = setup["root"] / "val" / "red" / "0.png"
+    assert convmae_cli([str(out), str(image), "--top-k", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{image}: 1. ") and all(f". {c} " in line for c in COLOURS), line
+    train_convvit.train(settings(setup, tmp_path / "wide", epochs=1, num_classes=4, stop_after=1), Dist())
+    with safe_open(str(tmp_path / "wide" / "last.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["class_names"]) == ["blue", "green", "red", "class 3"]

@@ -293,14 +293,14 @@ def mae_files(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_convmae_pretrains_on_parquet(tmp_path: Path, mae_files: dict) -> None:
     s = train_convmae.Settings(data=str(mae_files["data"]), val_data=str(mae_files["data"]), val_split="validation",
                                out=str(tmp_path / "run"), from_scratch=True, model=str(mae_files["config"]), epochs=1,
-                               batch_size=4, eval_images=2, progress=False)
+                               warmup_epochs=0.5, batch_size=4, eval_images=2, progress=False)
     assert train_convmae.train(s, Dist())["step"] > 0
 
 
 def test_convvit_reads_class_names_from_the_metadata(tmp_path: Path, mae_files: dict) -> None:
     s = train_convvit.Settings(data=str(mae_files["data"]), val_data=str(mae_files["data"]), val_split="validation",
                                out=str(tmp_path / "run"), checkpoint=str(mae_files["mae"]), epochs=2, batch_size=3,
-                               stop_after=2, val_before=False, progress=False)
+                               warmup_epochs=0.5, stop_after=2, val_before=False, progress=False)
     assert train_convvit.train(s, Dist())["stopped"]
     s = train_convvit.Settings(**{**s.__dict__, "stop_after": 0, "resume": True})
     r = train_convvit.train(s, Dist())
@@ -413,7 +413,7 @@ def test_torchrun_ranks_read_their_own_rows(tmp_path: Path, mae_files: dict) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.convvit",
            "--data", str(mae_files["data"]), "--val-data", str(mae_files["data"]), "--val-split", "validation",
            "--checkpoint", str(mae_files["mae"]), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2",
-           "--workers", "1", "--no-val-before", "--no-progress", "--device", "cpu"]
+           "--warmup-epochs", "0.5", "--workers", "1", "--no-val-before", "--no-progress", "--device", "cpu"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]

@@ -4,6 +4,7 @@ LoRA-only file round trip, apply_lora == merge_lora, parameter counts, bad targe
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -284,6 +285,46 @@ def test_lora_only_file_round_trip_and_apply(tmp_path) -> None:
     loaded = minisam.load_sam(tmp_path / "out.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(sam_outputs(loaded)[0], sam_outputs(merged)[0])
+
+
+def test_the_lora_file_carries_the_fully_trained_tensors_and_apply_puts_them_in(tmp_path, capsys) -> None:
+    """--train-also: the tensors that train fully beside the adapters go into the file whole, and
+    apply replaces the base's with them before merging (an adapted Linear that trains too: W + B A)."""
+    base_model = tiny_sam()
+    model = copy.deepcopy(base_model)
+    add_lora(model, "sam_decoder", rank=2, alpha=2.0)
+    randomize_adapters(model)
+    trained = ["mask_decoder.iou_token.weight", "mask_decoder.transformer.layers.0.self_attn.q_proj.weight"]
+    with torch.no_grad():
+        for name in trained:  # as training would change them
+            model.get_parameter(name).add_(0.5)
+    save_lora(tmp_path / "lora.safetensors", model, "sam", "sam_decoder", trained)
+    tensors, metadata = read_lora(tmp_path / "lora.safetensors")
+    assert set(tensors) == set(lora_state_dict(model)) | set(trained) and metadata["trained"] == json.dumps(trained)
+    base = {k: v.clone() for k, v in base_model.state_dict().items()}
+    applied = apply_lora(base, tensors, metadata)
+    merged = copy.deepcopy(model)
+    merge_lora(merged)
+    assert all(torch.equal(applied[k], v) for k, v in merged.state_dict().items())  # the trained model, exactly
+    assert all(torch.equal(base[k], v) for k, v in base_model.state_dict().items())  # the input is untouched
+    save_converted(tmp_path / "base.safetensors", base, "sam", TINY_SAM.to_dict())
+    assert main(["apply", str(tmp_path / "base.safetensors"), str(tmp_path / "lora.safetensors"),
+                 str(tmp_path / "out.safetensors")]) == 0
+    assert capsys.readouterr().out == (f"merged 28 LoRA layers, replaced 2 trained tensors into "
+                                       f"{tmp_path / 'out.safetensors'}\n")
+    # A file of adapters alone (written before the trained tensors were stored): nothing to replace.
+    old = {k: v for k, v in tensors.items() if k.endswith((".lora_A", ".lora_B"))}
+    old_metadata = {k: v for k, v in metadata.items() if k != "trained"}
+    applied = apply_lora(base, old, old_metadata)
+    assert all(torch.equal(applied[k], base[k]) for k in trained if not k.endswith("q_proj.weight"))
+    # A tensor that is neither an adapter nor listed, or a trained one that does not fit the base: errors naming it.
+    with pytest.raises(CheckpointError, match=r"neither adapters nor listed as trained: mask_decoder\.iou_token"):
+        apply_lora(base, tensors, old_metadata)
+    smaller = {**base, "mask_decoder.iou_token.weight": torch.zeros(1, 8)}
+    with pytest.raises(CheckpointError, match=r"without a base tensor of their shape: mask_decoder\.iou_token\.weight"):
+        apply_lora(smaller, tensors, metadata)
+    with pytest.raises(ValueError, match="not tensors of the model: nope.weight"):
+        save_lora(tmp_path / "bad.safetensors", model, "sam", "sam_decoder", ["nope.weight"])
 
 
 def test_florence_adapter_applies_to_a_converted_base(tmp_path) -> None:

@@ -71,8 +71,10 @@ def args(script: str, data: dict[str, Path], out: Path) -> list[str]:
         "sam": ["--data", str(data["shapes"]), "--val-fraction", "0.3"],
         "florence2": ["--data", str(data["docs"]), "--tokenizer", str(root / "tokenizer"), "--model", "tiny",
                       "--image-size", "64", "--max-new-tokens", "2", "--num-beams", "1", "--lr", "1e-3"],
-        "convmae": ["--data", str(data["shapes"] / "images"), "--model", str(root / "tiny.json"), "--eval-images", "2"],
-        "convvit": ["--data", str(root / "classes"), "--model", str(root / "tiny.json"), "--val-fraction", "0.34"],
+        "convmae": ["--data", str(data["shapes"] / "images"), "--model", str(root / "tiny.json"), "--eval-images", "2",
+                    "--warmup-epochs", "0.5"],
+        "convvit": ["--data", str(root / "classes"), "--model", str(root / "tiny.json"), "--val-fraction", "0.34",
+                    "--warmup-epochs", "0.5"],
     }[script] + QUICK + ["--out", str(out)]
 
 

@@ -86,6 +86,27 @@ def test_lora_trains_only_the_adapters_and_exports_them_merged(setup, tmp_path: 
         assert torch.equal(applied[name], exported[name]), name
 
 
+def test_the_lora_file_with_the_base_gives_best_with_train_also(setup, tmp_path: Path, capsys) -> None:
+    """The README's recipe: LoRA on the encoder, the mask decoder trained fully (--train-also).
+    best_lora.safetensors carries the decoder's tensors too, so base + it = best.safetensors exactly."""
+    s = settings(setup, tmp_path, lora_rank=2, lora_targets="sam_encoder", train_also="mask_decoder.*", epochs=1,
+                 val_before=False)
+    train_sam.train(s, Dist())
+    _, start = read_converted(setup[1], "sam")
+    _, exported = read_converted(tmp_path / "best.safetensors", "sam")
+    decoder = [k for k in exported if k.startswith("mask_decoder.") and not torch.equal(exported[k], start[k])]
+    assert decoder  # the decoder trained
+    capsys.readouterr()
+    assert train_lora.main(["apply", str(setup[1]), str(tmp_path / "best_lora.safetensors"),
+                            str(tmp_path / "applied.safetensors")]) == 0
+    n_decoder = sum(k.startswith("mask_decoder.") for k in start)
+    assert capsys.readouterr().out.startswith(f"merged 4 LoRA layers, replaced {n_decoder} trained tensors into ")
+    _, applied = read_converted(tmp_path / "applied.safetensors", "sam")
+    assert applied.keys() == exported.keys()
+    for name in exported:
+        assert torch.equal(applied[name], exported[name]), name
+
+
 def test_lora_resume_gives_the_uninterrupted_weights(setup, tmp_path: Path) -> None:
     kw = dict(lora_rank=2, lora_dropout=0.1, lora_targets="sam_decoder",
               train_also="mask_decoder.iou_prediction_head.*", unfreeze_blocks=1, unfreeze_epoch=1, accum_steps=2,

@@ -62,7 +62,8 @@ EXAMPLES = """
   python -m train.convmae --data imagenet/train --from-scratch --model convmae_base --out runs/convmae
   python -m train.convmae --out runs/convmae --resume                      # continue an interrupted run
   python -m train.convmae --data my_images --checkpoint convmae_base.safetensors --out runs/more   # go on pretraining
-  python -m train.convmae --data my_images --from-scratch --model tiny.json --fast --epochs 20 --out runs/fast
+  python -m train.convmae --data my_images --from-scratch --model tiny.json --fast --epochs 20 --warmup-epochs 2 \
+      --out runs/fast
   python -m convmae runs/convmae photo.jpg --reconstruct recon.png        # use the trained model (its best)
   python -m train.convvit --data imagenet/train --checkpoint runs/convmae --out runs/convvit   # fine-tune it
   torchrun --nproc_per_node=2 -m train.convmae --data imagenet/train --from-scratch --out runs/ddp
@@ -97,7 +98,7 @@ class Settings(TrainSettings):
     blr: float = 1.5e-4  # base learning rate: lr = blr * batch_size * accum_steps * world_size / 256
     lr: float | None = None  # absolute learning rate (overrides blr); none: from blr
     weight_decay: float = 0.05  # AdamW weight decay (not on biases and norms)
-    warmup_epochs: float = 40.0  # epochs of linear warmup from 0
+    warmup_epochs: float = 40.0  # epochs of linear warmup from 0 (at most --epochs)
     clip_grad: float = 0.0  # max gradient norm; 0: off (the official recipe does not clip)
     fp32_decoder: bool = True  # keep the decoder out of bf16 autocast
     compile: bool = False  # torch.compile the encoder and decoder (the first steps compile)
@@ -246,6 +247,7 @@ def export(model: convmae.ConvMAE, path: Path) -> None:
 def train(s: Settings, d: distributed.Dist) -> dict:
     """The whole run; returns the history and the fixed-set reconstruction loss before/after."""
     out, state = run_folder.start_run(s, d, LIMITS, CHOICES)
+    loop.check_warmup(s.epochs, s.warmup_epochs)  # a warmup past the run's end would leave it untrained
     last_path = out / "last.pt"
 
     # ---- model and data; unreadable or too-small images are skipped and counted

@@ -19,7 +19,8 @@ erasing (not implemented here):
 - drop path (stochastic depth) and label smoothing; top-1 accuracy on the validation set per
   epoch; the run folder (`train.run_folder`) holds `best.safetensors` (the best top-1) and
   `last.safetensors` (with each `last.pt`), converted `convvit` files that `convmae.load_convvit`,
-  `python -m convmae` and `--checkpoint` of another run read (as does the folder itself);
+  `python -m convmae` and `--checkpoint` of another run read (as does the folder itself); their
+  metadata names the classes ("class_names"), which `python -m convmae` prints with the top-5;
 - `--precision auto` (bf16 autocast on GPU, exact fp32 on CPU), `fp32` or `bf16` (CPU too);
   `--compile` runs the encoder through `torch.compile`; the fused AdamW;
 - `last.pt` for `--resume` (refused with settings that change the run; a new run into a folder
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +90,7 @@ class Settings(TrainSettings):
     weight_decay: float = 0.05  # AdamW weight decay (not on 1-D parameters and pos_embed)
     drop_path: float = 0.1  # stochastic depth rate of the last block
     smoothing: float = 0.1  # label smoothing of the training loss
-    warmup_epochs: float = 5.0  # epochs of linear warmup from 0
+    warmup_epochs: float = 5.0  # epochs of linear warmup from 0 (at most --epochs)
     clip_grad: float = 0.0  # max gradient norm; 0: off
     min_scale: float = 0.08  # RandomResizedCrop area scale (min_scale, 1)
     min_side: int = -1  # skip images whose shorter side is below this; -1: the input size; 0: keep all
@@ -155,14 +157,20 @@ def evaluate(
     return loss_sum / len(dataset), correct / len(dataset)
 
 
-def export(model: convmae.ConvViT, path: Path) -> None:
-    """The converted format that `convmae.load_convvit` reads (a `convvit` model, its config in the metadata)."""
-    save_converted(path, model.state_dict(), "convmae", {**model.config.to_dict(), "model": "convvit"})
+def export(model: convmae.ConvViT, classes: list[str], path: Path) -> None:
+    """The converted format that `convmae.load_convvit` reads (a `convvit` model, its config in the
+    metadata), with the class names of the head's outputs as "class_names" (a JSON list, which
+    `python -m convmae` prints with the top classes; outputs beyond the data's classes, from a
+    larger --num-classes, are named "class N")."""
+    names = classes + [f"class {k}" for k in range(len(classes), model.config.num_classes)]
+    save_converted(path, model.state_dict(), "convmae", {**model.config.to_dict(), "model": "convvit"},
+                   {"class_names": json.dumps(names[:model.config.num_classes])})
 
 
 def train(s: Settings, d: distributed.Dist) -> dict:
     """The whole run; returns the history and the top-1 accuracy before/after."""
     out, state = run_folder.start_run(s, d, LIMITS, CHOICES)
+    loop.check_warmup(s.epochs, s.warmup_epochs)  # a warmup past the run's end would leave it untrained
     last_path = out / "last.pt"
 
     # ---- the layout, the model (its input size decides which images are too small), then the data
@@ -217,7 +225,7 @@ def train(s: Settings, d: distributed.Dist) -> dict:
     run_folder.begin_run(out, s, state, d)
     step, start_epoch, start_micro, best = 0, 0, 0, -1.0
     history: dict[str, list] = {"train_loss": [], "val_loss": [], "top1": []}
-    save_last = functools.partial(export, model)  # last.safetensors, beside each last.pt
+    save_last = functools.partial(export, model, classes)  # last.safetensors, beside each last.pt
     if state is not None:
         run_folder.load_model_state(model, state["model"], last_path)
         step, start_epoch, start_micro = run_folder.resume(state, optimizer, scheduler)
@@ -259,7 +267,7 @@ def train(s: Settings, d: distributed.Dist) -> dict:
                              {"val_loss": val_loss, "top1": top1})
             if top1 > best:
                 best = top1
-                export(model, out / "best.safetensors")
+                export(model, classes, out / "best.safetensors")
                 report.log(f"new best top-1 {best:.3f}: wrote {out / 'best.safetensors'}")
         run_folder.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
             "loss": {"train": history["train_loss"], "val": history["val_loss"]}, "top-1": {"val": history["top1"]},

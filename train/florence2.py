@@ -24,7 +24,8 @@ batch's loss does not depend on how long its other answers are.
   attention q and v by default (the LoRA paper's choice and the public Florence-2 LoRA recipe's
   `target_modules`), the vision tower too with `--lora-targets florence2_all`; only the adapters
   (and `--train-also`) train, the base weights stay bit-identical; best.safetensors has them
-  merged, best_lora.safetensors holds them alone (`python -m train.lora apply`).
+  merged, best_lora.safetensors holds the adapters and, whole, the `--train-also` tensors (with
+  the base checkpoint it gives best.safetensors again: `python -m train.lora apply`).
 - `last.pt` (model, optimizer, scheduler, step, RNG) for `--resume`, a NaN/inf guard, tqdm,
   `curves.png`, `metrics.jsonl`; `torchrun --nproc_per_node=N -m train.florence2 ...` runs DDP.
   A new run into a folder holding another's checkpoints needs `--overwrite`; `--resume` refuses
@@ -101,7 +102,8 @@ class Settings(TrainSettings):
         attention q_proj/v_proj, as the public Florence-2 LoRA fine-tuning recipe (peft
         target_modules q_proj, v_proj); florence2_vision / florence2_all add the DaViT tower's
         qkv/proj. Only the adapters (and --train-also) train; best.safetensors has them merged,
-        best_lora.safetensors holds them alone (python -m train.lora apply BASE LORA OUT).
+        best_lora.safetensors holds the adapters and the --train-also tensors
+        (python -m train.lora apply BASE LORA OUT).
     """
 
     data: str = ""  # training JSONL, COCO instances JSON (<OD>), or parquet file/glob/dataset folder
@@ -251,10 +253,13 @@ def export(model: miniflorence.Florence2, path: Path) -> None:
 
 
 def save_best(model: miniflorence.Florence2, out: Path, s: Settings) -> None:
-    """best.safetensors, and with LoRA best_lora.safetensors (the adapters alone)."""
+    """best.safetensors, and with LoRA best_lora.safetensors: the adapters and, whole, the tensors
+    that train fully (--train-also; the tied token table under its stored name only, as `export`)."""
     export(model, out / "best.safetensors")
     if s.lora_rank:
-        save_lora(out / "best_lora.safetensors", model, "florence2", s.lora_targets)
+        trained = [n for n, p in model.named_parameters()
+                   if p.requires_grad and not n.endswith((".lora_A", ".lora_B")) and n not in TIED_KEYS]
+        save_lora(out / "best_lora.safetensors", model, "florence2", s.lora_targets, trained)
 
 
 def train(s: Settings, d: distributed.Dist) -> dict:

@@ -2,7 +2,8 @@
 script, in plain view.
 
 - seeding, and the RNG states (saved as tensors, so checkpoints load with `weights_only=True`);
-- the learning-rate schedule: linear warmup, then cosine or linear decay (or constant);
+- the learning-rate schedule: linear warmup, then cosine or linear decay (or constant); a warmup
+  in epochs no longer than the run (`check_warmup`);
 - precision: `use_bf16` reads `--precision`, `autocast` is the one bf16 autocast context;
 - `backward`, with the guard that stops every rank on a NaN/inf loss, and `optimizer_step`
   (clip, step, advance the schedule, clear the gradients);
@@ -82,6 +83,19 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     if schedule == "linear":
         return 1.0 - progress_
     raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', not {schedule!r}")
+
+
+def check_warmup(epochs: int, warmup_epochs: float) -> None:
+    """Refuse a warmup (in epochs) longer than the run: the learning rate would still be climbing
+    when the run ends (at epochs / warmup of its peak: 1/40 for `train.convmae --epochs 1` with the
+    recipe's 40) and the run would train little, silently. A warmup as long as the run is allowed:
+    the learning rate reaches its peak at the last step."""
+    if warmup_epochs > epochs:
+        raise ValueError(
+            f"--warmup-epochs {warmup_epochs:g} is longer than --epochs {epochs}: the learning rate would reach "
+            f"only {epochs / warmup_epochs:.2g} of its peak by the end and little would train; give --warmup-epochs "
+            f"at most {epochs} (e.g. --warmup-epochs {epochs / 10:g}, a tenth of the run) or raise --epochs"
+        )
 
 
 def make_scheduler(

@@ -26,11 +26,14 @@ attention `qkv`/`proj` + the mask decoder's attention `q_proj/k_proj/v_proj/out_
 "florence2" = the language model's attention `q_proj`/`v_proj` (the LoRA paper's choice; the
 vision tower stays frozen unless "florence2_vision" is added).
 
-Files. `save_lora` writes only the adapter tensors (`<module>.lora_A`, `<module>.lora_B`) to a
-`.safetensors` whose metadata records the base model's family (`base_family`), rank, alpha, the
-targets and the qkv parts; `apply_lora` folds such a file into a base state dict (e.g. from
-`checkpoint_format.read_converted`) and `python -m train.lora apply BASE LORA OUT` does it
-file to file. `merged_state_dict(model)` is the merged model's state dict while training goes on.
+Files. `save_lora` writes the adapter tensors (`<module>.lora_A`, `<module>.lora_B`) and, whole,
+the tensors that trained fully beside them (the trainers' `--train-also` and `--unfreeze-blocks`;
+listed in the metadata as `trained`) to a `.safetensors` whose metadata records the base model's
+family (`base_family`), rank, alpha, the targets and the qkv parts. `apply_lora` puts such a file
+into a base state dict (e.g. from `checkpoint_format.read_converted`): the trained tensors replace
+the base's, then the adapters are merged; `python -m train.lora apply BASE LORA OUT` does it file
+to file. (A file written before the trained tensors were stored holds adapters only: nothing to
+replace.) `merged_state_dict(model)` is the merged model's state dict while training goes on.
 
 Legend: N tokens (any leading dims), r rank, P adapted parts, d = out / parts rows per part.
 """
@@ -54,7 +57,7 @@ from torch import nn
 from minivision.checkpoint import FAMILIES, CheckpointError, read_converted, save_converted, save_file_atomic
 
 LORA_FORMAT = "minivision-lora"
-LORA_FORMAT_VERSION = "1"
+LORA_FORMAT_VERSION = "2"  # 2: the fully trained tensors too (`trained`); 1: adapters only
 QKV = "qkv"  # the order of the parts of a fused projection, as SAM and DaViT split them
 
 # Named target sets; `resolve_targets` expands them. Patterns are matched against the names of
@@ -255,10 +258,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
 
 
-def lora_metadata(model: nn.Module, family: str, targets: str | Sequence[str]) -> dict[str, str]:
-    """The metadata of a LoRA-only file: format, base_family, rank, alpha, targets, qkv parts.
+def lora_metadata(
+    model: nn.Module, family: str, targets: str | Sequence[str], trained: Sequence[str] = ()
+) -> dict[str, str]:
+    """The metadata of a LoRA file: format, base_family, rank, alpha, targets, qkv parts, and the
+    names of the fully trained tensors it holds besides the adapters (`trained`, a JSON list).
 
-    The family is stored as `base_family`, not `family`, so that a LoRA-only file can never be
+    The family is stored as `base_family`, not `family`, so that a LoRA file can never be
     mistaken for a converted model checkpoint by `read_converted`."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
@@ -273,7 +279,7 @@ def lora_metadata(model: nn.Module, family: str, targets: str | Sequence[str]) -
     return {
         "format": LORA_FORMAT, "format_version": LORA_FORMAT_VERSION, "base_family": family, "rank": str(rank),
         "alpha": repr(float(alpha)), "targets": json.dumps(list(resolve_targets(targets))),
-        "qkv_parts": fused.pop() if fused else "qv",
+        "qkv_parts": fused.pop() if fused else "qv", "trained": json.dumps(sorted(trained)),
     }
 
 
@@ -287,15 +293,30 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return merged
 
 
-def save_lora(path: str | os.PathLike, model: nn.Module, family: str, targets: str | Sequence[str]) -> None:
-    """Write the adapters of `model` alone (a few MB) with `lora_metadata` to a .safetensors file."""
-    metadata = lora_metadata(model, family, targets)
+def save_lora(
+    path: str | os.PathLike, model: nn.Module, family: str, targets: str | Sequence[str], trained: Sequence[str] = ()
+) -> None:
+    """Write the adapters of `model` and the tensors named in `trained` with `lora_metadata` to a
+    .safetensors file: everything a base checkpoint needs to become the trained model (`apply_lora`).
+
+    Args:
+        trained: state-dict keys of the parameters that train fully beside the adapters (a
+            trainer's --train-also and --unfreeze-blocks); stored whole, unmerged (a Linear that
+            trains fully and carries an adapter too is stored as W, and apply_lora adds B A to it).
+            Without them a merged model would silently keep the base's values of those tensors.
+    """
+    state = model.state_dict()
+    unknown = sorted(set(trained) - set(state))
+    if unknown:
+        raise ValueError(f"not tensors of the model: {', '.join(unknown)}")
+    metadata = lora_metadata(model, family, targets, trained)
     tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    tensors.update({k: state[k].detach().cpu().contiguous().clone() for k in trained})
     save_file_atomic(path, tensors, metadata)  # minivision.files.atomic_write: fsync, rename, cleanup
 
 
 def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(adapter tensors, metadata) of a file written by `save_lora`; a clear error for anything else."""
+    """(tensors: the adapters and the trained ones, metadata) of a `save_lora` file; a clear error for anything else."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -314,25 +335,36 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
 def apply_lora(
     base_tensors: Mapping[str, torch.Tensor], lora_tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
 ) -> dict[str, torch.Tensor]:
-    """A new state dict: `base_tensors` with every adapter of a LoRA-only file merged in.
+    """A new state dict: `base_tensors` with the trained tensors of a LoRA file (metadata `trained`)
+    put in place of the base's, then every adapter merged in (W' = W + (alpha/r) B A).
 
-    `base_tensors` is not modified. Adapters whose module has no `<module>.weight` in the base, or
-    whose shapes do not fit it, raise a `CheckpointError` naming them."""
+    `base_tensors` is not modified. Adapters whose module has no `<module>.weight` in the base,
+    trained tensors the base lacks or whose shapes differ, tensors that are neither, and adapters
+    whose shapes do not fit raise a `CheckpointError` naming them. A file without `trained` (one
+    written before they were stored) holds adapters only: nothing is replaced."""
     if metadata.get("format") != LORA_FORMAT:
         raise CheckpointError(f"not LoRA metadata (format {metadata.get('format')!r})")
     rank, alpha = int(metadata["rank"]), float(metadata["alpha"])
-    names = sorted({k.rsplit(".", 1)[0] for k in lora_tensors})
+    listed = set(json.loads(metadata.get("trained", "[]")))
+    trained = sorted(k for k in lora_tensors if k in listed)
+    names = sorted({k.rsplit(".", 1)[0] for k in lora_tensors if k.endswith((".lora_A", ".lora_B"))})
     incomplete = [n for n in names if f"{n}.lora_A" not in lora_tensors or f"{n}.lora_B" not in lora_tensors]
-    unexpected = sorted(k for k in lora_tensors if not k.endswith((".lora_A", ".lora_B")))
+    unexpected = sorted(k for k in lora_tensors if not k.endswith((".lora_A", ".lora_B")) and k not in listed)
+    absent = sorted(listed - set(lora_tensors))
     missing = [f"{n}.weight" for n in names if f"{n}.weight" not in base_tensors]
+    misfits = [f"{k} {tuple(lora_tensors[k].shape)}" + (f" vs {tuple(base_tensors[k].shape)}" if k in base_tensors
+               else "") for k in trained if k not in base_tensors or lora_tensors[k].shape != base_tensors[k].shape]
     problems = [f"{what}: {', '.join(keys)}" for what, keys in
-                (("without lora_A or lora_B", incomplete), ("not adapter tensors", unexpected),
-                 ("no such base weight", missing)) if keys]
+                (("without lora_A or lora_B", incomplete), ("neither adapters nor listed as trained", unexpected),
+                 ("listed as trained but not in the file", absent), ("no such base weight", missing),
+                 ("trained tensors without a base tensor of their shape", misfits)) if keys]
     if problems:
         raise CheckpointError("the LoRA file does not fit the base model; " + "; ".join(problems))
     merged = dict(base_tensors)
+    for key in trained:  # the fully trained tensors first: an adapter on a trained Linear adds to the trained W
+        merged[key] = lora_tensors[key].to(base_tensors[key].dtype)
     for name in names:
-        A, B, W = lora_tensors[f"{name}.lora_A"], lora_tensors[f"{name}.lora_B"], base_tensors[f"{name}.weight"]
+        A, B, W = lora_tensors[f"{name}.lora_A"], lora_tensors[f"{name}.lora_B"], merged[f"{name}.weight"]
         n_parts = W.shape[0] // B.shape[1] if B.ndim == 3 and B.shape[1] else 0
         adapted = (0,) if n_parts == 1 else tuple(QKV.index(c) for c in metadata.get("qkv_parts", "qv"))
         fits = (A.ndim == 3 and B.ndim == 3 and A.shape[1] == rank == B.shape[2] and A.shape[2] == W.shape[1]
@@ -347,15 +379,18 @@ def apply_lora(
 
 def apply_lora_file(
     base_path: str | os.PathLike, lora_path: str | os.PathLike, out_path: str | os.PathLike
-) -> list[str]:
-    """base.safetensors + lora.safetensors -> out.safetensors (converted format, config kept)."""
+) -> tuple[list[str], list[str]]:
+    """base.safetensors + lora.safetensors -> out.safetensors (converted format, config kept).
+
+    Returns the names of the merged LoRA layers and of the trained tensors that replaced the base's."""
     paths = [Path(p).resolve() for p in (base_path, lora_path, out_path)]
     if paths[2] in paths[:2]:
         raise ValueError(f"{out_path}: the output would overwrite an input; choose another path")
     lora_tensors, metadata = read_lora(lora_path)
     config, base = read_converted(base_path, metadata["base_family"])
     save_converted(out_path, apply_lora(base, lora_tensors, metadata), metadata["base_family"], config)
-    return sorted({k.rsplit(".", 1)[0] for k in lora_tensors})
+    layers = sorted({k.rsplit(".", 1)[0] for k in lora_tensors if k.endswith((".lora_A", ".lora_B"))})
+    return layers, sorted(k for k in lora_tensors if not k.endswith((".lora_A", ".lora_B")))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -367,8 +402,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.lora",
-        description="Merge a LoRA-only file (train.lora.save_lora; Hu et al., 2021) into a converted base "
-                    "checkpoint, giving an ordinary converted checkpoint every loader reads.")
+        description="Merge a LoRA file (train.lora.save_lora, a trainer's best_lora.safetensors; Hu et al., 2021) "
+                    "into a converted base checkpoint: its fully trained tensors (--train-also, --unfreeze-blocks) "
+                    "replace the base's and its adapters are merged, giving an ordinary converted checkpoint "
+                    "every loader reads.")
     sub = parser.add_subparsers(dest="command", required=True)
     apply = sub.add_parser("apply", help="BASE.safetensors + LORA.safetensors -> OUT.safetensors")
     apply.add_argument("base")
@@ -376,11 +413,12 @@ def main(argv: list[str] | None = None) -> int:
     apply.add_argument("out")
     args = parser.parse_args(argv)
     try:
-        names = apply_lora_file(args.base, args.lora, args.out)
+        layers, trained = apply_lora_file(args.base, args.lora, args.out)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"merged {len(names)} LoRA layers into {args.out}")
+    replaced = f", replaced {len(trained)} trained tensors" if trained else ""
+    print(f"merged {len(layers)} LoRA layers{replaced} into {args.out}")
     return 0
 
 

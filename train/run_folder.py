@@ -75,6 +75,7 @@ def start_run(
     - every setting (`check_settings` with the script's `limits` and `choices`);
     - `--resume`: OUT/last.pt must be a readable training checkpoint, and the settings must not
       differ from its own in anything that changes the run (`settings_changes`: all are listed);
+      a `--stop-after` must lie after the checkpoint's step (`check_stop_after`);
     - a new run: OUT must not hold another run's checkpoints (`RUN_FILES`) unless `--overwrite`,
       and it starts from `--checkpoint` unless `--from-scratch` asks for random weights (a run
       that silently trains random weights wastes hours: `check_start`).
@@ -101,6 +102,7 @@ def start_run(
         if changes:
             raise ValueError(f"{last}: --resume with settings that change the run: {', '.join(changes)}; "
                              "resume without them (only --epochs may be raised) or start a new run in another --out")
+        check_stop_after(settings.stop_after, state["step"])
         PROGRESS["step"] = state["step"]
     else:
         check_start(settings)
@@ -110,6 +112,15 @@ def start_run(
                              "or pass --overwrite to start again there (its checkpoints are replaced)")
     seed_everything(settings.seed)
     return out, state
+
+
+def check_stop_after(stop_after: int, resumed_step: int) -> None:
+    """A resumed run stops only at a step it will reach: `maybe_checkpoint` compares each step with
+    --stop-after, so a value at or below the checkpoint's step would never match and the run would
+    train on to the end instead of stopping."""
+    if 0 < stop_after <= resumed_step:
+        raise ValueError(f"--stop-after {stop_after}: the run resumes at step {resumed_step}, already past it; "
+                         f"give a step after it (--stop-after {resumed_step + 1} or more), or leave it out")
 
 
 def check_start(settings: Any) -> None:

@@ -22,7 +22,9 @@ decoder learns, with Dice + BCE (or Dice + focal) on the masks and MSE on the pr
   each image sharing one embedding (`sam_data.ImagePromptsDataset`); `--lora-rank R`, LoRA (Hu et
   al., 2021) on the encoder's and/or the decoder's attention (`train.lora`): only the adapters
   (and `--train-also`) train, best.safetensors has them merged (every loader and the CLI run it
-  unchanged) and best_lora.safetensors holds them alone (`python -m train.lora apply`).
+  unchanged) and best_lora.safetensors holds the adapters and, whole, the tensors that train fully
+  (`--train-also`, `--unfreeze-blocks`): with the base checkpoint it gives best.safetensors again
+  (`python -m train.lora apply`).
 - AdamW (or SGD), linear warmup + cosine/linear decay, gradient accumulation, gradient clipping, bf16
   autocast on GPU (`--precision`); validation loss + mean IoU each epoch. The run folder
   (`train.run_folder`) holds `best.safetensors` (the best model by val IoU) and `last.safetensors`,
@@ -110,8 +112,9 @@ class Settings(TrainSettings):
       --lora-rank R: LoRA (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large Language Models",
         section 4.1); on a fused qkv layer only q and v are adapted, as in the public SAM-LoRA recipes
         (SAMed, Sam_LoRA). Only the adapters (and --train-also) train; the base weights stay
-        bit-identical. best.safetensors has the adapters merged; best_lora.safetensors holds them alone
-        (python -m train.lora apply BASE best_lora.safetensors OUT merges them into a base file).
+        bit-identical. best.safetensors has the adapters merged; best_lora.safetensors holds the
+        adapters and the fully trained tensors (--train-also, --unfreeze-blocks)
+        (python -m train.lora apply BASE best_lora.safetensors OUT makes best.safetensors of a base file).
     """
 
     data: str = ""  # comma-separated folders (images/ + masks/), .npz files, COCO JSONs, parquet files/globs/folders
@@ -337,11 +340,12 @@ def export(sam: minisam.Sam, path: Path) -> None:
     save_converted(path, merged_state_dict(sam), "sam", sam.config.to_dict())
 
 
-def save_best(sam: minisam.Sam, out: Path, s: Settings) -> None:
-    """best.safetensors, and with LoRA best_lora.safetensors (the adapters alone)."""
+def save_best(sam: minisam.Sam, out: Path, s: Settings, trained: list[str]) -> None:
+    """best.safetensors, and with LoRA best_lora.safetensors: the adapters and, whole, the tensors
+    `trained` fully (--train-also, --unfreeze-blocks), so that base + it = best.safetensors."""
     export(sam, out / "best.safetensors")
     if s.lora_rank:
-        save_lora(out / "best_lora.safetensors", sam, "sam", s.lora_targets)
+        save_lora(out / "best_lora.safetensors", sam, "sam", s.lora_targets, trained)
 
 
 def train(s: Settings, d: distributed.Dist) -> dict:
@@ -359,6 +363,7 @@ def train(s: Settings, d: distributed.Dist) -> dict:
     early, late, n_cached = trainable(sam, s)
     named = dict(sam.named_parameters())
     names, params = early + late, [named[n] for n in early + late]
+    fully = [n for n in names if not n.endswith((".lora_A", ".lora_B"))]  # what best_lora.safetensors holds whole
     sam.requires_grad_(False)
     step_module = PromptedDecoder(sam, n_cached)
     if s.optimizer == "adamw":
@@ -386,7 +391,7 @@ def train(s: Settings, d: distributed.Dist) -> dict:
         val_loss, val_iou = evaluate(sam, step_module, val_set, s, multimask, n_cached, cache)
         report.log_epoch(history, metrics, 0, 0, s.epochs, {"val_loss": val_loss, "val_iou": val_iou})
         best_iou = val_iou  # the starting model is the best so far: best.safetensors always exists
-        save_best(sam, out, s)
+        save_best(sam, out, s, fully)
 
     def snapshot(epoch: int, micro: int) -> dict:  # what last.pt holds: of the model, the trained tensors only
         state = run_folder.run_state(optimizer, scheduler, step, epoch, micro, history, s)
@@ -430,7 +435,7 @@ def train(s: Settings, d: distributed.Dist) -> dict:
             report.log_epoch(history, metrics, step, epoch + 1, s.epochs, {"val_loss": val_loss, "val_iou": val_iou})
             if val_iou > best_iou:
                 best_iou = val_iou
-                save_best(sam, out, s)
+                save_best(sam, out, s, fully)
                 report.log(f"new best val IoU {best_iou:.4f}: wrote {out / 'best.safetensors'}")
         run_folder.end_epoch(last_path, snapshot, epoch + 1, out / "curves.png", {
             "loss": {"train": history["train_loss"], "val": history["val_loss"]},

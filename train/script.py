@@ -35,7 +35,9 @@ def run_script(
       run with one line on stderr and exit status 1, never a traceback.
     - Ctrl-C (SIGINT) ends it with "interrupted at step N; the last checkpoint is step M; rerun
       with --resume" and exit status 130. The checkpoint on disk is whole: it is only ever
-      replaced by a rename, and an interrupted write leaves no temporary file.
+      replaced by a rename, and an interrupted write leaves no temporary file. Further Ctrl-Cs
+      while the run winds down (a write cleaning up, the message reading last.pt) are ignored:
+      each would otherwise cut that work short with a traceback.
 
     Under torchrun every rank runs this. An error reaches every rank (they read the same files
     and agree on a NaN loss), and each prints its line, prefixed with "[rank R]". Ctrl-C in the
@@ -47,9 +49,11 @@ def run_script(
 
     def on_interrupt(signum: int, frame: Any) -> None:
         interrupted.append(signum)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one interrupt is enough; the `finally` restores `previous`
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, on_interrupt) if _main_thread() else None
+    handles_sigint = _main_thread()  # (Python lets only the main thread set signal handlers)
+    previous = signal.signal(signal.SIGINT, on_interrupt) if handles_sigint else None
     s = None
     try:
         s, given = parse_command_line(settings_cls, argv, examples=examples)
@@ -68,8 +72,8 @@ def run_script(
         raise SystemExit(f"{where}{script_name(settings_cls)}: error: {one_line(e)}") from None
     finally:
         teardown_distributed()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        if handles_sigint:  # (None: a handler set outside Python; Python's own stands in for it)
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def _main_thread() -> bool:
