@@ -62,7 +62,7 @@ EXAMPLES = """
   python -m train.convmae --data imagenet/train --from-scratch --model convmae_base --out runs/convmae
   python -m train.convmae --out runs/convmae --resume                      # continue an interrupted run
   python -m train.convmae --data my_images --checkpoint convmae_base.safetensors --out runs/more   # go on pretraining
-  python -m train.convmae --data my_images --from-scratch --model tiny.json --fast --epochs 20 --warmup-epochs 2 \
+  python -m train.convmae --data my_images --from-scratch --model tiny.json --fast --epochs 20 --warmup-epochs 2 \\
       --out runs/fast
   python -m convmae runs/convmae photo.jpg --reconstruct recon.png        # use the trained model (its best)
   python -m train.convvit --data imagenet/train --checkpoint runs/convmae --out runs/convvit   # fine-tune it

@@ -50,7 +50,7 @@ from train.settings import TrainSettings, read_config
 
 EXAMPLES = """
   python -m weights_convert convmae convmae_base_pretrain.pth convmae_base.safetensors   # the official weights, once
-  python -m train.convvit --data imagenet/train --val-data imagenet/val --checkpoint convmae_base.safetensors \
+  python -m train.convvit --data imagenet/train --val-data imagenet/val --checkpoint convmae_base.safetensors \\
       --out runs/cls
   python -m train.convvit --out runs/cls --resume                         # continue an interrupted run
   python -m train.convvit --data my_classes --checkpoint runs/convmae --out runs/cls2   # from a train.convmae run
