@@ -193,7 +193,7 @@ def build_model(s: Settings) -> minisam.Sam:
     """The model to fine-tune: a converted checkpoint (or a run folder's), or seeded random weights."""
     size = s.image_size or None
     path = resolve_weights(s.checkpoint) if s.checkpoint else None
-    config = minisam.CONFIGS[s.model]
+    config = None if path else minisam.CONFIGS[s.model]
     patch = (converted_config(path) or {}).get("patch_size") if path else config.patch_size  # the model's own
     if size and isinstance(patch, int) and patch > 0 and size % patch:
         lower = max(size // patch, 1) * patch
