@@ -23,18 +23,21 @@ Output: with one IMAGE file, the official post-processed dict (`{"<OD>": {"bboxe
 stdout or in the --out file, which is written whole or not at all (a temporary file renamed at the end).
 
 --jsonl lines are {"image": path (relative to the JSONL's folder), "task"?: token, "text"?: str};
-a missing task or text takes --task / --text. --parquet reads the images of a parquet file, glob or
+a missing task or text takes --task / --text. train.florence2's own lines {"image", "question", "answer"}
+are read too: the question is the text (give --task the fine-tune's token, e.g. "<DocVQA>"), the answer
+is not read. --parquet reads the images of a parquet file, glob or
 Hugging Face dataset folder (`minivision.parquet`, needs `pip install 'minivision[data]'`) row group by
 row group, each row's text from --text-column if given. Every input is checked before the model is loaded:
 unreadable images, bad lines or unusable settings stop the run with one line each, and nothing is
 written (with --skip-bad, unreadable images are skipped, each named, then counted, and the others
 run). A folder contributes its image files (by suffix, sorted, not recursive); a missing --out
-folder is created.
+folder is created; an existing --out is refused without --force, an input even with it.
 
 With `--out x.jsonl` the run is a resumable job (`minivision.jobs`): each finished image is journaled
 in `x.jsonl.parts/`, a rerun of the same command after a crash does only the rest, and under
 `torchrun --nproc_per_node N -m miniflorence ...` (any number of processes and machines sharing the
-output folder) each process takes every N-th image; the first writes x.jsonl in input order.
+output folder) each process takes every N-th image; the first writes x.jsonl in input order. x.jsonl
+appears only when the job is done, so the rerun that finishes an interrupted job needs no --force.
 """
 
 from __future__ import annotations
@@ -64,7 +67,15 @@ from miniflorence.requests import (
 )
 from miniflorence.tokenizer import Tokenizer
 from minivision.checkpoint import resolve_weights
-from minivision.cli import OneLineParser, UserError, check_creatable, list_problems, parse_device, run_command
+from minivision.cli import (
+    OneLineParser,
+    UserError,
+    check_creatable,
+    check_outputs,
+    list_problems,
+    parse_device,
+    run_command,
+)
 from minivision.files import atomic_write, save_image
 from minivision.jobs import SKIPPED, Journal, Shard, finish, job_identity, refuse_several_processes, todo
 
@@ -89,7 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--random-weights", choices=sorted(CONFIGS),
                    help="no checkpoint: seeded random weights of this size (smoke test; output is meaningless)")
     p.add_argument("--jsonl", default=None, metavar="FILE",
-                   help='requests, one JSON object a line: {"image": path, "task"?: token, "text"?: str}')
+                   help='requests, one JSON object a line: {"image": path, "task"?: token, "text"?: str}, or '
+                        'train.florence2\'s {"image", "question", "answer"} (the question is the text)')
     p.add_argument("--parquet", default=None, metavar="SOURCE",
                    help="requests from a parquet file, glob or dataset folder: one per row of --image-column")
     p.add_argument("--split", default="", help="--parquet dataset folder: the split to read (default: train, or "
@@ -104,6 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the task's input text (a phrase, a caption, a <loc_..> region, a question)")
     p.add_argument("--out", default=None,
                    help="results.jsonl: one JSON line per image; or pic.png (one image only): the results drawn")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing --out (never an input; a rerun that finishes an interrupted "
+                        "--out .jsonl job needs no --force)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (padded prompts)")
     p.add_argument("--num-beams", type=int, default=3, help="1 = greedy search (default 3, the official setting)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="longest answer in tokens (default 1024)")
@@ -144,7 +159,8 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def check_out(args: argparse.Namespace, inputs: list[Path], single: bool) -> Path | None:
-    """--out as a path whose folder exists, that is none of the inputs, of a kind this run can write."""
+    """--out as a path whose folder exists, that is none of the inputs, of a kind this run can write, and
+    that exists only with --force (an interrupted .jsonl job has not written it yet: its rerun needs none)."""
     if args.out is None:
         return None
     out = Path(args.out)
@@ -161,6 +177,7 @@ def check_out(args: argparse.Namespace, inputs: list[Path], single: bool) -> Pat
                        "drawing of a single image")
     if out.suffix.lower() != ".jsonl" and not single:
         raise UserError(f"--out {out} draws one image; for several images give a .jsonl file for the results")
+    check_outputs({"--out": [out]}, inputs, args.force)  # an existing file: only with --force
     return out
 
 

@@ -3,8 +3,10 @@ JSONL file or the rows of a parquet source, each task and text checked against t
 templates before the model loads.
 
 A request file has one JSON object a line: {"image": path (relative to the file's folder), "task"?:
-token, "text"?: str}; a missing task or text takes --task / --text. Every bad line (and every
-unreadable image) is listed, one a line, and nothing runs (`minivision.cli.list_problems`).
+token, "text"?: str}; a missing task or text takes --task / --text. The lines `train.florence2`
+trains on, {"image", "question", "answer"}, are requests too: the question is the text (after the
+task token, as in training), the answer is not read. Every bad line (and every unreadable image) is
+listed, one a line (lines with the same problem in one), and nothing runs (`minivision.cli.list_problems`).
 """
 
 from __future__ import annotations
@@ -57,43 +59,67 @@ def requests_from_paths(paths: list[str], task: str, text: str | None) -> list[R
 
 
 def requests_from_jsonl(file: Path, task: str, text: str | None) -> list[Request]:
-    """The lines of a requests file; every bad line is listed and nothing runs."""
+    """The lines of a requests file (or of a `train.florence2` question file); every bad line is listed and
+    nothing runs."""
     if not file.is_file():
         raise UserError(f"--jsonl {file}: {'is a folder' if file.is_dir() else 'no such file'}")
     try:
         lines = file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise UserError(f"--jsonl {file}: not UTF-8 text ({e.reason})") from None
-    requests, problems = [], []
+    requests, problems = [], {}  # problems: the line numbers of each reason, in the order met
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{file.name}:{number}"
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"{where}: invalid JSON ({e.msg})")
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"]:
-            problems.append(f'{where}: expected an object with "image": path, got {line.strip()[:60]}')
-            continue
-        unknown = sorted(set(record) - {"image", "task", "text"})
-        wrong_type = [k for k in ("task", "text") if k in record and not isinstance(record[k], str | None)]
-        if unknown or wrong_type or record.get("task", task) is None:
-            problems.append(f'{where}: fields are "image", "task" (a string) and "text" (a string or null), got '
-                            f"{', '.join(unknown + wrong_type) or 'task null'}")
-            continue
-        line_task, line_text = record.get("task", task), record.get("text", text)
-        try:
-            check_task_text(line_task, line_text, where)
+            request = request_from_line(line, task, text, file, where)
         except UserError as e:
-            problems.append(str(e))
+            problems.setdefault(str(e).removeprefix(f"{where}: "), []).append(number)
             continue
-        requests.append(Request(file.parent / record["image"], record["image"], line_task, line_text, where))
-    list_problems(problems, f"line(s) in {file}")
+        requests.append(request)
+    count = len(requests) + sum(map(len, problems.values()))  # the lines that are not blank
+    list_problems([f"{file.name}{line_numbers(numbers, count)}: {reason}" for reason, numbers in problems.items()],
+                  f"line(s) in {file}")
     if not requests:
         raise UserError(f"--jsonl {file} holds no request")
     return requests
+
+
+def request_from_line(line: str, task: str, text: str | None, file: Path, where: str) -> Request:
+    """One line of a requests file -> its Request; a UserError("WHERE: reason") when it is unusable."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: invalid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("image"), str) or not record["image"]:
+        raise UserError(f'{where}: expected an object with "image": path, got {line.strip()[:60]}')
+    unknown = sorted(set(record) - {"image", "task", "text", "question", "answer"})
+    wrong_type = [k for k in ("task", "text") if k in record and not isinstance(record[k], str | None)]
+    wrong_type += ["question"] if "question" in record and not isinstance(record["question"], str) else []
+    if unknown or wrong_type or record.get("task", task) is None:
+        raise UserError(f'{where}: fields are "image", "task" (a string) and "text" (a string or null), or '
+                        f'train.florence2\'s "question" (a string) and "answer" (not read), got '
+                        f"{', '.join(unknown + wrong_type) or 'task null'}")
+    if "text" in record and "question" in record:
+        raise UserError(f'{where}: give "text" or "question" (the same thing), not both')
+    line_task, line_text = record.get("task", task), record.get("text", record.get("question", text))
+    if "question" in record and "{input}" not in TASK_PROMPTS.get(line_task, "{input}"):
+        raise UserError(f'{where}: a "question" line (train.florence2\'s format) asks the task the model was '
+                        f"fine-tuned on, but the task is {line_task}, which reads no text: give --task with that "
+                        'token (train.florence2\'s default: --task "<DocVQA>")')
+    check_task_text(line_task, line_text, where)
+    return Request(file.parent / record["image"], record["image"], line_task, line_text, where)
+
+
+def line_numbers(numbers: list[int], lines: int) -> str:
+    """Where a problem is: ":7" for one line, " lines 1, 2, 3, ... (40 of 60)" or ", all 60 lines" for several."""
+    if len(numbers) == 1:
+        return f":{numbers[0]}"
+    if len(numbers) == lines:
+        return f", all {lines} lines"
+    shown = ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+    return f" lines {shown} ({len(numbers)} of {lines})"
 
 
 def requests_from_parquet(source: str, split: str, image_column: str, text_column: str | None, task: str,

@@ -61,8 +61,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def bounded(kind: type, low: float, high: float = math.inf, open_ends: bool = False) -> Callable[[str], Any]:
-    """An argparse type: an int or a float in [low, high] (in (low, high) with `open_ends`)."""
+def bounded(kind: type, low: float, high: float = math.inf, open_ends: bool = False,
+            open_low: bool = False) -> Callable[[str], Any]:
+    """An argparse type: an int or a float in [low, high] (in (low, high) with `open_ends`; in (low, high]
+    with `open_low`, e.g. a fraction that may be whole but not 0)."""
 
     def parse(text: str) -> Any:
         try:
@@ -70,9 +72,10 @@ def bounded(kind: type, low: float, high: float = math.inf, open_ends: bool = Fa
         except ValueError:
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        inside = low < value < high if open_ends else low <= value <= high  # both refuse NaN
+        above = low < value if open_ends or open_low else low <= value  # both refuse NaN
+        inside = above and (value < high if open_ends else value <= high)
         if not inside:
-            ends = "()" if open_ends else "[]"
+            ends = "()" if open_ends else "(]" if open_low else "[]"
             raise argparse.ArgumentTypeError(f"{text} is not in {ends[0]}{low:g}, {high:g}{ends[1]}")
         return value
 

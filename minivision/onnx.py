@@ -105,6 +105,14 @@ def check_graph(path: Path, module: nn.Module, example: tuple[Any, ...], input_n
         raise ValueError(f"{path.name}: onnxruntime differs from PyTorch by {error:.1e} of the largest value")
 
 
+def check_out_dir(out_dir: str | os.PathLike, force: bool) -> None:
+    """An output folder that already holds files is written into only with `force` (the command line's --force)."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise ValueError(f"{out_dir}: exists and is not empty; pass --force to overwrite the export in it, or give "
+                         "a new folder")
+
+
 def prepare_out_dir(out_dir: str | os.PathLike) -> Path:
     """The output folder, created if absent; a clear error if it is a file or cannot be written."""
     out_dir = Path(out_dir)
@@ -136,7 +144,10 @@ def export_main(
     parser: argparse.ArgumentParser, argv: list[str] | None, export: Callable[[argparse.Namespace], dict[str, Path]]
 ) -> int:
     """The command line of an export: the `[onnx]` extra present, `args.checkpoint` resolved (a run folder
-    gives its best.safetensors), `export(args)` run; its errors are one line, exit status 1."""
+    gives its best.safetensors), a non-empty `args.out_dir` refused without --force (added here, the same
+    for every export), `export(args)` run; its errors are one line, exit status 1."""
+    parser.add_argument("--force", action="store_true",
+                        help="write into an output folder that is not empty (replacing an earlier export's files)")
     args = parser.parse_args(argv)
     missing = missing_onnx_packages()
     if missing:
@@ -144,6 +155,7 @@ def export_main(
         return 1
     try:
         args.checkpoint = resolve_weights(args.checkpoint)
+        check_out_dir(args.out_dir, args.force)
         paths = export(args)
     except (OSError, ValueError) as error:  # missing or wrong checkpoint (CheckpointError), bad folder or options
         print(f"error: {error}", file=sys.stderr)

@@ -22,12 +22,14 @@ from helpers.paths import ROOT, asset_path
 from PIL import Image
 from test_florence_read_image import unreadable_files
 
+import miniflorence.__main__ as florence_main
 from miniflorence import Processor, Tokenizer, tiny_config
 from miniflorence.__main__ import main
 from miniflorence.model import check_generate_inputs
 from miniflorence.processor import any_task_prompt, check_task, check_tokenizer
 from miniflorence.tokenizer import DEFAULT_TOKENIZER_DIR
 from minivision.checkpoint import save_converted
+from minivision.jobs import parts_folder
 from train.tiny_tokenizer import write_tiny_tokenizer
 
 SIZE = 96  # tiny models read 96x96 images: 10 image tokens
@@ -81,6 +83,10 @@ JSONL_LINES = {
     "bad_task.jsonl": ['{"image": "images/car.png", "task": "<CAPTON>"}', "did you mean <CAPTION>"],
     "needs_text.jsonl": ['{"image": "images/car.png", "task": "<OPEN_VOCABULARY_DETECTION>"}', "needs a text input"],
     "missing_image.jsonl": ['{"image": "images/nowhere.png"}', "nowhere.png: no such file"],
+    "question_for_caption.jsonl": ['{"image": "images/car.png", "question": "What is it?", "answer": "a cat"}',
+                                   '--task "<DocVQA>"'],
+    "text_and_question.jsonl": ['{"image": "images/car.png", "task": "<DocVQA>", "text": "a", "question": "b"}',
+                                'give "text" or "question"'],
 }
 
 # (case, arguments, phrases the error must contain). `@x` is the file x in the working folder.
@@ -130,6 +136,12 @@ CASES = [
      ["pic.png draws one image", ".jsonl"]),
     ("out overwrites an input", [CK, TOK, CAR, "@images/gray.png", "--out", "@images/gray.png"],
      ["gray.png is one of the inputs"]),
+    ("out overwrites an input even with --force", [CK, TOK, CAR, "--out", "@images/car.png", "--force"],
+     ["car.png is one of the inputs"]),
+    ("out drawing over an existing picture", [CK, TOK, CAR, "--out", "@images/gray.png", *QUICK],
+     ["--out", "gray.png: exists; pass --force"]),
+    ("out results over an existing file", [CK, TOK, CAR, "@images/gray.png", "--out", "@empty.jsonl", *QUICK],
+     ["--out", "empty.jsonl: exists; pass --force"]),
     ("device that does not exist", [CK, TOK, CAR, "--device", "gpu0"], ["--device gpu0: not a device"]),
     ("missing jsonl", [CK, TOK, "--jsonl", "@nowhere.jsonl"], ["--jsonl", "nowhere.jsonl: no such file"]),
     ("empty jsonl", [CK, TOK, "--jsonl", "@empty.jsonl"], ["empty.jsonl holds no request"]),
@@ -187,6 +199,63 @@ def test_missing_out_folder_is_created_and_skip_bad_runs_the_rest(work: Path, tm
     assert [json.loads(line)["image"] for line in out.read_text().splitlines()] == [
         str(work / "images" / "car.png"), str(work / "images" / "gray.png")]
     assert err.count("skipped: ") == 2 and "skipped 2 of 4 image(s) (--skip-bad)" in err
+
+
+def test_existing_out_needs_force_but_resuming_a_job_does_not(work: Path, tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    """An existing --out is replaced only with --force; a job interrupted before its merge (no --out yet, a
+    journal) is finished by the same command without --force."""
+    out = tmp_path / "results.jsonl"
+    args = [CK, TOK, CAR, "@images/gray.png", "--out", str(out), *QUICK]
+    real = florence_main.run_batches
+
+    def interrupted_after_one(*a, **k):  # Ctrl-C once the first image is journaled
+        yield next(real(*a, **k))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(florence_main, "run_batches", interrupted_after_one)
+    code, _, err = cli(work, args, capsys)
+    assert code == 130 and not out.exists(), err
+    assert len((parts_folder(out) / "rank0.jsonl").read_text().splitlines()) == 1  # car.png journaled
+    monkeypatch.undo()
+    code, _, err = cli(work, args, capsys)  # the rerun resumes: only gray.png is left to do
+    assert code == 0 and "wrote 2 results" in err and not parts_folder(out).exists(), err
+    done = out.read_text()
+    code, _, err = cli(work, args, capsys)
+    assert code == 1 and err == f"error: --out {out}: exists; pass --force to overwrite it\n", err
+    assert out.read_text() == done
+    out.write_text("old")
+    code, _, err = cli(work, [*args, "--force"], capsys)
+    assert code == 0 and out.read_text() == done, err
+    picture = tmp_path / "mine.png"  # a picture of the user's, not an input
+    Image.new("RGB", (8, 8)).save(picture)
+    before = picture.read_bytes()
+    code, _, err = cli(work, [CK, TOK, CAR, "--out", str(picture), *QUICK], capsys)
+    assert code == 1 and "exists; pass --force" in err and picture.read_bytes() == before, err
+    code, _, err = cli(work, [CK, TOK, CAR, "--out", str(picture), "--force", *QUICK], capsys)
+    assert code == 0 and Image.open(picture).size == Image.open(work / "images" / "car.png").size, err
+
+
+def test_training_question_lines_are_requests(work: Path, tmp_path: Path, capsys) -> None:
+    """train.florence2's {image, question, answer} lines run as requests (the question after the task token, the
+    answer not read); lines that fail for the same reason are one error line."""
+    car = str(work / "images" / "car.png")
+    questions = ["What is it?", "What colour is it?", "Where is it?"]
+    data = tmp_path / "val.jsonl"
+    data.write_text("".join(json.dumps({"image": car, "question": q, "answer": ["a", "b"]}) + "\n"
+                            for q in questions), encoding="utf-8")
+    code, out, err = cli(work, [CK, TOK, "--jsonl", str(data), "--task", "<DocVQA>", *QUICK], capsys)
+    assert code == 0, err
+    assert [(r["task"], r["text"]) for r in map(json.loads, out.splitlines())] == [("<DocVQA>", q) for q in questions]
+    code, out, err = cli(work, [CK, TOK, "--jsonl", str(data), *QUICK], capsys)  # --task <CAPTION> reads no question
+    assert code == 1 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("error: val.jsonl, all 3 lines: ") and '--task "<DocVQA>"' in err, err
+    with data.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"image": car, "txt": "?"}) + "\n")
+    code, _, err = cli(work, [CK, TOK, "--jsonl", str(data), *QUICK], capsys)
+    lines = err.splitlines()
+    assert code == 1 and len(lines) == 3 and lines[0].startswith("error: 2 unusable line(s)"), err
+    assert lines[1].startswith("  val.jsonl lines 1, 2, 3 (3 of 4): ") and lines[2].startswith("  val.jsonl:4: "), err
 
 
 # --- as programs: the exit status and the absence of a traceback, end to end ----------------------

@@ -5,9 +5,11 @@ and the one missing-output-folder rule (created) of every command.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -16,16 +18,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers.cli import run_main
+from helpers.cli import run_main, snapshot
 from PIL import Image
 from safetensors import safe_open
 
 import convmae
 import convmae.__main__
+import miniflorence.onnx
 import minisam.__main__
+import minisam.onnx
 import weights_convert.__main__
 from minisam import Sam, tiny_config
 from minivision.checkpoint import CheckpointError, resolve_weights, save_converted
+from minivision.cli import bounded
 from minivision.files import TEMP_PATTERN, atomic_file, atomic_write, remove_stale_temps, save_image, write_json
 from minivision.passes import in_passes
 
@@ -279,3 +284,42 @@ def test_freed_memory_is_reused_not_fetched_fresh() -> None:
     assert applied == "True"
     assert mmapped_off >= 80_000_000 and faults_off > 80_000_000 // 4096 // 2  # fresh pages at every step
     assert mmapped_on == 0  # from the heap, where freed memory stays for the next step
+
+
+# ---- command-line values and export folders ------------------------------------------------------------------
+
+
+def test_bounded_takes_closed_open_and_half_open_ranges() -> None:
+    """`open_low`: (low, high], e.g. a crop fraction that may be 1 (convmae's --crop-pct) but not 0."""
+    crop = bounded(float, 0, 1, open_low=True)
+    assert crop("1") == 1.0 and crop("0.875") == 0.875
+    for bad, ends in (("0", "(0, 1]"), ("1.5", "(0, 1]"), ("nan", "(0, 1]")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{bad} is not in {ends}")):
+            crop(bad)
+    assert bounded(float, 0, 1)("0") == 0.0 and bounded(float, 0, 1)("1") == 1.0
+    for bad in ("0", "1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(f"{bad} is not in (0, 1)")):
+            bounded(float, 0, 1, open_ends=True)(bad)
+
+
+@pytest.mark.parametrize("module", [minisam.onnx, miniflorence.onnx], ids=["minisam.onnx", "miniflorence.onnx"])
+def test_onnx_exports_refuse_a_non_empty_folder_without_force(module, sam_weights: Path, tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    """An export folder holding files is not written into without --force (one line, nothing touched); an
+    empty or missing one is fine. The export itself is stubbed: what is checked is the refusal before it."""
+    monkeypatch.setattr("minivision.onnx.missing_onnx_packages", lambda: [])
+    exported = []
+    stub = "export_sam" if module is minisam.onnx else "export_florence2"
+    monkeypatch.setattr(module, stub, lambda *args, **kwargs: exported.append(args[1]) or {})
+    monkeypatch.setattr(module, "load_sam" if module is minisam.onnx else "load_florence2", lambda *a, **k: None)
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "export.json").write_text("{}")
+    before = snapshot(tmp_path)
+    code, _, err = run_main(module.main, [str(sam_weights), str(out)], capsys)
+    assert code == 1 and err.count("\n") == 1 and f"{out}: exists and is not empty; pass --force" in err, err
+    assert exported == [] and snapshot(tmp_path) == before
+    assert run_main(module.main, [str(sam_weights), str(out), "--force"], capsys)[0] == 0 and exported == [out]
+    (tmp_path / "empty").mkdir()
+    for fresh in (tmp_path / "empty", tmp_path / "missing"):
+        assert run_main(module.main, [str(sam_weights), str(fresh)], capsys)[0] == 0 and exported[-1] == fresh

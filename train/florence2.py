@@ -115,7 +115,7 @@ class Settings(TrainSettings):
     columns: str = ""  # parquet: ROLE=COLUMN overrides of image, question, answers (DocVQA), prefix, suffix
     val_fraction: float = 0.1  # the share of training examples held out when there is no --val-data (seeded)
     out: str = "runs/florence2"  # the run folder: settings.json, metrics.jsonl, last.pt, best/last.safetensors
-    tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads (default: the real one)
+    tokenizer: str = str(REAL_TOKENIZER)  # a folder Tokenizer.from_dir reads; by default the real one (in miniflorence)
     model: str = "tiny"  # built with --from-scratch: "tiny", a miniflorence.CONFIGS name, or a .json of config fields
     image_size: int = 0  # the input side (a multiple of 32); 0: the config's (768 for the released models)
     task_prefix: str = "<DocVQA>"  # put before each question (not before `prefix` records)
