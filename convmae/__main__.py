@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-ratio", type=bounded(float, 0, 1, open_ends=True), default=0.75,
                         help="fraction of patches removed in --reconstruct")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mask of --reconstruct")
-    parser.add_argument("--crop-pct", type=bounded(float, 0, 1, open_ends=True),
+    parser.add_argument("--crop-pct", type=bounded(float, 0, 1, open_low=True),
                         help="centre-crop fraction (default: the official 224/256 up to 224 px, else 1)")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs (never an input)")
     parser.add_argument("--skip-bad", action="store_true",

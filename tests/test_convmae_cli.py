@@ -94,6 +94,15 @@ def test_top_k_classes(work: Path, capsys, monkeypatch) -> None:
     assert code == 0 and out.count("class ") == 2  # no names in the file: the indices
 
 
+def test_crop_fraction_1_is_the_whole_image(work: Path, capsys, monkeypatch) -> None:
+    """--crop-pct 1 (the default above 224 px, so a user may well write it) keeps the whole resized image."""
+    monkeypatch.chdir(work)
+    code, whole, err = run_main(main, ["convvit.safetensors", "a.png", "--crop-pct", "1"], capsys)
+    assert code == 0, err
+    code, cropped, err = run_main(main, ["convvit.safetensors", "a.png", "--crop-pct", "0.5"], capsys)
+    assert code == 0 and cropped != whole, err
+
+
 def test_features_equal_the_encoder_and_one_image_runs(work: Path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(work)
     images = ["a.png", "b.jpg", "c16.png"]
@@ -188,6 +197,8 @@ BAD_CASES = {
     "fast mask ratio": (["fastconvmae.safetensors", "a.png", "--reconstruct", "r.png", "--mask-ratio", "0.6"], 1,
                         ["mask_ratio 0.6"]),
     "negative top-k": (["convvit.safetensors", "a.png", "--top-k", "-1"], 2, ["--top-k"]),
+    "crop fraction 0": (["convvit.safetensors", "a.png", "--crop-pct", "0"], 2, ["--crop-pct", "(0, 1]"]),
+    "crop fraction over 1": (["convvit.safetensors", "a.png", "--crop-pct", "1.1"], 2, ["--crop-pct", "(0, 1]"]),
     "unknown device": (["convvit.safetensors", "a.png", "--device", "quantum"], 1, ["--device quantum"]),
 }
 
