@@ -1,10 +1,10 @@
 """Command line: run a Florence-2 task on one image or many, print or write the results, draw them.
 
     python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGE --task "<OD>" [--text ...] [--out pic.png]
-    python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGES_OR_DIRS... --task "<CAPTION>" --batch-size 8 \
+    python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGES_OR_DIRS... --task "<CAPTION>" --batch-size 8 \\
         --out results.jsonl
     python -m miniflorence CHECKPOINT TOKENIZER_DIR --jsonl requests.jsonl --batch-size 8 --out results.jsonl
-    python -m miniflorence CHECKPOINT TOKENIZER_DIR --parquet DocVQA/data --split validation --task "<DocVQA>" \
+    python -m miniflorence CHECKPOINT TOKENIZER_DIR --parquet DocVQA/data --split validation --task "<DocVQA>" \\
         --text-column question --out results.jsonl   (a Hugging Face dataset's held-out split)
     python -m miniflorence --random-weights base TOKENIZER_DIR IMAGE --task "<OD>"   (smoke test)
     python -m miniflorence CHECKPOINT TOKENIZER_DIR IMAGE --task "<CAPTION>" --dtype bf16 --compile   (fast path)
