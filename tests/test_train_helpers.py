@@ -84,3 +84,25 @@ def test_curves_png(tmp_path: Path) -> None:
     with Image.open(path) as im:
         assert im.size == (840, 300)
         assert len(np.unique(np.asarray(im.convert("RGB")).reshape(-1, 3), axis=0)) > 3  # something was drawn
+
+
+@pytest.mark.parametrize("sync_buffers", [True, False])
+def test_ddp_wrapping_warns_nothing(tmp_path: Path, sync_buffers: bool) -> None:
+    """`wrap_ddp` on a one-process gloo group: no deprecation warning (torch 2.13 warns at any
+    `broadcast_buffers`, once per rank of every torchrun job), and the gradient averaging still wraps."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from train import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        d = distributed.Dist(rank=0, world_size=2)  # `enabled`: wrap as torchrun would (the group itself has 1 rank)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = distributed.wrap_ddp(torch.nn.Linear(3, 2), d, broadcast_buffers=sync_buffers)
+        assert isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        model(torch.ones(1, 3)).sum().backward()
+    finally:
+        dist.destroy_process_group()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 from collections.abc import Callable
 
@@ -112,7 +113,12 @@ def wrap_ddp(module: nn.Module, d: Dist, broadcast_buffers: bool = True) -> nn.M
     if not d.enabled:
         return module
     device_ids = [d.local_rank] if d.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+    # torch >= 2.13 names the per-forward buffer sync `forward_sync_buffers` and warns (FutureWarning,
+    # from every rank) at any `broadcast_buffers`; it also syncs buffers once at wrapping, which the
+    # callers' buffers (equal on every rank) do not mind. Older torch has only `broadcast_buffers`.
+    new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    sync = {} if broadcast_buffers else {"forward_sync_buffers" if new_name else "broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=device_ids, **sync)
 
 
 def no_sync_unless(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
