@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m miniflorence.app", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH",
                         help="CHECKPOINT TOKENIZER_DIR (only TOKENIZER_DIR with --random)")
-    parser.add_argument("--random", choices=RANDOM_VARIANTS, help="no checkpoint: seeded random weights (smoke test)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random")
+    parser.add_argument("--random-weights", "--random", dest="random", choices=RANDOM_VARIANTS,
+                        help="no checkpoint: seeded random weights (smoke test), as the batch CLI's option")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the vision tower")

@@ -186,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m minisam.app", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT",
                         help="a converted .safetensors (python -m weights_convert sam) or a training run folder")
-    parser.add_argument("--random", choices=RANDOM_VARIANTS, help="no checkpoint: seeded random weights (smoke test)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --random")
+    parser.add_argument("--random-weights", "--random", dest="random", choices=RANDOM_VARIANTS,
+                        help="no checkpoint: seeded random weights (smoke test), as the batch CLI's option")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the image encoder's dtype")
     parser.add_argument("--compile", action="store_true", help="torch.compile the image encoder")
