@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from miniflorence.config import CONFIGS, tiny_config
+from miniflorence.config import CONFIGS
 from miniflorence.draw import draw_results
 from miniflorence.images import read_image
 from miniflorence.model import Florence2, image_grid, load_florence2
@@ -85,7 +85,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def random_model(name: str) -> Florence2:
     """A model with seeded random weights (meaningless output), for smoke tests of the pipeline."""
     torch.manual_seed(0)
-    return Florence2(tiny_config() if name == "tiny" else CONFIGS[name]).eval()
+    return Florence2(CONFIGS[name]).eval()
 
 
 # --- arguments --------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="CHECKPOINT TOKENIZER_DIR IMAGE_OR_DIR... (no CHECKPOINT with --random-weights, "
                         "no IMAGE with --jsonl or --parquet)")
-    p.add_argument("--random-weights", choices=("tiny", *sorted(CONFIGS)),
+    p.add_argument("--random-weights", choices=sorted(CONFIGS),
                    help="no checkpoint: seeded random weights of this size (smoke test; output is meaningless)")
     p.add_argument("--jsonl", default=None, metavar="FILE",
                    help='requests, one JSON object a line: {"image": path, "task"?: token, "text"?: str}, or '

@@ -119,7 +119,7 @@ def load_model(args: argparse.Namespace) -> tuple[Florence2, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m miniflorence.app", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="CHECKPOINT TOKENIZER_DIR (only TOKENIZER_DIR with --random)")
+                        help="CHECKPOINT TOKENIZER_DIR (only TOKENIZER_DIR with --random-weights)")
     parser.add_argument("--random-weights", "--random", dest="random", choices=RANDOM_VARIANTS,
                         help="no checkpoint: seeded random weights (smoke test), as the batch CLI's option")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if len(args.paths) != (1 if args.random else 2):
-        parser.error("give CHECKPOINT TOKENIZER_DIR (or --random VARIANT TOKENIZER_DIR)")
+        parser.error("give CHECKPOINT TOKENIZER_DIR (or --random-weights VARIANT TOKENIZER_DIR)")
     if args.num_beams < 1 or args.max_new_tokens < 1 or args.max_upload_mb <= 0 or args.max_pixels < 1:
         parser.error("--num-beams, --max-new-tokens, --max-upload-mb and --max-pixels must be positive")
     tokenizer_dir = args.paths[-1]

@@ -61,7 +61,7 @@ from PIL import Image, ImageDraw
 
 from minisam.automatic import AutomaticMaskGenerator
 from minisam.cli_io import join_negative_values, numbers
-from minisam.config import CONFIGS, tiny_config
+from minisam.config import CONFIGS
 from minisam.masks import coco_decode_rle, rle_to_mask
 from minisam.predictor import SamPredictor, check_boxes_inside, check_points_inside
 from minisam.sam import Sam, load_sam
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                            epilog="\n\n".join(details))
     parser.add_argument("paths", nargs="+", metavar="[CHECKPOINT] IMAGE_OR_DIR",
                         help="converted checkpoint (or a training run folder), then images or folders")
-    parser.add_argument("--random-weights", metavar="VARIANT", choices=("tiny", *sorted(CONFIGS)),
+    parser.add_argument("--random-weights", metavar="VARIANT", choices=sorted(CONFIGS),
                         help="no checkpoint: a randomly initialised model (smoke tests only; masks are meaningless)")
     parser.add_argument("--image-size", type=bounded(int, 16), help="model input size (default: the checkpoint's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights")
@@ -328,7 +328,7 @@ def build_model(args: argparse.Namespace, device: torch.device) -> Sam:
         print("note: this CPU has no native bfloat16 matmuls (AMX or AVX512-BF16): --dtype bf16 runs slower than "
               "fp32 here", file=sys.stderr)
     if args.random_weights:
-        config = tiny_config() if args.random_weights == "tiny" else CONFIGS[args.random_weights]
+        config = CONFIGS[args.random_weights]
         if args.image_size:
             config = dataclasses.replace(config, image_size=args.image_size)
         torch.manual_seed(args.seed)

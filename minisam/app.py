@@ -2,7 +2,7 @@
 
     python -m minisam.app sam_vit_b.safetensors                 # then open the printed URL
     python -m minisam.app runs/sam/ --port 0 --dtype bf16       # a training run's weights, a free port
-    python -m minisam.app --random tiny                         # seeded random weights (smoke test only)
+    python -m minisam.app --random-weights tiny                 # seeded random weights (smoke test only)
 
 The page (minivision/static/) does what the official SAM demo does: open an image (file picker,
 drag and drop, or one of the bundled photos); the server embeds it once (section 3 of Kirillov et
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if (args.checkpoint is None) == (args.random is None):
-        parser.error("give CHECKPOINT or --random VARIANT (one of them)")
+        parser.error("give CHECKPOINT or --random-weights VARIANT (one of them)")
     if args.points_per_side < 1 or args.max_upload_mb <= 0 or args.max_pixels < 1:
         parser.error("--points-per-side, --max-upload-mb and --max-pixels must be positive")
     try:

@@ -273,11 +273,12 @@ def test_the_command_prints_its_url_and_refuses_bad_settings_in_one_line(tmp_pat
         process.terminate()
         process.wait(timeout=30)
     for module, args, fragment in [
-        ("minisam.app", [], "give CHECKPOINT or --random"),
+        ("minisam.app", [], "give CHECKPOINT or --random-weights"),
         ("minisam.app", [tmp_path / "missing.safetensors"], "missing.safetensors"),
         ("minisam.app", ["--random", "tiny", "--device", "nope"], "nope"),
+        ("minisam.app", ["--random-weights", "tiny", "--device", "nope"], "nope"),  # the batch CLI's name
         ("miniflorence.app", [tmp_path / "missing.safetensors", DEFAULT_TOKENIZER_DIR], "missing"),
-        ("miniflorence.app", ["--random", "tiny", tmp_path], "TOKENIZER_DIR"),
+        ("miniflorence.app", ["--random-weights", "tiny", tmp_path], "TOKENIZER_DIR"),
     ]:
         result = run_module(module, *args, "--port", "0", timeout=120)
         assert result.returncode in (1, 2), result.stderr

@@ -35,15 +35,6 @@ TOKENIZER = DEFAULT_TOKENIZER_DIR  # package data
 CAR = ("images", "sam", "truck.jpg")  # a photo with a car in it (Apache-2.0, tests/assets)
 
 
-def test_random_weights_tiny(capsys) -> None:
-    """--random-weights takes tiny, as the app's option does."""
-    code = main(["--random-weights", "tiny", str(TOKENIZER), str(asset_path(*CAR)), "--task", "<CAPTION>",
-                 "--max-new-tokens", "4"])
-    captured = capsys.readouterr()
-    assert code == 0 and "RANDOM weights (tiny" in captured.err, captured.err
-    assert set(json.loads(captured.out)) == {"<CAPTION>"}
-
-
 def test_random_weights_end_to_end(tmp_path, capsys, monkeypatch) -> None:
     """--random-weights through the whole pipeline; a tiny config stands in for "base" to stay fast."""
     monkeypatch.setitem(CONFIGS, "base", tiny_config())

@@ -76,18 +76,6 @@ def test_multimask_with_random_weights(image_path, tmp_path, capsys) -> None:
     assert (tmp_path / "m_overlay.png").exists()
 
 
-def test_random_weights_tiny(image_path, tmp_path, capsys) -> None:
-    """--random-weights takes tiny, as the apps' option does: the demo's model, seeded."""
-    out = tmp_path / "t.png"
-    assert main(["--random-weights", "tiny", str(image_path), "--point", "75,50", "--out", str(out)]) == 0
-    assert "RANDOM WEIGHTS (tiny" in capsys.readouterr().err
-    torch.manual_seed(0)
-    predictor = SamPredictor(Sam(tiny_config()).eval())
-    predictor.set_image(np.array(Image.open(image_path).convert("RGB")))
-    masks, _, _ = predictor.predict(np.array([[75, 50]]), np.array([1]), multimask_output=False)
-    np.testing.assert_array_equal(read_mask(out), masks[0])
-
-
 def test_several_boxes(checkpoint, image_path, tmp_path) -> None:
     out = tmp_path / "boxes.png"
     assert main([str(checkpoint), str(image_path), "--box", "5,5,60,50", "--box", "70,20,140,95", "--multimask",
