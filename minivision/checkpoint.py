@@ -27,7 +27,6 @@ copy of its weights and the peak while loading is about the file size (safetenso
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import struct
@@ -41,17 +40,14 @@ import torch
 from safetensors.torch import save_file
 
 from minivision.files import atomic_write
+from minivision.safetensors_file import (
+    looks_like_safetensors,
+    read_safetensors,
+    read_safetensors_header,
+)
 
 FORMAT_VERSION = "1"
 FAMILIES = ("sam", "florence2", "convmae")
-
-# The dtype names of the safetensors header (https://github.com/huggingface/safetensors, "Format").
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: wrong family, damaged, or tensors that do not fit."""
@@ -93,58 +89,7 @@ def check_finite(tensors: Mapping[str, torch.Tensor], what: str) -> None:
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a `.safetensors` file, each tensor read from the file straight into its own memory.
-
-    The format: 8 bytes (little-endian header length n), n bytes of JSON (`{name: {dtype, shape,
-    data_offsets}}` plus `__metadata__`), then the tensor bytes. A file that does not follow it is a
-    `ValueError` saying what is wrong. Every tensor gets a fresh (64-byte aligned) allocation that
-    the file is read into, with no intermediate buffer: aligned like any other tensor, so the math
-    kernels take the same paths, bit for bit, as for weights made in memory.
-    """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise ValueError(f"{size} bytes, shorter than the 8-byte header length")
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if 8 + header_len > size:
-            raise ValueError(f"the header claims {header_len} bytes, the file has {size}")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError as e:
-            raise ValueError(f"the header is not JSON: {e}") from None
-        metadata = header.pop("__metadata__", None) or {}
-        start = 8 + header_len
-        tensors = {}
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise ValueError(f"{name}: dtype {info.get('dtype')!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
-            shape, (begin, end) = info["shape"], info["data_offsets"]
-            nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes or start + end > size:
-                raise ValueError(f"{name}: bytes {begin}..{end} do not hold a {dtype} tensor of shape {shape} "
-                                 f"in a file of {size} bytes (truncated?)")
-            data = torch.empty(nbytes, dtype=torch.uint8)
-            f.seek(start + begin)
-            view, done = memoryview(data.numpy()), 0
-            while done < nbytes:  # one read() returns at most ~2 GiB
-                n = f.readinto(view[done:])
-                if not n:
-                    raise ValueError(f"{name}: the file ends inside it (truncated?)")
-                done += n
-            tensors[name] = data.view(dtype).view(shape)
-    return metadata, tensors
-
-
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6 is a zip archive
-
-
-def looks_like_safetensors(path: str | os.PathLike) -> bool:
-    """True when the file starts like a safetensors file: an 8-byte header length, then `{`."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < (1 << 32)
 
 
 def read_official(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -329,10 +274,8 @@ def _converted_metadata(path: str | os.PathLike) -> dict:
     try:
         if not (path.is_file() and looks_like_safetensors(path)):
             return {}
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            metadata = json.loads(f.read(header_len)).get("__metadata__") or {}
-    except (OSError, ValueError, struct.error, AttributeError):
+        metadata = read_safetensors_header(path)[0].get("__metadata__")
+    except (OSError, ValueError, struct.error):
         return {}
     return metadata if isinstance(metadata, dict) else {}
 
@@ -356,16 +299,12 @@ def converted_config(path: str | os.PathLike) -> dict | None:
 def check_complete(path: str | os.PathLike) -> None:
     """Raise a `CheckpointError` when a safetensors file is shorter than its header says (a truncated copy)
     or its header is unreadable; reads the header only."""
-    path = Path(path)
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-        ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
-    except (OSError, ValueError, struct.error, AttributeError, KeyError, TypeError, IndexError) as e:
+        header, start, size = read_safetensors_header(path)
+        needed = start + max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"),
+                             default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file (damaged?): {first_line(e)}") from None
-    needed = 8 + header_len + max(ends, default=0)
     if needed > size:
         raise CheckpointError(
             f"{path}: damaged: its header describes {needed} bytes but the file has {size} (truncated, e.g. an "

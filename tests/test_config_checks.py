@@ -23,8 +23,9 @@ from helpers.sam import official_layout_state
 import convmae
 import miniflorence
 import minisam
-from minivision.checkpoint import CheckpointError, read_converted, read_official, read_safetensors, save_converted
+from minivision.checkpoint import CheckpointError, read_converted, read_official, save_converted
 from minivision.cli import run_command
+from minivision.safetensors_file import read_safetensors
 from weights_convert import sam as convert_sam
 from weights_convert.__main__ import main
 
